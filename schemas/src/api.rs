@@ -1,0 +1,151 @@
+//! JSON bodies of the orchestrator's HTTP API (`/v1/...`), shared by the orchestrator and the
+//! Rust client. Times are RFC 3339 UTC strings; ids are UUID strings.
+
+use crate::ids::{StepId, TaskId};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// `POST /v1/tasks`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitTask {
+    pub namespace: String,
+    pub template: String,
+    /// The newest registered version when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u32>,
+    #[serde(default = "empty_object")]
+    pub context: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    /// Higher runs first among queued steps. Default 0.
+    #[serde(default)]
+    pub priority: i16,
+    /// A client-chosen task id (UUIDv7).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<TaskId>,
+}
+
+fn empty_object() -> Value {
+    Value::Object(Default::default())
+}
+
+/// Answer to `POST /v1/tasks`: 201 when created, 200 when an idempotent repeat.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SubmitResponse {
+    pub task_id: TaskId,
+    /// False when the idempotency key matched an existing task with the same body.
+    pub created: bool,
+}
+
+/// Every error answer: `{"error": {"code": "...", "message": "..."}}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// Stable machine-readable code, e.g. `template_not_found`, `idempotency_conflict`.
+    pub code: String,
+    pub message: String,
+    /// For `idempotency_conflict`: the task that holds the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<TaskId>,
+}
+
+/// Answer to `POST /v1/templates`: 201 when registered, 200 when the same content existed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RegisterResponse {
+    pub namespace: String,
+    pub name: String,
+    pub version: u32,
+    pub created: bool,
+}
+
+/// A registered template version (`GET /v1/templates`, `GET /v1/templates/{ns}/{name}/{version}`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TemplateView {
+    pub namespace: String,
+    pub name: String,
+    pub version: u32,
+    pub description: Option<String>,
+    pub steps: usize,
+    pub created_at: String,
+    /// The full template; present when one version is shown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<crate::Template>,
+}
+
+/// A task with its steps (`GET /v1/tasks/{id}`); in lists, `steps` is empty.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskView {
+    pub id: TaskId,
+    pub namespace: String,
+    pub template: String,
+    pub template_version: u32,
+    /// `pending`, `running`, `completed`, `failed`, `cancelled`.
+    pub state: String,
+    pub priority: i16,
+    pub context: Value,
+    pub output: Option<Value>,
+    pub error: Option<String>,
+    pub idempotency_key: Option<String>,
+    pub created_at: String,
+    pub finished_at: Option<String>,
+    #[serde(default)]
+    pub steps: Vec<StepView>,
+}
+
+impl TaskView {
+    /// True once the task can change no more.
+    pub fn is_finished(&self) -> bool {
+        matches!(self.state.as_str(), "completed" | "failed" | "cancelled")
+    }
+}
+
+/// One step of a task.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepView {
+    pub id: StepId,
+    pub name: String,
+    pub handler: String,
+    pub queue: String,
+    /// `waiting`, `queued`, `dispatched`, `retrying`, `succeeded`, `failed`, `skipped`, `cancelled`.
+    pub state: String,
+    /// The newest attempt number (0 before the first dispatch).
+    pub attempt: u32,
+    /// Attempts that counted against `max_attempts`.
+    pub failures: u32,
+    pub max_attempts: u32,
+    pub depends_on: Vec<String>,
+    pub output: Option<Value>,
+    pub error: Option<String>,
+    /// Why a non-terminal step is not running, in words.
+    pub waiting_reason: Option<String>,
+    pub next_attempt_at: Option<String>,
+    pub lease_expires_at: Option<String>,
+    #[serde(default)]
+    pub attempts: Vec<AttemptView>,
+}
+
+/// One attempt of a step.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AttemptView {
+    pub attempt: u32,
+    /// `dispatched`, `started`, `succeeded`, `failed`, `timed_out`, `handler_missing`, `stale`.
+    pub outcome: String,
+    pub dispatched_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub worker: Option<String>,
+    pub error: Option<String>,
+}
+
+/// `GET /v1/tasks` answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskList {
+    pub tasks: Vec<TaskView>,
+    /// Pass as `after` to get the next page; absent on the last page.
+    pub next: Option<TaskId>,
+}

@@ -1,0 +1,39 @@
+//! # tasker-schemas
+//!
+//! The wire contract of Tasker, shared by the orchestrator, the Rust worker SDK and any worker in
+//! another language (see `CONTRACT.md` beside this crate):
+//!
+//! - [`ids`]: newtype ids, strings on the wire;
+//! - [`message`]: the MessagePack envelope and every message kind, with [`encode`]/[`decode`];
+//! - [`template`]: the workflow template model and its validation;
+//! - [`data`]: size caps and checks for task data;
+//! - [`topology`]: exchange and queue names.
+//!
+//! ```
+//! use tasker_schemas::{decode, encode_payload, Cancel, TaskId};
+//!
+//! let bytes = encode_payload(Cancel { task_id: TaskId::new(), reason: None })?;
+//! let msg = decode::<Cancel>(&bytes)?;
+//! assert_eq!(msg.schema_version, "1.0");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+pub mod api;
+pub mod data;
+pub mod ids;
+pub mod message;
+pub mod template;
+pub mod topology;
+
+pub use data::{DataError, DataLimits};
+pub use ids::{MessageId, RequestId, StepId, TaskId};
+pub use message::{
+    decode, encode, encode_payload, Cancel, DecodeError, EncodeError, Envelope, Heartbeat, Kind,
+    LifecycleEvent, Outcome, Payload, ResultBatch, Started, StepMessage, StepResult, TaskRequest,
+    WorkerMessage,
+};
+pub use template::{Millis, RetryPolicy, StepTemplate, Template, TemplateError};
+pub use topology::Names;
+
+#[cfg(test)]
+mod vectors;

@@ -1,0 +1,351 @@
+//! Wire messages: MessagePack maps with named fields, each wrapped in an [`Envelope`].
+//!
+//! Decoding is two-phase: the envelope header (`kind`, `schema_version`, `message_id`) is read
+//! first, an unknown major version or a wrong kind is rejected with a typed error, and only then is
+//! the payload decoded. Unknown fields are ignored everywhere so minor versions can add fields.
+
+use crate::ids::{MessageId, RequestId, StepId, TaskId};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// The schema major version this crate reads and writes.
+pub const SCHEMA_MAJOR: u32 = 1;
+/// The schema minor version this crate writes.
+pub const SCHEMA_MINOR: u32 = 0;
+/// `"major.minor"` as written in every envelope.
+pub const SCHEMA_VERSION: &str = "1.0";
+
+/// AMQP header naming why a message was dead-lettered.
+pub const HEADER_DEAD_LETTER_REASON: &str = "x-tasker-reason";
+/// AMQP header carrying the W3C trace context.
+pub const HEADER_TRACEPARENT: &str = "traceparent";
+/// AMQP `content_type` of every message.
+pub const CONTENT_TYPE: &str = "application/msgpack";
+
+/// The kind of a message. Kinds are strings on the wire so other languages can switch on them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Kind {
+    TaskRequest,
+    Step,
+    Result,
+    ResultBatch,
+    Started,
+    Heartbeat,
+    Cancel,
+    LifecycleEvent,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::TaskRequest => "task_request",
+            Kind::Step => "step",
+            Kind::Result => "result",
+            Kind::ResultBatch => "result_batch",
+            Kind::Started => "started",
+            Kind::Heartbeat => "heartbeat",
+            Kind::Cancel => "cancel",
+            Kind::LifecycleEvent => "lifecycle_event",
+        }
+    }
+}
+
+/// A payload type and the kind it travels under.
+pub trait Payload: Serialize + DeserializeOwned {
+    const KIND: Kind;
+}
+
+/// Every message on the wire.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Envelope<T> {
+    pub kind: Kind,
+    /// `"major.minor"`.
+    pub schema_version: String,
+    pub message_id: MessageId,
+    pub payload: T,
+}
+
+impl<T: Payload> Envelope<T> {
+    pub fn new(payload: T) -> Self {
+        Self {
+            kind: T::KIND,
+            schema_version: SCHEMA_VERSION.to_owned(),
+            message_id: MessageId::new(),
+            payload,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Header {
+    kind: String,
+    schema_version: String,
+}
+
+/// Why bytes could not be decoded into a message. Never a panic.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    #[error("not a MessagePack envelope: {0}")]
+    Malformed(String),
+    #[error("invalid schema_version {0:?}: expected \"major.minor\"")]
+    InvalidVersion(String),
+    #[error("unsupported schema major version {major} (this reader supports {SCHEMA_MAJOR})")]
+    UnknownMajor { major: u32 },
+    #[error("unexpected message kind {found:?}, expected {expected}")]
+    WrongKind { found: String, expected: String },
+    #[error("invalid {kind} payload: {error}")]
+    InvalidPayload { kind: String, error: String },
+}
+
+/// Why a message could not be encoded.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot encode message: {0}")]
+pub struct EncodeError(String);
+
+/// Encodes a message as MessagePack with named fields.
+pub fn encode<T: Serialize>(msg: &Envelope<T>) -> Result<Vec<u8>, EncodeError> {
+    rmp_serde::to_vec_named(msg).map_err(|e| EncodeError(e.to_string()))
+}
+
+/// Wraps a payload in a fresh envelope and encodes it.
+pub fn encode_payload<T: Payload>(payload: T) -> Result<Vec<u8>, EncodeError> {
+    encode(&Envelope::new(payload))
+}
+
+/// Reads and checks the envelope header: the kind as written and whether the version is readable.
+pub fn peek_kind(bytes: &[u8]) -> Result<String, DecodeError> {
+    let header: Header = rmp_serde::from_slice(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    let major = parse_major(&header.schema_version)?;
+    if major != SCHEMA_MAJOR {
+        return Err(DecodeError::UnknownMajor { major });
+    }
+    Ok(header.kind)
+}
+
+fn parse_major(v: &str) -> Result<u32, DecodeError> {
+    let (major, minor) = v.split_once('.').ok_or_else(|| DecodeError::InvalidVersion(v.to_owned()))?;
+    minor.parse::<u32>().map_err(|_| DecodeError::InvalidVersion(v.to_owned()))?;
+    major.parse::<u32>().map_err(|_| DecodeError::InvalidVersion(v.to_owned()))
+}
+
+/// Decodes a message of one expected kind.
+pub fn decode<T: Payload>(bytes: &[u8]) -> Result<Envelope<T>, DecodeError> {
+    let kind = peek_kind(bytes)?;
+    if kind != T::KIND.as_str() {
+        return Err(DecodeError::WrongKind { found: kind, expected: T::KIND.as_str().to_owned() });
+    }
+    rmp_serde::from_slice(bytes)
+        .map_err(|e| DecodeError::InvalidPayload { kind, error: e.to_string() })
+}
+
+/// A request to start a task, sent over AMQP to the task-request exchange.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskRequest {
+    /// Chosen by the client; a redelivered request with the same id never creates a second task.
+    pub request_id: RequestId,
+    pub namespace: String,
+    pub template: String,
+    /// The newest registered version when absent.
+    #[serde(default)]
+    pub version: Option<u32>,
+    #[serde(default = "empty_object")]
+    pub context: Value,
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    #[serde(default)]
+    pub priority: i16,
+    /// A client-chosen task id (UUIDv7).
+    #[serde(default)]
+    pub task_id: Option<TaskId>,
+}
+
+fn empty_object() -> Value {
+    Value::Object(Map::new())
+}
+
+impl Payload for TaskRequest {
+    const KIND: Kind = Kind::TaskRequest;
+}
+
+/// One attempt of one step, published to the steps exchange with the step's queue as routing key.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepMessage {
+    pub task_id: TaskId,
+    pub step_id: StepId,
+    pub namespace: String,
+    pub template: String,
+    pub step: String,
+    pub handler: String,
+    pub queue: String,
+    /// Starts at 1 and only grows.
+    pub attempt: u32,
+    /// Stable across attempts: `"{task_id}:{step}"`. Use it for the handler's own side effects.
+    pub idempotency_key: String,
+    pub context: Value,
+    /// Outputs of the step's parents, by step name.
+    #[serde(default)]
+    pub parent_outputs: Map<String, Value>,
+    /// How long the handler may run, counted from when the worker takes the step.
+    pub timeout_ms: u64,
+    /// Routing key for the result on the results exchange.
+    pub result_routing_key: String,
+}
+
+impl Payload for StepMessage {
+    const KIND: Kind = Kind::Step;
+}
+
+/// What an attempt came to.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Outcome {
+    Succeeded {
+        #[serde(default)]
+        output: Value,
+    },
+    Failed {
+        message: String,
+        /// False: fail the step now whatever attempts are left.
+        retryable: bool,
+        /// Overrides the template's backoff for the next attempt.
+        #[serde(default)]
+        retry_after_ms: Option<u64>,
+    },
+    /// The worker has no handler of that name. The step is rescheduled without spending an attempt.
+    HandlerMissing { handler: String },
+}
+
+/// The result of one attempt, sent by a worker to the results exchange.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepResult {
+    pub task_id: TaskId,
+    pub step_id: StepId,
+    pub attempt: u32,
+    /// Which worker ran it (free text: host, pid, name).
+    pub worker: String,
+    /// Time the handler ran, for information only (the orchestrator's clock is the truth).
+    #[serde(default)]
+    pub duration_ms: u64,
+    pub outcome: Outcome,
+}
+
+impl Payload for StepResult {
+    const KIND: Kind = Kind::Result;
+}
+
+/// Several results in one message.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ResultBatch {
+    pub results: Vec<StepResult>,
+}
+
+impl Payload for ResultBatch {
+    const KIND: Kind = Kind::ResultBatch;
+}
+
+/// A worker took a long step and acked its message; the orchestrator keeps a lease instead.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Started {
+    pub task_id: TaskId,
+    pub step_id: StepId,
+    pub attempt: u32,
+    pub worker: String,
+    /// Requested lease length.
+    pub lease_ms: u64,
+}
+
+impl Payload for Started {
+    const KIND: Kind = Kind::Started;
+}
+
+/// Extends the lease of a started attempt.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub task_id: TaskId,
+    pub step_id: StepId,
+    pub attempt: u32,
+    pub worker: String,
+    pub lease_ms: u64,
+}
+
+impl Payload for Heartbeat {
+    const KIND: Kind = Kind::Heartbeat;
+}
+
+/// Tells workers a task was cancelled.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Cancel {
+    pub task_id: TaskId,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+impl Payload for Cancel {
+    const KIND: Kind = Kind::Cancel;
+}
+
+/// Published on the events exchange (topic `"{namespace}.task.{state}"`) when a task changes state.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LifecycleEvent {
+    pub task_id: TaskId,
+    pub namespace: String,
+    pub template: String,
+    /// Per-task sequence number, starting at 1.
+    pub seq: u64,
+    /// The task's new state: `running`, `completed`, `failed`, `cancelled`.
+    pub state: String,
+    /// RFC 3339 UTC with microseconds, from the database clock.
+    pub at: String,
+    #[serde(default)]
+    pub output: Option<Value>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+impl Payload for LifecycleEvent {
+    const KIND: Kind = Kind::LifecycleEvent;
+}
+
+/// Anything a worker sends to the results exchange.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum WorkerMessage {
+    Results(Vec<StepResult>),
+    Started(Started),
+    Heartbeat(Heartbeat),
+}
+
+impl WorkerMessage {
+    /// Decodes any message a worker may send on the results exchange.
+    pub fn decode(bytes: &[u8]) -> Result<(MessageId, Self), DecodeError> {
+        let kind = peek_kind(bytes)?;
+        let bad = |e: rmp_serde::decode::Error| DecodeError::InvalidPayload { kind: kind.clone(), error: e.to_string() };
+        match kind.as_str() {
+            "result" => {
+                let e: Envelope<StepResult> = rmp_serde::from_slice(bytes).map_err(bad)?;
+                Ok((e.message_id, WorkerMessage::Results(vec![e.payload])))
+            }
+            "result_batch" => {
+                let e: Envelope<ResultBatch> = rmp_serde::from_slice(bytes).map_err(bad)?;
+                Ok((e.message_id, WorkerMessage::Results(e.payload.results)))
+            }
+            "started" => {
+                let e: Envelope<Started> = rmp_serde::from_slice(bytes).map_err(bad)?;
+                Ok((e.message_id, WorkerMessage::Started(e.payload)))
+            }
+            "heartbeat" => {
+                let e: Envelope<Heartbeat> = rmp_serde::from_slice(bytes).map_err(bad)?;
+                Ok((e.message_id, WorkerMessage::Heartbeat(e.payload)))
+            }
+            _ => Err(DecodeError::WrongKind {
+                found: kind.clone(),
+                expected: "result, result_batch, started or heartbeat".into(),
+            }),
+        }
+    }
+}

@@ -1,0 +1,549 @@
+//! The workflow template: a DAG of steps with per-step retry and timeout policy.
+//!
+//! Templates are written in YAML (or sent as JSON over HTTP). Durations accept either an integer
+//! number of milliseconds or a string with a unit (`"250ms"`, `"30s"`, `"5m"`, `"1h"`); they are
+//! always written back as milliseconds.
+//!
+//! ```yaml
+//! namespace: shop
+//! name: order_fulfilment
+//! version: 1
+//! steps:
+//!   - name: validate
+//!     handler: validate_order
+//!   - name: charge
+//!     handler: charge_card
+//!     depends_on: [validate]
+//!     retry: { max_attempts: 5, initial_delay: 200ms, multiplier: 2.0, max_delay: 10s, jitter: 0.2 }
+//! ```
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+
+/// Largest number of steps in one template.
+pub const MAX_STEPS: usize = 10_000;
+/// Longest name (namespace, template, step, handler, queue).
+pub const MAX_NAME_LEN: usize = 128;
+/// Longest description.
+pub const MAX_DESCRIPTION_LEN: usize = 4_096;
+/// Upper bound for any timeout or delay: 7 days.
+pub const MAX_DURATION_MS: u64 = 7 * 24 * 3_600_000;
+/// Upper bound for `max_attempts`.
+pub const MAX_ATTEMPTS: u32 = 1_000;
+
+/// The queue a step goes to when its template names none.
+pub const DEFAULT_QUEUE: &str = "default";
+
+/// A duration in milliseconds. Deserializes from an integer (ms) or a string with a unit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Millis(pub u64);
+
+impl Millis {
+    pub fn as_std(self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.0)
+    }
+}
+
+impl Serialize for Millis {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Millis {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Millis;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a non-negative number of milliseconds or a duration such as \"30s\"")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Millis, E> {
+                Ok(Millis(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Millis, E> {
+                u64::try_from(v)
+                    .map(Millis)
+                    .map_err(|_| E::custom(format!("duration must not be negative, got {v}")))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Millis, E> {
+                if v.is_finite() && v >= 0.0 && v.fract() == 0.0 && v <= u64::MAX as f64 {
+                    Ok(Millis(v as u64))
+                } else {
+                    Err(E::custom(format!("duration must be a whole non-negative number of milliseconds, got {v}")))
+                }
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Millis, E> {
+                parse_duration(v).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Parses `"250ms"`, `"30s"`, `"5m"`, `"1h"` or a bare number of milliseconds.
+pub fn parse_duration(s: &str) -> Result<Millis, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected e.g. \"500ms\", \"30s\", \"5m\""))?;
+    let factor = match unit.trim() {
+        "" | "ms" => 1.0,
+        "s" => 1_000.0,
+        "m" => 60_000.0,
+        "h" => 3_600_000.0,
+        other => return Err(format!("invalid duration unit {other:?} in {s:?}: use ms, s, m or h")),
+    };
+    let ms = value * factor;
+    if !ms.is_finite() || ms < 0.0 || ms > u64::MAX as f64 {
+        return Err(format!("duration {s:?} is out of range"));
+    }
+    Ok(Millis(ms.round() as u64))
+}
+
+/// Retry policy of a step: exponential backoff with a cap and jitter.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included. 1 means no retry.
+    pub max_attempts: u32,
+    /// Delay before the second attempt.
+    pub initial_delay: Millis,
+    /// Each further delay is the previous one times this (≥ 1).
+    pub multiplier: f64,
+    /// No delay is longer than this.
+    pub max_delay: Millis,
+    /// Fraction in [0, 1]: a delay d becomes a uniform pick in [d·(1−jitter), d].
+    pub jitter: f64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            initial_delay: Millis(1_000),
+            multiplier: 2.0,
+            max_delay: Millis(60_000),
+            jitter: 0.1,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The delay after the `failures`-th failure (1-based), before jitter, in milliseconds.
+    pub fn base_delay_ms(&self, failures: u32) -> u64 {
+        let exp = failures.saturating_sub(1).min(64) as i32;
+        let d = self.initial_delay.0 as f64 * self.multiplier.powi(exp);
+        d.min(self.max_delay.0 as f64).max(0.0) as u64
+    }
+
+    /// The delay after the `failures`-th failure with jitter applied; `unit` is a uniform pick in [0, 1).
+    pub fn delay_ms(&self, failures: u32, unit: f64) -> u64 {
+        let base = self.base_delay_ms(failures) as f64;
+        let jitter = self.jitter.clamp(0.0, 1.0);
+        (base * (1.0 - jitter * unit.clamp(0.0, 1.0))).round() as u64
+    }
+}
+
+/// One step of a template.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepTemplate {
+    pub name: String,
+    pub handler: String,
+    /// The queue its messages go to; [`DEFAULT_QUEUE`] when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<String>,
+    #[serde(default)]
+    pub depends_on: Vec<String>,
+    #[serde(default)]
+    pub retry: RetryPolicy,
+    /// How long a dispatched step may wait in its queue before a worker takes it.
+    #[serde(default = "default_queue_wait_timeout")]
+    pub queue_wait_timeout: Millis,
+    /// How long one attempt may run once a worker took it.
+    #[serde(default = "default_execution_timeout")]
+    pub execution_timeout: Millis,
+}
+
+fn default_queue_wait_timeout() -> Millis {
+    Millis(5 * 60_000)
+}
+
+fn default_execution_timeout() -> Millis {
+    Millis(5 * 60_000)
+}
+
+impl StepTemplate {
+    pub fn queue(&self) -> &str {
+        self.queue.as_deref().unwrap_or(DEFAULT_QUEUE)
+    }
+}
+
+/// A workflow template: immutable once registered under (namespace, name, version).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Template {
+    pub namespace: String,
+    pub name: String,
+    pub version: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    pub steps: Vec<StepTemplate>,
+}
+
+/// Why a template is invalid. Every variant names what is wrong.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TemplateError {
+    #[error("{what} must not be empty")]
+    EmptyName { what: String },
+    #[error("{what} {name:?} is invalid: use 1-{MAX_NAME_LEN} characters from A-Z a-z 0-9 _ -")]
+    InvalidName { what: String, name: String },
+    #[error("version must be at least 1")]
+    ZeroVersion,
+    #[error("the template has no steps")]
+    NoSteps,
+    #[error("the template has {count} steps; at most {MAX_STEPS} are allowed")]
+    TooManySteps { count: usize },
+    #[error("description is {len} bytes; at most {MAX_DESCRIPTION_LEN} are allowed")]
+    DescriptionTooLong { len: usize },
+    #[error("step name {name:?} is used more than once")]
+    DuplicateStep { name: String },
+    #[error("step {step:?} depends on unknown step {dependency:?}")]
+    UnknownDependency { step: String, dependency: String },
+    #[error("step {step:?} depends on itself")]
+    SelfDependency { step: String },
+    #[error("step {step:?} lists dependency {dependency:?} more than once")]
+    DuplicateDependency { step: String, dependency: String },
+    #[error("the steps form a cycle: {}", .cycle.join(" -> "))]
+    Cycle { cycle: Vec<String> },
+    #[error("no root step: every step depends on another")]
+    NoRoot,
+    #[error("step {step:?}: {problem}")]
+    InvalidPolicy { step: String, problem: String },
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_NAME_LEN
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+fn check_name(what: &str, name: &str) -> Result<(), TemplateError> {
+    if name.is_empty() {
+        return Err(TemplateError::EmptyName { what: what.to_owned() });
+    }
+    if !valid_name(name) {
+        return Err(TemplateError::InvalidName { what: what.to_owned(), name: name.to_owned() });
+    }
+    Ok(())
+}
+
+/// Checks a namespace name (the same rule as every other name).
+pub fn validate_namespace(namespace: &str) -> Result<(), TemplateError> {
+    check_name("namespace", namespace)
+}
+
+impl Template {
+    /// Parses YAML (JSON is YAML too). Does not validate: call [`Template::validate`].
+    pub fn from_json(json: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(json)
+    }
+
+    /// Checks everything that makes a template unusable; the error names the problem.
+    pub fn validate(&self) -> Result<(), TemplateError> {
+        check_name("namespace", &self.namespace)?;
+        check_name("template name", &self.name)?;
+        if self.version == 0 {
+            return Err(TemplateError::ZeroVersion);
+        }
+        if let Some(d) = &self.description
+            && d.len() > MAX_DESCRIPTION_LEN
+        {
+            return Err(TemplateError::DescriptionTooLong { len: d.len() });
+        }
+        if self.steps.is_empty() {
+            return Err(TemplateError::NoSteps);
+        }
+        if self.steps.len() > MAX_STEPS {
+            return Err(TemplateError::TooManySteps { count: self.steps.len() });
+        }
+        let mut index: HashMap<&str, usize> = HashMap::with_capacity(self.steps.len());
+        for (i, step) in self.steps.iter().enumerate() {
+            check_name("step name", &step.name)?;
+            if index.insert(step.name.as_str(), i).is_some() {
+                return Err(TemplateError::DuplicateStep { name: step.name.clone() });
+            }
+        }
+        for step in &self.steps {
+            check_name(&format!("handler of step {:?}", step.name), &step.handler)?;
+            if let Some(q) = &step.queue {
+                check_name(&format!("queue of step {:?}", step.name), q)?;
+            }
+            let mut seen = std::collections::HashSet::new();
+            for dep in &step.depends_on {
+                if dep == &step.name {
+                    return Err(TemplateError::SelfDependency { step: step.name.clone() });
+                }
+                if !index.contains_key(dep.as_str()) {
+                    return Err(TemplateError::UnknownDependency {
+                        step: step.name.clone(),
+                        dependency: dep.clone(),
+                    });
+                }
+                if !seen.insert(dep.as_str()) {
+                    return Err(TemplateError::DuplicateDependency {
+                        step: step.name.clone(),
+                        dependency: dep.clone(),
+                    });
+                }
+            }
+            validate_policy(step)?;
+        }
+        if !self.steps.iter().any(|s| s.depends_on.is_empty()) {
+            // Every step has a parent, so there is a cycle; name it.
+            if let Some(cycle) = self.find_cycle(&index) {
+                return Err(TemplateError::Cycle { cycle });
+            }
+            return Err(TemplateError::NoRoot);
+        }
+        if let Some(cycle) = self.find_cycle(&index) {
+            return Err(TemplateError::Cycle { cycle });
+        }
+        Ok(())
+    }
+
+    /// Finds one cycle (iterative DFS, safe for deep chains) and returns its step names, the first
+    /// repeated at the end (`a -> b -> a`).
+    fn find_cycle(&self, index: &HashMap<&str, usize>) -> Option<Vec<String>> {
+        #[derive(Clone, Copy, PartialEq)]
+        enum Mark {
+            New,
+            Open,
+            Done,
+        }
+        let n = self.steps.len();
+        let mut mark = vec![Mark::New; n];
+        for start in 0..n {
+            if mark[start] != Mark::New {
+                continue;
+            }
+            // (node, next dependency to look at)
+            let mut stack: Vec<(usize, usize)> = vec![(start, 0)];
+            mark[start] = Mark::Open;
+            while let Some(&mut (node, ref mut next)) = stack.last_mut() {
+                let deps = &self.steps[node].depends_on;
+                if *next < deps.len() {
+                    let dep = index[deps[*next].as_str()];
+                    *next += 1;
+                    match mark[dep] {
+                        Mark::New => {
+                            mark[dep] = Mark::Open;
+                            stack.push((dep, 0));
+                        }
+                        Mark::Open => {
+                            let pos = stack.iter().position(|&(s, _)| s == dep).unwrap_or(0);
+                            // The stack walks child -> parent; print it parent -> child.
+                            let mut cycle: Vec<String> =
+                                stack[pos..].iter().map(|&(s, _)| self.steps[s].name.clone()).collect();
+                            cycle.reverse();
+                            cycle.push(cycle[0].clone());
+                            return Some(cycle);
+                        }
+                        Mark::Done => {}
+                    }
+                } else {
+                    mark[node] = Mark::Done;
+                    stack.pop();
+                }
+            }
+        }
+        None
+    }
+
+    /// A stable digest of the template's meaning, used to tell "same content" from "different
+    /// content" on re-registration. Defaults are filled in, so omitting a default changes nothing.
+    pub fn content_hash(&self) -> String {
+        // serde_json writes struct fields in declaration order: canonical for our own types.
+        let bytes = serde_json::to_vec(self).unwrap_or_default();
+        hex::encode(Sha256::digest(bytes))
+    }
+
+    /// Step names mapped to the names of their children.
+    pub fn children(&self) -> BTreeMap<&str, Vec<&str>> {
+        let mut out: BTreeMap<&str, Vec<&str>> =
+            self.steps.iter().map(|s| (s.name.as_str(), Vec::new())).collect();
+        for s in &self.steps {
+            for d in &s.depends_on {
+                if let Some(c) = out.get_mut(d.as_str()) {
+                    c.push(s.name.as_str());
+                }
+            }
+        }
+        out
+    }
+}
+
+fn validate_policy(step: &StepTemplate) -> Result<(), TemplateError> {
+    let bad = |problem: String| TemplateError::InvalidPolicy { step: step.name.clone(), problem };
+    let r = &step.retry;
+    if r.max_attempts == 0 {
+        return Err(bad("retry.max_attempts must be at least 1".into()));
+    }
+    if r.max_attempts > MAX_ATTEMPTS {
+        return Err(bad(format!("retry.max_attempts must be at most {MAX_ATTEMPTS}")));
+    }
+    if !(r.multiplier.is_finite() && r.multiplier >= 1.0 && r.multiplier <= 100.0) {
+        return Err(bad(format!("retry.multiplier must be between 1 and 100, got {}", r.multiplier)));
+    }
+    if !(r.jitter.is_finite() && (0.0..=1.0).contains(&r.jitter)) {
+        return Err(bad(format!("retry.jitter must be between 0 and 1, got {}", r.jitter)));
+    }
+    if r.initial_delay > r.max_delay {
+        return Err(bad("retry.initial_delay must not exceed retry.max_delay".into()));
+    }
+    for (what, v) in [
+        ("retry.max_delay", r.max_delay),
+        ("queue_wait_timeout", step.queue_wait_timeout),
+        ("execution_timeout", step.execution_timeout),
+    ] {
+        if v.0 > MAX_DURATION_MS {
+            return Err(bad(format!("{what} must be at most 7 days")));
+        }
+    }
+    if step.queue_wait_timeout.0 == 0 {
+        return Err(bad("queue_wait_timeout must be greater than zero".into()));
+    }
+    if step.execution_timeout.0 == 0 {
+        return Err(bad("execution_timeout must be greater than zero".into()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(name: &str, deps: &[&str]) -> StepTemplate {
+        StepTemplate {
+            name: name.into(),
+            handler: "h".into(),
+            queue: None,
+            depends_on: deps.iter().map(|d| d.to_string()).collect(),
+            retry: RetryPolicy::default(),
+            queue_wait_timeout: Millis(1000),
+            execution_timeout: Millis(1000),
+        }
+    }
+
+    fn template(steps: Vec<StepTemplate>) -> Template {
+        Template { namespace: "ns".into(), name: "t".into(), version: 1, description: None, steps }
+    }
+
+    #[test]
+    fn accepts_a_diamond() {
+        let t = template(vec![step("a", &[]), step("b", &["a"]), step("c", &["a"]), step("d", &["b", "c"])]);
+        assert_eq!(t.validate(), Ok(()));
+        assert_eq!(t.children()["a"], vec!["b", "c"]);
+    }
+
+    #[test]
+    fn names_the_steps_on_a_cycle() {
+        let t = template(vec![step("root", &[]), step("a", &["root", "c"]), step("b", &["a"]), step("c", &["b"])]);
+        let err = t.validate().unwrap_err();
+        let TemplateError::Cycle { cycle } = &err else { panic!("expected a cycle, got {err}") };
+        assert_eq!(cycle.first(), cycle.last());
+        let mut on_cycle: Vec<&str> = cycle[..cycle.len() - 1].iter().map(String::as_str).collect();
+        on_cycle.sort();
+        assert_eq!(on_cycle, vec!["a", "b", "c"]);
+        assert!(err.to_string().contains("cycle"), "{err}");
+    }
+
+    #[test]
+    fn a_cycle_without_a_root_is_named() {
+        let t = template(vec![step("a", &["b"]), step("b", &["a"])]);
+        assert!(matches!(t.validate(), Err(TemplateError::Cycle { .. })));
+    }
+
+    #[test]
+    fn rejects_unknown_duplicate_and_self_dependencies() {
+        let t = template(vec![step("a", &[]), step("b", &["nope"])]);
+        assert_eq!(
+            t.validate(),
+            Err(TemplateError::UnknownDependency { step: "b".into(), dependency: "nope".into() })
+        );
+        let t = template(vec![step("a", &[]), step("a", &[])]);
+        assert_eq!(t.validate(), Err(TemplateError::DuplicateStep { name: "a".into() }));
+        let t = template(vec![step("a", &[]), step("b", &["b"])]);
+        assert_eq!(t.validate(), Err(TemplateError::SelfDependency { step: "b".into() }));
+        let t = template(vec![step("a", &[]), step("b", &["a", "a"])]);
+        assert!(matches!(t.validate(), Err(TemplateError::DuplicateDependency { .. })));
+    }
+
+    #[test]
+    fn rejects_empty_and_absurd_values() {
+        assert_eq!(template(vec![]).validate(), Err(TemplateError::NoSteps));
+        let t = template(vec![step("", &[])]);
+        assert!(matches!(t.validate(), Err(TemplateError::EmptyName { .. })));
+        let t = template(vec![step("has space", &[])]);
+        assert!(matches!(t.validate(), Err(TemplateError::InvalidName { .. })));
+        let mut s = step("a", &[]);
+        s.retry.max_attempts = 0;
+        let err = template(vec![s]).validate().unwrap_err();
+        assert!(err.to_string().contains("max_attempts"), "{err}");
+        let mut s = step("a", &[]);
+        s.execution_timeout = Millis(0);
+        assert!(template(vec![s]).validate().unwrap_err().to_string().contains("execution_timeout"));
+        let mut t = template(vec![step("a", &[])]);
+        t.version = 0;
+        assert_eq!(t.validate(), Err(TemplateError::ZeroVersion));
+    }
+
+    #[test]
+    fn a_long_chain_does_not_overflow_the_stack() {
+        let mut steps = vec![step("s0", &[])];
+        for i in 1..MAX_STEPS {
+            steps.push(step(&format!("s{i}"), &[&format!("s{}", i - 1)]));
+        }
+        assert_eq!(template(steps).validate(), Ok(()));
+    }
+
+    #[test]
+    fn durations_accept_units_and_reject_negatives() {
+        let yaml = "name: a\nhandler: h\nqueue_wait_timeout: 30s\nexecution_timeout: 1500\nretry: { initial_delay: 250ms, max_delay: 2m }\n";
+        let s: StepTemplate = serde_saphyr::from_str(yaml).unwrap();
+        assert_eq!(s.queue_wait_timeout, Millis(30_000));
+        assert_eq!(s.execution_timeout, Millis(1_500));
+        assert_eq!(s.retry.initial_delay, Millis(250));
+        assert_eq!(s.retry.max_delay, Millis(120_000));
+        let bad: Result<StepTemplate, _> = serde_saphyr::from_str("name: a\nhandler: h\nexecution_timeout: -5\n");
+        assert!(bad.unwrap_err().to_string().contains("negative"));
+        assert!(parse_duration("5 fortnights").is_err());
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let r = RetryPolicy { max_attempts: 10, initial_delay: Millis(100), multiplier: 2.0, max_delay: Millis(1_000), jitter: 0.5 };
+        assert_eq!(r.base_delay_ms(1), 100);
+        assert_eq!(r.base_delay_ms(2), 200);
+        assert_eq!(r.base_delay_ms(4), 800);
+        assert_eq!(r.base_delay_ms(9), 1_000);
+        assert_eq!(r.delay_ms(2, 0.0), 200);
+        assert_eq!(r.delay_ms(2, 1.0), 100);
+    }
+
+    #[test]
+    fn content_hash_ignores_spelled_out_defaults() {
+        let a = template(vec![step("a", &[])]);
+        let mut b = a.clone();
+        b.steps[0].retry = RetryPolicy::default();
+        assert_eq!(a.content_hash(), b.content_hash());
+        b.steps[0].handler = "other".into();
+        assert_ne!(a.content_hash(), b.content_hash());
+    }
+}

@@ -1,0 +1,92 @@
+//! Names of exchanges and queues. Every name starts with a configurable prefix so several
+//! deployments (or test runs) can share one broker.
+
+/// Default name prefix.
+pub const DEFAULT_PREFIX: &str = "tasker";
+
+/// Exchange and queue names under one prefix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Names {
+    prefix: String,
+}
+
+impl Default for Names {
+    fn default() -> Self {
+        Self::new(DEFAULT_PREFIX)
+    }
+}
+
+impl Names {
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self { prefix: prefix.into() }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Direct exchange for task requests (routing key: namespace).
+    pub fn tasks_exchange(&self) -> String {
+        format!("{}.tasks", self.prefix)
+    }
+
+    /// Queue the orchestrator consumes task requests from.
+    pub fn task_requests_queue(&self) -> String {
+        format!("{}.task_requests", self.prefix)
+    }
+
+    /// Direct exchange for step messages (routing key: the step's queue name).
+    pub fn steps_exchange(&self) -> String {
+        format!("{}.steps", self.prefix)
+    }
+
+    /// The AMQP queue behind a template queue name.
+    pub fn step_queue(&self, queue: &str) -> String {
+        format!("{}.step.{}", self.prefix, queue)
+    }
+
+    /// Topic exchange for results, started and heartbeat messages (routing key: `namespace.shard`).
+    pub fn results_exchange(&self) -> String {
+        format!("{}.results", self.prefix)
+    }
+
+    /// The queue of one result shard.
+    pub fn results_queue(&self, shard: u16) -> String {
+        format!("{}.results.{}", self.prefix, shard)
+    }
+
+    /// Topic exchange for lifecycle events (routing key: `namespace.task.state`).
+    pub fn events_exchange(&self) -> String {
+        format!("{}.events", self.prefix)
+    }
+
+    /// Fanout exchange for cancel messages.
+    pub fn cancel_exchange(&self) -> String {
+        format!("{}.cancel", self.prefix)
+    }
+
+    /// Exchange every queue dead-letters to.
+    pub fn dead_letter_exchange(&self) -> String {
+        format!("{}.dlx", self.prefix)
+    }
+
+    /// Queue holding dead letters.
+    pub fn dead_letter_queue(&self) -> String {
+        format!("{}.dead_letters", self.prefix)
+    }
+}
+
+/// Routing key of a result: `"{namespace}.{shard}"`.
+pub fn result_routing_key(namespace: &str, shard: u16) -> String {
+    format!("{namespace}.{shard}")
+}
+
+/// The result shard of a task: stable, so all results of one task land on one queue.
+pub fn shard_of(task: &crate::TaskId, shards: u16) -> u16 {
+    if shards <= 1 {
+        return 0;
+    }
+    let b = task.0.as_bytes();
+    // The low bytes of a v7 id are random.
+    (u16::from_be_bytes([b[14], b[15]])) % shards
+}
