@@ -18,14 +18,16 @@ impl Default for Names {
 
 impl Names {
     pub fn new(prefix: impl Into<String>) -> Self {
-        Self { prefix: prefix.into() }
+        Self {
+            prefix: prefix.into(),
+        }
     }
 
     pub fn prefix(&self) -> &str {
         &self.prefix
     }
 
-    /// Direct exchange for task requests (routing key: namespace).
+    /// Topic exchange for task requests (routing key: the namespace; all bound to one queue).
     pub fn tasks_exchange(&self) -> String {
         format!("{}.tasks", self.prefix)
     }
@@ -79,6 +81,12 @@ impl Names {
 /// Routing key of a result: `"{namespace}.{shard}"`.
 pub fn result_routing_key(namespace: &str, shard: u16) -> String {
     format!("{namespace}.{shard}")
+}
+
+/// Routing key of a lifecycle event on the events exchange: `"{namespace}.task.{state}"`, so
+/// consumers can bind `shop.task.*` or `*.task.failed`.
+pub fn event_routing_key(namespace: &str, state: &str) -> String {
+    format!("{namespace}.task.{state}")
 }
 
 /// The result shard of a task: stable, so all results of one task land on one queue.

@@ -1,0 +1,254 @@
+//! The HTTP API (`/v1/...`), health, readiness and metrics.
+
+use crate::error::Error;
+use crate::state::Shared;
+use crate::store::{self, tasks::ListFilter, templates::Registered};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use std::time::Duration;
+use tasker_schemas::api::{ErrorBody, ErrorDetail, RegisterResponse, SubmitResponse, SubmitTask, TemplateView};
+use tasker_schemas::{TaskId, Template};
+
+/// The router, with body limits and (when keys are configured) bearer authentication on `/v1`.
+pub fn router(shared: Shared) -> Router {
+    let v1 = Router::new()
+        .route("/templates", post(register_template).get(list_templates))
+        .route("/templates/{namespace}/{name}", get(show_template))
+        .route("/tasks", post(submit_task).get(list_tasks))
+        .route("/tasks/{id}", get(show_task))
+        .route_layer(middleware::from_fn_with_state(shared.clone(), authenticate));
+    Router::new()
+        .nest("/v1", v1)
+        .route("/health", get(|| async { "ok" }))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(shared.config.max_request_bytes))
+        .with_state(shared)
+}
+
+/// An error answer: status plus `{"error": {"code", "message"}}`.
+pub struct ApiError {
+    status: StatusCode,
+    body: ErrorBody,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
+        Self { status, body: ErrorBody { error: ErrorDetail { code: code.into(), message: message.into(), task_id: None } } }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body)).into_response()
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        use tasker_schemas::DataError;
+        let message = e.to_string();
+        let (status, code) = match &e {
+            Error::InvalidTemplate(_) => (StatusCode::BAD_REQUEST, "invalid_template"),
+            Error::TemplateConflict { .. } => (StatusCode::CONFLICT, "template_conflict"),
+            Error::TemplateNotFound { .. } => (StatusCode::NOT_FOUND, "template_not_found"),
+            Error::TaskNotFound(_) => (StatusCode::NOT_FOUND, "task_not_found"),
+            Error::IdempotencyConflict { .. } => (StatusCode::CONFLICT, "idempotency_conflict"),
+            Error::TaskIdConflict(_) => (StatusCode::CONFLICT, "task_id_conflict"),
+            Error::Data(DataError::TooLarge { .. }) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            Error::Data(_) | Error::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            Error::InvalidState { .. } => (StatusCode::CONFLICT, "invalid_state"),
+            e if e.is_retryable() => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        if status.is_server_error() {
+            tracing::warn!(error = %e, "request failed");
+        }
+        let mut err = ApiError::new(status, code, message);
+        if let Error::IdempotencyConflict { task_id, .. } | Error::TaskIdConflict(task_id) = e {
+            err.body.error.task_id = Some(task_id);
+        }
+        err
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
+        let status = if r.status() == StatusCode::PAYLOAD_TOO_LARGE { r.status() } else { StatusCode::BAD_REQUEST };
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "payload_too_large" } else { "invalid_request" };
+        ApiError::new(status, code, r.body_text())
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+async fn authenticate(State(shared): State<Shared>, req: Request, next: Next) -> Response {
+    if shared.config.api_keys.is_empty() {
+        return next.run(req).await;
+    }
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match token {
+        Some(t) if shared.config.api_keys.iter().any(|k| constant_time_eq(k.as_bytes(), t.as_bytes())) => {
+            next.run(req).await
+        }
+        _ => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid bearer token is required")
+            .into_response(),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn register_template(
+    State(shared): State<Shared>,
+    body: Result<Json<Template>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<RegisterResponse>)> {
+    let Json(template) = body?;
+    let outcome = crate::startup::register_template(&shared, &template).await?;
+    let status = if outcome == Registered::Created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((
+        status,
+        Json(RegisterResponse {
+            namespace: template.namespace,
+            name: template.name,
+            version: template.version,
+            created: outcome == Registered::Created,
+        }),
+    ))
+}
+
+#[derive(Deserialize)]
+struct TemplateQuery {
+    namespace: Option<String>,
+    version: Option<u32>,
+}
+
+fn template_view(t: &store::templates::StoredTemplate, full: bool) -> TemplateView {
+    TemplateView {
+        namespace: t.template.namespace.clone(),
+        name: t.template.name.clone(),
+        version: t.template.version,
+        description: t.template.description.clone(),
+        steps: t.template.steps.len(),
+        created_at: store::rfc3339(t.created_at),
+        template: full.then(|| (*t.template).clone()),
+    }
+}
+
+async fn list_templates(State(shared): State<Shared>, Query(q): Query<TemplateQuery>) -> ApiResult<Json<Vec<TemplateView>>> {
+    let all = store::templates::list(&shared.db, q.namespace.as_deref()).await?;
+    Ok(Json(all.iter().map(|t| template_view(t, false)).collect()))
+}
+
+async fn show_template(
+    State(shared): State<Shared>,
+    Path((namespace, name)): Path<(String, String)>,
+    Query(q): Query<TemplateQuery>,
+) -> ApiResult<Json<TemplateView>> {
+    let t = shared.templates.find(&shared.db, &namespace, &name, q.version).await?;
+    Ok(Json(template_view(&t, true)))
+}
+
+async fn submit_task(
+    State(shared): State<Shared>,
+    body: Result<Json<SubmitTask>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<SubmitResponse>)> {
+    let Json(req) = body?;
+    let created = crate::intake::submit(&shared, &req, None).await?;
+    let status = if created.created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(SubmitResponse { task_id: created.task_id, created: created.created })))
+}
+
+#[derive(Deserialize)]
+struct ShowQuery {
+    /// Long-poll: answer as soon as the task is finished, or after this many milliseconds.
+    wait_ms: Option<u64>,
+}
+
+/// Longest accepted long-poll.
+const MAX_WAIT: Duration = Duration::from_secs(60);
+
+async fn show_task(
+    State(shared): State<Shared>,
+    Path(id): Path<String>,
+    Query(q): Query<ShowQuery>,
+) -> ApiResult<Json<tasker_schemas::api::TaskView>> {
+    let id: TaskId = id
+        .parse()
+        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", format!("{id:?} is not a task id")))?;
+    let wait = Duration::from_millis(q.wait_ms.unwrap_or(0)).min(MAX_WAIT);
+    if !wait.is_zero() {
+        // Subscribe before reading, so a finish between the read and the wait is not missed.
+        let mut finished = shared.finished.subscribe();
+        let state = store::tasks::state(&shared.db, id).await?.ok_or(Error::TaskNotFound(id))?;
+        if matches!(state.as_str(), "pending" | "running") {
+            let _ = tokio::time::timeout(wait, async {
+                loop {
+                    match finished.recv().await {
+                        Ok(done) if done == id => return,
+                        Ok(_) => {}
+                        // Missed some: the caller re-reads the state below either way.
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    }
+                }
+            })
+            .await;
+        }
+    }
+    Ok(Json(store::tasks::view(&shared.db, id).await?))
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    namespace: Option<String>,
+    state: Option<String>,
+    template: Option<String>,
+    after: Option<String>,
+    limit: Option<i64>,
+}
+
+async fn list_tasks(State(shared): State<Shared>, Query(q): Query<ListQuery>) -> ApiResult<Json<tasker_schemas::api::TaskList>> {
+    let after = match q.after {
+        Some(a) => Some(a.parse::<TaskId>().map_err(|_| {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", format!("after={a:?} is not a task id"))
+        })?),
+        None => None,
+    };
+    if let Some(s) = &q.state
+        && !["pending", "running", "completed", "failed", "cancelled"].contains(&s.as_str())
+    {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", format!("unknown state {s:?}")));
+    }
+    let filter = ListFilter {
+        namespace: q.namespace,
+        state: q.state,
+        template: q.template,
+        after,
+        limit: q.limit.unwrap_or(50),
+    };
+    Ok(Json(store::tasks::list(&shared.db, &filter).await?))
+}
+
+async fn ready(State(shared): State<Shared>) -> Response {
+    let db = sqlx::query("SELECT 1").execute(&shared.db).await.is_ok();
+    let broker = shared.publisher.channel().status().connected();
+    let body = serde_json::json!({ "database": db, "broker": broker });
+    let status = if db && broker { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(body)).into_response()
+}
+
+async fn metrics(State(shared): State<Shared>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], shared.metrics.render()).into_response()
+}

@@ -1,0 +1,196 @@
+//! RabbitMQ: connection, the topology the orchestrator owns, and confirmed publishing.
+
+use crate::error::Result;
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::{Confirmation, PublisherConfirm};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use tasker_schemas::message::{CONTENT_TYPE, HEADER_DEAD_LETTER_REASON};
+use tasker_schemas::{MessageId, Names};
+
+/// Opens a connection named after this process (visible in the broker's management UI).
+pub async fn connect(url: &str) -> Result<Connection> {
+    let props = ConnectionProperties::default().with_connection_name("tasker-orchestrator".into());
+    Ok(Connection::connect(url, props).await?)
+}
+
+/// Arguments of every queue the orchestrator declares: durable quorum queues that dead-letter
+/// to the prefix's dead-letter exchange after `delivery_limit` deliveries.
+fn queue_args(names: &Names, delivery_limit: u32) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from("quorum")));
+    args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(i64::from(delivery_limit)));
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(LongString::from(names.dead_letter_exchange())),
+    );
+    args
+}
+
+fn durable() -> ExchangeDeclareOptions {
+    ExchangeDeclareOptions { durable: true, ..Default::default() }
+}
+
+/// Declares every exchange and the orchestrator's own queues. Idempotent.
+pub async fn declare_topology(ch: &Channel, names: &Names, shards: u16, delivery_limit: u32) -> Result<()> {
+    for (name, kind) in [
+        (names.tasks_exchange(), ExchangeKind::Topic),
+        (names.steps_exchange(), ExchangeKind::Direct),
+        (names.results_exchange(), ExchangeKind::Topic),
+        (names.events_exchange(), ExchangeKind::Topic),
+        (names.cancel_exchange(), ExchangeKind::Fanout),
+        (names.dead_letter_exchange(), ExchangeKind::Fanout),
+    ] {
+        ch.exchange_declare(name.into(), kind, durable(), FieldTable::default()).await?;
+    }
+    let queue_opts = QueueDeclareOptions { durable: true, ..Default::default() };
+    // The dead-letter queue itself does not dead-letter.
+    let mut dl_args = FieldTable::default();
+    dl_args.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from("quorum")));
+    ch.queue_declare(names.dead_letter_queue().into(), queue_opts, dl_args).await?;
+    ch.queue_bind(
+        names.dead_letter_queue().into(),
+        names.dead_letter_exchange().into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    ch.queue_declare(names.task_requests_queue().into(), queue_opts, queue_args(names, delivery_limit)).await?;
+    ch.queue_bind(
+        names.task_requests_queue().into(),
+        names.tasks_exchange().into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    for shard in 0..shards.max(1) {
+        ch.queue_declare(names.results_queue(shard).into(), queue_opts, queue_args(names, delivery_limit)).await?;
+        ch.queue_bind(
+            names.results_queue(shard).into(),
+            names.results_exchange().into(),
+            format!("*.{shard}").into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Declares the queue behind a template queue name and binds it to the steps exchange.
+pub async fn declare_step_queue(ch: &Channel, names: &Names, queue: &str, delivery_limit: u32) -> Result<()> {
+    let amqp_queue = names.step_queue(queue);
+    ch.queue_declare(
+        amqp_queue.as_str().into(),
+        QueueDeclareOptions { durable: true, ..Default::default() },
+        queue_args(names, delivery_limit),
+    )
+    .await?;
+    ch.queue_bind(
+        amqp_queue.into(),
+        names.steps_exchange().into(),
+        queue.into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Properties of every message we publish.
+pub fn properties(message_id: MessageId) -> BasicProperties {
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type(CONTENT_TYPE.into())
+        .with_message_id(message_id.to_string().into())
+}
+
+/// A channel in confirm mode; publishes are pipelined (await the returned confirm later).
+#[derive(Clone)]
+pub struct Publisher {
+    channel: Channel,
+}
+
+/// How a confirmed publish ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivered {
+    /// Routed and stored by the broker.
+    Confirmed,
+    /// The broker had no queue for it (mandatory publish returned).
+    Unroutable(String),
+    /// The broker refused it.
+    Nacked,
+}
+
+impl Publisher {
+    pub async fn new(conn: &Connection) -> Result<Self> {
+        let channel = conn.create_channel().await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        Ok(Self { channel })
+    }
+
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// Sends a mandatory, persistent message; await the result with [`Publisher::settle`].
+    pub async fn send(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        payload: &[u8],
+        props: BasicProperties,
+    ) -> Result<PublisherConfirm> {
+        Ok(self
+            .channel
+            .basic_publish(
+                ShortString::from(exchange),
+                ShortString::from(routing_key),
+                BasicPublishOptions { mandatory: true, ..Default::default() },
+                payload,
+                props,
+            )
+            .await?)
+    }
+
+    /// Sends a persistent message that may have no subscriber (lifecycle events): not mandatory.
+    pub async fn send_event(&self, exchange: &str, routing_key: &str, payload: &[u8], props: BasicProperties) -> Result<()> {
+        let _confirm = self
+            .channel
+            .basic_publish(
+                ShortString::from(exchange),
+                ShortString::from(routing_key),
+                BasicPublishOptions::default(),
+                payload,
+                props,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Waits for the broker's verdict on one publish.
+    pub async fn settle(confirm: PublisherConfirm) -> Result<Delivered> {
+        Ok(match confirm.await? {
+            Confirmation::Ack(None) | Confirmation::NotRequested => Delivered::Confirmed,
+            Confirmation::Ack(Some(returned)) => Delivered::Unroutable(returned.reply_text.to_string()),
+            Confirmation::Nack(_) => Delivered::Nacked,
+        })
+    }
+
+    /// Sends and waits for the confirm.
+    pub async fn publish(&self, exchange: &str, routing_key: &str, payload: &[u8], props: BasicProperties) -> Result<Delivered> {
+        Self::settle(self.send(exchange, routing_key, payload, props).await?).await
+    }
+
+    /// Puts bytes on the dead-letter exchange with the reason in a header, confirmed.
+    pub async fn dead_letter(&self, names: &Names, payload: &[u8], mut props: BasicProperties, reason: &str) -> Result<Delivered> {
+        let mut headers = props.headers().clone().unwrap_or_default();
+        headers.insert(HEADER_DEAD_LETTER_REASON.into(), AMQPValue::LongString(LongString::from(reason)));
+        props = props.with_headers(headers).with_delivery_mode(2);
+        self.publish(&names.dead_letter_exchange(), "", payload, props).await
+    }
+}

@@ -1,0 +1,227 @@
+//! Building and running an orchestrator: `App::build(config)` then `run_until_stopped()`.
+//! Tests build the same app with a fresh database, a unique prefix and port 0.
+
+use crate::broker::{self, Publisher};
+use crate::config::{redact_url, Config};
+use crate::dispatch::{self, DispatchHandle};
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::state::Shared;
+use crate::store::templates::{self, Registered, TemplateCache};
+use backon::{ExponentialBuilder, Retryable};
+use sqlx::postgres::{PgListener, PgPoolOptions};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tasker_schemas::{Names, TaskId, Template};
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, Notify};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Embedded migrations (`migrations/` at the workspace root).
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// A built orchestrator, ready to run.
+pub struct App {
+    shared: Shared,
+    listener: TcpListener,
+    connection: lapin::Connection,
+}
+
+/// Connects to Postgres, retrying for a while (the database may still be starting).
+pub async fn connect_db(url: &str, pool_size: u32) -> Result<sqlx::PgPool> {
+    let connect = || async {
+        PgPoolOptions::new()
+            .max_connections(pool_size)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(url)
+            .await
+    };
+    Ok(connect
+        .retry(ExponentialBuilder::default().with_max_delay(Duration::from_secs(2)).with_max_times(10))
+        .notify(|e, d| tracing::warn!(error = %e, retry_in = ?d, "database not reachable yet"))
+        .await?)
+}
+
+/// Runs the embedded migrations (safe to run from several replicas at once).
+pub async fn migrate(db: &sqlx::PgPool) -> Result<()> {
+    MIGRATOR.run(db).await?;
+    Ok(())
+}
+
+impl App {
+    /// Connects, migrates, declares the broker topology, registers templates from
+    /// `templates_dir` and binds the HTTP listener.
+    pub async fn build(config: Config) -> Result<Self> {
+        tracing::info!(
+            database = %redact_url(&config.database_url),
+            broker = %redact_url(&config.amqp_url),
+            prefix = %config.prefix,
+            "starting orchestrator"
+        );
+        let db = connect_db(&config.database_url, config.db_pool_size).await?;
+        migrate(&db).await?;
+        let url = config.amqp_url.clone();
+        let connection = (|| broker::connect(&url))
+            .retry(ExponentialBuilder::default().with_max_delay(Duration::from_secs(2)).with_max_times(10))
+            .notify(|e, d| tracing::warn!(error = %e, retry_in = ?d, "broker not reachable yet"))
+            .await?;
+        let publisher = Publisher::new(&connection).await?;
+        let names = Names::new(config.prefix.clone());
+        broker::declare_topology(publisher.channel(), &names, config.result_shards, config.delivery_limit).await?;
+        let listener = TcpListener::bind(config.http_addr)
+            .await
+            .map_err(|e| Error::InvalidRequest(format!("cannot listen on {}: {e}", config.http_addr)))?;
+        let (finished, _) = broadcast::channel(4096);
+        let shared = Shared {
+            db,
+            config: Arc::new(config),
+            names,
+            publisher,
+            templates: TemplateCache::default(),
+            metrics: Arc::new(Metrics::default()),
+            dispatch: DispatchHandle::new(),
+            timers: Arc::new(Notify::new()),
+            finished,
+        };
+        let queues = templates::all_queues(&shared.db).await?;
+        for q in &queues {
+            broker::declare_step_queue(shared.publisher.channel(), &shared.names, q, shared.config.delivery_limit)
+                .await?;
+        }
+        shared.dispatch.know(queues);
+        if let Some(dir) = shared.config.templates_dir.clone() {
+            load_templates_dir(&shared, &dir).await?;
+        }
+        Ok(Self { shared, listener, connection })
+    }
+
+    /// The address the HTTP API listens on (useful with port 0).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.listener.local_addr().unwrap_or(self.shared.config.http_addr)
+    }
+
+    /// The shared handles (database pool, metrics, ...), for tests and embedding.
+    pub fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
+    /// Runs every loop until `shutdown` is cancelled, then drains and closes.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<()> {
+        let App { shared, listener, connection } = self;
+        let tracker = TaskTracker::new();
+        let (confirm_tx, confirm_rx) = tokio::sync::mpsc::channel(16 * 1024);
+
+        // The confirmer outlives the producers: it stops when every sender is gone.
+        let confirmer = tokio::spawn(dispatch::run_confirmer(shared.clone(), confirm_rx));
+        tracker.spawn(dispatch::run(shared.clone(), confirm_tx.clone(), shutdown.clone()));
+        tracker.spawn(crate::timers::run(shared.clone(), confirm_tx, shutdown.clone()));
+        for shard in 0..shared.config.result_shards.max(1) {
+            let s = shared.clone();
+            tracker.spawn(supervise("results consumer", shutdown.clone(), move |stop| {
+                crate::results::run_consumer(s.clone(), shard, stop)
+            }));
+        }
+        let s = shared.clone();
+        tracker.spawn(supervise("task request consumer", shutdown.clone(), move |stop| {
+            crate::intake::run_consumer(s.clone(), stop)
+        }));
+        let s = shared.clone();
+        tracker.spawn(supervise("finish listener", shutdown.clone(), move |stop| listen_finished(s.clone(), stop)));
+        let router = crate::api::router(shared.clone());
+        let stop = shutdown.clone();
+        tracker.spawn(async move {
+            if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).await {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        });
+        tracker.close();
+        tracing::info!("orchestrator running");
+        shutdown.cancelled().await;
+        tracing::info!("shutting down");
+        let grace = Duration::from_millis(shared.config.shutdown_grace_ms);
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            tracing::warn!("some loops did not stop within the grace period");
+        }
+        // Let outstanding confirms settle so their outbox entries are cleared.
+        let _ = tokio::time::timeout(Duration::from_secs(2), confirmer).await;
+        let _ = connection.close(200, "shutdown".into()).await;
+        shared.db.close().await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Restarts a loop with backoff when it fails, until shutdown.
+async fn supervise<F, Fut>(name: &'static str, shutdown: CancellationToken, mut run: F)
+where
+    F: FnMut(CancellationToken) -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
+    let mut delay = Duration::from_millis(100);
+    while !shutdown.is_cancelled() {
+        match run(shutdown.clone()).await {
+            Ok(()) if shutdown.is_cancelled() => break,
+            Ok(()) => tracing::warn!(name, "loop ended; restarting"),
+            Err(e) => tracing::warn!(name, error = %e, "loop failed; restarting"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Forwards `tasker_task_finished` notifications (from every replica) to local waiters.
+async fn listen_finished(shared: Shared, shutdown: CancellationToken) -> Result<()> {
+    let mut listener = PgListener::connect_with(&shared.db).await?;
+    listener.listen("tasker_task_finished").await?;
+    loop {
+        let n = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            n = listener.recv() => n?,
+        };
+        if let Ok(id) = n.payload().parse::<TaskId>() {
+            let _ = shared.finished.send(id);
+        }
+    }
+}
+
+/// Validates, stores and declares the queues of a template.
+pub async fn register_template(shared: &Shared, template: &Template) -> Result<Registered> {
+    let outcome = templates::register(&shared.db, template).await?;
+    let mut queues: Vec<&str> = template.steps.iter().map(|s| s.queue()).collect();
+    queues.sort_unstable();
+    queues.dedup();
+    for q in &queues {
+        broker::declare_step_queue(shared.publisher.channel(), &shared.names, q, shared.config.delivery_limit).await?;
+    }
+    shared.dispatch.know(queues.iter().map(|q| q.to_string()));
+    Ok(outcome)
+}
+
+/// Parses a template file (YAML or JSON).
+pub fn read_template_file(path: &Path) -> std::result::Result<Template, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    serde_saphyr::from_str(&text).map_err(|e| format!("invalid template {}: {e}", path.display()))
+}
+
+async fn load_templates_dir(shared: &Shared, dir: &Path) -> Result<()> {
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| Error::InvalidRequest(format!("cannot read templates dir {}: {e}", dir.display())))?;
+    let mut paths: Vec<_> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json")))
+        .collect();
+    paths.sort();
+    for path in paths {
+        let template = read_template_file(&path).map_err(Error::InvalidRequest)?;
+        let outcome = register_template(shared, &template).await?;
+        tracing::info!(path = %path.display(), name = %template.name, version = template.version, ?outcome, "template loaded");
+    }
+    Ok(())
+}

@@ -1,0 +1,641 @@
+//! Steps: admission (dispatch), applying attempt outcomes, timers and the outbox.
+//!
+//! Locking rule: every transaction that changes a task's progress (results, timeouts, fail-fast,
+//! cancel) locks the task rows first, in id order. Dispatch and retry promotion only move single
+//! step rows between `queued`/`retrying`/`dispatched`, guarded by the step's state, and never wait
+//! on a task lock, so no lock cycle can form.
+
+use crate::error::Result;
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+use sqlx::{PgConnection, PgExecutor, Row};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use tasker_schemas::{RetryPolicy, StepId, TaskId};
+use uuid::Uuid;
+
+/// An attempt admitted by [`dispatch`]: publish it, then clear its outbox entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admitted {
+    pub outbox_id: i64,
+    pub step_id: StepId,
+    pub attempt: i32,
+}
+
+/// Admits up to `limit` queued steps of `queue`, highest priority first, without exceeding
+/// `max_in_flight` dispatched steps on that queue. One transaction: state `dispatched`, a new
+/// attempt number, the lease, and an outbox entry per step.
+pub async fn dispatch(tx: &mut PgConnection, queue: &str, max_in_flight: i64, limit: i64) -> Result<Vec<Admitted>> {
+    // Serialises admission per queue across replicas so the in-flight bound is exact.
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('tasker.dispatch.' || $1, 0))")
+        .bind(queue)
+        .execute(&mut *tx)
+        .await?;
+    let rows = sqlx::query(
+        "WITH room AS (
+             SELECT greatest($2 - count(*), 0) AS n FROM steps WHERE queue = $1 AND state = 'dispatched'
+         ), picked AS (
+             SELECT id FROM steps
+             WHERE queue = $1 AND state = 'queued'
+             ORDER BY priority DESC, queued_at, id
+             LIMIT least($3, (SELECT n FROM room))
+             FOR UPDATE SKIP LOCKED
+         ), admitted AS (
+             UPDATE steps s
+             SET state = 'dispatched',
+                 attempt = s.attempt + 1,
+                 dispatched_at = now(),
+                 started_at = NULL,
+                 worker = NULL,
+                 lease_expires_at = now()
+                     + (s.queue_wait_timeout_ms + s.execution_timeout_ms) * interval '1 millisecond',
+                 updated_at = now()
+             FROM picked WHERE s.id = picked.id
+             RETURNING s.id, s.attempt, s.namespace
+         )
+         INSERT INTO outbox (step_id, attempt, namespace)
+         SELECT id, attempt, namespace FROM admitted
+         RETURNING id, step_id, attempt",
+    )
+    .bind(queue)
+    .bind(max_in_flight)
+    .bind(limit)
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| Admitted { outbox_id: r.get("id"), step_id: StepId(r.get("step_id")), attempt: r.get("attempt") })
+        .collect())
+}
+
+/// Everything needed to build a step message.
+#[derive(Debug, Clone)]
+pub struct MessageData {
+    pub step_id: StepId,
+    pub task_id: TaskId,
+    pub namespace: String,
+    pub template: String,
+    pub step: String,
+    pub handler: String,
+    pub queue: String,
+    pub attempt: i32,
+    pub state: String,
+    pub execution_timeout_ms: i64,
+    pub context: Value,
+    pub parent_outputs: Map<String, Value>,
+}
+
+/// Loads message data for the given steps (with their parents' outputs).
+pub async fn load_messages(db: impl PgExecutor<'_>, steps: &[StepId]) -> Result<Vec<MessageData>> {
+    let ids: Vec<Uuid> = steps.iter().map(|s| s.0).collect();
+    let rows = sqlx::query(
+        "SELECT s.id, s.task_id, s.namespace, t.template_name, s.name, s.handler, s.queue, s.attempt,
+                s.state, s.execution_timeout_ms, t.context,
+                (SELECT coalesce(jsonb_object_agg(p.name, coalesce(p.output, 'null'::jsonb)), '{}'::jsonb)
+                 FROM steps p WHERE p.id = ANY(s.parent_ids)) AS parent_outputs
+         FROM steps s JOIN tasks t ON t.id = s.task_id
+         WHERE s.id = ANY($1)",
+    )
+    .bind(&ids)
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let parent_outputs = match r.get::<Value, _>("parent_outputs") {
+                Value::Object(m) => m,
+                _ => Map::new(),
+            };
+            MessageData {
+                step_id: StepId(r.get("id")),
+                task_id: TaskId(r.get("task_id")),
+                namespace: r.get("namespace"),
+                template: r.get("template_name"),
+                step: r.get("name"),
+                handler: r.get("handler"),
+                queue: r.get("queue"),
+                attempt: r.get("attempt"),
+                state: r.get("state"),
+                execution_timeout_ms: r.get("execution_timeout_ms"),
+                context: r.get("context"),
+                parent_outputs,
+            }
+        })
+        .collect())
+}
+
+/// Removes outbox entries whose publish was confirmed.
+pub async fn clear_outbox(db: impl PgExecutor<'_>, ids: &[i64]) -> Result<()> {
+    sqlx::query("DELETE FROM outbox WHERE id = ANY($1)").bind(ids).execute(db).await?;
+    Ok(())
+}
+
+/// Claims outbox entries older than `older_than_ms` (left behind by a crash or a failed publish).
+pub async fn claim_stale_outbox(tx: &mut PgConnection, older_than_ms: i64, limit: i64) -> Result<Vec<Admitted>> {
+    let rows = sqlx::query(
+        "SELECT id, step_id, attempt FROM outbox
+         WHERE created_at < now() - $1 * interval '1 millisecond'
+         ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(older_than_ms)
+    .bind(limit)
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| Admitted { outbox_id: r.get("id"), step_id: StepId(r.get("step_id")), attempt: r.get("attempt") })
+        .collect())
+}
+
+/// How an attempt ended, as the orchestrator applies it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AttemptOutcome {
+    Succeeded { output: Value },
+    Failed { error: String, retryable: bool, retry_after_ms: Option<u64> },
+    /// No worker had the handler: re-offer later without spending an attempt.
+    HandlerMissing { handler: String },
+    /// The lease ran out (queue wait or execution).
+    TimedOut { error: String },
+    /// The step message was dead-lettered (poison, unroutable, too large).
+    DeadLettered { error: String, retryable: bool },
+}
+
+/// An attempt outcome for one (step, attempt), claimed for one task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finished {
+    pub task_id: TaskId,
+    pub step_id: StepId,
+    pub attempt: i32,
+    pub worker: Option<String>,
+    pub outcome: AttemptOutcome,
+}
+
+/// Settings the apply step needs.
+#[derive(Debug, Clone, Copy)]
+pub struct ApplySettings {
+    pub max_output_bytes: usize,
+    pub handler_missing_delay_ms: u64,
+}
+
+/// A task that reached a terminal state.
+#[derive(Debug, Clone)]
+pub struct FinishedTask {
+    pub task_id: TaskId,
+    pub namespace: String,
+    pub template: String,
+    pub state: String,
+    pub seq: i64,
+    pub at: DateTime<Utc>,
+    pub output: Option<Value>,
+    pub error: Option<String>,
+}
+
+/// What one [`apply`] did.
+#[derive(Debug, Default)]
+pub struct ApplyReport {
+    pub applied: usize,
+    /// Outcomes for an attempt that is not the step's current dispatched one (late, duplicate,
+    /// or naming the wrong task): recorded nowhere, counted here.
+    pub stale: usize,
+    /// Outcomes refused by the attempts primary key (must stay 0).
+    pub applied_twice: usize,
+    /// Queues that got newly admissible steps.
+    pub queued: HashSet<String>,
+    /// Earliest new retry, if any (wakes the timer).
+    pub retry_scheduled: bool,
+    pub finished: Vec<FinishedTask>,
+}
+
+#[derive(sqlx::FromRow)]
+struct CurrentStep {
+    id: Uuid,
+    task_id: Uuid,
+    namespace: String,
+    name: String,
+    state: String,
+    attempt: i32,
+    failures: i32,
+    max_attempts: i32,
+    retry_policy: Value,
+    child_ids: Vec<Uuid>,
+    dispatched_at: Option<DateTime<Utc>>,
+    started_at: Option<DateTime<Utc>>,
+}
+
+/// Applies a batch of attempt outcomes in the caller's transaction.
+///
+/// Tasks are locked first, in id order. Each outcome is guarded by (step id, attempt, state
+/// `dispatched`, task); anything else is stale and only counted. Children's parent counters are
+/// decremented once per finished parent, aggregated per child, and children reaching zero are
+/// admitted (`queued`). A permanent failure makes the task fail fast: nothing new is admitted,
+/// what can no longer run is skipped, and the task fails once its dispatched steps have reported.
+pub async fn apply(tx: &mut PgConnection, batch: &[Finished], settings: ApplySettings) -> Result<ApplyReport> {
+    let mut report = ApplyReport::default();
+    // One outcome per (step, attempt) in a batch; the rest are duplicates.
+    let mut seen = HashSet::new();
+    let batch: Vec<&Finished> = batch.iter().filter(|f| seen.insert((f.step_id, f.attempt))).collect();
+    report.stale += seen.len().abs_diff(batch.len());
+
+    let mut task_ids: Vec<Uuid> = batch.iter().map(|f| f.task_id.0).collect();
+    task_ids.sort_unstable();
+    task_ids.dedup();
+    let live: HashMap<Uuid, (bool, bool)> = sqlx::query(
+        "SELECT id, failing, cancel_requested FROM tasks
+         WHERE id = ANY($1) AND state IN ('pending', 'running')
+         ORDER BY id FOR UPDATE",
+    )
+    .bind(&task_ids)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .map(|r| (r.get::<Uuid, _>("id"), (r.get("failing"), r.get("cancel_requested"))))
+    .collect();
+
+    let step_ids: Vec<Uuid> = batch.iter().map(|f| f.step_id.0).collect();
+    let current: HashMap<Uuid, CurrentStep> = sqlx::query_as::<_, CurrentStep>(
+        "SELECT id, task_id, namespace, name, state, attempt, failures, max_attempts, retry_policy,
+                child_ids, dispatched_at, started_at
+         FROM steps WHERE id = ANY($1)",
+    )
+    .bind(&step_ids)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .map(|s| (s.id, s))
+    .collect();
+
+    // Decide every transition in memory, then write them set-wise.
+    let mut upd = StepUpdates::default();
+    let mut att = AttemptRows::default();
+    let mut children: BTreeMap<Uuid, i32> = BTreeMap::new();
+    let mut terminal: HashMap<Uuid, i32> = HashMap::new();
+    let mut failing: BTreeMap<Uuid, String> = BTreeMap::new();
+    for f in &batch {
+        let Some(step) = current.get(&f.step_id.0) else {
+            report.stale += 1;
+            continue;
+        };
+        let Some(&(task_failing, cancelled)) = live.get(&step.task_id) else {
+            report.stale += 1;
+            continue;
+        };
+        if step.task_id != f.task_id.0 || step.state != "dispatched" || step.attempt != f.attempt {
+            report.stale += 1;
+            continue;
+        }
+        report.applied += 1;
+        let halted = task_failing || cancelled || failing.contains_key(&step.task_id);
+        let (outcome_name, error, output) = match &f.outcome {
+            AttemptOutcome::Succeeded { output } => {
+                match tasker_schemas::data::check_value("output", output, settings.max_output_bytes) {
+                    Ok(_) => ("succeeded", None, Some(output.clone())),
+                    Err(e) => ("failed", Some(e.to_string()), None),
+                }
+            }
+            AttemptOutcome::Failed { error, .. } => ("failed", Some(error.clone()), None),
+            AttemptOutcome::HandlerMissing { handler } => (
+                "handler_missing",
+                Some(format!(
+                    "worker {} has no handler {handler:?}",
+                    f.worker.as_deref().unwrap_or("(unknown)")
+                )),
+                None,
+            ),
+            AttemptOutcome::TimedOut { error } => ("timed_out", Some(error.clone()), None),
+            AttemptOutcome::DeadLettered { error, .. } => ("dead_lettered", Some(error.clone()), None),
+        };
+        att.push(step, f, outcome_name, error.as_deref());
+
+        let (retryable, retry_after) = match &f.outcome {
+            AttemptOutcome::Succeeded { .. } => (false, None),
+            AttemptOutcome::Failed { retryable, retry_after_ms, .. } => (*retryable, *retry_after_ms),
+            AttemptOutcome::TimedOut { .. } => (true, None),
+            AttemptOutcome::DeadLettered { retryable, .. } => (*retryable, None),
+            AttemptOutcome::HandlerMissing { .. } => (true, Some(settings.handler_missing_delay_ms)),
+        };
+        if outcome_name == "succeeded" {
+            upd.push(step.id, f.attempt, "succeeded", step.failures, output, None, None);
+            *terminal.entry(step.task_id).or_default() += 1;
+            if !halted {
+                for c in &step.child_ids {
+                    *children.entry(*c).or_default() += 1;
+                }
+            }
+            continue;
+        }
+        // A missing handler does not spend an attempt.
+        let spends = !matches!(f.outcome, AttemptOutcome::HandlerMissing { .. });
+        let failures = step.failures + i32::from(spends);
+        if retryable && !halted && failures < step.max_attempts {
+            let delay = retry_after.unwrap_or_else(|| {
+                let policy: RetryPolicy = serde_json::from_value(step.retry_policy.clone()).unwrap_or_default();
+                policy.delay_ms(failures.max(1) as u32, rand::random::<f64>())
+            });
+            upd.push(step.id, f.attempt, "retrying", failures, None, error, Some(delay as i64));
+            report.retry_scheduled = true;
+        } else {
+            let error = error.unwrap_or_default();
+            let reason = if retryable && failures >= step.max_attempts {
+                format!("{error} (gave up after {failures} attempts)")
+            } else {
+                error
+            };
+            if !halted {
+                failing.insert(step.task_id, format!("step {:?} failed: {reason}", step.name));
+            }
+            upd.push(step.id, f.attempt, "failed", failures, None, Some(reason), None);
+            *terminal.entry(step.task_id).or_default() += 1;
+        }
+    }
+    if report.applied == 0 {
+        return Ok(report);
+    }
+
+    upd.write(tx).await?;
+    report.applied_twice = att.write(tx).await?;
+
+    if !children.is_empty() {
+        let (ids, counts): (Vec<Uuid>, Vec<i32>) = children.into_iter().unzip();
+        let rows = sqlx::query(
+            "UPDATE steps s
+             SET pending_parents = s.pending_parents - k.n,
+                 state = CASE WHEN s.pending_parents - k.n = 0 THEN 'queued' ELSE s.state END,
+                 queued_at = CASE WHEN s.pending_parents - k.n = 0 THEN now() ELSE s.queued_at END,
+                 updated_at = now()
+             FROM unnest($1::uuid[], $2::int[]) AS k(id, n)
+             WHERE s.id = k.id AND s.state = 'waiting'
+             RETURNING s.queue, s.state",
+        )
+        .bind(&ids)
+        .bind(&counts)
+        .fetch_all(&mut *tx)
+        .await?;
+        for r in rows {
+            if r.get::<String, _>("state") == "queued" {
+                report.queued.insert(r.get("queue"));
+            }
+        }
+    }
+
+    if !failing.is_empty() {
+        let ids: Vec<Uuid> = failing.keys().copied().collect();
+        let skipped = sqlx::query(
+            "UPDATE steps SET state = 'skipped', next_attempt_at = NULL, updated_at = now()
+             WHERE task_id = ANY($1) AND state IN ('waiting', 'queued', 'retrying')
+             RETURNING task_id",
+        )
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        for r in skipped {
+            *terminal.entry(r.get("task_id")).or_default() += 1;
+        }
+    }
+
+    let (ids, done): (Vec<Uuid>, Vec<i32>) = terminal.into_iter().unzip();
+    let errors: Vec<Option<String>> = ids.iter().map(|id| failing.get(id).cloned()).collect();
+    // One UPDATE per task row (a row must not be updated twice in one statement).
+    let finished = sqlx::query(
+        "UPDATE tasks t
+         SET unfinished_steps = t.unfinished_steps - d.n,
+             failing = t.failing OR d.error IS NOT NULL,
+             error = coalesce(t.error, d.error),
+             state = CASE WHEN t.unfinished_steps - d.n > 0 THEN t.state
+                          WHEN t.cancel_requested THEN 'cancelled'
+                          WHEN t.failing OR d.error IS NOT NULL THEN 'failed'
+                          ELSE 'completed' END,
+             finished_at = CASE WHEN t.unfinished_steps - d.n = 0 THEN now() END,
+             event_seq = t.event_seq + CASE WHEN t.unfinished_steps - d.n = 0 THEN 1 ELSE 0 END,
+             output = CASE WHEN t.unfinished_steps - d.n = 0
+                            AND NOT (t.failing OR d.error IS NOT NULL OR t.cancel_requested)
+                 THEN (SELECT coalesce(jsonb_object_agg(s.name, s.output), '{}'::jsonb)
+                       FROM steps s WHERE s.task_id = t.id AND cardinality(s.child_ids) = 0)
+                 END,
+             updated_at = now()
+         FROM unnest($1::uuid[], $2::int[], $3::text[]) AS d(id, n, error)
+         WHERE t.id = d.id
+         RETURNING t.id, t.namespace, t.template_name, t.state, t.event_seq, t.finished_at,
+                   t.output, t.error, t.unfinished_steps",
+    )
+    .bind(&ids)
+    .bind(&done)
+    .bind(&errors)
+    .fetch_all(&mut *tx)
+    .await?;
+    for r in finished {
+        if r.get::<i32, _>("unfinished_steps") != 0 {
+            continue;
+        }
+        report.finished.push(FinishedTask {
+            task_id: TaskId(r.get("id")),
+            namespace: r.get("namespace"),
+            template: r.get("template_name"),
+            state: r.get("state"),
+            seq: r.get("event_seq"),
+            at: r.get("finished_at"),
+            output: r.get("output"),
+            error: r.get("error"),
+        });
+    }
+    if !report.finished.is_empty() {
+        let ids: Vec<String> = report.finished.iter().map(|f| f.task_id.to_string()).collect();
+        sqlx::query("SELECT pg_notify('tasker_task_finished', id) FROM unnest($1::text[]) AS id")
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?;
+    }
+    Ok(report)
+}
+
+/// Step transitions collected for one set-wise UPDATE.
+#[derive(Default)]
+struct StepUpdates {
+    id: Vec<Uuid>,
+    attempt: Vec<i32>,
+    state: Vec<&'static str>,
+    failures: Vec<i32>,
+    output: Vec<Option<Value>>,
+    error: Vec<Option<String>>,
+    delay_ms: Vec<Option<i64>>,
+}
+
+impl StepUpdates {
+    #[allow(clippy::too_many_arguments)]
+    fn push(
+        &mut self,
+        id: Uuid,
+        attempt: i32,
+        state: &'static str,
+        failures: i32,
+        output: Option<Value>,
+        error: Option<String>,
+        delay_ms: Option<i64>,
+    ) {
+        self.id.push(id);
+        self.attempt.push(attempt);
+        self.state.push(state);
+        self.failures.push(failures);
+        self.output.push(output);
+        self.error.push(error);
+        self.delay_ms.push(delay_ms);
+    }
+
+    async fn write(&self, tx: &mut PgConnection) -> Result<()> {
+        sqlx::query(
+            "UPDATE steps s
+             SET state = u.state, failures = u.failures, output = u.output, error = u.error,
+                 next_attempt_at = CASE WHEN u.delay_ms IS NULL THEN NULL
+                                        ELSE now() + u.delay_ms * interval '1 millisecond' END,
+                 lease_expires_at = NULL,
+                 updated_at = now()
+             FROM unnest($1::uuid[], $2::int[], $3::text[], $4::int[], $5::jsonb[], $6::text[], $7::bigint[])
+                  AS u(id, attempt, state, failures, output, error, delay_ms)
+             WHERE s.id = u.id AND s.attempt = u.attempt AND s.state = 'dispatched'",
+        )
+        .bind(&self.id)
+        .bind(&self.attempt)
+        .bind(&self.state)
+        .bind(&self.failures)
+        .bind(&self.output)
+        .bind(&self.error)
+        .bind(&self.delay_ms)
+        .execute(&mut *tx)
+        .await?;
+        Ok(())
+    }
+}
+
+/// Attempt history rows collected for one INSERT.
+#[derive(Default)]
+struct AttemptRows {
+    step_id: Vec<Uuid>,
+    attempt: Vec<i32>,
+    task_id: Vec<Uuid>,
+    namespace: Vec<String>,
+    outcome: Vec<&'static str>,
+    dispatched_at: Vec<Option<DateTime<Utc>>>,
+    started_at: Vec<Option<DateTime<Utc>>>,
+    worker: Vec<Option<String>>,
+    error: Vec<Option<String>>,
+}
+
+impl AttemptRows {
+    fn push(&mut self, step: &CurrentStep, f: &Finished, outcome: &'static str, error: Option<&str>) {
+        self.step_id.push(step.id);
+        self.attempt.push(f.attempt);
+        self.task_id.push(step.task_id);
+        self.namespace.push(step.namespace.clone());
+        self.outcome.push(outcome);
+        self.dispatched_at.push(step.dispatched_at);
+        self.started_at.push(step.started_at);
+        self.worker.push(f.worker.clone());
+        self.error.push(error.map(str::to_owned));
+    }
+
+    /// Inserts the rows; returns how many the primary key refused (an outcome applied twice).
+    async fn write(&self, tx: &mut PgConnection) -> Result<usize> {
+        let inserted = sqlx::query(
+            "INSERT INTO attempts (step_id, attempt, task_id, namespace, outcome, dispatched_at,
+                                   started_at, worker, error)
+             SELECT * FROM unnest($1::uuid[], $2::int[], $3::uuid[], $4::text[], $5::text[],
+                                  $6::timestamptz[], $7::timestamptz[], $8::text[], $9::text[])
+             ON CONFLICT (step_id, attempt) DO NOTHING",
+        )
+        .bind(&self.step_id)
+        .bind(&self.attempt)
+        .bind(&self.task_id)
+        .bind(&self.namespace)
+        .bind(&self.outcome)
+        .bind(&self.dispatched_at)
+        .bind(&self.started_at)
+        .bind(&self.worker)
+        .bind(&self.error)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        Ok(self.step_id.len() - inserted as usize)
+    }
+}
+
+/// Records that a worker took a long step: execution lease from now, by that worker.
+pub async fn record_started(
+    db: impl PgExecutor<'_>,
+    step: StepId,
+    attempt: i32,
+    worker: &str,
+    lease_ms: i64,
+) -> Result<bool> {
+    let n = sqlx::query(
+        "UPDATE steps
+         SET started_at = coalesce(started_at, now()), worker = $3,
+             lease_expires_at = now() + least($4, execution_timeout_ms) * interval '1 millisecond',
+             updated_at = now()
+         WHERE id = $1 AND attempt = $2 AND state = 'dispatched'",
+    )
+    .bind(step.0)
+    .bind(attempt)
+    .bind(worker)
+    .bind(lease_ms)
+    .execute(db)
+    .await?
+    .rows_affected();
+    Ok(n == 1)
+}
+
+/// Moves due retries back to `queued`; returns the queues that got work.
+pub async fn promote_due_retries(db: impl PgExecutor<'_>, limit: i64) -> Result<Vec<String>> {
+    Ok(sqlx::query_scalar(
+        "UPDATE steps s SET state = 'queued', queued_at = now(), next_attempt_at = NULL, updated_at = now()
+         FROM (SELECT id FROM steps WHERE state = 'retrying' AND next_attempt_at <= now()
+               ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED) due
+         WHERE s.id = due.id AND s.state = 'retrying'
+         RETURNING s.queue",
+    )
+    .bind(limit)
+    .fetch_all(db)
+    .await?)
+}
+
+/// Milliseconds until the next retry is due (capped by the caller), if any is scheduled.
+pub async fn next_retry_in_ms(db: impl PgExecutor<'_>) -> Result<Option<i64>> {
+    Ok(sqlx::query_scalar(
+        "SELECT greatest(0, (extract(epoch FROM (min(next_attempt_at) - now())) * 1000)::bigint)
+         FROM steps WHERE state = 'retrying'",
+    )
+    .fetch_one(db)
+    .await?)
+}
+
+/// Dispatched attempts whose lease ran out, as timeouts to apply.
+pub async fn expired_leases(db: impl PgExecutor<'_>, limit: i64) -> Result<Vec<Finished>> {
+    let rows = sqlx::query(
+        "SELECT id, task_id, attempt, started_at IS NOT NULL AS started, queue_wait_timeout_ms,
+                execution_timeout_ms
+         FROM steps WHERE state = 'dispatched' AND lease_expires_at < now()
+         ORDER BY lease_expires_at LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let attempt: i32 = r.get("attempt");
+            let error = if r.get("started") {
+                format!("attempt {attempt} timed out: no result within its execution lease")
+            } else {
+                format!(
+                    "attempt {attempt} timed out: no result within queue-wait ({} ms) plus execution ({} ms)",
+                    r.get::<i64, _>("queue_wait_timeout_ms"),
+                    r.get::<i64, _>("execution_timeout_ms")
+                )
+            };
+            Finished {
+                task_id: TaskId(r.get("task_id")),
+                step_id: StepId(r.get("id")),
+                attempt,
+                worker: None,
+                outcome: AttemptOutcome::TimedOut { error },
+            }
+        })
+        .collect())
+}
