@@ -63,7 +63,7 @@ pub struct RegisterResponse {
     pub created: bool,
 }
 
-/// A registered template version (`GET /v1/templates`, `GET /v1/templates/{ns}/{name}/{version}`).
+/// A registered template version (`GET /v1/templates`, `GET /v1/templates/{ns}/{name}?version=`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TemplateView {
     pub namespace: String,

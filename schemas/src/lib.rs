@@ -28,9 +28,9 @@ pub mod topology;
 pub use data::{DataError, DataLimits};
 pub use ids::{MessageId, RequestId, StepId, TaskId};
 pub use message::{
-    decode, encode, encode_payload, Cancel, DecodeError, EncodeError, Envelope, Heartbeat, Kind,
-    LifecycleEvent, Outcome, Payload, ResultBatch, Started, StepMessage, StepResult, TaskRequest,
-    WorkerMessage,
+    Cancel, DecodeError, EncodeError, Envelope, Heartbeat, Kind, LifecycleEvent, Outcome, Payload,
+    ResultBatch, Started, StepMessage, StepResult, TaskRequest, WorkerMessage, decode, encode,
+    encode_payload,
 };
 pub use template::{Millis, RetryPolicy, StepTemplate, Template, TemplateError};
 pub use topology::Names;

@@ -118,7 +118,13 @@ pub fn encode_payload<T: Payload>(payload: T) -> Result<Vec<u8>, EncodeError> {
 
 /// Reads and checks the envelope header: the kind as written and whether the version is readable.
 pub fn peek_kind(bytes: &[u8]) -> Result<String, DecodeError> {
-    let header: Header = rmp_serde::from_slice(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    // fixmap, map 16, map 32. rmp-serde would also read a struct from an array by position.
+    if !matches!(bytes.first(), Some(0x80..=0x8f | 0xde | 0xdf)) {
+        return Err(DecodeError::Malformed(
+            "the envelope must be a MessagePack map".into(),
+        ));
+    }
+    let header: Header = from_slice(bytes).map_err(DecodeError::Malformed)?;
     let major = parse_major(&header.schema_version)?;
     if major != SCHEMA_MAJOR {
         return Err(DecodeError::UnknownMajor { major });
@@ -127,19 +133,50 @@ pub fn peek_kind(bytes: &[u8]) -> Result<String, DecodeError> {
 }
 
 fn parse_major(v: &str) -> Result<u32, DecodeError> {
-    let (major, minor) = v.split_once('.').ok_or_else(|| DecodeError::InvalidVersion(v.to_owned()))?;
-    minor.parse::<u32>().map_err(|_| DecodeError::InvalidVersion(v.to_owned()))?;
-    major.parse::<u32>().map_err(|_| DecodeError::InvalidVersion(v.to_owned()))
+    let invalid = || DecodeError::InvalidVersion(v.to_owned());
+    // Plain ASCII digits only: `u32::from_str` alone would also take "+1".
+    let number = |s: &str| -> Result<u32, DecodeError> {
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(invalid());
+        }
+        s.parse::<u32>().map_err(|_| invalid())
+    };
+    let (major, minor) = v.split_once('.').ok_or_else(invalid)?;
+    number(minor)?;
+    number(major)
+}
+
+/// Deepest nesting of MessagePack maps and arrays a message may have: task data may nest
+/// [`crate::data::MAX_DEPTH`] levels, and the envelope around it adds a few more.
+pub const MAX_MESSAGE_DEPTH: usize = crate::data::MAX_DEPTH + 8;
+
+/// Reads exactly one MessagePack value: nesting is capped at [`MAX_MESSAGE_DEPTH`] (a deeply
+/// nested message must be an error, not a stack overflow), and trailing bytes are an error.
+fn from_slice<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    let mut de = rmp_serde::Deserializer::new(std::io::Cursor::new(bytes));
+    // rmp-serde fails when its counter reaches zero, so it allows one level less than it is given.
+    de.set_max_depth(MAX_MESSAGE_DEPTH + 1);
+    let value = T::deserialize(&mut de).map_err(|e| e.to_string())?;
+    let used = de.position();
+    if used != bytes.len() as u64 {
+        return Err(format!(
+            "{} trailing bytes after the message",
+            bytes.len() as u64 - used
+        ));
+    }
+    Ok(value)
 }
 
 /// Decodes a message of one expected kind.
 pub fn decode<T: Payload>(bytes: &[u8]) -> Result<Envelope<T>, DecodeError> {
     let kind = peek_kind(bytes)?;
     if kind != T::KIND.as_str() {
-        return Err(DecodeError::WrongKind { found: kind, expected: T::KIND.as_str().to_owned() });
+        return Err(DecodeError::WrongKind {
+            found: kind,
+            expected: T::KIND.as_str().to_owned(),
+        });
     }
-    rmp_serde::from_slice(bytes)
-        .map_err(|e| DecodeError::InvalidPayload { kind, error: e.to_string() })
+    from_slice(bytes).map_err(|error| DecodeError::InvalidPayload { kind, error })
 }
 
 /// A request to start a task, sent over AMQP to the task-request exchange.
@@ -324,22 +361,25 @@ impl WorkerMessage {
     /// Decodes any message a worker may send on the results exchange.
     pub fn decode(bytes: &[u8]) -> Result<(MessageId, Self), DecodeError> {
         let kind = peek_kind(bytes)?;
-        let bad = |e: rmp_serde::decode::Error| DecodeError::InvalidPayload { kind: kind.clone(), error: e.to_string() };
+        let bad = |error: String| DecodeError::InvalidPayload {
+            kind: kind.clone(),
+            error,
+        };
         match kind.as_str() {
             "result" => {
-                let e: Envelope<StepResult> = rmp_serde::from_slice(bytes).map_err(bad)?;
+                let e: Envelope<StepResult> = from_slice(bytes).map_err(bad)?;
                 Ok((e.message_id, WorkerMessage::Results(vec![e.payload])))
             }
             "result_batch" => {
-                let e: Envelope<ResultBatch> = rmp_serde::from_slice(bytes).map_err(bad)?;
+                let e: Envelope<ResultBatch> = from_slice(bytes).map_err(bad)?;
                 Ok((e.message_id, WorkerMessage::Results(e.payload.results)))
             }
             "started" => {
-                let e: Envelope<Started> = rmp_serde::from_slice(bytes).map_err(bad)?;
+                let e: Envelope<Started> = from_slice(bytes).map_err(bad)?;
                 Ok((e.message_id, WorkerMessage::Started(e.payload)))
             }
             "heartbeat" => {
-                let e: Envelope<Heartbeat> = rmp_serde::from_slice(bytes).map_err(bad)?;
+                let e: Envelope<Heartbeat> = from_slice(bytes).map_err(bad)?;
                 Ok((e.message_id, WorkerMessage::Heartbeat(e.payload)))
             }
             _ => Err(DecodeError::WrongKind {

@@ -72,7 +72,9 @@ impl<'de> Deserialize<'de> for Millis {
                 if v.is_finite() && v >= 0.0 && v.fract() == 0.0 && v <= u64::MAX as f64 {
                     Ok(Millis(v as u64))
                 } else {
-                    Err(E::custom(format!("duration must be a whole non-negative number of milliseconds, got {v}")))
+                    Err(E::custom(format!(
+                        "duration must be a whole non-negative number of milliseconds, got {v}"
+                    )))
                 }
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Millis, E> {
@@ -86,7 +88,9 @@ impl<'de> Deserialize<'de> for Millis {
 /// Parses `"250ms"`, `"30s"`, `"5m"`, `"1h"` or a bare number of milliseconds.
 pub fn parse_duration(s: &str) -> Result<Millis, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let value: f64 = num
         .parse()
@@ -96,7 +100,11 @@ pub fn parse_duration(s: &str) -> Result<Millis, String> {
         "s" => 1_000.0,
         "m" => 60_000.0,
         "h" => 3_600_000.0,
-        other => return Err(format!("invalid duration unit {other:?} in {s:?}: use ms, s, m or h")),
+        other => {
+            return Err(format!(
+                "invalid duration unit {other:?} in {s:?}: use ms, s, m or h"
+            ));
+        }
     };
     let ms = value * factor;
     if !ms.is_finite() || ms < 0.0 || ms > u64::MAX as f64 {
@@ -231,15 +239,21 @@ pub enum TemplateError {
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= MAX_NAME_LEN
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 fn check_name(what: &str, name: &str) -> Result<(), TemplateError> {
     if name.is_empty() {
-        return Err(TemplateError::EmptyName { what: what.to_owned() });
+        return Err(TemplateError::EmptyName {
+            what: what.to_owned(),
+        });
     }
     if !valid_name(name) {
-        return Err(TemplateError::InvalidName { what: what.to_owned(), name: name.to_owned() });
+        return Err(TemplateError::InvalidName {
+            what: what.to_owned(),
+            name: name.to_owned(),
+        });
     }
     Ok(())
 }
@@ -250,7 +264,8 @@ pub fn validate_namespace(namespace: &str) -> Result<(), TemplateError> {
 }
 
 impl Template {
-    /// Parses YAML (JSON is YAML too). Does not validate: call [`Template::validate`].
+    /// Parses JSON (for YAML, use a YAML deserializer such as serde-saphyr). Does not validate:
+    /// call [`Template::validate`].
     pub fn from_json(json: &[u8]) -> Result<Self, serde_json::Error> {
         serde_json::from_slice(json)
     }
@@ -271,13 +286,17 @@ impl Template {
             return Err(TemplateError::NoSteps);
         }
         if self.steps.len() > MAX_STEPS {
-            return Err(TemplateError::TooManySteps { count: self.steps.len() });
+            return Err(TemplateError::TooManySteps {
+                count: self.steps.len(),
+            });
         }
         let mut index: HashMap<&str, usize> = HashMap::with_capacity(self.steps.len());
         for (i, step) in self.steps.iter().enumerate() {
             check_name("step name", &step.name)?;
             if index.insert(step.name.as_str(), i).is_some() {
-                return Err(TemplateError::DuplicateStep { name: step.name.clone() });
+                return Err(TemplateError::DuplicateStep {
+                    name: step.name.clone(),
+                });
             }
         }
         for step in &self.steps {
@@ -288,7 +307,9 @@ impl Template {
             let mut seen = std::collections::HashSet::new();
             for dep in &step.depends_on {
                 if dep == &step.name {
-                    return Err(TemplateError::SelfDependency { step: step.name.clone() });
+                    return Err(TemplateError::SelfDependency {
+                        step: step.name.clone(),
+                    });
                 }
                 if !index.contains_key(dep.as_str()) {
                     return Err(TemplateError::UnknownDependency {
@@ -349,8 +370,10 @@ impl Template {
                         Mark::Open => {
                             let pos = stack.iter().position(|&(s, _)| s == dep).unwrap_or(0);
                             // The stack walks child -> parent; print it parent -> child.
-                            let mut cycle: Vec<String> =
-                                stack[pos..].iter().map(|&(s, _)| self.steps[s].name.clone()).collect();
+                            let mut cycle: Vec<String> = stack[pos..]
+                                .iter()
+                                .map(|&(s, _)| self.steps[s].name.clone())
+                                .collect();
                             cycle.reverse();
                             cycle.push(cycle[0].clone());
                             return Some(cycle);
@@ -376,8 +399,11 @@ impl Template {
 
     /// Step names mapped to the names of their children.
     pub fn children(&self) -> BTreeMap<&str, Vec<&str>> {
-        let mut out: BTreeMap<&str, Vec<&str>> =
-            self.steps.iter().map(|s| (s.name.as_str(), Vec::new())).collect();
+        let mut out: BTreeMap<&str, Vec<&str>> = self
+            .steps
+            .iter()
+            .map(|s| (s.name.as_str(), Vec::new()))
+            .collect();
         for s in &self.steps {
             for d in &s.depends_on {
                 if let Some(c) = out.get_mut(d.as_str()) {
@@ -390,22 +416,35 @@ impl Template {
 }
 
 fn validate_policy(step: &StepTemplate) -> Result<(), TemplateError> {
-    let bad = |problem: String| TemplateError::InvalidPolicy { step: step.name.clone(), problem };
+    let bad = |problem: String| TemplateError::InvalidPolicy {
+        step: step.name.clone(),
+        problem,
+    };
     let r = &step.retry;
     if r.max_attempts == 0 {
         return Err(bad("retry.max_attempts must be at least 1".into()));
     }
     if r.max_attempts > MAX_ATTEMPTS {
-        return Err(bad(format!("retry.max_attempts must be at most {MAX_ATTEMPTS}")));
+        return Err(bad(format!(
+            "retry.max_attempts must be at most {MAX_ATTEMPTS}"
+        )));
     }
     if !(r.multiplier.is_finite() && r.multiplier >= 1.0 && r.multiplier <= 100.0) {
-        return Err(bad(format!("retry.multiplier must be between 1 and 100, got {}", r.multiplier)));
+        return Err(bad(format!(
+            "retry.multiplier must be between 1 and 100, got {}",
+            r.multiplier
+        )));
     }
     if !(r.jitter.is_finite() && (0.0..=1.0).contains(&r.jitter)) {
-        return Err(bad(format!("retry.jitter must be between 0 and 1, got {}", r.jitter)));
+        return Err(bad(format!(
+            "retry.jitter must be between 0 and 1, got {}",
+            r.jitter
+        )));
     }
     if r.initial_delay > r.max_delay {
-        return Err(bad("retry.initial_delay must not exceed retry.max_delay".into()));
+        return Err(bad(
+            "retry.initial_delay must not exceed retry.max_delay".into()
+        ));
     }
     for (what, v) in [
         ("retry.max_delay", r.max_delay),
@@ -442,23 +481,44 @@ mod tests {
     }
 
     fn template(steps: Vec<StepTemplate>) -> Template {
-        Template { namespace: "ns".into(), name: "t".into(), version: 1, description: None, steps }
+        Template {
+            namespace: "ns".into(),
+            name: "t".into(),
+            version: 1,
+            description: None,
+            steps,
+        }
     }
 
     #[test]
     fn accepts_a_diamond() {
-        let t = template(vec![step("a", &[]), step("b", &["a"]), step("c", &["a"]), step("d", &["b", "c"])]);
+        let t = template(vec![
+            step("a", &[]),
+            step("b", &["a"]),
+            step("c", &["a"]),
+            step("d", &["b", "c"]),
+        ]);
         assert_eq!(t.validate(), Ok(()));
         assert_eq!(t.children()["a"], vec!["b", "c"]);
     }
 
     #[test]
     fn names_the_steps_on_a_cycle() {
-        let t = template(vec![step("root", &[]), step("a", &["root", "c"]), step("b", &["a"]), step("c", &["b"])]);
+        let t = template(vec![
+            step("root", &[]),
+            step("a", &["root", "c"]),
+            step("b", &["a"]),
+            step("c", &["b"]),
+        ]);
         let err = t.validate().unwrap_err();
-        let TemplateError::Cycle { cycle } = &err else { panic!("expected a cycle, got {err}") };
+        let TemplateError::Cycle { cycle } = &err else {
+            panic!("expected a cycle, got {err}")
+        };
         assert_eq!(cycle.first(), cycle.last());
-        let mut on_cycle: Vec<&str> = cycle[..cycle.len() - 1].iter().map(String::as_str).collect();
+        let mut on_cycle: Vec<&str> = cycle[..cycle.len() - 1]
+            .iter()
+            .map(String::as_str)
+            .collect();
         on_cycle.sort();
         assert_eq!(on_cycle, vec!["a", "b", "c"]);
         assert!(err.to_string().contains("cycle"), "{err}");
@@ -475,14 +535,26 @@ mod tests {
         let t = template(vec![step("a", &[]), step("b", &["nope"])]);
         assert_eq!(
             t.validate(),
-            Err(TemplateError::UnknownDependency { step: "b".into(), dependency: "nope".into() })
+            Err(TemplateError::UnknownDependency {
+                step: "b".into(),
+                dependency: "nope".into()
+            })
         );
         let t = template(vec![step("a", &[]), step("a", &[])]);
-        assert_eq!(t.validate(), Err(TemplateError::DuplicateStep { name: "a".into() }));
+        assert_eq!(
+            t.validate(),
+            Err(TemplateError::DuplicateStep { name: "a".into() })
+        );
         let t = template(vec![step("a", &[]), step("b", &["b"])]);
-        assert_eq!(t.validate(), Err(TemplateError::SelfDependency { step: "b".into() }));
+        assert_eq!(
+            t.validate(),
+            Err(TemplateError::SelfDependency { step: "b".into() })
+        );
         let t = template(vec![step("a", &[]), step("b", &["a", "a"])]);
-        assert!(matches!(t.validate(), Err(TemplateError::DuplicateDependency { .. })));
+        assert!(matches!(
+            t.validate(),
+            Err(TemplateError::DuplicateDependency { .. })
+        ));
     }
 
     #[test]
@@ -491,14 +563,23 @@ mod tests {
         let t = template(vec![step("", &[])]);
         assert!(matches!(t.validate(), Err(TemplateError::EmptyName { .. })));
         let t = template(vec![step("has space", &[])]);
-        assert!(matches!(t.validate(), Err(TemplateError::InvalidName { .. })));
+        assert!(matches!(
+            t.validate(),
+            Err(TemplateError::InvalidName { .. })
+        ));
         let mut s = step("a", &[]);
         s.retry.max_attempts = 0;
         let err = template(vec![s]).validate().unwrap_err();
         assert!(err.to_string().contains("max_attempts"), "{err}");
         let mut s = step("a", &[]);
         s.execution_timeout = Millis(0);
-        assert!(template(vec![s]).validate().unwrap_err().to_string().contains("execution_timeout"));
+        assert!(
+            template(vec![s])
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("execution_timeout")
+        );
         let mut t = template(vec![step("a", &[])]);
         t.version = 0;
         assert_eq!(t.validate(), Err(TemplateError::ZeroVersion));
@@ -521,14 +602,21 @@ mod tests {
         assert_eq!(s.execution_timeout, Millis(1_500));
         assert_eq!(s.retry.initial_delay, Millis(250));
         assert_eq!(s.retry.max_delay, Millis(120_000));
-        let bad: Result<StepTemplate, _> = serde_saphyr::from_str("name: a\nhandler: h\nexecution_timeout: -5\n");
+        let bad: Result<StepTemplate, _> =
+            serde_saphyr::from_str("name: a\nhandler: h\nexecution_timeout: -5\n");
         assert!(bad.unwrap_err().to_string().contains("negative"));
         assert!(parse_duration("5 fortnights").is_err());
     }
 
     #[test]
     fn backoff_grows_and_is_capped() {
-        let r = RetryPolicy { max_attempts: 10, initial_delay: Millis(100), multiplier: 2.0, max_delay: Millis(1_000), jitter: 0.5 };
+        let r = RetryPolicy {
+            max_attempts: 10,
+            initial_delay: Millis(100),
+            multiplier: 2.0,
+            max_delay: Millis(1_000),
+            jitter: 0.5,
+        };
         assert_eq!(r.base_delay_ms(1), 100);
         assert_eq!(r.base_delay_ms(2), 200);
         assert_eq!(r.base_delay_ms(4), 800);
