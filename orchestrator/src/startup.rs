@@ -204,10 +204,15 @@ pub async fn register_template(shared: &Shared, template: &Template) -> Result<R
     Ok(outcome)
 }
 
+/// Parses a template written in YAML (or JSON, which is YAML too).
+pub fn parse_template(text: &str) -> std::result::Result<Template, String> {
+    serde_saphyr::from_str(text).map_err(|e| e.to_string())
+}
+
 /// Parses a template file (YAML or JSON).
 pub fn read_template_file(path: &Path) -> std::result::Result<Template, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    serde_saphyr::from_str(&text).map_err(|e| format!("invalid template {}: {e}", path.display()))
+    parse_template(&text).map_err(|e| format!("invalid template {}: {e}", path.display()))
 }
 
 async fn load_templates_dir(shared: &Shared, dir: &Path) -> Result<()> {
