@@ -324,10 +324,57 @@ impl Harness {
         Ok(self.client().wait(id, timeout).await?)
     }
 
+    /// Waits for a task that was submitted asynchronously (over AMQP) to exist, then to finish.
+    pub async fn wait_submitted(&self, id: TaskId, timeout: Duration) -> Result<TaskView> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match self.client().task(id).await {
+                Ok(_) => break,
+                Err(tasker_worker::ClientError::Api { status: 404, .. }) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.wait_for(id, deadline.saturating_duration_since(tokio::time::Instant::now())).await
+    }
+
     /// Submits a task and waits for it to finish.
     pub async fn run(&self, namespace: &str, template: &str, context: Value) -> Result<TaskView> {
         let id = self.submit(namespace, template, context).await?;
         self.wait(id).await
+    }
+
+    /// Takes the next message from this harness's dead-letter queue: its bytes and the reason
+    /// header. Fails if none arrives within `timeout`.
+    pub async fn next_dead_letter(&self, timeout: Duration) -> Result<(Vec<u8>, String)> {
+        use lapin::options::BasicGetOptions;
+        let conn = lapin::Connection::connect(&self.services.amqp_url, Default::default()).await?;
+        let ch = conn.create_channel().await?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let queue = self.names().dead_letter_queue();
+        loop {
+            let got = ch.basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true }).await?;
+            if let Some(m) = got {
+                let reason = m
+                    .delivery
+                    .properties
+                    .headers()
+                    .as_ref()
+                    .and_then(|h| h.inner().get(tasker_schemas::message::HEADER_DEAD_LETTER_REASON).cloned())
+                    .map(|v| match v {
+                        lapin::types::AMQPValue::LongString(s) => s.to_string(),
+                        other => format!("{other:?}"),
+                    })
+                    .unwrap_or_default();
+                let _ = conn.close(200, "done".into()).await;
+                return Ok((m.delivery.data, reason));
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("no dead letter within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Stops workers and orchestrators, deletes this test's queues and exchanges and drops its
