@@ -1,1 +1,81 @@
+//! # tasker-worker
+//!
+//! The Rust SDK for Tasker workers and the services that use Tasker.
+//!
+//! A **worker** consumes step queues on RabbitMQ, runs the handler each step names, publishes
+//! the result (with a broker confirm) and only then acknowledges the step message. It runs steps
+//! with bounded concurrency, enforces each step's execution timeout, catches panics, dead-letters
+//! messages it cannot read, reconnects after broker failures and shuts down gracefully. The
+//! orchestrator owns the broker topology: a worker only checks that its queues exist.
+//!
+//! A **service** submits tasks with the HTTP [`Client`] (or over AMQP with [`amqp_submit`]) and
+//! waits for them.
+//!
+//! | module | what it holds |
+//! |---|---|
+//! | [`handler`] | [`StepHandler`] (your code), [`StepError`] (retry or not) |
+//! | [`context`] | [`StepContext`]: the task's input, parent outputs, attempt, cancellation |
+//! | [`worker`] | [`Worker`], [`WorkerBuilder`], [`WorkerError`] |
+//! | [`client`] | [`Client`], the orchestrator's HTTP API |
+//! | [`amqp_submit`] | submitting a task request over AMQP |
+//! | [`publish`] | [`PublishError`]: why a confirmed publish failed |
+//!
+//! ```no_run
+//! use serde::Deserialize;
+//! use serde_json::json;
+//! use tasker_worker::{StepError, Worker};
+//!
+//! #[derive(Deserialize)]
+//! struct Order {
+//!     order_id: String,
+//! }
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     Worker::builder("amqp://guest:guest@127.0.0.1:5672/%2f")
+//!         .queue("default")
+//!         .concurrency(32)
+//!         .handler_fn("validate_order", |ctx| async move {
+//!             let order: Order = ctx.input()?;
+//!             if order.order_id.is_empty() {
+//!                 return Err(StepError::permanent("order_id is empty"));
+//!             }
+//!             Ok(json!({ "order_id": order.order_id }))
+//!         })
+//!         .build()
+//!         .run_until_signal()
+//!         .await?;
+//!     Ok(())
+//! }
+//! ```
+//!
+//! ## Guarantees and duties
+//! - A step message is acknowledged only after its result was confirmed by the broker; a result
+//!   that is refused or unroutable sends the message back to its queue instead. So a step may run
+//!   more than once: use [`StepContext::idempotency_key`] for side effects.
+//! - A handler error says whether to retry ([`StepError::retryable`], [`StepError::permanent`],
+//!   [`StepError::retry_after`]); a panic or a timeout counts as retryable; an output over the
+//!   size cap (256 KiB by default) as permanent. A step naming an unknown handler is reported as
+//!   `handler_missing` and rescheduled by the orchestrator without spending an attempt.
+//! - Long handlers should watch [`StepContext::cancelled`]: it fires on timeout and when a
+//!   shutdown's grace period runs out.
 
+pub mod amqp_submit;
+pub mod client;
+pub mod context;
+mod delivery;
+mod execute;
+pub mod handler;
+pub mod publish;
+mod session;
+pub mod worker;
+
+pub use client::{Client, ClientError, ListTasks};
+pub use context::StepContext;
+pub use handler::{StepError, StepHandler, StepOutput};
+pub use publish::PublishError;
+pub use tokio_util::sync::CancellationToken;
+pub use worker::{Worker, WorkerBuilder, WorkerError};
+
+/// The wire contract, re-exported so users need not depend on it separately.
+pub use tasker_schemas as schemas;

@@ -1,0 +1,83 @@
+//! Submitting tasks over AMQP instead of HTTP: publish a [`TaskRequest`] to the task-request
+//! exchange (routing key: the namespace), `mandatory`, persistent and confirmed.
+//!
+//! The request id makes this safe to repeat: publishing the same request again (after a lost
+//! confirm, say) never creates a second task.
+//!
+//! ```no_run
+//! use serde_json::json;
+//! use tasker_schemas::Names;
+//! use tasker_worker::amqp_submit::{confirm_channel, publish_task_request, task_request};
+//!
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! let connection = lapin::Connection::connect("amqp://127.0.0.1:5672/%2f", Default::default()).await?;
+//! let channel = confirm_channel(&connection).await?;
+//! let request = task_request("shop", "order_fulfilment", json!({"order_id": "o-1"}));
+//! publish_task_request(&channel, &Names::default(), &request).await?;
+//! println!("submitted request {}", request.request_id);
+//! # Ok(())
+//! # }
+//! ```
+
+use crate::publish::{PublishError, message_properties, publish_confirmed};
+use lapin::options::ConfirmSelectOptions;
+use lapin::{Channel, Connection};
+use serde_json::Value;
+use tasker_schemas::message::SCHEMA_VERSION;
+use tasker_schemas::{Envelope, Kind, MessageId, Names, RequestId, TaskRequest, encode};
+
+/// A request for the newest version of `template` in `namespace`, with a fresh request id,
+/// priority 0, no idempotency key and no chosen task id. Set those fields as needed.
+pub fn task_request(
+    namespace: impl Into<String>,
+    template: impl Into<String>,
+    context: Value,
+) -> TaskRequest {
+    TaskRequest {
+        request_id: RequestId::new(),
+        namespace: namespace.into(),
+        template: template.into(),
+        version: None,
+        context,
+        idempotency_key: None,
+        priority: 0,
+        task_id: None,
+    }
+}
+
+/// Opens a channel with publisher confirms on, as [`publish_task_request`] needs.
+pub async fn confirm_channel(connection: &Connection) -> Result<Channel, PublishError> {
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(channel)
+}
+
+/// Publishes `request` and waits for the broker's confirm. Fails if the broker refuses it, if no
+/// queue takes it (no orchestrator has declared the topology) or if `channel` is not in confirm
+/// mode. Returns the message id of the envelope sent.
+pub async fn publish_task_request(
+    channel: &Channel,
+    names: &Names,
+    request: &TaskRequest,
+) -> Result<MessageId, PublishError> {
+    let envelope = Envelope {
+        kind: Kind::TaskRequest,
+        schema_version: SCHEMA_VERSION.to_owned(),
+        message_id: MessageId::new(),
+        payload: request,
+    };
+    let bytes = encode(&envelope)?;
+    let properties =
+        message_properties(envelope.message_id).with_type(Kind::TaskRequest.as_str().into());
+    publish_confirmed(
+        channel,
+        &names.tasks_exchange(),
+        &request.namespace,
+        &bytes,
+        properties,
+    )
+    .await?;
+    Ok(envelope.message_id)
+}

@@ -1,0 +1,328 @@
+//! [`Client`]: the orchestrator's HTTP API (`/v1/...`) for services that register templates,
+//! submit tasks and wait for them.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use serde_json::json;
+//! use tasker_schemas::api::SubmitTask;
+//! use tasker_worker::Client;
+//!
+//! # async fn example() -> Result<(), tasker_worker::ClientError> {
+//! let client = Client::new("http://127.0.0.1:8080").with_api_key("secret");
+//! let submitted = client
+//!     .submit(&SubmitTask {
+//!         namespace: "shop".into(),
+//!         template: "order_fulfilment".into(),
+//!         version: None,
+//!         context: json!({"order_id": "o-1"}),
+//!         idempotency_key: Some("order-o-1".into()),
+//!         priority: 0,
+//!         task_id: None,
+//!     })
+//!     .await?;
+//! let task = client.wait(submitted.task_id, Duration::from_secs(60)).await?;
+//! println!("task {} is {}", task.id, task.state);
+//! # Ok(())
+//! # }
+//! ```
+
+use reqwest::{Method, RequestBuilder, Response, StatusCode};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::time::{Duration, Instant};
+use tasker_schemas::api::{
+    ErrorBody, RegisterResponse, SubmitResponse, SubmitTask, TaskList, TaskView,
+};
+use tasker_schemas::{TaskId, Template};
+
+/// The longest single long-poll request [`Client::wait`] makes.
+const MAX_POLL: Duration = Duration::from_secs(20);
+/// Extra time a long-poll request may take beyond what it asks the server to wait.
+const POLL_SLACK: Duration = Duration::from_secs(10);
+/// If the server answers faster than this without the task finished, wait before asking again.
+const MIN_POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+/// What went wrong talking to the orchestrator.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The request did not get an answer (connection refused, timeout, bad URL, ...).
+    #[error("HTTP request failed: {0}")]
+    Http(#[from] reqwest::Error),
+    /// The server answered with an error body.
+    #[error("the orchestrator answered {status} {code}: {message}")]
+    Api {
+        status: u16,
+        /// Stable machine-readable code, e.g. `template_not_found`, `idempotency_conflict`.
+        code: String,
+        message: String,
+        /// For `idempotency_conflict`: the task that holds the key.
+        task_id: Option<TaskId>,
+    },
+    /// The server answered something this client cannot read.
+    #[error("unexpected answer {status} from the orchestrator: {body}")]
+    UnexpectedResponse { status: u16, body: String },
+    /// [`Client::wait`] gave up; the task was still running.
+    #[error("task {task_id} did not finish within {timeout:?} (last state: {state})")]
+    Timeout {
+        task_id: TaskId,
+        timeout: Duration,
+        state: String,
+    },
+}
+
+impl ClientError {
+    /// True when the same request may succeed later: no answer, a 5xx, 429, or a wait that
+    /// timed out.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Http(_) | Self::Timeout { .. } => true,
+            Self::Api { status, .. } | Self::UnexpectedResponse { status, .. } => {
+                *status >= 500 || *status == 429
+            }
+        }
+    }
+
+    /// The HTTP status of an error answer.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Self::Api { status, .. } | Self::UnexpectedResponse { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// Filters for [`Client::list`]; every field is optional.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct ListTasks {
+    /// `pending`, `running`, `completed`, `failed` or `cancelled`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+    /// The `next` of the previous page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub after: Option<TaskId>,
+}
+
+/// HTTP client of the orchestrator API. Cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base_url: String,
+    api_key: Option<String>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("base_url", &self.base_url)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl Client {
+    /// A client of the orchestrator at `base_url` (e.g. `http://127.0.0.1:8080`).
+    pub fn new(base_url: impl Into<String>) -> Self {
+        Self::with_http_client(base_url, reqwest::Client::new())
+    }
+
+    /// A client using a `reqwest::Client` you configured (timeouts, proxies, ...).
+    pub fn with_http_client(base_url: impl Into<String>, http: reqwest::Client) -> Self {
+        let base_url = base_url.into().trim_end_matches('/').to_owned();
+        Self {
+            http,
+            base_url,
+            api_key: None,
+        }
+    }
+
+    /// Sends `Authorization: Bearer {api_key}` with every request.
+    #[must_use]
+    pub fn with_api_key(mut self, api_key: impl Into<String>) -> Self {
+        self.api_key = Some(api_key.into());
+        self
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    /// `POST /v1/templates`. `created` is false when the same content was registered before.
+    pub async fn register_template(
+        &self,
+        template: &Template,
+    ) -> Result<RegisterResponse, ClientError> {
+        self.send(self.request(Method::POST, "/v1/templates").json(template))
+            .await
+    }
+
+    /// `POST /v1/tasks`. `created` is false when the idempotency key matched an existing task
+    /// with the same body; a different body under the same key is an `idempotency_conflict`.
+    pub async fn submit(&self, task: &SubmitTask) -> Result<SubmitResponse, ClientError> {
+        self.send(self.request(Method::POST, "/v1/tasks").json(task))
+            .await
+    }
+
+    /// `GET /v1/tasks/{id}`: the task with its steps.
+    pub async fn task(&self, id: TaskId) -> Result<TaskView, ClientError> {
+        self.send(self.request(Method::GET, &format!("/v1/tasks/{id}")))
+            .await
+    }
+
+    /// Waits until the task is finished (completed, failed or cancelled) and returns it, long-
+    /// polling `GET /v1/tasks/{id}?wait_ms=N`. Fails with [`ClientError::Timeout`] after `timeout`.
+    pub async fn wait(&self, id: TaskId, timeout: Duration) -> Result<TaskView, ClientError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let wait = remaining.min(MAX_POLL);
+            let asked = Instant::now();
+            let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+            let task: TaskView = self
+                .send(
+                    self.request(Method::GET, &format!("/v1/tasks/{id}"))
+                        .query(&[("wait_ms", wait_ms)])
+                        .timeout(wait + POLL_SLACK),
+                )
+                .await?;
+            if task.is_finished() {
+                return Ok(task);
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(ClientError::Timeout {
+                    task_id: id,
+                    timeout,
+                    state: task.state,
+                });
+            }
+            // A server that does not long-poll answers at once: do not spin.
+            let took = asked.elapsed();
+            if took < MIN_POLL_INTERVAL {
+                tokio::time::sleep((MIN_POLL_INTERVAL - took).min(remaining)).await;
+            }
+        }
+    }
+
+    /// `GET /v1/tasks`: one page of tasks (without their steps), newest filters applied.
+    pub async fn list(&self, filter: &ListTasks) -> Result<TaskList, ClientError> {
+        self.send(self.request(Method::GET, "/v1/tasks").query(filter))
+            .await
+    }
+
+    fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        let request = self
+            .http
+            .request(method, format!("{}{path}", self.base_url));
+        match &self.api_key {
+            Some(key) => request.bearer_auth(key),
+            None => request,
+        }
+    }
+
+    async fn send<T: DeserializeOwned>(&self, request: RequestBuilder) -> Result<T, ClientError> {
+        let response = request.send().await?;
+        read(response).await
+    }
+}
+
+async fn read<T: DeserializeOwned>(response: Response) -> Result<T, ClientError> {
+    let status = response.status();
+    let body = response.bytes().await?;
+    if status.is_success() {
+        return serde_json::from_slice(&body).map_err(|e| ClientError::UnexpectedResponse {
+            status: status.as_u16(),
+            body: format!("{e}: {}", excerpt(&body)),
+        });
+    }
+    Err(api_error(status, &body))
+}
+
+fn api_error(status: StatusCode, body: &[u8]) -> ClientError {
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(ErrorBody { error }) => ClientError::Api {
+            status: status.as_u16(),
+            code: error.code,
+            message: error.message,
+            task_id: error.task_id,
+        },
+        Err(_) => ClientError::UnexpectedResponse {
+            status: status.as_u16(),
+            body: excerpt(body),
+        },
+    }
+}
+
+/// The start of a body, for error messages.
+fn excerpt(body: &[u8]) -> String {
+    const MAX: usize = 512;
+    let text = String::from_utf8_lossy(&body[..body.len().min(MAX)]).into_owned();
+    if body.len() > MAX {
+        format!("{text}...")
+    } else {
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_bodies_become_api_errors() {
+        let id = TaskId::new();
+        let body = format!(
+            r#"{{"error":{{"code":"idempotency_conflict","message":"key used","task_id":"{id}"}}}}"#
+        );
+        let err = api_error(StatusCode::CONFLICT, body.as_bytes());
+        let ClientError::Api {
+            status,
+            code,
+            message,
+            task_id,
+        } = &err
+        else {
+            panic!("{err:?}")
+        };
+        assert_eq!(
+            (*status, code.as_str(), message.as_str(), *task_id),
+            (409, "idempotency_conflict", "key used", Some(id))
+        );
+        assert!(!err.is_retryable());
+        assert_eq!(err.status(), Some(409));
+
+        let err = api_error(StatusCode::BAD_GATEWAY, b"<html>proxy error</html>");
+        assert!(
+            matches!(&err, ClientError::UnexpectedResponse { status: 502, body } if body.contains("proxy error"))
+        );
+        assert!(err.is_retryable());
+    }
+
+    #[test]
+    fn base_url_and_key_are_handled() {
+        let c = Client::new("http://h:1/").with_api_key("k");
+        assert_eq!(c.base_url(), "http://h:1");
+        assert!(!format!("{c:?}").contains("\"k\""));
+        let long = vec![b'a'; 2_000];
+        assert_eq!(excerpt(&long).len(), 515);
+    }
+
+    #[test]
+    fn list_filters_skip_absent_fields() {
+        let f = ListTasks {
+            state: Some("running".into()),
+            limit: Some(10),
+            ..ListTasks::default()
+        };
+        assert_eq!(
+            serde_json::to_value(&f).unwrap(),
+            serde_json::json!({"state": "running", "limit": 10})
+        );
+    }
+}

@@ -1,0 +1,350 @@
+//! The life of one step delivery: decode it (or dead-letter it), run its handler, publish the
+//! result with a confirm, and only then acknowledge it. A delivery whose result (or dead letter)
+//! could not be published is requeued after a delay, never acknowledged.
+
+use crate::context::StepContext;
+use crate::execute::{outcome_status, run_handler};
+use crate::publish::{PublishError, message_properties, publish_confirmed};
+use crate::session::SessionEnv;
+use lapin::BasicProperties;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::types::{AMQPValue, ShortString};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use tasker_schemas::message::{HEADER_DEAD_LETTER_REASON, HEADER_TRACEPARENT};
+use tasker_schemas::{Envelope, Kind, MessageId, Outcome, StepMessage, StepResult, decode, encode};
+use tokio::sync::OwnedSemaphorePermit;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+/// Delay before requeueing after the first failed publish; doubles with each failure in a row.
+const REQUEUE_DELAY: Duration = Duration::from_millis(250);
+const MAX_REQUEUE_DELAY: Duration = Duration::from_secs(5);
+
+/// Handles one delivery, holding one concurrency slot throughout.
+pub(crate) async fn process(env: SessionEnv, delivery: Delivery, permit: OwnedSemaphorePermit) {
+    let hard_stop = env.shared.hard_stop.clone();
+    tokio::select! {
+        biased;
+        _ = hard_stop.cancelled() => debug!("step message abandoned at shutdown"),
+        _ = handle(&env, delivery) => {}
+    }
+    drop(permit);
+}
+
+async fn handle(env: &SessionEnv, delivery: Delivery) {
+    let message = match decode_step(&delivery.data) {
+        Ok(message) => message,
+        Err(reason) => return dead_letter(env, delivery, reason).await,
+    };
+    let span = info_span!(
+        "step",
+        task_id = %message.task_id,
+        step = %message.step,
+        attempt = message.attempt,
+        handler = %message.handler,
+    );
+    run_step(env, delivery, message).instrument(span).await
+}
+
+/// Decodes a step message; the error is the dead-letter reason.
+fn decode_step(bytes: &[u8]) -> Result<StepMessage, String> {
+    let message = decode::<StepMessage>(bytes)
+        .map_err(|e| e.to_string())?
+        .payload;
+    if ShortString::try_new(message.result_routing_key.as_str()).is_err() {
+        return Err(format!(
+            "result_routing_key is {} bytes long; at most 255 are allowed",
+            message.result_routing_key.len()
+        ));
+    }
+    Ok(message)
+}
+
+async fn run_step(env: &SessionEnv, delivery: Delivery, message: StepMessage) {
+    let shared = &env.shared;
+    let handler = shared.handlers.get(&message.handler).cloned();
+    if handler.is_none() {
+        warn!(
+            handler = %message.handler,
+            worker = %shared.worker,
+            queue = %message.queue,
+            "no handler registered under this name on this worker; reporting handler_missing"
+        );
+    }
+    let (task_id, step_id, attempt, timeout_ms) = (
+        message.task_id,
+        message.step_id,
+        message.attempt,
+        message.timeout_ms,
+    );
+    let routing_key = message.result_routing_key.clone();
+    let ctx = StepContext::new(
+        message,
+        shared.worker.clone(),
+        env.handler_cancel.child_token(),
+    );
+
+    let started = Instant::now();
+    let outcome = run_handler(handler, ctx, timeout_ms, shared.limits.max_output_bytes).await;
+    let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+
+    if shared.abort.is_cancelled() && !matches!(outcome, Outcome::Succeeded { .. }) {
+        // Most likely the handler stopped because we cancelled it: reporting that would spend
+        // an attempt. Leave the message unacknowledged; it runs again elsewhere.
+        warn!(
+            outcome = outcome_status(&outcome),
+            "grace period over: not reporting this attempt; its message returns to the queue"
+        );
+        return;
+    }
+    match &outcome {
+        Outcome::Failed {
+            message, retryable, ..
+        } => info!(duration_ms, retryable, error = %message, "step failed"),
+        other => debug!(
+            duration_ms,
+            outcome = outcome_status(other),
+            "step finished"
+        ),
+    }
+    let result = StepResult {
+        task_id,
+        step_id,
+        attempt,
+        worker: shared.worker.clone(),
+        duration_ms,
+        outcome,
+    };
+    report(env, delivery, result, &routing_key).await
+}
+
+/// Encodes a result; a result that cannot be encoded becomes a permanent failure saying why.
+fn encode_result(result: StepResult) -> Result<(MessageId, Vec<u8>), PublishError> {
+    let mut envelope = Envelope::new(result);
+    match encode(&envelope) {
+        Ok(bytes) => Ok((envelope.message_id, bytes)),
+        Err(e) => {
+            envelope.payload.outcome = Outcome::Failed {
+                message: format!("cannot encode the step result: {e}"),
+                retryable: false,
+                retry_after_ms: None,
+            };
+            Ok((envelope.message_id, encode(&envelope)?))
+        }
+    }
+}
+
+async fn report(env: &SessionEnv, delivery: Delivery, result: StepResult, routing_key: &str) {
+    let published = async {
+        let (message_id, bytes) = encode_result(result)?;
+        let mut properties = message_properties(message_id).with_type(Kind::Result.as_str().into());
+        if let Some(trace) = delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(HEADER_TRACEPARENT))
+        {
+            let mut headers = lapin::types::FieldTable::default();
+            headers.insert(HEADER_TRACEPARENT.into(), trace.clone());
+            properties = properties.with_headers(headers);
+        }
+        publish_confirmed(
+            &env.publisher,
+            &env.shared.names.results_exchange(),
+            routing_key,
+            &bytes,
+            properties,
+        )
+        .await
+    };
+    match published.await {
+        Ok(()) => {
+            env.shared.publish_failures.store(0, Ordering::Relaxed);
+            ack(delivery).await;
+        }
+        Err(e) => requeue_later(env, delivery, "result", &e).await,
+    }
+}
+
+/// Publishes a message that cannot be read to the dead-letter exchange with the reason, then
+/// acknowledges it.
+async fn dead_letter(env: &SessionEnv, delivery: Delivery, reason: String) {
+    warn!(
+        routing_key = %delivery.routing_key,
+        worker = %env.shared.worker,
+        %reason,
+        "dead-lettering a step message that cannot be read"
+    );
+    let properties = dead_letter_properties(&delivery.properties, &reason);
+    let published = publish_confirmed(
+        &env.publisher,
+        &env.shared.names.dead_letter_exchange(),
+        delivery.routing_key.as_str(),
+        &delivery.data,
+        properties,
+    )
+    .await;
+    match published {
+        Ok(()) => {
+            env.shared.publish_failures.store(0, Ordering::Relaxed);
+            ack(delivery).await;
+        }
+        Err(e) => requeue_later(env, delivery, "dead letter", &e).await,
+    }
+}
+
+/// The original message's properties, persistent, with the reason header added.
+fn dead_letter_properties(original: &BasicProperties, reason: &str) -> BasicProperties {
+    let mut headers = original.headers().clone().unwrap_or_default();
+    headers.insert(
+        HEADER_DEAD_LETTER_REASON.into(),
+        AMQPValue::LongString(reason.into()),
+    );
+    original
+        .clone()
+        .with_headers(headers)
+        .with_delivery_mode(crate::publish::PERSISTENT)
+}
+
+async fn ack(delivery: Delivery) {
+    match delivery.acker.ack(BasicAckOptions::default()).await {
+        Ok(true) => {}
+        Ok(false) => warn!(
+            "the step message could not be acknowledged (its channel is gone); it will be redelivered"
+        ),
+        Err(e) => {
+            warn!(error = %e, "acknowledging the step message failed; it will be redelivered")
+        }
+    }
+}
+
+/// After a failed publish: wait (longer after each failure in a row), then requeue the message.
+async fn requeue_later(env: &SessionEnv, delivery: Delivery, what: &str, error: &PublishError) {
+    let failures = env
+        .shared
+        .publish_failures
+        .fetch_add(1, Ordering::Relaxed)
+        .saturating_add(1);
+    let delay = requeue_delay(failures);
+    error!(error = %error, ?delay, "could not publish the {what}; the step message will be requeued");
+    if !env.publisher.status().connected() {
+        env.lose(format!("the publisher channel is closed ({error})"));
+    }
+    tokio::time::sleep(delay).await;
+    let requeue = BasicNackOptions {
+        requeue: true,
+        multiple: false,
+    };
+    match delivery.acker.nack(requeue).await {
+        Ok(_) => {}
+        Err(e) => {
+            warn!(error = %e, "requeueing the step message failed; it returns to the queue when its channel closes")
+        }
+    }
+}
+
+fn requeue_delay(failures_in_a_row: u32) -> Duration {
+    let doublings = failures_in_a_row.saturating_sub(1).min(16);
+    REQUEUE_DELAY
+        .saturating_mul(1 << doublings)
+        .min(MAX_REQUEUE_DELAY)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use tasker_schemas::{StepId, TaskId, encode_payload};
+
+    fn step() -> StepMessage {
+        StepMessage {
+            task_id: TaskId::new(),
+            step_id: StepId::new(),
+            namespace: "ns".into(),
+            template: "t".into(),
+            step: "s".into(),
+            handler: "h".into(),
+            queue: "default".into(),
+            attempt: 1,
+            idempotency_key: "k".into(),
+            context: json!({}),
+            parent_outputs: Default::default(),
+            timeout_ms: 1_000,
+            result_routing_key: "ns.0".into(),
+        }
+    }
+
+    #[test]
+    fn decodes_or_names_the_problem() {
+        let bytes = encode_payload(step()).unwrap();
+        assert_eq!(decode_step(&bytes).unwrap().handler, "h");
+        assert!(
+            decode_step(b"\x01\x02garbage")
+                .unwrap_err()
+                .contains("not a MessagePack envelope")
+        );
+        let mut long = step();
+        long.result_routing_key = "r".repeat(300);
+        assert!(
+            decode_step(&encode_payload(long).unwrap())
+                .unwrap_err()
+                .contains("result_routing_key")
+        );
+        let wrong_kind = encode_payload(tasker_schemas::Cancel {
+            task_id: TaskId::new(),
+            reason: None,
+        })
+        .unwrap();
+        assert!(
+            decode_step(&wrong_kind)
+                .unwrap_err()
+                .contains("unexpected message kind")
+        );
+    }
+
+    #[test]
+    fn requeue_delay_grows_and_is_capped() {
+        assert_eq!(requeue_delay(1), Duration::from_millis(250));
+        assert_eq!(requeue_delay(2), Duration::from_millis(500));
+        assert_eq!(requeue_delay(5), Duration::from_secs(4));
+        assert_eq!(requeue_delay(6), MAX_REQUEUE_DELAY);
+        assert_eq!(requeue_delay(u32::MAX), MAX_REQUEUE_DELAY);
+    }
+
+    #[test]
+    fn dead_letters_keep_headers_and_add_the_reason() {
+        let mut headers = lapin::types::FieldTable::default();
+        headers.insert("traceparent".into(), AMQPValue::LongString("00-abc".into()));
+        let original = BasicProperties::default()
+            .with_headers(headers)
+            .with_message_id("m1".into());
+        let props = dead_letter_properties(&original, "bad bytes");
+        let headers = props.headers().clone().unwrap();
+        assert_eq!(
+            headers.inner().get(HEADER_DEAD_LETTER_REASON),
+            Some(&AMQPValue::LongString("bad bytes".into()))
+        );
+        assert!(headers.contains_key("traceparent"));
+        assert_eq!(props.delivery_mode(), &Some(2));
+        assert_eq!(props.message_id(), &Some("m1".into()));
+    }
+
+    #[test]
+    fn results_encode() {
+        let result = StepResult {
+            task_id: TaskId::new(),
+            step_id: StepId::new(),
+            attempt: 2,
+            worker: "w".into(),
+            duration_ms: 5,
+            outcome: Outcome::Succeeded {
+                output: json!({"a": 1}),
+            },
+        };
+        let (message_id, bytes) = encode_result(result.clone()).unwrap();
+        let decoded = decode::<StepResult>(&bytes).unwrap();
+        assert_eq!(decoded.payload, result);
+        assert_eq!(decoded.message_id, message_id);
+    }
+}

@@ -1,0 +1,130 @@
+//! Confirmed publishing: every publish is `mandatory` and waits for its own broker confirm, so a
+//! nack or an unroutable (returned) message is an error rather than a silent loss. Many tasks may
+//! publish on one confirm channel at once; each awaits only its own confirm.
+
+use lapin::options::BasicPublishOptions;
+use lapin::types::ShortString;
+use lapin::{BasicProperties, Channel, Confirmation};
+use tasker_schemas::message::CONTENT_TYPE;
+use tasker_schemas::{EncodeError, MessageId};
+
+/// AMQP `delivery_mode` of a message written to disk.
+pub(crate) const PERSISTENT: u8 = 2;
+
+/// Why a confirmed publish did not succeed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PublishError {
+    #[error("AMQP error: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("cannot encode the message: {0}")]
+    Encode(#[from] EncodeError),
+    #[error("the broker refused the message on exchange {exchange:?} (nack)")]
+    Nacked { exchange: String },
+    #[error(
+        "the message is unroutable: exchange {exchange:?} has no queue bound for routing key \
+         {routing_key:?} ({reply_code} {reply_text})"
+    )]
+    Returned {
+        exchange: String,
+        routing_key: String,
+        reply_code: u16,
+        reply_text: String,
+    },
+    #[error("the channel is not in confirm mode; call confirm_select on it first")]
+    NotConfirmed,
+    #[error("{what} {name:?} is longer than 255 bytes")]
+    NameTooLong { what: &'static str, name: String },
+}
+
+impl PublishError {
+    /// True when publishing again later may succeed (everything but a bad name or payload).
+    pub fn is_retryable(&self) -> bool {
+        !matches!(
+            self,
+            Self::Encode(_) | Self::NameTooLong { .. } | Self::NotConfirmed
+        )
+    }
+}
+
+pub(crate) fn short(what: &'static str, name: &str) -> Result<ShortString, PublishError> {
+    ShortString::try_new(name).map_err(|_| PublishError::NameTooLong {
+        what,
+        name: name.to_owned(),
+    })
+}
+
+/// Properties of every message we write: MessagePack, persistent, with the envelope's id.
+pub(crate) fn message_properties(message_id: MessageId) -> BasicProperties {
+    BasicProperties::default()
+        .with_content_type(ShortString::from(CONTENT_TYPE))
+        .with_delivery_mode(PERSISTENT)
+        .with_message_id(ShortString::from(message_id.to_string()))
+}
+
+/// Publishes with `mandatory` set and waits for the broker's confirm. `Ok` means the broker
+/// acknowledged the message and routed it to at least one queue.
+pub(crate) async fn publish_confirmed(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    payload: &[u8],
+    properties: BasicProperties,
+) -> Result<(), PublishError> {
+    let confirm = channel
+        .basic_publish(
+            short("exchange", exchange)?,
+            short("routing key", routing_key)?,
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            payload,
+            properties,
+        )
+        .await?
+        .await?;
+    check_confirmation(confirm, exchange, routing_key)
+}
+
+fn check_confirmation(
+    confirm: Confirmation,
+    exchange: &str,
+    routing_key: &str,
+) -> Result<(), PublishError> {
+    match confirm {
+        Confirmation::Ack(None) => Ok(()),
+        Confirmation::Ack(Some(returned)) => Err(PublishError::Returned {
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
+            reply_code: returned.reply_code,
+            reply_text: returned.reply_text.to_string(),
+        }),
+        Confirmation::Nack(_) => Err(PublishError::Nacked {
+            exchange: exchange.to_owned(),
+        }),
+        Confirmation::NotRequested => Err(PublishError::NotConfirmed),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn confirmations_map_to_errors() {
+        assert!(check_confirmation(Confirmation::Ack(None), "x", "k").is_ok());
+        assert!(matches!(
+            check_confirmation(Confirmation::Nack(None), "x", "k"),
+            Err(PublishError::Nacked { .. })
+        ));
+        assert!(matches!(
+            check_confirmation(Confirmation::NotRequested, "x", "k"),
+            Err(PublishError::NotConfirmed)
+        ));
+        let long = "k".repeat(256);
+        let err = short("routing key", &long).unwrap_err();
+        assert!(err.to_string().contains("longer than 255 bytes"), "{err}");
+        assert!(!err.is_retryable());
+    }
+}

@@ -1,0 +1,374 @@
+//! One broker session: a connection, a publisher channel in confirm mode, and one consumer channel
+//! per step queue. A session ends on shutdown (drained gracefully) or when anything in it breaks
+//! (the worker then opens a new one); there is never more than one consumer per queue.
+
+use crate::delivery;
+use crate::handler::DynHandler;
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
+    QueueDeclareOptions,
+};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{Channel, Connection, ConnectionProperties, Consumer, ErrorKind};
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU32;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tasker_schemas::{DataLimits, Names};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+/// How long connecting (TCP, TLS, AMQP handshake) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// After the grace period: how long cancelled handlers get before their steps are abandoned.
+const ABANDON_WAIT: Duration = Duration::from_secs(1);
+/// How long shutdown waits for outstanding publisher confirms.
+const CONFIRM_WAIT: Duration = Duration::from_secs(5);
+
+/// State that outlives sessions: handlers, the concurrency bound and the running steps.
+pub(crate) struct Shared {
+    pub(crate) names: Names,
+    pub(crate) worker: String,
+    pub(crate) handlers: HashMap<String, DynHandler>,
+    /// Bounds running steps over all queues and sessions.
+    pub(crate) semaphore: Arc<Semaphore>,
+    /// Every delivery task, whatever session took it.
+    pub(crate) tracker: TaskTracker,
+    pub(crate) limits: DataLimits,
+    grace_period: Duration,
+    /// Cancelled when the grace period runs out: asks every handler to stop.
+    pub(crate) abort: CancellationToken,
+    /// Cancelled when the remaining steps are abandoned: every delivery task ends at once,
+    /// without acknowledging its message.
+    pub(crate) hard_stop: CancellationToken,
+    /// Publishes that failed in a row; the delay before requeueing grows with it.
+    pub(crate) publish_failures: AtomicU32,
+}
+
+impl Shared {
+    pub(crate) fn new(
+        names: Names,
+        worker: String,
+        handlers: HashMap<String, DynHandler>,
+        concurrency: usize,
+        limits: DataLimits,
+        grace_period: Duration,
+    ) -> Self {
+        Self {
+            names,
+            worker,
+            handlers,
+            semaphore: Arc::new(Semaphore::new(concurrency)),
+            tracker: TaskTracker::new(),
+            limits,
+            grace_period,
+            abort: CancellationToken::new(),
+            hard_stop: CancellationToken::new(),
+            publish_failures: AtomicU32::new(0),
+        }
+    }
+
+    /// Waits for running steps: up to the grace period, then cancels them, then abandons them.
+    /// Call it once no new step can start.
+    pub(crate) async fn drain(&self) {
+        self.tracker.close();
+        let running = self.tracker.len();
+        if running > 0 {
+            info!(worker = %self.worker, running, grace_period = ?self.grace_period, "waiting for running steps to finish");
+        }
+        if tokio::time::timeout(self.grace_period, self.tracker.wait())
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        warn!(worker = %self.worker, running = self.tracker.len(), "grace period over: cancelling running steps");
+        self.abort.cancel();
+        if tokio::time::timeout(ABANDON_WAIT, self.tracker.wait())
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        warn!(
+            worker = %self.worker,
+            abandoned = self.tracker.len(),
+            "abandoning steps that are still running: they are not acknowledged and return to their queue"
+        );
+        self.hard_stop.cancel();
+        self.tracker.wait().await;
+    }
+}
+
+/// Why a session could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SessionError {
+    #[error("queue {0} does not exist; register a template that uses it first")]
+    QueueMissing(String),
+    #[error("AMQP error: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("connecting timed out after {0:?}")]
+    ConnectTimeout(Duration),
+}
+
+/// How a session ended.
+pub(crate) enum SessionEnd {
+    /// Shutdown was requested and the session drained and closed.
+    Shutdown,
+    /// Something broke; the reason is in words.
+    Lost(String),
+}
+
+struct QueueConsumer {
+    queue: String,
+    channel: Channel,
+    consumer: Consumer,
+}
+
+pub(crate) struct Session {
+    connection: Connection,
+    publisher: Channel,
+    consumers: Vec<QueueConsumer>,
+}
+
+/// What a delivery task needs from its session. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct SessionEnv {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) publisher: Channel,
+    /// Parent of the handlers' tokens; cancelled when the session is lost.
+    pub(crate) handler_cancel: CancellationToken,
+    stop: CancellationToken,
+    lost: CancellationToken,
+    lost_reason: Arc<Mutex<Option<String>>>,
+}
+
+impl SessionEnv {
+    /// Ends the session (unless it is already stopping) so the worker reconnects.
+    pub(crate) fn lose(&self, reason: String) {
+        if self.stop.is_cancelled() {
+            return;
+        }
+        let mut slot = self.lost_reason.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            *slot = Some(reason);
+        }
+        drop(slot);
+        self.lost.cancel();
+    }
+
+    fn lost_reason(&self) -> String {
+        let slot = self.lost_reason.lock().unwrap_or_else(|e| e.into_inner());
+        slot.clone().unwrap_or_else(|| "unknown".to_owned())
+    }
+}
+
+fn is_not_found(error: &lapin::Error) -> bool {
+    matches!(error.kind(), ErrorKind::ProtocolError(e) if *e.kind() == AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND))
+}
+
+impl Session {
+    /// Connects, checks that every step queue exists, and starts consuming. `queues` holds
+    /// (template queue name, AMQP queue name) pairs.
+    pub(crate) async fn open(
+        shared: &Shared,
+        url: &str,
+        queues: &[(String, String)],
+        prefetch: u16,
+    ) -> Result<Self, SessionError> {
+        let properties =
+            ConnectionProperties::default().with_connection_name(shared.worker.clone().into());
+        let connection =
+            tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, properties))
+                .await
+                .map_err(|_| SessionError::ConnectTimeout(CONNECT_TIMEOUT))??;
+        match Self::subscribe(&connection, shared, queues, prefetch).await {
+            Ok((publisher, consumers)) => {
+                info!(
+                    worker = %shared.worker,
+                    queues = ?consumers.iter().map(|c| c.queue.as_str()).collect::<Vec<_>>(),
+                    prefetch,
+                    "connected; consuming step queues"
+                );
+                Ok(Self {
+                    connection,
+                    publisher,
+                    consumers,
+                })
+            }
+            Err(e) => {
+                let _ = connection.close(200, "worker setup failed".into()).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn subscribe(
+        connection: &Connection,
+        shared: &Shared,
+        queues: &[(String, String)],
+        prefetch: u16,
+    ) -> Result<(Channel, Vec<QueueConsumer>), SessionError> {
+        // The orchestrator owns the topology: only check that the queues exist. A failed passive
+        // declare closes its channel, hence a channel of its own.
+        let check = connection.create_channel().await?;
+        for (_, queue) in queues {
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            };
+            if let Err(e) = check
+                .queue_declare(queue.as_str().into(), passive, FieldTable::default())
+                .await
+            {
+                return Err(if is_not_found(&e) {
+                    SessionError::QueueMissing(queue.clone())
+                } else {
+                    e.into()
+                });
+            }
+        }
+        let _ = check.close(200, "queues checked".into()).await;
+
+        let publisher = connection.create_channel().await?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+
+        let mut consumers = Vec::with_capacity(queues.len());
+        for (name, queue) in queues {
+            let channel = connection.create_channel().await?;
+            channel
+                .basic_qos(prefetch, BasicQosOptions::default())
+                .await?;
+            // An empty tag lets the broker choose one.
+            let tag = ShortString::try_new(format!("{}.{name}", shared.worker))
+                .unwrap_or_else(|_| "".into());
+            let consumer = channel
+                .basic_consume(
+                    queue.as_str().into(),
+                    tag,
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            consumers.push(QueueConsumer {
+                queue: queue.clone(),
+                channel,
+                consumer,
+            });
+        }
+        Ok((publisher, consumers))
+    }
+
+    /// Runs until shutdown (then drains and closes) or until the session breaks.
+    pub(crate) async fn run(
+        self,
+        shared: &Arc<Shared>,
+        shutdown: &CancellationToken,
+    ) -> SessionEnd {
+        let env = SessionEnv {
+            shared: Arc::clone(shared),
+            publisher: self.publisher.clone(),
+            handler_cancel: shared.abort.child_token(),
+            stop: CancellationToken::new(),
+            lost: CancellationToken::new(),
+            lost_reason: Arc::new(Mutex::new(None)),
+        };
+        let loops: Vec<_> = self
+            .consumers
+            .iter()
+            .map(|c| tokio::spawn(consume(c.queue.clone(), c.consumer.clone(), env.clone())))
+            .collect();
+
+        let lost = tokio::select! {
+            _ = shutdown.cancelled() => false,
+            _ = env.lost.cancelled() => true,
+        };
+        env.stop.cancel();
+        for handle in loops {
+            let _ = handle.await;
+        }
+        if lost {
+            // Closing the connection returns every unacknowledged message to its queue, so the
+            // steps still running here will run again: ask them to stop.
+            env.handler_cancel.cancel();
+            let _ = self
+                .connection
+                .close(200, "worker reconnecting".into())
+                .await;
+            return SessionEnd::Lost(env.lost_reason());
+        }
+        self.shutdown(shared).await;
+        SessionEnd::Shutdown
+    }
+
+    async fn shutdown(self, shared: &Shared) {
+        for c in &self.consumers {
+            if let Err(e) = c
+                .channel
+                .basic_cancel(c.consumer.tag(), BasicCancelOptions::default())
+                .await
+            {
+                warn!(worker = %shared.worker, queue = %c.queue, error = %e, "cannot cancel the consumer");
+            }
+        }
+        info!(worker = %shared.worker, "shutting down: stopped taking new steps");
+        shared.drain().await;
+        match tokio::time::timeout(CONFIRM_WAIT, self.publisher.wait_for_confirms()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                warn!(worker = %shared.worker, error = %e, "waiting for publisher confirms failed")
+            }
+            Err(_) => {
+                warn!(worker = %shared.worker, "publisher confirms still outstanding after {CONFIRM_WAIT:?}")
+            }
+        }
+        // Closing the consumer channels returns abandoned steps' messages to their queues.
+        for c in &self.consumers {
+            let _ = c.channel.close(200, "worker stopping".into()).await;
+        }
+        let _ = self.publisher.close(200, "worker stopping".into()).await;
+        if let Err(e) = self.connection.close(200, "worker stopped".into()).await {
+            warn!(worker = %shared.worker, error = %e, "closing the connection failed");
+        }
+        info!(worker = %shared.worker, "worker stopped");
+    }
+}
+
+/// Takes deliveries from one queue and starts a task for each once a concurrency slot is free.
+/// A delivery taken but not started when the session stops is dropped unacknowledged: closing
+/// its channel returns it to the queue.
+async fn consume(queue: String, mut consumer: Consumer, env: SessionEnv) {
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = env.stop.cancelled() => return,
+            next = consumer.next() => next,
+        };
+        let delivery = match next {
+            Some(Ok(delivery)) => delivery,
+            Some(Err(e)) => return env.lose(format!("consumer of queue {queue} failed: {e}")),
+            None => {
+                return env.lose(format!(
+                    "the broker cancelled the consumer of queue {queue}"
+                ));
+            }
+        };
+        let permit = tokio::select! {
+            biased;
+            _ = env.stop.cancelled() => return,
+            permit = Arc::clone(&env.shared.semaphore).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+        };
+        env.shared
+            .tracker
+            .spawn(delivery::process(env.clone(), delivery, permit));
+    }
+}

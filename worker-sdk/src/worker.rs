@@ -1,0 +1,430 @@
+//! The [`Worker`]: configuration ([`WorkerBuilder`]), the supervision loop that reconnects with
+//! backoff, and shutdown on a token or a signal.
+
+use crate::handler::{DynHandler, StepHandler, StepOutput, erase};
+use crate::session::{Session, SessionEnd, SessionError, Shared};
+use backon::{BackoffBuilder, ExponentialBuilder};
+use lapin::types::ShortString;
+use lapin::uri::AMQPUri;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tasker_schemas::template::DEFAULT_QUEUE;
+use tasker_schemas::topology::DEFAULT_PREFIX;
+use tasker_schemas::{DataLimits, Names};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// Default number of steps run at once.
+pub const DEFAULT_CONCURRENCY: usize = 16;
+/// Default time running steps get to finish after shutdown is requested.
+pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(30);
+
+/// A session that lasted this long was healthy: the next reconnect starts from the shortest delay.
+const HEALTHY_SESSION: Duration = Duration::from_secs(10);
+
+/// Why a worker could not run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WorkerError {
+    #[error("invalid AMQP URL: {0}")]
+    InvalidUrl(String),
+    #[error("queue {queue} does not exist; register a template that uses it first")]
+    QueueMissing { queue: String },
+    #[error("invalid worker configuration: {0}")]
+    Config(String),
+}
+
+/// Configures a [`Worker`]; start with [`Worker::builder`].
+#[must_use]
+pub struct WorkerBuilder {
+    amqp_url: String,
+    prefix: String,
+    queues: Vec<String>,
+    handlers: HashMap<String, DynHandler>,
+    concurrency: usize,
+    prefetch: Option<u16>,
+    grace_period: Duration,
+    name: Option<String>,
+    limits: DataLimits,
+}
+
+impl std::fmt::Debug for WorkerBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may hold a password: never print it.
+        let mut handlers: Vec<&String> = self.handlers.keys().collect();
+        handlers.sort();
+        f.debug_struct("WorkerBuilder")
+            .field("prefix", &self.prefix)
+            .field("queues", &self.queues)
+            .field("handlers", &handlers)
+            .field("concurrency", &self.concurrency)
+            .field("prefetch", &self.prefetch)
+            .field("grace_period", &self.grace_period)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WorkerBuilder {
+    fn new(amqp_url: String) -> Self {
+        Self {
+            amqp_url,
+            prefix: DEFAULT_PREFIX.to_owned(),
+            queues: Vec::new(),
+            handlers: HashMap::new(),
+            concurrency: DEFAULT_CONCURRENCY,
+            prefetch: None,
+            grace_period: DEFAULT_GRACE_PERIOD,
+            name: None,
+            limits: DataLimits::default(),
+        }
+    }
+
+    /// The prefix of every exchange and queue name (default `tasker`).
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Consume the template queue `queue` (the name used in templates, e.g. `default`). Call it
+    /// once per queue; without any call the worker consumes `default`.
+    pub fn queue(mut self, queue: impl Into<String>) -> Self {
+        let queue = queue.into();
+        if !self.queues.contains(&queue) {
+            self.queues.push(queue);
+        }
+        self
+    }
+
+    /// Run `handler` for steps whose template names handler `name`. A later call with the same
+    /// name replaces the earlier handler. A closure needs its argument typed
+    /// (`|ctx: StepContext| async move { .. }`); [`handler_fn`](Self::handler_fn) does not.
+    pub fn handler(mut self, name: impl Into<String>, handler: impl StepHandler) -> Self {
+        self.handlers.insert(name.into(), erase(handler));
+        self
+    }
+
+    /// [`handler`](Self::handler) for a closure, with its argument and result types inferred.
+    pub fn handler_fn<F, Fut>(self, name: impl Into<String>, handler: F) -> Self
+    where
+        F: Fn(crate::StepContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = StepOutput> + Send + 'static,
+    {
+        self.handler(name, handler)
+    }
+
+    /// How many steps run at once, over all queues (default 16, at least 1). Also the prefetch
+    /// of each queue unless [`prefetch`](Self::prefetch) is set.
+    pub fn concurrency(mut self, concurrency: usize) -> Self {
+        self.concurrency = concurrency.max(1);
+        self
+    }
+
+    /// How many unacknowledged step messages the broker may hand this worker per queue (at
+    /// least 1). Defaults to the concurrency.
+    pub fn prefetch(mut self, prefetch: u16) -> Self {
+        self.prefetch = Some(prefetch.max(1));
+        self
+    }
+
+    /// How long running steps may take to finish after shutdown is requested (default 30 s).
+    /// Steps still running afterwards are cancelled and left unacknowledged, so their messages
+    /// return to the queue.
+    pub fn grace_period(mut self, grace_period: Duration) -> Self {
+        self.grace_period = grace_period;
+        self
+    }
+
+    /// The worker's name, reported with every result (default `hostname-pid`).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// The largest step output accepted, as JSON bytes (default 256 KiB). A larger output fails
+    /// the attempt permanently.
+    pub fn max_output_bytes(mut self, max_output_bytes: usize) -> Self {
+        self.limits.max_output_bytes = max_output_bytes;
+        self
+    }
+
+    pub fn build(mut self) -> Worker {
+        if self.queues.is_empty() {
+            self.queues.push(DEFAULT_QUEUE.to_owned());
+        }
+        let prefetch = self
+            .prefetch
+            .unwrap_or_else(|| u16::try_from(self.concurrency).unwrap_or(u16::MAX));
+        Worker {
+            amqp_url: self.amqp_url,
+            names: Names::new(self.prefix),
+            queues: self.queues,
+            handlers: self.handlers,
+            concurrency: self.concurrency,
+            prefetch,
+            grace_period: self.grace_period,
+            name: self.name.unwrap_or_else(default_name),
+            limits: self.limits,
+        }
+    }
+}
+
+/// Consumes step queues and runs the registered handlers; see the [crate docs](crate).
+pub struct Worker {
+    amqp_url: String,
+    names: Names,
+    queues: Vec<String>,
+    handlers: HashMap<String, DynHandler>,
+    concurrency: usize,
+    prefetch: u16,
+    grace_period: Duration,
+    name: String,
+    limits: DataLimits,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("name", &self.name)
+            .field("prefix", &self.names.prefix())
+            .field("queues", &self.queues)
+            .field("concurrency", &self.concurrency)
+            .field("prefetch", &self.prefetch)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Worker {
+    /// Starts configuring a worker that connects to `amqp_url`
+    /// (`amqp://user:password@host:5672/%2f`).
+    pub fn builder(amqp_url: impl Into<String>) -> WorkerBuilder {
+        WorkerBuilder::new(amqp_url.into())
+    }
+
+    /// The name reported with every result.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs until `shutdown` is cancelled, then shuts down gracefully: stops taking steps, lets
+    /// running steps finish within the grace period, cancels and abandons the rest (their
+    /// messages return to the queue), waits for outstanding confirms and closes the connection.
+    ///
+    /// A lost connection is re-established with backoff, forever. Fails at once on an invalid URL
+    /// or, on the first connection, when a step queue does not exist.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), WorkerError> {
+        self.amqp_url
+            .parse::<AMQPUri>()
+            .map_err(WorkerError::InvalidUrl)?;
+        let queues = self
+            .queues
+            .iter()
+            .map(|q| {
+                let amqp = self.names.step_queue(q);
+                ShortString::try_new(amqp.clone())
+                    .map(|_| (q.clone(), amqp))
+                    .map_err(|_| {
+                        WorkerError::Config(format!(
+                            "queue name {:?} is longer than 255 bytes",
+                            self.names.step_queue(q)
+                        ))
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut handler_names: Vec<&str> = self.handlers.keys().map(String::as_str).collect();
+        handler_names.sort_unstable();
+        info!(
+            worker = %self.name,
+            prefix = self.names.prefix(),
+            queues = ?self.queues,
+            handlers = ?handler_names,
+            concurrency = self.concurrency,
+            prefetch = self.prefetch,
+            "worker starting"
+        );
+        if self.handlers.is_empty() {
+            warn!(worker = %self.name, "no handlers registered: every step will be reported as handler_missing");
+        }
+        let shared = Arc::new(Shared::new(
+            self.names,
+            self.name,
+            self.handlers,
+            self.concurrency,
+            self.limits,
+            self.grace_period,
+        ));
+
+        let mut backoff = reconnect_backoff();
+        let mut connected_once = false;
+        loop {
+            let opened = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                opened = Session::open(&shared, &self.amqp_url, &queues, self.prefetch) => opened,
+            };
+            match opened {
+                Ok(session) => {
+                    connected_once = true;
+                    let since = Instant::now();
+                    match session.run(&shared, &shutdown).await {
+                        SessionEnd::Shutdown => return Ok(()),
+                        SessionEnd::Lost(reason) => {
+                            warn!(worker = %shared.worker, %reason, "lost the broker session; reconnecting");
+                        }
+                    }
+                    if since.elapsed() >= HEALTHY_SESSION {
+                        backoff = reconnect_backoff();
+                    }
+                }
+                Err(SessionError::QueueMissing(queue)) if !connected_once => {
+                    return Err(WorkerError::QueueMissing { queue });
+                }
+                Err(e) => {
+                    warn!(worker = %shared.worker, error = %e, "cannot open a broker session; retrying")
+                }
+            }
+            let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+        // Shutdown while disconnected: steps still running cannot report; let them end.
+        shared.drain().await;
+        info!(worker = %shared.worker, "worker stopped");
+        Ok(())
+    }
+
+    /// [`run`](Self::run) until SIGTERM or Ctrl-C.
+    pub async fn run_until_signal(self) -> Result<(), WorkerError> {
+        let shutdown = CancellationToken::new();
+        let trigger = shutdown.clone();
+        let signals = tokio::spawn(async move {
+            wait_for_signal().await;
+            info!("shutdown signal received");
+            trigger.cancel();
+        });
+        let result = self.run(shutdown).await;
+        signals.abort();
+        result
+    }
+}
+
+fn reconnect_backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        // Jitter adds up to the delay again: at most 5 s between attempts.
+        .with_max_delay(Duration::from_millis(2_500))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// Completes on SIGTERM or Ctrl-C. If no handler can be installed it never completes.
+pub async fn wait_for_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            warn!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot listen for SIGTERM");
+                ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    ctrl_c.await;
+}
+
+fn default_name() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.trim().is_empty())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "worker".to_owned());
+    format!("{host}-{}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builder_defaults_and_limits() {
+        let w = Worker::builder("amqp://localhost").build();
+        assert_eq!(w.queues, vec!["default".to_owned()]);
+        assert_eq!(w.concurrency, DEFAULT_CONCURRENCY);
+        assert_eq!(w.prefetch, 16);
+        assert_eq!(w.names.prefix(), "tasker");
+        assert!(
+            w.name.ends_with(&format!("-{}", std::process::id())),
+            "{}",
+            w.name
+        );
+
+        let w = Worker::builder("amqp://localhost")
+            .queue("a")
+            .queue("b")
+            .queue("a")
+            .concurrency(0)
+            .name("w1")
+            .prefix("p")
+            .build();
+        assert_eq!(w.queues, vec!["a".to_owned(), "b".to_owned()]);
+        assert_eq!((w.concurrency, w.prefetch), (1, 1));
+        assert_eq!(w.name(), "w1");
+        let w = Worker::builder("amqp://localhost")
+            .concurrency(100_000)
+            .build();
+        assert_eq!(w.prefetch, u16::MAX);
+        let w = Worker::builder("amqp://localhost")
+            .concurrency(8)
+            .prefetch(2)
+            .build();
+        assert_eq!((w.concurrency, w.prefetch), (8, 2));
+    }
+
+    #[test]
+    fn debug_output_hides_the_url() {
+        let b = Worker::builder("amqp://user:secret@localhost");
+        assert!(!format!("{b:?}").contains("secret"));
+        assert!(!format!("{:?}", b.build()).contains("secret"));
+    }
+
+    #[tokio::test]
+    async fn invalid_url_fails_fast() {
+        let err = Worker::builder("http://nope")
+            .build()
+            .run(CancellationToken::new())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, WorkerError::InvalidUrl(_)), "{err}");
+    }
+
+    #[test]
+    fn backoff_is_capped() {
+        let delays: Vec<Duration> = reconnect_backoff().take(20).collect();
+        assert_eq!(delays.len(), 20);
+        assert!(
+            delays.iter().all(|d| *d <= Duration::from_secs(5)),
+            "{delays:?}"
+        );
+        assert!(delays[0] < Duration::from_millis(250), "{delays:?}");
+    }
+}
