@@ -1,6 +1,8 @@
 //! The life of one step delivery: decode it (or dead-letter it), run its handler, publish the
-//! result with a confirm, and only then acknowledge it. A delivery whose result (or dead letter)
-//! could not be published is requeued after a delay, never acknowledged.
+//! result with a confirm, and only then acknowledge it. A delivery whose result could not be
+//! published is requeued after a delay, never acknowledged. An unreadable delivery is never
+//! requeued (CONTRACT §6.3): if it cannot be dead-lettered, it is rejected, so the broker
+//! dead-letters it through its queue's own dead-letter exchange.
 
 use crate::context::StepContext;
 use crate::execute::{outcome_status, run_handler};
@@ -8,7 +10,7 @@ use crate::publish::{PublishError, message_properties, publish_confirmed};
 use crate::session::SessionEnv;
 use lapin::BasicProperties;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use lapin::types::{AMQPValue, ShortString};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -163,7 +165,7 @@ async fn report(env: &SessionEnv, delivery: Delivery, result: StepResult, routin
             env.shared.publish_failures.store(0, Ordering::Relaxed);
             ack(delivery).await;
         }
-        Err(e) => requeue_later(env, delivery, "result", &e).await,
+        Err(e) => requeue_later(env, delivery, &e).await,
     }
 }
 
@@ -190,7 +192,14 @@ async fn dead_letter(env: &SessionEnv, delivery: Delivery, reason: String) {
             env.shared.publish_failures.store(0, Ordering::Relaxed);
             ack(delivery).await;
         }
-        Err(e) => requeue_later(env, delivery, "dead letter", &e).await,
+        Err(e) => {
+            error!(error = %e, "could not publish the dead letter; rejecting the message to the queue's dead-letter exchange");
+            note_publish_failure(env, &e);
+            let reject = BasicRejectOptions { requeue: false };
+            if let Err(e) = delivery.acker.reject(reject).await {
+                warn!(error = %e, "rejecting the unreadable message failed; it returns to the queue when its channel closes");
+            }
+        }
     }
 }
 
@@ -220,17 +229,9 @@ async fn ack(delivery: Delivery) {
 }
 
 /// After a failed publish: wait (longer after each failure in a row), then requeue the message.
-async fn requeue_later(env: &SessionEnv, delivery: Delivery, what: &str, error: &PublishError) {
-    let failures = env
-        .shared
-        .publish_failures
-        .fetch_add(1, Ordering::Relaxed)
-        .saturating_add(1);
-    let delay = requeue_delay(failures);
-    error!(error = %error, ?delay, "could not publish the {what}; the step message will be requeued");
-    if !env.publisher.status().connected() {
-        env.lose(format!("the publisher channel is closed ({error})"));
-    }
+async fn requeue_later(env: &SessionEnv, delivery: Delivery, error: &PublishError) {
+    let delay = requeue_delay(note_publish_failure(env, error));
+    error!(error = %error, ?delay, "could not publish the result; the step message will be requeued");
     tokio::time::sleep(delay).await;
     let requeue = BasicNackOptions {
         requeue: true,
@@ -242,6 +243,18 @@ async fn requeue_later(env: &SessionEnv, delivery: Delivery, what: &str, error: 
             warn!(error = %e, "requeueing the step message failed; it returns to the queue when its channel closes")
         }
     }
+}
+
+/// Counts a failed publish and ends the session if the publisher channel is gone. Returns the
+/// number of failed publishes in a row.
+fn note_publish_failure(env: &SessionEnv, error: &PublishError) -> u32 {
+    if !env.publisher.status().connected() {
+        env.lose(format!("the publisher channel is closed ({error})"));
+    }
+    env.shared
+        .publish_failures
+        .fetch_add(1, Ordering::Relaxed)
+        .saturating_add(1)
 }
 
 fn requeue_delay(failures_in_a_row: u32) -> Duration {

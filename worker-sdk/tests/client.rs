@@ -47,21 +47,22 @@ fn authorized(headers: &HeaderMap) -> bool {
 }
 
 fn view(id: TaskId, state: &str) -> TaskView {
-    TaskView {
-        id,
-        namespace: "shop".into(),
-        template: "order_fulfilment".into(),
-        template_version: 1,
-        state: state.into(),
-        priority: 0,
-        context: json!({}),
-        output: (state == "completed").then(|| json!({"ok": true})),
-        error: None,
-        idempotency_key: None,
-        created_at: "2026-01-01T00:00:00Z".into(),
-        finished_at: None,
-        steps: vec![],
-    }
+    // From JSON, so fields the API adds later (with defaults) do not break this fake.
+    serde_json::from_value(json!({
+        "id": id,
+        "namespace": "shop",
+        "template": "order_fulfilment",
+        "template_version": 1,
+        "state": state,
+        "priority": 0,
+        "context": {},
+        "output": (state == "completed").then(|| json!({"ok": true})),
+        "error": null,
+        "idempotency_key": null,
+        "created_at": "2026-01-01T00:00:00Z",
+        "finished_at": null,
+    }))
+    .unwrap()
 }
 
 async fn register(headers: HeaderMap, Json(t): Json<Template>) -> (StatusCode, Json<Value>) {

@@ -289,6 +289,38 @@ async fn unreadable_messages_are_dead_lettered_with_the_reason() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_message_that_cannot_be_dead_lettered_is_rejected_not_requeued() -> Result<()>
+{
+    let b = broker_or_skip!();
+    // Nothing takes dead letters: publishing one comes back unroutable.
+    b.unbind(
+        &b.names.dead_letter_queue(),
+        &b.names.dead_letter_exchange(),
+        "",
+    )
+    .await?;
+    let worker = start(b.worker().handler_fn("fine", |_| async { Ok(json!(1)) }));
+    b.publish_raw("default", b"\xc1 junk").await?;
+    // Rejected without requeue, so the broker dead-letters it through the step queue's own
+    // dead-letter exchange.
+    let Some((bytes, _)) = b
+        .take(&b.dead_steps_queue(), Duration::from_secs(10))
+        .await?
+    else {
+        bail!("the unreadable message was not rejected to the queue's dead-letter exchange")
+    };
+    assert_eq!(bytes, b"\xc1 junk");
+    b.publish_step(&b.step("fine")).await?;
+    assert_eq!(
+        b.expect_result().await?.outcome,
+        Outcome::Succeeded { output: json!(1) }
+    );
+    worker.stop(STOP).await?;
+    assert_eq!(b.step_queue_state("default").await?.0, 0);
+    b.cleanup().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrency_is_bounded() -> Result<()> {
     let b = broker_or_skip!();
     let running = Arc::new(AtomicUsize::new(0));

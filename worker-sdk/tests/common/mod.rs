@@ -107,6 +107,16 @@ impl Broker {
             FieldTable::default(),
         )
         .await?;
+        ch.exchange_declare(
+            self.step_dlx().into(),
+            ExchangeKind::Fanout,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
+        self.declare_queue(&self.dead_steps_queue(), false).await?;
+        self.bind(&self.dead_steps_queue(), &self.step_dlx(), "")
+            .await?;
         self.declare_step_queue("default").await?;
         self.declare_queue(&n.results_queue(0), false).await?;
         self.bind(&n.results_queue(0), &n.results_exchange(), "#")
@@ -122,6 +132,15 @@ impl Broker {
         let name = self.names.step_queue(queue);
         self.declare_queue(&name, true).await?;
         self.bind(&name, &self.names.steps_exchange(), queue).await
+    }
+
+    /// Where the broker dead-letters step messages (rejected, or over the delivery limit).
+    pub fn step_dlx(&self) -> String {
+        format!("{}.dlx.steps", self.names.prefix())
+    }
+
+    pub fn dead_steps_queue(&self) -> String {
+        format!("{}.dead_steps", self.names.prefix())
     }
 
     /// Declares the task-request exchange and its queue, bound for namespace [`NAMESPACE`].
@@ -147,9 +166,16 @@ impl Broker {
     async fn declare_queue(&self, name: &str, quorum: bool) -> Result<()> {
         let mut args = FieldTable::default();
         if quorum {
+            // As the orchestrator declares step queues: quorum, a delivery limit, and a
+            // dead-letter exchange of their own.
             args.insert(
                 "x-queue-type".into(),
                 AMQPValue::LongString("quorum".into()),
+            );
+            args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(50));
+            args.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString(self.step_dlx().into()),
             );
         }
         let options = QueueDeclareOptions {
@@ -348,6 +374,7 @@ impl Broker {
             n.results_exchange(),
             n.dead_letter_exchange(),
             n.tasks_exchange(),
+            self.step_dlx(),
         ] {
             let _ = self
                 .channel
