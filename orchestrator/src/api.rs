@@ -22,6 +22,8 @@ pub fn router(shared: Shared) -> Router {
         .route("/templates/{namespace}/{name}", get(show_template))
         .route("/tasks", post(submit_task).get(list_tasks))
         .route("/tasks/{id}", get(show_task))
+        .route("/tasks/{id}/cancel", post(cancel_task))
+        .route("/tasks/{id}/retry", post(retry_task))
         .route_layer(middleware::from_fn_with_state(shared.clone(), authenticate));
     Router::new()
         .nest("/v1", v1)
@@ -184,9 +186,7 @@ async fn show_task(
     Path(id): Path<String>,
     Query(q): Query<ShowQuery>,
 ) -> ApiResult<Json<tasker_schemas::api::TaskView>> {
-    let id: TaskId = id
-        .parse()
-        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", format!("{id:?} is not a task id")))?;
+    let id = parse_task_id(&id)?;
     let wait = Duration::from_millis(q.wait_ms.unwrap_or(0)).min(MAX_WAIT);
     if !wait.is_zero() {
         // Subscribe before reading, so a finish between the read and the wait is not missed.
@@ -207,6 +207,49 @@ async fn show_task(
             .await;
         }
     }
+    Ok(Json(store::tasks::view(&shared.db, id).await?))
+}
+
+fn parse_task_id(id: &str) -> Result<TaskId, ApiError> {
+    id.parse()
+        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", format!("{id:?} is not a task id")))
+}
+
+#[derive(Deserialize, Default)]
+struct CancelBody {
+    reason: Option<String>,
+}
+
+async fn cancel_task(
+    State(shared): State<Shared>,
+    Path(id): Path<String>,
+    body: Option<Json<CancelBody>>,
+) -> ApiResult<Json<tasker_schemas::api::TaskView>> {
+    let id = parse_task_id(&id)?;
+    let reason = body.and_then(|Json(b)| b.reason);
+    let mut tx = shared.db.begin().await.map_err(Error::from)?;
+    let finished = store::tasks::cancel(&mut tx, id, reason.as_deref()).await?;
+    tx.commit().await.map_err(Error::from)?;
+    // Tell workers; a step already taken may still run, and its result advances nothing.
+    let cancel = tasker_schemas::Cancel { task_id: id, reason };
+    if let Ok(bytes) = tasker_schemas::encode_payload(cancel) {
+        let props = crate::broker::properties(tasker_schemas::MessageId::new());
+        if let Err(e) = shared.publisher.send_event(&shared.names.cancel_exchange(), "", &bytes, props).await {
+            tracing::warn!(error = %e, "could not publish cancel message");
+        }
+    }
+    crate::results::announce(&shared, &finished).await;
+    tracing::info!(task_id = %id, "task cancel requested");
+    Ok(Json(store::tasks::view(&shared.db, id).await?))
+}
+
+async fn retry_task(State(shared): State<Shared>, Path(id): Path<String>) -> ApiResult<Json<tasker_schemas::api::TaskView>> {
+    let id = parse_task_id(&id)?;
+    let mut tx = shared.db.begin().await.map_err(Error::from)?;
+    let queues = store::tasks::retry(&mut tx, id).await?;
+    tx.commit().await.map_err(Error::from)?;
+    shared.dispatch.wake(queues);
+    tracing::info!(task_id = %id, "task retried");
     Ok(Json(store::tasks::view(&shared.db, id).await?))
 }
 
@@ -242,8 +285,9 @@ async fn list_tasks(State(shared): State<Shared>, Query(q): Query<ListQuery>) ->
 }
 
 async fn ready(State(shared): State<Shared>) -> Response {
-    let db = sqlx::query("SELECT 1").execute(&shared.db).await.is_ok();
-    let broker = shared.publisher.channel().status().connected();
+    let check = sqlx::query("SELECT 1").execute(&shared.db);
+    let db = matches!(tokio::time::timeout(Duration::from_secs(2), check).await, Ok(Ok(_)));
+    let broker = shared.publisher.is_connected();
     let body = serde_json::json!({ "database": db, "broker": broker });
     let status = if db && broker { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(body)).into_response()

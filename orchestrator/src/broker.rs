@@ -8,7 +8,10 @@ use lapin::{Confirmation, PublisherConfirm};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use tasker_schemas::message::{CONTENT_TYPE, HEADER_DEAD_LETTER_REASON};
+use std::collections::HashSet;
+use std::sync::Arc;
 use tasker_schemas::{MessageId, Names};
+use tokio::sync::RwLock;
 
 /// Opens a connection named after this process (visible in the broker's management UI).
 pub async fn connect(url: &str) -> Result<Connection> {
@@ -19,12 +22,16 @@ pub async fn connect(url: &str) -> Result<Connection> {
 /// Arguments of every queue the orchestrator declares: durable quorum queues that dead-letter
 /// to the prefix's dead-letter exchange after `delivery_limit` deliveries.
 fn queue_args(names: &Names, delivery_limit: u32) -> FieldTable {
+    queue_args_to(&names.dead_letter_exchange(), delivery_limit)
+}
+
+fn queue_args_to(dead_letter_exchange: &str, delivery_limit: u32) -> FieldTable {
     let mut args = FieldTable::default();
     args.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from("quorum")));
     args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(i64::from(delivery_limit)));
     args.insert(
         "x-dead-letter-exchange".into(),
-        AMQPValue::LongString(LongString::from(names.dead_letter_exchange())),
+        AMQPValue::LongString(LongString::from(dead_letter_exchange)),
     );
     args
 }
@@ -42,6 +49,7 @@ pub async fn declare_topology(ch: &Channel, names: &Names, shards: u16, delivery
         (names.events_exchange(), ExchangeKind::Topic),
         (names.cancel_exchange(), ExchangeKind::Fanout),
         (names.dead_letter_exchange(), ExchangeKind::Fanout),
+        (names.step_dead_letter_exchange(), ExchangeKind::Fanout),
     ] {
         ch.exchange_declare(name.into(), kind, durable(), FieldTable::default()).await?;
     }
@@ -53,6 +61,16 @@ pub async fn declare_topology(ch: &Channel, names: &Names, shards: u16, delivery
     ch.queue_bind(
         names.dead_letter_queue().into(),
         names.dead_letter_exchange().into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    // Dead step messages go to their own queue: the orchestrator turns each into a failed attempt.
+    ch.queue_declare(names.step_dead_letter_queue().into(), queue_opts, queue_args(names, delivery_limit)).await?;
+    ch.queue_bind(
+        names.step_dead_letter_queue().into(),
+        names.step_dead_letter_exchange().into(),
         "".into(),
         QueueBindOptions::default(),
         FieldTable::default(),
@@ -87,7 +105,7 @@ pub async fn declare_step_queue(ch: &Channel, names: &Names, queue: &str, delive
     ch.queue_declare(
         amqp_queue.as_str().into(),
         QueueDeclareOptions { durable: true, ..Default::default() },
-        queue_args(names, delivery_limit),
+        queue_args_to(&names.step_dead_letter_exchange(), delivery_limit),
     )
     .await?;
     ch.queue_bind(
@@ -109,9 +127,26 @@ pub fn properties(message_id: MessageId) -> BasicProperties {
         .with_message_id(message_id.to_string().into())
 }
 
-/// A channel in confirm mode; publishes are pipelined (await the returned confirm later).
+/// The orchestrator's publishing link: one connection and one channel in confirm mode, shared
+/// by every task; publishes are pipelined (await the returned confirm later). When the broker
+/// goes away, the next publish reconnects (with the topology redeclared); publishes that were in
+/// flight fail and their outbox entries are relayed later.
 #[derive(Clone)]
 pub struct Publisher {
+    inner: Arc<PublisherInner>,
+}
+
+struct PublisherInner {
+    url: String,
+    names: Names,
+    shards: u16,
+    delivery_limit: u32,
+    step_queues: std::sync::Mutex<HashSet<String>>,
+    link: RwLock<Link>,
+}
+
+struct Link {
+    connection: Connection,
     channel: Channel,
 }
 
@@ -127,14 +162,68 @@ pub enum Delivered {
 }
 
 impl Publisher {
-    pub async fn new(conn: &Connection) -> Result<Self> {
-        let channel = conn.create_channel().await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
-        Ok(Self { channel })
+    /// Connects and declares the topology the orchestrator owns.
+    pub async fn connect(url: &str, names: &Names, shards: u16, delivery_limit: u32) -> Result<Self> {
+        let link = Self::open(url, names, shards, delivery_limit, &HashSet::new()).await?;
+        Ok(Self {
+            inner: Arc::new(PublisherInner {
+                url: url.to_owned(),
+                names: names.clone(),
+                shards,
+                delivery_limit,
+                step_queues: Default::default(),
+                link: RwLock::new(link),
+            }),
+        })
     }
 
-    pub fn channel(&self) -> &Channel {
-        &self.channel
+    async fn open(url: &str, names: &Names, shards: u16, delivery_limit: u32, queues: &HashSet<String>) -> Result<Link> {
+        let connection = connect(url).await?;
+        let channel = connection.create_channel().await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        declare_topology(&channel, names, shards, delivery_limit).await?;
+        for q in queues {
+            declare_step_queue(&channel, names, q, delivery_limit).await?;
+        }
+        Ok(Link { connection, channel })
+    }
+
+    /// The confirm channel, reconnecting first if the broker connection was lost.
+    pub async fn channel(&self) -> Result<Channel> {
+        {
+            let link = self.inner.link.read().await;
+            if link.channel.status().connected() {
+                return Ok(link.channel.clone());
+            }
+        }
+        let mut link = self.inner.link.write().await;
+        if !link.channel.status().connected() {
+            tracing::warn!("broker link lost; reconnecting");
+            let queues = self.inner.step_queues.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let i = &self.inner;
+            *link = Self::open(&i.url, &i.names, i.shards, i.delivery_limit, &queues).await?;
+            tracing::info!("broker link re-established");
+        }
+        Ok(link.channel.clone())
+    }
+
+    /// True while the publishing link is up (for `/ready`).
+    pub fn is_connected(&self) -> bool {
+        self.inner.link.try_read().map(|l| l.channel.status().connected()).unwrap_or(false)
+    }
+
+    /// Declares a step queue now and after every reconnect.
+    pub async fn declare_step_queue(&self, queue: &str) -> Result<()> {
+        let ch = self.channel().await?;
+        declare_step_queue(&ch, &self.inner.names, queue, self.inner.delivery_limit).await?;
+        self.inner.step_queues.lock().unwrap_or_else(|p| p.into_inner()).insert(queue.to_owned());
+        Ok(())
+    }
+
+    /// Closes the connection.
+    pub async fn close(&self) {
+        let link = self.inner.link.read().await;
+        let _ = link.connection.close(200, "shutdown".into()).await;
     }
 
     /// Sends a mandatory, persistent message; await the result with [`Publisher::settle`].
@@ -146,7 +235,8 @@ impl Publisher {
         props: BasicProperties,
     ) -> Result<PublisherConfirm> {
         Ok(self
-            .channel
+            .channel()
+            .await?
             .basic_publish(
                 ShortString::from(exchange),
                 ShortString::from(routing_key),
@@ -160,7 +250,8 @@ impl Publisher {
     /// Sends a persistent message that may have no subscriber (lifecycle events): not mandatory.
     pub async fn send_event(&self, exchange: &str, routing_key: &str, payload: &[u8], props: BasicProperties) -> Result<()> {
         let _confirm = self
-            .channel
+            .channel()
+            .await?
             .basic_publish(
                 ShortString::from(exchange),
                 ShortString::from(routing_key),

@@ -48,6 +48,10 @@ pub struct Config {
     pub max_request_bytes: usize,
     /// Time allowed for draining on shutdown.
     pub shutdown_grace_ms: u64,
+    /// How often the reconciler checks that every live task has a live owner.
+    pub reconcile_interval_ms: u64,
+    /// Tasks changed more recently than this are left alone by the reconciler.
+    pub reconcile_quiet_ms: u64,
 }
 
 impl Default for Config {
@@ -75,6 +79,8 @@ impl Default for Config {
             max_step_message_bytes: limits.max_step_message_bytes,
             max_request_bytes: 2 * 1024 * 1024,
             shutdown_grace_ms: 10_000,
+            reconcile_interval_ms: 30_000,
+            reconcile_quiet_ms: 10_000,
         }
     }
 }
@@ -171,6 +177,10 @@ impl Config {
         env!("TASKER_DELIVERY_LIMIT" => self.delivery_limit);
         env!("TASKER_RELAY_AFTER_MS" => self.relay_after_ms);
         env!("TASKER_POLL_INTERVAL_MS" => self.poll_interval_ms);
+        env!("TASKER_HANDLER_MISSING_DELAY_MS" => self.handler_missing_delay_ms);
+        env!("TASKER_SHUTDOWN_GRACE_MS" => self.shutdown_grace_ms);
+        env!("TASKER_RECONCILE_INTERVAL_MS" => self.reconcile_interval_ms);
+        env!("TASKER_RECONCILE_QUIET_MS" => self.reconcile_quiet_ms);
         env!("TASKER_MAX_CONTEXT_BYTES" => self.max_context_bytes);
         env!("TASKER_MAX_OUTPUT_BYTES" => self.max_output_bytes);
         env!("TASKER_MAX_STEP_MESSAGE_BYTES" => self.max_step_message_bytes);

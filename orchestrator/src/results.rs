@@ -68,7 +68,13 @@ async fn after_commit(shared: &Shared, report: &ApplyReport) {
         Metrics::add(&m.retries_scheduled_total, 1);
         shared.timers.notify_one();
     }
-    for f in &report.finished {
+    announce(shared, &report.finished).await;
+}
+
+/// Counts finished tasks and publishes their lifecycle events.
+pub async fn announce(shared: &Shared, finished: &[steps::FinishedTask]) {
+    let m = &shared.metrics;
+    for f in finished {
         match f.state.as_str() {
             "completed" => Metrics::add(&m.tasks_completed_total, 1),
             "failed" => Metrics::add(&m.tasks_failed_total, 1),
@@ -272,4 +278,73 @@ async fn dead_letter(shared: &Shared, delivery: &Delivery, reason: &str) -> Resu
     Metrics::add(&shared.metrics.dead_lettered_total, 1);
     delivery.acker.ack(BasicAckOptions::default()).await?;
     Ok(())
+}
+
+/// Consumes dead step messages (over the delivery limit, or rejected): each becomes a failed
+/// attempt, so its task moves on, and is then passed to the dead-letter queue for inspection.
+pub async fn run_dead_step_consumer(shared: Shared, shutdown: CancellationToken) -> Result<()> {
+    let conn = crate::broker::connect(&shared.config.amqp_url).await?;
+    let channel = conn.create_channel().await?;
+    channel.basic_qos(32, BasicQosOptions::default()).await?;
+    let mut consumer = channel
+        .basic_consume(
+            shared.names.step_dead_letter_queue().into(),
+            "tasker-dead-steps".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    loop {
+        let delivery = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            d = consumer.next() => d,
+        };
+        let Some(delivery) = delivery else { break };
+        let delivery = delivery?;
+        let why = death_reason(&delivery);
+        let reason = match tasker_schemas::decode::<tasker_schemas::StepMessage>(&delivery.data) {
+            Ok(env) => {
+                let m = env.payload;
+                let failed = Finished {
+                    task_id: m.task_id,
+                    step_id: m.step_id,
+                    attempt: i32::try_from(m.attempt).unwrap_or(i32::MAX),
+                    worker: None,
+                    outcome: AttemptOutcome::DeadLettered {
+                        error: format!("step message dead-lettered by the broker ({why})"),
+                        retryable: true,
+                    },
+                };
+                let mut delay = Duration::from_millis(50);
+                loop {
+                    match apply_outcomes(&shared, vec![failed.clone()]).await {
+                        Ok(_) => break,
+                        Err(e) if e.is_retryable() && !shutdown.is_cancelled() => {
+                            tokio::time::sleep(delay).await;
+                            delay = (delay * 2).min(Duration::from_secs(5));
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                format!("step attempt failed: {why}")
+            }
+            Err(e) => format!("{why}; unreadable step message: {e}"),
+        };
+        dead_letter(&shared, &delivery, &reason).await?;
+    }
+    let _ = conn.close(200, "shutdown".into()).await;
+    Ok(())
+}
+
+/// The broker's reason for dead-lettering (`x-first-death-reason`), e.g. `delivery_limit`.
+fn death_reason(d: &Delivery) -> String {
+    d.properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-first-death-reason").cloned())
+        .map(|v| match v {
+            lapin::types::AMQPValue::LongString(s) => s.to_string(),
+            other => format!("{other:?}"),
+        })
+        .unwrap_or_else(|| "rejected".into())
 }

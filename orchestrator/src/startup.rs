@@ -1,7 +1,7 @@
 //! Building and running an orchestrator: `App::build(config)` then `run_until_stopped()`.
 //! Tests build the same app with a fresh database, a unique prefix and port 0.
 
-use crate::broker::{self, Publisher};
+use crate::broker::Publisher;
 use crate::config::{redact_url, Config};
 use crate::dispatch::{self, DispatchHandle};
 use crate::error::{Error, Result};
@@ -28,7 +28,6 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 pub struct App {
     shared: Shared,
     listener: TcpListener,
-    connection: lapin::Connection,
 }
 
 /// Connects to Postgres, retrying for a while (the database may still be starting).
@@ -64,14 +63,12 @@ impl App {
         );
         let db = connect_db(&config.database_url, config.db_pool_size).await?;
         migrate(&db).await?;
-        let url = config.amqp_url.clone();
-        let connection = (|| broker::connect(&url))
+        let names = Names::new(config.prefix.clone());
+        let (url, shards, limit) = (config.amqp_url.clone(), config.result_shards, config.delivery_limit);
+        let publisher = (|| Publisher::connect(&url, &names, shards, limit))
             .retry(ExponentialBuilder::default().with_max_delay(Duration::from_secs(2)).with_max_times(10))
             .notify(|e, d| tracing::warn!(error = %e, retry_in = ?d, "broker not reachable yet"))
             .await?;
-        let publisher = Publisher::new(&connection).await?;
-        let names = Names::new(config.prefix.clone());
-        broker::declare_topology(publisher.channel(), &names, config.result_shards, config.delivery_limit).await?;
         let listener = TcpListener::bind(config.http_addr)
             .await
             .map_err(|e| Error::InvalidRequest(format!("cannot listen on {}: {e}", config.http_addr)))?;
@@ -89,14 +86,13 @@ impl App {
         };
         let queues = templates::all_queues(&shared.db).await?;
         for q in &queues {
-            broker::declare_step_queue(shared.publisher.channel(), &shared.names, q, shared.config.delivery_limit)
-                .await?;
+            shared.publisher.declare_step_queue(q).await?;
         }
         shared.dispatch.know(queues);
         if let Some(dir) = shared.config.templates_dir.clone() {
             load_templates_dir(&shared, &dir).await?;
         }
-        Ok(Self { shared, listener, connection })
+        Ok(Self { shared, listener })
     }
 
     /// The address the HTTP API listens on (useful with port 0).
@@ -111,7 +107,7 @@ impl App {
 
     /// Runs every loop until `shutdown` is cancelled, then drains and closes.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<()> {
-        let App { shared, listener, connection } = self;
+        let App { shared, listener } = self;
         let tracker = TaskTracker::new();
         let (confirm_tx, confirm_rx) = tokio::sync::mpsc::channel(16 * 1024);
 
@@ -119,6 +115,7 @@ impl App {
         let confirmer = tokio::spawn(dispatch::run_confirmer(shared.clone(), confirm_rx));
         tracker.spawn(dispatch::run(shared.clone(), confirm_tx.clone(), shutdown.clone()));
         tracker.spawn(crate::timers::run(shared.clone(), confirm_tx, shutdown.clone()));
+        tracker.spawn(crate::timers::run_reconciler(shared.clone(), shutdown.clone()));
         for shard in 0..shared.config.result_shards.max(1) {
             let s = shared.clone();
             tracker.spawn(supervise("results consumer", shutdown.clone(), move |stop| {
@@ -128,6 +125,10 @@ impl App {
         let s = shared.clone();
         tracker.spawn(supervise("task request consumer", shutdown.clone(), move |stop| {
             crate::intake::run_consumer(s.clone(), stop)
+        }));
+        let s = shared.clone();
+        tracker.spawn(supervise("dead step consumer", shutdown.clone(), move |stop| {
+            crate::results::run_dead_step_consumer(s.clone(), stop)
         }));
         let s = shared.clone();
         tracker.spawn(supervise("finish listener", shutdown.clone(), move |stop| listen_finished(s.clone(), stop)));
@@ -148,7 +149,7 @@ impl App {
         }
         // Let outstanding confirms settle so their outbox entries are cleared.
         let _ = tokio::time::timeout(Duration::from_secs(2), confirmer).await;
-        let _ = connection.close(200, "shutdown".into()).await;
+        shared.publisher.close().await;
         shared.db.close().await;
         tracing::info!("stopped");
         Ok(())
@@ -198,7 +199,7 @@ pub async fn register_template(shared: &Shared, template: &Template) -> Result<R
     queues.sort_unstable();
     queues.dedup();
     for q in &queues {
-        broker::declare_step_queue(shared.publisher.channel(), &shared.names, q, shared.config.delivery_limit).await?;
+        shared.publisher.declare_step_queue(q).await?;
     }
     shared.dispatch.know(queues.iter().map(|q| q.to_string()));
     Ok(outcome)

@@ -11,6 +11,38 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+/// Runs the reconciler until shutdown: proves, every `reconcile_interval_ms`, that every live
+/// task has a live owner, and repairs those that do not (counted in
+/// `tasker_reconciler_repairs_total`).
+pub async fn run_reconciler(shared: Shared, shutdown: CancellationToken) {
+    let every = Duration::from_millis(shared.config.reconcile_interval_ms);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(every) => {}
+        }
+        if let Err(e) = reconcile(&shared).await {
+            tracing::warn!(error = %e, "reconciler round failed; will retry");
+        }
+    }
+}
+
+/// One reconciler round; returns how many tasks were repaired.
+pub async fn reconcile(shared: &Shared) -> Result<usize> {
+    let quiet = shared.config.reconcile_quiet_ms as i64;
+    let ids = steps::find_inconsistent(&shared.db, quiet, 100).await?;
+    for id in &ids {
+        let mut tx = shared.db.begin().await?;
+        let (queues, finished) = steps::repair(&mut tx, *id).await?;
+        tx.commit().await?;
+        tracing::warn!(task_id = %id, "reconciler repaired a task without a live owner");
+        shared.dispatch.wake(queues);
+        crate::results::announce(shared, &finished).await;
+    }
+    Metrics::add(&shared.metrics.reconciler_repairs_total, ids.len());
+    Ok(ids.len())
+}
+
 /// Runs the timer loop until shutdown.
 pub async fn run(shared: Shared, confirms: mpsc::Sender<Pending>, shutdown: CancellationToken) {
     let poll = shared.config.poll_interval();

@@ -95,6 +95,19 @@ pub struct TaskView {
     pub finished_at: Option<String>,
     #[serde(default)]
     pub steps: Vec<StepView>,
+    /// The task's history (finish, cancel, retry), oldest first; empty in lists.
+    #[serde(default)]
+    pub events: Vec<TaskEventView>,
+}
+
+/// One entry of a task's history.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskEventView {
+    pub seq: u64,
+    /// `completed`, `failed`, `cancelled`, `cancel_requested`, `retried`.
+    pub kind: String,
+    pub detail: Option<Value>,
+    pub at: String,
 }
 
 impl TaskView {

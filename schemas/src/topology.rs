@@ -72,6 +72,17 @@ impl Names {
         format!("{}.dlx", self.prefix)
     }
 
+    /// Exchange step queues dead-letter to (delivery limit reached, rejected).
+    pub fn step_dead_letter_exchange(&self) -> String {
+        format!("{}.dlx.steps", self.prefix)
+    }
+
+    /// Queue the orchestrator consumes dead step messages from, turning each into a failed attempt
+    /// before passing it on to the dead-letter queue.
+    pub fn step_dead_letter_queue(&self) -> String {
+        format!("{}.dead_steps", self.prefix)
+    }
+
     /// Queue holding dead letters.
     pub fn dead_letter_queue(&self) -> String {
         format!("{}.dead_letters", self.prefix)

@@ -393,39 +393,53 @@ pub async fn apply(tx: &mut PgConnection, batch: &[Finished], settings: ApplySet
 
     let (ids, done): (Vec<Uuid>, Vec<i32>) = terminal.into_iter().unzip();
     let errors: Vec<Option<String>> = ids.iter().map(|id| failing.get(id).cloned()).collect();
-    // One UPDATE per task row (a row must not be updated twice in one statement).
-    let finished = sqlx::query(
+    let counted = sqlx::query(
         "UPDATE tasks t
          SET unfinished_steps = t.unfinished_steps - d.n,
              failing = t.failing OR d.error IS NOT NULL,
              error = coalesce(t.error, d.error),
-             state = CASE WHEN t.unfinished_steps - d.n > 0 THEN t.state
-                          WHEN t.cancel_requested THEN 'cancelled'
-                          WHEN t.failing OR d.error IS NOT NULL THEN 'failed'
-                          ELSE 'completed' END,
-             finished_at = CASE WHEN t.unfinished_steps - d.n = 0 THEN now() END,
-             event_seq = t.event_seq + CASE WHEN t.unfinished_steps - d.n = 0 THEN 1 ELSE 0 END,
-             output = CASE WHEN t.unfinished_steps - d.n = 0
-                            AND NOT (t.failing OR d.error IS NOT NULL OR t.cancel_requested)
-                 THEN (SELECT coalesce(jsonb_object_agg(s.name, s.output), '{}'::jsonb)
-                       FROM steps s WHERE s.task_id = t.id AND cardinality(s.child_ids) = 0)
-                 END,
              updated_at = now()
          FROM unnest($1::uuid[], $2::int[], $3::text[]) AS d(id, n, error)
          WHERE t.id = d.id
-         RETURNING t.id, t.namespace, t.template_name, t.state, t.event_seq, t.finished_at,
-                   t.output, t.error, t.unfinished_steps",
+         RETURNING t.id, t.unfinished_steps",
     )
     .bind(&ids)
     .bind(&done)
     .bind(&errors)
     .fetch_all(&mut *tx)
     .await?;
-    for r in finished {
-        if r.get::<i32, _>("unfinished_steps") != 0 {
-            continue;
-        }
-        report.finished.push(FinishedTask {
+    let done: Vec<Uuid> =
+        counted.iter().filter(|r| r.get::<i32, _>("unfinished_steps") == 0).map(|r| r.get("id")).collect();
+    report.finished = finalize(tx, &done).await?;
+    Ok(report)
+}
+
+/// Finishes live tasks that have no unfinished step left: `cancelled` if a cancel was requested,
+/// `failed` if a step failed for good, else `completed` with the outputs of its leaf steps. Records
+/// the event and notifies waiters (on commit).
+pub async fn finalize(tx: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<FinishedTask>> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows = sqlx::query(
+        "UPDATE tasks t
+         SET state = CASE WHEN t.cancel_requested THEN 'cancelled'
+                          WHEN t.failing THEN 'failed' ELSE 'completed' END,
+             finished_at = now(),
+             event_seq = t.event_seq + 1,
+             output = CASE WHEN t.failing OR t.cancel_requested THEN NULL ELSE
+                 (SELECT coalesce(jsonb_object_agg(s.name, s.output), '{}'::jsonb)
+                  FROM steps s WHERE s.task_id = t.id AND cardinality(s.child_ids) = 0) END,
+             updated_at = now()
+         WHERE t.id = ANY($1) AND t.unfinished_steps = 0 AND t.state IN ('pending', 'running')
+         RETURNING t.id, t.namespace, t.template_name, t.state, t.event_seq, t.finished_at, t.output, t.error",
+    )
+    .bind(ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    let finished: Vec<FinishedTask> = rows
+        .into_iter()
+        .map(|r| FinishedTask {
             task_id: TaskId(r.get("id")),
             namespace: r.get("namespace"),
             template: r.get("template_name"),
@@ -434,16 +448,29 @@ pub async fn apply(tx: &mut PgConnection, batch: &[Finished], settings: ApplySet
             at: r.get("finished_at"),
             output: r.get("output"),
             error: r.get("error"),
-        });
+        })
+        .collect();
+    if !finished.is_empty() {
+        let ids: Vec<Uuid> = finished.iter().map(|f| f.task_id.0).collect();
+        let seqs: Vec<i64> = finished.iter().map(|f| f.seq).collect();
+        let kinds: Vec<&str> = finished.iter().map(|f| f.state.as_str()).collect();
+        sqlx::query(
+            "WITH e AS (
+                 INSERT INTO task_events (task_id, seq, namespace, kind, detail)
+                 SELECT e.id, e.seq, t.namespace, e.kind, jsonb_build_object('error', t.error)
+                 FROM unnest($1::uuid[], $2::bigint[], $3::text[]) AS e(id, seq, kind)
+                 JOIN tasks t ON t.id = e.id
+                 RETURNING task_id
+             )
+             SELECT pg_notify('tasker_task_finished', task_id::text) FROM e",
+        )
+        .bind(&ids)
+        .bind(&seqs)
+        .bind(&kinds)
+        .execute(&mut *tx)
+        .await?;
     }
-    if !report.finished.is_empty() {
-        let ids: Vec<String> = report.finished.iter().map(|f| f.task_id.to_string()).collect();
-        sqlx::query("SELECT pg_notify('tasker_task_finished', id) FROM unnest($1::text[]) AS id")
-            .bind(&ids)
-            .execute(&mut *tx)
-            .await?;
-    }
-    Ok(report)
+    Ok(finished)
 }
 
 /// Step transitions collected for one set-wise UPDATE.
@@ -637,5 +664,107 @@ pub async fn expired_leases(db: impl PgExecutor<'_>, limit: i64) -> Result<Vec<F
                 outcome: AttemptOutcome::TimedOut { error },
             }
         })
+        .collect())
+}
+
+/// Live tasks whose bookkeeping disagrees with their steps, i.e. that may have no live owner.
+/// In a healthy system this finds nothing; the reconciler repairs what it finds.
+pub async fn find_inconsistent(db: impl PgExecutor<'_>, quiet_ms: i64, limit: i64) -> Result<Vec<Uuid>> {
+    Ok(sqlx::query_scalar(
+        "SELECT t.id FROM tasks t
+         WHERE t.state IN ('pending', 'running')
+           AND t.updated_at < now() - $1 * interval '1 millisecond'
+           AND (t.unfinished_steps <> (SELECT count(*) FROM steps s WHERE s.task_id = t.id
+                                        AND s.state IN ('waiting', 'queued', 'dispatched', 'retrying'))
+                OR EXISTS (SELECT 1 FROM steps s WHERE s.task_id = t.id AND s.state = 'waiting'
+                           AND s.pending_parents <> (SELECT count(*) FROM steps p
+                                                     WHERE p.id = ANY(s.parent_ids) AND p.state <> 'succeeded'))
+                OR EXISTS (SELECT 1 FROM steps s WHERE s.task_id = t.id
+                           AND ((s.state = 'retrying' AND s.next_attempt_at IS NULL)
+                             OR (s.state = 'dispatched' AND s.lease_expires_at IS NULL)))
+                OR ((t.failing OR t.cancel_requested)
+                    AND EXISTS (SELECT 1 FROM steps s WHERE s.task_id = t.id
+                                AND s.state IN ('waiting', 'queued', 'retrying'))))
+         ORDER BY t.updated_at LIMIT $2",
+    )
+    .bind(quiet_ms)
+    .bind(limit)
+    .fetch_all(db)
+    .await?)
+}
+
+/// Recomputes a live task's bookkeeping from its steps, under the task lock: every non-terminal
+/// step gets an owner again (a due time, a lease, a queue slot, or unfinished parents) and the
+/// task finishes if nothing is left. Returns the queues that got work and the finished task.
+pub async fn repair(tx: &mut PgConnection, id: Uuid) -> Result<(Vec<String>, Vec<FinishedTask>)> {
+    let halted: Option<(bool, bool)> = sqlx::query(
+        "SELECT failing, cancel_requested FROM tasks WHERE id = $1 AND state IN ('pending', 'running') FOR UPDATE",
+    )
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?
+    .map(|r| (r.get("failing"), r.get("cancel_requested")));
+    let Some((failing, cancelled)) = halted else { return Ok((Vec::new(), Vec::new())) };
+    sqlx::query(
+        "UPDATE steps SET next_attempt_at = coalesce(next_attempt_at, now()),
+                          lease_expires_at = CASE WHEN state = 'dispatched'
+                                                  THEN coalesce(lease_expires_at, now()) END
+         WHERE task_id = $1 AND state IN ('retrying', 'dispatched')",
+    )
+    .bind(id)
+    .execute(&mut *tx)
+    .await?;
+    let mut queues = Vec::new();
+    if failing || cancelled {
+        sqlx::query(
+            "UPDATE steps SET state = CASE WHEN $2 THEN 'cancelled' ELSE 'skipped' END, updated_at = now()
+             WHERE task_id = $1 AND state IN ('waiting', 'queued', 'retrying')",
+        )
+        .bind(id)
+        .bind(cancelled)
+        .execute(&mut *tx)
+        .await?;
+    } else {
+        queues = readmit_waiting(tx, id).await?;
+    }
+    sqlx::query(
+        "UPDATE tasks t SET unfinished_steps = (SELECT count(*) FROM steps s WHERE s.task_id = t.id
+                                                AND s.state IN ('waiting', 'queued', 'dispatched', 'retrying')),
+                            updated_at = now()
+         WHERE t.id = $1",
+    )
+    .bind(id)
+    .execute(&mut *tx)
+    .await?;
+    let finished = finalize(tx, &[id]).await?;
+    Ok((queues, finished))
+}
+
+/// Recounts the unfinished parents of a task's waiting steps and admits (`queued`) those with
+/// none left. Returns the queues that got work.
+pub async fn readmit_waiting(tx: &mut PgConnection, task: Uuid) -> Result<Vec<String>> {
+    // One UPDATE with the counts computed beforehand: a row must not be updated twice in one
+    // statement.
+    let rows = sqlx::query(
+        "WITH counted AS (
+             SELECT s.id, (SELECT count(*) FROM steps p
+                           WHERE p.id = ANY(s.parent_ids) AND p.state <> 'succeeded')::int AS n
+             FROM steps s WHERE s.task_id = $1 AND s.state = 'waiting'
+         )
+         UPDATE steps s
+         SET pending_parents = c.n,
+             state = CASE WHEN c.n = 0 THEN 'queued' ELSE 'waiting' END,
+             queued_at = CASE WHEN c.n = 0 THEN now() END,
+             updated_at = now()
+         FROM counted c WHERE s.id = c.id
+         RETURNING s.queue, s.state",
+    )
+    .bind(task)
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .filter(|r| r.get::<String, _>("state") == "queued")
+        .map(|r| r.get("queue"))
         .collect())
 }

@@ -184,6 +184,7 @@ impl TaskRow {
             created_at: rfc3339(self.created_at),
             finished_at: self.finished_at.map(rfc3339),
             steps,
+            events: Vec::new(),
         }
     }
 }
@@ -305,7 +306,9 @@ pub async fn view(db: &sqlx::PgPool, id: TaskId) -> Result<TaskView> {
             }
         })
         .collect();
-    Ok(task.into_view(step_views))
+    let mut view = task.into_view(step_views);
+    view.events = events(db, id).await?;
+    Ok(view)
 }
 
 /// "Why is this step not running?" in words, for every non-terminal state.
@@ -384,4 +387,105 @@ pub async fn list(db: impl PgExecutor<'_>, f: &ListFilter) -> Result<TaskList> {
     let tasks: Vec<TaskView> = rows.into_iter().take(limit as usize).map(|r| r.into_view(Vec::new())).collect();
     let next = if more { tasks.last().map(|t| t.id) } else { None };
     Ok(TaskList { tasks, next })
+}
+
+/// Locks a task row and returns its state, or `TaskNotFound`.
+async fn lock(tx: &mut PgConnection, id: TaskId) -> Result<String> {
+    sqlx::query_scalar("SELECT state FROM tasks WHERE id = $1 FOR UPDATE")
+        .bind(id.0)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(Error::TaskNotFound(id))
+}
+
+/// Records an operator action in the task's history with the next sequence number.
+async fn record_event(tx: &mut PgConnection, id: TaskId, kind: &str, detail: Value) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "WITH t AS (UPDATE tasks SET event_seq = event_seq + 1 WHERE id = $1 RETURNING id, event_seq, namespace)
+         INSERT INTO task_events (task_id, seq, namespace, kind, detail)
+         SELECT id, event_seq, namespace, $2, $3 FROM t
+         RETURNING seq",
+    )
+    .bind(id.0)
+    .bind(kind)
+    .bind(detail)
+    .fetch_one(&mut *tx)
+    .await?)
+}
+
+/// Cancels a live task: nothing new is admitted, unstarted steps become `cancelled`; steps
+/// already dispatched may still report (recorded, advancing nothing). Finishes the task at once
+/// when nothing is in flight.
+pub async fn cancel(tx: &mut PgConnection, id: TaskId, reason: Option<&str>) -> Result<Vec<super::steps::FinishedTask>> {
+    let state = lock(tx, id).await?;
+    if !matches!(state.as_str(), "pending" | "running") {
+        return Err(Error::InvalidState { task_id: id, state, action: "cancel" });
+    }
+    let n = sqlx::query(
+        "UPDATE steps SET state = 'cancelled', next_attempt_at = NULL, updated_at = now()
+         WHERE task_id = $1 AND state IN ('waiting', 'queued', 'retrying')",
+    )
+    .bind(id.0)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected() as i32;
+    sqlx::query(
+        "UPDATE tasks SET cancel_requested = true, unfinished_steps = unfinished_steps - $2,
+                          error = coalesce(error, $3), updated_at = now()
+         WHERE id = $1",
+    )
+    .bind(id.0)
+    .bind(n)
+    .bind(format!("cancelled: {}", reason.unwrap_or("by request")))
+    .execute(&mut *tx)
+    .await?;
+    record_event(tx, id, "cancel_requested", json!({ "reason": reason, "steps_cancelled": n })).await?;
+    super::steps::finalize(tx, &[id.0]).await
+}
+
+/// Retries a failed or cancelled task: failed, skipped and cancelled steps run again with new,
+/// higher attempt numbers; succeeded steps keep their outputs. Returns the queues to wake.
+pub async fn retry(tx: &mut PgConnection, id: TaskId) -> Result<Vec<String>> {
+    let state = lock(tx, id).await?;
+    if !matches!(state.as_str(), "failed" | "cancelled") {
+        return Err(Error::InvalidState { task_id: id, state, action: "retry" });
+    }
+    let n = sqlx::query(
+        "UPDATE steps SET state = 'waiting', failures = 0, error = NULL, output = NULL,
+                          next_attempt_at = NULL, lease_expires_at = NULL, updated_at = now()
+         WHERE task_id = $1 AND state IN ('failed', 'skipped', 'cancelled')",
+    )
+    .bind(id.0)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected() as i32;
+    let queues = super::steps::readmit_waiting(tx, id.0).await?;
+    sqlx::query(
+        "UPDATE tasks SET state = 'running', failing = false, cancel_requested = false, error = NULL,
+                          output = NULL, finished_at = NULL, unfinished_steps = $2, updated_at = now()
+         WHERE id = $1",
+    )
+    .bind(id.0)
+    .bind(n)
+    .execute(&mut *tx)
+    .await?;
+    record_event(tx, id, "retried", json!({ "steps_reset": n, "previous_state": state })).await?;
+    Ok(queues)
+}
+
+/// A task's recorded history.
+pub async fn events(db: impl PgExecutor<'_>, id: TaskId) -> Result<Vec<tasker_schemas::api::TaskEventView>> {
+    let rows = sqlx::query("SELECT seq, kind, detail, at FROM task_events WHERE task_id = $1 ORDER BY seq")
+        .bind(id.0)
+        .fetch_all(db)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| tasker_schemas::api::TaskEventView {
+            seq: r.get::<i64, _>("seq") as u64,
+            kind: r.get("kind"),
+            detail: r.get("detail"),
+            at: rfc3339(r.get("at")),
+        })
+        .collect())
 }

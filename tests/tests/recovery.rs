@@ -1,0 +1,189 @@
+//! Operator actions and recovery paths: cancel, retry, the outbox relay, dead step messages and
+//! the reconciler.
+
+use futures_util::StreamExt;
+use serde_json::json;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tasker_orchestrator::store::steps;
+use tasker_tests::tasker_worker::StepError;
+use tasker_tests::Harness;
+
+async fn post(h: &Harness, path: &str) -> anyhow::Result<serde_json::Value> {
+    let url = format!("{}{path}", h.client().base_url());
+    let r = reqwest::Client::new().post(url).send().await?;
+    let status = r.status();
+    let body: serde_json::Value = r.json().await?;
+    anyhow::ensure!(status.is_success(), "{status}: {body}");
+    Ok(body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_admission_and_records_in_flight_results() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    h.register_yaml(
+        "namespace: t\nname: c\nversion: 1\nsteps:\n  - { name: slow, handler: slow }\n  - { name: next, handler: slow, depends_on: [slow] }\n",
+    )
+    .await?;
+    h.spawn_worker(h.worker().handler_fn("slow", |_| async {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        Ok(json!("done"))
+    }));
+    let id = h.submit("t", "c", json!({})).await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let view = post(&h, &format!("/v1/tasks/{id}/cancel")).await?;
+    assert_eq!(view["steps"][1]["state"], "cancelled");
+    let task = h.wait(id).await?;
+    assert_eq!(task.state, "cancelled");
+    // The step already running finished and was recorded; its child never ran.
+    assert_eq!(task.steps[0].state, "succeeded");
+    assert_eq!(task.steps[1].state, "cancelled");
+    assert_eq!(task.steps[1].attempt, 0);
+    let kinds: Vec<&str> = task.events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["cancel_requested", "cancelled"]);
+    // Cancelling again is refused with a clear error.
+    assert!(post(&h, &format!("/v1/tasks/{id}/cancel")).await.unwrap_err().to_string().contains("409"));
+    h.finish().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_reruns_failed_steps_with_higher_attempts() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    h.register_yaml(
+        "namespace: t\nname: r\nversion: 1\nsteps:\n  - { name: a, handler: ok }\n  - { name: b, handler: fragile, depends_on: [a] }\n  - { name: c, handler: ok, depends_on: [b] }\n",
+    )
+    .await?;
+    let fixed = Arc::new(AtomicBool::new(false));
+    let f = fixed.clone();
+    h.spawn_worker(h.worker().handler_fn("ok", |ctx| async move { Ok(json!(ctx.attempt())) }).handler_fn(
+        "fragile",
+        move |_| {
+            let ok = f.load(Ordering::SeqCst);
+            async move { if ok { Ok(json!("fixed")) } else { Err(StepError::permanent("bug")) } }
+        },
+    ));
+    let id = h.submit("t", "r", json!({})).await?;
+    let failed = h.wait(id).await?;
+    assert_eq!(failed.state, "failed");
+    assert_eq!(failed.steps[2].state, "skipped");
+    fixed.store(true, Ordering::SeqCst);
+    post(&h, &format!("/v1/tasks/{id}/retry")).await?;
+    let task = h.wait(id).await?;
+    assert_eq!(task.state, "completed", "{task:#?}");
+    // a kept its output and attempt; b ran again with a higher attempt number.
+    assert_eq!((task.steps[0].attempt, task.steps[0].output.clone()), (1, Some(json!(1))));
+    assert_eq!(task.steps[1].attempt, 2);
+    assert_eq!(task.steps[1].attempts.iter().map(|a| a.outcome.as_str()).collect::<Vec<_>>(), ["failed", "succeeded"]);
+    assert_eq!(task.steps[2].attempt, 1);
+    let kinds: Vec<&str> = task.events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["failed", "retried", "completed"]);
+    h.finish().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attempt_admitted_but_never_published_is_relayed() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    h.register_yaml("namespace: t\nname: one\nversion: 1\nsteps:\n  - { name: s, handler: echo, queue: q1 }\n").await?;
+    let id = h.submit("t", "one", json!({})).await?;
+    // No worker yet: wait until the attempt is dispatched, published and its outbox entry cleared.
+    for _ in 0..200 {
+        let (dispatched, outbox): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM steps WHERE state = 'dispatched'), (SELECT count(*) FROM outbox)",
+        )
+        .fetch_one(&h.db)
+        .await?;
+        if dispatched == 1 && outbox == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Model a crash between the admission commit and the publish: the message never reached the
+    // broker (purge it) and the outbox entry is still there.
+    let conn = lapin::Connection::connect(&h.services.amqp_url, Default::default()).await?;
+    let ch = conn.create_channel().await?;
+    let purged = ch.queue_purge(h.names().step_queue("q1").as_str().into(), Default::default()).await?;
+    assert_eq!(purged, 1, "the step message was published");
+    // Put the outbox entry back, as if the process died before the confirm cleared it.
+    sqlx::query("INSERT INTO outbox (step_id, attempt, namespace, created_at) SELECT id, attempt, namespace, now() - interval '1 hour' FROM steps")
+        .execute(&h.db)
+        .await?;
+    h.spawn_worker(h.worker().queue("q1").handler_fn("echo", |_| async { Ok(json!("relayed")) }));
+    let task = h.wait(id).await?;
+    assert_eq!(task.state, "completed");
+    assert_eq!(task.steps[0].attempt, 1, "the relay republishes the same attempt");
+    assert!(h.shared(0).metrics.outbox_relayed_total.load(Ordering::Relaxed) >= 1);
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(&h.db).await?;
+    assert_eq!(left, 0, "confirmed entries are cleared");
+    conn.close(200, "bye".into()).await?;
+    h.finish().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_step_messages_become_failed_attempts() -> anyhow::Result<()> {
+    let h = Harness::start_with(|c| c.delivery_limit = 1).await?;
+    h.register_yaml(
+        "namespace: t\nname: poison\nversion: 1\nsteps:\n  - name: s\n    handler: h\n    queue: poison\n    retry: { max_attempts: 2, initial_delay: 10ms, max_delay: 10ms }\n",
+    )
+    .await?;
+    // A broken consumer that rejects every delivery back to the queue.
+    let conn = lapin::Connection::connect(&h.services.amqp_url, Default::default()).await?;
+    let ch = conn.create_channel().await?;
+    let mut consumer = ch
+        .basic_consume(h.names().step_queue("poison").as_str().into(), "broken".into(), Default::default(), Default::default())
+        .await?;
+    let nacker = tokio::spawn(async move {
+        while let Some(Ok(d)) = consumer.next().await {
+            let _ = d.acker.nack(lapin::options::BasicNackOptions { requeue: true, ..Default::default() }).await;
+        }
+    });
+    let task = h.run("t", "poison", json!({})).await?;
+    assert_eq!(task.state, "failed");
+    let s = &task.steps[0];
+    assert_eq!(s.attempts.len(), 2);
+    assert!(s.attempts.iter().all(|a| a.outcome == "dead_lettered"), "{:?}", s.attempts);
+    assert!(s.attempts[0].error.as_deref().unwrap().contains("delivery_limit"), "{:?}", s.attempts[0].error);
+    // The message itself is kept for inspection, with the reason.
+    let (_, reason) = h.next_dead_letter(Duration::from_secs(5)).await?;
+    assert!(reason.contains("delivery_limit"), "{reason}");
+    nacker.abort();
+    conn.close(200, "bye".into()).await?;
+    h.finish().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciler_repairs_a_task_without_a_live_owner() -> anyhow::Result<()> {
+    let h = Harness::start_with(|c| c.reconcile_quiet_ms = 0).await?;
+    h.register_yaml(
+        "namespace: t\nname: two\nversion: 1\nsteps:\n  - { name: a, handler: echo }\n  - { name: b, handler: echo, depends_on: [a] }\n",
+    )
+    .await?;
+    h.spawn_worker(h.worker().handler_fn("echo", |_| async { Ok(json!(1)) }));
+    let done = h.run("t", "two", json!({})).await?;
+    assert_eq!(done.state, "completed");
+    // Corrupt a second task as a bug or lost write would: a succeeded, b still waiting on it.
+    let id = h.submit("t", "two", json!({})).await?;
+    h.wait(id).await?;
+    sqlx::query("UPDATE tasks SET state = 'running', finished_at = NULL, unfinished_steps = 1 WHERE id = $1")
+        .bind(id.0)
+        .execute(&h.db)
+        .await?;
+    sqlx::query("UPDATE steps SET state = 'waiting', pending_parents = 1, output = NULL, attempt = 1 WHERE task_id = $1 AND name = 'b'")
+        .bind(id.0)
+        .execute(&h.db)
+        .await?;
+    let repaired = tasker_orchestrator::timers::reconcile(&h.shared(0)).await?;
+    assert_eq!(repaired, 1);
+    assert_eq!(h.shared(0).metrics.reconciler_repairs_total.load(Ordering::Relaxed), 1);
+    let task = h.wait(id).await?;
+    assert_eq!(task.state, "completed");
+    assert_eq!(task.steps[1].attempt, 2, "b ran again with a new attempt");
+    // A healthy database has nothing to repair.
+    assert!(steps::find_inconsistent(&h.db, 0, 10).await?.is_empty());
+    h.finish().await;
+    Ok(())
+}
