@@ -70,6 +70,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Cancel a running task: nothing new is dispatched; running steps may still report.
+    Cancel {
+        id: TaskId,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Retry a failed or cancelled task: its failed, skipped and cancelled steps run again.
+    Retry {
+        id: TaskId,
+        /// Wait for the task to finish and print it.
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
     /// List tasks, newest first.
     List {
         #[arg(long)]
@@ -184,6 +199,21 @@ async fn main() -> Result<()> {
                 std::process::exit(1);
             }
         }
+        Command::Cancel { id, reason } => {
+            let task = client().cancel(*id, reason.as_deref()).await?;
+            print_task(&task);
+        }
+        Command::Retry { id, wait, timeout } => {
+            let client = client();
+            let mut task = client.retry(*id).await?;
+            if *wait {
+                task = client.wait(*id, Duration::from_secs(*timeout)).await?;
+            }
+            print_task(&task);
+            if *wait && task.state != "completed" {
+                std::process::exit(1);
+            }
+        }
         Command::List { namespace, state, template, limit, json } => {
             let filter = ListTasks {
                 namespace: namespace.clone(),
@@ -234,6 +264,12 @@ fn print_task(t: &TaskView) {
             _ => String::new(),
         };
         println!("{:<20} {:<11} {:>7}  {}", s.name, s.state, s.attempt, detail);
+    }
+    if !t.events.is_empty() {
+        println!();
+        for e in &t.events {
+            println!("event {:>3}  {}  {}", e.seq, e.at, e.kind);
+        }
     }
     println!();
     match (&t.output, &t.error) {

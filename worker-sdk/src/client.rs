@@ -175,6 +175,21 @@ impl Client {
             .await
     }
 
+    /// `POST /v1/tasks/{id}/cancel`: stops admission at once and cancels unstarted steps; steps
+    /// already running may still report. Returns the task as it is after the request.
+    pub async fn cancel(&self, id: TaskId, reason: Option<&str>) -> Result<TaskView, ClientError> {
+        let body = serde_json::json!({ "reason": reason });
+        self.send(self.request(Method::POST, &format!("/v1/tasks/{id}/cancel")).json(&body))
+            .await
+    }
+
+    /// `POST /v1/tasks/{id}/retry`: runs the failed, skipped and cancelled steps of a failed or
+    /// cancelled task again, with new attempt numbers.
+    pub async fn retry(&self, id: TaskId) -> Result<TaskView, ClientError> {
+        self.send(self.request(Method::POST, &format!("/v1/tasks/{id}/retry")))
+            .await
+    }
+
     /// Waits until the task is finished (completed, failed or cancelled) and returns it, long-
     /// polling `GET /v1/tasks/{id}?wait_ms=N`. Fails with [`ClientError::Timeout`] after `timeout`.
     pub async fn wait(&self, id: TaskId, timeout: Duration) -> Result<TaskView, ClientError> {

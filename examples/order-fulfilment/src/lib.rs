@@ -48,6 +48,7 @@ pub struct Order {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Item {
     pub sku: String,
+    #[serde(alias = "qty")]
     pub quantity: u32,
 }
 
