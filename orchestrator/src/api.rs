@@ -5,14 +5,16 @@ use crate::state::Shared;
 use crate::store::{self, tasks::ListFilter, templates::Registered};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use std::time::Duration;
-use tasker_schemas::api::{ErrorBody, ErrorDetail, RegisterResponse, SubmitResponse, SubmitTask, TemplateView};
+use tasker_schemas::api::{
+    ErrorBody, ErrorDetail, RegisterResponse, SubmitResponse, SubmitTask, TemplateView,
+};
 use tasker_schemas::{TaskId, Template};
 
 /// The router, with body limits and (when keys are configured) bearer authentication on `/v1`.
@@ -42,7 +44,16 @@ pub struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
-        Self { status, body: ErrorBody { error: ErrorDetail { code: code.into(), message: message.into(), task_id: None } } }
+        Self {
+            status,
+            body: ErrorBody {
+                error: ErrorDetail {
+                    code: code.into(),
+                    message: message.into(),
+                    task_id: None,
+                },
+            },
+        }
     }
 }
 
@@ -63,8 +74,12 @@ impl From<Error> for ApiError {
             Error::TaskNotFound(_) => (StatusCode::NOT_FOUND, "task_not_found"),
             Error::IdempotencyConflict { .. } => (StatusCode::CONFLICT, "idempotency_conflict"),
             Error::TaskIdConflict(_) => (StatusCode::CONFLICT, "task_id_conflict"),
-            Error::Data(DataError::TooLarge { .. }) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
-            Error::Data(_) | Error::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            Error::Data(DataError::TooLarge { .. }) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+            }
+            Error::Data(_) | Error::InvalidRequest(_) => {
+                (StatusCode::BAD_REQUEST, "invalid_request")
+            }
             Error::InvalidState { .. } => (StatusCode::CONFLICT, "invalid_state"),
             e if e.is_retryable() => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
@@ -82,8 +97,16 @@ impl From<Error> for ApiError {
 
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
-        let status = if r.status() == StatusCode::PAYLOAD_TOO_LARGE { r.status() } else { StatusCode::BAD_REQUEST };
-        let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "payload_too_large" } else { "invalid_request" };
+        let status = if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            r.status()
+        } else {
+            StatusCode::BAD_REQUEST
+        };
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "payload_too_large"
+        } else {
+            "invalid_request"
+        };
         ApiError::new(status, code, r.body_text())
     }
 }
@@ -100,11 +123,21 @@ async fn authenticate(State(shared): State<Shared>, req: Request, next: Next) ->
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     match token {
-        Some(t) if shared.config.api_keys.iter().any(|k| constant_time_eq(k.as_bytes(), t.as_bytes())) => {
+        Some(t)
+            if shared
+                .config
+                .api_keys
+                .iter()
+                .any(|k| constant_time_eq(k.as_bytes(), t.as_bytes())) =>
+        {
             next.run(req).await
         }
-        _ => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid bearer token is required")
-            .into_response(),
+        _ => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid bearer token is required",
+        )
+        .into_response(),
     }
 }
 
@@ -118,7 +151,11 @@ async fn register_template(
 ) -> ApiResult<(StatusCode, Json<RegisterResponse>)> {
     let Json(template) = body?;
     let outcome = crate::startup::register_template(&shared, &template).await?;
-    let status = if outcome == Registered::Created { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if outcome == Registered::Created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((
         status,
         Json(RegisterResponse {
@@ -148,7 +185,10 @@ fn template_view(t: &store::templates::StoredTemplate, full: bool) -> TemplateVi
     }
 }
 
-async fn list_templates(State(shared): State<Shared>, Query(q): Query<TemplateQuery>) -> ApiResult<Json<Vec<TemplateView>>> {
+async fn list_templates(
+    State(shared): State<Shared>,
+    Query(q): Query<TemplateQuery>,
+) -> ApiResult<Json<Vec<TemplateView>>> {
     let all = store::templates::list(&shared.db, q.namespace.as_deref()).await?;
     Ok(Json(all.iter().map(|t| template_view(t, false)).collect()))
 }
@@ -158,7 +198,10 @@ async fn show_template(
     Path((namespace, name)): Path<(String, String)>,
     Query(q): Query<TemplateQuery>,
 ) -> ApiResult<Json<TemplateView>> {
-    let t = shared.templates.find(&shared.db, &namespace, &name, q.version).await?;
+    let t = shared
+        .templates
+        .find(&shared.db, &namespace, &name, q.version)
+        .await?;
     Ok(Json(template_view(&t, true)))
 }
 
@@ -168,8 +211,18 @@ async fn submit_task(
 ) -> ApiResult<(StatusCode, Json<SubmitResponse>)> {
     let Json(req) = body?;
     let created = crate::intake::submit(&shared, &req, None).await?;
-    let status = if created.created { StatusCode::CREATED } else { StatusCode::OK };
-    Ok((status, Json(SubmitResponse { task_id: created.task_id, created: created.created })))
+    let status = if created.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        Json(SubmitResponse {
+            task_id: created.task_id,
+            created: created.created,
+        }),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -191,7 +244,9 @@ async fn show_task(
     if !wait.is_zero() {
         // Subscribe before reading, so a finish between the read and the wait is not missed.
         let mut finished = shared.finished.subscribe();
-        let state = store::tasks::state(&shared.db, id).await?.ok_or(Error::TaskNotFound(id))?;
+        let state = store::tasks::state(&shared.db, id)
+            .await?
+            .ok_or(Error::TaskNotFound(id))?;
         if matches!(state.as_str(), "pending" | "running") {
             let _ = tokio::time::timeout(wait, async {
                 loop {
@@ -211,8 +266,13 @@ async fn show_task(
 }
 
 fn parse_task_id(id: &str) -> Result<TaskId, ApiError> {
-    id.parse()
-        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", format!("{id:?} is not a task id")))
+    id.parse().map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("{id:?} is not a task id"),
+        )
+    })
 }
 
 #[derive(Deserialize, Default)]
@@ -231,10 +291,17 @@ async fn cancel_task(
     let finished = store::tasks::cancel(&mut tx, id, reason.as_deref()).await?;
     tx.commit().await.map_err(Error::from)?;
     // Tell workers; a step already taken may still run, and its result advances nothing.
-    let cancel = tasker_schemas::Cancel { task_id: id, reason };
+    let cancel = tasker_schemas::Cancel {
+        task_id: id,
+        reason,
+    };
     if let Ok(bytes) = tasker_schemas::encode_payload(cancel) {
         let props = crate::broker::properties(tasker_schemas::MessageId::new());
-        if let Err(e) = shared.publisher.send_event(&shared.names.cancel_exchange(), "", &bytes, props).await {
+        if let Err(e) = shared
+            .publisher
+            .send_event(&shared.names.cancel_exchange(), "", &bytes, props)
+            .await
+        {
             tracing::warn!(error = %e, "could not publish cancel message");
         }
     }
@@ -243,7 +310,10 @@ async fn cancel_task(
     Ok(Json(store::tasks::view(&shared.db, id).await?))
 }
 
-async fn retry_task(State(shared): State<Shared>, Path(id): Path<String>) -> ApiResult<Json<tasker_schemas::api::TaskView>> {
+async fn retry_task(
+    State(shared): State<Shared>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<tasker_schemas::api::TaskView>> {
     let id = parse_task_id(&id)?;
     let mut tx = shared.db.begin().await.map_err(Error::from)?;
     let queues = store::tasks::retry(&mut tx, id).await?;
@@ -262,17 +332,28 @@ struct ListQuery {
     limit: Option<i64>,
 }
 
-async fn list_tasks(State(shared): State<Shared>, Query(q): Query<ListQuery>) -> ApiResult<Json<tasker_schemas::api::TaskList>> {
+async fn list_tasks(
+    State(shared): State<Shared>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Json<tasker_schemas::api::TaskList>> {
     let after = match q.after {
         Some(a) => Some(a.parse::<TaskId>().map_err(|_| {
-            ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", format!("after={a:?} is not a task id"))
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("after={a:?} is not a task id"),
+            )
         })?),
         None => None,
     };
     if let Some(s) = &q.state
         && !["pending", "running", "completed", "failed", "cancelled"].contains(&s.as_str())
     {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", format!("unknown state {s:?}")));
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("unknown state {s:?}"),
+        ));
     }
     let filter = ListFilter {
         namespace: q.namespace,
@@ -286,13 +367,24 @@ async fn list_tasks(State(shared): State<Shared>, Query(q): Query<ListQuery>) ->
 
 async fn ready(State(shared): State<Shared>) -> Response {
     let check = sqlx::query("SELECT 1").execute(&shared.db);
-    let db = matches!(tokio::time::timeout(Duration::from_secs(2), check).await, Ok(Ok(_)));
+    let db = matches!(
+        tokio::time::timeout(Duration::from_secs(2), check).await,
+        Ok(Ok(_))
+    );
     let broker = shared.publisher.is_connected();
     let body = serde_json::json!({ "database": db, "broker": broker });
-    let status = if db && broker { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if db && broker {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, Json(body)).into_response()
 }
 
 async fn metrics(State(shared): State<Shared>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], shared.metrics.render()).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        shared.metrics.render(),
+    )
+        .into_response()
 }

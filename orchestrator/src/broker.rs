@@ -2,14 +2,15 @@
 
 use crate::error::Result;
 use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
-use lapin::{Confirmation, PublisherConfirm};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
-use tasker_schemas::message::{CONTENT_TYPE, HEADER_DEAD_LETTER_REASON};
+use lapin::{Confirmation, PublisherConfirm};
 use std::collections::HashSet;
 use std::sync::Arc;
+use tasker_schemas::message::{CONTENT_TYPE, HEADER_DEAD_LETTER_REASON};
 use tasker_schemas::{MessageId, Names};
 use tokio::sync::RwLock;
 
@@ -27,8 +28,14 @@ fn queue_args(names: &Names, delivery_limit: u32) -> FieldTable {
 
 fn queue_args_to(dead_letter_exchange: &str, delivery_limit: u32) -> FieldTable {
     let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from("quorum")));
-    args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(i64::from(delivery_limit)));
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    args.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongLongInt(i64::from(delivery_limit)),
+    );
     args.insert(
         "x-dead-letter-exchange".into(),
         AMQPValue::LongString(LongString::from(dead_letter_exchange)),
@@ -37,11 +44,19 @@ fn queue_args_to(dead_letter_exchange: &str, delivery_limit: u32) -> FieldTable 
 }
 
 fn durable() -> ExchangeDeclareOptions {
-    ExchangeDeclareOptions { durable: true, ..Default::default() }
+    ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    }
 }
 
 /// Declares every exchange and the orchestrator's own queues. Idempotent.
-pub async fn declare_topology(ch: &Channel, names: &Names, shards: u16, delivery_limit: u32) -> Result<()> {
+pub async fn declare_topology(
+    ch: &Channel,
+    names: &Names,
+    shards: u16,
+    delivery_limit: u32,
+) -> Result<()> {
     for (name, kind) in [
         (names.tasks_exchange(), ExchangeKind::Topic),
         (names.steps_exchange(), ExchangeKind::Direct),
@@ -51,13 +66,21 @@ pub async fn declare_topology(ch: &Channel, names: &Names, shards: u16, delivery
         (names.dead_letter_exchange(), ExchangeKind::Fanout),
         (names.step_dead_letter_exchange(), ExchangeKind::Fanout),
     ] {
-        ch.exchange_declare(name.into(), kind, durable(), FieldTable::default()).await?;
+        ch.exchange_declare(name.into(), kind, durable(), FieldTable::default())
+            .await?;
     }
-    let queue_opts = QueueDeclareOptions { durable: true, ..Default::default() };
+    let queue_opts = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
     // The dead-letter queue itself does not dead-letter.
     let mut dl_args = FieldTable::default();
-    dl_args.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from("quorum")));
-    ch.queue_declare(names.dead_letter_queue().into(), queue_opts, dl_args).await?;
+    dl_args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    ch.queue_declare(names.dead_letter_queue().into(), queue_opts, dl_args)
+        .await?;
     ch.queue_bind(
         names.dead_letter_queue().into(),
         names.dead_letter_exchange().into(),
@@ -67,7 +90,12 @@ pub async fn declare_topology(ch: &Channel, names: &Names, shards: u16, delivery
     )
     .await?;
     // Dead step messages go to their own queue: the orchestrator turns each into a failed attempt.
-    ch.queue_declare(names.step_dead_letter_queue().into(), queue_opts, queue_args(names, delivery_limit)).await?;
+    ch.queue_declare(
+        names.step_dead_letter_queue().into(),
+        queue_opts,
+        queue_args(names, delivery_limit),
+    )
+    .await?;
     ch.queue_bind(
         names.step_dead_letter_queue().into(),
         names.step_dead_letter_exchange().into(),
@@ -76,7 +104,12 @@ pub async fn declare_topology(ch: &Channel, names: &Names, shards: u16, delivery
         FieldTable::default(),
     )
     .await?;
-    ch.queue_declare(names.task_requests_queue().into(), queue_opts, queue_args(names, delivery_limit)).await?;
+    ch.queue_declare(
+        names.task_requests_queue().into(),
+        queue_opts,
+        queue_args(names, delivery_limit),
+    )
+    .await?;
     ch.queue_bind(
         names.task_requests_queue().into(),
         names.tasks_exchange().into(),
@@ -86,7 +119,12 @@ pub async fn declare_topology(ch: &Channel, names: &Names, shards: u16, delivery
     )
     .await?;
     for shard in 0..shards.max(1) {
-        ch.queue_declare(names.results_queue(shard).into(), queue_opts, queue_args(names, delivery_limit)).await?;
+        ch.queue_declare(
+            names.results_queue(shard).into(),
+            queue_opts,
+            queue_args(names, delivery_limit),
+        )
+        .await?;
         ch.queue_bind(
             names.results_queue(shard).into(),
             names.results_exchange().into(),
@@ -100,11 +138,19 @@ pub async fn declare_topology(ch: &Channel, names: &Names, shards: u16, delivery
 }
 
 /// Declares the queue behind a template queue name and binds it to the steps exchange.
-pub async fn declare_step_queue(ch: &Channel, names: &Names, queue: &str, delivery_limit: u32) -> Result<()> {
+pub async fn declare_step_queue(
+    ch: &Channel,
+    names: &Names,
+    queue: &str,
+    delivery_limit: u32,
+) -> Result<()> {
     let amqp_queue = names.step_queue(queue);
     ch.queue_declare(
         amqp_queue.as_str().into(),
-        QueueDeclareOptions { durable: true, ..Default::default() },
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
         queue_args_to(&names.step_dead_letter_exchange(), delivery_limit),
     )
     .await?;
@@ -163,7 +209,12 @@ pub enum Delivered {
 
 impl Publisher {
     /// Connects and declares the topology the orchestrator owns.
-    pub async fn connect(url: &str, names: &Names, shards: u16, delivery_limit: u32) -> Result<Self> {
+    pub async fn connect(
+        url: &str,
+        names: &Names,
+        shards: u16,
+        delivery_limit: u32,
+    ) -> Result<Self> {
         let link = Self::open(url, names, shards, delivery_limit, &HashSet::new()).await?;
         Ok(Self {
             inner: Arc::new(PublisherInner {
@@ -177,15 +228,26 @@ impl Publisher {
         })
     }
 
-    async fn open(url: &str, names: &Names, shards: u16, delivery_limit: u32, queues: &HashSet<String>) -> Result<Link> {
+    async fn open(
+        url: &str,
+        names: &Names,
+        shards: u16,
+        delivery_limit: u32,
+        queues: &HashSet<String>,
+    ) -> Result<Link> {
         let connection = connect(url).await?;
         let channel = connection.create_channel().await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
         declare_topology(&channel, names, shards, delivery_limit).await?;
         for q in queues {
             declare_step_queue(&channel, names, q, delivery_limit).await?;
         }
-        Ok(Link { connection, channel })
+        Ok(Link {
+            connection,
+            channel,
+        })
     }
 
     /// The confirm channel, reconnecting first if the broker connection was lost.
@@ -199,7 +261,12 @@ impl Publisher {
         let mut link = self.inner.link.write().await;
         if !link.channel.status().connected() {
             tracing::warn!("broker link lost; reconnecting");
-            let queues = self.inner.step_queues.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let queues = self
+                .inner
+                .step_queues
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
             let i = &self.inner;
             *link = Self::open(&i.url, &i.names, i.shards, i.delivery_limit, &queues).await?;
             tracing::info!("broker link re-established");
@@ -209,14 +276,22 @@ impl Publisher {
 
     /// True while the publishing link is up (for `/ready`).
     pub fn is_connected(&self) -> bool {
-        self.inner.link.try_read().map(|l| l.channel.status().connected()).unwrap_or(false)
+        self.inner
+            .link
+            .try_read()
+            .map(|l| l.channel.status().connected())
+            .unwrap_or(false)
     }
 
     /// Declares a step queue now and after every reconnect.
     pub async fn declare_step_queue(&self, queue: &str) -> Result<()> {
         let ch = self.channel().await?;
         declare_step_queue(&ch, &self.inner.names, queue, self.inner.delivery_limit).await?;
-        self.inner.step_queues.lock().unwrap_or_else(|p| p.into_inner()).insert(queue.to_owned());
+        self.inner
+            .step_queues
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(queue.to_owned());
         Ok(())
     }
 
@@ -240,7 +315,10 @@ impl Publisher {
             .basic_publish(
                 ShortString::from(exchange),
                 ShortString::from(routing_key),
-                BasicPublishOptions { mandatory: true, ..Default::default() },
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
                 payload,
                 props,
             )
@@ -248,7 +326,13 @@ impl Publisher {
     }
 
     /// Sends a persistent message that may have no subscriber (lifecycle events): not mandatory.
-    pub async fn send_event(&self, exchange: &str, routing_key: &str, payload: &[u8], props: BasicProperties) -> Result<()> {
+    pub async fn send_event(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        payload: &[u8],
+        props: BasicProperties,
+    ) -> Result<()> {
         let _confirm = self
             .channel()
             .await?
@@ -267,21 +351,39 @@ impl Publisher {
     pub async fn settle(confirm: PublisherConfirm) -> Result<Delivered> {
         Ok(match confirm.await? {
             Confirmation::Ack(None) | Confirmation::NotRequested => Delivered::Confirmed,
-            Confirmation::Ack(Some(returned)) => Delivered::Unroutable(returned.reply_text.to_string()),
+            Confirmation::Ack(Some(returned)) => {
+                Delivered::Unroutable(returned.reply_text.to_string())
+            }
             Confirmation::Nack(_) => Delivered::Nacked,
         })
     }
 
     /// Sends and waits for the confirm.
-    pub async fn publish(&self, exchange: &str, routing_key: &str, payload: &[u8], props: BasicProperties) -> Result<Delivered> {
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        payload: &[u8],
+        props: BasicProperties,
+    ) -> Result<Delivered> {
         Self::settle(self.send(exchange, routing_key, payload, props).await?).await
     }
 
     /// Puts bytes on the dead-letter exchange with the reason in a header, confirmed.
-    pub async fn dead_letter(&self, names: &Names, payload: &[u8], mut props: BasicProperties, reason: &str) -> Result<Delivered> {
+    pub async fn dead_letter(
+        &self,
+        names: &Names,
+        payload: &[u8],
+        mut props: BasicProperties,
+        reason: &str,
+    ) -> Result<Delivered> {
         let mut headers = props.headers().clone().unwrap_or_default();
-        headers.insert(HEADER_DEAD_LETTER_REASON.into(), AMQPValue::LongString(LongString::from(reason)));
+        headers.insert(
+            HEADER_DEAD_LETTER_REASON.into(),
+            AMQPValue::LongString(LongString::from(reason)),
+        );
         props = props.with_headers(headers).with_delivery_mode(2);
-        self.publish(&names.dead_letter_exchange(), "", payload, props).await
+        self.publish(&names.dead_letter_exchange(), "", payload, props)
+            .await
     }
 }

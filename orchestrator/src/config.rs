@@ -103,9 +103,13 @@ impl std::fmt::Debug for Config {
 
 /// Replaces the password of a URL with `***`.
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
     let (authority, path) = rest.split_once('/').map_or((rest, ""), |(a, p)| (a, p));
-    let Some((userinfo, host)) = authority.rsplit_once('@') else { return url.to_owned() };
+    let Some((userinfo, host)) = authority.rsplit_once('@') else {
+        return url.to_owned();
+    };
     let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
     let sep = if rest.contains('/') { "/" } else { "" };
     format!("{scheme}://{user}:***@{host}{sep}{path}")
@@ -115,7 +119,10 @@ pub fn redact_url(url: &str) -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {error}")]
-    Read { path: PathBuf, error: std::io::Error },
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
     #[error("invalid config file {path}: {error}")]
     Parse { path: PathBuf, error: String },
     #[error("invalid value for {var}: {error}")]
@@ -127,10 +134,14 @@ impl Config {
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
         let mut config = match file {
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|error| ConfigError::Read { path: path.to_owned(), error })?;
-                serde_saphyr::from_str(&text)
-                    .map_err(|e| ConfigError::Parse { path: path.to_owned(), error: e.to_string() })?
+                let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+                    path: path.to_owned(),
+                    error,
+                })?;
+                serde_saphyr::from_str(&text).map_err(|e| ConfigError::Parse {
+                    path: path.to_owned(),
+                    error: e.to_string(),
+                })?
             }
             None => Config::default(),
         };
@@ -144,7 +155,10 @@ impl Config {
         where
             T::Err: std::fmt::Display,
         {
-            v.parse().map_err(|e: T::Err| ConfigError::Env { var, error: e.to_string() })
+            v.parse().map_err(|e: T::Err| ConfigError::Env {
+                var,
+                error: e.to_string(),
+            })
         }
         macro_rules! env {
             ($var:literal => $field:expr, string) => {
@@ -166,7 +180,12 @@ impl Config {
             self.templates_dir = Some(PathBuf::from(v));
         }
         if let Some(v) = get("TASKER_API_KEYS") {
-            self.api_keys = v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
+            self.api_keys = v
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect();
         }
         env!("TASKER_DB_POOL_SIZE" => self.db_pool_size);
         env!("TASKER_RESULT_SHARDS" => self.result_shards);
@@ -206,10 +225,19 @@ mod tests {
 
     #[test]
     fn passwords_are_redacted() {
-        assert_eq!(redact_url("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
-        assert_eq!(redact_url("amqp://guest:guest@127.0.0.1:5672/%2f"), "amqp://guest:***@127.0.0.1:5672/%2f");
+        assert_eq!(
+            redact_url("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(
+            redact_url("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
         assert_eq!(redact_url("amqp://host"), "amqp://host");
-        let c = Config { database_url: "postgres://u:hunter2@h/db".into(), ..Config::default() };
+        let c = Config {
+            database_url: "postgres://u:hunter2@h/db".into(),
+            ..Config::default()
+        };
         assert!(!format!("{c:?}").contains("hunter2"));
     }
 
@@ -226,7 +254,9 @@ mod tests {
         assert_eq!(c.prefix, "p1");
         assert_eq!(c.result_shards, 4);
         assert_eq!(c.api_keys, vec!["a", "b"]);
-        let err = c.apply_env(|k| (k == "TASKER_RESULT_SHARDS").then(|| "many".into())).unwrap_err();
+        let err = c
+            .apply_env(|k| (k == "TASKER_RESULT_SHARDS").then(|| "many".into()))
+            .unwrap_err();
         assert!(err.to_string().contains("TASKER_RESULT_SHARDS"));
     }
 }

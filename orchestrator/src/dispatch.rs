@@ -6,7 +6,7 @@
 //! publish never changes step state. If this process dies anywhere in between, the outbox entry
 //! survives and the relay (in [`crate::timers`]) republishes it.
 
-use crate::broker::{properties, Delivered, Publisher};
+use crate::broker::{Delivered, Publisher, properties};
 use crate::error::Result;
 use crate::metrics::Metrics;
 use crate::state::Shared;
@@ -16,8 +16,8 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tasker_schemas::topology::{result_routing_key, shard_of};
-use tasker_schemas::{encode, Envelope, MessageId, StepMessage};
-use tokio::sync::{mpsc, Notify};
+use tasker_schemas::{Envelope, MessageId, StepMessage, encode};
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 /// Tells the dispatcher which queues may have admissible steps.
@@ -49,15 +49,28 @@ impl DispatchHandle {
 
     /// Adds queues the backstop poll should look at.
     pub fn know<I: IntoIterator<Item = S>, S: Into<String>>(&self, queues: I) {
-        self.known.lock().unwrap_or_else(|p| p.into_inner()).extend(queues.into_iter().map(Into::into));
+        self.known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(queues.into_iter().map(Into::into));
     }
 
     fn take(&self) -> Vec<String> {
-        self.dirty.lock().unwrap_or_else(|p| p.into_inner()).drain().collect()
+        self.dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .collect()
     }
 
     fn wake_all_known(&self) {
-        let known: Vec<String> = self.known.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect();
+        let known: Vec<String> = self
+            .known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect();
         self.wake(known);
     }
 }
@@ -108,11 +121,16 @@ pub async fn run(shared: Shared, confirms: mpsc::Sender<Pending>, shutdown: Canc
 }
 
 /// Admits and publishes batches for one queue until it has no more room or work.
-async fn dispatch_queue(shared: &Shared, queue: &str, confirms: &mpsc::Sender<Pending>) -> Result<()> {
+async fn dispatch_queue(
+    shared: &Shared,
+    queue: &str,
+    confirms: &mpsc::Sender<Pending>,
+) -> Result<()> {
     let batch = shared.config.dispatch_batch_size.max(1);
     loop {
         let mut tx = shared.db.begin().await?;
-        let admitted = steps::dispatch(&mut tx, queue, shared.config.max_in_flight_per_queue, batch).await?;
+        let admitted =
+            steps::dispatch(&mut tx, queue, shared.config.max_in_flight_per_queue, batch).await?;
         if admitted.is_empty() {
             tx.commit().await?;
             return Ok(());
@@ -138,14 +156,19 @@ pub async fn publish_admitted(
 ) {
     let mut failed = Vec::new();
     for m in messages {
-        let Some(a) = admitted.iter().find(|a| a.step_id == m.step_id) else { continue };
+        let Some(a) = admitted.iter().find(|a| a.step_id == m.step_id) else {
+            continue;
+        };
         if m.state != "dispatched" || m.attempt != a.attempt {
             // Already finished (a relay of an old entry): nothing to publish; clear the entry.
             let _ = steps::clear_outbox(&shared.db, &[a.outbox_id]).await;
             continue;
         }
         let idempotency_key = format!("{}:{}", m.task_id, m.step);
-        let routing = result_routing_key(&m.namespace, shard_of(&m.task_id, shared.config.result_shards));
+        let routing = result_routing_key(
+            &m.namespace,
+            shard_of(&m.task_id, shared.config.result_shards),
+        );
         let envelope = Envelope::new(StepMessage {
             task_id: m.task_id,
             step_id: m.step_id,
@@ -181,7 +204,12 @@ pub async fn publish_admitted(
         };
         match shared
             .publisher
-            .send(&shared.names.steps_exchange(), &m.queue, &bytes, properties(message_id))
+            .send(
+                &shared.names.steps_exchange(),
+                &m.queue,
+                &bytes,
+                properties(message_id),
+            )
             .await
         {
             Ok(confirm) => {
@@ -197,23 +225,33 @@ pub async fn publish_admitted(
                     return;
                 }
             }
-            Err(e) => tracing::warn!(step_id = %m.step_id, error = %e, "publish failed; the relay will retry"),
+            Err(e) => {
+                tracing::warn!(step_id = %m.step_id, error = %e, "publish failed; the relay will retry")
+            }
         }
     }
-    if !failed.is_empty() {
-        if let Err(e) = crate::results::apply_outcomes(shared, failed).await {
-            tracing::warn!(error = %e, "could not fail oversized step attempts; the relay will retry");
-        }
+    if !failed.is_empty()
+        && let Err(e) = crate::results::apply_outcomes(shared, failed).await
+    {
+        tracing::warn!(error = %e, "could not fail oversized step attempts; the relay will retry");
     }
 }
 
-fn dead(task: &tasker_schemas::TaskId, step: tasker_schemas::StepId, a: &Admitted, error: String) -> Finished {
+fn dead(
+    task: &tasker_schemas::TaskId,
+    step: tasker_schemas::StepId,
+    a: &Admitted,
+    error: String,
+) -> Finished {
     Finished {
         task_id: *task,
         step_id: step,
         attempt: a.attempt,
         worker: None,
-        outcome: AttemptOutcome::DeadLettered { error, retryable: false },
+        outcome: AttemptOutcome::DeadLettered {
+            error,
+            retryable: false,
+        },
     }
 }
 
@@ -234,7 +272,10 @@ pub async fn run_confirmer(shared: Shared, mut rx: mpsc::Receiver<Pending>) {
                         attempt: p.attempt,
                         worker: None,
                         outcome: AttemptOutcome::DeadLettered {
-                            error: format!("step message unroutable: no queue bound for {:?} ({text})", p.queue),
+                            error: format!(
+                                "step message unroutable: no queue bound for {:?} ({text})",
+                                p.queue
+                            ),
                             retryable: true,
                         },
                     });
@@ -244,16 +285,16 @@ pub async fn run_confirmer(shared: Shared, mut rx: mpsc::Receiver<Pending>) {
                 }
             }
         }
-        if !done.is_empty() {
-            if let Err(e) = steps::clear_outbox(&shared.db, &done).await {
-                // Harmless: the relay republishes, and the result guard drops duplicates.
-                tracing::warn!(error = %e, "could not clear outbox entries");
-            }
+        if !done.is_empty()
+            && let Err(e) = steps::clear_outbox(&shared.db, &done).await
+        {
+            // Harmless: the relay republishes, and the result guard drops duplicates.
+            tracing::warn!(error = %e, "could not clear outbox entries");
         }
-        if !unroutable.is_empty() {
-            if let Err(e) = crate::results::apply_outcomes(&shared, unroutable).await {
-                tracing::warn!(error = %e, "could not fail unroutable attempts");
-            }
+        if !unroutable.is_empty()
+            && let Err(e) = crate::results::apply_outcomes(&shared, unroutable).await
+        {
+            tracing::warn!(error = %e, "could not fail unroutable attempts");
         }
     }
 }

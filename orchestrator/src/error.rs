@@ -15,10 +15,20 @@ pub enum Error {
     Broker(#[from] lapin::Error),
     #[error("invalid template: {0}")]
     InvalidTemplate(#[from] TemplateError),
-    #[error("template {namespace}/{name} version {version} is already registered with different content")]
-    TemplateConflict { namespace: String, name: String, version: u32 },
+    #[error(
+        "template {namespace}/{name} version {version} is already registered with different content"
+    )]
+    TemplateConflict {
+        namespace: String,
+        name: String,
+        version: u32,
+    },
     #[error("template {namespace}/{name}{} not found", .version.map(|v| format!(" version {v}")).unwrap_or_default())]
-    TemplateNotFound { namespace: String, name: String, version: Option<u32> },
+    TemplateNotFound {
+        namespace: String,
+        name: String,
+        version: Option<u32>,
+    },
     #[error("task {0} not found")]
     TaskNotFound(TaskId),
     #[error("idempotency key {key:?} already used by task {task_id} with a different request")]
@@ -30,7 +40,11 @@ pub enum Error {
     #[error("invalid request: {0}")]
     InvalidRequest(String),
     #[error("task {task_id} is {state}: {action} is not possible")]
-    InvalidState { task_id: TaskId, state: String, action: &'static str },
+    InvalidState {
+        task_id: TaskId,
+        state: String,
+        action: &'static str,
+    },
     #[error("cannot encode message: {0}")]
     Encode(#[from] tasker_schemas::EncodeError),
 }
@@ -50,10 +64,15 @@ impl Error {
 pub fn is_transient_db(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Database(db) => {
-            matches!(db.code().as_deref(), Some("40001" | "40P01" | "55P03" | "57P01" | "57P02" | "57P03"))
-                || db.code().is_some_and(|c| c.starts_with("08"))
+            matches!(
+                db.code().as_deref(),
+                Some("40001" | "40P01" | "55P03" | "57P01" | "57P02" | "57P03")
+            ) || db.code().is_some_and(|c| c.starts_with("08"))
         }
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Protocol(_) => true,
         sqlx::Error::Tls(_) | sqlx::Error::WorkerCrashed => true,
         _ => false,
     }

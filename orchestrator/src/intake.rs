@@ -10,14 +10,18 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use std::time::Duration;
 use tasker_schemas::api::SubmitTask;
-use tasker_schemas::{decode, RequestId, TaskRequest};
+use tasker_schemas::{RequestId, TaskRequest, decode};
 use tokio_util::sync::CancellationToken;
 
 /// Longest idempotency key.
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 256;
 
 /// Validates and creates a task (or returns the existing one for an idempotent repeat).
-pub async fn submit(shared: &Shared, req: &SubmitTask, request_id: Option<RequestId>) -> Result<Created> {
+pub async fn submit(
+    shared: &Shared,
+    req: &SubmitTask,
+    request_id: Option<RequestId>,
+) -> Result<Created> {
     tasker_schemas::template::validate_namespace(&req.namespace)?;
     if req.template.is_empty() {
         return Err(Error::InvalidRequest("template must not be empty".into()));
@@ -32,7 +36,9 @@ pub async fn submit(shared: &Shared, req: &SubmitTask, request_id: Option<Reques
     if let Some(id) = req.task_id
         && id.0.get_version_num() != 7
     {
-        return Err(Error::InvalidRequest(format!("task_id {id} must be a UUIDv7")));
+        return Err(Error::InvalidRequest(format!(
+            "task_id {id} must be a UUIDv7"
+        )));
     }
     tasker_schemas::data::check_value("context", &req.context, shared.config.max_context_bytes)?;
     let template = shared
@@ -67,7 +73,9 @@ pub async fn run_consumer(shared: Shared, shutdown: CancellationToken) -> Result
     let conn = crate::broker::connect(&shared.config.amqp_url).await?;
     let channel = conn.create_channel().await?;
     let prefetch: u16 = 32;
-    channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
     let consumer = channel
         .basic_consume(
             shared.names.task_requests_queue().into(),
@@ -131,11 +139,18 @@ async fn handle_request(shared: &Shared, d: Delivery, shutdown: &CancellationTok
 
 async fn reject(shared: &Shared, d: &Delivery, reason: &str) {
     tracing::warn!(reason, "dead-lettering task request");
-    match shared.publisher.dead_letter(&shared.names, &d.data, d.properties.clone(), reason).await {
+    match shared
+        .publisher
+        .dead_letter(&shared.names, &d.data, d.properties.clone(), reason)
+        .await
+    {
         Ok(crate::broker::Delivered::Confirmed) => {
             Metrics::add(&shared.metrics.dead_lettered_total, 1);
             let _ = d.acker.ack(BasicAckOptions::default()).await;
         }
-        other => tracing::warn!(?other, "could not dead-letter task request; leaving it unacked"),
+        other => tracing::warn!(
+            ?other,
+            "could not dead-letter task request; leaving it unacked"
+        ),
     }
 }

@@ -1,20 +1,29 @@
 //! `tasker`: run the orchestrator, migrate, and talk to a running one over HTTP.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Duration;
-use tasker_orchestrator::{startup, App, Config};
-use tasker_schemas::api::{SubmitTask, TaskView};
+use tasker_orchestrator::{App, Config, startup};
 use tasker_schemas::TaskId;
+use tasker_schemas::api::{SubmitTask, TaskView};
 use tasker_worker::client::{Client, ListTasks};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "tasker", version, about = "Tasker: DAG workflows on PostgreSQL and RabbitMQ")]
+#[command(
+    name = "tasker",
+    version,
+    about = "Tasker: DAG workflows on PostgreSQL and RabbitMQ"
+)]
 struct Cli {
     /// Orchestrator HTTP API, for the client commands.
-    #[arg(long, global = true, env = "TASKER_API_URL", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        global = true,
+        env = "TASKER_API_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
     api_url: String,
     /// Bearer token for the HTTP API.
     #[arg(long, global = true, env = "TASKER_API_KEY", hide_env_values = true)]
@@ -110,7 +119,8 @@ enum TemplateCommand {
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,sqlx=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -148,18 +158,33 @@ async fn main() -> Result<()> {
             let client = client();
             for path in files {
                 let template = startup::read_template_file(path).map_err(anyhow::Error::msg)?;
-                template.validate().with_context(|| format!("{} is not a valid template", path.display()))?;
+                template
+                    .validate()
+                    .with_context(|| format!("{} is not a valid template", path.display()))?;
                 let r = client.register_template(&template).await?;
                 println!(
                     "{}/{} version {}: {}",
                     r.namespace,
                     r.name,
                     r.version,
-                    if r.created { "registered" } else { "already registered (unchanged)" }
+                    if r.created {
+                        "registered"
+                    } else {
+                        "already registered (unchanged)"
+                    }
                 );
             }
         }
-        Command::Submit { namespace, template, context, version, idempotency_key, priority, wait, timeout } => {
+        Command::Submit {
+            namespace,
+            template,
+            context,
+            version,
+            idempotency_key,
+            priority,
+            wait,
+            timeout,
+        } => {
             let context: serde_json::Value =
                 serde_json::from_str(context).context("--context must be valid JSON")?;
             let client = client();
@@ -176,14 +201,21 @@ async fn main() -> Result<()> {
                 .await?;
             println!("{}", r.task_id);
             if *wait {
-                let task = client.wait(r.task_id, Duration::from_secs(*timeout)).await?;
+                let task = client
+                    .wait(r.task_id, Duration::from_secs(*timeout))
+                    .await?;
                 print_task(&task);
                 if task.state != "completed" {
                     std::process::exit(1);
                 }
             }
         }
-        Command::Show { id, wait, timeout, json } => {
+        Command::Show {
+            id,
+            wait,
+            timeout,
+            json,
+        } => {
             let client = client();
             let task = if *wait {
                 client.wait(*id, Duration::from_secs(*timeout)).await?
@@ -214,7 +246,13 @@ async fn main() -> Result<()> {
                 std::process::exit(1);
             }
         }
-        Command::List { namespace, state, template, limit, json } => {
+        Command::List {
+            namespace,
+            state,
+            template,
+            limit,
+            json,
+        } => {
             let filter = ListTasks {
                 namespace: namespace.clone(),
                 state: state.clone(),
@@ -226,7 +264,10 @@ async fn main() -> Result<()> {
             if *json {
                 println!("{}", serde_json::to_string_pretty(&page)?);
             } else {
-                println!("{:<38} {:<12} {:<28} {:<10} CREATED", "TASK", "NAMESPACE", "TEMPLATE", "STATE");
+                println!(
+                    "{:<38} {:<12} {:<28} {:<10} CREATED",
+                    "TASK", "NAMESPACE", "TEMPLATE", "STATE"
+                );
                 for t in &page.tasks {
                     println!(
                         "{:<38} {:<12} {:<28} {:<10} {}",
@@ -248,14 +289,20 @@ async fn main() -> Result<()> {
 
 fn print_task(t: &TaskView) {
     println!("task      {}", t.id);
-    println!("template  {}/{} v{}", t.namespace, t.template, t.template_version);
+    println!(
+        "template  {}/{} v{}",
+        t.namespace, t.template, t.template_version
+    );
     println!("state     {}", t.state);
     println!("created   {}", t.created_at);
     if let Some(f) = &t.finished_at {
         println!("finished  {f}");
     }
     println!();
-    println!("{:<20} {:<11} {:>7}  {:<40}", "STEP", "STATE", "ATTEMPT", "OUTPUT / ERROR / WHY WAITING");
+    println!(
+        "{:<20} {:<11} {:>7}  {:<40}",
+        "STEP", "STATE", "ATTEMPT", "OUTPUT / ERROR / WHY WAITING"
+    );
     for s in &t.steps {
         let detail = match (&s.output, &s.error, &s.waiting_reason) {
             (Some(o), _, _) if s.state == "succeeded" => o.to_string(),
@@ -263,7 +310,10 @@ fn print_task(t: &TaskView) {
             (_, _, Some(w)) => w.clone(),
             _ => String::new(),
         };
-        println!("{:<20} {:<11} {:>7}  {}", s.name, s.state, s.attempt, detail);
+        println!(
+            "{:<20} {:<11} {:>7}  {}",
+            s.name, s.state, s.attempt, detail
+        );
     }
     if !t.events.is_empty() {
         println!();
@@ -273,7 +323,10 @@ fn print_task(t: &TaskView) {
     }
     println!();
     match (&t.output, &t.error) {
-        (Some(o), _) => println!("result    {}", serde_json::to_string_pretty(o).unwrap_or_default()),
+        (Some(o), _) => println!(
+            "result    {}",
+            serde_json::to_string_pretty(o).unwrap_or_default()
+        ),
         (_, Some(e)) => println!("error     {e}"),
         _ => {}
     }
@@ -283,10 +336,11 @@ async fn wait_for_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(t) => t,
-            Err(_) => return ctrl_c.await.unwrap_or(()),
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => return ctrl_c.await.unwrap_or(()),
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

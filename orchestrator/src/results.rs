@@ -15,7 +15,7 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use std::time::Duration;
-use tasker_schemas::{encode_payload, LifecycleEvent, Outcome, WorkerMessage};
+use tasker_schemas::{LifecycleEvent, Outcome, WorkerMessage, encode_payload};
 use tokio_util::sync::CancellationToken;
 
 /// Applies outcomes in one transaction, retrying transient database errors, then does the
@@ -59,7 +59,10 @@ async fn after_commit(shared: &Shared, report: &ApplyReport) {
     Metrics::add(&m.results_stale_total, report.stale);
     Metrics::add(&m.results_applied_twice_total, report.applied_twice);
     if report.applied_twice > 0 {
-        tracing::error!(count = report.applied_twice, "outcomes refused by the attempts primary key");
+        tracing::error!(
+            count = report.applied_twice,
+            "outcomes refused by the attempts primary key"
+        );
     }
     if !report.queued.is_empty() {
         shared.dispatch.wake(report.queued.iter().cloned());
@@ -100,7 +103,11 @@ pub async fn publish_event(shared: &Shared, event: LifecycleEvent) {
     match encode_payload(event) {
         Ok(bytes) => {
             let props = crate::broker::properties(tasker_schemas::MessageId::new());
-            if let Err(e) = shared.publisher.send_event(&shared.names.events_exchange(), &key, &bytes, props).await {
+            if let Err(e) = shared
+                .publisher
+                .send_event(&shared.names.events_exchange(), &key, &bytes, props)
+                .await
+            {
                 tracing::warn!(error = %e, "could not publish lifecycle event");
             }
         }
@@ -112,11 +119,21 @@ pub async fn publish_event(shared: &Shared, event: LifecycleEvent) {
 pub fn to_finished(r: tasker_schemas::StepResult) -> Finished {
     let outcome = match r.outcome {
         Outcome::Succeeded { output } => AttemptOutcome::Succeeded { output },
-        Outcome::Failed { message, retryable, retry_after_ms } => {
-            AttemptOutcome::Failed { error: message, retryable, retry_after_ms }
-        }
+        Outcome::Failed {
+            message,
+            retryable,
+            retry_after_ms,
+        } => AttemptOutcome::Failed {
+            error: message,
+            retryable,
+            retry_after_ms,
+        },
         Outcome::HandlerMissing { handler } => AttemptOutcome::HandlerMissing { handler },
-        other => AttemptOutcome::Failed { error: format!("unsupported outcome {other:?}"), retryable: false, retry_after_ms: None },
+        other => AttemptOutcome::Failed {
+            error: format!("unsupported outcome {other:?}"),
+            retryable: false,
+            retry_after_ms: None,
+        },
     };
     Finished {
         task_id: r.task_id,
@@ -135,14 +152,21 @@ struct Item {
 
 enum Work {
     Results(Vec<Finished>),
-    Started { step: tasker_schemas::StepId, attempt: i32, worker: String, lease_ms: i64 },
+    Started {
+        step: tasker_schemas::StepId,
+        attempt: i32,
+        worker: String,
+        lease_ms: i64,
+    },
     /// Undecodable: dead-letter with this reason.
     Bad(String),
 }
 
 fn classify(delivery: Delivery) -> Item {
     let work = match WorkerMessage::decode(&delivery.data) {
-        Ok((_, WorkerMessage::Results(results))) => Work::Results(results.into_iter().map(to_finished).collect()),
+        Ok((_, WorkerMessage::Results(results))) => {
+            Work::Results(results.into_iter().map(to_finished).collect())
+        }
         Ok((_, WorkerMessage::Started(s))) => Work::Started {
             step: s.step_id,
             attempt: s.attempt as i32,
@@ -155,7 +179,9 @@ fn classify(delivery: Delivery) -> Item {
             worker: h.worker,
             lease_ms: h.lease_ms.min(i64::MAX as u64) as i64,
         },
-        Ok((_, other)) => Work::Bad(format!("unsupported message on the results queue: {other:?}")),
+        Ok((_, other)) => Work::Bad(format!(
+            "unsupported message on the results queue: {other:?}"
+        )),
         Err(e) => Work::Bad(e.to_string()),
     };
     Item { delivery, work }
@@ -165,7 +191,9 @@ fn classify(delivery: Delivery) -> Item {
 pub async fn run_consumer(shared: Shared, shard: u16, shutdown: CancellationToken) -> Result<()> {
     let conn = crate::broker::connect(&shared.config.amqp_url).await?;
     let channel = conn.create_channel().await?;
-    channel.basic_qos(shared.config.result_prefetch, BasicQosOptions::default()).await?;
+    channel
+        .basic_qos(shared.config.result_prefetch, BasicQosOptions::default())
+        .await?;
     let mut consumer = channel
         .basic_consume(
             shared.names.results_queue(shard).into(),
@@ -244,8 +272,14 @@ async fn apply_items(shared: &Shared, chunk: &[Item], shutdown: &CancellationTok
             for item in chunk {
                 match &item.work {
                     Work::Results(r) => finished.extend(r.iter().cloned()),
-                    Work::Started { step, attempt, worker, lease_ms } => {
-                        steps::record_started(&shared.db, *step, *attempt, worker, *lease_ms).await?;
+                    Work::Started {
+                        step,
+                        attempt,
+                        worker,
+                        lease_ms,
+                    } => {
+                        steps::record_started(&shared.db, *step, *attempt, worker, *lease_ms)
+                            .await?;
                     }
                     Work::Bad(_) => {}
                 }
@@ -269,11 +303,20 @@ async fn apply_items(shared: &Shared, chunk: &[Item], shutdown: &CancellationTok
 }
 
 async fn dead_letter(shared: &Shared, delivery: &Delivery, reason: &str) -> Result<()> {
-    let verdict =
-        shared.publisher.dead_letter(&shared.names, &delivery.data, delivery.properties.clone(), reason).await?;
+    let verdict = shared
+        .publisher
+        .dead_letter(
+            &shared.names,
+            &delivery.data,
+            delivery.properties.clone(),
+            reason,
+        )
+        .await?;
     if verdict != crate::broker::Delivered::Confirmed {
         // Keep the message (unacked) rather than lose it; it is redelivered later.
-        return Err(Error::InvalidRequest(format!("dead-letter publish not confirmed: {verdict:?}")));
+        return Err(Error::InvalidRequest(format!(
+            "dead-letter publish not confirmed: {verdict:?}"
+        )));
     }
     Metrics::add(&shared.metrics.dead_lettered_total, 1);
     delivery.acker.ack(BasicAckOptions::default()).await?;

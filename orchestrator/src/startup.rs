@@ -2,7 +2,7 @@
 //! Tests build the same app with a fresh database, a unique prefix and port 0.
 
 use crate::broker::Publisher;
-use crate::config::{redact_url, Config};
+use crate::config::{Config, redact_url};
 use crate::dispatch::{self, DispatchHandle};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tasker_schemas::{Names, TaskId, Template};
 use tokio::net::TcpListener;
-use tokio::sync::{broadcast, Notify};
+use tokio::sync::{Notify, broadcast};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -40,7 +40,11 @@ pub async fn connect_db(url: &str, pool_size: u32) -> Result<sqlx::PgPool> {
             .await
     };
     Ok(connect
-        .retry(ExponentialBuilder::default().with_max_delay(Duration::from_secs(2)).with_max_times(10))
+        .retry(
+            ExponentialBuilder::default()
+                .with_max_delay(Duration::from_secs(2))
+                .with_max_times(10),
+        )
         .notify(|e, d| tracing::warn!(error = %e, retry_in = ?d, "database not reachable yet"))
         .await?)
 }
@@ -64,14 +68,22 @@ impl App {
         let db = connect_db(&config.database_url, config.db_pool_size).await?;
         migrate(&db).await?;
         let names = Names::new(config.prefix.clone());
-        let (url, shards, limit) = (config.amqp_url.clone(), config.result_shards, config.delivery_limit);
+        let (url, shards, limit) = (
+            config.amqp_url.clone(),
+            config.result_shards,
+            config.delivery_limit,
+        );
         let publisher = (|| Publisher::connect(&url, &names, shards, limit))
-            .retry(ExponentialBuilder::default().with_max_delay(Duration::from_secs(2)).with_max_times(10))
+            .retry(
+                ExponentialBuilder::default()
+                    .with_max_delay(Duration::from_secs(2))
+                    .with_max_times(10),
+            )
             .notify(|e, d| tracing::warn!(error = %e, retry_in = ?d, "broker not reachable yet"))
             .await?;
-        let listener = TcpListener::bind(config.http_addr)
-            .await
-            .map_err(|e| Error::InvalidRequest(format!("cannot listen on {}: {e}", config.http_addr)))?;
+        let listener = TcpListener::bind(config.http_addr).await.map_err(|e| {
+            Error::InvalidRequest(format!("cannot listen on {}: {e}", config.http_addr))
+        })?;
         let (finished, _) = broadcast::channel(4096);
         let shared = Shared {
             db,
@@ -97,7 +109,9 @@ impl App {
 
     /// The address the HTTP API listens on (useful with port 0).
     pub fn http_addr(&self) -> SocketAddr {
-        self.listener.local_addr().unwrap_or(self.shared.config.http_addr)
+        self.listener
+            .local_addr()
+            .unwrap_or(self.shared.config.http_addr)
     }
 
     /// The shared handles (database pool, metrics, ...), for tests and embedding.
@@ -113,29 +127,53 @@ impl App {
 
         // The confirmer outlives the producers: it stops when every sender is gone.
         let confirmer = tokio::spawn(dispatch::run_confirmer(shared.clone(), confirm_rx));
-        tracker.spawn(dispatch::run(shared.clone(), confirm_tx.clone(), shutdown.clone()));
-        tracker.spawn(crate::timers::run(shared.clone(), confirm_tx, shutdown.clone()));
-        tracker.spawn(crate::timers::run_reconciler(shared.clone(), shutdown.clone()));
+        tracker.spawn(dispatch::run(
+            shared.clone(),
+            confirm_tx.clone(),
+            shutdown.clone(),
+        ));
+        tracker.spawn(crate::timers::run(
+            shared.clone(),
+            confirm_tx,
+            shutdown.clone(),
+        ));
+        tracker.spawn(crate::timers::run_reconciler(
+            shared.clone(),
+            shutdown.clone(),
+        ));
         for shard in 0..shared.config.result_shards.max(1) {
             let s = shared.clone();
-            tracker.spawn(supervise("results consumer", shutdown.clone(), move |stop| {
-                crate::results::run_consumer(s.clone(), shard, stop)
-            }));
+            tracker.spawn(supervise(
+                "results consumer",
+                shutdown.clone(),
+                move |stop| crate::results::run_consumer(s.clone(), shard, stop),
+            ));
         }
         let s = shared.clone();
-        tracker.spawn(supervise("task request consumer", shutdown.clone(), move |stop| {
-            crate::intake::run_consumer(s.clone(), stop)
-        }));
+        tracker.spawn(supervise(
+            "task request consumer",
+            shutdown.clone(),
+            move |stop| crate::intake::run_consumer(s.clone(), stop),
+        ));
         let s = shared.clone();
-        tracker.spawn(supervise("dead step consumer", shutdown.clone(), move |stop| {
-            crate::results::run_dead_step_consumer(s.clone(), stop)
-        }));
+        tracker.spawn(supervise(
+            "dead step consumer",
+            shutdown.clone(),
+            move |stop| crate::results::run_dead_step_consumer(s.clone(), stop),
+        ));
         let s = shared.clone();
-        tracker.spawn(supervise("finish listener", shutdown.clone(), move |stop| listen_finished(s.clone(), stop)));
+        tracker.spawn(supervise(
+            "finish listener",
+            shutdown.clone(),
+            move |stop| listen_finished(s.clone(), stop),
+        ));
         let router = crate::api::router(shared.clone());
         let stop = shutdown.clone();
         tracker.spawn(async move {
-            if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).await {
+            if let Err(e) = axum::serve(listener, router)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+            {
                 tracing::error!(error = %e, "HTTP server failed");
             }
         });
@@ -212,16 +250,23 @@ pub fn parse_template(text: &str) -> std::result::Result<Template, String> {
 
 /// Parses a template file (YAML or JSON).
 pub fn read_template_file(path: &Path) -> std::result::Result<Template, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     parse_template(&text).map_err(|e| format!("invalid template {}: {e}", path.display()))
 }
 
 async fn load_templates_dir(shared: &Shared, dir: &Path) -> Result<()> {
-    let entries = std::fs::read_dir(dir)
-        .map_err(|e| Error::InvalidRequest(format!("cannot read templates dir {}: {e}", dir.display())))?;
+    let entries = std::fs::read_dir(dir).map_err(|e| {
+        Error::InvalidRequest(format!("cannot read templates dir {}: {e}", dir.display()))
+    })?;
     let mut paths: Vec<_> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json")))
+        .filter(|p| {
+            matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some("yaml" | "yml" | "json")
+            )
+        })
         .collect();
     paths.sort();
     for path in paths {

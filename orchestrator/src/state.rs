@@ -8,7 +8,7 @@ use crate::store::templates::TemplateCache;
 use sqlx::PgPool;
 use std::sync::Arc;
 use tasker_schemas::{Names, TaskId};
-use tokio::sync::{broadcast, Notify};
+use tokio::sync::{Notify, broadcast};
 
 #[derive(Clone)]
 pub struct Shared {

@@ -2,7 +2,7 @@
 //! leases become timed-out attempts, and the relay republishes outbox entries left behind.
 //! Time comes from Postgres `now()`.
 
-use crate::dispatch::{publish_admitted, Pending};
+use crate::dispatch::{Pending, publish_admitted};
 use crate::error::Result;
 use crate::metrics::Metrics;
 use crate::state::Shared;
@@ -89,14 +89,18 @@ async fn tick(shared: &Shared, confirms: &mpsc::Sender<Pending>) -> Result<Durat
 /// their messages are published, so two replicas never relay the same entry at once.
 async fn relay(shared: &Shared, confirms: &mpsc::Sender<Pending>) -> Result<()> {
     let mut tx = shared.db.begin().await?;
-    let claimed = steps::claim_stale_outbox(&mut tx, shared.config.relay_after_ms as i64, 500).await?;
+    let claimed =
+        steps::claim_stale_outbox(&mut tx, shared.config.relay_after_ms as i64, 500).await?;
     if claimed.is_empty() {
         tx.commit().await?;
         return Ok(());
     }
     let ids: Vec<_> = claimed.iter().map(|a| a.step_id).collect();
     let messages = steps::load_messages(&mut *tx, &ids).await?;
-    tracing::info!(entries = claimed.len(), "relaying outbox entries left behind");
+    tracing::info!(
+        entries = claimed.len(),
+        "relaying outbox entries left behind"
+    );
     Metrics::add(&shared.metrics.outbox_relayed_total, claimed.len());
     // Touch the entries so they are not relayed again before the confirm clears them.
     sqlx::query("UPDATE outbox SET created_at = now() WHERE id = ANY($1)")

@@ -31,7 +31,7 @@
 //! # Ok(()) }
 //! ```
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use serde_json::Value;
 use sqlx::PgPool;
 use std::time::Duration;
@@ -65,7 +65,10 @@ async fn discover() -> Result<Services> {
     let db = std::env::var("TASKER_TEST_DATABASE_URL").ok();
     let amqp = std::env::var("TASKER_TEST_AMQP_URL").ok();
     if let (Some(admin_database_url), Some(amqp_url)) = (db, amqp) {
-        return Ok(Services { admin_database_url, amqp_url });
+        return Ok(Services {
+            admin_database_url,
+            amqp_url,
+        });
     }
     #[cfg(feature = "docker")]
     {
@@ -90,15 +93,21 @@ mod containers {
     use testcontainers_modules::testcontainers::{ContainerAsync, ImageExt};
 
     /// Containers live as long as the test process.
-    static KEEP: std::sync::OnceLock<(ContainerAsync<Postgres>, ContainerAsync<RabbitMq>)> = std::sync::OnceLock::new();
+    static KEEP: std::sync::OnceLock<(ContainerAsync<Postgres>, ContainerAsync<RabbitMq>)> =
+        std::sync::OnceLock::new();
 
     pub async fn start() -> Result<Services> {
         let pg = Postgres::default().with_tag("16-alpine").start().await?;
-        let mq = RabbitMq::default().with_tag("3.13-management-alpine").start().await?;
+        let mq = RabbitMq::default()
+            .with_tag("3.13-management-alpine")
+            .start()
+            .await?;
         let pg_port = pg.get_host_port_ipv4(5432).await?;
         let mq_port = mq.get_host_port_ipv4(5672).await?;
         let services = Services {
-            admin_database_url: format!("postgres://postgres:postgres@127.0.0.1:{pg_port}/postgres"),
+            admin_database_url: format!(
+                "postgres://postgres:postgres@127.0.0.1:{pg_port}/postgres"
+            ),
             amqp_url: format!("amqp://guest:guest@127.0.0.1:{mq_port}/%2f"),
         };
         let _ = KEEP.set((pg, mq));
@@ -189,9 +198,11 @@ impl Harness {
         let admin = PgPool::connect(&services.admin_database_url)
             .await
             .context("cannot connect to the test Postgres (TASKER_TEST_DATABASE_URL)")?;
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{database_name}\"")))
-            .execute(&admin)
-            .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "CREATE DATABASE \"{database_name}\""
+        )))
+        .execute(&admin)
+        .await?;
         admin.close().await;
         let database_url = replace_database(&services.admin_database_url, &database_name)?;
         let prefix = format!("t{}", &id[id.len() - 12..]);
@@ -239,7 +250,13 @@ impl Harness {
         let shared = app.shared().clone();
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(app.run_until_stopped(shutdown.clone()));
-        let o = Orchestrator { shared, client: Client::new(&http_url), http_url: http_url.clone(), shutdown, handle };
+        let o = Orchestrator {
+            shared,
+            client: Client::new(&http_url),
+            http_url: http_url.clone(),
+            shutdown,
+            handle,
+        };
         self.orchestrators.lock().expect("lock").push(o);
         Ok(http_url)
     }
@@ -256,7 +273,9 @@ impl Harness {
 
     /// The shared handles of orchestrator `index` (metrics, pool).
     pub fn shared(&self, index: usize) -> Shared {
-        self.orchestrators.lock().expect("lock")[index].shared.clone()
+        self.orchestrators.lock().expect("lock")[index]
+            .shared
+            .clone()
     }
 
     /// Exchange and queue names of this harness.
@@ -330,13 +349,19 @@ impl Harness {
         loop {
             match self.client().task(id).await {
                 Ok(_) => break,
-                Err(tasker_worker::ClientError::Api { status: 404, .. }) if tokio::time::Instant::now() < deadline => {
+                Err(tasker_worker::ClientError::Api { status: 404, .. })
+                    if tokio::time::Instant::now() < deadline =>
+                {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 Err(e) => return Err(e.into()),
             }
         }
-        self.wait_for(id, deadline.saturating_duration_since(tokio::time::Instant::now())).await
+        self.wait_for(
+            id,
+            deadline.saturating_duration_since(tokio::time::Instant::now()),
+        )
+        .await
     }
 
     /// Submits a task and waits for it to finish.
@@ -354,14 +379,20 @@ impl Harness {
         let deadline = tokio::time::Instant::now() + timeout;
         let queue = self.names().dead_letter_queue();
         loop {
-            let got = ch.basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true }).await?;
+            let got = ch
+                .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
+                .await?;
             if let Some(m) = got {
                 let reason = m
                     .delivery
                     .properties
                     .headers()
                     .as_ref()
-                    .and_then(|h| h.inner().get(tasker_schemas::message::HEADER_DEAD_LETTER_REASON).cloned())
+                    .and_then(|h| {
+                        h.inner()
+                            .get(tasker_schemas::message::HEADER_DEAD_LETTER_REASON)
+                            .cloned()
+                    })
                     .map(|v| match v {
                         lapin::types::AMQPValue::LongString(s) => s.to_string(),
                         other => format!("{other:?}"),
@@ -408,8 +439,12 @@ fn serde_saphyr_from_str(yaml: &str) -> Result<Template> {
 
 /// Points a Postgres URL at another database.
 fn replace_database(url: &str, database: &str) -> Result<String> {
-    let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
-    let Some(scheme_end) = base.find("://") else { bail!("not a URL: {url}") };
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let Some(scheme_end) = base.find("://") else {
+        bail!("not a URL: {url}")
+    };
     let after = &base[scheme_end + 3..];
     let host_end = after.find('/').map_or(base.len(), |i| scheme_end + 3 + i);
     let mut out = format!("{}/{database}", &base[..host_end]);
@@ -439,7 +474,9 @@ async fn delete_topology(amqp_url: &str, names: &Names, db: &PgPool) -> Result<(
     for q in queues {
         // A missing queue closes the channel: use a fresh one each time.
         let ch = conn.create_channel().await?;
-        let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+        let _ = ch
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await;
     }
     for x in [
         names.tasks_exchange(),
@@ -449,7 +486,9 @@ async fn delete_topology(amqp_url: &str, names: &Names, db: &PgPool) -> Result<(
         names.cancel_exchange(),
         names.dead_letter_exchange(),
     ] {
-        let _ = ch.exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default()).await;
+        let _ = ch
+            .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+            .await;
     }
     let _ = conn.close(200, "done".into()).await;
     Ok(())
@@ -465,7 +504,13 @@ mod tests {
             replace_database("postgres://u:p@h:5432/postgres", "x").unwrap(),
             "postgres://u:p@h:5432/x"
         );
-        assert_eq!(replace_database("postgres://h/db?sslmode=disable", "x").unwrap(), "postgres://h/x?sslmode=disable");
-        assert_eq!(replace_database("postgres://h", "x").unwrap(), "postgres://h/x");
+        assert_eq!(
+            replace_database("postgres://h/db?sslmode=disable", "x").unwrap(),
+            "postgres://h/x?sslmode=disable"
+        );
+        assert_eq!(
+            replace_database("postgres://h", "x").unwrap(),
+            "postgres://h/x"
+        );
     }
 }

@@ -2,11 +2,11 @@
 
 use chrono::DateTime;
 use serde_json::json;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
-use tasker_tests::tasker_worker::StepError;
 use tasker_tests::Harness;
+use tasker_tests::tasker_worker::StepError;
 
 fn at(s: &str) -> DateTime<chrono::FixedOffset> {
     DateTime::parse_from_rfc3339(s).expect("RFC 3339 time")
@@ -43,8 +43,14 @@ async fn fails_twice_then_succeeds_with_backoff() -> anyhow::Result<()> {
     // Backoff: 200 ms after the first failure, 400 ms after the second.
     let gap1 = at(&s.attempts[1].dispatched_at) - at(s.attempts[0].finished_at.as_deref().unwrap());
     let gap2 = at(&s.attempts[2].dispatched_at) - at(s.attempts[1].finished_at.as_deref().unwrap());
-    assert!(gap1.num_milliseconds() >= 195, "first backoff too short: {gap1}");
-    assert!(gap2.num_milliseconds() >= 395, "second backoff too short: {gap2}");
+    assert!(
+        gap1.num_milliseconds() >= 195,
+        "first backoff too short: {gap1}"
+    );
+    assert!(
+        gap2.num_milliseconds() >= 395,
+        "second backoff too short: {gap2}"
+    );
     assert_eq!(s.output, Some(json!({"ok": 3})));
     h.finish().await;
     Ok(())
@@ -61,21 +67,36 @@ async fn permanent_failure_fails_fast_and_skips_dependants() -> anyhow::Result<(
     h.spawn_worker(
         h.worker()
             .handler_fn("ok", |_| async { Ok(json!("ok")) })
-            .handler_fn("bad", |_| async { Err(StepError::permanent("card declined")) })
+            .handler_fn("bad", |_| async {
+                Err(StepError::permanent("card declined"))
+            })
             .handler_fn("slow", |_| async {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 Ok(json!("slow done"))
             }),
     );
     let task = h.run("t", "ff", json!({})).await?;
-    let state = |n: &str| task.steps.iter().find(|s| s.name == n).unwrap().state.clone();
+    let state = |n: &str| {
+        task.steps
+            .iter()
+            .find(|s| s.name == n)
+            .unwrap()
+            .state
+            .clone()
+    };
     assert_eq!(task.state, "failed", "{task:#?}");
     let err = task.error.clone().unwrap();
-    assert!(err.contains("bad") && err.contains("card declined"), "{err}");
+    assert!(
+        err.contains("bad") && err.contains("card declined"),
+        "{err}"
+    );
     assert_eq!(state("a"), "succeeded");
     assert_eq!(state("bad"), "failed");
     // Permanent: no retry although max_attempts is 3 by default.
-    assert_eq!(task.steps.iter().find(|s| s.name == "bad").unwrap().attempt, 1);
+    assert_eq!(
+        task.steps.iter().find(|s| s.name == "bad").unwrap().attempt,
+        1
+    );
     // The sibling already dispatched finished and was recorded; nothing new was admitted.
     assert_eq!(state("slow"), "succeeded");
     assert_eq!(state("after_bad"), "skipped");
@@ -92,13 +113,22 @@ async fn exhausted_retries_fail_the_task() -> anyhow::Result<()> {
         "namespace: t\nname: never\nversion: 1\nsteps:\n  - name: s\n    handler: never\n    retry: { max_attempts: 3, initial_delay: 20ms, max_delay: 50ms }\n  - { name: next, handler: never, depends_on: [s] }\n",
     )
     .await?;
-    h.spawn_worker(h.worker().handler_fn("never", |_| async { Err(StepError::retryable("still broken")) }));
+    h.spawn_worker(h.worker().handler_fn("never", |_| async {
+        Err(StepError::retryable("still broken"))
+    }));
     let task = h.run("t", "never", json!({})).await?;
     assert_eq!(task.state, "failed");
     let s = &task.steps[0];
     assert_eq!((s.state.as_str(), s.attempt, s.failures), ("failed", 3, 3));
     assert_eq!(s.attempts.len(), 3);
-    assert!(s.error.as_deref().unwrap().contains("gave up after 3 attempts"), "{:?}", s.error);
+    assert!(
+        s.error
+            .as_deref()
+            .unwrap()
+            .contains("gave up after 3 attempts"),
+        "{:?}",
+        s.error
+    );
     assert_eq!(task.steps[1].state, "skipped");
     h.finish().await;
     Ok(())
@@ -112,17 +142,29 @@ async fn missing_handler_is_rescheduled_without_spending_attempts() -> anyhow::R
     )
     .await?;
     // An old worker without the handler (a rolling deploy).
-    let old = h.start_worker(h.worker().name("old-worker").handler_fn("other", |_| async { Ok(json!(null)) }));
+    let old = h.start_worker(
+        h.worker()
+            .name("old-worker")
+            .handler_fn("other", |_| async { Ok(json!(null)) }),
+    );
     let id = h.submit("t", "ghost", json!({})).await?;
     // Let it be refused a few times; the task must not fail (max_attempts is 1).
     tokio::time::sleep(Duration::from_millis(800)).await;
     let view = h.client().task(id).await?;
     assert_eq!(view.state, "running");
-    assert!(view.steps[0].attempts.iter().any(|a| a.outcome == "handler_missing"
-        && a.error.as_deref().unwrap_or("").contains("old-worker")
-        && a.error.as_deref().unwrap_or("").contains("ghost")));
+    assert!(
+        view.steps[0]
+            .attempts
+            .iter()
+            .any(|a| a.outcome == "handler_missing"
+                && a.error.as_deref().unwrap_or("").contains("old-worker")
+                && a.error.as_deref().unwrap_or("").contains("ghost"))
+    );
     old.stop().await?;
-    h.spawn_worker(h.worker().handler_fn("ghost", |_| async { Ok(json!("boo")) }));
+    h.spawn_worker(
+        h.worker()
+            .handler_fn("ghost", |_| async { Ok(json!("boo")) }),
+    );
     let task = h.wait(id).await?;
     assert_eq!(task.state, "completed");
     assert_eq!(task.steps[0].failures, 0);
@@ -144,7 +186,15 @@ async fn lost_attempts_time_out_and_are_retried() -> anyhow::Result<()> {
     let s = &task.steps[0];
     let outcomes: Vec<&str> = s.attempts.iter().map(|a| a.outcome.as_str()).collect();
     assert_eq!(outcomes, ["timed_out", "timed_out"]);
-    assert!(s.attempts[0].error.as_deref().unwrap().contains("queue-wait"), "{:?}", s.attempts[0].error);
+    assert!(
+        s.attempts[0]
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("queue-wait"),
+        "{:?}",
+        s.attempts[0].error
+    );
     assert!(h.shared(0).metrics.timeouts_total.load(Ordering::Relaxed) >= 2);
     h.finish().await;
     Ok(())
@@ -167,7 +217,15 @@ async fn worker_timeout_counts_as_a_retryable_failure() -> anyhow::Result<()> {
     assert_eq!(task.state, "completed");
     let s = &task.steps[0];
     assert_eq!(s.attempts[0].outcome, "failed");
-    assert!(s.attempts[0].error.as_deref().unwrap().contains("timed out"), "{:?}", s.attempts[0].error);
+    assert!(
+        s.attempts[0]
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("timed out"),
+        "{:?}",
+        s.attempts[0].error
+    );
     assert_eq!(s.output, Some(json!(2)));
     h.finish().await;
     Ok(())

@@ -1,13 +1,15 @@
 //! Workflow shapes run end to end: chain, diamond, wide fan-out and fan-in, parent outputs.
 
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use tasker_tests::Harness;
 
 fn echo_worker(h: &Harness) -> tasker_tests::tasker_worker::WorkerBuilder {
-    h.worker().concurrency(32).handler_fn("echo", |ctx| async move {
-        let parents: Vec<String> = ctx.parent_outputs().keys().cloned().collect();
-        Ok(json!({ "step": ctx.step(), "attempt": ctx.attempt(), "parents": parents }))
-    })
+    h.worker()
+        .concurrency(32)
+        .handler_fn("echo", |ctx| async move {
+            let parents: Vec<String> = ctx.parent_outputs().keys().cloned().collect();
+            Ok(json!({ "step": ctx.step(), "attempt": ctx.attempt(), "parents": parents }))
+        })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -20,14 +22,28 @@ async fn linear_chain_runs_in_order() -> anyhow::Result<()> {
     h.spawn_worker(echo_worker(&h));
     let task = h.run("t", "chain", json!({"n": 1})).await?;
     assert_eq!(task.state, "completed", "{task:#?}");
-    assert!(task.steps.iter().all(|s| s.state == "succeeded" && s.attempt == 1));
+    assert!(
+        task.steps
+            .iter()
+            .all(|s| s.state == "succeeded" && s.attempt == 1)
+    );
     // Each step saw exactly its parent.
-    assert_eq!(task.steps[1].output.as_ref().unwrap()["parents"], json!(["s1"]));
-    assert_eq!(task.steps[3].output.as_ref().unwrap()["parents"], json!(["s3"]));
+    assert_eq!(
+        task.steps[1].output.as_ref().unwrap()["parents"],
+        json!(["s1"])
+    );
+    assert_eq!(
+        task.steps[3].output.as_ref().unwrap()["parents"],
+        json!(["s3"])
+    );
     // Output of a task = outputs of its leaf steps.
     assert_eq!(task.output.as_ref().unwrap()["s4"]["step"], "s4");
     // Finished in dependency order.
-    let finished: Vec<&str> = task.steps.iter().map(|s| s.attempts[0].finished_at.as_deref().unwrap()).collect();
+    let finished: Vec<&str> = task
+        .steps
+        .iter()
+        .map(|s| s.attempts[0].finished_at.as_deref().unwrap())
+        .collect();
     assert!(finished.windows(2).all(|w| w[0] <= w[1]), "{finished:?}");
     h.finish().await;
     Ok(())
@@ -42,7 +58,9 @@ async fn diamond_joins_both_parents_outputs() -> anyhow::Result<()> {
     .await?;
     h.spawn_worker(
         h.worker()
-            .handler_fn("num", |ctx| async move { Ok(json!(ctx.input::<Value>()?["start"].as_i64().unwrap_or(0))) })
+            .handler_fn("num", |ctx| async move {
+                Ok(json!(ctx.input::<Value>()?["start"].as_i64().unwrap_or(0)))
+            })
             .handler_fn("add", |ctx| async move {
                 let a: i64 = ctx.parent("a")?;
                 Ok(json!(a + if ctx.step() == "b" { 10 } else { 100 }))
@@ -64,13 +82,20 @@ async fn diamond_joins_both_parents_outputs() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fan_out_to_1000_and_fan_in() -> anyhow::Result<()> {
     let h = Harness::start().await?;
-    let mut yaml = String::from("namespace: t\nname: fan\nversion: 1\nsteps:\n  - { name: root, handler: echo }\n");
+    let mut yaml = String::from(
+        "namespace: t\nname: fan\nversion: 1\nsteps:\n  - { name: root, handler: echo }\n",
+    );
     let mut leaves = Vec::new();
     for i in 0..1000 {
-        yaml.push_str(&format!("  - {{ name: p{i}, handler: echo, depends_on: [root] }}\n"));
+        yaml.push_str(&format!(
+            "  - {{ name: p{i}, handler: echo, depends_on: [root] }}\n"
+        ));
         leaves.push(format!("p{i}"));
     }
-    yaml.push_str(&format!("  - {{ name: join, handler: count, depends_on: [{}] }}\n", leaves.join(", ")));
+    yaml.push_str(&format!(
+        "  - {{ name: join, handler: count, depends_on: [{}] }}\n",
+        leaves.join(", ")
+    ));
     h.register_yaml(&yaml).await?;
     h.spawn_worker(echo_worker(&h).handler_fn("count", |ctx| async move {
         Ok(json!({ "parents": ctx.parent_outputs().len() }))

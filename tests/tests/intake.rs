@@ -2,10 +2,11 @@
 
 use serde_json::json;
 use tasker_schemas::api::SubmitTask;
-use tasker_tests::tasker_worker::{amqp_submit, ClientError};
 use tasker_tests::Harness;
+use tasker_tests::tasker_worker::{ClientError, amqp_submit};
 
-const TEMPLATE: &str = "namespace: t\nname: one\nversion: 1\nsteps:\n  - { name: s, handler: echo }\n";
+const TEMPLATE: &str =
+    "namespace: t\nname: one\nversion: 1\nsteps:\n  - { name: s, handler: echo }\n";
 
 fn submit(key: Option<&str>, context: serde_json::Value) -> SubmitTask {
     SubmitTask {
@@ -21,7 +22,12 @@ fn submit(key: Option<&str>, context: serde_json::Value) -> SubmitTask {
 
 fn api_code(e: &ClientError) -> (u16, String, String) {
     match e {
-        ClientError::Api { status, code, message, .. } => (*status, code.clone(), message.clone()),
+        ClientError::Api {
+            status,
+            code,
+            message,
+            ..
+        } => (*status, code.clone(), message.clone()),
         other => panic!("expected an API error, got {other}"),
     }
 }
@@ -35,13 +41,18 @@ async fn idempotent_submit_same_body_same_task_different_body_conflict() -> anyh
     assert!(first.created);
     let again = c.submit(&submit(Some("order-1"), json!({"a": 1}))).await?;
     assert_eq!((again.task_id, again.created), (first.task_id, false));
-    let err = c.submit(&submit(Some("order-1"), json!({"a": 2}))).await.unwrap_err();
+    let err = c
+        .submit(&submit(Some("order-1"), json!({"a": 2})))
+        .await
+        .unwrap_err();
     let (status, code, message) = api_code(&err);
     assert_eq!((status, code.as_str()), (409, "idempotency_conflict"));
     assert!(message.contains(&first.task_id.to_string()), "{message}");
     assert!(matches!(err, ClientError::Api { task_id: Some(id), .. } if id == first.task_id));
     // Keys are scoped to the namespace: the same key elsewhere is a new task.
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks").fetch_one(&h.db).await?;
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks")
+        .fetch_one(&h.db)
+        .await?;
     assert_eq!(n, 1);
     h.finish().await;
     Ok(())
@@ -55,7 +66,9 @@ async fn concurrent_duplicates_create_one_task() -> anyhow::Result<()> {
     let mut joins = Vec::new();
     for _ in 0..20 {
         let c = c.clone();
-        joins.push(tokio::spawn(async move { c.submit(&submit(Some("dup"), json!({"x": true}))).await }));
+        joins.push(tokio::spawn(async move {
+            c.submit(&submit(Some("dup"), json!({"x": true}))).await
+        }));
     }
     let mut ids = std::collections::HashSet::new();
     let mut created = 0;
@@ -66,8 +79,12 @@ async fn concurrent_duplicates_create_one_task() -> anyhow::Result<()> {
     }
     assert_eq!(ids.len(), 1, "all duplicates must name one task");
     assert_eq!(created, 1, "exactly one submit creates it");
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks").fetch_one(&h.db).await?;
-    let steps: i64 = sqlx::query_scalar("SELECT count(*) FROM steps").fetch_one(&h.db).await?;
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks")
+        .fetch_one(&h.db)
+        .await?;
+    let steps: i64 = sqlx::query_scalar("SELECT count(*) FROM steps")
+        .fetch_one(&h.db)
+        .await?;
     assert_eq!((n, steps), (1, 1));
     h.finish().await;
     Ok(())
@@ -83,7 +100,10 @@ async fn bad_requests_get_clear_errors() -> anyhow::Result<()> {
     let big = json!({"blob": "x".repeat(300 * 1024)});
     let (status, code, message) = api_code(&c.submit(&submit(None, big)).await.unwrap_err());
     assert_eq!((status, code.as_str()), (413, "payload_too_large"));
-    assert!(message.contains("context") && message.contains("262144"), "{message}");
+    assert!(
+        message.contains("context") && message.contains("262144"),
+        "{message}"
+    );
 
     // Unknown template: 404.
     let mut req = submit(None, json!({}));
@@ -93,7 +113,11 @@ async fn bad_requests_get_clear_errors() -> anyhow::Result<()> {
     assert!(message.contains("nope"), "{message}");
 
     // A NUL in the context: 400.
-    let (status, _, message) = api_code(&c.submit(&submit(None, json!({"k": "a\u{0}b"}))).await.unwrap_err());
+    let (status, _, message) = api_code(
+        &c.submit(&submit(None, json!({"k": "a\u{0}b"})))
+            .await
+            .unwrap_err(),
+    );
     assert_eq!(status, 400);
     assert!(message.contains("NUL"), "{message}");
 
@@ -107,9 +131,17 @@ async fn bad_requests_get_clear_errors() -> anyhow::Result<()> {
     assert_eq!(resp.status(), 400);
     let body: serde_json::Value = resp.json().await?;
     assert_eq!(body["error"]["code"], "invalid_request");
-    assert!(body["error"]["message"].as_str().unwrap().contains("template"), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("template"),
+        "{body}"
+    );
 
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks").fetch_one(&h.db).await?;
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks")
+        .fetch_one(&h.db)
+        .await?;
     assert_eq!(n, 0, "no bad request may store anything");
     h.finish().await;
     Ok(())
@@ -139,7 +171,10 @@ async fn templates_are_immutable_and_validated() -> anyhow::Result<()> {
     .unwrap();
     let (status, code, message) = api_code(&c.register_template(&cycle).await.unwrap_err());
     assert_eq!((status, code.as_str()), (400, "invalid_template"));
-    assert!(message.contains("cycle") && message.contains("x") && message.contains("z"), "{message}");
+    assert!(
+        message.contains("cycle") && message.contains("x") && message.contains("z"),
+        "{message}"
+    );
 
     let unknown = tasker_orchestrator::startup::parse_template(
         "namespace: t\nname: unk\nversion: 1\nsteps:\n  - { name: a, handler: h, depends_on: [ghost] }\n  - { name: b, handler: h }\n",
@@ -148,7 +183,9 @@ async fn templates_are_immutable_and_validated() -> anyhow::Result<()> {
     let (status, _, message) = api_code(&c.register_template(&unknown).await.unwrap_err());
     assert_eq!(status, 400);
     assert!(message.contains("unknown step \"ghost\""), "{message}");
-    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM templates").fetch_one(&h.db).await?;
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM templates")
+        .fetch_one(&h.db)
+        .await?;
     assert_eq!(stored, 2);
     h.finish().await;
     Ok(())
@@ -158,7 +195,10 @@ async fn templates_are_immutable_and_validated() -> anyhow::Result<()> {
 async fn submit_over_amqp_once_even_when_redelivered() -> anyhow::Result<()> {
     let h = Harness::start().await?;
     h.register_yaml(TEMPLATE).await?;
-    h.spawn_worker(h.worker().handler_fn("echo", |ctx| async move { Ok(ctx.context().clone()) }));
+    h.spawn_worker(
+        h.worker()
+            .handler_fn("echo", |ctx| async move { Ok(ctx.context().clone()) }),
+    );
     let conn = lapin::Connection::connect(&h.services.amqp_url, Default::default()).await?;
     let ch = amqp_submit::confirm_channel(&conn).await?;
     let mut req = amqp_submit::task_request("t", "one", json!({"via": "amqp"}));
@@ -167,16 +207,22 @@ async fn submit_over_amqp_once_even_when_redelivered() -> anyhow::Result<()> {
     // The same request twice, as a redelivery would.
     amqp_submit::publish_task_request(&ch, &h.names(), &req).await?;
     amqp_submit::publish_task_request(&ch, &h.names(), &req).await?;
-    let task = h.wait_submitted(task_id, std::time::Duration::from_secs(30)).await?;
+    let task = h
+        .wait_submitted(task_id, std::time::Duration::from_secs(30))
+        .await?;
     assert_eq!(task.state, "completed");
     assert_eq!(task.output, Some(json!({"s": {"via": "amqp"}})));
     // A bad request over AMQP is dead-lettered, not lost and not fatal.
     let mut bad = amqp_submit::task_request("t", "missing-template", json!({}));
     bad.task_id = Some(tasker_schemas::TaskId::new());
     amqp_submit::publish_task_request(&ch, &h.names(), &bad).await?;
-    let dead = h.next_dead_letter(std::time::Duration::from_secs(10)).await?;
+    let dead = h
+        .next_dead_letter(std::time::Duration::from_secs(10))
+        .await?;
     assert!(dead.1.contains("missing-template"), "{}", dead.1);
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks").fetch_one(&h.db).await?;
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks")
+        .fetch_one(&h.db)
+        .await?;
     assert_eq!(n, 1, "a redelivered request must not create a second task");
     conn.close(200, "bye".into()).await?;
     h.finish().await;

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tasker_schemas::{encode_payload, Outcome, StepResult, TaskId};
+use tasker_schemas::{Outcome, StepResult, TaskId, encode_payload};
 use tasker_tests::Harness;
 use tokio::sync::Barrier;
 
@@ -16,7 +16,10 @@ async fn publish_raw(h: &Harness, routing_key: &str, bytes: &[u8]) -> anyhow::Re
     ch.basic_publish(
         h.names().results_exchange().into(),
         routing_key.into(),
-        lapin::options::BasicPublishOptions { mandatory: true, ..Default::default() },
+        lapin::options::BasicPublishOptions {
+            mandatory: true,
+            ..Default::default()
+        },
         bytes,
         lapin::BasicProperties::default().with_delivery_mode(2),
     )
@@ -26,7 +29,11 @@ async fn publish_raw(h: &Harness, routing_key: &str, bytes: &[u8]) -> anyhow::Re
     Ok(())
 }
 
-async fn wait_counter(h: &Harness, f: impl Fn(&tasker_orchestrator::metrics::Metrics) -> u64, at_least: u64) -> u64 {
+async fn wait_counter(
+    h: &Harness,
+    f: impl Fn(&tasker_orchestrator::metrics::Metrics) -> u64,
+    at_least: u64,
+) -> u64 {
     let m = h.shared(0).metrics.clone();
     for _ in 0..200 {
         let v = f(&m);
@@ -41,11 +48,17 @@ async fn wait_counter(h: &Harness, f: impl Fn(&tasker_orchestrator::metrics::Met
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_result_is_dead_lettered_and_work_goes_on() -> anyhow::Result<()> {
     let h = Harness::start().await?;
-    h.register_yaml("namespace: t\nname: one\nversion: 1\nsteps:\n  - { name: s, handler: echo }\n").await?;
+    h.register_yaml(
+        "namespace: t\nname: one\nversion: 1\nsteps:\n  - { name: s, handler: echo }\n",
+    )
+    .await?;
     publish_raw(&h, "t.0", b"\xc1 definitely not msgpack").await?;
     let (bytes, reason) = h.next_dead_letter(Duration::from_secs(10)).await?;
     assert_eq!(bytes, b"\xc1 definitely not msgpack");
-    assert!(reason.contains("MessagePack") || reason.contains("malformed") || reason.contains("not a"), "{reason}");
+    assert!(
+        reason.contains("MessagePack") || reason.contains("malformed") || reason.contains("not a"),
+        "{reason}"
+    );
     // Unknown major version: dead-lettered too.
     let v2 = rmp_serde_envelope("result", "2.0");
     publish_raw(&h, "t.0", &v2).await?;
@@ -55,7 +68,13 @@ async fn malformed_result_is_dead_lettered_and_work_goes_on() -> anyhow::Result<
     h.spawn_worker(h.worker().handler_fn("echo", |_| async { Ok(json!(1)) }));
     let task = h.run("t", "one", json!({})).await?;
     assert_eq!(task.state, "completed");
-    assert_eq!(h.shared(0).metrics.dead_lettered_total.load(Ordering::Relaxed), 2);
+    assert_eq!(
+        h.shared(0)
+            .metrics
+            .dead_lettered_total
+            .load(Ordering::Relaxed),
+        2
+    );
     h.finish().await;
     Ok(())
 }
@@ -69,7 +88,13 @@ fn rmp_serde_envelope(kind: &str, version: &str) -> Vec<u8> {
         message_id: &'a str,
         payload: HashMap<String, String>,
     }
-    rmp_serde::to_vec_named(&E { kind, schema_version: version, message_id: "x", payload: HashMap::new() }).unwrap()
+    rmp_serde::to_vec_named(&E {
+        kind,
+        schema_version: version,
+        message_id: "x",
+        payload: HashMap::new(),
+    })
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -79,7 +104,10 @@ async fn duplicate_and_stale_results_are_ignored() -> anyhow::Result<()> {
         "namespace: t\nname: two\nversion: 1\nsteps:\n  - { name: a, handler: echo }\n  - { name: b, handler: echo, depends_on: [a] }\n",
     )
     .await?;
-    h.spawn_worker(h.worker().handler_fn("echo", |ctx| async move { Ok(json!(ctx.step())) }));
+    h.spawn_worker(
+        h.worker()
+            .handler_fn("echo", |ctx| async move { Ok(json!(ctx.step())) }),
+    );
     let task = h.run("t", "two", json!({})).await?;
     assert_eq!(task.state, "completed");
     let a = &task.steps[0];
@@ -91,24 +119,45 @@ async fn duplicate_and_stale_results_are_ignored() -> anyhow::Result<()> {
         duration_ms: 1,
         outcome: Outcome::Succeeded { output },
     };
-    let before = h.shared(0).metrics.results_stale_total.load(Ordering::Relaxed);
+    let before = h
+        .shared(0)
+        .metrics
+        .results_stale_total
+        .load(Ordering::Relaxed);
     // A duplicate of the applied attempt, and a result for an attempt that never existed.
     publish_raw(&h, "t.0", &encode_payload(result(1, json!("dup")))?).await?;
     publish_raw(&h, "t.0", &encode_payload(result(7, json!("stale")))?).await?;
-    let stale = wait_counter(&h, |m| m.results_stale_total.load(Ordering::Relaxed), before + 2).await;
+    let stale = wait_counter(
+        &h,
+        |m| m.results_stale_total.load(Ordering::Relaxed),
+        before + 2,
+    )
+    .await;
     assert_eq!(stale, before + 2);
     let after = h.client().task(task.id).await?;
-    assert_eq!(after.steps, task.steps, "ignored results must change nothing");
+    assert_eq!(
+        after.steps, task.steps,
+        "ignored results must change nothing"
+    );
     assert_eq!(after.output, task.output);
-    let attempts: i64 = sqlx::query_scalar("SELECT count(*) FROM attempts").fetch_one(&h.db).await?;
+    let attempts: i64 = sqlx::query_scalar("SELECT count(*) FROM attempts")
+        .fetch_one(&h.db)
+        .await?;
     assert_eq!(attempts, 2);
-    assert_eq!(h.shared(0).metrics.results_applied_twice_total.load(Ordering::Relaxed), 0);
+    assert_eq!(
+        h.shared(0)
+            .metrics
+            .results_applied_twice_total
+            .load(Ordering::Relaxed),
+        0
+    );
     h.finish().await;
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn join_is_admitted_once_when_parents_finish_together_on_two_replicas() -> anyhow::Result<()> {
+async fn join_is_admitted_once_when_parents_finish_together_on_two_replicas() -> anyhow::Result<()>
+{
     let h = Harness::start_with(|c| c.result_prefetch = 1).await?;
     h.start_orchestrator().await?;
     h.register_yaml(
@@ -124,7 +173,12 @@ async fn join_is_admitted_once_when_parents_finish_together_on_two_replicas() ->
             .concurrency(64)
             .handler_fn("go", |_| async { Ok(json!(null)) })
             .handler_fn("sync", move |ctx| {
-                let barrier = b2.lock().unwrap().entry(ctx.task_id()).or_insert_with(|| Arc::new(Barrier::new(2))).clone();
+                let barrier = b2
+                    .lock()
+                    .unwrap()
+                    .entry(ctx.task_id())
+                    .or_insert_with(|| Arc::new(Barrier::new(2)))
+                    .clone();
                 async move {
                     barrier.wait().await;
                     Ok(json!(ctx.step()))
@@ -144,12 +198,27 @@ async fn join_is_admitted_once_when_parents_finish_together_on_two_replicas() ->
         let task = h.wait(*id).await?;
         assert_eq!(task.state, "completed");
         let d = task.steps.iter().find(|s| s.name == "d").unwrap();
-        assert_eq!((d.attempt, d.attempts.len()), (1, 1), "join admitted more than once");
+        assert_eq!(
+            (d.attempt, d.attempts.len()),
+            (1, 1),
+            "join admitted more than once"
+        );
     }
-    assert_eq!(joins.load(Ordering::SeqCst), n, "each join ran exactly once");
+    assert_eq!(
+        joins.load(Ordering::SeqCst),
+        n,
+        "each join ran exactly once"
+    );
     // Both replicas applied results.
     for i in 0..2 {
-        assert!(h.shared(i).metrics.results_applied_total.load(Ordering::Relaxed) > 0, "replica {i} idle");
+        assert!(
+            h.shared(i)
+                .metrics
+                .results_applied_total
+                .load(Ordering::Relaxed)
+                > 0,
+            "replica {i} idle"
+        );
     }
     h.finish().await;
     Ok(())
@@ -158,7 +227,10 @@ async fn join_is_admitted_once_when_parents_finish_together_on_two_replicas() ->
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_shuts_down_gracefully_mid_step() -> anyhow::Result<()> {
     let h = Harness::start().await?;
-    h.register_yaml("namespace: t\nname: one\nversion: 1\nsteps:\n  - { name: s, handler: slow }\n").await?;
+    h.register_yaml(
+        "namespace: t\nname: one\nversion: 1\nsteps:\n  - { name: s, handler: slow }\n",
+    )
+    .await?;
     let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
     let started_tx = Arc::new(Mutex::new(Some(started_tx)));
     let worker = h.start_worker(h.worker().handler_fn("slow", move |_| {
@@ -177,8 +249,14 @@ async fn worker_shuts_down_gracefully_mid_step() -> anyhow::Result<()> {
     worker.stop().await?;
     let task = h.wait_for(id, Duration::from_secs(10)).await?;
     assert_eq!(task.state, "completed");
-    assert_eq!(task.steps[0].output, Some(json!("finished during shutdown")));
-    assert_eq!(task.steps[0].attempt, 1, "the step must not have been redelivered");
+    assert_eq!(
+        task.steps[0].output,
+        Some(json!("finished during shutdown"))
+    );
+    assert_eq!(
+        task.steps[0].attempt, 1,
+        "the step must not have been redelivered"
+    );
     h.finish().await;
     Ok(())
 }

@@ -3,12 +3,12 @@
 
 use futures_util::StreamExt;
 use serde_json::json;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tasker_orchestrator::store::steps;
-use tasker_tests::tasker_worker::StepError;
 use tasker_tests::Harness;
+use tasker_tests::tasker_worker::StepError;
 
 async fn post(h: &Harness, path: &str) -> anyhow::Result<serde_json::Value> {
     let url = format!("{}{path}", h.client().base_url());
@@ -43,7 +43,13 @@ async fn cancel_stops_admission_and_records_in_flight_results() -> anyhow::Resul
     let kinds: Vec<&str> = task.events.iter().map(|e| e.kind.as_str()).collect();
     assert_eq!(kinds, ["cancel_requested", "cancelled"]);
     // Cancelling again is refused with a clear error.
-    assert!(post(&h, &format!("/v1/tasks/{id}/cancel")).await.unwrap_err().to_string().contains("409"));
+    assert!(
+        post(&h, &format!("/v1/tasks/{id}/cancel"))
+            .await
+            .unwrap_err()
+            .to_string()
+            .contains("409")
+    );
     h.finish().await;
     Ok(())
 }
@@ -57,13 +63,20 @@ async fn retry_reruns_failed_steps_with_higher_attempts() -> anyhow::Result<()> 
     .await?;
     let fixed = Arc::new(AtomicBool::new(false));
     let f = fixed.clone();
-    h.spawn_worker(h.worker().handler_fn("ok", |ctx| async move { Ok(json!(ctx.attempt())) }).handler_fn(
-        "fragile",
-        move |_| {
-            let ok = f.load(Ordering::SeqCst);
-            async move { if ok { Ok(json!("fixed")) } else { Err(StepError::permanent("bug")) } }
-        },
-    ));
+    h.spawn_worker(
+        h.worker()
+            .handler_fn("ok", |ctx| async move { Ok(json!(ctx.attempt())) })
+            .handler_fn("fragile", move |_| {
+                let ok = f.load(Ordering::SeqCst);
+                async move {
+                    if ok {
+                        Ok(json!("fixed"))
+                    } else {
+                        Err(StepError::permanent("bug"))
+                    }
+                }
+            }),
+    );
     let id = h.submit("t", "r", json!({})).await?;
     let failed = h.wait(id).await?;
     assert_eq!(failed.state, "failed");
@@ -73,9 +86,19 @@ async fn retry_reruns_failed_steps_with_higher_attempts() -> anyhow::Result<()> 
     let task = h.wait(id).await?;
     assert_eq!(task.state, "completed", "{task:#?}");
     // a kept its output and attempt; b ran again with a higher attempt number.
-    assert_eq!((task.steps[0].attempt, task.steps[0].output.clone()), (1, Some(json!(1))));
+    assert_eq!(
+        (task.steps[0].attempt, task.steps[0].output.clone()),
+        (1, Some(json!(1)))
+    );
     assert_eq!(task.steps[1].attempt, 2);
-    assert_eq!(task.steps[1].attempts.iter().map(|a| a.outcome.as_str()).collect::<Vec<_>>(), ["failed", "succeeded"]);
+    assert_eq!(
+        task.steps[1]
+            .attempts
+            .iter()
+            .map(|a| a.outcome.as_str())
+            .collect::<Vec<_>>(),
+        ["failed", "succeeded"]
+    );
     assert_eq!(task.steps[2].attempt, 1);
     let kinds: Vec<&str> = task.events.iter().map(|e| e.kind.as_str()).collect();
     assert_eq!(kinds, ["failed", "retried", "completed"]);
@@ -86,7 +109,10 @@ async fn retry_reruns_failed_steps_with_higher_attempts() -> anyhow::Result<()> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attempt_admitted_but_never_published_is_relayed() -> anyhow::Result<()> {
     let h = Harness::start().await?;
-    h.register_yaml("namespace: t\nname: one\nversion: 1\nsteps:\n  - { name: s, handler: echo, queue: q1 }\n").await?;
+    h.register_yaml(
+        "namespace: t\nname: one\nversion: 1\nsteps:\n  - { name: s, handler: echo, queue: q1 }\n",
+    )
+    .await?;
     let id = h.submit("t", "one", json!({})).await?;
     // No worker yet: wait until the attempt is dispatched, published and its outbox entry cleared.
     for _ in 0..200 {
@@ -104,18 +130,38 @@ async fn attempt_admitted_but_never_published_is_relayed() -> anyhow::Result<()>
     // broker (purge it) and the outbox entry is still there.
     let conn = lapin::Connection::connect(&h.services.amqp_url, Default::default()).await?;
     let ch = conn.create_channel().await?;
-    let purged = ch.queue_purge(h.names().step_queue("q1").as_str().into(), Default::default()).await?;
+    let purged = ch
+        .queue_purge(
+            h.names().step_queue("q1").as_str().into(),
+            Default::default(),
+        )
+        .await?;
     assert_eq!(purged, 1, "the step message was published");
     // Put the outbox entry back, as if the process died before the confirm cleared it.
     sqlx::query("INSERT INTO outbox (step_id, attempt, namespace, created_at) SELECT id, attempt, namespace, now() - interval '1 hour' FROM steps")
         .execute(&h.db)
         .await?;
-    h.spawn_worker(h.worker().queue("q1").handler_fn("echo", |_| async { Ok(json!("relayed")) }));
+    h.spawn_worker(
+        h.worker()
+            .queue("q1")
+            .handler_fn("echo", |_| async { Ok(json!("relayed")) }),
+    );
     let task = h.wait(id).await?;
     assert_eq!(task.state, "completed");
-    assert_eq!(task.steps[0].attempt, 1, "the relay republishes the same attempt");
-    assert!(h.shared(0).metrics.outbox_relayed_total.load(Ordering::Relaxed) >= 1);
-    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(&h.db).await?;
+    assert_eq!(
+        task.steps[0].attempt, 1,
+        "the relay republishes the same attempt"
+    );
+    assert!(
+        h.shared(0)
+            .metrics
+            .outbox_relayed_total
+            .load(Ordering::Relaxed)
+            >= 1
+    );
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(&h.db)
+        .await?;
     assert_eq!(left, 0, "confirmed entries are cleared");
     conn.close(200, "bye".into()).await?;
     h.finish().await;
@@ -133,19 +179,42 @@ async fn dead_step_messages_become_failed_attempts() -> anyhow::Result<()> {
     let conn = lapin::Connection::connect(&h.services.amqp_url, Default::default()).await?;
     let ch = conn.create_channel().await?;
     let mut consumer = ch
-        .basic_consume(h.names().step_queue("poison").as_str().into(), "broken".into(), Default::default(), Default::default())
+        .basic_consume(
+            h.names().step_queue("poison").as_str().into(),
+            "broken".into(),
+            Default::default(),
+            Default::default(),
+        )
         .await?;
     let nacker = tokio::spawn(async move {
         while let Some(Ok(d)) = consumer.next().await {
-            let _ = d.acker.nack(lapin::options::BasicNackOptions { requeue: true, ..Default::default() }).await;
+            let _ = d
+                .acker
+                .nack(lapin::options::BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await;
         }
     });
     let task = h.run("t", "poison", json!({})).await?;
     assert_eq!(task.state, "failed");
     let s = &task.steps[0];
     assert_eq!(s.attempts.len(), 2);
-    assert!(s.attempts.iter().all(|a| a.outcome == "dead_lettered"), "{:?}", s.attempts);
-    assert!(s.attempts[0].error.as_deref().unwrap().contains("delivery_limit"), "{:?}", s.attempts[0].error);
+    assert!(
+        s.attempts.iter().all(|a| a.outcome == "dead_lettered"),
+        "{:?}",
+        s.attempts
+    );
+    assert!(
+        s.attempts[0]
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("delivery_limit"),
+        "{:?}",
+        s.attempts[0].error
+    );
     // The message itself is kept for inspection, with the reason.
     let (_, reason) = h.next_dead_letter(Duration::from_secs(5)).await?;
     assert!(reason.contains("delivery_limit"), "{reason}");
@@ -178,7 +247,13 @@ async fn reconciler_repairs_a_task_without_a_live_owner() -> anyhow::Result<()> 
         .await?;
     let repaired = tasker_orchestrator::timers::reconcile(&h.shared(0)).await?;
     assert_eq!(repaired, 1);
-    assert_eq!(h.shared(0).metrics.reconciler_repairs_total.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        h.shared(0)
+            .metrics
+            .reconciler_repairs_total
+            .load(Ordering::Relaxed),
+        1
+    );
     let task = h.wait(id).await?;
     assert_eq!(task.state, "completed");
     assert_eq!(task.steps[1].attempt, 2, "b ran again with a new attempt");

@@ -179,8 +179,11 @@ impl Client {
     /// already running may still report. Returns the task as it is after the request.
     pub async fn cancel(&self, id: TaskId, reason: Option<&str>) -> Result<TaskView, ClientError> {
         let body = serde_json::json!({ "reason": reason });
-        self.send(self.request(Method::POST, &format!("/v1/tasks/{id}/cancel")).json(&body))
-            .await
+        self.send(
+            self.request(Method::POST, &format!("/v1/tasks/{id}/cancel"))
+                .json(&body),
+        )
+        .await
     }
 
     /// `POST /v1/tasks/{id}/retry`: runs the failed, skipped and cancelled steps of a failed or

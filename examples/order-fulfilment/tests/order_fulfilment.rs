@@ -2,7 +2,7 @@
 //! worker with the example's handlers, real PostgreSQL and RabbitMQ.
 
 use serde_json::json;
-use tasker_example_orders::{worker, TEMPLATE_YAML};
+use tasker_example_orders::{TEMPLATE_YAML, worker};
 use tasker_tests::Harness;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -14,12 +14,37 @@ async fn an_order_is_validated_charged_reserved_shipped_and_notified() -> anyhow
     let task = h.run("shop", "order_fulfilment", order).await?;
     assert_eq!(task.state, "completed", "{task:#?}");
     let names: Vec<&str> = task.steps.iter().map(|s| s.name.as_str()).collect();
-    assert_eq!(names, ["validate_order", "charge_payment", "reserve_stock", "ship_order", "notify_customer"]);
+    assert_eq!(
+        names,
+        [
+            "validate_order",
+            "charge_payment",
+            "reserve_stock",
+            "ship_order",
+            "notify_customer"
+        ]
+    );
     assert!(task.steps.iter().all(|s| s.state == "succeeded"));
     // Shipping saw both parallel parents; the task's result is the notification.
     let ship = &task.steps[3];
-    assert!(ship.output.as_ref().unwrap().get("tracking_number").is_some(), "{:?}", ship.output);
-    assert!(task.output.as_ref().unwrap().get("notify_customer").is_some(), "{:?}", task.output);
+    assert!(
+        ship.output
+            .as_ref()
+            .unwrap()
+            .get("tracking_number")
+            .is_some(),
+        "{:?}",
+        ship.output
+    );
+    assert!(
+        task.output
+            .as_ref()
+            .unwrap()
+            .get("notify_customer")
+            .is_some(),
+        "{:?}",
+        task.output
+    );
     h.finish().await;
     Ok(())
 }
@@ -29,11 +54,20 @@ async fn an_invalid_order_fails_without_charging() -> anyhow::Result<()> {
     let h = Harness::start().await?;
     h.register_yaml(TEMPLATE_YAML).await?;
     h.spawn_worker(worker(&h.services.amqp_url, &h.prefix));
-    let task = h.run("shop", "order_fulfilment", json!({"order_id": "A-1002", "amount_cents": 0, "items": []})).await?;
+    let task = h
+        .run(
+            "shop",
+            "order_fulfilment",
+            json!({"order_id": "A-1002", "amount_cents": 0, "items": []}),
+        )
+        .await?;
     assert_eq!(task.state, "failed");
     assert_eq!(task.steps[0].state, "failed");
     assert_eq!(task.steps[0].attempt, 1, "validation errors are permanent");
-    assert!(task.steps[1..].iter().all(|s| s.state == "skipped"), "nothing is charged or shipped");
+    assert!(
+        task.steps[1..].iter().all(|s| s.state == "skipped"),
+        "nothing is charged or shipped"
+    );
     h.finish().await;
     Ok(())
 }

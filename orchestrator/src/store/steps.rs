@@ -24,7 +24,12 @@ pub struct Admitted {
 /// Admits up to `limit` queued steps of `queue`, highest priority first, without exceeding
 /// `max_in_flight` dispatched steps on that queue. One transaction: state `dispatched`, a new
 /// attempt number, the lease, and an outbox entry per step.
-pub async fn dispatch(tx: &mut PgConnection, queue: &str, max_in_flight: i64, limit: i64) -> Result<Vec<Admitted>> {
+pub async fn dispatch(
+    tx: &mut PgConnection,
+    queue: &str,
+    max_in_flight: i64,
+    limit: i64,
+) -> Result<Vec<Admitted>> {
     // Serialises admission per queue across replicas so the in-flight bound is exact.
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('tasker.dispatch.' || $1, 0))")
         .bind(queue)
@@ -63,7 +68,11 @@ pub async fn dispatch(tx: &mut PgConnection, queue: &str, max_in_flight: i64, li
     .await?;
     Ok(rows
         .into_iter()
-        .map(|r| Admitted { outbox_id: r.get("id"), step_id: StepId(r.get("step_id")), attempt: r.get("attempt") })
+        .map(|r| Admitted {
+            outbox_id: r.get("id"),
+            step_id: StepId(r.get("step_id")),
+            attempt: r.get("attempt"),
+        })
         .collect())
 }
 
@@ -125,12 +134,19 @@ pub async fn load_messages(db: impl PgExecutor<'_>, steps: &[StepId]) -> Result<
 
 /// Removes outbox entries whose publish was confirmed.
 pub async fn clear_outbox(db: impl PgExecutor<'_>, ids: &[i64]) -> Result<()> {
-    sqlx::query("DELETE FROM outbox WHERE id = ANY($1)").bind(ids).execute(db).await?;
+    sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
+        .bind(ids)
+        .execute(db)
+        .await?;
     Ok(())
 }
 
 /// Claims outbox entries older than `older_than_ms` (left behind by a crash or a failed publish).
-pub async fn claim_stale_outbox(tx: &mut PgConnection, older_than_ms: i64, limit: i64) -> Result<Vec<Admitted>> {
+pub async fn claim_stale_outbox(
+    tx: &mut PgConnection,
+    older_than_ms: i64,
+    limit: i64,
+) -> Result<Vec<Admitted>> {
     let rows = sqlx::query(
         "SELECT id, step_id, attempt FROM outbox
          WHERE created_at < now() - $1 * interval '1 millisecond'
@@ -142,21 +158,38 @@ pub async fn claim_stale_outbox(tx: &mut PgConnection, older_than_ms: i64, limit
     .await?;
     Ok(rows
         .into_iter()
-        .map(|r| Admitted { outbox_id: r.get("id"), step_id: StepId(r.get("step_id")), attempt: r.get("attempt") })
+        .map(|r| Admitted {
+            outbox_id: r.get("id"),
+            step_id: StepId(r.get("step_id")),
+            attempt: r.get("attempt"),
+        })
         .collect())
 }
 
 /// How an attempt ended, as the orchestrator applies it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum AttemptOutcome {
-    Succeeded { output: Value },
-    Failed { error: String, retryable: bool, retry_after_ms: Option<u64> },
+    Succeeded {
+        output: Value,
+    },
+    Failed {
+        error: String,
+        retryable: bool,
+        retry_after_ms: Option<u64>,
+    },
     /// No worker had the handler: re-offer later without spending an attempt.
-    HandlerMissing { handler: String },
+    HandlerMissing {
+        handler: String,
+    },
     /// The lease ran out (queue wait or execution).
-    TimedOut { error: String },
+    TimedOut {
+        error: String,
+    },
     /// The step message was dead-lettered (poison, unroutable, too large).
-    DeadLettered { error: String, retryable: bool },
+    DeadLettered {
+        error: String,
+        retryable: bool,
+    },
 }
 
 /// An attempt outcome for one (step, attempt), claimed for one task.
@@ -228,11 +261,18 @@ struct CurrentStep {
 /// decremented once per finished parent, aggregated per child, and children reaching zero are
 /// admitted (`queued`). A permanent failure makes the task fail fast: nothing new is admitted,
 /// what can no longer run is skipped, and the task fails once its dispatched steps have reported.
-pub async fn apply(tx: &mut PgConnection, batch: &[Finished], settings: ApplySettings) -> Result<ApplyReport> {
+pub async fn apply(
+    tx: &mut PgConnection,
+    batch: &[Finished],
+    settings: ApplySettings,
+) -> Result<ApplyReport> {
     let mut report = ApplyReport::default();
     // One outcome per (step, attempt) in a batch; the rest are duplicates.
     let mut seen = HashSet::new();
-    let batch: Vec<&Finished> = batch.iter().filter(|f| seen.insert((f.step_id, f.attempt))).collect();
+    let batch: Vec<&Finished> = batch
+        .iter()
+        .filter(|f| seen.insert((f.step_id, f.attempt)))
+        .collect();
     report.stale += seen.len().abs_diff(batch.len());
 
     let mut task_ids: Vec<Uuid> = batch.iter().map(|f| f.task_id.0).collect();
@@ -247,7 +287,12 @@ pub async fn apply(tx: &mut PgConnection, batch: &[Finished], settings: ApplySet
     .fetch_all(&mut *tx)
     .await?
     .into_iter()
-    .map(|r| (r.get::<Uuid, _>("id"), (r.get("failing"), r.get("cancel_requested"))))
+    .map(|r| {
+        (
+            r.get::<Uuid, _>("id"),
+            (r.get("failing"), r.get("cancel_requested")),
+        )
+    })
     .collect();
 
     let step_ids: Vec<Uuid> = batch.iter().map(|f| f.step_id.0).collect();
@@ -286,7 +331,8 @@ pub async fn apply(tx: &mut PgConnection, batch: &[Finished], settings: ApplySet
         let halted = task_failing || cancelled || failing.contains_key(&step.task_id);
         let (outcome_name, error, output) = match &f.outcome {
             AttemptOutcome::Succeeded { output } => {
-                match tasker_schemas::data::check_value("output", output, settings.max_output_bytes) {
+                match tasker_schemas::data::check_value("output", output, settings.max_output_bytes)
+                {
                     Ok(_) => ("succeeded", None, Some(output.clone())),
                     Err(e) => ("failed", Some(e.to_string()), None),
                 }
@@ -301,19 +347,35 @@ pub async fn apply(tx: &mut PgConnection, batch: &[Finished], settings: ApplySet
                 None,
             ),
             AttemptOutcome::TimedOut { error } => ("timed_out", Some(error.clone()), None),
-            AttemptOutcome::DeadLettered { error, .. } => ("dead_lettered", Some(error.clone()), None),
+            AttemptOutcome::DeadLettered { error, .. } => {
+                ("dead_lettered", Some(error.clone()), None)
+            }
         };
         att.push(step, f, outcome_name, error.as_deref());
 
         let (retryable, retry_after) = match &f.outcome {
             AttemptOutcome::Succeeded { .. } => (false, None),
-            AttemptOutcome::Failed { retryable, retry_after_ms, .. } => (*retryable, *retry_after_ms),
+            AttemptOutcome::Failed {
+                retryable,
+                retry_after_ms,
+                ..
+            } => (*retryable, *retry_after_ms),
             AttemptOutcome::TimedOut { .. } => (true, None),
             AttemptOutcome::DeadLettered { retryable, .. } => (*retryable, None),
-            AttemptOutcome::HandlerMissing { .. } => (true, Some(settings.handler_missing_delay_ms)),
+            AttemptOutcome::HandlerMissing { .. } => {
+                (true, Some(settings.handler_missing_delay_ms))
+            }
         };
         if outcome_name == "succeeded" {
-            upd.push(step.id, f.attempt, "succeeded", step.failures, output, None, None);
+            upd.push(
+                step.id,
+                f.attempt,
+                "succeeded",
+                step.failures,
+                output,
+                None,
+                None,
+            );
             *terminal.entry(step.task_id).or_default() += 1;
             if !halted {
                 for c in &step.child_ids {
@@ -327,10 +389,19 @@ pub async fn apply(tx: &mut PgConnection, batch: &[Finished], settings: ApplySet
         let failures = step.failures + i32::from(spends);
         if retryable && !halted && failures < step.max_attempts {
             let delay = retry_after.unwrap_or_else(|| {
-                let policy: RetryPolicy = serde_json::from_value(step.retry_policy.clone()).unwrap_or_default();
+                let policy: RetryPolicy =
+                    serde_json::from_value(step.retry_policy.clone()).unwrap_or_default();
                 policy.delay_ms(failures.max(1) as u32, rand::random::<f64>())
             });
-            upd.push(step.id, f.attempt, "retrying", failures, None, error, Some(delay as i64));
+            upd.push(
+                step.id,
+                f.attempt,
+                "retrying",
+                failures,
+                None,
+                error,
+                Some(delay as i64),
+            );
             report.retry_scheduled = true;
         } else {
             let error = error.unwrap_or_default();
@@ -340,9 +411,20 @@ pub async fn apply(tx: &mut PgConnection, batch: &[Finished], settings: ApplySet
                 error
             };
             if !halted {
-                failing.insert(step.task_id, format!("step {:?} failed: {reason}", step.name));
+                failing.insert(
+                    step.task_id,
+                    format!("step {:?} failed: {reason}", step.name),
+                );
             }
-            upd.push(step.id, f.attempt, "failed", failures, None, Some(reason), None);
+            upd.push(
+                step.id,
+                f.attempt,
+                "failed",
+                failures,
+                None,
+                Some(reason),
+                None,
+            );
             *terminal.entry(step.task_id).or_default() += 1;
         }
     }
@@ -408,8 +490,11 @@ pub async fn apply(tx: &mut PgConnection, batch: &[Finished], settings: ApplySet
     .bind(&errors)
     .fetch_all(&mut *tx)
     .await?;
-    let done: Vec<Uuid> =
-        counted.iter().filter(|r| r.get::<i32, _>("unfinished_steps") == 0).map(|r| r.get("id")).collect();
+    let done: Vec<Uuid> = counted
+        .iter()
+        .filter(|r| r.get::<i32, _>("unfinished_steps") == 0)
+        .map(|r| r.get("id"))
+        .collect();
     report.finished = finalize(tx, &done).await?;
     Ok(report)
 }
@@ -546,7 +631,13 @@ struct AttemptRows {
 }
 
 impl AttemptRows {
-    fn push(&mut self, step: &CurrentStep, f: &Finished, outcome: &'static str, error: Option<&str>) {
+    fn push(
+        &mut self,
+        step: &CurrentStep,
+        f: &Finished,
+        outcome: &'static str,
+        error: Option<&str>,
+    ) {
         self.step_id.push(step.id);
         self.attempt.push(f.attempt);
         self.task_id.push(step.task_id);
@@ -669,7 +760,11 @@ pub async fn expired_leases(db: impl PgExecutor<'_>, limit: i64) -> Result<Vec<F
 
 /// Live tasks whose bookkeeping disagrees with their steps, i.e. that may have no live owner.
 /// In a healthy system this finds nothing; the reconciler repairs what it finds.
-pub async fn find_inconsistent(db: impl PgExecutor<'_>, quiet_ms: i64, limit: i64) -> Result<Vec<Uuid>> {
+pub async fn find_inconsistent(
+    db: impl PgExecutor<'_>,
+    quiet_ms: i64,
+    limit: i64,
+) -> Result<Vec<Uuid>> {
     Ok(sqlx::query_scalar(
         "SELECT t.id FROM tasks t
          WHERE t.state IN ('pending', 'running')
@@ -704,7 +799,9 @@ pub async fn repair(tx: &mut PgConnection, id: Uuid) -> Result<(Vec<String>, Vec
     .fetch_optional(&mut *tx)
     .await?
     .map(|r| (r.get("failing"), r.get("cancel_requested")));
-    let Some((failing, cancelled)) = halted else { return Ok((Vec::new(), Vec::new())) };
+    let Some((failing, cancelled)) = halted else {
+        return Ok((Vec::new(), Vec::new()));
+    };
     sqlx::query(
         "UPDATE steps SET next_attempt_at = coalesce(next_attempt_at, now()),
                           lease_expires_at = CASE WHEN state = 'dispatched'

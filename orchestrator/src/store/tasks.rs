@@ -3,7 +3,7 @@
 use super::rfc3339;
 use crate::error::{Error, Result};
 use chrono::{DateTime, Utc};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use sqlx::{PgConnection, PgExecutor, Row};
 use std::collections::HashMap;
@@ -96,16 +96,27 @@ pub async fn create(tx: &mut PgConnection, new: &NewTask<'_>) -> Result<Created>
         let existing = TaskId(row.get("id"));
         let existing_hash: String = row.get("request_hash");
         if existing_hash == hash {
-            return Ok(Created { task_id: existing, created: false, queues: Vec::new() });
+            return Ok(Created {
+                task_id: existing,
+                created: false,
+                queues: Vec::new(),
+            });
         }
         return Err(match new.idempotency_key {
-            Some(key) => Error::IdempotencyConflict { key: key.to_owned(), task_id: existing },
+            Some(key) => Error::IdempotencyConflict {
+                key: key.to_owned(),
+                task_id: existing,
+            },
             None => Error::TaskIdConflict(existing),
         });
     }
 
     // Step ids first, so edges can be written as id arrays.
-    let ids: HashMap<&str, Uuid> = template.steps.iter().map(|s| (s.name.as_str(), Uuid::now_v7())).collect();
+    let ids: HashMap<&str, Uuid> = template
+        .steps
+        .iter()
+        .map(|s| (s.name.as_str(), Uuid::now_v7()))
+        .collect();
     let children = template.children();
     let mut rows = Vec::with_capacity(template.steps.len());
     let mut queues = Vec::new();
@@ -149,7 +160,11 @@ pub async fn create(tx: &mut PgConnection, new: &NewTask<'_>) -> Result<Created>
     .bind(Value::Array(rows))
     .execute(&mut *tx)
     .await?;
-    Ok(Created { task_id, created: true, queues })
+    Ok(Created {
+        task_id,
+        created: true,
+        queues,
+    })
 }
 
 #[derive(sqlx::FromRow)]
@@ -189,10 +204,12 @@ impl TaskRow {
     }
 }
 
-
 /// The state of a task, or `None` if there is no such task.
 pub async fn state(db: impl PgExecutor<'_>, id: TaskId) -> Result<Option<String>> {
-    Ok(sqlx::query_scalar("SELECT state FROM tasks WHERE id = $1").bind(id.0).fetch_optional(db).await?)
+    Ok(sqlx::query_scalar("SELECT state FROM tasks WHERE id = $1")
+        .bind(id.0)
+        .fetch_optional(db)
+        .await?)
 }
 
 #[derive(sqlx::FromRow)]
@@ -236,10 +253,10 @@ pub async fn view(db: &sqlx::PgPool, id: TaskId) -> Result<TaskView> {
                 output, error, idempotency_key, created_at, finished_at
          FROM tasks WHERE id = $1",
     )
-        .bind(id.0)
-        .fetch_optional(db)
-        .await?
-        .ok_or(Error::TaskNotFound(id))?;
+    .bind(id.0)
+    .fetch_optional(db)
+    .await?
+    .ok_or(Error::TaskNotFound(id))?;
     let steps: Vec<StepRow> = sqlx::query_as(
         "SELECT id, name, handler, queue, state, attempt, failures, max_attempts, parent_ids, output,
                 error, pending_parents, queued_at, dispatched_at, started_at, worker,
@@ -277,7 +294,12 @@ pub async fn view(db: &sqlx::PgPool, id: TaskId) -> Result<TaskView> {
                 // The attempt in flight has no row yet: attempts are written when they finish.
                 attempts.push(AttemptView {
                     attempt: s.attempt as u32,
-                    outcome: if s.started_at.is_some() { "started" } else { "dispatched" }.into(),
+                    outcome: if s.started_at.is_some() {
+                        "started"
+                    } else {
+                        "dispatched"
+                    }
+                    .into(),
                     dispatched_at: s.dispatched_at.map(rfc3339).unwrap_or_default(),
                     started_at: s.started_at.map(rfc3339),
                     finished_at: None,
@@ -285,8 +307,12 @@ pub async fn view(db: &sqlx::PgPool, id: TaskId) -> Result<TaskView> {
                     error: None,
                 });
             }
-            let depends_on: Vec<String> =
-                s.parent_ids.iter().filter_map(|p| names.get(p)).map(|n| n.to_string()).collect();
+            let depends_on: Vec<String> = s
+                .parent_ids
+                .iter()
+                .filter_map(|p| names.get(p))
+                .map(|n| n.to_string())
+                .collect();
             StepView {
                 id: StepId(s.id),
                 name: s.name.clone(),
@@ -320,7 +346,11 @@ fn waiting_reason(s: &StepRow, steps: &[StepRow], names: &HashMap<Uuid, &str>) -
                 .filter(|p| s.parent_ids.contains(&p.id) && p.state != "succeeded")
                 .filter_map(|p| names.get(&p.id).copied())
                 .collect();
-            Some(format!("waiting on {} unfinished parent(s): {}", s.pending_parents, open.join(", ")))
+            Some(format!(
+                "waiting on {} unfinished parent(s): {}",
+                s.pending_parents,
+                open.join(", ")
+            ))
         }
         "queued" => Some(format!(
             "queued for queue {:?} since {} (in-flight limit reached or dispatch pending)",
@@ -384,8 +414,16 @@ pub async fn list(db: impl PgExecutor<'_>, f: &ListFilter) -> Result<TaskList> {
     .fetch_all(db)
     .await?;
     let more = rows.len() as i64 > limit;
-    let tasks: Vec<TaskView> = rows.into_iter().take(limit as usize).map(|r| r.into_view(Vec::new())).collect();
-    let next = if more { tasks.last().map(|t| t.id) } else { None };
+    let tasks: Vec<TaskView> = rows
+        .into_iter()
+        .take(limit as usize)
+        .map(|r| r.into_view(Vec::new()))
+        .collect();
+    let next = if more {
+        tasks.last().map(|t| t.id)
+    } else {
+        None
+    };
     Ok(TaskList { tasks, next })
 }
 
@@ -416,10 +454,18 @@ async fn record_event(tx: &mut PgConnection, id: TaskId, kind: &str, detail: Val
 /// Cancels a live task: nothing new is admitted, unstarted steps become `cancelled`; steps
 /// already dispatched may still report (recorded, advancing nothing). Finishes the task at once
 /// when nothing is in flight.
-pub async fn cancel(tx: &mut PgConnection, id: TaskId, reason: Option<&str>) -> Result<Vec<super::steps::FinishedTask>> {
+pub async fn cancel(
+    tx: &mut PgConnection,
+    id: TaskId,
+    reason: Option<&str>,
+) -> Result<Vec<super::steps::FinishedTask>> {
     let state = lock(tx, id).await?;
     if !matches!(state.as_str(), "pending" | "running") {
-        return Err(Error::InvalidState { task_id: id, state, action: "cancel" });
+        return Err(Error::InvalidState {
+            task_id: id,
+            state,
+            action: "cancel",
+        });
     }
     let n = sqlx::query(
         "UPDATE steps SET state = 'cancelled', next_attempt_at = NULL, updated_at = now()
@@ -439,7 +485,13 @@ pub async fn cancel(tx: &mut PgConnection, id: TaskId, reason: Option<&str>) -> 
     .bind(format!("cancelled: {}", reason.unwrap_or("by request")))
     .execute(&mut *tx)
     .await?;
-    record_event(tx, id, "cancel_requested", json!({ "reason": reason, "steps_cancelled": n })).await?;
+    record_event(
+        tx,
+        id,
+        "cancel_requested",
+        json!({ "reason": reason, "steps_cancelled": n }),
+    )
+    .await?;
     super::steps::finalize(tx, &[id.0]).await
 }
 
@@ -448,7 +500,11 @@ pub async fn cancel(tx: &mut PgConnection, id: TaskId, reason: Option<&str>) -> 
 pub async fn retry(tx: &mut PgConnection, id: TaskId) -> Result<Vec<String>> {
     let state = lock(tx, id).await?;
     if !matches!(state.as_str(), "failed" | "cancelled") {
-        return Err(Error::InvalidState { task_id: id, state, action: "retry" });
+        return Err(Error::InvalidState {
+            task_id: id,
+            state,
+            action: "retry",
+        });
     }
     let n = sqlx::query(
         "UPDATE steps SET state = 'waiting', failures = 0, error = NULL, output = NULL,
@@ -469,16 +525,27 @@ pub async fn retry(tx: &mut PgConnection, id: TaskId) -> Result<Vec<String>> {
     .bind(n)
     .execute(&mut *tx)
     .await?;
-    record_event(tx, id, "retried", json!({ "steps_reset": n, "previous_state": state })).await?;
+    record_event(
+        tx,
+        id,
+        "retried",
+        json!({ "steps_reset": n, "previous_state": state }),
+    )
+    .await?;
     Ok(queues)
 }
 
 /// A task's recorded history.
-pub async fn events(db: impl PgExecutor<'_>, id: TaskId) -> Result<Vec<tasker_schemas::api::TaskEventView>> {
-    let rows = sqlx::query("SELECT seq, kind, detail, at FROM task_events WHERE task_id = $1 ORDER BY seq")
-        .bind(id.0)
-        .fetch_all(db)
-        .await?;
+pub async fn events(
+    db: impl PgExecutor<'_>,
+    id: TaskId,
+) -> Result<Vec<tasker_schemas::api::TaskEventView>> {
+    let rows = sqlx::query(
+        "SELECT seq, kind, detail, at FROM task_events WHERE task_id = $1 ORDER BY seq",
+    )
+    .bind(id.0)
+    .fetch_all(db)
+    .await?;
     Ok(rows
         .into_iter()
         .map(|r| tasker_schemas::api::TaskEventView {

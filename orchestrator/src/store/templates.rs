@@ -19,7 +19,8 @@ pub enum Registered {
 pub async fn register(db: impl PgExecutor<'_> + Copy, template: &Template) -> Result<Registered> {
     template.validate()?;
     let hash = template.content_hash();
-    let content = serde_json::to_value(template).map_err(|e| Error::InvalidRequest(e.to_string()))?;
+    let content =
+        serde_json::to_value(template).map_err(|e| Error::InvalidRequest(e.to_string()))?;
     let inserted = sqlx::query(
         "INSERT INTO templates (id, namespace, name, version, description, content, content_hash)
          VALUES ($1, $2, $3, $4, $5, $6, $7)
@@ -99,15 +100,32 @@ impl TemplateCache {
         .ok_or_else(not_found)?;
         let id: Uuid = row.get("id");
         let created_at = row.get("created_at");
-        if let Some(t) = self.inner.lock().unwrap_or_else(|p| p.into_inner()).get(&id) {
-            return Ok(StoredTemplate { id, template: t.clone(), created_at });
+        if let Some(t) = self
+            .inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+        {
+            return Ok(StoredTemplate {
+                id,
+                template: t.clone(),
+                created_at,
+            });
         }
         let content: serde_json::Value = row.get("content");
-        let template: Template = serde_json::from_value(content)
-            .map_err(|e| Error::InvalidRequest(format!("stored template {id} is unreadable: {e}")))?;
+        let template: Template = serde_json::from_value(content).map_err(|e| {
+            Error::InvalidRequest(format!("stored template {id} is unreadable: {e}"))
+        })?;
         let template = Arc::new(template);
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).insert(id, template.clone());
-        Ok(StoredTemplate { id, template, created_at })
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, template.clone());
+        Ok(StoredTemplate {
+            id,
+            template,
+            created_at,
+        })
     }
 }
 
@@ -125,7 +143,11 @@ pub async fn list(db: impl PgExecutor<'_>, namespace: Option<&str>) -> Result<Ve
         .map(|row| {
             let template: Template = serde_json::from_value(row.get("content"))
                 .map_err(|e| Error::InvalidRequest(e.to_string()))?;
-            Ok(StoredTemplate { id: row.get("id"), template: Arc::new(template), created_at: row.get("created_at") })
+            Ok(StoredTemplate {
+                id: row.get("id"),
+                template: Arc::new(template),
+                created_at: row.get("created_at"),
+            })
         })
         .collect()
 }
