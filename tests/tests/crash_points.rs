@@ -1,0 +1,209 @@
+//! Deterministic crash points that random kills may miss. Each test recreates the state a crash
+//! at that point leaves behind and checks that nothing is lost and nothing is applied twice.
+
+use futures_util::StreamExt;
+use serde_json::json;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use tasker_schemas::{Outcome, StepMessage, StepResult, decode, encode_payload};
+use tasker_tests::Harness;
+
+const ONE: &str = "namespace: t\nname: one\nversion: 1\nsteps:\n  - { name: s, handler: echo, queue: q }\n  - { name: after, handler: echo, depends_on: [s], queue: q }\n";
+
+async fn counting_worker(h: &Harness) -> Arc<AtomicUsize> {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r = runs.clone();
+    h.spawn_worker(h.worker().queue("q").handler_fn("echo", move |ctx| {
+        r.fetch_add(1, Ordering::SeqCst);
+        async move { Ok(json!(ctx.step())) }
+    }));
+    runs
+}
+
+async fn wait_until(h: &Harness, sql: &'static str) -> anyhow::Result<()> {
+    for _ in 0..250 {
+        if sqlx::query_scalar::<_, bool>(sql).fetch_one(&h.db).await? {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    anyhow::bail!("condition never held: {sql}")
+}
+
+fn stale(h: &Harness) -> u64 {
+    h.shared(0)
+        .metrics
+        .results_stale_total
+        .load(Ordering::Relaxed)
+}
+
+async fn assert_applied_once(h: &Harness) -> anyhow::Result<()> {
+    let twice: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT step_id, attempt FROM attempts GROUP BY 1, 2 HAVING count(*) > 1) d",
+    )
+    .fetch_one(&h.db)
+    .await?;
+    assert_eq!(twice, 0);
+    assert_eq!(
+        h.shared(0)
+            .metrics
+            .results_applied_twice_total
+            .load(Ordering::Relaxed),
+        0
+    );
+    Ok(())
+}
+
+/// Killed after the publish but before the confirm cleared the outbox entry: the relay publishes
+/// the attempt a second time; the worker may run it twice; the second result is stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_but_outbox_not_cleared() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    h.register_yaml(ONE).await?;
+    let id = h.submit("t", "one", json!({})).await?;
+    wait_until(&h, "SELECT count(*) = 1 FROM steps WHERE state = 'dispatched' AND (SELECT count(*) FROM outbox) = 0").await?;
+    // The entry the crash left behind, old enough for the relay.
+    sqlx::query("INSERT INTO outbox (step_id, attempt, namespace, created_at) SELECT id, attempt, namespace, now() - interval '1 hour' FROM steps WHERE state = 'dispatched'")
+        .execute(&h.db)
+        .await?;
+    wait_until(&h, "SELECT count(*) = 0 FROM outbox").await?;
+    let runs = counting_worker(&h).await;
+    let task = h.wait(id).await?;
+    assert_eq!(task.state, "completed");
+    assert_eq!(task.steps[0].attempt, 1);
+    assert_eq!(
+        task.steps[0].attempts.len(),
+        1,
+        "one outcome applied for attempt 1"
+    );
+    // Both copies ran (at-least-once); the second outcome was dropped as stale.
+    assert_eq!(runs.load(Ordering::SeqCst), 3, "s twice, after once");
+    assert!(stale(&h) >= 1);
+    assert_applied_once(&h).await?;
+    h.finish().await;
+    Ok(())
+}
+
+/// A worker killed after publishing its result but before acking the step message: the message
+/// is redelivered and run again; the first result was applied, the second is stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_dies_after_result_before_ack() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    h.register_yaml(ONE).await?;
+    let id = h.submit("t", "one", json!({})).await?;
+    // A worker that publishes the result and dies without acking.
+    let conn = lapin::Connection::connect(&h.services.amqp_url, Default::default()).await?;
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(Default::default()).await?;
+    let mut consumer = ch
+        .basic_consume(
+            h.names().step_queue("q").as_str().into(),
+            "doomed".into(),
+            Default::default(),
+            Default::default(),
+        )
+        .await?;
+    let delivery = consumer.next().await.expect("a step message")?;
+    let msg = decode::<StepMessage>(&delivery.data)?.payload;
+    let result = StepResult {
+        task_id: msg.task_id,
+        step_id: msg.step_id,
+        attempt: msg.attempt,
+        worker: "doomed".into(),
+        duration_ms: 1,
+        outcome: Outcome::Succeeded {
+            output: json!("first"),
+        },
+    };
+    ch.basic_publish(
+        h.names().results_exchange().into(),
+        msg.result_routing_key.as_str().into(),
+        lapin::options::BasicPublishOptions {
+            mandatory: true,
+            ..Default::default()
+        },
+        &encode_payload(result)?,
+        lapin::BasicProperties::default().with_delivery_mode(2),
+    )
+    .await?
+    .await?;
+    wait_until(
+        &h,
+        "SELECT count(*) = 1 FROM steps WHERE name = 's' AND state = 'succeeded'",
+    )
+    .await?;
+    drop(consumer);
+    conn.close(320, "killed".into()).await?; // unacked: the broker requeues the step message
+    let runs = counting_worker(&h).await;
+    let task = h.wait(id).await?;
+    assert_eq!(task.state, "completed");
+    assert_eq!(
+        task.steps[0].output,
+        Some(json!("first")),
+        "the first applied outcome stands"
+    );
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        2,
+        "the redelivered s ran again, then after"
+    );
+    for _ in 0..100 {
+        if stale(&h) >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(stale(&h) >= 1, "the duplicate result is counted as stale");
+    assert_applied_once(&h).await?;
+    h.finish().await;
+    Ok(())
+}
+
+/// An orchestrator killed after committing a result batch but before acking it: the results are
+/// delivered again (here to a second replica) and dropped as stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn result_committed_but_not_acked() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    h.register_yaml(ONE).await?;
+    let runs = counting_worker(&h).await;
+    let task = h.run("t", "one", json!({})).await?;
+    assert_eq!(task.state, "completed");
+    // Redeliver both committed results, as the broker does when the consumer dies before its ack.
+    for s in &task.steps {
+        let result = StepResult {
+            task_id: task.id,
+            step_id: s.id,
+            attempt: s.attempt,
+            worker: "redelivery".into(),
+            duration_ms: 1,
+            outcome: Outcome::Succeeded {
+                output: json!("again"),
+            },
+        };
+        let conn = lapin::Connection::connect(&h.services.amqp_url, Default::default()).await?;
+        let ch = conn.create_channel().await?;
+        ch.basic_publish(
+            h.names().results_exchange().into(),
+            "t.0".into(),
+            Default::default(),
+            &encode_payload(result)?,
+            Default::default(),
+        )
+        .await?;
+        conn.close(200, "bye".into()).await?;
+    }
+    for _ in 0..100 {
+        if stale(&h) >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(stale(&h), 2);
+    let after = h.client().task(task.id).await?;
+    assert_eq!(after.steps, task.steps);
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    assert_applied_once(&h).await?;
+    h.finish().await;
+    Ok(())
+}
