@@ -226,10 +226,13 @@ pub async fn run_consumer(shared: Shared, shard: u16, shutdown: CancellationToke
 
 /// Applies a batch of deliveries and acks them after the commit.
 async fn process(shared: &Shared, items: Vec<Item>, shutdown: &CancellationToken) -> Result<()> {
+    // Deliveries of one consumer arrive in tag order: once every item is either committed or
+    // dead-lettered, one `multiple` ack on the last tag settles the whole batch.
+    let Some(last) = items.last().map(|i| i.delivery.acker.clone()) else { return Ok(()) };
     let mut good = Vec::with_capacity(items.len());
     for item in items {
         match &item.work {
-            Work::Bad(reason) => dead_letter(shared, &item.delivery, reason).await?,
+            Work::Bad(reason) => forward_dead(shared, &item.delivery, reason).await?,
             _ => good.push(item),
         }
     }
@@ -239,15 +242,17 @@ async fn process(shared: &Shared, items: Vec<Item>, shutdown: &CancellationToken
             continue;
         }
         match apply_items(shared, &chunk, shutdown).await {
-            Ok(()) => {
-                for item in &chunk {
-                    item.delivery.acker.ack(BasicAckOptions::default()).await?;
-                }
+            Ok(()) => {}
+            // Shutting down during an outage: ack nothing; the broker redelivers the batch and
+            // what was already committed is dropped as stale then.
+            Err(e) if e.is_retryable() => {
+                tracing::warn!(error = %e, "leaving a result batch unacked at shutdown");
+                return Ok(());
             }
             Err(e) if chunk.len() == 1 => {
                 let reason = format!("could not apply: {e}");
                 tracing::warn!(error = %e, "isolated a bad result message; dead-lettering it");
-                dead_letter(shared, &chunk[0].delivery, &reason).await?;
+                forward_dead(shared, &chunk[0].delivery, &reason).await?;
             }
             Err(e) => {
                 tracing::warn!(error = %e, size = chunk.len(), "result batch failed; splitting it");
@@ -259,6 +264,7 @@ async fn process(shared: &Shared, items: Vec<Item>, shutdown: &CancellationToken
             }
         }
     }
+    last.ack(BasicAckOptions { multiple: true }).await?;
     Ok(())
 }
 
@@ -302,7 +308,16 @@ async fn apply_items(shared: &Shared, chunk: &[Item], shutdown: &CancellationTok
     }
 }
 
+/// Dead-letters a delivery with the reason and acks it.
 async fn dead_letter(shared: &Shared, delivery: &Delivery, reason: &str) -> Result<()> {
+    forward_dead(shared, delivery, reason).await?;
+    delivery.acker.ack(BasicAckOptions::default()).await?;
+    Ok(())
+}
+
+/// Publishes a copy of a delivery to the dead-letter exchange with the reason (confirmed); the
+/// caller acks the original.
+async fn forward_dead(shared: &Shared, delivery: &Delivery, reason: &str) -> Result<()> {
     let verdict = shared
         .publisher
         .dead_letter(
@@ -319,7 +334,6 @@ async fn dead_letter(shared: &Shared, delivery: &Delivery, reason: &str) -> Resu
         )));
     }
     Metrics::add(&shared.metrics.dead_lettered_total, 1);
-    delivery.acker.ack(BasicAckOptions::default()).await?;
     Ok(())
 }
 

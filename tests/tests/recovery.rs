@@ -262,3 +262,57 @@ async fn reconciler_repairs_a_task_without_a_live_owner() -> anyhow::Result<()> 
     h.finish().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_steps_ack_early_and_keep_a_lease_alive() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    h.register_yaml(
+        "namespace: t\nname: long\nversion: 1\nsteps:\n  - name: s\n    handler: long\n    queue: long\n    queue_wait_timeout: 5s\n    execution_timeout: 10s\n    retry: { max_attempts: 1 }\n",
+    )
+    .await?;
+    let (running_tx, running_rx) = tokio::sync::oneshot::channel::<()>();
+    let running_tx = Arc::new(std::sync::Mutex::new(Some(running_tx)));
+    h.spawn_worker(
+        h.worker()
+            .queue("long")
+            // Anything over 1 s is "long" here; leases of 3 x 100 ms, renewed every 100 ms.
+            .long_steps(Duration::from_secs(1), Duration::from_millis(100))
+            .handler_fn("long", move |_| {
+                let tx = running_tx.lock().unwrap().take();
+                async move {
+                    if let Some(tx) = tx {
+                        let _ = tx.send(());
+                    }
+                    // Far longer than one lease: only heartbeats keep the attempt alive.
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                    Ok(json!("long done"))
+                }
+            }),
+    );
+    let id = h.submit("t", "long", json!({})).await?;
+    running_rx.await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // While the handler runs: the message is acked, the orchestrator holds a short lease.
+    let conn = lapin::Connection::connect(&h.services.amqp_url, Default::default()).await?;
+    let ch = conn.create_channel().await?;
+    let q = ch
+        .queue_declare(
+            h.names().step_queue("long").as_str().into(),
+            lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
+            Default::default(),
+        )
+        .await?;
+    assert_eq!(q.message_count(), 0);
+    let view = h.client().task(id).await?;
+    let s = &view.steps[0];
+    assert_eq!(s.state, "dispatched");
+    assert_eq!(s.attempts[0].outcome, "started");
+    assert!(s.waiting_reason.as_deref().unwrap().contains("running on"), "{:?}", s.waiting_reason);
+    let task = h.wait(id).await?;
+    assert_eq!(task.state, "completed", "{task:#?}");
+    assert_eq!(task.steps[0].attempt, 1, "heartbeats kept the one attempt alive");
+    assert!(task.steps[0].attempts[0].started_at.is_some());
+    conn.close(200, "bye".into()).await?;
+    h.finish().await;
+    Ok(())
+}

@@ -15,7 +15,8 @@ use lapin::types::{AMQPValue, ShortString};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tasker_schemas::message::{HEADER_DEAD_LETTER_REASON, HEADER_TRACEPARENT};
-use tasker_schemas::{Envelope, Kind, MessageId, Outcome, StepMessage, StepResult, decode, encode};
+use tasker_schemas::{Envelope, Heartbeat, Kind, MessageId, Outcome, Started, StepMessage, StepResult, decode, encode};
+use tokio_util::task::AbortOnDropHandle;
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
@@ -81,11 +82,38 @@ async fn run_step(env: &SessionEnv, delivery: Delivery, message: StepMessage) {
         message.timeout_ms,
     );
     let routing_key = message.result_routing_key.clone();
-    let ctx = StepContext::new(
-        message,
-        shared.worker.clone(),
-        env.handler_cancel.child_token(),
-    );
+    let ids = LeaseIds { task_id, step_id, attempt, worker: shared.worker.clone() };
+    // A long step must not hold its delivery (the broker's acknowledgement timeout): it takes a
+    // lease in the orchestrator, acks, and keeps the lease alive while it runs.
+    let long = Duration::from_millis(timeout_ms) > shared.long_steps.after;
+    let mut delivery = Some(delivery);
+    let mut _heartbeats = None;
+    let cancel = if long {
+        let lease_ms = lease_ms(shared.long_steps.heartbeat);
+        match publish_lease::<Started>(env, &ids, lease_ms, &routing_key).await {
+            Ok(()) => {
+                if let Some(d) = delivery.take() {
+                    ack(d).await;
+                }
+                _heartbeats = Some(AbortOnDropHandle::new(tokio::spawn(heartbeat_loop(
+                    env.clone(),
+                    ids.clone(),
+                    routing_key.clone(),
+                ))));
+            }
+            Err(e) => {
+                if let Some(d) = delivery.take() {
+                    requeue_later(env, d, &e).await;
+                }
+                return;
+            }
+        }
+        // The delivery is gone: losing this session must not stop the handler.
+        shared.abort.child_token()
+    } else {
+        env.handler_cancel.child_token()
+    };
+    let ctx = StepContext::new(message, shared.worker.clone(), cancel);
 
     let started = Instant::now();
     let outcome = run_handler(handler, ctx, timeout_ms, shared.limits.max_output_bytes).await;
@@ -118,7 +146,83 @@ async fn run_step(env: &SessionEnv, delivery: Delivery, message: StepMessage) {
         duration_ms,
         outcome,
     };
-    report(env, delivery, result, &routing_key).await
+    match delivery {
+        Some(delivery) => report(env, delivery, result, &routing_key).await,
+        None => report_leased(env, result, &routing_key).await,
+    }
+}
+
+/// The ids a lease message names.
+#[derive(Clone)]
+struct LeaseIds {
+    task_id: tasker_schemas::TaskId,
+    step_id: tasker_schemas::StepId,
+    attempt: u32,
+    worker: String,
+}
+
+/// Three heartbeat intervals: a lease survives two lost heartbeats.
+fn lease_ms(heartbeat: Duration) -> u64 {
+    u64::try_from(heartbeat.saturating_mul(3).as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A lease message: `started` or `heartbeat`.
+trait LeaseMessage: tasker_schemas::Payload {
+    fn new(ids: &LeaseIds, lease_ms: u64) -> Self;
+}
+
+impl LeaseMessage for Started {
+    fn new(ids: &LeaseIds, lease_ms: u64) -> Self {
+        Started { task_id: ids.task_id, step_id: ids.step_id, attempt: ids.attempt, worker: ids.worker.clone(), lease_ms }
+    }
+}
+
+impl LeaseMessage for Heartbeat {
+    fn new(ids: &LeaseIds, lease_ms: u64) -> Self {
+        Heartbeat { task_id: ids.task_id, step_id: ids.step_id, attempt: ids.attempt, worker: ids.worker.clone(), lease_ms }
+    }
+}
+
+async fn publish_lease<M: LeaseMessage>(env: &SessionEnv, ids: &LeaseIds, lease_ms: u64, routing_key: &str) -> Result<(), PublishError> {
+    let envelope = Envelope::new(M::new(ids, lease_ms));
+    let bytes = encode(&envelope)?;
+    let properties = message_properties(envelope.message_id).with_type(M::KIND.as_str().into());
+    publish_confirmed(&env.publisher, &env.shared.names.results_exchange(), routing_key, &bytes, properties).await
+}
+
+/// Renews a long step's lease until dropped. A missed heartbeat is logged; if the lease runs out
+/// the orchestrator times the attempt out and its late result is ignored.
+async fn heartbeat_loop(env: SessionEnv, ids: LeaseIds, routing_key: String) {
+    let every = env.shared.long_steps.heartbeat;
+    let lease = lease_ms(every);
+    loop {
+        tokio::time::sleep(every).await;
+        if let Err(e) = publish_lease::<Heartbeat>(&env, &ids, lease, &routing_key).await {
+            warn!(error = %e, "heartbeat not sent; the lease may run out");
+        }
+    }
+}
+
+/// Reports the result of a leased step (its message is already acked): retries the publish a
+/// few times; if it never goes through, the lease runs out and the attempt is retried.
+async fn report_leased(env: &SessionEnv, result: StepResult, routing_key: &str) {
+    let mut delay = REQUEUE_DELAY;
+    for _ in 0..8 {
+        let sent = async {
+            let (message_id, bytes) = encode_result(result.clone())?;
+            let properties = message_properties(message_id).with_type(Kind::Result.as_str().into());
+            publish_confirmed(&env.publisher, &env.shared.names.results_exchange(), routing_key, &bytes, properties).await
+        };
+        match sent.await {
+            Ok(()) => return,
+            Err(e) => {
+                warn!(error = %e, ?delay, "could not publish a leased step's result; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(MAX_REQUEUE_DELAY);
+            }
+        }
+    }
+    error!("gave up publishing a leased step's result; its lease will expire and the step will be retried");
 }
 
 /// Encodes a result; a result that cannot be encoded becomes a permanent failure saying why.

@@ -30,6 +30,13 @@ const ABANDON_WAIT: Duration = Duration::from_secs(1);
 const CONFIRM_WAIT: Duration = Duration::from_secs(5);
 
 /// State that outlives sessions: handlers, the concurrency bound and the running steps.
+/// When a step counts as long, and how often its lease is renewed.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LongSteps {
+    pub(crate) after: Duration,
+    pub(crate) heartbeat: Duration,
+}
+
 pub(crate) struct Shared {
     pub(crate) names: Names,
     pub(crate) worker: String,
@@ -47,6 +54,7 @@ pub(crate) struct Shared {
     pub(crate) hard_stop: CancellationToken,
     /// Publishes that failed in a row; the delay before requeueing grows with it.
     pub(crate) publish_failures: AtomicU32,
+    pub(crate) long_steps: LongSteps,
 }
 
 impl Shared {
@@ -57,6 +65,7 @@ impl Shared {
         concurrency: usize,
         limits: DataLimits,
         grace_period: Duration,
+        long_steps: LongSteps,
     ) -> Self {
         Self {
             names,
@@ -69,6 +78,7 @@ impl Shared {
             abort: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
             publish_failures: AtomicU32::new(0),
+            long_steps,
         }
     }
 

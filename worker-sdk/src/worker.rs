@@ -20,6 +20,11 @@ use tracing::{info, warn};
 pub const DEFAULT_CONCURRENCY: usize = 16;
 /// Default time running steps get to finish after shutdown is requested.
 pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(30);
+/// Steps whose execution timeout is longer than this use a lease instead of holding their
+/// delivery (RabbitMQ closes a channel whose delivery stays unacked for 30 minutes).
+pub const DEFAULT_LONG_STEP_AFTER: Duration = Duration::from_secs(10 * 60);
+/// How often a long step's lease is renewed; each renewal asks for three intervals.
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(20);
 
 /// A session that lasted this long was healthy: the next reconnect starts from the shortest delay.
 const HEALTHY_SESSION: Duration = Duration::from_secs(10);
@@ -48,6 +53,7 @@ pub struct WorkerBuilder {
     grace_period: Duration,
     name: Option<String>,
     limits: DataLimits,
+    long_steps: crate::session::LongSteps,
 }
 
 impl std::fmt::Debug for WorkerBuilder {
@@ -79,7 +85,19 @@ impl WorkerBuilder {
             grace_period: DEFAULT_GRACE_PERIOD,
             name: None,
             limits: DataLimits::default(),
+            long_steps: crate::session::LongSteps {
+                after: DEFAULT_LONG_STEP_AFTER,
+                heartbeat: DEFAULT_HEARTBEAT_INTERVAL,
+            },
         }
+    }
+
+    /// Steps whose execution timeout exceeds `after` are run under a lease: the worker sends
+    /// `started`, acks the step message, renews the lease every `heartbeat` while the handler
+    /// runs, then sends the result. Defaults: 10 minutes and 20 seconds.
+    pub fn long_steps(mut self, after: Duration, heartbeat: Duration) -> Self {
+        self.long_steps = crate::session::LongSteps { after, heartbeat: heartbeat.max(Duration::from_millis(10)) };
+        self
     }
 
     /// The prefix of every exchange and queue name (default `tasker`).
@@ -167,6 +185,7 @@ impl WorkerBuilder {
             grace_period: self.grace_period,
             name: self.name.unwrap_or_else(default_name),
             limits: self.limits,
+            long_steps: self.long_steps,
         }
     }
 }
@@ -182,6 +201,7 @@ pub struct Worker {
     grace_period: Duration,
     name: String,
     limits: DataLimits,
+    long_steps: crate::session::LongSteps,
 }
 
 impl std::fmt::Debug for Worker {
@@ -254,6 +274,7 @@ impl Worker {
             self.concurrency,
             self.limits,
             self.grace_period,
+            self.long_steps,
         ));
 
         let mut backoff = reconnect_backoff();

@@ -685,7 +685,9 @@ pub async fn record_started(
     let n = sqlx::query(
         "UPDATE steps
          SET started_at = coalesce(started_at, now()), worker = $3,
-             lease_expires_at = now() + least($4, execution_timeout_ms) * interval '1 millisecond',
+             -- Renewed by heartbeats, never past the execution timeout counted from the start.
+             lease_expires_at = least(now() + $4 * interval '1 millisecond',
+                                      coalesce(started_at, now()) + execution_timeout_ms * interval '1 millisecond'),
              updated_at = now()
          WHERE id = $1 AND attempt = $2 AND state = 'dispatched'",
     )
