@@ -228,7 +228,9 @@ pub async fn run_consumer(shared: Shared, shard: u16, shutdown: CancellationToke
 async fn process(shared: &Shared, items: Vec<Item>, shutdown: &CancellationToken) -> Result<()> {
     // Deliveries of one consumer arrive in tag order: once every item is either committed or
     // dead-lettered, one `multiple` ack on the last tag settles the whole batch.
-    let Some(last) = items.last().map(|i| i.delivery.acker.clone()) else { return Ok(()) };
+    let Some(last) = items.last().map(|i| i.delivery.acker.clone()) else {
+        return Ok(());
+    };
     let mut good = Vec::with_capacity(items.len());
     for item in items {
         match &item.work {

@@ -298,7 +298,10 @@ async fn long_steps_ack_early_and_keep_a_lease_alive() -> anyhow::Result<()> {
     let q = ch
         .queue_declare(
             h.names().step_queue("long").as_str().into(),
-            lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
             Default::default(),
         )
         .await?;
@@ -307,12 +310,71 @@ async fn long_steps_ack_early_and_keep_a_lease_alive() -> anyhow::Result<()> {
     let s = &view.steps[0];
     assert_eq!(s.state, "dispatched");
     assert_eq!(s.attempts[0].outcome, "started");
-    assert!(s.waiting_reason.as_deref().unwrap().contains("running on"), "{:?}", s.waiting_reason);
+    assert!(
+        s.waiting_reason.as_deref().unwrap().contains("running on"),
+        "{:?}",
+        s.waiting_reason
+    );
     let task = h.wait(id).await?;
     assert_eq!(task.state, "completed", "{task:#?}");
-    assert_eq!(task.steps[0].attempt, 1, "heartbeats kept the one attempt alive");
+    assert_eq!(
+        task.steps[0].attempt, 1,
+        "heartbeats kept the one attempt alive"
+    );
     assert!(task.steps[0].attempts[0].started_at.is_some());
     conn.close(200, "bye".into()).await?;
+    h.finish().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_handlers_observe_cancellation_and_queued_steps_are_refused() -> anyhow::Result<()>
+{
+    let h = Harness::start().await?;
+    h.register_yaml(
+        "namespace: t\nname: c2\nversion: 1\nsteps:\n  - { name: a, handler: wait }\n  - { name: b, handler: wait }\n",
+    )
+    .await?;
+    let ran = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let r = ran.clone();
+    h.spawn_worker(h.worker().concurrency(1).handler_fn("wait", move |ctx| {
+        r.fetch_add(1, Ordering::SeqCst);
+        async move {
+            tokio::select! {
+                _ = ctx.cancelled() => Err(StepError::permanent("stopped by cancel")),
+                _ = tokio::time::sleep(Duration::from_secs(30)) => Ok(json!("too late")),
+            }
+        }
+    }));
+    let id = h.submit("t", "c2", json!({})).await?;
+    // Both roots are dispatched; with concurrency 1 one runs and the other waits in the queue.
+    for _ in 0..100 {
+        if ran.load(Ordering::SeqCst) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let started = std::time::Instant::now();
+    post(&h, &format!("/v1/tasks/{id}/cancel")).await?;
+    let task = h.wait_for(id, Duration::from_secs(10)).await?;
+    assert_eq!(task.state, "cancelled");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "cancel took {:?}",
+        started.elapsed()
+    );
+    let errors: Vec<&str> = task
+        .steps
+        .iter()
+        .filter_map(|s| s.error.as_deref())
+        .collect();
+    assert!(errors.contains(&"stopped by cancel"), "{errors:?}");
+    assert!(errors.contains(&"the task was cancelled"), "{errors:?}");
+    assert_eq!(
+        ran.load(Ordering::SeqCst),
+        1,
+        "the queued step was refused, not run"
+    );
     h.finish().await;
     Ok(())
 }

@@ -15,9 +15,11 @@ use lapin::types::{AMQPValue, ShortString};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tasker_schemas::message::{HEADER_DEAD_LETTER_REASON, HEADER_TRACEPARENT};
-use tasker_schemas::{Envelope, Heartbeat, Kind, MessageId, Outcome, Started, StepMessage, StepResult, decode, encode};
-use tokio_util::task::AbortOnDropHandle;
+use tasker_schemas::{
+    Envelope, Heartbeat, Kind, MessageId, Outcome, Started, StepMessage, StepResult, decode, encode,
+};
 use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 /// Delay before requeueing after the first failed publish; doubles with each failure in a row.
@@ -82,7 +84,12 @@ async fn run_step(env: &SessionEnv, delivery: Delivery, message: StepMessage) {
         message.timeout_ms,
     );
     let routing_key = message.result_routing_key.clone();
-    let ids = LeaseIds { task_id, step_id, attempt, worker: shared.worker.clone() };
+    let ids = LeaseIds {
+        task_id,
+        step_id,
+        attempt,
+        worker: shared.worker.clone(),
+    };
     // A long step must not hold its delivery (the broker's acknowledgement timeout): it takes a
     // lease in the orchestrator, acks, and keeps the lease alive while it runs.
     let long = Duration::from_millis(timeout_ms) > shared.long_steps.after;
@@ -116,7 +123,19 @@ async fn run_step(env: &SessionEnv, delivery: Delivery, message: StepMessage) {
     let ctx = StepContext::new(message, shared.worker.clone(), cancel);
 
     let started = Instant::now();
-    let outcome = run_handler(handler, ctx, timeout_ms, shared.limits.max_output_bytes).await;
+    let outcome = if shared.cancellations.is_cancelled(task_id) {
+        info!("task cancelled: refusing the step without running it");
+        Outcome::Failed {
+            message: "the task was cancelled".into(),
+            retryable: false,
+            retry_after_ms: None,
+        }
+    } else {
+        let _tracked = shared
+            .cancellations
+            .track(task_id, ctx.cancellation_token().clone());
+        run_handler(handler, ctx, timeout_ms, shared.limits.max_output_bytes).await
+    };
     let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
 
     if shared.abort.is_cancelled() && !matches!(outcome, Outcome::Succeeded { .. }) {
@@ -173,21 +192,45 @@ trait LeaseMessage: tasker_schemas::Payload {
 
 impl LeaseMessage for Started {
     fn new(ids: &LeaseIds, lease_ms: u64) -> Self {
-        Started { task_id: ids.task_id, step_id: ids.step_id, attempt: ids.attempt, worker: ids.worker.clone(), lease_ms }
+        Started {
+            task_id: ids.task_id,
+            step_id: ids.step_id,
+            attempt: ids.attempt,
+            worker: ids.worker.clone(),
+            lease_ms,
+        }
     }
 }
 
 impl LeaseMessage for Heartbeat {
     fn new(ids: &LeaseIds, lease_ms: u64) -> Self {
-        Heartbeat { task_id: ids.task_id, step_id: ids.step_id, attempt: ids.attempt, worker: ids.worker.clone(), lease_ms }
+        Heartbeat {
+            task_id: ids.task_id,
+            step_id: ids.step_id,
+            attempt: ids.attempt,
+            worker: ids.worker.clone(),
+            lease_ms,
+        }
     }
 }
 
-async fn publish_lease<M: LeaseMessage>(env: &SessionEnv, ids: &LeaseIds, lease_ms: u64, routing_key: &str) -> Result<(), PublishError> {
+async fn publish_lease<M: LeaseMessage>(
+    env: &SessionEnv,
+    ids: &LeaseIds,
+    lease_ms: u64,
+    routing_key: &str,
+) -> Result<(), PublishError> {
     let envelope = Envelope::new(M::new(ids, lease_ms));
     let bytes = encode(&envelope)?;
     let properties = message_properties(envelope.message_id).with_type(M::KIND.as_str().into());
-    publish_confirmed(&env.publisher, &env.shared.names.results_exchange(), routing_key, &bytes, properties).await
+    publish_confirmed(
+        &env.publisher,
+        &env.shared.names.results_exchange(),
+        routing_key,
+        &bytes,
+        properties,
+    )
+    .await
 }
 
 /// Renews a long step's lease until dropped. A missed heartbeat is logged; if the lease runs out
@@ -211,7 +254,14 @@ async fn report_leased(env: &SessionEnv, result: StepResult, routing_key: &str) 
         let sent = async {
             let (message_id, bytes) = encode_result(result.clone())?;
             let properties = message_properties(message_id).with_type(Kind::Result.as_str().into());
-            publish_confirmed(&env.publisher, &env.shared.names.results_exchange(), routing_key, &bytes, properties).await
+            publish_confirmed(
+                &env.publisher,
+                &env.shared.names.results_exchange(),
+                routing_key,
+                &bytes,
+                properties,
+            )
+            .await
         };
         match sent.await {
             Ok(()) => return,
@@ -222,7 +272,9 @@ async fn report_leased(env: &SessionEnv, result: StepResult, routing_key: &str) 
             }
         }
     }
-    error!("gave up publishing a leased step's result; its lease will expire and the step will be retried");
+    error!(
+        "gave up publishing a leased step's result; its lease will expire and the step will be retried"
+    );
 }
 
 /// Encodes a result; a result that cannot be encoded becomes a permanent failure saying why.

@@ -55,6 +55,8 @@ pub(crate) struct Shared {
     /// Publishes that failed in a row; the delay before requeueing grows with it.
     pub(crate) publish_failures: AtomicU32,
     pub(crate) long_steps: LongSteps,
+    /// Tasks cancelled by an operator (from the cancel exchange).
+    pub(crate) cancellations: crate::cancel::Cancellations,
 }
 
 impl Shared {
@@ -79,6 +81,7 @@ impl Shared {
             hard_stop: CancellationToken::new(),
             publish_failures: AtomicU32::new(0),
             long_steps,
+            cancellations: Default::default(),
         }
     }
 
@@ -143,6 +146,7 @@ pub(crate) struct Session {
     connection: Connection,
     publisher: Channel,
     consumers: Vec<QueueConsumer>,
+    cancels: Consumer,
 }
 
 /// What a delivery task needs from its session. Cheap to clone.
@@ -197,7 +201,7 @@ impl Session {
                 .await
                 .map_err(|_| SessionError::ConnectTimeout(CONNECT_TIMEOUT))??;
         match Self::subscribe(&connection, shared, queues, prefetch).await {
-            Ok((publisher, consumers)) => {
+            Ok((publisher, consumers, cancels)) => {
                 info!(
                     worker = %shared.worker,
                     queues = ?consumers.iter().map(|c| c.queue.as_str()).collect::<Vec<_>>(),
@@ -208,6 +212,7 @@ impl Session {
                     connection,
                     publisher,
                     consumers,
+                    cancels,
                 })
             }
             Err(e) => {
@@ -222,7 +227,7 @@ impl Session {
         shared: &Shared,
         queues: &[(String, String)],
         prefetch: u16,
-    ) -> Result<(Channel, Vec<QueueConsumer>), SessionError> {
+    ) -> Result<(Channel, Vec<QueueConsumer>, Consumer), SessionError> {
         // The orchestrator owns the topology: only check that the queues exist. A failed passive
         // declare closes its channel, hence a channel of its own.
         let check = connection.create_channel().await?;
@@ -272,7 +277,38 @@ impl Session {
                 consumer,
             });
         }
-        Ok((publisher, consumers))
+        // Cancel messages: a private, server-named queue bound to the cancel exchange.
+        let cancel_channel = connection.create_channel().await?;
+        let private = QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: true,
+            ..QueueDeclareOptions::default()
+        };
+        let queue = cancel_channel
+            .queue_declare("".into(), private, FieldTable::default())
+            .await?;
+        cancel_channel
+            .queue_bind(
+                queue.name().clone(),
+                shared.names.cancel_exchange().into(),
+                "".into(),
+                Default::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let no_ack = BasicConsumeOptions {
+            no_ack: true,
+            ..BasicConsumeOptions::default()
+        };
+        let cancels = cancel_channel
+            .basic_consume(
+                queue.name().clone(),
+                "".into(),
+                no_ack,
+                FieldTable::default(),
+            )
+            .await?;
+        Ok((publisher, consumers, cancels))
     }
 
     /// Runs until shutdown (then drains and closes) or until the session breaks.
@@ -294,6 +330,9 @@ impl Session {
             .iter()
             .map(|c| tokio::spawn(consume(c.queue.clone(), c.consumer.clone(), env.clone())))
             .collect();
+        let cancel_loop = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
+            listen_for_cancels(self.cancels.clone(), Arc::clone(shared)),
+        ));
 
         let lost = tokio::select! {
             _ = shutdown.cancelled() => false,
@@ -303,6 +342,7 @@ impl Session {
         for handle in loops {
             let _ = handle.await;
         }
+        drop(cancel_loop);
         if lost {
             // Closing the connection returns every unacknowledged message to its queue, so the
             // steps still running here will run again: ask them to stop.
@@ -347,6 +387,21 @@ impl Session {
             warn!(worker = %shared.worker, error = %e, "closing the connection failed");
         }
         info!(worker = %shared.worker, "worker stopped");
+    }
+}
+
+/// Records cancel messages (best effort: a worker that misses one still has its result refused).
+async fn listen_for_cancels(mut consumer: Consumer, shared: Arc<Shared>) {
+    while let Some(Ok(delivery)) = consumer.next().await {
+        match tasker_schemas::decode::<tasker_schemas::Cancel>(&delivery.data) {
+            Ok(cancel) => {
+                info!(worker = %shared.worker, task_id = %cancel.payload.task_id, "task cancelled: refusing its steps");
+                shared.cancellations.cancel(cancel.payload.task_id);
+            }
+            Err(e) => {
+                warn!(worker = %shared.worker, error = %e, "ignoring an unreadable cancel message")
+            }
+        }
     }
 }
 

@@ -96,7 +96,10 @@ impl WorkerBuilder {
     /// `started`, acks the step message, renews the lease every `heartbeat` while the handler
     /// runs, then sends the result. Defaults: 10 minutes and 20 seconds.
     pub fn long_steps(mut self, after: Duration, heartbeat: Duration) -> Self {
-        self.long_steps = crate::session::LongSteps { after, heartbeat: heartbeat.max(Duration::from_millis(10)) };
+        self.long_steps = crate::session::LongSteps {
+            after,
+            heartbeat: heartbeat.max(Duration::from_millis(10)),
+        };
         self
     }
 

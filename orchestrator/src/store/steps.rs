@@ -269,11 +269,12 @@ pub async fn apply(
     let mut report = ApplyReport::default();
     // One outcome per (step, attempt) in a batch; the rest are duplicates.
     let mut seen = HashSet::new();
-    let batch: Vec<&Finished> = batch
+    let unique: Vec<&Finished> = batch
         .iter()
         .filter(|f| seen.insert((f.step_id, f.attempt)))
         .collect();
-    report.stale += seen.len().abs_diff(batch.len());
+    report.stale += batch.len() - unique.len();
+    let batch = unique;
 
     let mut task_ids: Vec<Uuid> = batch.iter().map(|f| f.task_id.0).collect();
     task_ids.sort_unstable();
