@@ -52,6 +52,8 @@ pub struct Config {
     pub reconcile_interval_ms: u64,
     /// Tasks changed more recently than this are left alone by the reconciler.
     pub reconcile_quiet_ms: u64,
+    /// Finished tasks (and their idempotency keys) are kept this long, then pruned.
+    pub retention_hours: u64,
 }
 
 impl Default for Config {
@@ -81,6 +83,7 @@ impl Default for Config {
             shutdown_grace_ms: 10_000,
             reconcile_interval_ms: 30_000,
             reconcile_quiet_ms: 10_000,
+            retention_hours: 7 * 24,
         }
     }
 }
@@ -200,6 +203,7 @@ impl Config {
         env!("TASKER_SHUTDOWN_GRACE_MS" => self.shutdown_grace_ms);
         env!("TASKER_RECONCILE_INTERVAL_MS" => self.reconcile_interval_ms);
         env!("TASKER_RECONCILE_QUIET_MS" => self.reconcile_quiet_ms);
+        env!("TASKER_RETENTION_HOURS" => self.retention_hours);
         env!("TASKER_MAX_CONTEXT_BYTES" => self.max_context_bytes);
         env!("TASKER_MAX_OUTPUT_BYTES" => self.max_output_bytes);
         env!("TASKER_MAX_STEP_MESSAGE_BYTES" => self.max_step_message_bytes);

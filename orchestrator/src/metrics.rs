@@ -41,6 +41,7 @@ counters! {
     outbox_relayed_total: "Outbox entries republished by the relay.",
     batch_splits_total: "Result batches split to isolate a bad message.",
     db_retries_total: "Transactions retried after a transient database error.",
+    tasks_pruned_total: "Finished tasks deleted after their retention period.",
     reconciler_repairs_total: "Live tasks the reconciler found without a live owner and repaired.",
 }
 

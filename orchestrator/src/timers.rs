@@ -24,6 +24,15 @@ pub async fn run_reconciler(shared: Shared, shutdown: CancellationToken) {
         if let Err(e) = reconcile(&shared).await {
             tracing::warn!(error = %e, "reconciler round failed; will retry");
         }
+        let retention = shared.config.retention_hours as i64;
+        match crate::store::tasks::prune(&shared.db, retention, 1_000).await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(tasks = n, "pruned finished tasks past retention");
+                Metrics::add(&shared.metrics.tasks_pruned_total, n as usize);
+            }
+            Err(e) => tracing::warn!(error = %e, "pruning failed; will retry"),
+        }
     }
 }
 

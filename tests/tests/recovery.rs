@@ -378,3 +378,46 @@ async fn running_handlers_observe_cancellation_and_queued_steps_are_refused() ->
     h.finish().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_tasks_are_pruned_after_retention() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    h.register_yaml(
+        "namespace: t\nname: one\nversion: 1\nsteps:\n  - { name: s, handler: echo }\n",
+    )
+    .await?;
+    h.spawn_worker(h.worker().handler_fn("echo", |_| async { Ok(json!(1)) }));
+    let old = h.run("t", "one", json!({"n": 1})).await?;
+    let recent = h.run("t", "one", json!({"n": 2})).await?;
+    sqlx::query("UPDATE tasks SET finished_at = now() - interval '8 days' WHERE id = $1")
+        .bind(old.id.0)
+        .execute(&h.db)
+        .await?;
+    let pruned = tasker_orchestrator::store::tasks::prune(&h.db, 7 * 24, 100).await?;
+    assert_eq!(pruned, 1);
+    let count = |sql: &'static str| {
+        let db = h.db.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .bind(old.id.0)
+                .fetch_one(&db)
+                .await
+        }
+    };
+    assert_eq!(count("SELECT count(*) FROM tasks WHERE id = $1").await?, 0);
+    assert_eq!(
+        count("SELECT count(*) FROM steps WHERE task_id = $1").await?,
+        0
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM attempts WHERE task_id = $1").await?,
+        0
+    );
+    assert_eq!(
+        h.client().task(recent.id).await?.state,
+        "completed",
+        "recent tasks stay"
+    );
+    h.finish().await;
+    Ok(())
+}

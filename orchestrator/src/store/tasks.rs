@@ -556,3 +556,26 @@ pub async fn events(
         })
         .collect())
 }
+
+/// Deletes up to `limit` tasks that finished more than `retention_hours` ago, with their steps,
+/// attempts and history. Safe on several replicas (`SKIP LOCKED`). Returns how many went.
+pub async fn prune(db: impl PgExecutor<'_>, retention_hours: i64, limit: i64) -> Result<u64> {
+    let gone: i64 = sqlx::query_scalar(
+        "WITH old AS (
+             SELECT id FROM tasks
+             WHERE finished_at < now() - $1 * interval '1 hour'
+               AND state IN ('completed', 'failed', 'cancelled')
+             ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED
+         ), gone AS (
+             DELETE FROM tasks t USING old WHERE t.id = old.id RETURNING t.id
+         ), history AS (
+             DELETE FROM attempts a USING gone WHERE a.task_id = gone.id
+         )
+         SELECT count(*) FROM gone",
+    )
+    .bind(retention_hours)
+    .bind(limit)
+    .fetch_one(db)
+    .await?;
+    Ok(gone as u64)
+}
