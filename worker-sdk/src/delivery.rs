@@ -251,18 +251,7 @@ async fn heartbeat_loop(env: SessionEnv, ids: LeaseIds, routing_key: String) {
 async fn report_leased(env: &SessionEnv, result: StepResult, routing_key: &str) {
     let mut delay = REQUEUE_DELAY;
     for _ in 0..8 {
-        let sent = async {
-            let (message_id, bytes) = encode_result(result.clone())?;
-            let properties = message_properties(message_id).with_type(Kind::Result.as_str().into());
-            publish_confirmed(
-                &env.publisher,
-                &env.shared.names.results_exchange(),
-                routing_key,
-                &bytes,
-                properties,
-            )
-            .await
-        };
+        let sent = publish_result(env, result.clone(), routing_key, None);
         match sent.await {
             Ok(()) => return,
             Err(e) => {
@@ -293,29 +282,35 @@ fn encode_result(result: StepResult) -> Result<(MessageId, Vec<u8>), PublishErro
     }
 }
 
+/// Publishes a result (confirmed), carrying the step message's trace context if it had one.
+async fn publish_result(
+    env: &SessionEnv,
+    result: StepResult,
+    routing_key: &str,
+    step_properties: Option<&BasicProperties>,
+) -> Result<(), PublishError> {
+    let (message_id, bytes) = encode_result(result)?;
+    let mut properties = message_properties(message_id).with_type(Kind::Result.as_str().into());
+    if let Some(trace) = step_properties
+        .and_then(|p| p.headers().as_ref())
+        .and_then(|h| h.inner().get(HEADER_TRACEPARENT))
+    {
+        let mut headers = lapin::types::FieldTable::default();
+        headers.insert(HEADER_TRACEPARENT.into(), trace.clone());
+        properties = properties.with_headers(headers);
+    }
+    publish_confirmed(
+        &env.publisher,
+        &env.shared.names.results_exchange(),
+        routing_key,
+        &bytes,
+        properties,
+    )
+    .await
+}
+
 async fn report(env: &SessionEnv, delivery: Delivery, result: StepResult, routing_key: &str) {
-    let published = async {
-        let (message_id, bytes) = encode_result(result)?;
-        let mut properties = message_properties(message_id).with_type(Kind::Result.as_str().into());
-        if let Some(trace) = delivery
-            .properties
-            .headers()
-            .as_ref()
-            .and_then(|h| h.inner().get(HEADER_TRACEPARENT))
-        {
-            let mut headers = lapin::types::FieldTable::default();
-            headers.insert(HEADER_TRACEPARENT.into(), trace.clone());
-            properties = properties.with_headers(headers);
-        }
-        publish_confirmed(
-            &env.publisher,
-            &env.shared.names.results_exchange(),
-            routing_key,
-            &bytes,
-            properties,
-        )
-        .await
-    };
+    let published = publish_result(env, result, routing_key, Some(&delivery.properties));
     match published.await {
         Ok(()) => {
             env.shared.publish_failures.store(0, Ordering::Relaxed);

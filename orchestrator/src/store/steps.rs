@@ -21,6 +21,17 @@ pub struct Admitted {
     pub attempt: i32,
 }
 
+impl Admitted {
+    /// From a row with the outbox columns `id`, `step_id`, `attempt`.
+    fn from_row(r: &sqlx::postgres::PgRow) -> Self {
+        Admitted {
+            outbox_id: r.get("id"),
+            step_id: StepId(r.get("step_id")),
+            attempt: r.get("attempt"),
+        }
+    }
+}
+
 /// Admits up to `limit` queued steps of `queue`, highest priority first, without exceeding
 /// `max_in_flight` dispatched steps on that queue. One transaction: state `dispatched`, a new
 /// attempt number, the lease, and an outbox entry per step.
@@ -66,14 +77,7 @@ pub async fn dispatch(
     .bind(limit)
     .fetch_all(&mut *tx)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| Admitted {
-            outbox_id: r.get("id"),
-            step_id: StepId(r.get("step_id")),
-            attempt: r.get("attempt"),
-        })
-        .collect())
+    Ok(rows.iter().map(Admitted::from_row).collect())
 }
 
 /// Everything needed to build a step message.
@@ -156,14 +160,7 @@ pub async fn claim_stale_outbox(
     .bind(limit)
     .fetch_all(&mut *tx)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| Admitted {
-            outbox_id: r.get("id"),
-            step_id: StepId(r.get("step_id")),
-            attempt: r.get("attempt"),
-        })
-        .collect())
+    Ok(rows.iter().map(Admitted::from_row).collect())
 }
 
 /// How an attempt ended, as the orchestrator applies it.
