@@ -146,7 +146,7 @@ pub(crate) struct Session {
     connection: Connection,
     publisher: Channel,
     consumers: Vec<QueueConsumer>,
-    cancels: Consumer,
+    cancels: Option<Consumer>,
 }
 
 /// What a delivery task needs from its session. Cheap to clone.
@@ -227,7 +227,7 @@ impl Session {
         shared: &Shared,
         queues: &[(String, String)],
         prefetch: u16,
-    ) -> Result<(Channel, Vec<QueueConsumer>, Consumer), SessionError> {
+    ) -> Result<(Channel, Vec<QueueConsumer>, Option<Consumer>), SessionError> {
         // The orchestrator owns the topology: only check that the queues exist. A failed passive
         // declare closes its channel, hence a channel of its own.
         let check = connection.create_channel().await?;
@@ -277,37 +277,15 @@ impl Session {
                 consumer,
             });
         }
-        // Cancel messages: a private, server-named queue bound to the cancel exchange.
-        let cancel_channel = connection.create_channel().await?;
-        let private = QueueDeclareOptions {
-            exclusive: true,
-            auto_delete: true,
-            ..QueueDeclareOptions::default()
+        // Cancel messages are best effort: without them a cancelled task's results are still
+        // refused by the orchestrator, its steps just run.
+        let cancels = match listen_to_cancels(connection, shared).await {
+            Ok(c) => Some(c),
+            Err(e) => {
+                warn!(worker = %shared.worker, error = %e, "not listening for cancel messages");
+                None
+            }
         };
-        let queue = cancel_channel
-            .queue_declare("".into(), private, FieldTable::default())
-            .await?;
-        cancel_channel
-            .queue_bind(
-                queue.name().clone(),
-                shared.names.cancel_exchange().into(),
-                "".into(),
-                Default::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        let no_ack = BasicConsumeOptions {
-            no_ack: true,
-            ..BasicConsumeOptions::default()
-        };
-        let cancels = cancel_channel
-            .basic_consume(
-                queue.name().clone(),
-                "".into(),
-                no_ack,
-                FieldTable::default(),
-            )
-            .await?;
         Ok((publisher, consumers, cancels))
     }
 
@@ -330,9 +308,12 @@ impl Session {
             .iter()
             .map(|c| tokio::spawn(consume(c.queue.clone(), c.consumer.clone(), env.clone())))
             .collect();
-        let cancel_loop = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
-            listen_for_cancels(self.cancels.clone(), Arc::clone(shared)),
-        ));
+        let cancel_loop = self.cancels.clone().map(|c| {
+            tokio_util::task::AbortOnDropHandle::new(tokio::spawn(record_cancels(
+                c,
+                Arc::clone(shared),
+            )))
+        });
 
         let lost = tokio::select! {
             _ = shutdown.cancelled() => false,
@@ -390,8 +371,46 @@ impl Session {
     }
 }
 
+/// A private, server-named queue bound to the cancel exchange (on a channel of its own: a
+/// missing exchange closes it).
+async fn listen_to_cancels(
+    connection: &Connection,
+    shared: &Shared,
+) -> Result<Consumer, lapin::Error> {
+    let channel = connection.create_channel().await?;
+    let private = QueueDeclareOptions {
+        exclusive: true,
+        auto_delete: true,
+        ..QueueDeclareOptions::default()
+    };
+    let queue = channel
+        .queue_declare("".into(), private, FieldTable::default())
+        .await?;
+    channel
+        .queue_bind(
+            queue.name().clone(),
+            shared.names.cancel_exchange().into(),
+            "".into(),
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let no_ack = BasicConsumeOptions {
+        no_ack: true,
+        ..BasicConsumeOptions::default()
+    };
+    channel
+        .basic_consume(
+            queue.name().clone(),
+            "".into(),
+            no_ack,
+            FieldTable::default(),
+        )
+        .await
+}
+
 /// Records cancel messages (best effort: a worker that misses one still has its result refused).
-async fn listen_for_cancels(mut consumer: Consumer, shared: Arc<Shared>) {
+async fn record_cancels(mut consumer: Consumer, shared: Arc<Shared>) {
     while let Some(Ok(delivery)) = consumer.next().await {
         match tasker_schemas::decode::<tasker_schemas::Cancel>(&delivery.data) {
             Ok(cancel) => {
