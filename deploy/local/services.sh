@@ -6,6 +6,8 @@
 #   deploy/local/services.sh env      # print .tasker/env
 #   deploy/local/services.sh down     # stop only what this script started
 #   deploy/local/services.sh reset    # down, then delete the project-local data
+#   deploy/local/services.sh restart-broker [PAUSE_S]  # stop_app, pause, start_app (fault tests)
+#   deploy/local/services.sh restart-db [fast|immediate]  # pg_ctl restart (fault tests)
 #
 # `up` reuses a PostgreSQL that already answers on 127.0.0.1:$TASKER_PG_PORT as user `postgres`
 # without a password, and a RabbitMQ that already answers AMQP on 127.0.0.1:$TASKER_AMQP_PORT.
@@ -545,6 +547,37 @@ cmd_env() {
     cat "$ENV_FILE"
 }
 
+# Restarts whichever broker the scripts use (project-local or reused): the node stays up, every
+# connection drops, durable queues and persistent messages survive. Returns once it is back.
+cmd_restart_broker() {
+    local pause=${1:-3} ctl=rmqctl_system
+    rmq_local_pid >/dev/null && ctl=rmqctl_local
+    say "rabbitmq: stop_app, ${pause}s pause, start_app"
+    $ctl -q stop_app >/dev/null
+    sleep "$pause"
+    $ctl -q start_app >/dev/null
+    wait_for amqp_probe "$AMQP_PORT" || die "RabbitMQ did not come back on port $AMQP_PORT"
+    say "rabbitmq: back"
+}
+
+# Restarts whichever PostgreSQL the scripts use. MODE fast (default) or immediate (crash-like).
+cmd_restart_db() {
+    local mode=${1:-fast} data log
+    find_pg_bin || die "pg_ctl not found"
+    if pg_local_running_port >/dev/null; then
+        data=$(pg_base)/data
+        log=$(pg_base)/postgres.log
+    else
+        data=$(pg_sql postgres -c 'show data_directory') || die "cannot ask PostgreSQL for its data directory"
+        log=$data/restart.log
+    fi
+    say "postgres: pg_ctl restart -m $mode ($data)"
+    as_pg_owner "$PG_BIN/pg_ctl" restart -D "$data" -m "$mode" -w -t "$TIMEOUT" -l "$log" >/dev/null 2>&1 9>&- ||
+        die "pg_ctl restart failed (log: $log)"
+    wait_for pg_login_ok || die "PostgreSQL did not come back (log: $log)"
+    say "postgres: back"
+}
+
 usage() {
     awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"
 }
@@ -555,6 +588,8 @@ down) cmd_down ;;
 status) cmd_status ;;
 env) cmd_env ;;
 reset) cmd_reset ;;
+restart-broker) cmd_restart_broker "${2:-3}" ;;
+restart-db) cmd_restart_db "${2:-fast}" ;;
 -h | --help | help) usage ;;
 *)
     usage >&2

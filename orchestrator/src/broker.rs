@@ -1,6 +1,6 @@
 //! RabbitMQ: connection, the topology the orchestrator owns, and confirmed publishing.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
     QueueDeclareOptions,
@@ -10,14 +10,24 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Exchange
 use lapin::{Confirmation, PublisherConfirm};
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Duration;
 use tasker_schemas::message::{CONTENT_TYPE, HEADER_DEAD_LETTER_REASON};
 use tasker_schemas::{MessageId, Names};
 use tokio::sync::RwLock;
 
+/// How long connecting (TCP, TLS, AMQP handshake) and declaring the topology may take: a broker
+/// that accepts connections but does not answer must not hang the orchestrator.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Opens a connection named after this process (visible in the broker's management UI).
 pub async fn connect(url: &str) -> Result<Connection> {
     let props = ConnectionProperties::default().with_connection_name("tasker-orchestrator".into());
-    Ok(Connection::connect(url, props).await?)
+    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, props)).await {
+        Ok(connection) => Ok(connection?),
+        Err(_) => Err(Error::BrokerUnavailable(format!(
+            "no answer within {CONNECT_TIMEOUT:?}"
+        ))),
+    }
 }
 
 /// Arguments of every queue the orchestrator declares: durable quorum queues that dead-letter
@@ -215,7 +225,11 @@ impl Publisher {
         shards: u16,
         delivery_limit: u32,
     ) -> Result<Self> {
-        let link = Self::open(url, names, shards, delivery_limit, &HashSet::new()).await?;
+        let none = HashSet::new();
+        let open = Self::open(url, names, shards, delivery_limit, &none);
+        let link = tokio::time::timeout(CONNECT_TIMEOUT * 2, open)
+            .await
+            .map_err(|_| Error::BrokerUnavailable("declaring the topology timed out".into()))??;
         Ok(Self {
             inner: Arc::new(PublisherInner {
                 url: url.to_owned(),
@@ -250,7 +264,9 @@ impl Publisher {
         })
     }
 
-    /// The confirm channel, reconnecting first if the broker connection was lost.
+    /// The confirm channel, reconnecting first if the broker connection was lost. Only one
+    /// caller reconnects, within a bounded time; the others fail at once (their publishes are
+    /// covered by the outbox, or are best effort) instead of queueing behind it.
     pub async fn channel(&self) -> Result<Channel> {
         {
             let link = self.inner.link.read().await;
@@ -258,7 +274,11 @@ impl Publisher {
                 return Ok(link.channel.clone());
             }
         }
-        let mut link = self.inner.link.write().await;
+        let Ok(mut link) = self.inner.link.try_write() else {
+            return Err(Error::BrokerUnavailable(
+                "reconnecting to the broker".into(),
+            ));
+        };
         if !link.channel.status().connected() {
             tracing::warn!("broker link lost; reconnecting");
             let queues = self
@@ -268,7 +288,11 @@ impl Publisher {
                 .unwrap_or_else(|p| p.into_inner())
                 .clone();
             let i = &self.inner;
-            *link = Self::open(&i.url, &i.names, i.shards, i.delivery_limit, &queues).await?;
+            let open = Self::open(&i.url, &i.names, i.shards, i.delivery_limit, &queues);
+            *link = match tokio::time::timeout(CONNECT_TIMEOUT * 2, open).await {
+                Ok(link) => link?,
+                Err(_) => return Err(Error::BrokerUnavailable("reconnecting timed out".into())),
+            };
             tracing::info!("broker link re-established");
         }
         Ok(link.channel.clone())
@@ -385,5 +409,28 @@ impl Publisher {
         props = props.with_headers(headers).with_delivery_mode(2);
         self.publish(&names.dead_letter_exchange(), "", payload, props)
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A broker that accepts the connection and then says nothing must not hang us.
+    #[tokio::test]
+    async fn connecting_to_a_silent_broker_times_out() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let started = std::time::Instant::now();
+        let err = connect(&format!("amqp://guest:guest@{addr}/%2f")).await.unwrap_err();
+        assert!(matches!(err, Error::BrokerUnavailable(_)), "{err}");
+        assert!(err.is_retryable());
+        assert!(started.elapsed() < CONNECT_TIMEOUT + Duration::from_secs(2));
     }
 }

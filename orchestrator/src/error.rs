@@ -13,6 +13,8 @@ pub enum Error {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("broker error: {0}")]
     Broker(#[from] lapin::Error),
+    #[error("broker unavailable: {0}")]
+    BrokerUnavailable(String),
     #[error("invalid template: {0}")]
     InvalidTemplate(#[from] TemplateError),
     #[error(
@@ -54,7 +56,7 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Database(e) => is_transient_db(e),
-            Error::Broker(_) => true,
+            Error::Broker(_) | Error::BrokerUnavailable(_) => true,
             _ => false,
         }
     }

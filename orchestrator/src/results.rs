@@ -67,8 +67,8 @@ async fn after_commit(shared: &Shared, report: &ApplyReport) {
     if !report.queued.is_empty() {
         shared.dispatch.wake(report.queued.iter().cloned());
     }
-    if report.retry_scheduled {
-        Metrics::add(&m.retries_scheduled_total, 1);
+    if report.retries > 0 {
+        Metrics::add(&m.retries_scheduled_total, report.retries);
         shared.timers.notify_one();
     }
     announce(shared, &report.finished).await;

@@ -200,18 +200,24 @@ where
     F: FnMut(CancellationToken) -> Fut,
     Fut: Future<Output = Result<()>>,
 {
-    let mut delay = Duration::from_millis(100);
+    const FIRST: Duration = Duration::from_millis(100);
+    let mut delay = FIRST;
     while !shutdown.is_cancelled() {
+        let started = std::time::Instant::now();
         match run(shutdown.clone()).await {
             Ok(()) if shutdown.is_cancelled() => break,
             Ok(()) => tracing::warn!(name, "loop ended; restarting"),
             Err(e) => tracing::warn!(name, error = %e, "loop failed; restarting"),
         }
+        // A loop that ran for a while was healthy: start its backoff over.
+        if started.elapsed() > Duration::from_secs(30) {
+            delay = FIRST;
+        }
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(delay) => {}
         }
-        delay = (delay * 2).min(Duration::from_secs(5));
+        delay = (delay * 2).min(Duration::from_secs(2));
     }
 }
 

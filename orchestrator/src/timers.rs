@@ -84,7 +84,7 @@ async fn tick(shared: &Shared, confirms: &mpsc::Sender<Pending>) -> Result<Durat
             break;
         }
     }
-    let expired = steps::expired_leases(&shared.db, 500).await?;
+    let expired = steps::expired_leases(&shared.db, 500, 30_000).await?;
     if !expired.is_empty() {
         Metrics::add(&shared.metrics.timeouts_total, expired.len());
         crate::results::apply_outcomes(shared, expired).await?;

@@ -230,8 +230,8 @@ pub struct ApplyReport {
     pub applied_twice: usize,
     /// Queues that got newly admissible steps.
     pub queued: HashSet<String>,
-    /// Earliest new retry, if any (wakes the timer).
-    pub retry_scheduled: bool,
+    /// Attempts that failed and were scheduled again (wakes the timer).
+    pub retries: usize,
     pub finished: Vec<FinishedTask>,
 }
 
@@ -400,7 +400,7 @@ pub async fn apply(
                 error,
                 Some(delay as i64),
             );
-            report.retry_scheduled = true;
+            report.retries += 1;
         } else {
             let error = error.unwrap_or_default();
             let reason = if retryable && failures >= step.max_attempts {
@@ -723,15 +723,24 @@ pub async fn next_retry_in_ms(db: impl PgExecutor<'_>) -> Result<Option<i64>> {
     .await?)
 }
 
-/// Dispatched attempts whose lease ran out, as timeouts to apply.
-pub async fn expired_leases(db: impl PgExecutor<'_>, limit: i64) -> Result<Vec<Finished>> {
+/// Claims dispatched attempts whose lease ran out, as timeouts to apply. The claim pushes the
+/// lease out by `claim_ms` (`SKIP LOCKED`), so replicas never time out the same attempt twice; if
+/// the apply fails, the attempt comes back once the claim runs out.
+pub async fn expired_leases(
+    db: impl PgExecutor<'_>,
+    limit: i64,
+    claim_ms: i64,
+) -> Result<Vec<Finished>> {
     let rows = sqlx::query(
-        "SELECT id, task_id, attempt, started_at IS NOT NULL AS started, queue_wait_timeout_ms,
-                execution_timeout_ms
-         FROM steps WHERE state = 'dispatched' AND lease_expires_at < now()
-         ORDER BY lease_expires_at LIMIT $1",
+        "UPDATE steps s SET lease_expires_at = now() + $2 * interval '1 millisecond'
+         FROM (SELECT id FROM steps WHERE state = 'dispatched' AND lease_expires_at < now()
+               ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED) due
+         WHERE s.id = due.id AND s.state = 'dispatched'
+         RETURNING s.id, s.task_id, s.attempt, s.started_at IS NOT NULL AS started,
+                   s.queue_wait_timeout_ms, s.execution_timeout_ms",
     )
     .bind(limit)
+    .bind(claim_ms)
     .fetch_all(db)
     .await?;
     Ok(rows
