@@ -1,0 +1,546 @@
+//! # loadgen: the Tasker load generator
+//!
+//! Drives an orchestrator with no-op steps (each returns `{"ok": true}`) and reports latency,
+//! throughput, and the orchestrator's CPU time and memory, beside the raw limits of the same
+//! Postgres and RabbitMQ measured in the same session. Every task a workload submits is checked
+//! in the database afterwards: all completed, all steps succeeded. A run that loses a task fails
+//! (exit 1); a missed target is reported, not a failure.
+//!
+//! ```text
+//! cargo build --release -p tasker-tests -p tasker-orchestrator
+//! target/release/loadgen                                  # every workload, table on stdout
+//! target/release/loadgen --smoke                          # everything small (CI correctness)
+//! target/release/loadgen --workloads linear,diamond --json
+//! ```
+//!
+//! By default it creates a fresh database from `--database-url` (an admin URL, env
+//! `TASKER_TEST_DATABASE_URL`), starts `tasker serve` from next to its own executable (or
+//! `--tasker-bin`) as a child process on it, with a unique queue prefix and a free port, and
+//! removes the database, queues and exchanges at the end (`--keep` keeps the database and log).
+//! Running the orchestrator as a separate process is what lets the loadgen read its CPU time and
+//! resident memory from `/proc`. Orchestrator settings are the benchmark profile in
+//! `deploy::BENCH_SETTINGS`, changed with `--orch-env KEY=VALUE`; the header prints them.
+//!
+//! With `--api-url` it drives a deployment that is already running instead: `--database-url` is
+//! then that deployment's database (used to verify tasks and count steps), `--prefix` its queue
+//! prefix, and `--orchestrator-pid` (optional) the process to measure. The loadgen registers
+//! templates in namespace `loadgen` with their own queues (`loadgen`, `loadgen_submit`,
+//! `loadgen_hold`) and runs its own workers; it refuses `history` there (that seeds a million rows).
+//!
+//! Workers run inside the loadgen (`tasker_worker::Worker`, `--worker-concurrency`, default 256),
+//! so on one machine the loadgen's own CPU competes with the orchestrator: the table shows the
+//! CPU seconds of the orchestrator, of all Postgres and RabbitMQ processes and of the loadgen for
+//! each workload's measured period.
+//!
+//! Workloads: `floor` (one confirmed persistent publish → delivery on a quorum queue, the same
+//! pipelined, one small commit), `linear` (4-step chain, one task at a time), `diamond`
+//! (a → (b, c) → d submitted continuously, steady window), `fanout` (1 → N → 1), `submit` (HTTP
+//! and AMQP, one at a time and concurrently), `inflight` (10,000 tasks held in flight, memory),
+//! `history` (linear and diamond again after seeding 1,000,000 finished tasks by SQL).
+
+#[path = "loadgen/bench.rs"]
+mod bench;
+#[path = "loadgen/deploy.rs"]
+mod deploy;
+#[path = "loadgen/report.rs"]
+mod report;
+#[path = "loadgen/workloads.rs"]
+mod workloads;
+
+use anyhow::{Result, bail};
+use bench::Bench;
+use clap::{Parser, ValueEnum};
+use deploy::{Deployment, StartOptions};
+use report::Row;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use workloads::Sizes;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "loadgen",
+    about = "Tasker load generator: latency, throughput and resource use against real services"
+)]
+struct Args {
+    /// Workloads to run (always in this order).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "floor,linear,diamond,fanout,submit,inflight,history"
+    )]
+    workloads: Vec<Workload>,
+    /// Print one JSON object per workload on stdout (the table goes to stderr).
+    #[arg(long)]
+    json: bool,
+    /// Postgres admin URL (creates the benchmark database); with --api-url, the deployment's database.
+    #[arg(
+        long,
+        env = "TASKER_TEST_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres",
+        hide_env_values = true
+    )]
+    database_url: String,
+    #[arg(
+        long,
+        env = "TASKER_TEST_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true
+    )]
+    amqp_url: String,
+    /// Drive this running orchestrator instead of starting one.
+    #[arg(long)]
+    api_url: Option<String>,
+    /// Queue prefix of the running deployment (with --api-url).
+    #[arg(long, default_value = "tasker", requires = "api_url")]
+    prefix: String,
+    /// Process id of the running orchestrator, to measure its CPU and memory (with --api-url).
+    #[arg(long, requires = "api_url")]
+    orchestrator_pid: Option<u32>,
+    /// The `tasker` binary to start (default: next to this executable).
+    #[arg(long)]
+    tasker_bin: Option<PathBuf>,
+    /// Extra or changed environment of the orchestrator child, e.g. TASKER_RESULT_BATCH_SIZE=512.
+    #[arg(long = "orch-env", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    orch_env: Vec<(String, String)>,
+    /// Measured runs of the linear workload.
+    #[arg(long)]
+    linear_runs: Option<usize>,
+    /// Length of the diamond workload's steady window, in seconds.
+    #[arg(long)]
+    diamond_secs: Option<u64>,
+    /// Warm-up of the diamond workload before its window, in seconds.
+    #[arg(long)]
+    warmup_secs: Option<u64>,
+    /// Most diamond tasks unfinished at once.
+    #[arg(long)]
+    diamond_in_flight: Option<usize>,
+    /// Parallel steps of the fanout workload.
+    #[arg(long)]
+    fanout_width: Option<usize>,
+    /// Submissions per submit variant.
+    #[arg(long)]
+    submit_count: Option<usize>,
+    /// Tasks held in flight by the inflight workload.
+    #[arg(long)]
+    inflight_tasks: Option<usize>,
+    /// Finished tasks seeded before the history workload.
+    #[arg(long)]
+    history_tasks: Option<u64>,
+    /// Steps each in-process worker runs at once.
+    #[arg(long, default_value_t = 256)]
+    worker_concurrency: usize,
+    /// Everything small: a correctness check that runs in well under a minute.
+    #[arg(long)]
+    smoke: bool,
+    /// Keep the benchmark database and the orchestrator log.
+    #[arg(long)]
+    keep: bool,
+    /// Do not ANALYZE the database before each task workload. By default the loadgen does, so
+    /// that every workload starts with current planner statistics instead of depending on when
+    /// autovacuum last visited the (fast-growing) tables; only on a database it created.
+    #[arg(long)]
+    no_analyze: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
+enum Workload {
+    Floor,
+    Linear,
+    Diamond,
+    Fanout,
+    Submit,
+    Inflight,
+    History,
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
+    Ok((k.trim().to_owned(), v.to_owned()))
+}
+
+impl Args {
+    fn sizes(&self) -> Sizes {
+        fn pick<T>(smoke: bool, full: T, small: T) -> T {
+            if smoke { small } else { full }
+        }
+        let smoke = self.smoke;
+        let linear_runs = self.linear_runs.unwrap_or(pick(smoke, 1_000, 50));
+        Sizes {
+            floor_hops: pick(smoke, 1_000, 200),
+            floor_pipelined: pick(smoke, 20_000, 2_000),
+            floor_commits: pick(smoke, 2_000, 400),
+            linear_runs,
+            linear_warmup: (linear_runs / 20).clamp(5, 50),
+            diamond_secs: self.diamond_secs.unwrap_or(pick(smoke, 30, 3)),
+            warmup_secs: self.warmup_secs.unwrap_or(pick(smoke, 5, 1)),
+            diamond_in_flight: self.diamond_in_flight.unwrap_or(500),
+            fanout_width: self.fanout_width.unwrap_or(pick(smoke, 1_000, 200)),
+            fanout_runs: pick(smoke, 5, 2),
+            submit_count: self.submit_count.unwrap_or(pick(smoke, 2_000, 200)),
+            submit_concurrency: 32,
+            inflight_tasks: self.inflight_tasks.unwrap_or(pick(smoke, 10_000, 1_000)),
+            history_tasks: self.history_tasks.unwrap_or(pick(smoke, 1_000_000, 20_000)),
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,sqlx=error".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("loadgen: FAILED: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    let mut selected = args.workloads.clone();
+    selected.sort();
+    selected.dedup();
+    let sizes = args.sizes();
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    let run_id = id[id.len() - 10..].to_owned();
+    let mut deployment = match &args.api_url {
+        Some(api) => {
+            if selected.contains(&Workload::History) {
+                bail!(
+                    "history seeds {} rows into the database; it runs only on a database the loadgen creates (drop --api-url or the workload)",
+                    sizes.history_tasks
+                );
+            }
+            Deployment::external(
+                api,
+                &args.database_url,
+                &args.amqp_url,
+                &args.prefix,
+                args.orchestrator_pid,
+            )
+        }
+        None => {
+            Deployment::start(StartOptions {
+                admin_url: &args.database_url,
+                amqp_url: &args.amqp_url,
+                tasker_bin: args.tasker_bin.as_deref(),
+                overrides: &args.orch_env,
+                run_id: &run_id,
+            })
+            .await?
+        }
+    };
+    print_header(&args, &deployment, &sizes, &selected, &run_id);
+    let bench = match Bench::start(&deployment, &run_id, args.worker_concurrency).await {
+        Ok(b) => b,
+        Err(e) => {
+            deployment.finish(bench::ALL_QUEUES, args.keep).await;
+            return Err(e);
+        }
+    };
+    let mut rows = Vec::new();
+    let outcome = tokio::select! {
+        r = run_workloads(&bench, &selected, &sizes, &args, &mut rows) => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
+    let outcome = outcome.and_then(|()| deployment.check_alive());
+    if let Some(pid) = deployment.pid
+        && let Some(hwm) = deploy::status_mb(pid, "VmHWM")
+    {
+        eprintln!("orchestrator peak resident memory over the whole run (VmHWM): {hwm:.1} MB");
+    }
+    eprintln!("load average at the end: {}", load_average());
+    if args.json {
+        for r in &rows {
+            println!("{}", serde_json::to_string(r)?);
+        }
+        eprint!("\n{}", report::table(&rows));
+    } else {
+        print!("\n{}", report::table(&rows));
+    }
+    bench.stop().await;
+    deployment.finish(bench::ALL_QUEUES, args.keep).await;
+    outcome
+}
+
+async fn run_workloads(
+    b: &Bench,
+    selected: &[Workload],
+    s: &Sizes,
+    args: &Args,
+    rows: &mut Vec<Row>,
+) -> Result<()> {
+    let push = |rows: &mut Vec<Row>, row: Row| {
+        eprintln!("{}", one_line(&row));
+        rows.push(row);
+    };
+    let mut baseline_linear = None;
+    let mut baseline_diamond = None;
+    let analyze = args.api_url.is_none() && !args.no_analyze;
+    for w in selected {
+        eprintln!("loadgen: running {w:?}");
+        if analyze && *w != Workload::Floor && *w != Workload::History {
+            b.analyze().await?;
+        }
+        match w {
+            Workload::Floor => {
+                for r in counted(b, workloads::floor(b, s)).await? {
+                    push(rows, r);
+                }
+            }
+            Workload::Linear => {
+                let r = one(counted(
+                    b,
+                    one_row(workloads::linear(
+                        b,
+                        "linear",
+                        s.linear_runs,
+                        s.linear_warmup,
+                    )),
+                ))
+                .await?;
+                baseline_linear = Some(r.clone());
+                push(rows, r);
+            }
+            Workload::Diamond => {
+                let r = one(counted(b, one_row(workloads::diamond(b, "diamond", s)))).await?;
+                baseline_diamond = Some(r.clone());
+                push(rows, r);
+            }
+            Workload::Fanout => {
+                let r = one(counted(b, one_row(workloads::fanout(b, s)))).await?;
+                push(rows, r);
+            }
+            Workload::Submit => {
+                for r in counted(b, workloads::submit(b, s)).await? {
+                    push(rows, r);
+                }
+            }
+            Workload::Inflight => {
+                let r = one(counted(b, one_row(workloads::inflight(b, s)))).await?;
+                push(rows, r);
+            }
+            Workload::History => {
+                let seed = workloads::seed_history(b, s.history_tasks).await?;
+                push(rows, seed);
+                let mut r = one(counted(
+                    b,
+                    one_row(workloads::linear(
+                        b,
+                        "history-linear",
+                        s.linear_runs,
+                        s.linear_warmup,
+                    )),
+                ))
+                .await?;
+                match &baseline_linear {
+                    Some(base) => {
+                        let ratio = |h: Option<f64>, e: Option<f64>| Some(h? / e?);
+                        let p50 = ratio(r.p50_ms, base.p50_ms);
+                        let p99 = ratio(r.p99_ms, base.p99_ms);
+                        r.note(format!(
+                            "x{:.2} p50, x{:.2} p99 of the empty-db linear",
+                            p50.unwrap_or(f64::NAN),
+                            p99.unwrap_or(f64::NAN)
+                        ));
+                        let ratio_target = workloads::HISTORY_RATIO;
+                        r.target(
+                            format!("p50<=x{ratio_target:.2} of linear"),
+                            p50.is_some_and(|x| x <= ratio_target),
+                        );
+                    }
+                    None => r.note("no empty-db linear in this run to compare with"),
+                }
+                push(rows, r);
+                if args.api_url.is_none() {
+                    if analyze {
+                        b.analyze().await?;
+                    }
+                    let mut r = one(counted(
+                        b,
+                        one_row(workloads::diamond(b, "history-diamond", s)),
+                    ))
+                    .await?;
+                    match (&baseline_diamond, r.steps_per_s) {
+                        (Some(base), Some(rate)) if base.steps_per_s.is_some() => {
+                            let base_rate = base.steps_per_s.unwrap_or(f64::NAN);
+                            let x = rate / base_rate;
+                            r.note(format!("x{x:.2} steps/s of the empty-db diamond"));
+                            let floor = 1.0 / workloads::HISTORY_RATIO;
+                            r.target(format!("steps/s>=x{floor:.2} of diamond"), x >= floor);
+                        }
+                        _ => r.note("no empty-db diamond in this run to compare with"),
+                    }
+                    push(rows, r);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs a workload and notes which orchestrator counters (`/metrics`) that signal trouble or
+/// extra work moved meanwhile: relayed publishes, stale results, retries, timeouts, ...
+async fn counted<F>(b: &Bench, work: F) -> Result<Vec<Row>>
+where
+    F: std::future::Future<Output = Result<Vec<Row>>>,
+{
+    const WATCHED: &[&str] = &[
+        "results_stale_total",
+        "results_applied_twice_total",
+        "retries_scheduled_total",
+        "timeouts_total",
+        "dead_lettered_total",
+        "outbox_relayed_total",
+        "batch_splits_total",
+        "db_retries_total",
+    ];
+    let before = b.counters().await;
+    let mut rows = work.await?;
+    let after = b.counters().await;
+    if let (Some(before), Some(after)) = (before, after) {
+        let moved: Vec<String> = WATCHED
+            .iter()
+            .filter_map(|name| {
+                let key = format!("tasker_{name}");
+                let d = after.get(&key)? - before.get(&key).copied().unwrap_or(0.0);
+                (d > 0.0).then(|| format!("{name} +{d}"))
+            })
+            .collect();
+        if !moved.is_empty() {
+            for r in &mut rows {
+                r.note(format!("orchestrator counters: {}", moved.join(", ")));
+            }
+        }
+    }
+    Ok(rows)
+}
+
+async fn one_row(work: impl std::future::Future<Output = Result<Row>>) -> Result<Vec<Row>> {
+    Ok(vec![work.await?])
+}
+
+async fn one(rows: impl std::future::Future<Output = Result<Vec<Row>>>) -> Result<Row> {
+    rows.await?
+        .pop()
+        .ok_or_else(|| anyhow::anyhow!("a workload produced no row"))
+}
+
+fn one_line(r: &Row) -> String {
+    let f = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
+    format!(
+        "loadgen: {}: {} tasks, wall {:.2} s, {} {}, p50 {} p99 {} max {} ms, rss {} MB, cpu {} s{}{}",
+        r.workload,
+        r.tasks,
+        r.wall_s,
+        r.steps_per_s.map_or("-".to_owned(), |v| format!("{v:.0}")),
+        r.rate_unit,
+        f(r.p50_ms),
+        f(r.p99_ms),
+        f(r.max_ms),
+        f(r.orchestrator_rss_mb),
+        f(r.orchestrator_cpu_s),
+        match r.target_met {
+            Some(true) => format!(" [target {} ok]", r.target),
+            Some(false) => format!(" [target {} MISSED]", r.target),
+            None => String::new(),
+        },
+        if r.note.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", r.note)
+        },
+    )
+}
+
+fn print_header(args: &Args, d: &Deployment, s: &Sizes, selected: &[Workload], run_id: &str) {
+    let mut h = String::new();
+    let mut line = |k: &str, v: String| h.push_str(&format!("{k:<22} {v}\n"));
+    line("loadgen run", run_id.to_owned());
+    line(
+        "machine",
+        format!(
+            "{} CPUs, load average {}",
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            load_average()
+        ),
+    );
+    if cfg!(debug_assertions) {
+        line(
+            "build",
+            "DEBUG (numbers are not representative; use --release)".into(),
+        );
+    } else {
+        line("build", "release".into());
+    }
+    line(
+        "workloads",
+        format!(
+            "{selected:?}{}",
+            if args.smoke { " (smoke sizes)" } else { "" }
+        ),
+    );
+    line("sizes", format!("{s:?}"));
+    line(
+        "statistics",
+        if args.api_url.is_none() && !args.no_analyze {
+            "ANALYZE before each task workload".to_owned()
+        } else {
+            "left to autovacuum".to_owned()
+        },
+    );
+    if d.is_owned() {
+        line(
+            "orchestrator",
+            format!(
+                "child process pid {} (log {})",
+                d.pid.map_or("?".into(), |p| p.to_string()),
+                d.log_path().map_or("-".into(), |p| p.display().to_string())
+            ),
+        );
+        line("database", d.database_name().unwrap_or("-").to_owned());
+    } else {
+        line(
+            "orchestrator",
+            format!(
+                "external at {} (pid {})",
+                d.api_url,
+                d.pid.map_or("unknown".into(), |p| p.to_string())
+            ),
+        );
+        line("database", deploy::redact(&d.database_url));
+    }
+    line("api", d.api_url.clone());
+    line(
+        "broker",
+        format!("{} prefix {}", deploy::redact(&d.amqp_url), d.prefix),
+    );
+    for (k, v) in &d.settings {
+        line("  setting", format!("{k}={v}"));
+    }
+    line(
+        "workers",
+        format!(
+            "in-process, one per queue, concurrency {} (prefetch the same), no-op handler",
+            args.worker_concurrency
+        ),
+    );
+    eprint!("{h}");
+}
+
+/// `/proc/loadavg`: other work on the machine skews every figure.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
