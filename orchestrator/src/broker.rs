@@ -428,7 +428,9 @@ mod tests {
             }
         });
         let started = std::time::Instant::now();
-        let err = connect(&format!("amqp://guest:guest@{addr}/%2f")).await.unwrap_err();
+        let err = connect(&format!("amqp://guest:guest@{addr}/%2f"))
+            .await
+            .unwrap_err();
         assert!(matches!(err, Error::BrokerUnavailable(_)), "{err}");
         assert!(err.is_retryable());
         assert!(started.elapsed() < CONNECT_TIMEOUT + Duration::from_secs(2));
