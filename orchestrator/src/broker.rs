@@ -357,7 +357,7 @@ impl Publisher {
         payload: &[u8],
         props: BasicProperties,
     ) -> Result<()> {
-        let _confirm = self
+        let confirm = self
             .channel()
             .await?
             .basic_publish(
@@ -368,6 +368,11 @@ impl Publisher {
                 props,
             )
             .await?;
+        // A confirm dropped unresolved stays in lapin's bookkeeping until `wait_for_confirms`:
+        // settle it off the caller's path so memory does not grow with every event.
+        tokio::spawn(async move {
+            let _ = confirm.await;
+        });
         Ok(())
     }
 

@@ -459,7 +459,11 @@ async fn delete_topology(amqp_url: &str, names: &Names, db: &PgPool) -> Result<(
     use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
     let conn = lapin::Connection::connect(amqp_url, lapin::ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
-    let mut queues = vec![names.task_requests_queue(), names.dead_letter_queue()];
+    let mut queues = vec![
+        names.task_requests_queue(),
+        names.dead_letter_queue(),
+        names.step_dead_letter_queue(),
+    ];
     for shard in 0..16 {
         queues.push(names.results_queue(shard));
     }
@@ -485,6 +489,7 @@ async fn delete_topology(amqp_url: &str, names: &Names, db: &PgPool) -> Result<(
         names.events_exchange(),
         names.cancel_exchange(),
         names.dead_letter_exchange(),
+        names.step_dead_letter_exchange(),
     ] {
         let _ = ch
             .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())

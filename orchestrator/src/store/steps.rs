@@ -104,9 +104,10 @@ pub async fn load_messages(db: impl PgExecutor<'_>, steps: &[StepId]) -> Result<
         "SELECT s.id, s.task_id, s.namespace, t.template_name, s.name, s.handler, s.queue, s.attempt,
                 s.state, s.execution_timeout_ms, t.context,
                 (SELECT coalesce(jsonb_object_agg(p.name, coalesce(p.output, 'null'::jsonb)), '{}'::jsonb)
-                 FROM steps p WHERE p.id = ANY(s.parent_ids)) AS parent_outputs
-         FROM steps s JOIN tasks t ON t.id = s.task_id
-         WHERE s.id = ANY($1)",
+                 FROM unnest(s.parent_ids) AS pid(id) JOIN steps p ON p.id = pid.id) AS parent_outputs
+         FROM unnest($1::uuid[]) AS wanted(id)
+         JOIN steps s ON s.id = wanted.id
+         JOIN tasks t ON t.id = s.task_id",
     )
     .bind(&ids)
     .fetch_all(db)

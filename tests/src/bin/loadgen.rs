@@ -29,8 +29,17 @@
 //!
 //! Workers run inside the loadgen (`tasker_worker::Worker`, `--worker-concurrency`, default 256),
 //! so on one machine the loadgen's own CPU competes with the orchestrator: the table shows the
-//! CPU seconds of the orchestrator, of all Postgres and RabbitMQ processes and of the loadgen for
-//! each workload's measured period.
+//! CPU seconds of the orchestrator, of Postgres (the benchmark database's backends plus the
+//! shared background processes), of RabbitMQ (the broker process, shared with anyone else using
+//! it) and of the loadgen for each workload's measured period; the header shows what each burns
+//! idle. `rss_mb` is the largest `VmRSS` sampled during the workload; the footer prints `VmHWM`.
+//!
+//! Latency is measured from just before the submit until `Client::wait` returns the finished
+//! task (`linear`, `fanout`) or until the task's lifecycle event arrives (`diamond`; the loadgen
+//! binds its own queue to the events exchange). Throughput (`diamond`) counts the attempts that
+//! succeeded inside the steady window, from the database. Before each task workload the loadgen
+//! runs `ANALYZE` on its own database (`--no-analyze` leaves statistics to autovacuum, whose
+//! timing otherwise decides the plans of the orchestrator's cached statements).
 //!
 //! Workloads: `floor` (one confirmed persistent publish → delivery on a quorum queue, the same
 //! pipelined, one small commit), `linear` (4-step chain, one task at a time), `diamond`
