@@ -437,13 +437,16 @@ fn serde_saphyr_from_str(yaml: &str) -> Result<Template> {
     tasker_orchestrator::startup::parse_template(yaml).map_err(anyhow::Error::msg)
 }
 
-/// Points a Postgres URL at another database.
-fn replace_database(url: &str, database: &str) -> Result<String> {
+/// Points a Postgres URL at another database (the query string is kept).
+pub fn replace_database(url: &str, database: &str) -> Result<String> {
     let (base, query) = url
         .split_once('?')
         .map_or((url, None), |(b, q)| (b, Some(q)));
     let Some(scheme_end) = base.find("://") else {
-        bail!("not a URL: {url}")
+        bail!(
+            "not a URL: {}",
+            tasker_orchestrator::config::redact_url(url)
+        )
     };
     let after = &base[scheme_end + 3..];
     let host_end = after.find('/').map_or(base.len(), |i| scheme_end + 3 + i);

@@ -77,6 +77,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+use tasker_tests::replace_database;
 use tokio::sync::{Mutex, Semaphore};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -1328,24 +1329,6 @@ fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
-}
-
-/// Points a Postgres URL at another database.
-fn replace_database(url: &str, database: &str) -> Result<String> {
-    let (base, query) = url
-        .split_once('?')
-        .map_or((url, None), |(b, q)| (b, Some(q)));
-    let Some(scheme_end) = base.find("://") else {
-        bail!("not a URL: {url}")
-    };
-    let after = &base[scheme_end + 3..];
-    let host_end = after.find('/').map_or(base.len(), |i| scheme_end + 3 + i);
-    let mut out = format!("{}/{database}", &base[..host_end]);
-    if let Some(q) = query {
-        out.push('?');
-        out.push_str(q);
-    }
-    Ok(out)
 }
 
 /// Deletes the queues and exchanges of `prefix` (best effort).

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use tasker_schemas::Names;
+use tasker_tests::replace_database;
 
 /// Orchestrator settings of the benchmark profile (each can be overridden with `--orch-env`).
 /// They are the orchestrator's defaults except where noted; the report prints what was used.
@@ -368,24 +369,6 @@ async fn delete_topology(amqp_url: &str, names: &Names, step_queues: &[&str]) ->
     }
     let _ = conn.close(200, "done".into()).await;
     Ok(())
-}
-
-/// Points a Postgres URL at another database.
-pub fn replace_database(url: &str, database: &str) -> Result<String> {
-    let (base, query) = url
-        .split_once('?')
-        .map_or((url, None), |(b, q)| (b, Some(q)));
-    let Some(scheme_end) = base.find("://") else {
-        bail!("not a URL: {}", redact(url))
-    };
-    let after = &base[scheme_end + 3..];
-    let host_end = after.find('/').map_or(base.len(), |i| scheme_end + 3 + i);
-    let mut out = format!("{}/{database}", &base[..host_end]);
-    if let Some(q) = query {
-        out.push('?');
-        out.push_str(q);
-    }
-    Ok(out)
 }
 
 /// A URL without its password, for messages.
