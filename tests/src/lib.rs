@@ -419,7 +419,13 @@ impl Harness {
         for o in orchestrators {
             o.stop().await;
         }
-        let _ = delete_topology(&self.services.amqp_url, &self.names(), &self.db).await;
+        let step_queues: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT coalesce(s->>'queue', 'default') FROM templates, jsonb_array_elements(content->'steps') s",
+        )
+        .fetch_all(&self.db)
+        .await
+        .unwrap_or_default();
+        let _ = delete_topology(&self.services.amqp_url, &self.names(), &step_queues).await;
         self.db.close().await;
         if let Ok(admin) = PgPool::connect(&self.services.admin_database_url).await {
             let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -458,32 +464,32 @@ pub fn replace_database(url: &str, database: &str) -> Result<String> {
     Ok(out)
 }
 
-async fn delete_topology(amqp_url: &str, names: &Names, db: &PgPool) -> Result<()> {
+/// Deletes every queue and exchange of a prefix (best effort): the orchestrator's own, and the step
+/// queues named in `step_queues` plus `default`. Used by the harness, `chaos` and `loadgen`.
+pub async fn delete_topology(amqp_url: &str, names: &Names, step_queues: &[String]) -> Result<()> {
     use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
-    let conn = lapin::Connection::connect(amqp_url, lapin::ConnectionProperties::default()).await?;
-    let ch = conn.create_channel().await?;
+    let connect = lapin::Connection::connect(amqp_url, lapin::ConnectionProperties::default());
+    let conn = tokio::time::timeout(Duration::from_secs(10), connect)
+        .await
+        .context("broker connection timed out")??;
     let mut queues = vec![
         names.task_requests_queue(),
         names.dead_letter_queue(),
         names.step_dead_letter_queue(),
+        names.step_queue("default"),
     ];
-    for shard in 0..16 {
-        queues.push(names.results_queue(shard));
-    }
-    let step_queues: Vec<String> = sqlx::query_scalar(
-        "SELECT DISTINCT coalesce(s->>'queue', 'default') FROM templates, jsonb_array_elements(content->'steps') s",
-    )
-    .fetch_all(db)
-    .await
-    .unwrap_or_default();
+    queues.extend((0..16).map(|shard| names.results_queue(shard)));
     queues.extend(step_queues.iter().map(|q| names.step_queue(q)));
-    queues.push(names.step_queue("default"));
     for q in queues {
-        // A missing queue closes the channel: use a fresh one each time.
+        // A failed delete closes its channel: a fresh one each time.
         let ch = conn.create_channel().await?;
-        let _ = ch
+        if ch
             .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-            .await;
+            .await
+            .is_ok()
+        {
+            let _ = ch.close(200, "done".into()).await;
+        }
     }
     for x in [
         names.tasks_exchange(),
@@ -494,9 +500,14 @@ async fn delete_topology(amqp_url: &str, names: &Names, db: &PgPool) -> Result<(
         names.dead_letter_exchange(),
         names.step_dead_letter_exchange(),
     ] {
-        let _ = ch
+        let ch = conn.create_channel().await?;
+        if ch
             .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
-            .await;
+            .await
+            .is_ok()
+        {
+            let _ = ch.close(200, "done".into()).await;
+        }
     }
     let _ = conn.close(200, "done".into()).await;
     Ok(())

@@ -499,7 +499,8 @@ async fn main_async(args: Args) -> Result<i32> {
         {
             eprintln!("[chaos] could not drop database {database_name}: {e}");
         }
-        if let Err(e) = delete_topology(&args.amqp_url, &prefix).await {
+        let names = tasker_schemas::Names::new(prefix.clone());
+        if let Err(e) = tasker_tests::delete_topology(&args.amqp_url, &names, &[]).await {
             eprintln!("[chaos] could not delete the queues of prefix {prefix}: {e:#}");
         }
     }
@@ -1329,46 +1330,4 @@ fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
-}
-
-/// Deletes the queues and exchanges of `prefix` (best effort).
-async fn delete_topology(amqp_url: &str, prefix: &str) -> Result<()> {
-    use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
-    let names = tasker_schemas::Names::new(prefix.to_owned());
-    let conn = tokio::time::timeout(
-        Duration::from_secs(10),
-        lapin::Connection::connect(amqp_url, lapin::ConnectionProperties::default()),
-    )
-    .await
-    .context("broker connection timed out")??;
-    let mut queues = vec![
-        names.task_requests_queue(),
-        names.dead_letter_queue(),
-        names.step_queue("default"),
-        format!("{prefix}.dead_steps"),
-    ];
-    queues.extend((0..16).map(|s| names.results_queue(s)));
-    for q in queues {
-        // A failed delete closes the channel: a fresh one each time.
-        let ch = conn.create_channel().await?;
-        let _ = ch
-            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-            .await;
-    }
-    let ch = conn.create_channel().await?;
-    for x in [
-        names.tasks_exchange(),
-        names.steps_exchange(),
-        names.results_exchange(),
-        names.events_exchange(),
-        names.cancel_exchange(),
-        names.dead_letter_exchange(),
-        format!("{prefix}.dlx.steps"),
-    ] {
-        let _ = ch
-            .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
-            .await;
-    }
-    let _ = conn.close(200, "done".into()).await;
-    Ok(())
 }

@@ -186,10 +186,11 @@ impl Deployment {
             eprintln!("loadgen: the orchestrator did not stop within 15 s; killing it");
             let _ = owned.child.kill().await;
         }
-        if let Err(e) = delete_topology(
+        let step_queues: Vec<String> = step_queues.iter().map(|q| q.to_string()).collect();
+        if let Err(e) = tasker_tests::delete_topology(
             &self.amqp_url,
             &Names::new(self.prefix.clone()),
-            step_queues,
+            &step_queues,
         )
         .await
         {
@@ -324,51 +325,6 @@ async fn drop_database(admin_url: &str, name: &str) {
         }
         Err(e) => eprintln!("loadgen: could not drop database {name}: {e}"),
     }
-}
-
-/// Deletes the queues and exchanges of an own prefix.
-async fn delete_topology(amqp_url: &str, names: &Names, step_queues: &[&str]) -> Result<()> {
-    use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
-    let conn = lapin::Connection::connect(amqp_url, lapin::ConnectionProperties::default()).await?;
-    let mut queues = vec![
-        names.task_requests_queue(),
-        names.dead_letter_queue(),
-        names.step_dead_letter_queue(),
-    ];
-    queues.extend((0..16).map(|shard| names.results_queue(shard)));
-    queues.extend(step_queues.iter().map(|q| names.step_queue(q)));
-    queues.push(names.step_queue("default"));
-    for q in queues {
-        // Deleting a missing queue is fine in RabbitMQ, but an error would close the channel.
-        let ch = conn.create_channel().await?;
-        if ch
-            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-            .await
-            .is_ok()
-        {
-            let _ = ch.close(200, "done".into()).await;
-        }
-    }
-    for x in [
-        names.tasks_exchange(),
-        names.steps_exchange(),
-        names.results_exchange(),
-        names.events_exchange(),
-        names.cancel_exchange(),
-        names.dead_letter_exchange(),
-        names.step_dead_letter_exchange(),
-    ] {
-        let ch = conn.create_channel().await?;
-        if ch
-            .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
-            .await
-            .is_ok()
-        {
-            let _ = ch.close(200, "done".into()).await;
-        }
-    }
-    let _ = conn.close(200, "done".into()).await;
-    Ok(())
 }
 
 /// A URL without its password, for messages.
@@ -672,14 +628,6 @@ mod tests {
 
     #[test]
     fn urls_and_proc() {
-        assert_eq!(
-            replace_database("postgres://u:p@h:5432/postgres", "x").unwrap(),
-            "postgres://u:p@h:5432/x"
-        );
-        assert_eq!(
-            replace_database("postgres://h?sslmode=disable", "x").unwrap(),
-            "postgres://h/x?sslmode=disable"
-        );
         assert_eq!(
             url_port("amqp://guest:guest@127.0.0.1:5673/%2f", 5672),
             5673
