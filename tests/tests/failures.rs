@@ -230,3 +230,34 @@ async fn worker_timeout_counts_as_a_retryable_failure() -> anyhow::Result<()> {
     h.finish().await;
     Ok(())
 }
+
+/// The timer sleeps until the next due retry; with none scheduled it must report none (it once
+/// reported "due now" and spun every millisecond).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn next_retry_is_none_without_retries_and_the_due_time_with_one() -> anyhow::Result<()> {
+    use tasker_orchestrator::store::steps::next_retry_in_ms;
+    let h = Harness::start().await?;
+    assert_eq!(next_retry_in_ms(&h.db).await?, None);
+    h.register_yaml(
+        "namespace: t\nname: slow-retry\nversion: 1\nsteps:\n  - name: s\n    handler: fails\n    retry: { max_attempts: 2, initial_delay: 60s, jitter: 0.0 }\n",
+    )
+    .await?;
+    h.spawn_worker(h.worker().handler_fn("fails", |_ctx| async move {
+        Err::<serde_json::Value, _>(StepError::retryable("not yet"))
+    }));
+    let id = h.submit("t", "slow-retry", json!({})).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let due = loop {
+        if let Some(ms) = next_retry_in_ms(&h.db).await? {
+            break ms;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "task {id} never scheduled its retry"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!((50_000..=60_000).contains(&due), "retry due in {due} ms, expected about 60 s");
+    h.finish().await;
+    Ok(())
+}

@@ -716,12 +716,15 @@ pub async fn promote_due_retries(db: impl PgExecutor<'_>, limit: i64) -> Result<
 
 /// Milliseconds until the next retry is due (capped by the caller), if any is scheduled.
 pub async fn next_retry_in_ms(db: impl PgExecutor<'_>) -> Result<Option<i64>> {
-    Ok(sqlx::query_scalar(
-        "SELECT greatest(0, (extract(epoch FROM (min(next_attempt_at) - now())) * 1000)::bigint)
+    // `greatest` ignores NULL: without a scheduled retry, `min` is NULL and must stay NULL (a 0
+    // here made the timer loop spin every millisecond).
+    let ms: Option<i64> = sqlx::query_scalar(
+        "SELECT (extract(epoch FROM (min(next_attempt_at) - now())) * 1000)::bigint
          FROM steps WHERE state = 'retrying'",
     )
     .fetch_one(db)
-    .await?)
+    .await?;
+    Ok(ms.map(|ms| ms.max(0)))
 }
 
 /// Claims dispatched attempts whose lease ran out, as timeouts to apply. The claim pushes the
