@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tasker_schemas::topology::{result_routing_key, shard_of};
 use tasker_schemas::{Envelope, MessageId, StepMessage, encode};
+use futures_util::FutureExt;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -92,7 +93,7 @@ pub struct Pending {
 }
 
 /// Runs the dispatcher until shutdown.
-pub async fn run(shared: Shared, confirms: mpsc::Sender<Pending>, shutdown: CancellationToken) {
+pub async fn run(shared: Shared, shutdown: CancellationToken) {
     let poll = shared.config.poll_interval();
     let mut last_refresh = Instant::now() - Duration::from_secs(3600);
     loop {
@@ -105,7 +106,7 @@ pub async fn run(shared: Shared, confirms: mpsc::Sender<Pending>, shutdown: Canc
         }
         let queues = shared.dispatch.take();
         for queue in queues {
-            if let Err(e) = dispatch_queue(&shared, &queue, &confirms).await {
+            if let Err(e) = dispatch_queue(&shared, &queue).await {
                 tracing::warn!(queue = %queue, error = %e, "dispatch failed; will retry");
                 // Try this queue again on the next round.
                 shared.dispatch.know([queue.clone()]);
@@ -121,25 +122,18 @@ pub async fn run(shared: Shared, confirms: mpsc::Sender<Pending>, shutdown: Canc
 }
 
 /// Admits and publishes batches for one queue until it has no more room or work.
-async fn dispatch_queue(
-    shared: &Shared,
-    queue: &str,
-    confirms: &mpsc::Sender<Pending>,
-) -> Result<()> {
+async fn dispatch_queue(shared: &Shared, queue: &str) -> Result<()> {
     let batch = shared.config.dispatch_batch_size.max(1);
     loop {
         let mut tx = shared.db.begin().await?;
-        let admitted =
+        let (admitted, messages) =
             steps::dispatch(&mut tx, queue, shared.config.max_in_flight_per_queue, batch).await?;
+        tx.commit().await?;
         if admitted.is_empty() {
-            tx.commit().await?;
             return Ok(());
         }
-        let ids: Vec<_> = admitted.iter().map(|a| a.step_id).collect();
-        let messages = steps::load_messages(&mut *tx, &ids).await?;
-        tx.commit().await?;
         Metrics::add(&shared.metrics.steps_dispatched_total, admitted.len());
-        publish_admitted(shared, &admitted, messages, confirms).await;
+        publish_admitted(shared, &admitted, messages).await;
         if (admitted.len() as i64) < batch {
             return Ok(());
         }
@@ -148,12 +142,7 @@ async fn dispatch_queue(
 
 /// Publishes admitted attempts (pipelined) and queues their confirms. Attempts whose message is
 /// too large fail with the reason. Publish errors leave the outbox entry for the relay.
-pub async fn publish_admitted(
-    shared: &Shared,
-    admitted: &[Admitted],
-    messages: Vec<MessageData>,
-    confirms: &mpsc::Sender<Pending>,
-) {
+pub async fn publish_admitted(shared: &Shared, admitted: &[Admitted], messages: Vec<MessageData>) {
     let mut failed = Vec::new();
     for m in messages {
         let Some(a) = admitted.iter().find(|a| a.step_id == m.step_id) else {
@@ -221,7 +210,7 @@ pub async fn publish_admitted(
                     queue: m.queue,
                     confirm,
                 };
-                if confirms.send(pending).await.is_err() {
+                if shared.confirms.send(pending).await.is_err() {
                     return;
                 }
             }
@@ -230,8 +219,9 @@ pub async fn publish_admitted(
             }
         }
     }
+    // Boxed: applying outcomes may admit and publish further steps.
     if !failed.is_empty()
-        && let Err(e) = crate::results::apply_outcomes(shared, failed).await
+        && let Err(e) = Box::pin(crate::results::apply_outcomes(shared, failed)).await
     {
         tracing::warn!(error = %e, "could not fail oversized step attempts; the relay will retry");
     }
@@ -255,10 +245,27 @@ fn dead(
     }
 }
 
-/// Awaits confirms in order and clears outbox entries in batches.
-pub async fn run_confirmer(shared: Shared, mut rx: mpsc::Receiver<Pending>) {
+/// Awaits confirms in order and clears outbox entries in batches, until `producers_done` and
+/// then until nothing is left in the channel.
+pub async fn run_confirmer(
+    shared: Shared,
+    mut rx: mpsc::Receiver<Pending>,
+    producers_done: CancellationToken,
+) {
     let mut buf = Vec::with_capacity(1024);
-    while rx.recv_many(&mut buf, 1024).await > 0 {
+    loop {
+        let n = tokio::select! {
+            n = rx.recv_many(&mut buf, 1024) => n,
+            _ = producers_done.cancelled() => {
+                match rx.recv_many(&mut buf, 1024).now_or_never() {
+                    Some(n) => n,
+                    None => 0,
+                }
+            }
+        };
+        if n == 0 {
+            break;
+        }
         let mut done = Vec::with_capacity(buf.len());
         let mut unroutable = Vec::new();
         for p in buf.drain(..) {
@@ -291,10 +298,14 @@ pub async fn run_confirmer(shared: Shared, mut rx: mpsc::Receiver<Pending>) {
             // Harmless: the relay republishes, and the result guard drops duplicates.
             tracing::warn!(error = %e, "could not clear outbox entries");
         }
-        if !unroutable.is_empty()
-            && let Err(e) = crate::results::apply_outcomes(&shared, unroutable).await
-        {
-            tracing::warn!(error = %e, "could not fail unroutable attempts");
+        if !unroutable.is_empty() {
+            // Not inline: applying may publish, and this loop must never wait on its own channel.
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                if let Err(e) = crate::results::apply_outcomes(&shared, unroutable).await {
+                    tracing::warn!(error = %e, "could not fail unroutable attempts");
+                }
+            });
         }
     }
 }

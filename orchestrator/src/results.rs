@@ -19,19 +19,44 @@ use tasker_schemas::{LifecycleEvent, Outcome, WorkerMessage, encode_payload};
 use tokio_util::sync::CancellationToken;
 
 /// Applies outcomes in one transaction, retrying transient database errors, then does the
-/// after-commit work: wake the dispatcher and timers, publish lifecycle events, count.
+/// after-commit work: publish the steps admitted, wake the dispatcher and timers, publish
+/// lifecycle events, count.
+///
+/// Children that became ready are admitted in the same transaction (the dispatcher's admission
+/// under the same per-queue lock), so a chain moves on without a second transaction and a hop
+/// through the dispatcher; what does not fit in one dispatch batch is left to the dispatcher.
 pub async fn apply_outcomes(shared: &Shared, batch: Vec<Finished>) -> Result<ApplyReport> {
     let settings = ApplySettings {
         max_output_bytes: shared.config.max_output_bytes,
         handler_missing_delay_ms: shared.config.handler_missing_delay_ms,
     };
+    let limit = shared.config.dispatch_batch_size.max(1);
     let mut tries = 0;
-    let report = loop {
+    let (mut report, admitted, messages) = loop {
         let attempt = async {
             let mut tx = shared.db.begin().await?;
-            let report = steps::apply(&mut tx, &batch, settings).await?;
+            let mut report = steps::apply(&mut tx, &batch, settings).await?;
+            let (mut admitted, mut messages) = (Vec::new(), Vec::new());
+            // Sorted: two transactions take the queue locks in the same order.
+            let mut queues: Vec<String> = report.queued.drain().collect();
+            queues.sort_unstable();
+            for queue in queues {
+                let (a, m) = steps::dispatch(
+                    &mut tx,
+                    &queue,
+                    shared.config.max_in_flight_per_queue,
+                    limit,
+                )
+                .await?;
+                if a.len() as i64 >= limit {
+                    // Maybe more: the dispatcher takes the rest.
+                    report.queued.insert(queue);
+                }
+                admitted.extend(a);
+                messages.extend(m);
+            }
             tx.commit().await?;
-            Ok::<_, Error>(report)
+            Ok::<_, Error>((report, admitted, messages))
         }
         .await;
         match attempt {
@@ -45,6 +70,10 @@ pub async fn apply_outcomes(shared: &Shared, batch: Vec<Finished>) -> Result<App
             Err(e) => return Err(e),
         }
     };
+    if !admitted.is_empty() {
+        Metrics::add(&shared.metrics.steps_dispatched_total, admitted.len());
+        crate::dispatch::publish_admitted(shared, &admitted, messages).await;
+    }
     after_commit(shared, &report).await;
     Ok(report)
 }

@@ -28,6 +28,7 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 pub struct App {
     shared: Shared,
     listener: TcpListener,
+    confirm_rx: tokio::sync::mpsc::Receiver<crate::dispatch::Pending>,
 }
 
 /// Connects to Postgres, retrying for a while (the database may still be starting).
@@ -85,6 +86,7 @@ impl App {
             Error::InvalidRequest(format!("cannot listen on {}: {e}", config.http_addr))
         })?;
         let (finished, _) = broadcast::channel(4096);
+        let (confirms, confirm_rx) = tokio::sync::mpsc::channel(16 * 1024);
         let shared = Shared {
             db,
             config: Arc::new(config),
@@ -93,6 +95,7 @@ impl App {
             templates: TemplateCache::default(),
             metrics: Arc::new(Metrics::default()),
             dispatch: DispatchHandle::new(),
+            confirms,
             timers: Arc::new(Notify::new()),
             finished,
         };
@@ -104,7 +107,11 @@ impl App {
         if let Some(dir) = shared.config.templates_dir.clone() {
             load_templates_dir(&shared, &dir).await?;
         }
-        Ok(Self { shared, listener })
+        Ok(Self {
+            shared,
+            listener,
+            confirm_rx,
+        })
     }
 
     /// The address the HTTP API listens on (useful with port 0).
@@ -121,22 +128,22 @@ impl App {
 
     /// Runs every loop until `shutdown` is cancelled, then drains and closes.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<()> {
-        let App { shared, listener } = self;
+        let App {
+            shared,
+            listener,
+            confirm_rx,
+        } = self;
         let tracker = TaskTracker::new();
-        let (confirm_tx, confirm_rx) = tokio::sync::mpsc::channel(16 * 1024);
 
-        // The confirmer outlives the producers: it stops when every sender is gone.
-        let confirmer = tokio::spawn(dispatch::run_confirmer(shared.clone(), confirm_rx));
-        tracker.spawn(dispatch::run(
+        // The confirmer outlives the producers: it drains what they published once they stopped.
+        let producers_done = CancellationToken::new();
+        let confirmer = tokio::spawn(dispatch::run_confirmer(
             shared.clone(),
-            confirm_tx.clone(),
-            shutdown.clone(),
+            confirm_rx,
+            producers_done.clone(),
         ));
-        tracker.spawn(crate::timers::run(
-            shared.clone(),
-            confirm_tx,
-            shutdown.clone(),
-        ));
+        tracker.spawn(dispatch::run(shared.clone(), shutdown.clone()));
+        tracker.spawn(crate::timers::run(shared.clone(), shutdown.clone()));
         tracker.spawn(crate::timers::run_reconciler(
             shared.clone(),
             shutdown.clone(),
@@ -186,6 +193,7 @@ impl App {
             tracing::warn!("some loops did not stop within the grace period");
         }
         // Let outstanding confirms settle so their outbox entries are cleared.
+        producers_done.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(2), confirmer).await;
         shared.publisher.close().await;
         shared.db.close().await;

@@ -2,13 +2,12 @@
 //! leases become timed-out attempts, and the relay republishes outbox entries left behind.
 //! Time comes from Postgres `now()`.
 
-use crate::dispatch::{Pending, publish_admitted};
+use crate::dispatch::publish_admitted;
 use crate::error::Result;
 use crate::metrics::Metrics;
 use crate::state::Shared;
 use crate::store::steps;
 use std::time::Duration;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// Runs the reconciler until shutdown: proves, every `reconcile_interval_ms`, that every live
@@ -53,10 +52,10 @@ pub async fn reconcile(shared: &Shared) -> Result<usize> {
 }
 
 /// Runs the timer loop until shutdown.
-pub async fn run(shared: Shared, confirms: mpsc::Sender<Pending>, shutdown: CancellationToken) {
+pub async fn run(shared: Shared, shutdown: CancellationToken) {
     let poll = shared.config.poll_interval();
     loop {
-        let next = match tick(&shared, &confirms).await {
+        let next = match tick(&shared).await {
             Ok(next) => next,
             Err(e) => {
                 tracing::warn!(error = %e, "timer round failed; will retry");
@@ -72,7 +71,7 @@ pub async fn run(shared: Shared, confirms: mpsc::Sender<Pending>, shutdown: Canc
 }
 
 /// One round; returns how long to sleep before the next.
-async fn tick(shared: &Shared, confirms: &mpsc::Sender<Pending>) -> Result<Duration> {
+async fn tick(shared: &Shared) -> Result<Duration> {
     let poll = shared.config.poll_interval();
     loop {
         let queues = steps::promote_due_retries(&shared.db, 1000).await?;
@@ -89,14 +88,14 @@ async fn tick(shared: &Shared, confirms: &mpsc::Sender<Pending>) -> Result<Durat
         Metrics::add(&shared.metrics.timeouts_total, expired.len());
         crate::results::apply_outcomes(shared, expired).await?;
     }
-    relay(shared, confirms).await?;
+    relay(shared).await?;
     let next = steps::next_retry_in_ms(&shared.db).await?;
     Ok(next.map_or(poll, |ms| Duration::from_millis(ms.max(1) as u64).min(poll)))
 }
 
 /// Republishes outbox entries older than `relay_after_ms`. The claimed rows stay locked while
 /// their messages are published, so two replicas never relay the same entry at once.
-async fn relay(shared: &Shared, confirms: &mpsc::Sender<Pending>) -> Result<()> {
+async fn relay(shared: &Shared) -> Result<()> {
     let mut tx = shared.db.begin().await?;
     let claimed =
         steps::claim_stale_outbox(&mut tx, shared.config.relay_after_ms as i64, 500).await?;
@@ -117,6 +116,6 @@ async fn relay(shared: &Shared, confirms: &mpsc::Sender<Pending>) -> Result<()> 
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
-    publish_admitted(shared, &claimed, messages, confirms).await;
+    publish_admitted(shared, &claimed, messages).await;
     Ok(())
 }

@@ -33,19 +33,21 @@ impl Admitted {
 }
 
 /// Admits up to `limit` queued steps of `queue`, highest priority first, without exceeding
-/// `max_in_flight` dispatched steps on that queue. One transaction: state `dispatched`, a new
-/// attempt number, the lease, and an outbox entry per step.
+/// `max_in_flight` dispatched steps on that queue. In the caller's transaction: state
+/// `dispatched`, a new attempt number, the lease, and an outbox entry per step. Returns the
+/// admitted attempts with everything their step messages need (one statement).
 pub async fn dispatch(
     tx: &mut PgConnection,
     queue: &str,
     max_in_flight: i64,
     limit: i64,
-) -> Result<Vec<Admitted>> {
+) -> Result<(Vec<Admitted>, Vec<MessageData>)> {
     // Serialises admission per queue across replicas so the in-flight bound is exact.
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('tasker.dispatch.' || $1, 0))")
         .bind(queue)
         .execute(&mut *tx)
         .await?;
+    // Parents are read by the final SELECT: they are never rows this statement changes.
     let rows = sqlx::query(
         "WITH room AS (
              SELECT greatest($2 - count(*), 0) AS n FROM steps WHERE queue = $1 AND state = 'dispatched'
@@ -66,18 +68,35 @@ pub async fn dispatch(
                      + (s.queue_wait_timeout_ms + s.execution_timeout_ms) * interval '1 millisecond',
                  updated_at = now()
              FROM picked WHERE s.id = picked.id
-             RETURNING s.id, s.attempt, s.namespace
+             RETURNING s.id, s.task_id, s.namespace, s.name, s.handler, s.queue, s.attempt,
+                       s.state, s.execution_timeout_ms, s.parent_ids
+         ), entries AS (
+             INSERT INTO outbox (step_id, attempt, namespace)
+             SELECT id, attempt, namespace FROM admitted
+             RETURNING id AS outbox_id, step_id
          )
-         INSERT INTO outbox (step_id, attempt, namespace)
-         SELECT id, attempt, namespace FROM admitted
-         RETURNING id, step_id, attempt",
+         SELECT e.outbox_id, a.id, a.task_id, a.namespace, t.template_name, a.name, a.handler,
+                a.queue, a.attempt, a.state, a.execution_timeout_ms, t.context,
+                (SELECT coalesce(jsonb_object_agg(p.name, coalesce(p.output, 'null'::jsonb)), '{}'::jsonb)
+                 FROM unnest(a.parent_ids) AS pid(id) JOIN steps p ON p.id = pid.id) AS parent_outputs
+         FROM entries e
+         JOIN admitted a ON a.id = e.step_id
+         JOIN tasks t ON t.id = a.task_id",
     )
     .bind(queue)
     .bind(max_in_flight)
     .bind(limit)
     .fetch_all(&mut *tx)
     .await?;
-    Ok(rows.iter().map(Admitted::from_row).collect())
+    let admitted = rows
+        .iter()
+        .map(|r| Admitted {
+            outbox_id: r.get("outbox_id"),
+            step_id: StepId(r.get("id")),
+            attempt: r.get("attempt"),
+        })
+        .collect();
+    Ok((admitted, rows.iter().map(MessageData::from_row).collect()))
 }
 
 /// Everything needed to build a step message.
@@ -97,6 +116,29 @@ pub struct MessageData {
     pub parent_outputs: Map<String, Value>,
 }
 
+impl MessageData {
+    fn from_row(r: &sqlx::postgres::PgRow) -> Self {
+        let parent_outputs = match r.get::<Value, _>("parent_outputs") {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        };
+        MessageData {
+            step_id: StepId(r.get("id")),
+            task_id: TaskId(r.get("task_id")),
+            namespace: r.get("namespace"),
+            template: r.get("template_name"),
+            step: r.get("name"),
+            handler: r.get("handler"),
+            queue: r.get("queue"),
+            attempt: r.get("attempt"),
+            state: r.get("state"),
+            execution_timeout_ms: r.get("execution_timeout_ms"),
+            context: r.get("context"),
+            parent_outputs,
+        }
+    }
+}
+
 /// Loads message data for the given steps (with their parents' outputs).
 pub async fn load_messages(db: impl PgExecutor<'_>, steps: &[StepId]) -> Result<Vec<MessageData>> {
     let ids: Vec<Uuid> = steps.iter().map(|s| s.0).collect();
@@ -112,29 +154,7 @@ pub async fn load_messages(db: impl PgExecutor<'_>, steps: &[StepId]) -> Result<
     .bind(&ids)
     .fetch_all(db)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| {
-            let parent_outputs = match r.get::<Value, _>("parent_outputs") {
-                Value::Object(m) => m,
-                _ => Map::new(),
-            };
-            MessageData {
-                step_id: StepId(r.get("id")),
-                task_id: TaskId(r.get("task_id")),
-                namespace: r.get("namespace"),
-                template: r.get("template_name"),
-                step: r.get("name"),
-                handler: r.get("handler"),
-                queue: r.get("queue"),
-                attempt: r.get("attempt"),
-                state: r.get("state"),
-                execution_timeout_ms: r.get("execution_timeout_ms"),
-                context: r.get("context"),
-                parent_outputs,
-            }
-        })
-        .collect())
+    Ok(rows.iter().map(MessageData::from_row).collect())
 }
 
 /// Removes outbox entries whose publish was confirmed.
