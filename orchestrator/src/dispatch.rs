@@ -11,13 +11,13 @@ use crate::error::Result;
 use crate::metrics::Metrics;
 use crate::state::Shared;
 use crate::store::steps::{self, Admitted, AttemptOutcome, Finished, MessageData};
+use futures_util::FutureExt;
 use lapin::PublisherConfirm;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tasker_schemas::topology::{result_routing_key, shard_of};
 use tasker_schemas::{Envelope, MessageId, StepMessage, encode};
-use futures_util::FutureExt;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 

@@ -102,7 +102,7 @@ pub enum DecodeError {
 }
 
 /// Why a message could not be encoded.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 #[error("cannot encode message: {0}")]
 pub struct EncodeError(String);
 

@@ -257,7 +257,10 @@ async fn next_retry_is_none_without_retries_and_the_due_time_with_one() -> anyho
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    assert!((50_000..=60_000).contains(&due), "retry due in {due} ms, expected about 60 s");
+    assert!(
+        (50_000..=60_000).contains(&due),
+        "retry due in {due} ms, expected about 60 s"
+    );
     h.finish().await;
     Ok(())
 }

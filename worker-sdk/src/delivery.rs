@@ -251,7 +251,7 @@ async fn heartbeat_loop(env: SessionEnv, ids: LeaseIds, routing_key: String) {
 async fn report_leased(env: &SessionEnv, result: StepResult, routing_key: &str) {
     let mut delay = REQUEUE_DELAY;
     for _ in 0..8 {
-        let sent = publish_result(env, result.clone(), routing_key, None);
+        let sent = publish_result(env, result.clone(), routing_key);
         match sent.await {
             Ok(()) => return,
             Err(e) => {
@@ -282,23 +282,14 @@ fn encode_result(result: StepResult) -> Result<(MessageId, Vec<u8>), PublishErro
     }
 }
 
-/// Publishes a result (confirmed), carrying the step message's trace context if it had one.
+/// Publishes a leased step's result on its own (confirmed).
 async fn publish_result(
     env: &SessionEnv,
     result: StepResult,
     routing_key: &str,
-    step_properties: Option<&BasicProperties>,
 ) -> Result<(), PublishError> {
     let (message_id, bytes) = encode_result(result)?;
-    let mut properties = message_properties(message_id).with_type(Kind::Result.as_str().into());
-    if let Some(trace) = step_properties
-        .and_then(|p| p.headers().as_ref())
-        .and_then(|h| h.inner().get(HEADER_TRACEPARENT))
-    {
-        let mut headers = lapin::types::FieldTable::default();
-        headers.insert(HEADER_TRACEPARENT.into(), trace.clone());
-        properties = properties.with_headers(headers);
-    }
+    let properties = message_properties(message_id).with_type(Kind::Result.as_str().into());
     publish_confirmed(
         &env.publisher,
         &env.shared.names.results_exchange(),
@@ -310,7 +301,15 @@ async fn publish_result(
 }
 
 async fn report(env: &SessionEnv, delivery: Delivery, result: StepResult, routing_key: &str) {
-    let published = publish_result(env, result, routing_key, Some(&delivery.properties));
+    let traceparent = delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(HEADER_TRACEPARENT))
+        .cloned();
+    let published = env
+        .results
+        .send(result, routing_key.to_owned(), traceparent);
     match published.await {
         Ok(()) => {
             env.shared.publish_failures.store(0, Ordering::Relaxed);

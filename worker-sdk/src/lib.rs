@@ -61,6 +61,7 @@
 //!   shutdown's grace period runs out.
 
 pub mod amqp_submit;
+mod batch;
 mod cancel;
 pub mod client;
 pub mod context;

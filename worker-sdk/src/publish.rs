@@ -12,7 +12,7 @@ use tasker_schemas::{EncodeError, MessageId};
 pub(crate) const PERSISTENT: u8 = 2;
 
 /// Why a confirmed publish did not succeed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PublishError {
     #[error("AMQP error: {0}")]
@@ -33,6 +33,8 @@ pub enum PublishError {
     },
     #[error("the channel is not in confirm mode; call confirm_select on it first")]
     NotConfirmed,
+    #[error("the session's result publisher has stopped")]
+    Stopped,
     #[error("{what} {name:?} is longer than 255 bytes")]
     NameTooLong { what: &'static str, name: String },
 }
@@ -87,7 +89,7 @@ pub(crate) async fn publish_confirmed(
     check_confirmation(confirm, exchange, routing_key)
 }
 
-fn check_confirmation(
+pub(crate) fn check_confirmation(
     confirm: Confirmation,
     exchange: &str,
     routing_key: &str,

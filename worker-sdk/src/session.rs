@@ -154,6 +154,8 @@ pub(crate) struct Session {
 pub(crate) struct SessionEnv {
     pub(crate) shared: Arc<Shared>,
     pub(crate) publisher: Channel,
+    /// Publishes step results (batched while the publisher is busy).
+    pub(crate) results: crate::batch::ResultSender,
     /// Parent of the handlers' tokens; cancelled when the session is lost.
     pub(crate) handler_cancel: CancellationToken,
     stop: CancellationToken,
@@ -298,6 +300,10 @@ impl Session {
         let env = SessionEnv {
             shared: Arc::clone(shared),
             publisher: self.publisher.clone(),
+            results: crate::batch::ResultSender::start(
+                self.publisher.clone(),
+                shared.names.results_exchange(),
+            ),
             handler_cancel: shared.abort.child_token(),
             stop: CancellationToken::new(),
             lost: CancellationToken::new(),

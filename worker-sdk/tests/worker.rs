@@ -655,3 +655,72 @@ async fn several_queues_are_consumed() -> Result<()> {
     worker.stop(STOP).await?;
     b.cleanup().await
 }
+
+/// Results that finish while another publish awaits its confirm go out together as
+/// `result_batch` messages; every result arrives exactly once and every step message is acked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_finishing_together_are_batched() -> Result<()> {
+    const N: usize = 40;
+    let b = broker_or_skip!();
+    let barrier = Arc::new(tokio::sync::Barrier::new(N));
+    let gate = barrier.clone();
+    let worker = start(
+        b.worker()
+            .concurrency(N)
+            .handler_fn("together", move |ctx| {
+                let gate = gate.clone();
+                async move {
+                    gate.wait().await;
+                    Ok(json!(ctx.step_id().to_string()))
+                }
+            }),
+    );
+    let steps: Vec<_> = (0..N).map(|_| b.step("together")).collect();
+    for s in &steps {
+        b.publish_step(s).await?;
+    }
+    let (mut messages, mut batches) = (0, 0);
+    let mut seen: HashMap<StepId, Outcome> = HashMap::new();
+    while seen.len() < N {
+        let Some((bytes, props)) = b
+            .take(&b.names.results_queue(0), Duration::from_secs(10))
+            .await?
+        else {
+            bail!("only {} of {N} results arrived", seen.len());
+        };
+        messages += 1;
+        let (_, message) = tasker_schemas::WorkerMessage::decode(&bytes)?;
+        let tasker_schemas::WorkerMessage::Results(results) = message else {
+            bail!("not a result: {message:?}");
+        };
+        if results.len() > 1 {
+            batches += 1;
+            assert_eq!(
+                props.kind().as_ref().map(|k| k.as_str()),
+                Some(Kind::ResultBatch.as_str())
+            );
+        }
+        for r in results {
+            assert!(
+                seen.insert(r.step_id, r.outcome).is_none(),
+                "result for {} arrived twice",
+                r.step_id
+            );
+        }
+    }
+    for s in &steps {
+        assert_eq!(
+            seen[&s.step_id],
+            Outcome::Succeeded {
+                output: json!(s.step_id.to_string())
+            }
+        );
+    }
+    assert!(
+        batches >= 1 && messages < N,
+        "{N} results finishing together came in {messages} messages ({batches} batches)"
+    );
+    worker.stop(STOP).await?;
+    assert_eq!(b.step_queue_state("default").await?.0, 0);
+    b.cleanup().await
+}

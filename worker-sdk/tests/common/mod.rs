@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tasker_schemas::{
-    Envelope, Names, StepId, StepMessage, StepResult, TaskId, decode, encode_payload,
+    Envelope, Names, StepId, StepMessage, StepResult, TaskId, WorkerMessage, decode, encode_payload,
 };
 use tasker_worker::{CancellationToken, Worker, WorkerBuilder, WorkerError};
 use tokio::net::{TcpListener, TcpStream};
@@ -42,6 +42,8 @@ pub struct Broker {
     /// Publisher confirms on.
     pub channel: Channel,
     queues: Mutex<Vec<String>>,
+    /// Results that arrived in a batch and were not yet taken by `expect_result`.
+    batched: Mutex<std::collections::VecDeque<StepResult>>,
 }
 
 /// Connects to `TASKER_TEST_AMQP_URL` (or the local default) and declares a fresh topology.
@@ -73,6 +75,7 @@ pub async fn broker() -> Result<Option<Broker>> {
         connection,
         channel,
         queues: Mutex::new(Vec::new()),
+        batched: Mutex::default(),
     };
     broker.declare_topology().await?;
     Ok(Some(broker))
@@ -305,12 +308,24 @@ impl Broker {
         }
     }
 
-    /// The next result, failing the test if none arrives within 10 s.
+    /// The next result, failing the test if none arrives within 10 s. Takes results from
+    /// `result` and `result_batch` messages alike.
     pub async fn expect_result(&self) -> Result<StepResult> {
-        match self.next_result(Duration::from_secs(10)).await? {
-            Some((envelope, _)) => Ok(envelope.payload),
-            None => bail!("no result arrived within 10 s"),
+        if let Some(r) = self.batched.lock().unwrap().pop_front() {
+            return Ok(r);
         }
+        let Some((bytes, _)) = self
+            .take(&self.names.results_queue(0), Duration::from_secs(10))
+            .await?
+        else {
+            bail!("no result arrived within 10 s");
+        };
+        let WorkerMessage::Results(results) = WorkerMessage::decode(&bytes)?.1 else {
+            bail!("expected a result or result batch on the results queue");
+        };
+        let mut batched = self.batched.lock().unwrap();
+        batched.extend(results);
+        batched.pop_front().context("an empty result batch")
     }
 
     pub async fn next_dead_letter(
