@@ -26,6 +26,9 @@ use tokio_util::sync::CancellationToken;
 pub struct DispatchHandle {
     dirty: Arc<Mutex<HashSet<String>>>,
     known: Arc<Mutex<HashSet<String>>>,
+    /// Queues whose last admission on this replica stopped at the in-flight bound: released
+    /// slots there wake the dispatcher.
+    saturated: Arc<Mutex<HashSet<String>>>,
     notify: Arc<Notify>,
 }
 
@@ -34,6 +37,7 @@ impl DispatchHandle {
         Self {
             dirty: Arc::default(),
             known: Arc::default(),
+            saturated: Arc::default(),
             notify: Arc::new(Notify::new()),
         }
     }
@@ -54,6 +58,32 @@ impl DispatchHandle {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .extend(queues.into_iter().map(Into::into));
+    }
+
+    /// Records whether an admission on `queue` stopped at the in-flight bound.
+    pub fn note_room(&self, queue: &str, bounded: bool) {
+        let mut saturated = self.saturated.lock().unwrap_or_else(|p| p.into_inner());
+        if bounded {
+            saturated.insert(queue.to_owned());
+        } else {
+            saturated.remove(queue);
+        }
+    }
+
+    /// Slots were released on these queues: wake the dispatcher for those that were full.
+    pub fn released<'a, I: IntoIterator<Item = &'a String>>(&self, queues: I) {
+        let woken: Vec<String> = {
+            let mut saturated = self.saturated.lock().unwrap_or_else(|p| p.into_inner());
+            if saturated.is_empty() {
+                return;
+            }
+            queues
+                .into_iter()
+                .filter(|q| saturated.remove(*q))
+                .cloned()
+                .collect()
+        };
+        self.wake(woken);
     }
 
     fn take(&self) -> Vec<String> {
@@ -126,15 +156,16 @@ async fn dispatch_queue(shared: &Shared, queue: &str) -> Result<()> {
     let batch = shared.config.dispatch_batch_size.max(1);
     loop {
         let mut tx = shared.db.begin().await?;
-        let (admitted, messages) =
+        let d =
             steps::dispatch(&mut tx, queue, shared.config.max_in_flight_per_queue, batch).await?;
         tx.commit().await?;
-        if admitted.is_empty() {
+        shared.dispatch.note_room(queue, d.bounded);
+        if d.admitted.is_empty() {
             return Ok(());
         }
-        Metrics::add(&shared.metrics.steps_dispatched_total, admitted.len());
-        publish_admitted(shared, &admitted, messages).await;
-        if (admitted.len() as i64) < batch {
+        Metrics::add(&shared.metrics.steps_dispatched_total, d.admitted.len());
+        publish_admitted(shared, &d.admitted, d.messages).await;
+        if !d.full {
             return Ok(());
         }
     }
@@ -257,10 +288,7 @@ pub async fn run_confirmer(
         let n = tokio::select! {
             n = rx.recv_many(&mut buf, 1024) => n,
             _ = producers_done.cancelled() => {
-                match rx.recv_many(&mut buf, 1024).now_or_never() {
-                    Some(n) => n,
-                    None => 0,
-                }
+                rx.recv_many(&mut buf, 1024).now_or_never().unwrap_or_default()
             }
         };
         if n == 0 {

@@ -32,31 +32,32 @@ pub async fn apply_outcomes(shared: &Shared, batch: Vec<Finished>) -> Result<App
     };
     let limit = shared.config.dispatch_batch_size.max(1);
     let mut tries = 0;
-    let (mut report, admitted, messages) = loop {
+    let (report, admitted, messages, bounded) = loop {
         let attempt = async {
             let mut tx = shared.db.begin().await?;
             let mut report = steps::apply(&mut tx, &batch, settings).await?;
-            let (mut admitted, mut messages) = (Vec::new(), Vec::new());
-            // Sorted: two transactions take the queue locks in the same order.
+            let (mut admitted, mut messages, mut bounded) = (Vec::new(), Vec::new(), Vec::new());
             let mut queues: Vec<String> = report.queued.drain().collect();
             queues.sort_unstable();
+            let slots = if queues.is_empty() && report.released.is_empty() {
+                Default::default()
+            } else {
+                steps::lock_slots(&mut tx, &queues, &report.released).await?
+            };
             for queue in queues {
-                let (a, m) = steps::dispatch(
-                    &mut tx,
-                    &queue,
-                    shared.config.max_in_flight_per_queue,
-                    limit,
-                )
-                .await?;
-                if a.len() as i64 >= limit {
+                let in_flight = slots.get(&queue).copied().unwrap_or(0);
+                let room = shared.config.max_in_flight_per_queue - in_flight;
+                let d = steps::dispatch_locked(&mut tx, &queue, room, limit).await?;
+                if d.full {
                     // Maybe more: the dispatcher takes the rest.
-                    report.queued.insert(queue);
+                    report.queued.insert(queue.clone());
                 }
-                admitted.extend(a);
-                messages.extend(m);
+                bounded.push((queue, d.bounded));
+                admitted.extend(d.admitted);
+                messages.extend(d.messages);
             }
             tx.commit().await?;
-            Ok::<_, Error>((report, admitted, messages))
+            Ok::<_, Error>((report, admitted, messages, bounded))
         }
         .await;
         match attempt {
@@ -70,6 +71,10 @@ pub async fn apply_outcomes(shared: &Shared, batch: Vec<Finished>) -> Result<App
             Err(e) => return Err(e),
         }
     };
+    shared.dispatch.released(report.released.keys());
+    for (queue, bounded) in bounded {
+        shared.dispatch.note_room(&queue, bounded);
+    }
     if !admitted.is_empty() {
         Metrics::add(&shared.metrics.steps_dispatched_total, admitted.len());
         crate::dispatch::publish_admitted(shared, &admitted, messages).await;

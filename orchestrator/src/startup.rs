@@ -177,6 +177,12 @@ impl App {
         let router = crate::api::router(shared.clone());
         let stop = shutdown.clone();
         tracker.spawn(async move {
+            // Small requests and answers: do not let Nagle's algorithm hold them back.
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(error = %e, "could not set TCP_NODELAY");
+                }
+            });
             if let Err(e) = axum::serve(listener, router)
                 .with_graceful_shutdown(stop.cancelled_owned())
                 .await

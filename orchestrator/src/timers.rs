@@ -47,8 +47,15 @@ pub async fn reconcile(shared: &Shared) -> Result<usize> {
         shared.dispatch.wake(queues);
         crate::results::announce(shared, &finished).await;
     }
-    Metrics::add(&shared.metrics.reconciler_repairs_total, ids.len());
-    Ok(ids.len())
+    let slots = steps::recount_slots(&shared.db).await?;
+    for (queue, recorded, counted) in &slots {
+        tracing::warn!(%queue, recorded, counted, "reconciler corrected a queue's in-flight count");
+    }
+    Metrics::add(
+        &shared.metrics.reconciler_repairs_total,
+        ids.len() + slots.len(),
+    );
+    Ok(ids.len() + slots.len())
 }
 
 /// Runs the timer loop until shutdown.

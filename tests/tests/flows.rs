@@ -112,3 +112,63 @@ async fn fan_out_to_1000_and_fan_in() -> anyhow::Result<()> {
     h.finish().await;
     Ok(())
 }
+
+/// The in-flight bound per queue holds (and is reached), released slots admit the backlog at
+/// once (the backstop poll is an hour here, so the run depends on it), and the queue's slot
+/// count is back to zero afterwards, agreeing with a recount.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_bound_holds_and_released_slots_admit_the_backlog() -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let h = Harness::start_with(|c| {
+        c.max_in_flight_per_queue = 3;
+        c.poll_interval_ms = 3_600_000;
+    })
+    .await?;
+    let mut yaml = String::from(
+        "namespace: t\nname: bounded\nversion: 1\nsteps:\n  - { name: root, handler: slow, queue: narrow }\n",
+    );
+    for i in 0..20 {
+        yaml.push_str(&format!(
+            "  - {{ name: p{i}, handler: slow, queue: narrow, depends_on: [root] }}\n"
+        ));
+    }
+    h.register_yaml(&yaml).await?;
+    let (running, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (r, m) = (running.clone(), most.clone());
+    h.spawn_worker(
+        h.worker()
+            .queue("narrow")
+            .concurrency(16)
+            .handler_fn("slow", move |_| {
+                let (running, most) = (r.clone(), m.clone());
+                async move {
+                    most.fetch_max(running.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    running.fetch_sub(1, Ordering::SeqCst);
+                    Ok(json!(null))
+                }
+            }),
+    );
+    let id = h.submit("t", "bounded", json!({})).await?;
+    let task = h.wait_for(id, std::time::Duration::from_secs(60)).await?;
+    assert_eq!(task.state, "completed", "{task:#?}");
+    assert_eq!(
+        most.load(Ordering::SeqCst),
+        3,
+        "the bound is 3 and 20 steps were ready"
+    );
+    let in_flight: i64 =
+        sqlx::query_scalar("SELECT in_flight FROM queue_slots WHERE queue = 'narrow'")
+            .fetch_one(&h.db)
+            .await?;
+    assert_eq!(in_flight, 0);
+    let pool = h.db.clone();
+    assert!(
+        tasker_orchestrator::store::steps::recount_slots(&pool)
+            .await?
+            .is_empty()
+    );
+    h.finish().await;
+    Ok(())
+}

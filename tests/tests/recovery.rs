@@ -259,6 +259,34 @@ async fn reconciler_repairs_a_task_without_a_live_owner() -> anyhow::Result<()> 
     assert_eq!(task.steps[1].attempt, 2, "b ran again with a new attempt");
     // A healthy database has nothing to repair.
     assert!(steps::find_inconsistent(&h.db, 0, 10).await?.is_empty());
+    assert!(steps::recount_slots(&h.db).await?.is_empty());
+    h.finish().await;
+    Ok(())
+}
+
+/// A queue's in-flight count that disagrees with its dispatched steps (an older orchestrator
+/// beside this one, or a bug) is corrected by the reconciler, and counted as a repair.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciler_corrects_a_drifted_in_flight_count() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    h.register_yaml(
+        "namespace: t\nname: one\nversion: 1\nsteps:\n  - { name: a, handler: echo }\n",
+    )
+    .await?;
+    h.spawn_worker(h.worker().handler_fn("echo", |_| async { Ok(json!(1)) }));
+    assert_eq!(h.run("t", "one", json!({})).await?.state, "completed");
+    sqlx::query("UPDATE queue_slots SET in_flight = 7 WHERE queue = 'default'")
+        .execute(&h.db)
+        .await?;
+    let repaired = tasker_orchestrator::timers::reconcile(&h.shared(0)).await?;
+    assert_eq!(repaired, 1);
+    let in_flight: i64 =
+        sqlx::query_scalar("SELECT in_flight FROM queue_slots WHERE queue = 'default'")
+            .fetch_one(&h.db)
+            .await?;
+    assert_eq!(in_flight, 0);
+    // With the count right again, tasks still run.
+    assert_eq!(h.run("t", "one", json!({})).await?.state, "completed");
     h.finish().await;
     Ok(())
 }

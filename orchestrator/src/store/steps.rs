@@ -32,30 +32,153 @@ impl Admitted {
     }
 }
 
+/// Locks the admission slots of `queues` (taken in name order, so two transactions never wait
+/// on each other's slots), first releasing `released` dispatched steps per queue. Creates
+/// missing slot rows from a count. Returns the dispatched steps per queue afterwards.
+pub async fn lock_slots(
+    tx: &mut PgConnection,
+    queues: &[String],
+    released: &HashMap<String, i64>,
+) -> Result<HashMap<String, i64>> {
+    let mut queues: Vec<&str> = queues
+        .iter()
+        .chain(released.keys())
+        .map(String::as_str)
+        .collect();
+    queues.sort_unstable();
+    queues.dedup();
+    if queues.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let minus: Vec<i64> = queues
+        .iter()
+        .map(|q| released.get(*q).copied().unwrap_or(0))
+        .collect();
+    let releasing = minus.iter().any(|n| *n != 0);
+    let mut slots: HashMap<String, i64> = HashMap::new();
+    if queues.len() > 1 || !releasing {
+        // An UPDATE locks its rows in no particular order: lock them in order first.
+        let rows = sqlx::query(
+            "SELECT queue, in_flight FROM queue_slots WHERE queue = ANY($1)
+             ORDER BY queue FOR UPDATE",
+        )
+        .bind(&queues)
+        .fetch_all(&mut *tx)
+        .await?;
+        slots.extend(rows.iter().map(|r| (r.get("queue"), r.get("in_flight"))));
+    }
+    if releasing {
+        let rows = sqlx::query(
+            "UPDATE queue_slots q SET in_flight = q.in_flight - d.n
+             FROM unnest($1::text[], $2::bigint[]) AS d(queue, n)
+             WHERE q.queue = d.queue AND d.n <> 0
+             RETURNING q.queue, q.in_flight",
+        )
+        .bind(&queues)
+        .bind(&minus)
+        .fetch_all(&mut *tx)
+        .await?;
+        slots.extend(rows.iter().map(|r| (r.get("queue"), r.get("in_flight"))));
+    }
+    if slots.len() == queues.len() {
+        return Ok(slots);
+    }
+    // Queues without a slot row yet (first admission, or steps written before slots existed):
+    // create them from a count, which sees this transaction's own releases. A concurrent
+    // creator of the same row wins the conflict (this one waits for it); its count did not see
+    // this transaction's releases, so they are applied to its row.
+    let (missing, missing_minus): (Vec<&str>, Vec<i64>) = queues
+        .iter()
+        .zip(&minus)
+        .filter(|(q, _)| !slots.contains_key(**q))
+        .map(|(q, n)| (*q, *n))
+        .unzip();
+    let created = sqlx::query(
+        "INSERT INTO queue_slots (queue, in_flight)
+         SELECT q.queue, (SELECT count(*) FROM steps s WHERE s.queue = q.queue AND s.state = 'dispatched')
+         FROM unnest($1::text[]) AS q(queue)
+         ON CONFLICT (queue) DO NOTHING
+         RETURNING queue, in_flight",
+    )
+    .bind(&missing)
+    .fetch_all(&mut *tx)
+    .await?;
+    slots.extend(created.iter().map(|r| (r.get("queue"), r.get("in_flight"))));
+    let (others, others_minus): (Vec<&str>, Vec<i64>) = missing
+        .iter()
+        .zip(&missing_minus)
+        .filter(|(q, _)| !slots.contains_key(**q))
+        .map(|(q, n)| (*q, *n))
+        .unzip();
+    if !others.is_empty() {
+        let rows = sqlx::query(
+            "UPDATE queue_slots q SET in_flight = q.in_flight - d.n
+             FROM unnest($1::text[], $2::bigint[]) AS d(queue, n)
+             WHERE q.queue = d.queue
+             RETURNING q.queue, q.in_flight",
+        )
+        .bind(&others)
+        .bind(&others_minus)
+        .fetch_all(&mut *tx)
+        .await?;
+        slots.extend(rows.iter().map(|r| (r.get("queue"), r.get("in_flight"))));
+    }
+    if slots.len() != queues.len() {
+        return Err(crate::error::Error::InvalidRequest(format!(
+            "could not create the admission slots of queues {queues:?}"
+        )));
+    }
+    Ok(slots)
+}
+
 /// Admits up to `limit` queued steps of `queue`, highest priority first, without exceeding
 /// `max_in_flight` dispatched steps on that queue. In the caller's transaction: state
 /// `dispatched`, a new attempt number, the lease, and an outbox entry per step. Returns the
-/// admitted attempts with everything their step messages need (one statement).
+/// admitted attempts with everything their step messages need.
 pub async fn dispatch(
     tx: &mut PgConnection,
     queue: &str,
     max_in_flight: i64,
     limit: i64,
-) -> Result<(Vec<Admitted>, Vec<MessageData>)> {
-    // Serialises admission per queue across replicas so the in-flight bound is exact.
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('tasker.dispatch.' || $1, 0))")
-        .bind(queue)
-        .execute(&mut *tx)
-        .await?;
+) -> Result<Dispatched> {
+    let slots = lock_slots(tx, &[queue.to_owned()], &HashMap::new()).await?;
+    let in_flight = slots.get(queue).copied().unwrap_or(0);
+    dispatch_locked(tx, queue, max_in_flight - in_flight, limit).await
+}
+
+/// What one admission did.
+#[derive(Debug, Default)]
+pub struct Dispatched {
+    pub admitted: Vec<Admitted>,
+    pub messages: Vec<MessageData>,
+    /// The in-flight bound, not `limit`, stopped the admission (more may be queued).
+    pub bounded: bool,
+    /// `limit` stopped the admission (more may be queued).
+    pub full: bool,
+}
+
+/// [`dispatch`] with the queue's slot already locked (by [`lock_slots`]); `room` is what the
+/// in-flight bound still allows.
+pub async fn dispatch_locked(
+    tx: &mut PgConnection,
+    queue: &str,
+    room: i64,
+    limit: i64,
+) -> Result<Dispatched> {
+    let n = room.min(limit);
+    if n <= 0 {
+        return Ok(Dispatched {
+            bounded: room <= 0,
+            ..Dispatched::default()
+        });
+    }
     // Parents are read by the final SELECT: they are never rows this statement changes.
     let rows = sqlx::query(
-        "WITH room AS (
-             SELECT greatest($2 - count(*), 0) AS n FROM steps WHERE queue = $1 AND state = 'dispatched'
-         ), picked AS (
+        "WITH picked AS (
              SELECT id FROM steps
              WHERE queue = $1 AND state = 'queued'
              ORDER BY priority DESC, queued_at, id
-             LIMIT least($3, (SELECT n FROM room))
+             LIMIT $2
              FOR UPDATE SKIP LOCKED
          ), admitted AS (
              UPDATE steps s
@@ -74,6 +197,9 @@ pub async fn dispatch(
              INSERT INTO outbox (step_id, attempt, namespace)
              SELECT id, attempt, namespace FROM admitted
              RETURNING id AS outbox_id, step_id
+         ), taken AS (
+             UPDATE queue_slots SET in_flight = in_flight + (SELECT count(*) FROM admitted)
+             WHERE queue = $1 AND EXISTS (SELECT 1 FROM admitted)
          )
          SELECT e.outbox_id, a.id, a.task_id, a.namespace, t.template_name, a.name, a.handler,
                 a.queue, a.attempt, a.state, a.execution_timeout_ms, t.context,
@@ -84,11 +210,10 @@ pub async fn dispatch(
          JOIN tasks t ON t.id = a.task_id",
     )
     .bind(queue)
-    .bind(max_in_flight)
-    .bind(limit)
+    .bind(n)
     .fetch_all(&mut *tx)
     .await?;
-    let admitted = rows
+    let admitted: Vec<Admitted> = rows
         .iter()
         .map(|r| Admitted {
             outbox_id: r.get("outbox_id"),
@@ -96,7 +221,49 @@ pub async fn dispatch(
             attempt: r.get("attempt"),
         })
         .collect();
-    Ok((admitted, rows.iter().map(MessageData::from_row).collect()))
+    let stopped = admitted.len() as i64 >= n;
+    Ok(Dispatched {
+        bounded: stopped && room <= limit,
+        full: stopped && limit < room,
+        admitted,
+        messages: rows.iter().map(MessageData::from_row).collect(),
+    })
+}
+
+/// Recounts the dispatched steps of every queue under its slot lock and corrects slots that
+/// disagree (which only an orchestrator older than the slots, or a bug, can cause). Returns the
+/// queues corrected, with (recorded, counted).
+pub async fn recount_slots(db: &sqlx::PgPool) -> Result<Vec<(String, i64, i64)>> {
+    let queues: Vec<String> = sqlx::query_scalar("SELECT queue FROM queue_slots ORDER BY queue")
+        .fetch_all(db)
+        .await?;
+    let mut fixed = Vec::new();
+    for queue in queues {
+        let mut tx = db.begin().await?;
+        let recorded: Option<i64> =
+            sqlx::query_scalar("SELECT in_flight FROM queue_slots WHERE queue = $1 FOR UPDATE")
+                .bind(&queue)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let counted: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM steps WHERE queue = $1 AND state = 'dispatched'",
+        )
+        .bind(&queue)
+        .fetch_one(&mut *tx)
+        .await?;
+        if let Some(recorded) = recorded
+            && recorded != counted
+        {
+            sqlx::query("UPDATE queue_slots SET in_flight = $2 WHERE queue = $1")
+                .bind(&queue)
+                .bind(counted)
+                .execute(&mut *tx)
+                .await?;
+            fixed.push((queue, recorded, counted));
+        }
+        tx.commit().await?;
+    }
+    Ok(fixed)
 }
 
 /// Everything needed to build a step message.
@@ -251,6 +418,9 @@ pub struct ApplyReport {
     pub applied_twice: usize,
     /// Queues that got newly admissible steps.
     pub queued: HashSet<String>,
+    /// Dispatched steps that left `dispatched`, per queue: their admission slots to release
+    /// (with [`lock_slots`]) in the same transaction.
+    pub released: HashMap<String, i64>,
     /// Attempts that failed and were scheduled again (wakes the timer).
     pub retries: usize,
     pub finished: Vec<FinishedTask>,
@@ -451,7 +621,7 @@ pub async fn apply(
         return Ok(report);
     }
 
-    upd.write(tx).await?;
+    report.released = upd.write(tx).await?;
     report.applied_twice = att.write(tx).await?;
 
     if !children.is_empty() {
@@ -610,8 +780,9 @@ impl StepUpdates {
         self.delay_ms.push(delay_ms);
     }
 
-    async fn write(&self, tx: &mut PgConnection) -> Result<()> {
-        sqlx::query(
+    /// Writes the transitions; returns how many steps left `dispatched`, per queue.
+    async fn write(&self, tx: &mut PgConnection) -> Result<HashMap<String, i64>> {
+        let queues: Vec<String> = sqlx::query_scalar(
             "UPDATE steps s
              SET state = u.state, failures = u.failures, output = u.output, error = u.error,
                  next_attempt_at = CASE WHEN u.delay_ms IS NULL THEN NULL
@@ -620,7 +791,8 @@ impl StepUpdates {
                  updated_at = now()
              FROM unnest($1::uuid[], $2::int[], $3::text[], $4::int[], $5::jsonb[], $6::text[], $7::bigint[])
                   AS u(id, attempt, state, failures, output, error, delay_ms)
-             WHERE s.id = u.id AND s.attempt = u.attempt AND s.state = 'dispatched'",
+             WHERE s.id = u.id AND s.attempt = u.attempt AND s.state = 'dispatched'
+             RETURNING s.queue",
         )
         .bind(&self.id)
         .bind(&self.attempt)
@@ -629,9 +801,13 @@ impl StepUpdates {
         .bind(&self.output)
         .bind(&self.error)
         .bind(&self.delay_ms)
-        .execute(&mut *tx)
+        .fetch_all(&mut *tx)
         .await?;
-        Ok(())
+        let mut released: HashMap<String, i64> = HashMap::new();
+        for q in queues {
+            *released.entry(q).or_default() += 1;
+        }
+        Ok(released)
     }
 }
 
