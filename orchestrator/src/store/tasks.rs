@@ -570,6 +570,8 @@ pub async fn prune(db: impl PgExecutor<'_>, retention_hours: i64, limit: i64) ->
              DELETE FROM tasks t USING old WHERE t.id = old.id RETURNING t.id
          ), history AS (
              DELETE FROM attempts a USING gone WHERE a.task_id = gone.id
+         ), task_steps AS (
+             DELETE FROM steps s USING gone WHERE s.task_id = gone.id
          )
          SELECT count(*) FROM gone",
     )
