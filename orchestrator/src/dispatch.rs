@@ -284,9 +284,19 @@ pub async fn run_confirmer(
     producers_done: CancellationToken,
 ) {
     let mut buf = Vec::with_capacity(1024);
+    // Confirmed entries are deleted together, at most `CLEAR_EVERY` after the first of them:
+    // one small transaction per interval instead of one per confirm batch. Far below
+    // `relay_after_ms`, so the relay never sees a confirmed entry.
+    let mut done: Vec<i64> = Vec::new();
+    let mut clear_at: Option<tokio::time::Instant> = None;
     loop {
         let n = tokio::select! {
             n = rx.recv_many(&mut buf, 1024) => n,
+            _ = tokio::time::sleep_until(clear_at.unwrap_or_else(tokio::time::Instant::now)), if clear_at.is_some() => {
+                clear(&shared, &mut done).await;
+                clear_at = None;
+                continue;
+            }
             _ = producers_done.cancelled() => {
                 rx.recv_many(&mut buf, 1024).now_or_never().unwrap_or_default()
             }
@@ -294,7 +304,6 @@ pub async fn run_confirmer(
         if n == 0 {
             break;
         }
-        let mut done = Vec::with_capacity(buf.len());
         let mut unroutable = Vec::new();
         for p in buf.drain(..) {
             match Publisher::settle(p.confirm).await {
@@ -320,11 +329,11 @@ pub async fn run_confirmer(
                 }
             }
         }
-        if !done.is_empty()
-            && let Err(e) = steps::clear_outbox(&shared.db, &done).await
-        {
-            // Harmless: the relay republishes, and the result guard drops duplicates.
-            tracing::warn!(error = %e, "could not clear outbox entries");
+        if done.len() >= CLEAR_BATCH {
+            clear(&shared, &mut done).await;
+            clear_at = None;
+        } else if clear_at.is_none() && !done.is_empty() {
+            clear_at = Some(tokio::time::Instant::now() + CLEAR_EVERY);
         }
         if !unroutable.is_empty() {
             // Not inline: applying may publish, and this loop must never wait on its own channel.
@@ -336,4 +345,21 @@ pub async fn run_confirmer(
             });
         }
     }
+    clear(&shared, &mut done).await;
+}
+
+/// Longest wait before confirmed outbox entries are deleted.
+const CLEAR_EVERY: Duration = Duration::from_millis(50);
+/// Most confirmed entries waiting to be deleted.
+const CLEAR_BATCH: usize = 4096;
+
+async fn clear(shared: &Shared, done: &mut Vec<i64>) {
+    if done.is_empty() {
+        return;
+    }
+    if let Err(e) = steps::clear_outbox(&shared.db, done).await {
+        // Harmless: the relay republishes, and the result guard drops duplicates.
+        tracing::warn!(error = %e, "could not clear outbox entries");
+    }
+    done.clear();
 }
