@@ -621,32 +621,19 @@ pub async fn apply(
         return Ok(report);
     }
 
-    report.released = upd.write(tx).await?;
-    report.applied_twice = att.write(tx).await?;
-
-    if !children.is_empty() {
-        let (ids, counts): (Vec<Uuid>, Vec<i32>) = children.into_iter().unzip();
-        let rows = sqlx::query(
-            "UPDATE steps s
-             SET pending_parents = s.pending_parents - k.n,
-                 state = CASE WHEN s.pending_parents - k.n = 0 THEN 'queued' ELSE s.state END,
-                 queued_at = CASE WHEN s.pending_parents - k.n = 0 THEN now() ELSE s.queued_at END,
-                 updated_at = now()
-             FROM unnest($1::uuid[], $2::int[]) AS k(id, n)
-             WHERE s.id = k.id AND s.state = 'waiting'
-             RETURNING s.queue, s.state",
-        )
-        .bind(&ids)
-        .bind(&counts)
-        .fetch_all(&mut *tx)
-        .await?;
-        for r in rows {
-            if r.get::<String, _>("state") == "queued" {
-                report.queued.insert(r.get("queue"));
-            }
-        }
-    }
-
+    let children: (Vec<Uuid>, Vec<i32>) = children.into_iter().unzip();
+    // Fail-fast: what can no longer run is skipped after the outcomes are written, and the
+    // tasks' counters are written after that, with the skipped steps counted.
+    let tasks = if failing.is_empty() {
+        TaskCounts::new(std::mem::take(&mut terminal), &failing)
+    } else {
+        TaskCounts::default()
+    };
+    let w = write_batch(tx, &upd, &att, &children, &tasks).await?;
+    report.released = w.released;
+    report.queued = w.queued;
+    report.applied_twice = att.len() - w.attempts_inserted;
+    let mut done = w.finished;
     if !failing.is_empty() {
         let ids: Vec<Uuid> = failing.keys().copied().collect();
         let skipped = sqlx::query(
@@ -660,30 +647,18 @@ pub async fn apply(
         for r in skipped {
             *terminal.entry(r.get("task_id")).or_default() += 1;
         }
+        let tasks = TaskCounts::new(terminal, &failing);
+        let none = (Vec::new(), Vec::new());
+        let w = write_batch(
+            tx,
+            &StepUpdates::default(),
+            &AttemptRows::default(),
+            &none,
+            &tasks,
+        )
+        .await?;
+        done.extend(w.finished);
     }
-
-    let (ids, done): (Vec<Uuid>, Vec<i32>) = terminal.into_iter().unzip();
-    let errors: Vec<Option<String>> = ids.iter().map(|id| failing.get(id).cloned()).collect();
-    let counted = sqlx::query(
-        "UPDATE tasks t
-         SET unfinished_steps = t.unfinished_steps - d.n,
-             failing = t.failing OR d.error IS NOT NULL,
-             error = coalesce(t.error, d.error),
-             updated_at = now()
-         FROM unnest($1::uuid[], $2::int[], $3::text[]) AS d(id, n, error)
-         WHERE t.id = d.id
-         RETURNING t.id, t.unfinished_steps",
-    )
-    .bind(&ids)
-    .bind(&done)
-    .bind(&errors)
-    .fetch_all(&mut *tx)
-    .await?;
-    let done: Vec<Uuid> = counted
-        .iter()
-        .filter(|r| r.get::<i32, _>("unfinished_steps") == 0)
-        .map(|r| r.get("id"))
-        .collect();
     report.finished = finalize(tx, &done).await?;
     Ok(report)
 }
@@ -695,18 +670,26 @@ pub async fn finalize(tx: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Finishe
     if ids.is_empty() {
         return Ok(Vec::new());
     }
+    // One statement: the task's final state, its event, and the notification (sent on commit).
     let rows = sqlx::query(
-        "UPDATE tasks t
-         SET state = CASE WHEN t.cancel_requested THEN 'cancelled'
-                          WHEN t.failing THEN 'failed' ELSE 'completed' END,
-             finished_at = now(),
-             event_seq = t.event_seq + 1,
-             output = CASE WHEN t.failing OR t.cancel_requested THEN NULL ELSE
-                 (SELECT coalesce(jsonb_object_agg(s.name, s.output), '{}'::jsonb)
-                  FROM steps s WHERE s.task_id = t.id AND cardinality(s.child_ids) = 0) END,
-             updated_at = now()
-         WHERE t.id = ANY($1) AND t.unfinished_steps = 0 AND t.state IN ('pending', 'running')
-         RETURNING t.id, t.namespace, t.template_name, t.state, t.event_seq, t.finished_at, t.output, t.error",
+        "WITH fin AS (
+             UPDATE tasks t
+             SET state = CASE WHEN t.cancel_requested THEN 'cancelled'
+                              WHEN t.failing THEN 'failed' ELSE 'completed' END,
+                 finished_at = now(),
+                 event_seq = t.event_seq + 1,
+                 output = CASE WHEN t.failing OR t.cancel_requested THEN NULL ELSE
+                     (SELECT coalesce(jsonb_object_agg(s.name, s.output), '{}'::jsonb)
+                      FROM steps s WHERE s.task_id = t.id AND cardinality(s.child_ids) = 0) END,
+                 updated_at = now()
+             WHERE t.id = ANY($1) AND t.unfinished_steps = 0 AND t.state IN ('pending', 'running')
+             RETURNING t.id, t.namespace, t.template_name, t.state, t.event_seq, t.finished_at,
+                       t.output, t.error
+         ), events AS (
+             INSERT INTO task_events (task_id, seq, namespace, kind, detail)
+             SELECT id, event_seq, namespace, state, jsonb_build_object('error', error) FROM fin
+         )
+         SELECT fin.*, pg_notify('tasker_task_finished', fin.id::text) FROM fin",
     )
     .bind(ids)
     .fetch_all(&mut *tx)
@@ -724,26 +707,6 @@ pub async fn finalize(tx: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Finishe
             error: r.get("error"),
         })
         .collect();
-    if !finished.is_empty() {
-        let ids: Vec<Uuid> = finished.iter().map(|f| f.task_id.0).collect();
-        let seqs: Vec<i64> = finished.iter().map(|f| f.seq).collect();
-        let kinds: Vec<&str> = finished.iter().map(|f| f.state.as_str()).collect();
-        sqlx::query(
-            "WITH e AS (
-                 INSERT INTO task_events (task_id, seq, namespace, kind, detail)
-                 SELECT e.id, e.seq, t.namespace, e.kind, jsonb_build_object('error', t.error)
-                 FROM unnest($1::uuid[], $2::bigint[], $3::text[]) AS e(id, seq, kind)
-                 JOIN tasks t ON t.id = e.id
-                 RETURNING task_id
-             )
-             SELECT pg_notify('tasker_task_finished', task_id::text) FROM e",
-        )
-        .bind(&ids)
-        .bind(&seqs)
-        .bind(&kinds)
-        .execute(&mut *tx)
-        .await?;
-    }
     Ok(finished)
 }
 
@@ -778,36 +741,6 @@ impl StepUpdates {
         self.output.push(output);
         self.error.push(error);
         self.delay_ms.push(delay_ms);
-    }
-
-    /// Writes the transitions; returns how many steps left `dispatched`, per queue.
-    async fn write(&self, tx: &mut PgConnection) -> Result<HashMap<String, i64>> {
-        let queues: Vec<String> = sqlx::query_scalar(
-            "UPDATE steps s
-             SET state = u.state, failures = u.failures, output = u.output, error = u.error,
-                 next_attempt_at = CASE WHEN u.delay_ms IS NULL THEN NULL
-                                        ELSE now() + u.delay_ms * interval '1 millisecond' END,
-                 lease_expires_at = NULL,
-                 updated_at = now()
-             FROM unnest($1::uuid[], $2::int[], $3::text[], $4::int[], $5::jsonb[], $6::text[], $7::bigint[])
-                  AS u(id, attempt, state, failures, output, error, delay_ms)
-             WHERE s.id = u.id AND s.attempt = u.attempt AND s.state = 'dispatched'
-             RETURNING s.queue",
-        )
-        .bind(&self.id)
-        .bind(&self.attempt)
-        .bind(&self.state)
-        .bind(&self.failures)
-        .bind(&self.output)
-        .bind(&self.error)
-        .bind(&self.delay_ms)
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut released: HashMap<String, i64> = HashMap::new();
-        for q in queues {
-            *released.entry(q).or_default() += 1;
-        }
-        Ok(released)
     }
 }
 
@@ -844,29 +777,145 @@ impl AttemptRows {
         self.error.push(error.map(str::to_owned));
     }
 
-    /// Inserts the rows; returns how many the primary key refused (an outcome applied twice).
-    async fn write(&self, tx: &mut PgConnection) -> Result<usize> {
-        let inserted = sqlx::query(
-            "INSERT INTO attempts (step_id, attempt, task_id, namespace, outcome, dispatched_at,
-                                   started_at, worker, error)
-             SELECT * FROM unnest($1::uuid[], $2::int[], $3::uuid[], $4::text[], $5::text[],
-                                  $6::timestamptz[], $7::timestamptz[], $8::text[], $9::text[])
-             ON CONFLICT (step_id, attempt) DO NOTHING",
-        )
-        .bind(&self.step_id)
-        .bind(&self.attempt)
-        .bind(&self.task_id)
-        .bind(&self.namespace)
-        .bind(&self.outcome)
-        .bind(&self.dispatched_at)
-        .bind(&self.started_at)
-        .bind(&self.worker)
-        .bind(&self.error)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        Ok(self.step_id.len() - inserted as usize)
+    fn len(&self) -> usize {
+        self.step_id.len()
     }
+}
+
+/// Per task: steps that reached a terminal state, and the error that makes it fail.
+#[derive(Default)]
+struct TaskCounts {
+    id: Vec<Uuid>,
+    done: Vec<i32>,
+    error: Vec<Option<String>>,
+}
+
+impl TaskCounts {
+    fn new(terminal: HashMap<Uuid, i32>, failing: &BTreeMap<Uuid, String>) -> Self {
+        let (id, done): (Vec<Uuid>, Vec<i32>) = terminal.into_iter().unzip();
+        let error = id.iter().map(|id| failing.get(id).cloned()).collect();
+        Self { id, done, error }
+    }
+}
+
+/// What [`write_batch`] did.
+struct Written {
+    /// Steps that left `dispatched`, per queue.
+    released: HashMap<String, i64>,
+    /// Queues with children that became admissible.
+    queued: HashSet<String>,
+    attempts_inserted: usize,
+    /// Tasks with no unfinished step left.
+    finished: Vec<Uuid>,
+}
+
+/// Writes a batch's decisions in one statement (one round trip): step transitions (guarded by
+/// attempt and state `dispatched`), attempt history (the primary key refuses an outcome applied
+/// twice), children's parent counters (children reaching zero become `queued`), and the tasks'
+/// unfinished-step counters. The transitions touch only `dispatched` steps and the counters only
+/// `waiting` ones, so no row is changed twice.
+async fn write_batch(
+    tx: &mut PgConnection,
+    upd: &StepUpdates,
+    att: &AttemptRows,
+    children: &(Vec<Uuid>, Vec<i32>),
+    tasks: &TaskCounts,
+) -> Result<Written> {
+    let rows = sqlx::query(
+        "WITH outcome AS (
+             UPDATE steps s
+             SET state = u.state, failures = u.failures, output = u.output, error = u.error,
+                 next_attempt_at = CASE WHEN u.delay_ms IS NULL THEN NULL
+                                        ELSE now() + u.delay_ms * interval '1 millisecond' END,
+                 lease_expires_at = NULL,
+                 updated_at = now()
+             FROM unnest($1::uuid[], $2::int[], $3::text[], $4::int[], $5::jsonb[], $6::text[], $7::bigint[])
+                  AS u(id, attempt, state, failures, output, error, delay_ms)
+             WHERE s.id = u.id AND s.attempt = u.attempt AND s.state = 'dispatched'
+             RETURNING s.queue
+         ), history AS (
+             INSERT INTO attempts (step_id, attempt, task_id, namespace, outcome, dispatched_at,
+                                   started_at, worker, error)
+             SELECT * FROM unnest($8::uuid[], $9::int[], $10::uuid[], $11::text[], $12::text[],
+                                  $13::timestamptz[], $14::timestamptz[], $15::text[], $16::text[])
+             ON CONFLICT (step_id, attempt) DO NOTHING
+             RETURNING 1
+         ), ready AS (
+             UPDATE steps s
+             SET pending_parents = s.pending_parents - k.n,
+                 state = CASE WHEN s.pending_parents - k.n = 0 THEN 'queued' ELSE s.state END,
+                 queued_at = CASE WHEN s.pending_parents - k.n = 0 THEN now() ELSE s.queued_at END,
+                 updated_at = now()
+             FROM unnest($17::uuid[], $18::int[]) AS k(id, n)
+             WHERE s.id = k.id AND s.state = 'waiting'
+             RETURNING s.queue, s.state
+         ), counted AS (
+             UPDATE tasks t
+             SET unfinished_steps = t.unfinished_steps - d.n,
+                 failing = t.failing OR d.error IS NOT NULL,
+                 error = coalesce(t.error, d.error),
+                 updated_at = now()
+             FROM unnest($19::uuid[], $20::int[], $21::text[]) AS d(id, n, error)
+             WHERE t.id = d.id
+             RETURNING t.id, t.unfinished_steps
+         )
+         SELECT 'released' AS kind, queue AS name, count(*) AS n FROM outcome GROUP BY queue
+         UNION ALL
+         SELECT 'queued', queue, count(*) FROM ready WHERE state = 'queued' GROUP BY queue
+         UNION ALL
+         SELECT 'inserted', NULL, count(*) FROM history
+         UNION ALL
+         SELECT 'finished', id::text, 0 FROM counted WHERE unfinished_steps = 0",
+    )
+    .bind(&upd.id)
+    .bind(&upd.attempt)
+    .bind(&upd.state)
+    .bind(&upd.failures)
+    .bind(&upd.output)
+    .bind(&upd.error)
+    .bind(&upd.delay_ms)
+    .bind(&att.step_id)
+    .bind(&att.attempt)
+    .bind(&att.task_id)
+    .bind(&att.namespace)
+    .bind(&att.outcome)
+    .bind(&att.dispatched_at)
+    .bind(&att.started_at)
+    .bind(&att.worker)
+    .bind(&att.error)
+    .bind(&children.0)
+    .bind(&children.1)
+    .bind(&tasks.id)
+    .bind(&tasks.done)
+    .bind(&tasks.error)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut w = Written {
+        released: HashMap::new(),
+        queued: HashSet::new(),
+        attempts_inserted: 0,
+        finished: Vec::new(),
+    };
+    for r in rows {
+        let name: Option<String> = r.get("name");
+        let n: i64 = r.get("n");
+        match (r.get::<&str, _>("kind"), name) {
+            ("released", Some(queue)) => {
+                w.released.insert(queue, n);
+            }
+            ("queued", Some(queue)) => {
+                w.queued.insert(queue);
+            }
+            ("inserted", _) => w.attempts_inserted = n as usize,
+            ("finished", Some(id)) => w.finished.push(id.parse().map_err(|e| {
+                crate::error::Error::InvalidRequest(format!(
+                    "bad task id {id:?} from the database: {e}"
+                ))
+            })?),
+            _ => {}
+        }
+    }
+    Ok(w)
 }
 
 /// Records that a worker took a long step: execution lease from now, by that worker.
