@@ -814,6 +814,11 @@ struct Written {
 /// twice), children's parent counters (children reaching zero become `queued`), and the tasks'
 /// unfinished-step counters. The transitions touch only `dispatched` steps and the counters only
 /// `waiting` ones, so no row is changed twice.
+///
+/// The state guards are written `IS NOT DISTINCT FROM` so that they cannot match a partial
+/// index predicate: with statistics taken while few steps were in that state (a fresh or idle
+/// database), the planner otherwise scans every dispatched step through `steps_lease` instead
+/// of looking the batch up by primary key (20 ms instead of 1 ms per batch, measured).
 async fn write_batch(
     tx: &mut PgConnection,
     upd: &StepUpdates,
@@ -831,7 +836,8 @@ async fn write_batch(
                  updated_at = now()
              FROM unnest($1::uuid[], $2::int[], $3::text[], $4::int[], $5::jsonb[], $6::text[], $7::bigint[])
                   AS u(id, attempt, state, failures, output, error, delay_ms)
-             WHERE s.id = u.id AND s.attempt = u.attempt AND s.state = 'dispatched'
+             WHERE s.id = u.id AND s.attempt = u.attempt
+               AND s.state IS NOT DISTINCT FROM 'dispatched'
              RETURNING s.queue
          ), history AS (
              INSERT INTO attempts (step_id, attempt, task_id, namespace, outcome, dispatched_at,
@@ -847,7 +853,7 @@ async fn write_batch(
                  queued_at = CASE WHEN s.pending_parents - k.n = 0 THEN now() ELSE s.queued_at END,
                  updated_at = now()
              FROM unnest($17::uuid[], $18::int[]) AS k(id, n)
-             WHERE s.id = k.id AND s.state = 'waiting'
+             WHERE s.id = k.id AND s.state IS NOT DISTINCT FROM 'waiting'
              RETURNING s.queue, s.state
          ), counted AS (
              UPDATE tasks t
