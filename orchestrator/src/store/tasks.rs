@@ -57,12 +57,59 @@ pub async fn create(tx: &mut PgConnection, new: &NewTask<'_>) -> Result<Created>
     let hash = new.request_hash();
     let task_id = new.task_id.unwrap_or_default();
     let template = new.template;
+    // Step ids first, so edges can be written as id arrays.
+    let ids: HashMap<&str, Uuid> = template
+        .steps
+        .iter()
+        .map(|s| (s.name.as_str(), Uuid::now_v7()))
+        .collect();
+    let children = template.children();
+    let mut rows = Vec::with_capacity(template.steps.len());
+    let mut queues = Vec::new();
+    for (position, step) in template.steps.iter().enumerate() {
+        let root = step.depends_on.is_empty();
+        if root && !queues.iter().any(|q| q == step.queue()) {
+            queues.push(step.queue().to_owned());
+        }
+        rows.push(json!({
+            "id": ids[step.name.as_str()],
+            "name": step.name,
+            "position": position,
+            "handler": step.handler,
+            "queue": step.queue(),
+            "state": if root { "queued" } else { "waiting" },
+            "max_attempts": step.retry.max_attempts,
+            "retry_policy": step.retry,
+            "queue_wait_timeout_ms": step.queue_wait_timeout.0,
+            "execution_timeout_ms": step.execution_timeout.0,
+            "pending_parents": step.depends_on.len(),
+            "parent_ids": step.depends_on.iter().map(|d| ids[d.as_str()]).collect::<Vec<_>>(),
+            "child_ids": children[step.name.as_str()].iter().map(|c| ids[c]).collect::<Vec<_>>(),
+        }));
+    }
+    // One statement: the task and all its steps (none if the task already exists).
     let inserted: Option<Uuid> = sqlx::query_scalar(
-        "INSERT INTO tasks (id, namespace, template_id, template_name, template_version, state,
-                            priority, context, idempotency_key, request_id, request_hash, unfinished_steps)
-         VALUES ($1, $2, $3, $4, $5, 'running', $6, $7, $8, $9, $10, $11)
-         ON CONFLICT DO NOTHING
-         RETURNING id",
+        "WITH task AS (
+             INSERT INTO tasks (id, namespace, template_id, template_name, template_version, state,
+                                priority, context, idempotency_key, request_id, request_hash,
+                                unfinished_steps)
+             VALUES ($1, $2, $3, $4, $5, 'running', $6, $7, $8, $9, $10, $11)
+             ON CONFLICT DO NOTHING
+             RETURNING id
+         ), task_steps AS (
+             INSERT INTO steps (id, task_id, namespace, name, position, handler, queue, state,
+                                priority, max_attempts, retry_policy, queue_wait_timeout_ms,
+                                execution_timeout_ms, pending_parents, parent_ids, child_ids, queued_at)
+             SELECT x.id, task.id, $2, x.name, x.position, x.handler, x.queue, x.state, $6,
+                    x.max_attempts, x.retry_policy, x.queue_wait_timeout_ms, x.execution_timeout_ms,
+                    x.pending_parents, x.parent_ids, x.child_ids,
+                    CASE WHEN x.state = 'queued' THEN now() END
+             FROM task, jsonb_to_recordset($12) AS x(id uuid, name text, position int, handler text,
+                  queue text, state text, max_attempts int, retry_policy jsonb,
+                  queue_wait_timeout_ms bigint, execution_timeout_ms bigint, pending_parents int,
+                  parent_ids uuid[], child_ids uuid[])
+         )
+         SELECT id FROM task",
     )
     .bind(task_id.0)
     .bind(new.namespace)
@@ -75,6 +122,7 @@ pub async fn create(tx: &mut PgConnection, new: &NewTask<'_>) -> Result<Created>
     .bind(new.request_id.map(|r| r.0))
     .bind(&hash)
     .bind(template.steps.len() as i32)
+    .bind(Value::Array(rows))
     .fetch_optional(&mut *tx)
     .await?;
 
@@ -111,55 +159,6 @@ pub async fn create(tx: &mut PgConnection, new: &NewTask<'_>) -> Result<Created>
         });
     }
 
-    // Step ids first, so edges can be written as id arrays.
-    let ids: HashMap<&str, Uuid> = template
-        .steps
-        .iter()
-        .map(|s| (s.name.as_str(), Uuid::now_v7()))
-        .collect();
-    let children = template.children();
-    let mut rows = Vec::with_capacity(template.steps.len());
-    let mut queues = Vec::new();
-    for (position, step) in template.steps.iter().enumerate() {
-        let root = step.depends_on.is_empty();
-        if root && !queues.iter().any(|q| q == step.queue()) {
-            queues.push(step.queue().to_owned());
-        }
-        rows.push(json!({
-            "id": ids[step.name.as_str()],
-            "name": step.name,
-            "position": position,
-            "handler": step.handler,
-            "queue": step.queue(),
-            "state": if root { "queued" } else { "waiting" },
-            "max_attempts": step.retry.max_attempts,
-            "retry_policy": step.retry,
-            "queue_wait_timeout_ms": step.queue_wait_timeout.0,
-            "execution_timeout_ms": step.execution_timeout.0,
-            "pending_parents": step.depends_on.len(),
-            "parent_ids": step.depends_on.iter().map(|d| ids[d.as_str()]).collect::<Vec<_>>(),
-            "child_ids": children[step.name.as_str()].iter().map(|c| ids[c]).collect::<Vec<_>>(),
-        }));
-    }
-    // One statement for all steps, however many.
-    sqlx::query(
-        "INSERT INTO steps (id, task_id, namespace, name, position, handler, queue, state, priority,
-                            max_attempts, retry_policy, queue_wait_timeout_ms, execution_timeout_ms,
-                            pending_parents, parent_ids, child_ids, queued_at)
-         SELECT x.id, $1, $2, x.name, x.position, x.handler, x.queue, x.state, $3,
-                x.max_attempts, x.retry_policy, x.queue_wait_timeout_ms, x.execution_timeout_ms,
-                x.pending_parents, x.parent_ids, x.child_ids,
-                CASE WHEN x.state = 'queued' THEN now() END
-         FROM jsonb_to_recordset($4) AS x(id uuid, name text, position int, handler text, queue text,
-              state text, max_attempts int, retry_policy jsonb, queue_wait_timeout_ms bigint,
-              execution_timeout_ms bigint, pending_parents int, parent_ids uuid[], child_ids uuid[])",
-    )
-    .bind(task_id.0)
-    .bind(new.namespace)
-    .bind(new.priority)
-    .bind(Value::Array(rows))
-    .execute(&mut *tx)
-    .await?;
     Ok(Created {
         task_id,
         created: true,
