@@ -1,9 +1,10 @@
 //! Steps: admission (dispatch), applying attempt outcomes, timers and the outbox.
 //!
 //! Locking rule: every transaction that changes a task's progress (results, timeouts, fail-fast,
-//! cancel) locks the task rows first, in id order. Dispatch and retry promotion only move single
-//! step rows between `queued`/`retrying`/`dispatched`, guarded by the step's state, and never wait
-//! on a task lock, so no lock cycle can form.
+//! cancel) locks the task rows first, in id order, and queue slots (`queue_slots`, the admission
+//! lock and in-flight count of a queue) last, in name order. Dispatch and retry promotion only
+//! move single step rows between `queued`/`retrying`/`dispatched`, guarded by the step's state,
+//! skip step rows locked by others, and never wait on a task lock, so no lock cycle can form.
 
 use crate::error::Result;
 use chrono::{DateTime, Utc};
