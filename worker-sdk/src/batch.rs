@@ -1,12 +1,12 @@
-//! Result publishing for a session: results that finish while others are being published go
-//! out together, as one `result_batch` message per result routing key, under one confirm.
+//! Result publishing for a session (results of short and of leased steps alike): results that
+//! finish while others are being published go out together, as one `result_batch` message per
+//! result routing key, under one confirm.
 //!
 //! Nothing waits to fill a batch: a result that finds the publisher idle goes out at once, alone
 //! (as a plain `result` message, with its trace context). Each caller still learns whether its
 //! own result was confirmed, and acknowledges its step message only then.
 
-use crate::publish::{PublishError, check_confirmation, message_properties, short};
-use lapin::options::BasicPublishOptions;
+use crate::publish::{PublishError, check_confirmation, message_properties, publish_mandatory};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
 use tasker_schemas::message::HEADER_TRACEPARENT;
@@ -172,16 +172,31 @@ async fn publish(
         headers.insert(HEADER_TRACEPARENT.into(), trace.clone());
         properties = properties.with_headers(headers);
     }
-    Ok(channel
-        .basic_publish(
-            short("exchange", exchange)?,
-            short("routing key", &m.routing_key)?,
-            BasicPublishOptions {
-                mandatory: true,
-                ..BasicPublishOptions::default()
+    publish_mandatory(channel, exchange, &m.routing_key, &bytes, properties).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use tasker_schemas::{StepId, TaskId, decode};
+
+    #[test]
+    fn results_encode() {
+        let result = StepResult {
+            task_id: TaskId::new(),
+            step_id: StepId::new(),
+            attempt: 2,
+            worker: "w".into(),
+            duration_ms: 5,
+            outcome: Outcome::Succeeded {
+                output: json!({"a": 1}),
             },
-            &bytes,
-            properties,
-        )
-        .await?)
+        };
+        let (checked, message_id, bytes) = checked(result.clone()).unwrap();
+        assert_eq!(checked, result);
+        let decoded = decode::<StepResult>(&bytes).unwrap();
+        assert_eq!(decoded.payload, result);
+        assert_eq!(decoded.message_id, message_id);
+    }
 }

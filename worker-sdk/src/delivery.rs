@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tasker_schemas::message::{HEADER_DEAD_LETTER_REASON, HEADER_TRACEPARENT};
 use tasker_schemas::{
-    Envelope, Heartbeat, Kind, MessageId, Outcome, Started, StepMessage, StepResult, decode, encode,
+    Envelope, Heartbeat, Outcome, Started, StepMessage, StepResult, decode, encode,
 };
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::task::AbortOnDropHandle;
@@ -251,7 +251,9 @@ async fn heartbeat_loop(env: SessionEnv, ids: LeaseIds, routing_key: String) {
 async fn report_leased(env: &SessionEnv, result: StepResult, routing_key: &str) {
     let mut delay = REQUEUE_DELAY;
     for _ in 0..8 {
-        let sent = publish_result(env, result.clone(), routing_key);
+        let sent = env
+            .results
+            .send(result.clone(), routing_key.to_owned(), None);
         match sent.await {
             Ok(()) => return,
             Err(e) => {
@@ -264,40 +266,6 @@ async fn report_leased(env: &SessionEnv, result: StepResult, routing_key: &str) 
     error!(
         "gave up publishing a leased step's result; its lease will expire and the step will be retried"
     );
-}
-
-/// Encodes a result; a result that cannot be encoded becomes a permanent failure saying why.
-fn encode_result(result: StepResult) -> Result<(MessageId, Vec<u8>), PublishError> {
-    let mut envelope = Envelope::new(result);
-    match encode(&envelope) {
-        Ok(bytes) => Ok((envelope.message_id, bytes)),
-        Err(e) => {
-            envelope.payload.outcome = Outcome::Failed {
-                message: format!("cannot encode the step result: {e}"),
-                retryable: false,
-                retry_after_ms: None,
-            };
-            Ok((envelope.message_id, encode(&envelope)?))
-        }
-    }
-}
-
-/// Publishes a leased step's result on its own (confirmed).
-async fn publish_result(
-    env: &SessionEnv,
-    result: StepResult,
-    routing_key: &str,
-) -> Result<(), PublishError> {
-    let (message_id, bytes) = encode_result(result)?;
-    let properties = message_properties(message_id).with_type(Kind::Result.as_str().into());
-    publish_confirmed(
-        &env.publisher,
-        &env.shared.names.results_exchange(),
-        routing_key,
-        &bytes,
-        properties,
-    )
-    .await
 }
 
 async fn report(env: &SessionEnv, delivery: Delivery, result: StepResult, routing_key: &str) {
@@ -491,23 +459,5 @@ mod tests {
         assert!(headers.contains_key("traceparent"));
         assert_eq!(props.delivery_mode(), &Some(2));
         assert_eq!(props.message_id(), &Some("m1".into()));
-    }
-
-    #[test]
-    fn results_encode() {
-        let result = StepResult {
-            task_id: TaskId::new(),
-            step_id: StepId::new(),
-            attempt: 2,
-            worker: "w".into(),
-            duration_ms: 5,
-            outcome: Outcome::Succeeded {
-                output: json!({"a": 1}),
-            },
-        };
-        let (message_id, bytes) = encode_result(result.clone()).unwrap();
-        let decoded = decode::<StepResult>(&bytes).unwrap();
-        assert_eq!(decoded.payload, result);
-        assert_eq!(decoded.message_id, message_id);
     }
 }

@@ -4,7 +4,7 @@
 
 use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
-use lapin::{BasicProperties, Channel, Confirmation};
+use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
 use tasker_schemas::message::CONTENT_TYPE;
 use tasker_schemas::{EncodeError, MessageId};
 
@@ -73,7 +73,22 @@ pub(crate) async fn publish_confirmed(
     payload: &[u8],
     properties: BasicProperties,
 ) -> Result<(), PublishError> {
-    let confirm = channel
+    let confirm = publish_mandatory(channel, exchange, routing_key, payload, properties)
+        .await?
+        .await?;
+    check_confirmation(confirm, exchange, routing_key)
+}
+
+/// Publishes with `mandatory` set; the caller awaits the confirm (and checks it with
+/// [`check_confirmation`]), so several publishes can share one confirm round trip.
+pub(crate) async fn publish_mandatory(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    payload: &[u8],
+    properties: BasicProperties,
+) -> Result<PublisherConfirm, PublishError> {
+    Ok(channel
         .basic_publish(
             short("exchange", exchange)?,
             short("routing key", routing_key)?,
@@ -84,9 +99,7 @@ pub(crate) async fn publish_confirmed(
             payload,
             properties,
         )
-        .await?
-        .await?;
-    check_confirmation(confirm, exchange, routing_key)
+        .await?)
 }
 
 pub(crate) fn check_confirmation(

@@ -55,32 +55,7 @@ pub async fn lock_slots(
         .iter()
         .map(|q| released.get(*q).copied().unwrap_or(0))
         .collect();
-    let releasing = minus.iter().any(|n| *n != 0);
-    let mut slots: HashMap<String, i64> = HashMap::new();
-    if queues.len() > 1 || !releasing {
-        // An UPDATE locks its rows in no particular order: lock them in order first.
-        let rows = sqlx::query(
-            "SELECT queue, in_flight FROM queue_slots WHERE queue = ANY($1)
-             ORDER BY queue FOR UPDATE",
-        )
-        .bind(&queues)
-        .fetch_all(&mut *tx)
-        .await?;
-        slots.extend(rows.iter().map(|r| (r.get("queue"), r.get("in_flight"))));
-    }
-    if releasing {
-        let rows = sqlx::query(
-            "UPDATE queue_slots q SET in_flight = q.in_flight - d.n
-             FROM unnest($1::text[], $2::bigint[]) AS d(queue, n)
-             WHERE q.queue = d.queue AND d.n <> 0
-             RETURNING q.queue, q.in_flight",
-        )
-        .bind(&queues)
-        .bind(&minus)
-        .fetch_all(&mut *tx)
-        .await?;
-        slots.extend(rows.iter().map(|r| (r.get("queue"), r.get("in_flight"))));
-    }
+    let mut slots = lock_and_release(tx, &queues, &minus).await?;
     if slots.len() == queues.len() {
         return Ok(slots);
     }
@@ -112,22 +87,48 @@ pub async fn lock_slots(
         .map(|(q, n)| (*q, *n))
         .unzip();
     if !others.is_empty() {
-        let rows = sqlx::query(
-            "UPDATE queue_slots q SET in_flight = q.in_flight - d.n
-             FROM unnest($1::text[], $2::bigint[]) AS d(queue, n)
-             WHERE q.queue = d.queue
-             RETURNING q.queue, q.in_flight",
-        )
-        .bind(&others)
-        .bind(&others_minus)
-        .fetch_all(&mut *tx)
-        .await?;
-        slots.extend(rows.iter().map(|r| (r.get("queue"), r.get("in_flight"))));
+        slots.extend(lock_and_release(tx, &others, &others_minus).await?);
     }
     if slots.len() != queues.len() {
         return Err(crate::error::Error::InvalidRequest(format!(
             "could not create the admission slots of queues {queues:?}"
         )));
+    }
+    Ok(slots)
+}
+
+/// Locks the existing slot rows of `queues` (sorted) and subtracts `minus` (same order) from
+/// them; returns what they hold afterwards. Queues without a row are missing from the answer.
+async fn lock_and_release(
+    tx: &mut PgConnection,
+    queues: &[&str],
+    minus: &[i64],
+) -> Result<HashMap<String, i64>> {
+    let releasing = minus.iter().any(|n| *n != 0);
+    let mut slots: HashMap<String, i64> = HashMap::new();
+    if queues.len() > 1 || !releasing {
+        // An UPDATE locks its rows in no particular order: lock them in order first.
+        let rows = sqlx::query(
+            "SELECT queue, in_flight FROM queue_slots WHERE queue = ANY($1)
+             ORDER BY queue FOR UPDATE",
+        )
+        .bind(queues)
+        .fetch_all(&mut *tx)
+        .await?;
+        slots.extend(rows.iter().map(|r| (r.get("queue"), r.get("in_flight"))));
+    }
+    if releasing {
+        let rows = sqlx::query(
+            "UPDATE queue_slots q SET in_flight = q.in_flight - d.n
+             FROM unnest($1::text[], $2::bigint[]) AS d(queue, n)
+             WHERE q.queue = d.queue AND d.n <> 0
+             RETURNING q.queue, q.in_flight",
+        )
+        .bind(queues)
+        .bind(minus)
+        .fetch_all(&mut *tx)
+        .await?;
+        slots.extend(rows.iter().map(|r| (r.get("queue"), r.get("in_flight"))));
     }
     Ok(slots)
 }
