@@ -1,6 +1,5 @@
 //! RabbitMQ: connection, the topology the orchestrator owns, and confirmed publishing.
 
-use crate::error::{Error, Result};
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
     QueueDeclareOptions,
@@ -15,6 +14,21 @@ use tasker_schemas::message::{CONTENT_TYPE, HEADER_DEAD_LETTER_REASON};
 use tasker_schemas::{MessageId, Names};
 use tokio::sync::RwLock;
 
+/// What talking to the broker can fail with. Every variant may succeed later: the broker is
+/// down, restarting or refusing for now.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("broker error: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+    /// A publish that must be confirmed was refused or returned.
+    #[error("publish not confirmed: {0}")]
+    NotConfirmed(String),
+}
+
+pub type Result<T, E = BrokerError> = std::result::Result<T, E>;
+
 /// How long connecting (TCP, TLS, AMQP handshake) and declaring the topology may take: a broker
 /// that accepts connections but does not answer must not hang the orchestrator.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -24,7 +38,7 @@ pub async fn connect(url: &str) -> Result<Connection> {
     let props = ConnectionProperties::default().with_connection_name("tasker-orchestrator".into());
     match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, props)).await {
         Ok(connection) => Ok(connection?),
-        Err(_) => Err(Error::BrokerUnavailable(format!(
+        Err(_) => Err(BrokerError::Unavailable(format!(
             "no answer within {CONNECT_TIMEOUT:?}"
         ))),
     }
@@ -229,7 +243,7 @@ impl Publisher {
         let open = Self::open(url, names, shards, delivery_limit, &none);
         let link = tokio::time::timeout(CONNECT_TIMEOUT * 2, open)
             .await
-            .map_err(|_| Error::BrokerUnavailable("declaring the topology timed out".into()))??;
+            .map_err(|_| BrokerError::Unavailable("declaring the topology timed out".into()))??;
         Ok(Self {
             inner: Arc::new(PublisherInner {
                 url: url.to_owned(),
@@ -275,7 +289,7 @@ impl Publisher {
             }
         }
         let Ok(mut link) = self.inner.link.try_write() else {
-            return Err(Error::BrokerUnavailable(
+            return Err(BrokerError::Unavailable(
                 "reconnecting to the broker".into(),
             ));
         };
@@ -291,7 +305,7 @@ impl Publisher {
             let open = Self::open(&i.url, &i.names, i.shards, i.delivery_limit, &queues);
             *link = match tokio::time::timeout(CONNECT_TIMEOUT * 2, open).await {
                 Ok(link) => link?,
-                Err(_) => return Err(Error::BrokerUnavailable("reconnecting timed out".into())),
+                Err(_) => return Err(BrokerError::Unavailable("reconnecting timed out".into())),
             };
             tracing::info!("broker link re-established");
         }
@@ -436,8 +450,7 @@ mod tests {
         let err = connect(&format!("amqp://guest:guest@{addr}/%2f"))
             .await
             .unwrap_err();
-        assert!(matches!(err, Error::BrokerUnavailable(_)), "{err}");
-        assert!(err.is_retryable());
+        assert!(matches!(err, BrokerError::Unavailable(_)), "{err}");
         assert!(started.elapsed() < CONNECT_TIMEOUT + Duration::from_secs(2));
     }
 }

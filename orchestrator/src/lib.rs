@@ -5,13 +5,14 @@
 //! back, retries with backoff, times out lost work and finalizes tasks. Any number of replicas
 //! may run against the same database and broker.
 //!
-//! Modules:
-//! - [`config`]: settings from a file and `TASKER_*` variables;
-//! - [`startup`]: [`App::build`] and [`App::run_until_stopped`];
-//! - [`api`]: the HTTP API; [`intake`]: task creation (HTTP and AMQP);
-//! - [`dispatch`]: admission and publishing; [`results`]: applying outcomes;
-//!   [`timers`]: retries, leases and the outbox relay;
-//! - [`store`]: SQL, one module per aggregate; [`broker`]: topology and confirmed publishing.
+//! Modules (`ARCHITECTURE.md` at the repository root walks through them):
+//! - [`transition`]: every rule that decides a step's or task's fate, pure and unit-tested;
+//!   [`slots`]: the in-flight counters and their lock order;
+//! - [`store`]: SQL split by concern, guards only; [`broker`]: topology and confirmed publishing;
+//! - [`service`]: apply, admission, publish, tasks, templates, timers, reconcile;
+//! - [`edge`]: the HTTP API and the AMQP consumers; [`loops`]: the long-lived loops;
+//! - [`config`]: settings from a file and `TASKER_*` variables; [`metrics`];
+//! - [`startup`]: [`App::build`] and [`App::run_until_stopped`].
 //!
 //! ```no_run
 //! use tasker_orchestrator::{App, Config};
@@ -24,20 +25,19 @@
 //! # Ok(()) }
 //! ```
 
-pub mod api;
 pub mod broker;
 pub mod config;
-pub mod dispatch;
+pub mod edge;
 pub mod error;
-pub mod intake;
+pub mod loops;
 pub mod metrics;
-pub mod results;
+pub mod service;
+pub mod slots;
 pub mod startup;
-pub mod state;
 pub mod store;
-pub mod timers;
+pub mod transition;
 
 pub use config::Config;
 pub use error::{Error, Result};
+pub use service::Shared;
 pub use startup::App;
-pub use state::Shared;

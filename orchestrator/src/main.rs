@@ -4,10 +4,10 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Duration;
+use tasker_client::{Client, ListTasks};
 use tasker_orchestrator::{App, Config, startup};
 use tasker_schemas::TaskId;
 use tasker_schemas::api::{SubmitTask, TaskView};
-use tasker_worker::client::{Client, ListTasks};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -157,7 +157,8 @@ async fn main() -> Result<()> {
             }
             let client = client();
             for path in files {
-                let template = startup::read_template_file(path).map_err(anyhow::Error::msg)?;
+                let template = tasker_orchestrator::service::templates::read_template_file(path)
+                    .map_err(anyhow::Error::msg)?;
                 template
                     .validate()
                     .with_context(|| format!("{} is not a valid template", path.display()))?;

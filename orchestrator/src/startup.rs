@@ -3,19 +3,19 @@
 
 use crate::broker::Publisher;
 use crate::config::{Config, redact_url};
-use crate::dispatch::{self, DispatchHandle};
 use crate::error::{Error, Result};
+use crate::loops::{Confirmer, Dispatcher, FinishListener, Reconciler, Timers};
 use crate::metrics::Metrics;
-use crate::state::Shared;
-use crate::store::templates::{self, Registered, TemplateCache};
-use backon::{ExponentialBuilder, Retryable};
-use sqlx::postgres::{PgListener, PgPoolOptions};
+use crate::service::admission::DispatchHandle;
+use crate::service::{Shared, templates};
+use crate::store::templates::TemplateCache;
+use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
+use sqlx::postgres::PgPoolOptions;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-use tasker_schemas::{Names, TaskId, Template};
+use tasker_schemas::Names;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, broadcast};
 use tokio_util::sync::CancellationToken;
@@ -28,7 +28,7 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 pub struct App {
     shared: Shared,
     listener: TcpListener,
-    confirm_rx: tokio::sync::mpsc::Receiver<crate::dispatch::Pending>,
+    confirm_rx: tokio::sync::mpsc::Receiver<crate::service::publish::Pending>,
 }
 
 /// Connects to Postgres, retrying for a while (the database may still be starting).
@@ -47,12 +47,16 @@ pub async fn connect_db(url: &str, pool_size: u32) -> Result<sqlx::PgPool> {
                 .with_max_times(10),
         )
         .notify(|e, d| tracing::warn!(error = %e, retry_in = ?d, "database not reachable yet"))
-        .await?)
+        .await
+        .map_err(crate::store::StoreError::from)?)
 }
 
 /// Runs the embedded migrations (safe to run from several replicas at once).
 pub async fn migrate(db: &sqlx::PgPool) -> Result<()> {
-    MIGRATOR.run(db).await?;
+    MIGRATOR
+        .run(db)
+        .await
+        .map_err(crate::store::StoreError::from)?;
     Ok(())
 }
 
@@ -82,9 +86,12 @@ impl App {
             )
             .notify(|e, d| tracing::warn!(error = %e, retry_in = ?d, "broker not reachable yet"))
             .await?;
-        let listener = TcpListener::bind(config.http_addr).await.map_err(|e| {
-            Error::InvalidRequest(format!("cannot listen on {}: {e}", config.http_addr))
-        })?;
+        let listener = TcpListener::bind(config.http_addr)
+            .await
+            .map_err(|source| Error::Listen {
+                addr: config.http_addr,
+                source,
+            })?;
         let (finished, _) = broadcast::channel(4096);
         let (confirms, confirm_rx) = tokio::sync::mpsc::channel(16 * 1024);
         let shared = Shared {
@@ -99,13 +106,13 @@ impl App {
             timers: Arc::new(Notify::new()),
             finished,
         };
-        let queues = templates::all_queues(&shared.db).await?;
+        let queues = templates::all_queues(&shared).await?;
         for q in &queues {
             shared.publisher.declare_step_queue(q).await?;
         }
         shared.dispatch.know(queues);
         if let Some(dir) = shared.config.templates_dir.clone() {
-            load_templates_dir(&shared, &dir).await?;
+            templates::load_dir(&shared, &dir).await?;
         }
         Ok(Self {
             shared,
@@ -137,44 +144,58 @@ impl App {
 
         // The confirmer outlives the producers: it drains what they published once they stopped.
         let producers_done = CancellationToken::new();
-        let confirmer = tokio::spawn(dispatch::run_confirmer(
-            shared.clone(),
-            confirm_rx,
-            producers_done.clone(),
-        ));
-        tracker.spawn(dispatch::run(shared.clone(), shutdown.clone()));
-        tracker.spawn(crate::timers::run(shared.clone(), shutdown.clone()));
-        tracker.spawn(crate::timers::run_reconciler(
-            shared.clone(),
-            shutdown.clone(),
-        ));
+        let confirmer = tokio::spawn(
+            Confirmer {
+                shared: shared.clone(),
+                rx: confirm_rx,
+            }
+            .run(producers_done.clone()),
+        );
+        tracker.spawn(
+            Dispatcher {
+                shared: shared.clone(),
+            }
+            .run(shutdown.clone()),
+        );
+        tracker.spawn(
+            Timers {
+                shared: shared.clone(),
+            }
+            .run(shutdown.clone()),
+        );
+        tracker.spawn(
+            Reconciler {
+                shared: shared.clone(),
+            }
+            .run(shutdown.clone()),
+        );
         for shard in 0..shared.config.result_shards.max(1) {
             let s = shared.clone();
             tracker.spawn(supervise(
                 "results consumer",
                 shutdown.clone(),
-                move |stop| crate::results::run_consumer(s.clone(), shard, stop),
+                move |stop| crate::edge::results::run_consumer(s.clone(), shard, stop),
             ));
         }
         let s = shared.clone();
         tracker.spawn(supervise(
             "task request consumer",
             shutdown.clone(),
-            move |stop| crate::intake::run_consumer(s.clone(), stop),
+            move |stop| crate::edge::intake::run_consumer(s.clone(), stop),
         ));
         let s = shared.clone();
         tracker.spawn(supervise(
             "dead step consumer",
             shutdown.clone(),
-            move |stop| crate::results::run_dead_step_consumer(s.clone(), stop),
+            move |stop| crate::edge::dead_steps::run_consumer(s.clone(), stop),
         ));
         let s = shared.clone();
         tracker.spawn(supervise(
             "finish listener",
             shutdown.clone(),
-            move |stop| listen_finished(s.clone(), stop),
+            move |stop| FinishListener { shared: s.clone() }.run(stop),
         ));
-        let router = crate::api::router(shared.clone());
+        let router = crate::edge::http::router(shared.clone());
         let stop = shutdown.clone();
         tracker.spawn(async move {
             // Small requests and answers: do not let Nagle's algorithm hold them back.
@@ -208,14 +229,21 @@ impl App {
     }
 }
 
-/// Restarts a loop with backoff when it fails, until shutdown.
+/// Restarts a loop with backoff (100 ms doubling to 2 s, started over after a loop that ran
+/// for 30 s) when it fails or ends, until shutdown.
 async fn supervise<F, Fut>(name: &'static str, shutdown: CancellationToken, mut run: F)
 where
     F: FnMut(CancellationToken) -> Fut,
     Fut: Future<Output = Result<()>>,
 {
-    const FIRST: Duration = Duration::from_millis(100);
-    let mut delay = FIRST;
+    let schedule = || {
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(2))
+            .without_max_times()
+            .build()
+    };
+    let mut backoff = schedule();
     while !shutdown.is_cancelled() {
         let started = std::time::Instant::now();
         match run(shutdown.clone()).await {
@@ -225,74 +253,12 @@ where
         }
         // A loop that ran for a while was healthy: start its backoff over.
         if started.elapsed() > Duration::from_secs(30) {
-            delay = FIRST;
+            backoff = schedule();
         }
+        let delay = backoff.next().unwrap_or(Duration::from_secs(2));
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(delay) => {}
         }
-        delay = (delay * 2).min(Duration::from_secs(2));
     }
-}
-
-/// Forwards `tasker_task_finished` notifications (from every replica) to local waiters.
-async fn listen_finished(shared: Shared, shutdown: CancellationToken) -> Result<()> {
-    let mut listener = PgListener::connect_with(&shared.db).await?;
-    listener.listen("tasker_task_finished").await?;
-    loop {
-        let n = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            n = listener.recv() => n?,
-        };
-        if let Ok(id) = n.payload().parse::<TaskId>() {
-            let _ = shared.finished.send(id);
-        }
-    }
-}
-
-/// Validates, stores and declares the queues of a template.
-pub async fn register_template(shared: &Shared, template: &Template) -> Result<Registered> {
-    let outcome = templates::register(&shared.db, template).await?;
-    let mut queues: Vec<&str> = template.steps.iter().map(|s| s.queue()).collect();
-    queues.sort_unstable();
-    queues.dedup();
-    for q in &queues {
-        shared.publisher.declare_step_queue(q).await?;
-    }
-    shared.dispatch.know(queues.iter().map(|q| q.to_string()));
-    Ok(outcome)
-}
-
-/// Parses a template written in YAML (or JSON, which is YAML too).
-pub fn parse_template(text: &str) -> std::result::Result<Template, String> {
-    serde_saphyr::from_str(text).map_err(|e| e.to_string())
-}
-
-/// Parses a template file (YAML or JSON).
-pub fn read_template_file(path: &Path) -> std::result::Result<Template, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    parse_template(&text).map_err(|e| format!("invalid template {}: {e}", path.display()))
-}
-
-async fn load_templates_dir(shared: &Shared, dir: &Path) -> Result<()> {
-    let entries = std::fs::read_dir(dir).map_err(|e| {
-        Error::InvalidRequest(format!("cannot read templates dir {}: {e}", dir.display()))
-    })?;
-    let mut paths: Vec<_> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            matches!(
-                p.extension().and_then(|e| e.to_str()),
-                Some("yaml" | "yml" | "json")
-            )
-        })
-        .collect();
-    paths.sort();
-    for path in paths {
-        let template = read_template_file(&path).map_err(Error::InvalidRequest)?;
-        let outcome = register_template(shared, &template).await?;
-        tracing::info!(path = %path.display(), name = %template.name, version = template.version, ?outcome, "template loaded");
-    }
-    Ok(())
 }

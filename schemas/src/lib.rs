@@ -7,6 +7,7 @@
 //! - [`message`]: the MessagePack envelope and every message kind, with [`encode`]/[`decode`];
 //! - [`template`]: the workflow template model and its validation;
 //! - [`data`]: size caps and checks for task data;
+//! - [`state`]: task and step states and attempt outcomes, one name each from SQL to the CLI;
 //! - [`topology`]: exchange and queue names.
 //!
 //! ```
@@ -22,6 +23,7 @@ pub mod api;
 pub mod data;
 pub mod ids;
 pub mod message;
+pub mod state;
 pub mod template;
 pub mod topology;
 
@@ -32,6 +34,7 @@ pub use message::{
     ResultBatch, Started, StepMessage, StepResult, TaskRequest, WorkerMessage, decode, encode,
     encode_payload,
 };
+pub use state::{AttemptOutcome, StepState, TaskState};
 pub use template::{Millis, RetryPolicy, StepTemplate, Template, TemplateError};
 pub use topology::Names;
 

@@ -440,7 +440,7 @@ impl Harness {
 }
 
 fn serde_saphyr_from_str(yaml: &str) -> Result<Template> {
-    tasker_orchestrator::startup::parse_template(yaml).map_err(anyhow::Error::msg)
+    tasker_orchestrator::service::templates::parse_template(yaml).map_err(anyhow::Error::msg)
 }
 
 /// Points a Postgres URL at another database (the query string is kept).

@@ -235,7 +235,7 @@ async fn worker_timeout_counts_as_a_retryable_failure() -> anyhow::Result<()> {
 /// reported "due now" and spun every millisecond).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn next_retry_is_none_without_retries_and_the_due_time_with_one() -> anyhow::Result<()> {
-    use tasker_orchestrator::store::steps::next_retry_in_ms;
+    use tasker_orchestrator::store::timers::next_retry_in_ms;
     let h = Harness::start().await?;
     assert_eq!(next_retry_in_ms(&h.db).await?, None);
     h.register_yaml(

@@ -159,13 +159,13 @@ async fn in_flight_bound_holds_and_released_slots_admit_the_backlog() -> anyhow:
         "the bound is 3 and 20 steps were ready"
     );
     let in_flight: i64 =
-        sqlx::query_scalar("SELECT in_flight FROM queue_slots WHERE queue = 'narrow'")
+        sqlx::query_scalar("SELECT in_flight FROM slots WHERE scope = 'queue' AND key = 'narrow'")
             .fetch_one(&h.db)
             .await?;
     assert_eq!(in_flight, 0);
     let pool = h.db.clone();
     assert!(
-        tasker_orchestrator::store::steps::recount_slots(&pool)
+        tasker_orchestrator::store::reconcile::recount_slots(&pool)
             .await?
             .is_empty()
     );

@@ -165,7 +165,7 @@ async fn templates_are_immutable_and_validated() -> anyhow::Result<()> {
     let id = h.submit("t", "one", json!({})).await?;
     assert_eq!(c.task(id).await?.template_version, 2);
 
-    let cycle = tasker_orchestrator::startup::parse_template(
+    let cycle = tasker_orchestrator::service::templates::parse_template(
         "namespace: t\nname: cyc\nversion: 1\nsteps:\n  - { name: root, handler: h }\n  - { name: x, handler: h, depends_on: [root, z] }\n  - { name: y, handler: h, depends_on: [x] }\n  - { name: z, handler: h, depends_on: [y] }\n",
     )
     .unwrap();
@@ -176,7 +176,7 @@ async fn templates_are_immutable_and_validated() -> anyhow::Result<()> {
         "{message}"
     );
 
-    let unknown = tasker_orchestrator::startup::parse_template(
+    let unknown = tasker_orchestrator::service::templates::parse_template(
         "namespace: t\nname: unk\nversion: 1\nsteps:\n  - { name: a, handler: h, depends_on: [ghost] }\n  - { name: b, handler: h }\n",
     )
     .unwrap();

@@ -6,7 +6,7 @@ use serde_json::json;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use tasker_orchestrator::store::steps;
+use tasker_orchestrator::store::reconcile;
 use tasker_tests::Harness;
 use tasker_tests::tasker_worker::StepError;
 
@@ -253,7 +253,7 @@ async fn reconciler_repairs_a_task_without_a_live_owner() -> anyhow::Result<()> 
         .bind(id.0)
         .execute(&h.db)
         .await?;
-    let repaired = tasker_orchestrator::timers::reconcile(&h.shared(0)).await?;
+    let repaired = tasker_orchestrator::service::reconcile::reconcile(&h.shared(0)).await?;
     assert_eq!(repaired, 1);
     assert_eq!(
         h.shared(0)
@@ -266,8 +266,8 @@ async fn reconciler_repairs_a_task_without_a_live_owner() -> anyhow::Result<()> 
     assert_eq!(task.state, "completed");
     assert_eq!(task.steps[1].attempt, 2, "b ran again with a new attempt");
     // A healthy database has nothing to repair.
-    assert!(steps::find_inconsistent(&h.db, 0, 10).await?.is_empty());
-    assert!(steps::recount_slots(&h.db).await?.is_empty());
+    assert!(reconcile::find_inconsistent(&h.db, 0, 10).await?.is_empty());
+    assert!(reconcile::recount_slots(&h.db).await?.is_empty());
     h.finish().await;
     Ok(())
 }
@@ -283,13 +283,13 @@ async fn reconciler_corrects_a_drifted_in_flight_count() -> anyhow::Result<()> {
     .await?;
     h.spawn_worker(h.worker().handler_fn("echo", |_| async { Ok(json!(1)) }));
     assert_eq!(h.run("t", "one", json!({})).await?.state, "completed");
-    sqlx::query("UPDATE queue_slots SET in_flight = 7 WHERE queue = 'default'")
+    sqlx::query("UPDATE slots SET in_flight = 7 WHERE scope = 'queue' AND key = 'default'")
         .execute(&h.db)
         .await?;
-    let repaired = tasker_orchestrator::timers::reconcile(&h.shared(0)).await?;
+    let repaired = tasker_orchestrator::service::reconcile::reconcile(&h.shared(0)).await?;
     assert_eq!(repaired, 1);
     let in_flight: i64 =
-        sqlx::query_scalar("SELECT in_flight FROM queue_slots WHERE queue = 'default'")
+        sqlx::query_scalar("SELECT in_flight FROM slots WHERE scope = 'queue' AND key = 'default'")
             .fetch_one(&h.db)
             .await?;
     assert_eq!(in_flight, 0);
@@ -429,7 +429,7 @@ async fn finished_tasks_are_pruned_after_retention() -> anyhow::Result<()> {
         .bind(old.id.0)
         .execute(&h.db)
         .await?;
-    let pruned = tasker_orchestrator::store::tasks::prune(&h.db, 7 * 24, 100).await?;
+    let pruned = tasker_orchestrator::store::reconcile::prune(&h.db, 7 * 24, 100).await?;
     assert_eq!(pruned, 1);
     let count = |sql: &'static str| {
         let db = h.db.clone();

@@ -9,16 +9,17 @@
 //! orchestrator owns the broker topology: a worker only checks that its queues exist.
 //!
 //! A **service** submits tasks with the HTTP [`Client`] (or over AMQP with [`amqp_submit`]) and
-//! waits for them.
+//! waits for them. Those live in the `tasker-client` crate, re-exported here; a service that runs
+//! no worker can depend on `tasker-client` alone.
 //!
 //! | module | what it holds |
 //! |---|---|
 //! | [`handler`] | [`StepHandler`] (your code), [`StepError`] (retry or not) |
 //! | [`context`] | [`StepContext`]: the task's input, parent outputs, attempt, cancellation |
 //! | [`worker`] | [`Worker`], [`WorkerBuilder`], [`WorkerError`] |
-//! | [`client`] | [`Client`], the orchestrator's HTTP API |
-//! | [`amqp_submit`] | submitting a task request over AMQP |
 //! | [`publish`] | [`PublishError`]: why a confirmed publish failed |
+//! | [`client`] | the `tasker-client` crate, re-exported: [`Client`] (the orchestrator's HTTP API), [`ClientError`], [`ListTasks`] |
+//! | [`amqp_submit`] | from `tasker-client`: submitting a task request over AMQP |
 //!
 //! ```no_run
 //! use serde::Deserialize;
@@ -60,22 +61,22 @@
 //! - Long handlers should watch [`StepContext::cancelled`]: it fires on timeout and when a
 //!   shutdown's grace period runs out.
 
-pub mod amqp_submit;
 mod batch;
 mod cancel;
-pub mod client;
 pub mod context;
 mod delivery;
 mod execute;
 pub mod handler;
-pub mod publish;
 mod session;
 pub mod worker;
 
-pub use client::{Client, ClientError, ListTasks};
 pub use context::StepContext;
 pub use handler::{StepError, StepHandler, StepOutput};
-pub use publish::PublishError;
+// The client side lives in `tasker-client`; these keep the paths it had here
+// (`tasker_worker::client::Client`, `tasker_worker::amqp_submit::...`, `tasker_worker::publish`).
+// `publish` also holds the confirmed-publish helpers the worker's result publishing uses.
+pub use tasker_client as client;
+pub use tasker_client::{Client, ClientError, ListTasks, PublishError, amqp_submit, publish};
 pub use tokio_util::sync::CancellationToken;
 pub use worker::{Worker, WorkerBuilder, WorkerError};
 

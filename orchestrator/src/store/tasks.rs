@@ -1,14 +1,12 @@
-//! Tasks: creation (with idempotency) and reads.
+//! Tasks: creation (with idempotency), the writes of cancel and retry, and the task history.
 
-use super::rfc3339;
-use crate::error::{Error, Result};
-use chrono::{DateTime, Utc};
+use super::Result;
+use crate::transition::Move;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use sqlx::{PgConnection, PgExecutor, Row};
+use sqlx::{PgConnection, Row};
 use std::collections::HashMap;
-use tasker_schemas::api::{AttemptView, StepView, TaskList, TaskView};
-use tasker_schemas::{RequestId, StepId, TaskId, Template};
+use tasker_schemas::{RequestId, StepState, TaskId, TaskState, Template};
 use uuid::Uuid;
 
 /// A validated request to create a task.
@@ -27,6 +25,17 @@ pub struct NewTask<'a> {
 }
 
 /// Result of [`create`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CreateOutcome {
+    Created(Created),
+    /// Something unique already exists with a different request: the same idempotency key (when
+    /// one was given) or the same task id; `task_id` is the existing task.
+    Conflict {
+        task_id: TaskId,
+    },
+}
+
+/// A created task, or the existing one for an idempotent repeat.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Created {
     pub task_id: TaskId,
@@ -51,9 +60,10 @@ impl NewTask<'_> {
     }
 }
 
-/// Creates the task and all its steps in the caller's transaction, admitting the root steps.
-/// Idempotency is decided by the database: concurrent duplicates meet in a unique index.
-pub async fn create(tx: &mut PgConnection, new: &NewTask<'_>) -> Result<Created> {
+/// Creates the task and all its steps in the caller's transaction, the root steps ready
+/// (`queued`), the others `waiting`. Idempotency is decided by the database: concurrent
+/// duplicates meet in a unique index.
+pub async fn create(tx: &mut PgConnection, new: &NewTask<'_>) -> Result<CreateOutcome> {
     let hash = new.request_hash();
     let task_id = new.task_id.unwrap_or_default();
     let template = new.template;
@@ -77,7 +87,7 @@ pub async fn create(tx: &mut PgConnection, new: &NewTask<'_>) -> Result<Created>
             "position": position,
             "handler": step.handler,
             "queue": step.queue(),
-            "state": if root { "queued" } else { "waiting" },
+            "state": if root { StepState::Queued } else { StepState::Waiting },
             "max_attempts": step.retry.max_attempts,
             "retry_policy": step.retry,
             "queue_wait_timeout_ms": step.queue_wait_timeout.0,
@@ -93,7 +103,7 @@ pub async fn create(tx: &mut PgConnection, new: &NewTask<'_>) -> Result<Created>
              INSERT INTO tasks (id, namespace, template_id, template_name, template_version, state,
                                 priority, context, idempotency_key, request_id, request_hash,
                                 unfinished_steps)
-             VALUES ($1, $2, $3, $4, $5, 'running', $6, $7, $8, $9, $10, $11)
+             VALUES ($1, $2, $3, $4, $5, $13, $6, $7, $8, $9, $10, $11)
              ON CONFLICT DO NOTHING
              RETURNING id
          ), task_steps AS (
@@ -103,7 +113,7 @@ pub async fn create(tx: &mut PgConnection, new: &NewTask<'_>) -> Result<Created>
              SELECT x.id, task.id, $2, x.name, x.position, x.handler, x.queue, x.state, $6,
                     x.max_attempts, x.retry_policy, x.queue_wait_timeout_ms, x.execution_timeout_ms,
                     x.pending_parents, x.parent_ids, x.child_ids,
-                    CASE WHEN x.state = 'queued' THEN now() END
+                    CASE WHEN x.state = $14 THEN now() END
              FROM task, jsonb_to_recordset($12) AS x(id uuid, name text, position int, handler text,
                   queue text, state text, max_attempts int, retry_policy jsonb,
                   queue_wait_timeout_ms bigint, execution_timeout_ms bigint, pending_parents int,
@@ -123,6 +133,8 @@ pub async fn create(tx: &mut PgConnection, new: &NewTask<'_>) -> Result<Created>
     .bind(&hash)
     .bind(template.steps.len() as i32)
     .bind(Value::Array(rows))
+    .bind(TaskState::Running)
+    .bind(StepState::Queued)
     .fetch_optional(&mut *tx)
     .await?;
 
@@ -144,295 +156,30 @@ pub async fn create(tx: &mut PgConnection, new: &NewTask<'_>) -> Result<Created>
         let existing = TaskId(row.get("id"));
         let existing_hash: String = row.get("request_hash");
         if existing_hash == hash {
-            return Ok(Created {
+            return Ok(CreateOutcome::Created(Created {
                 task_id: existing,
                 created: false,
                 queues: Vec::new(),
-            });
+            }));
         }
-        return Err(match new.idempotency_key {
-            Some(key) => Error::IdempotencyConflict {
-                key: key.to_owned(),
-                task_id: existing,
-            },
-            None => Error::TaskIdConflict(existing),
-        });
+        return Ok(CreateOutcome::Conflict { task_id: existing });
     }
 
-    Ok(Created {
+    Ok(CreateOutcome::Created(Created {
         task_id,
         created: true,
         queues,
-    })
+    }))
 }
 
-#[derive(sqlx::FromRow)]
-struct TaskRow {
-    id: Uuid,
-    namespace: String,
-    template_name: String,
-    template_version: i32,
-    state: String,
-    priority: i16,
-    context: Value,
-    output: Option<Value>,
-    error: Option<String>,
-    idempotency_key: Option<String>,
-    created_at: DateTime<Utc>,
-    finished_at: Option<DateTime<Utc>>,
-}
-
-impl TaskRow {
-    fn into_view(self, steps: Vec<StepView>) -> TaskView {
-        TaskView {
-            id: TaskId(self.id),
-            namespace: self.namespace,
-            template: self.template_name,
-            template_version: self.template_version as u32,
-            state: self.state,
-            priority: self.priority,
-            context: self.context,
-            output: self.output,
-            error: self.error,
-            idempotency_key: self.idempotency_key,
-            created_at: rfc3339(self.created_at),
-            finished_at: self.finished_at.map(rfc3339),
-            steps,
-            events: Vec::new(),
-        }
-    }
-}
-
-/// The state of a task, or `None` if there is no such task.
-pub async fn state(db: impl PgExecutor<'_>, id: TaskId) -> Result<Option<String>> {
-    Ok(sqlx::query_scalar("SELECT state FROM tasks WHERE id = $1")
-        .bind(id.0)
-        .fetch_optional(db)
-        .await?)
-}
-
-#[derive(sqlx::FromRow)]
-struct StepRow {
-    id: Uuid,
-    name: String,
-    handler: String,
-    queue: String,
-    state: String,
-    attempt: i32,
-    failures: i32,
-    max_attempts: i32,
-    parent_ids: Vec<Uuid>,
-    output: Option<Value>,
-    error: Option<String>,
-    pending_parents: i32,
-    queued_at: Option<DateTime<Utc>>,
-    dispatched_at: Option<DateTime<Utc>>,
-    started_at: Option<DateTime<Utc>>,
-    worker: Option<String>,
-    lease_expires_at: Option<DateTime<Utc>>,
-    next_attempt_at: Option<DateTime<Utc>>,
-}
-
-#[derive(sqlx::FromRow)]
-struct AttemptRow {
-    step_id: Uuid,
-    attempt: i32,
-    outcome: String,
-    dispatched_at: Option<DateTime<Utc>>,
-    started_at: Option<DateTime<Utc>>,
-    finished_at: DateTime<Utc>,
-    worker: Option<String>,
-    error: Option<String>,
-}
-
-/// A task with its steps and every attempt.
-pub async fn view(db: &sqlx::PgPool, id: TaskId) -> Result<TaskView> {
-    let task: TaskRow = sqlx::query_as(
-        "SELECT id, namespace, template_name, template_version, state, priority, context,
-                output, error, idempotency_key, created_at, finished_at
-         FROM tasks WHERE id = $1",
+/// Locks a task row and returns its state, or `None` when there is no such task.
+pub async fn lock(tx: &mut PgConnection, id: TaskId) -> Result<Option<TaskState>> {
+    Ok(
+        sqlx::query_scalar("SELECT state FROM tasks WHERE id = $1 FOR UPDATE")
+            .bind(id.0)
+            .fetch_optional(&mut *tx)
+            .await?,
     )
-    .bind(id.0)
-    .fetch_optional(db)
-    .await?
-    .ok_or(Error::TaskNotFound(id))?;
-    let steps: Vec<StepRow> = sqlx::query_as(
-        "SELECT id, name, handler, queue, state, attempt, failures, max_attempts, parent_ids, output,
-                error, pending_parents, queued_at, dispatched_at, started_at, worker,
-                lease_expires_at, next_attempt_at
-         FROM steps WHERE task_id = $1 ORDER BY position",
-    )
-    .bind(id.0)
-    .fetch_all(db)
-    .await?;
-    let attempts: Vec<AttemptRow> = sqlx::query_as(
-        "SELECT step_id, attempt, outcome, dispatched_at, started_at, finished_at, worker, error
-         FROM attempts WHERE task_id = $1 ORDER BY step_id, attempt",
-    )
-    .bind(id.0)
-    .fetch_all(db)
-    .await?;
-    let names: HashMap<Uuid, &str> = steps.iter().map(|s| (s.id, s.name.as_str())).collect();
-    let mut by_step: HashMap<Uuid, Vec<AttemptView>> = HashMap::new();
-    for a in attempts {
-        by_step.entry(a.step_id).or_default().push(AttemptView {
-            attempt: a.attempt as u32,
-            outcome: a.outcome,
-            dispatched_at: a.dispatched_at.map(rfc3339).unwrap_or_default(),
-            started_at: a.started_at.map(rfc3339),
-            finished_at: Some(rfc3339(a.finished_at)),
-            worker: a.worker,
-            error: a.error,
-        });
-    }
-    let step_views = steps
-        .iter()
-        .map(|s| {
-            let mut attempts = by_step.remove(&s.id).unwrap_or_default();
-            if s.state == "dispatched" {
-                // The attempt in flight has no row yet: attempts are written when they finish.
-                attempts.push(AttemptView {
-                    attempt: s.attempt as u32,
-                    outcome: if s.started_at.is_some() {
-                        "started"
-                    } else {
-                        "dispatched"
-                    }
-                    .into(),
-                    dispatched_at: s.dispatched_at.map(rfc3339).unwrap_or_default(),
-                    started_at: s.started_at.map(rfc3339),
-                    finished_at: None,
-                    worker: s.worker.clone(),
-                    error: None,
-                });
-            }
-            let depends_on: Vec<String> = s
-                .parent_ids
-                .iter()
-                .filter_map(|p| names.get(p))
-                .map(|n| n.to_string())
-                .collect();
-            StepView {
-                id: StepId(s.id),
-                name: s.name.clone(),
-                handler: s.handler.clone(),
-                queue: s.queue.clone(),
-                state: s.state.clone(),
-                attempt: s.attempt as u32,
-                failures: s.failures as u32,
-                max_attempts: s.max_attempts as u32,
-                waiting_reason: waiting_reason(s, &steps, &names),
-                depends_on,
-                output: s.output.clone(),
-                error: s.error.clone(),
-                next_attempt_at: s.next_attempt_at.map(rfc3339),
-                lease_expires_at: s.lease_expires_at.map(rfc3339),
-                attempts,
-            }
-        })
-        .collect();
-    let mut view = task.into_view(step_views);
-    view.events = events(db, id).await?;
-    Ok(view)
-}
-
-/// "Why is this step not running?" in words, for every non-terminal state.
-fn waiting_reason(s: &StepRow, steps: &[StepRow], names: &HashMap<Uuid, &str>) -> Option<String> {
-    match s.state.as_str() {
-        "waiting" => {
-            let open: Vec<&str> = steps
-                .iter()
-                .filter(|p| s.parent_ids.contains(&p.id) && p.state != "succeeded")
-                .filter_map(|p| names.get(&p.id).copied())
-                .collect();
-            Some(format!(
-                "waiting on {} unfinished parent(s): {}",
-                s.pending_parents,
-                open.join(", ")
-            ))
-        }
-        "queued" => Some(format!(
-            "queued for queue {:?} since {} (in-flight limit reached or dispatch pending)",
-            s.queue,
-            s.queued_at.map(rfc3339).unwrap_or_default()
-        )),
-        "dispatched" => Some(match (&s.started_at, &s.worker) {
-            (Some(at), worker) => format!(
-                "attempt {} running on {} since {}, leased until {}",
-                s.attempt,
-                worker.as_deref().unwrap_or("a worker"),
-                rfc3339(*at),
-                s.lease_expires_at.map(rfc3339).unwrap_or_default()
-            ),
-            _ => format!(
-                "attempt {} published to queue {:?} at {}, waiting for a worker; lease expires {}",
-                s.attempt,
-                s.queue,
-                s.dispatched_at.map(rfc3339).unwrap_or_default(),
-                s.lease_expires_at.map(rfc3339).unwrap_or_default()
-            ),
-        }),
-        "retrying" => Some(format!(
-            "backing off after attempt {} until {}",
-            s.attempt,
-            s.next_attempt_at.map(rfc3339).unwrap_or_default()
-        )),
-        _ => None,
-    }
-}
-
-/// Filters for [`list`].
-#[derive(Debug, Default, Clone)]
-pub struct ListFilter {
-    pub namespace: Option<String>,
-    pub state: Option<String>,
-    pub template: Option<String>,
-    /// Page after this id (ids are time-ordered, newest first).
-    pub after: Option<TaskId>,
-    pub limit: i64,
-}
-
-/// Tasks newest first, keyset-paginated.
-pub async fn list(db: impl PgExecutor<'_>, f: &ListFilter) -> Result<TaskList> {
-    let limit = f.limit.clamp(1, 1000);
-    let rows: Vec<TaskRow> = sqlx::query_as(
-        "SELECT id, namespace, template_name, template_version, state, priority, context,
-                output, error, idempotency_key, created_at, finished_at
-         FROM tasks
-         WHERE ($1::text IS NULL OR namespace = $1)
-           AND ($2::text IS NULL OR state = $2)
-           AND ($3::text IS NULL OR template_name = $3)
-           AND ($4::uuid IS NULL OR id < $4)
-         ORDER BY id DESC LIMIT $5",
-    )
-    .bind(&f.namespace)
-    .bind(&f.state)
-    .bind(&f.template)
-    .bind(f.after.map(|a| a.0))
-    .bind(limit + 1)
-    .fetch_all(db)
-    .await?;
-    let more = rows.len() as i64 > limit;
-    let tasks: Vec<TaskView> = rows
-        .into_iter()
-        .take(limit as usize)
-        .map(|r| r.into_view(Vec::new()))
-        .collect();
-    let next = if more {
-        tasks.last().map(|t| t.id)
-    } else {
-        None
-    };
-    Ok(TaskList { tasks, next })
-}
-
-/// Locks a task row and returns its state, or `TaskNotFound`.
-async fn lock(tx: &mut PgConnection, id: TaskId) -> Result<String> {
-    sqlx::query_scalar("SELECT state FROM tasks WHERE id = $1 FOR UPDATE")
-        .bind(id.0)
-        .fetch_optional(&mut *tx)
-        .await?
-        .ok_or(Error::TaskNotFound(id))
 }
 
 /// Records an operator action in the task's history with the next sequence number.
@@ -450,27 +197,23 @@ async fn record_event(tx: &mut PgConnection, id: TaskId, kind: &str, detail: Val
     .await?)
 }
 
-/// Cancels a live task: nothing new is admitted, unstarted steps become `cancelled`; steps
-/// already dispatched may still report (recorded, advancing nothing). Finishes the task at once
-/// when nothing is in flight.
+/// Writes a cancel decided by [`crate::transition::cancel_task`] (the task locked by [`lock`]):
+/// the steps it halts move, the task records the request, its error and the event. Returns how
+/// many steps were cancelled. The caller finishes the task if nothing is left in flight.
 pub async fn cancel(
     tx: &mut PgConnection,
     id: TaskId,
+    halt: Move,
+    error: &str,
     reason: Option<&str>,
-) -> Result<Vec<super::steps::FinishedTask>> {
-    let state = lock(tx, id).await?;
-    if !matches!(state.as_str(), "pending" | "running") {
-        return Err(Error::InvalidState {
-            task_id: id,
-            state,
-            action: "cancel",
-        });
-    }
+) -> Result<i32> {
     let n = sqlx::query(
-        "UPDATE steps SET state = 'cancelled', next_attempt_at = NULL, updated_at = now()
-         WHERE task_id = $1 AND state IN ('waiting', 'queued', 'retrying')",
+        "UPDATE steps SET state = $3, next_attempt_at = NULL, updated_at = now()
+         WHERE task_id = $1 AND state = ANY($2)",
     )
     .bind(id.0)
+    .bind(halt.from)
+    .bind(halt.to)
     .execute(&mut *tx)
     .await?
     .rows_affected() as i32;
@@ -481,7 +224,7 @@ pub async fn cancel(
     )
     .bind(id.0)
     .bind(n)
-    .bind(format!("cancelled: {}", reason.unwrap_or("by request")))
+    .bind(error)
     .execute(&mut *tx)
     .await?;
     record_event(
@@ -491,92 +234,46 @@ pub async fn cancel(
         json!({ "reason": reason, "steps_cancelled": n }),
     )
     .await?;
-    super::steps::finalize(tx, &[id.0]).await
+    Ok(n)
 }
 
-/// Retries a failed or cancelled task: failed, skipped and cancelled steps run again with new,
-/// higher attempt numbers; succeeded steps keep their outputs. Returns the queues to wake.
-pub async fn retry(tx: &mut PgConnection, id: TaskId) -> Result<Vec<String>> {
-    let state = lock(tx, id).await?;
-    if !matches!(state.as_str(), "failed" | "cancelled") {
-        return Err(Error::InvalidState {
-            task_id: id,
-            state,
-            action: "retry",
-        });
-    }
+/// Writes a retry decided by [`crate::transition::retry_task`] (the task locked by [`lock`]):
+/// the steps it resets wait again with no failures, the ready ones are [`crate::transition::PARENTS_DONE`], and
+/// the task runs again. Returns the queues to wake.
+pub async fn retry(
+    tx: &mut PgConnection,
+    id: TaskId,
+    previous: TaskState,
+    reset: Move,
+) -> Result<Vec<String>> {
     let n = sqlx::query(
-        "UPDATE steps SET state = 'waiting', failures = 0, error = NULL, output = NULL,
+        "UPDATE steps SET state = $3, failures = 0, error = NULL, output = NULL,
                           next_attempt_at = NULL, lease_expires_at = NULL, updated_at = now()
-         WHERE task_id = $1 AND state IN ('failed', 'skipped', 'cancelled')",
+         WHERE task_id = $1 AND state = ANY($2)",
     )
     .bind(id.0)
+    .bind(reset.from)
+    .bind(reset.to)
     .execute(&mut *tx)
     .await?
     .rows_affected() as i32;
-    let queues = super::steps::readmit_waiting(tx, id.0).await?;
+    let queues = super::reconcile::readmit_waiting(tx, id.0).await?;
     sqlx::query(
-        "UPDATE tasks SET state = 'running', failing = false, cancel_requested = false, error = NULL,
+        "UPDATE tasks SET state = $3, failing = false, cancel_requested = false, error = NULL,
                           output = NULL, finished_at = NULL, unfinished_steps = $2, updated_at = now()
          WHERE id = $1",
     )
     .bind(id.0)
     .bind(n)
+    .bind(TaskState::Running)
     .execute(&mut *tx)
     .await?;
     record_event(
         tx,
         id,
         "retried",
-        json!({ "steps_reset": n, "previous_state": state }),
+        json!({ "steps_reset": n, "previous_state": previous }),
     )
     .await?;
     Ok(queues)
-}
-
-/// A task's recorded history.
-pub async fn events(
-    db: impl PgExecutor<'_>,
-    id: TaskId,
-) -> Result<Vec<tasker_schemas::api::TaskEventView>> {
-    let rows = sqlx::query(
-        "SELECT seq, kind, detail, at FROM task_events WHERE task_id = $1 ORDER BY seq",
-    )
-    .bind(id.0)
-    .fetch_all(db)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| tasker_schemas::api::TaskEventView {
-            seq: r.get::<i64, _>("seq") as u64,
-            kind: r.get("kind"),
-            detail: r.get("detail"),
-            at: rfc3339(r.get("at")),
-        })
-        .collect())
-}
-
-/// Deletes up to `limit` tasks that finished more than `retention_hours` ago, with their steps,
-/// attempts and history. Safe on several replicas (`SKIP LOCKED`). Returns how many went.
-pub async fn prune(db: impl PgExecutor<'_>, retention_hours: i64, limit: i64) -> Result<u64> {
-    let gone: i64 = sqlx::query_scalar(
-        "WITH old AS (
-             SELECT id FROM tasks
-             WHERE finished_at < now() - $1 * interval '1 hour'
-               AND state IN ('completed', 'failed', 'cancelled')
-             ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED
-         ), gone AS (
-             DELETE FROM tasks t USING old WHERE t.id = old.id RETURNING t.id
-         ), history AS (
-             DELETE FROM attempts a USING gone WHERE a.task_id = gone.id
-         ), task_steps AS (
-             DELETE FROM steps s USING gone WHERE s.task_id = gone.id
-         )
-         SELECT count(*) FROM gone",
-    )
-    .bind(retention_hours)
-    .bind(limit)
-    .fetch_one(db)
-    .await?;
-    Ok(gone as u64)
 }

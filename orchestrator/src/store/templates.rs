@@ -1,6 +1,6 @@
 //! Templates: immutable per (namespace, name, version).
 
-use crate::error::{Error, Result};
+use super::{Result, StoreError};
 use sqlx::{PgExecutor, Row};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,14 +13,15 @@ pub enum Registered {
     Created,
     /// The same content was already registered: a no-op.
     Unchanged,
+    /// This (namespace, name, version) holds different content.
+    Conflict,
 }
 
-/// Registers a validated template. Same content again is a no-op; different content is a conflict.
+/// Stores a validated template. Same content again is a no-op; different content is a conflict.
 pub async fn register(db: impl PgExecutor<'_> + Copy, template: &Template) -> Result<Registered> {
-    template.validate()?;
     let hash = template.content_hash();
-    let content =
-        serde_json::to_value(template).map_err(|e| Error::InvalidRequest(e.to_string()))?;
+    let content = serde_json::to_value(template)
+        .map_err(|e| StoreError::Corrupt(format!("template not representable as JSON: {e}")))?;
     let inserted = sqlx::query(
         "INSERT INTO templates (id, namespace, name, version, description, content, content_hash)
          VALUES ($1, $2, $3, $4, $5, $6, $7)
@@ -47,15 +48,11 @@ pub async fn register(db: impl PgExecutor<'_> + Copy, template: &Template) -> Re
     .bind(template.version as i32)
     .fetch_one(db)
     .await?;
-    if existing == hash {
-        Ok(Registered::Unchanged)
+    Ok(if existing == hash {
+        Registered::Unchanged
     } else {
-        Err(Error::TemplateConflict {
-            namespace: template.namespace.clone(),
-            name: template.name.clone(),
-            version: template.version,
-        })
-    }
+        Registered::Conflict
+    })
 }
 
 /// A stored template version.
@@ -73,19 +70,14 @@ pub struct TemplateCache {
 }
 
 impl TemplateCache {
-    /// The given version, or the newest one when `version` is `None`.
+    /// The given version, or the newest one when `version` is `None`; `None` when there is none.
     pub async fn find(
         &self,
         db: impl PgExecutor<'_>,
         namespace: &str,
         name: &str,
         version: Option<u32>,
-    ) -> Result<StoredTemplate> {
-        let not_found = || Error::TemplateNotFound {
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
-            version,
-        };
+    ) -> Result<Option<StoredTemplate>> {
         let row = sqlx::query(
             "SELECT id, created_at, content
              FROM templates
@@ -96,8 +88,10 @@ impl TemplateCache {
         .bind(name)
         .bind(version.map(|v| v as i32))
         .fetch_optional(db)
-        .await?
-        .ok_or_else(not_found)?;
+        .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
         let id: Uuid = row.get("id");
         let created_at = row.get("created_at");
         if let Some(t) = self
@@ -106,26 +100,25 @@ impl TemplateCache {
             .unwrap_or_else(|p| p.into_inner())
             .get(&id)
         {
-            return Ok(StoredTemplate {
+            return Ok(Some(StoredTemplate {
                 id,
                 template: t.clone(),
                 created_at,
-            });
+            }));
         }
         let content: serde_json::Value = row.get("content");
-        let template: Template = serde_json::from_value(content).map_err(|e| {
-            Error::InvalidRequest(format!("stored template {id} is unreadable: {e}"))
-        })?;
+        let template: Template = serde_json::from_value(content)
+            .map_err(|e| StoreError::Corrupt(format!("stored template {id} is unreadable: {e}")))?;
         let template = Arc::new(template);
         self.inner
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, template.clone());
-        Ok(StoredTemplate {
+        Ok(Some(StoredTemplate {
             id,
             template,
             created_at,
-        })
+        }))
     }
 }
 
@@ -142,7 +135,7 @@ pub async fn list(db: impl PgExecutor<'_>, namespace: Option<&str>) -> Result<Ve
     rows.into_iter()
         .map(|row| {
             let template: Template = serde_json::from_value(row.get("content"))
-                .map_err(|e| Error::InvalidRequest(e.to_string()))?;
+                .map_err(|e| StoreError::Corrupt(format!("stored template unreadable: {e}")))?;
             Ok(StoredTemplate {
                 id: row.get("id"),
                 template: Arc::new(template),

@@ -1010,7 +1010,7 @@ fn write_templates(dir: &Path, a: &Args) -> Result<HashMap<&'static str, usize>>
         ("fanout", &fanout),
     ] {
         let path = dir.join(format!("{name}.yaml"));
-        tasker_orchestrator::startup::parse_template(text)
+        tasker_orchestrator::service::templates::parse_template(text)
             .map_err(anyhow::Error::msg)?
             .validate()
             .with_context(|| format!("template {name}"))?;

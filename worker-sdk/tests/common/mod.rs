@@ -146,26 +146,6 @@ impl Broker {
         format!("{}.dead_steps", self.names.prefix())
     }
 
-    /// Declares the task-request exchange and its queue, bound for namespace [`NAMESPACE`].
-    pub async fn declare_task_requests(&self) -> Result<()> {
-        let n = &self.names;
-        let durable = ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
-        self.channel
-            .exchange_declare(
-                n.tasks_exchange().into(),
-                ExchangeKind::Direct,
-                durable,
-                FieldTable::default(),
-            )
-            .await?;
-        self.declare_queue(&n.task_requests_queue(), true).await?;
-        self.bind(&n.task_requests_queue(), &n.tasks_exchange(), NAMESPACE)
-            .await
-    }
-
     async fn declare_queue(&self, name: &str, quorum: bool) -> Result<()> {
         let mut args = FieldTable::default();
         if quorum {
@@ -388,7 +368,6 @@ impl Broker {
             n.steps_exchange(),
             n.results_exchange(),
             n.dead_letter_exchange(),
-            n.tasks_exchange(),
             self.step_dlx(),
         ] {
             let _ = self

@@ -7,7 +7,7 @@
 //! ```no_run
 //! use serde_json::json;
 //! use tasker_schemas::Names;
-//! use tasker_worker::amqp_submit::{confirm_channel, publish_task_request, task_request};
+//! use tasker_client::amqp_submit::{confirm_channel, publish_task_request, task_request};
 //!
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
 //! let connection = lapin::Connection::connect("amqp://127.0.0.1:5672/%2f", Default::default()).await?;

@@ -5,9 +5,9 @@
 //! use std::time::Duration;
 //! use serde_json::json;
 //! use tasker_schemas::api::SubmitTask;
-//! use tasker_worker::Client;
+//! use tasker_client::Client;
 //!
-//! # async fn example() -> Result<(), tasker_worker::ClientError> {
+//! # async fn example() -> Result<(), tasker_client::ClientError> {
 //! let client = Client::new("http://127.0.0.1:8080").with_api_key("secret");
 //! let submitted = client
 //!     .submit(&SubmitTask {

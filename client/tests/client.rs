@@ -8,11 +8,11 @@ use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tasker_client::{Client, ClientError, ListTasks};
 use tasker_schemas::api::{
     ErrorBody, ErrorDetail, RegisterResponse, SubmitResponse, SubmitTask, TaskList, TaskView,
 };
 use tasker_schemas::{TaskId, Template};
-use tasker_worker::{Client, ClientError, ListTasks};
 
 #[derive(Default)]
 struct Fake {

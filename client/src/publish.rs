@@ -1,6 +1,10 @@
 //! Confirmed publishing: every publish is `mandatory` and waits for its own broker confirm, so a
 //! nack or an unroutable (returned) message is an error rather than a silent loss. Many tasks may
 //! publish on one confirm channel at once; each awaits only its own confirm.
+//!
+//! [`PublishError`] is what [`amqp_submit`](crate::amqp_submit) returns. The publishing helpers
+//! here are shared with the worker SDK (`tasker-worker`), which publishes step results the same
+//! way; they are hidden from the docs and not part of this crate's supported API.
 
 use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
@@ -9,7 +13,8 @@ use tasker_schemas::message::CONTENT_TYPE;
 use tasker_schemas::{EncodeError, MessageId};
 
 /// AMQP `delivery_mode` of a message written to disk.
-pub(crate) const PERSISTENT: u8 = 2;
+#[doc(hidden)]
+pub const PERSISTENT: u8 = 2;
 
 /// Why a confirmed publish did not succeed.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -33,6 +38,7 @@ pub enum PublishError {
     },
     #[error("the channel is not in confirm mode; call confirm_select on it first")]
     NotConfirmed,
+    /// Worker SDK only: the worker session's result publisher stopped before confirming.
     #[error("the session's result publisher has stopped")]
     Stopped,
     #[error("{what} {name:?} is longer than 255 bytes")]
@@ -57,7 +63,8 @@ pub(crate) fn short(what: &'static str, name: &str) -> Result<ShortString, Publi
 }
 
 /// Properties of every message we write: MessagePack, persistent, with the envelope's id.
-pub(crate) fn message_properties(message_id: MessageId) -> BasicProperties {
+#[doc(hidden)]
+pub fn message_properties(message_id: MessageId) -> BasicProperties {
     BasicProperties::default()
         .with_content_type(ShortString::from(CONTENT_TYPE))
         .with_delivery_mode(PERSISTENT)
@@ -66,7 +73,8 @@ pub(crate) fn message_properties(message_id: MessageId) -> BasicProperties {
 
 /// Publishes with `mandatory` set and waits for the broker's confirm. `Ok` means the broker
 /// acknowledged the message and routed it to at least one queue.
-pub(crate) async fn publish_confirmed(
+#[doc(hidden)]
+pub async fn publish_confirmed(
     channel: &Channel,
     exchange: &str,
     routing_key: &str,
@@ -81,7 +89,8 @@ pub(crate) async fn publish_confirmed(
 
 /// Publishes with `mandatory` set; the caller awaits the confirm (and checks it with
 /// [`check_confirmation`]), so several publishes can share one confirm round trip.
-pub(crate) async fn publish_mandatory(
+#[doc(hidden)]
+pub async fn publish_mandatory(
     channel: &Channel,
     exchange: &str,
     routing_key: &str,
@@ -102,7 +111,9 @@ pub(crate) async fn publish_mandatory(
         .await?)
 }
 
-pub(crate) fn check_confirmation(
+/// `Ok` for an ack of a routed message; the matching [`PublishError`] otherwise.
+#[doc(hidden)]
+pub fn check_confirmation(
     confirm: Confirmation,
     exchange: &str,
     routing_key: &str,

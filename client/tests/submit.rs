@@ -6,10 +6,10 @@ use anyhow::{Result, bail};
 use common::{NAMESPACE, broker};
 use serde_json::json;
 use std::time::Duration;
+use tasker_client::PublishError;
+use tasker_client::amqp_submit::{confirm_channel, publish_task_request, task_request};
 use tasker_schemas::message::CONTENT_TYPE;
 use tasker_schemas::{TaskRequest, decode};
-use tasker_worker::PublishError;
-use tasker_worker::amqp_submit::{confirm_channel, publish_task_request, task_request};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn task_requests_are_published_confirmed_and_checked_for_routing() -> Result<()> {

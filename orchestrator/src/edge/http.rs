@@ -1,8 +1,10 @@
-//! The HTTP API (`/v1/...`), health, readiness and metrics.
+//! The HTTP API (`/v1/...`), health, readiness and metrics. Handlers decode, call a service and
+//! encode; errors map to status codes here, and an internal fault never reaches the caller as
+//! database or broker text.
 
-use crate::error::Error;
-use crate::state::Shared;
-use crate::store::{self, tasks::ListFilter, templates::Registered};
+use super::views;
+use crate::service::{self, ServiceError, Shared};
+use crate::store::{self, templates::Registered, views::ListFilter};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{StatusCode, header};
@@ -15,7 +17,7 @@ use std::time::Duration;
 use tasker_schemas::api::{
     ErrorBody, ErrorDetail, RegisterResponse, SubmitResponse, SubmitTask, TemplateView,
 };
-use tasker_schemas::{TaskId, Template};
+use tasker_schemas::{TaskId, TaskState, Template};
 
 /// The router, with body limits and (when keys are configured) bearer authentication on `/v1`.
 pub fn router(shared: Shared) -> Router {
@@ -63,32 +65,44 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<Error> for ApiError {
-    fn from(e: Error) -> Self {
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> Self {
         use tasker_schemas::DataError;
-        let message = e.to_string();
         let (status, code) = match &e {
-            Error::InvalidTemplate(_) => (StatusCode::BAD_REQUEST, "invalid_template"),
-            Error::TemplateConflict { .. } => (StatusCode::CONFLICT, "template_conflict"),
-            Error::TemplateNotFound { .. } => (StatusCode::NOT_FOUND, "template_not_found"),
-            Error::TaskNotFound(_) => (StatusCode::NOT_FOUND, "task_not_found"),
-            Error::IdempotencyConflict { .. } => (StatusCode::CONFLICT, "idempotency_conflict"),
-            Error::TaskIdConflict(_) => (StatusCode::CONFLICT, "task_id_conflict"),
-            Error::Data(DataError::TooLarge { .. }) => {
+            ServiceError::InvalidTemplate(_) => (StatusCode::BAD_REQUEST, "invalid_template"),
+            ServiceError::TemplateConflict { .. } => (StatusCode::CONFLICT, "template_conflict"),
+            ServiceError::TemplateNotFound { .. } => (StatusCode::NOT_FOUND, "template_not_found"),
+            ServiceError::TaskNotFound(_) => (StatusCode::NOT_FOUND, "task_not_found"),
+            ServiceError::IdempotencyConflict { .. } => {
+                (StatusCode::CONFLICT, "idempotency_conflict")
+            }
+            ServiceError::TaskIdConflict(_) => (StatusCode::CONFLICT, "task_id_conflict"),
+            ServiceError::Data(DataError::TooLarge { .. }) => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
             }
-            Error::Data(_) | Error::InvalidRequest(_) => {
+            ServiceError::Data(_) | ServiceError::InvalidRequest(_) => {
                 (StatusCode::BAD_REQUEST, "invalid_request")
             }
-            Error::InvalidState { .. } => (StatusCode::CONFLICT, "invalid_state"),
+            ServiceError::InvalidState { .. } => (StatusCode::CONFLICT, "invalid_state"),
             e if e.is_retryable() => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
-        if status.is_server_error() {
+        // The caller's mistakes are explained; internal faults are logged here and answered
+        // without their text (it may name tables, hosts or queries).
+        let message = if e.is_internal() {
             tracing::warn!(error = %e, "request failed");
-        }
+            if status == StatusCode::SERVICE_UNAVAILABLE {
+                "the database or the broker is unavailable; retry later".to_owned()
+            } else {
+                "internal error; see the orchestrator's log".to_owned()
+            }
+        } else {
+            e.to_string()
+        };
         let mut err = ApiError::new(status, code, message);
-        if let Error::IdempotencyConflict { task_id, .. } | Error::TaskIdConflict(task_id) = e {
+        if let ServiceError::IdempotencyConflict { task_id, .. }
+        | ServiceError::TaskIdConflict(task_id) = e
+        {
             err.body.error.task_id = Some(task_id);
         }
         err
@@ -150,7 +164,7 @@ async fn register_template(
     body: Result<Json<Template>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<RegisterResponse>)> {
     let Json(template) = body?;
-    let outcome = crate::startup::register_template(&shared, &template).await?;
+    let outcome = service::templates::register(&shared, &template).await?;
     let status = if outcome == Registered::Created {
         StatusCode::CREATED
     } else {
@@ -189,7 +203,7 @@ async fn list_templates(
     State(shared): State<Shared>,
     Query(q): Query<TemplateQuery>,
 ) -> ApiResult<Json<Vec<TemplateView>>> {
-    let all = store::templates::list(&shared.db, q.namespace.as_deref()).await?;
+    let all = service::templates::list(&shared, q.namespace.as_deref()).await?;
     Ok(Json(all.iter().map(|t| template_view(t, false)).collect()))
 }
 
@@ -198,10 +212,7 @@ async fn show_template(
     Path((namespace, name)): Path<(String, String)>,
     Query(q): Query<TemplateQuery>,
 ) -> ApiResult<Json<TemplateView>> {
-    let t = shared
-        .templates
-        .find(&shared.db, &namespace, &name, q.version)
-        .await?;
+    let t = service::templates::find(&shared, &namespace, &name, q.version).await?;
     Ok(Json(template_view(&t, true)))
 }
 
@@ -210,7 +221,7 @@ async fn submit_task(
     body: Result<Json<SubmitTask>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<SubmitResponse>)> {
     let Json(req) = body?;
-    let created = crate::intake::submit(&shared, &req, None).await?;
+    let created = service::tasks::submit(&shared, &req, None).await?;
     let status = if created.created {
         StatusCode::CREATED
     } else {
@@ -244,10 +255,8 @@ async fn show_task(
     if !wait.is_zero() {
         // Subscribe before reading, so a finish between the read and the wait is not missed.
         let mut finished = shared.finished.subscribe();
-        let state = store::tasks::state(&shared.db, id)
-            .await?
-            .ok_or(Error::TaskNotFound(id))?;
-        if matches!(state.as_str(), "pending" | "running") {
+        let state = service::tasks::state(&shared, id).await?;
+        if state.is_live() {
             let _ = tokio::time::timeout(wait, async {
                 loop {
                     match finished.recv().await {
@@ -262,7 +271,9 @@ async fn show_task(
             .await;
         }
     }
-    Ok(Json(store::tasks::view(&shared.db, id).await?))
+    Ok(Json(views::task_view(
+        service::tasks::detail(&shared, id).await?,
+    )))
 }
 
 fn parse_task_id(id: &str) -> Result<TaskId, ApiError> {
@@ -287,27 +298,10 @@ async fn cancel_task(
 ) -> ApiResult<Json<tasker_schemas::api::TaskView>> {
     let id = parse_task_id(&id)?;
     let reason = body.and_then(|Json(b)| b.reason);
-    let mut tx = shared.db.begin().await.map_err(Error::from)?;
-    let finished = store::tasks::cancel(&mut tx, id, reason.as_deref()).await?;
-    tx.commit().await.map_err(Error::from)?;
-    // Tell workers; a step already taken may still run, and its result advances nothing.
-    let cancel = tasker_schemas::Cancel {
-        task_id: id,
-        reason,
-    };
-    if let Ok(bytes) = tasker_schemas::encode_payload(cancel) {
-        let props = crate::broker::properties(tasker_schemas::MessageId::new());
-        if let Err(e) = shared
-            .publisher
-            .send_event(&shared.names.cancel_exchange(), "", &bytes, props)
-            .await
-        {
-            tracing::warn!(error = %e, "could not publish cancel message");
-        }
-    }
-    crate::results::announce(&shared, &finished).await;
-    tracing::info!(task_id = %id, "task cancel requested");
-    Ok(Json(store::tasks::view(&shared.db, id).await?))
+    service::tasks::cancel(&shared, id, reason).await?;
+    Ok(Json(views::task_view(
+        service::tasks::detail(&shared, id).await?,
+    )))
 }
 
 async fn retry_task(
@@ -315,12 +309,10 @@ async fn retry_task(
     Path(id): Path<String>,
 ) -> ApiResult<Json<tasker_schemas::api::TaskView>> {
     let id = parse_task_id(&id)?;
-    let mut tx = shared.db.begin().await.map_err(Error::from)?;
-    let queues = store::tasks::retry(&mut tx, id).await?;
-    tx.commit().await.map_err(Error::from)?;
-    shared.dispatch.wake(queues);
-    tracing::info!(task_id = %id, "task retried");
-    Ok(Json(store::tasks::view(&shared.db, id).await?))
+    service::tasks::retry(&shared, id).await?;
+    Ok(Json(views::task_view(
+        service::tasks::detail(&shared, id).await?,
+    )))
 }
 
 #[derive(Deserialize)]
@@ -346,23 +338,21 @@ async fn list_tasks(
         })?),
         None => None,
     };
-    if let Some(s) = &q.state
-        && !["pending", "running", "completed", "failed", "cancelled"].contains(&s.as_str())
-    {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            format!("unknown state {s:?}"),
-        ));
-    }
+    let state = match &q.state {
+        Some(s) => Some(s.parse::<TaskState>().map_err(|e| {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.to_string())
+        })?),
+        None => None,
+    };
     let filter = ListFilter {
         namespace: q.namespace,
-        state: q.state,
+        state,
         template: q.template,
         after,
         limit: q.limit.unwrap_or(50),
     };
-    Ok(Json(store::tasks::list(&shared.db, &filter).await?))
+    let (rows, more) = service::tasks::list(&shared, &filter).await?;
+    Ok(Json(views::task_list(rows, more)))
 }
 
 async fn ready(State(shared): State<Shared>) -> Response {

@@ -1,0 +1,101 @@
+//! The task request consumer: task requests over AMQP, submitted like `POST /v1/tasks`. A
+//! request is acked only after its task is committed; a request that can never succeed is
+//! dead-lettered with the reason.
+
+use super::outage_backoff;
+use crate::Result;
+use crate::broker;
+use crate::metrics::Metrics;
+use crate::service::{ServiceError, Shared, tasks};
+use backon::Retryable;
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use tasker_schemas::api::SubmitTask;
+use tasker_schemas::{TaskRequest, decode};
+use tokio_util::sync::CancellationToken;
+
+/// Consumes AMQP task requests until shutdown. A request is acked only after its task is
+/// committed; a request that can never succeed is dead-lettered with the reason.
+pub async fn run_consumer(shared: Shared, shutdown: CancellationToken) -> Result<()> {
+    let conn = broker::connect(&shared.config.amqp_url).await?;
+    let channel = conn.create_channel().await?;
+    let prefetch: u16 = 32;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    let consumer = channel
+        .basic_consume(
+            shared.names.task_requests_queue().into(),
+            "tasker-intake".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    consumer
+        .take_until(shutdown.cancelled())
+        .for_each_concurrent(prefetch as usize, |delivery| {
+            let shared = shared.clone();
+            let shutdown = shutdown.clone();
+            async move {
+                match delivery {
+                    Ok(d) => handle_request(&shared, d, &shutdown).await,
+                    Err(e) => tracing::warn!(error = %e, "task request consumer error"),
+                }
+            }
+        })
+        .await;
+    let _ = channel.close(200, "shutdown".into()).await;
+    let _ = conn.close(200, "shutdown".into()).await;
+    Ok(())
+}
+
+async fn handle_request(shared: &Shared, d: Delivery, shutdown: &CancellationToken) {
+    let req = match decode::<TaskRequest>(&d.data) {
+        Ok(env) => env.payload,
+        Err(e) => return reject(shared, &d, &e.to_string()).await,
+    };
+    let submit_req = SubmitTask {
+        namespace: req.namespace,
+        template: req.template,
+        version: req.version,
+        context: req.context,
+        idempotency_key: req.idempotency_key,
+        priority: req.priority,
+        task_id: req.task_id,
+    };
+    let submitted = (|| tasks::submit(shared, &submit_req, Some(req.request_id)))
+        .retry(outage_backoff())
+        // Pause this request rather than nack it: an outage must not burn deliveries.
+        .when(|e: &ServiceError| e.is_retryable() && !shutdown.is_cancelled())
+        .notify(|e, _| tracing::warn!(error = %e, "database unavailable; retrying task request"))
+        .await;
+    match submitted {
+        Ok(created) => {
+            tracing::debug!(task_id = %created.task_id, request_id = %req.request_id, "task request applied");
+            let _ = d.acker.ack(BasicAckOptions::default()).await;
+        }
+        // Shutting down: leave it unacked; it is redelivered to another consumer.
+        Err(e) if e.is_retryable() => {}
+        Err(e) => reject(shared, &d, &e.to_string()).await,
+    }
+}
+
+async fn reject(shared: &Shared, d: &Delivery, reason: &str) {
+    tracing::warn!(reason, "dead-lettering task request");
+    match shared
+        .publisher
+        .dead_letter(&shared.names, &d.data, d.properties.clone(), reason)
+        .await
+    {
+        Ok(broker::Delivered::Confirmed) => {
+            Metrics::add(&shared.metrics.dead_lettered_total, 1);
+            let _ = d.acker.ack(BasicAckOptions::default()).await;
+        }
+        other => tracing::warn!(
+            ?other,
+            "could not dead-letter task request; leaving it unacked"
+        ),
+    }
+}

@@ -1,0 +1,165 @@
+//! API bodies built from store rows: a task with its steps, attempts, "why waiting" and history.
+
+use crate::store::rfc3339;
+use crate::store::views::{StepRow, TaskDetail, TaskRow};
+use std::collections::HashMap;
+use tasker_schemas::api::{AttemptView, StepView, TaskEventView, TaskList, TaskView};
+use tasker_schemas::{StepId, StepState, TaskId};
+use uuid::Uuid;
+
+fn task_only(t: TaskRow, steps: Vec<StepView>, events: Vec<TaskEventView>) -> TaskView {
+    TaskView {
+        id: TaskId(t.id),
+        namespace: t.namespace,
+        template: t.template_name,
+        template_version: t.template_version as u32,
+        state: t.state.to_string(),
+        priority: t.priority,
+        context: t.context,
+        output: t.output,
+        error: t.error,
+        idempotency_key: t.idempotency_key,
+        created_at: rfc3339(t.created_at),
+        finished_at: t.finished_at.map(rfc3339),
+        steps,
+        events,
+    }
+}
+
+/// A page of tasks (without steps).
+pub fn task_list(rows: Vec<TaskRow>, more: bool) -> TaskList {
+    let tasks: Vec<TaskView> = rows
+        .into_iter()
+        .map(|r| task_only(r, Vec::new(), Vec::new()))
+        .collect();
+    let next = if more {
+        tasks.last().map(|t| t.id)
+    } else {
+        None
+    };
+    TaskList { tasks, next }
+}
+
+/// A task with its steps and every attempt (the one in flight included), and its history.
+pub fn task_view(d: TaskDetail) -> TaskView {
+    let TaskDetail {
+        task,
+        steps,
+        attempts,
+        events,
+    } = d;
+    let names: HashMap<Uuid, &str> = steps.iter().map(|s| (s.id, s.name.as_str())).collect();
+    let mut by_step: HashMap<Uuid, Vec<AttemptView>> = HashMap::new();
+    for a in attempts {
+        by_step.entry(a.step_id).or_default().push(AttemptView {
+            attempt: a.attempt as u32,
+            outcome: a.outcome.to_string(),
+            dispatched_at: a.dispatched_at.map(rfc3339).unwrap_or_default(),
+            started_at: a.started_at.map(rfc3339),
+            finished_at: Some(rfc3339(a.finished_at)),
+            worker: a.worker,
+            error: a.error,
+        });
+    }
+    let step_views = steps
+        .iter()
+        .map(|s| {
+            let mut attempts = by_step.remove(&s.id).unwrap_or_default();
+            if s.state == StepState::Dispatched {
+                // The attempt in flight has no row yet: attempts are written when they finish.
+                attempts.push(AttemptView {
+                    attempt: s.attempt as u32,
+                    outcome: if s.started_at.is_some() {
+                        "started"
+                    } else {
+                        "dispatched"
+                    }
+                    .into(),
+                    dispatched_at: s.dispatched_at.map(rfc3339).unwrap_or_default(),
+                    started_at: s.started_at.map(rfc3339),
+                    finished_at: None,
+                    worker: s.worker.clone(),
+                    error: None,
+                });
+            }
+            let depends_on: Vec<String> = s
+                .parent_ids
+                .iter()
+                .filter_map(|p| names.get(p))
+                .map(|n| n.to_string())
+                .collect();
+            StepView {
+                id: StepId(s.id),
+                name: s.name.clone(),
+                handler: s.handler.clone(),
+                queue: s.queue.clone(),
+                state: s.state.to_string(),
+                attempt: s.attempt as u32,
+                failures: s.failures as u32,
+                max_attempts: s.max_attempts as u32,
+                waiting_reason: waiting_reason(s, &steps, &names),
+                depends_on,
+                output: s.output.clone(),
+                error: s.error.clone(),
+                next_attempt_at: s.next_attempt_at.map(rfc3339),
+                lease_expires_at: s.lease_expires_at.map(rfc3339),
+                attempts,
+            }
+        })
+        .collect();
+    let events = events
+        .into_iter()
+        .map(|e| TaskEventView {
+            seq: e.seq as u64,
+            kind: e.kind,
+            detail: e.detail,
+            at: rfc3339(e.at),
+        })
+        .collect();
+    task_only(task, step_views, events)
+}
+
+/// "Why is this step not running?" in words, for every non-terminal state.
+fn waiting_reason(s: &StepRow, steps: &[StepRow], names: &HashMap<Uuid, &str>) -> Option<String> {
+    match s.state {
+        StepState::Waiting => {
+            let open: Vec<&str> = steps
+                .iter()
+                .filter(|p| s.parent_ids.contains(&p.id) && p.state != StepState::Succeeded)
+                .filter_map(|p| names.get(&p.id).copied())
+                .collect();
+            Some(format!(
+                "waiting on {} unfinished parent(s): {}",
+                s.pending_parents,
+                open.join(", ")
+            ))
+        }
+        StepState::Queued => Some(format!(
+            "queued for queue {:?} since {} (in-flight limit reached or dispatch pending)",
+            s.queue,
+            s.queued_at.map(rfc3339).unwrap_or_default()
+        )),
+        StepState::Dispatched => Some(match (&s.started_at, &s.worker) {
+            (Some(at), worker) => format!(
+                "attempt {} running on {} since {}, leased until {}",
+                s.attempt,
+                worker.as_deref().unwrap_or("a worker"),
+                rfc3339(*at),
+                s.lease_expires_at.map(rfc3339).unwrap_or_default()
+            ),
+            _ => format!(
+                "attempt {} published to queue {:?} at {}, waiting for a worker; lease expires {}",
+                s.attempt,
+                s.queue,
+                s.dispatched_at.map(rfc3339).unwrap_or_default(),
+                s.lease_expires_at.map(rfc3339).unwrap_or_default()
+            ),
+        }),
+        StepState::Retrying => Some(format!(
+            "backing off after attempt {} until {}",
+            s.attempt,
+            s.next_attempt_at.map(rfc3339).unwrap_or_default()
+        )),
+        _ => None,
+    }
+}

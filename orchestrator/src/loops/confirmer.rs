@@ -1,0 +1,101 @@
+use crate::broker::{Delivered, Publisher};
+use crate::service::publish::Pending;
+use crate::service::{Shared, apply};
+use crate::store::outbox;
+use crate::transition::{self, Finished};
+use futures_util::FutureExt;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Awaits publisher confirms in order and clears confirmed outbox entries in batches; applies
+/// unroutable attempts as failed ([`transition::unroutable`]).
+pub struct Confirmer {
+    pub shared: Shared,
+    pub rx: mpsc::Receiver<Pending>,
+}
+
+impl Confirmer {
+    /// Runs until `producers_done`, and then until nothing is left in the channel: it outlives
+    /// the loops that publish.
+    pub async fn run(self, producers_done: CancellationToken) {
+        let Confirmer { shared, mut rx } = self;
+        run(shared, &mut rx, producers_done).await
+    }
+}
+
+async fn run(shared: Shared, rx: &mut mpsc::Receiver<Pending>, producers_done: CancellationToken) {
+    let mut buf = Vec::with_capacity(1024);
+    // Confirmed entries are deleted together, at most `CLEAR_EVERY` after the first of them:
+    // one small transaction per interval instead of one per confirm batch. Far below
+    // `relay_after_ms`, so the relay never sees a confirmed entry.
+    let mut done: Vec<i64> = Vec::new();
+    let mut clear_at: Option<tokio::time::Instant> = None;
+    loop {
+        let n = tokio::select! {
+            n = rx.recv_many(&mut buf, 1024) => n,
+            _ = tokio::time::sleep_until(clear_at.unwrap_or_else(tokio::time::Instant::now)), if clear_at.is_some() => {
+                clear(&shared, &mut done).await;
+                clear_at = None;
+                continue;
+            }
+            _ = producers_done.cancelled() => {
+                rx.recv_many(&mut buf, 1024).now_or_never().unwrap_or_default()
+            }
+        };
+        if n == 0 {
+            break;
+        }
+        let mut unroutable = Vec::new();
+        for p in buf.drain(..) {
+            match Publisher::settle(p.confirm).await {
+                Ok(Delivered::Confirmed) => done.push(p.outbox_id),
+                Ok(Delivered::Unroutable(text)) => {
+                    done.push(p.outbox_id);
+                    unroutable.push(Finished {
+                        task_id: p.task_id,
+                        step_id: p.step_id,
+                        attempt: p.attempt,
+                        worker: None,
+                        result: transition::unroutable(&p.queue, &text),
+                    });
+                }
+                Ok(Delivered::Nacked) | Err(_) => {
+                    tracing::warn!(step_id = %p.step_id, "publish not confirmed; the relay will retry");
+                }
+            }
+        }
+        if done.len() >= CLEAR_BATCH {
+            clear(&shared, &mut done).await;
+            clear_at = None;
+        } else if clear_at.is_none() && !done.is_empty() {
+            clear_at = Some(tokio::time::Instant::now() + CLEAR_EVERY);
+        }
+        if !unroutable.is_empty() {
+            // Not inline: applying may publish, and this loop must never wait on its own channel.
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                if let Err(e) = apply::apply_outcomes(&shared, unroutable).await {
+                    tracing::warn!(error = %e, "could not fail unroutable attempts");
+                }
+            });
+        }
+    }
+    clear(&shared, &mut done).await;
+}
+
+/// Longest wait before confirmed outbox entries are deleted.
+const CLEAR_EVERY: Duration = Duration::from_millis(50);
+/// Most confirmed entries waiting to be deleted.
+const CLEAR_BATCH: usize = 4096;
+
+async fn clear(shared: &Shared, done: &mut Vec<i64>) {
+    if done.is_empty() {
+        return;
+    }
+    if let Err(e) = outbox::clear(&shared.db, done).await {
+        // Harmless: the relay republishes, and the result guard drops duplicates.
+        tracing::warn!(error = %e, "could not clear outbox entries");
+    }
+    done.clear();
+}

@@ -1,0 +1,23 @@
+//! The long-lived loops of a replica, one struct each with `run(self, shutdown)`: they decide
+//! only *when* to act and call services for the rest. [`crate::startup::App`] spawns them on
+//! one tracker and waits for each to stop on shutdown.
+//!
+//! | loop | wakes on | does |
+//! |---|---|---|
+//! | [`Dispatcher`] | queues marked by submits, applies and retries; a backstop poll | admits and publishes each marked queue's backlog |
+//! | [`Confirmer`] | publisher confirms | clears confirmed outbox entries in batches; fails unroutable attempts |
+//! | [`Timers`] | a retry scheduled; the next due time; the poll interval | promotes due retries, times out expired leases, relays stale outbox entries |
+//! | [`Reconciler`] | every `reconcile_interval_ms` | repairs tasks without a live owner, recounts slots, prunes |
+//! | [`FinishListener`] | PostgreSQL `NOTIFY tasker_task_finished` | tells local long-poll waiters |
+
+mod confirmer;
+mod dispatcher;
+mod listener;
+mod reconciler;
+mod timers;
+
+pub use confirmer::Confirmer;
+pub use dispatcher::Dispatcher;
+pub use listener::FinishListener;
+pub use reconciler::Reconciler;
+pub use timers::Timers;

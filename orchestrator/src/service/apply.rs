@@ -1,0 +1,248 @@
+//! Applying reported attempts: one transaction per batch (the locking read, the decisions of
+//! [`transition::plan_batch`], one set-wise write, fail-fast halting, finishing tasks, and the
+//! admission of the children that became ready, under their queues' slot locks), then the
+//! after-commit work: publish what was admitted, wake the dispatcher and the timers, announce
+//! finished tasks, count.
+
+use super::publish::publish_admitted;
+use super::{Result, Shared, events};
+use crate::metrics::Metrics;
+use crate::slots::SlotKey;
+use crate::store::admission::{self, Dispatched};
+use crate::store::apply::{self as store_apply, FinishedTask, TaskCounts};
+use crate::store::outbox::{Admitted, MessageData};
+use crate::store::{self, StoreError};
+use crate::transition::{self, Finished, Policy, TaskNow};
+use backon::{ExponentialBuilder, Retryable};
+use sqlx::PgConnection;
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+use tasker_schemas::{StepId, TaskState};
+use uuid::Uuid;
+
+/// What one [`apply_outcomes`] did.
+#[derive(Debug, Default)]
+pub struct ApplyReport {
+    pub applied: usize,
+    /// Outcomes for an attempt that is not the step's current dispatched one (late, duplicate,
+    /// or naming the wrong task): recorded nowhere, counted here.
+    pub stale: usize,
+    /// Outcomes refused by the attempts primary key (must stay 0).
+    pub applied_twice: usize,
+    /// Queues that got ready steps the same transaction could not admit (the dispatcher's).
+    pub queued: HashSet<String>,
+    /// Dispatched steps that left `dispatched`, per queue (their slots were released).
+    pub released: HashMap<String, i64>,
+    /// Attempts that failed and were scheduled again (wakes the timer).
+    pub retries: usize,
+    pub finished: Vec<FinishedTask>,
+}
+
+/// Applies outcomes in one transaction (retried at once after a deadlock or serialization
+/// failure), then publishes what it admitted and does the after-commit work. Attempts whose
+/// step message then cannot be sent are applied as failed in turn.
+///
+/// Children that became ready are admitted in the same transaction (under the same per-queue
+/// slot lock as the dispatcher's admission), so a chain moves on without a second transaction
+/// and a hop through the dispatcher; what does not fit in one batch is left to the dispatcher.
+pub async fn apply_outcomes(shared: &Shared, batch: Vec<Finished>) -> Result<ApplyReport> {
+    let (report, admitted, messages) = apply_committed(shared, &batch).await?;
+    publish_and_settle(shared, &admitted, messages).await;
+    after_commit(shared, &report).await;
+    Ok(report)
+}
+
+/// Publishes admitted attempts; those whose message cannot be sent are applied as failed
+/// (which may admit and publish further steps: a loop, not a recursion).
+pub async fn publish_and_settle(
+    shared: &Shared,
+    admitted: &[Admitted],
+    messages: Vec<MessageData>,
+) {
+    if admitted.is_empty() {
+        return;
+    }
+    let mut failed = publish_admitted(shared, admitted, messages).await;
+    while !failed.is_empty() {
+        match apply_committed(shared, &failed).await {
+            Ok((report, admitted, messages)) => {
+                failed = publish_admitted(shared, &admitted, messages).await;
+                after_commit(shared, &report).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not fail undeliverable step attempts; the relay will retry");
+                return;
+            }
+        }
+    }
+}
+
+/// Applies and commits a batch and tells the dispatcher about the slots it released; returns
+/// the attempts to publish (before the rest of the after-commit work).
+async fn apply_committed(
+    shared: &Shared,
+    batch: &[Finished],
+) -> Result<(ApplyReport, Vec<Admitted>, Vec<MessageData>)> {
+    let policy = Policy {
+        max_output_bytes: shared.config.max_output_bytes,
+        handler_missing_delay_ms: shared.config.handler_missing_delay_ms,
+    };
+    let once = || async {
+        let mut tx = shared.db.begin().await?;
+        let mut report = apply_batch(&mut tx, batch, &policy).await?;
+        let admitted = admit_ready(shared, &mut tx, &mut report).await?;
+        tx.commit().await?;
+        Ok::<_, StoreError>((report, admitted))
+    };
+    let (report, (admitted, messages, bounded)) = once
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(2))
+                .with_max_times(5),
+        )
+        .when(StoreError::is_conflict)
+        .notify(|_, _| Metrics::add(&shared.metrics.db_retries_total, 1))
+        .await?;
+    shared.dispatch.released(report.released.keys());
+    for (queue, bounded) in bounded {
+        shared.dispatch.note_room(&queue, bounded);
+    }
+    if !admitted.is_empty() {
+        Metrics::add(&shared.metrics.steps_dispatched_total, admitted.len());
+    }
+    Ok((report, admitted, messages))
+}
+
+/// The rows of one batch: lock, decide, write, halt, finish.
+async fn apply_batch(
+    tx: &mut PgConnection,
+    batch: &[Finished],
+    policy: &Policy,
+) -> store::Result<ApplyReport> {
+    let mut report = ApplyReport::default();
+    let task_ids: Vec<Uuid> = batch.iter().map(|f| f.task_id.0).collect();
+    let live = store_apply::lock_live_tasks(tx, &task_ids).await?;
+    let step_ids: Vec<Uuid> = batch.iter().map(|f| f.step_id.0).collect();
+    let current = store_apply::read_steps(tx, &step_ids).await?;
+    let plan = transition::plan_batch(batch, &current, &live, policy, &mut || {
+        rand::random::<f64>()
+    });
+    report.stale = plan.stale;
+    report.applied = plan.changes.len();
+    report.retries = plan.retries;
+    if plan.changes.is_empty() {
+        return Ok(report);
+    }
+    // Fail-fast: what can no longer run is halted after the outcomes are written, and the
+    // tasks' counters are written after that, with the halted steps counted.
+    let counts = if plan.failing.is_empty() {
+        TaskCounts::new(&plan.terminal, &plan.failing)
+    } else {
+        TaskCounts::default()
+    };
+    let w = store_apply::write(tx, &plan, &counts).await?;
+    report.released = w.released;
+    report.queued = w.queued;
+    report.applied_twice = plan.changes.len() - w.attempts_inserted;
+    let mut done = w.finished;
+    if !plan.failing.is_empty() {
+        let failing: Vec<Uuid> = plan.failing.keys().copied().collect();
+        let halted = store_apply::halt_steps(tx, &failing, transition::halt(false)).await?;
+        let mut terminal = plan.terminal.clone();
+        for (task, n) in halted {
+            *terminal.entry(task).or_default() += n;
+        }
+        done.extend(
+            store_apply::write_counts(tx, &TaskCounts::new(&terminal, &plan.failing)).await?,
+        );
+    }
+    let ending: Vec<(Uuid, TaskState)> = done
+        .into_iter()
+        .map(|id| {
+            let now = live.get(&id).copied().unwrap_or_default();
+            let task = TaskNow {
+                failing: now.failing || plan.failing.contains_key(&id),
+                cancel_requested: now.cancel_requested,
+            };
+            (id, transition::final_state(task))
+        })
+        .collect();
+    report.finished = store_apply::finalize(tx, &ending).await?;
+    Ok(report)
+}
+
+/// Releases the slots of the steps that left `dispatched` and admits the ready children, in
+/// the applying transaction. Returns the admitted attempts, their messages, and per queue
+/// whether the in-flight bound stopped the admission.
+async fn admit_ready(
+    shared: &Shared,
+    tx: &mut PgConnection,
+    report: &mut ApplyReport,
+) -> store::Result<(Vec<Admitted>, Vec<MessageData>, Vec<(String, bool)>)> {
+    let (mut admitted, mut messages, mut bounded) = (Vec::new(), Vec::new(), Vec::new());
+    let mut queues: Vec<String> = report.queued.drain().collect();
+    queues.sort_unstable();
+    if queues.is_empty() && report.released.is_empty() {
+        return Ok((admitted, messages, bounded));
+    }
+    let wanted: Vec<SlotKey> = queues.iter().map(SlotKey::queue).collect();
+    let released: HashMap<SlotKey, i64> = report
+        .released
+        .iter()
+        .map(|(q, n)| (SlotKey::queue(q), *n))
+        .collect();
+    let slots = admission::lock_slots(tx, &wanted, &released).await?;
+    let limit = shared.config.dispatch_batch_size.max(1);
+    for (queue, slot) in queues.into_iter().zip(wanted) {
+        let in_flight = slots.get(&slot).copied().unwrap_or(0);
+        let a = transition::admission(shared.config.max_in_flight_per_queue, in_flight, limit);
+        let Dispatched {
+            admitted: a,
+            messages: m,
+            bounded: b,
+            full,
+        } = admission::admit_locked(tx, &queue, a).await?;
+        if full {
+            // Maybe more: the dispatcher takes the rest.
+            report.queued.insert(queue.clone());
+        }
+        bounded.push((queue, b));
+        admitted.extend(a);
+        messages.extend(m);
+    }
+    Ok((admitted, messages, bounded))
+}
+
+async fn after_commit(shared: &Shared, report: &ApplyReport) {
+    let m = &shared.metrics;
+    Metrics::add(&m.results_applied_total, report.applied);
+    Metrics::add(&m.results_stale_total, report.stale);
+    Metrics::add(&m.results_applied_twice_total, report.applied_twice);
+    if report.applied_twice > 0 {
+        tracing::error!(
+            count = report.applied_twice,
+            "outcomes refused by the attempts primary key"
+        );
+    }
+    if !report.queued.is_empty() {
+        shared.dispatch.wake(report.queued.iter().cloned());
+    }
+    if report.retries > 0 {
+        Metrics::add(&m.retries_scheduled_total, report.retries);
+        shared.timers.notify_one();
+    }
+    events::announce(shared, &report.finished).await;
+}
+
+/// Records that a worker started (or still runs) an attempt: its execution lease from now.
+/// Stale reports change nothing.
+pub async fn record_started(
+    shared: &Shared,
+    step: StepId,
+    attempt: i32,
+    worker: &str,
+    lease_ms: i64,
+) -> Result<()> {
+    store::timers::record_started(&shared.db, step, attempt, worker, lease_ms).await?;
+    Ok(())
+}

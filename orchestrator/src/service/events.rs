@@ -1,0 +1,49 @@
+//! Lifecycle events: every finished task is counted and announced on the events exchange
+//! (best effort: the database holds the truth, and waiters are told by NOTIFY).
+
+use super::Shared;
+use crate::metrics::Metrics;
+use crate::store::apply::FinishedTask;
+use crate::store::rfc3339;
+use tasker_schemas::{LifecycleEvent, TaskState, encode_payload};
+
+/// Counts finished tasks and publishes their lifecycle events.
+pub async fn announce(shared: &Shared, finished: &[FinishedTask]) {
+    let m = &shared.metrics;
+    for f in finished {
+        match f.state {
+            TaskState::Completed => Metrics::add(&m.tasks_completed_total, 1),
+            TaskState::Failed => Metrics::add(&m.tasks_failed_total, 1),
+            _ => Metrics::add(&m.tasks_cancelled_total, 1),
+        }
+        let event = LifecycleEvent {
+            task_id: f.task_id,
+            namespace: f.namespace.clone(),
+            template: f.template.clone(),
+            seq: f.seq as u64,
+            state: f.state.to_string(),
+            at: rfc3339(f.at),
+            output: f.output.clone(),
+            error: f.error.clone(),
+        };
+        publish_event(shared, event).await;
+    }
+}
+
+/// Publishes a lifecycle event (best effort).
+pub async fn publish_event(shared: &Shared, event: LifecycleEvent) {
+    let key = format!("{}.task.{}", event.namespace, event.state);
+    match encode_payload(event) {
+        Ok(bytes) => {
+            let props = crate::broker::properties(tasker_schemas::MessageId::new());
+            if let Err(e) = shared
+                .publisher
+                .send_event(&shared.names.events_exchange(), &key, &bytes, props)
+                .await
+            {
+                tracing::warn!(error = %e, "could not publish lifecycle event");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "could not encode lifecycle event"),
+    }
+}

@@ -1,0 +1,123 @@
+//! Services: what the orchestrator does, apart from how it is asked (the AMQP and HTTP edges in
+//! [`crate::edge`]) and when (the loops in [`crate::loops`]). Services decide nothing about a
+//! step's fate themselves: they read rows through [`crate::store`], ask
+//! [`crate::transition`], and write the answer back in one transaction, then do the
+//! after-commit work (publish, wake, announce).
+//!
+//! | module | what |
+//! |---|---|
+//! | [`apply`] | applying reported attempts, admitting the children they make ready |
+//! | [`admission`] | the dispatcher's wake handle and admitting a queue's backlog |
+//! | [`publish`] | publishing admitted attempts, confirms to the confirmer |
+//! | [`tasks`] | submit, cancel, retry, read |
+//! | [`templates`] | registering and reading templates |
+//! | [`events`] | lifecycle events of finished tasks |
+//! | [`timers`] | due retries, expired leases, the outbox relay |
+//! | [`reconcile`] | repairing tasks without a live owner, slot recounts, pruning |
+
+pub mod admission;
+pub mod apply;
+pub mod events;
+pub mod publish;
+pub mod reconcile;
+pub mod tasks;
+pub mod templates;
+pub mod timers;
+
+use crate::broker::{BrokerError, Publisher};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::store::StoreError;
+use crate::store::templates::TemplateCache;
+use admission::DispatchHandle;
+use publish::Pending;
+use sqlx::PgPool;
+use std::sync::Arc;
+use tasker_schemas::{DataError, Names, TaskId, TaskState, TemplateError};
+use tokio::sync::{Notify, broadcast, mpsc};
+
+/// The handles every part of the orchestrator shares: cheap to clone.
+#[derive(Clone)]
+pub struct Shared {
+    pub db: PgPool,
+    pub config: Arc<Config>,
+    pub names: Names,
+    pub publisher: Publisher,
+    pub templates: TemplateCache,
+    pub metrics: Arc<Metrics>,
+    pub dispatch: DispatchHandle,
+    /// Publishes awaiting their broker confirm (the confirmer clears their outbox entries).
+    pub confirms: mpsc::Sender<Pending>,
+    /// Wakes the timer loop (a retry was scheduled).
+    pub timers: Arc<Notify>,
+    /// Ids of tasks that finished, on any replica (from Postgres NOTIFY).
+    pub finished: broadcast::Sender<TaskId>,
+}
+
+/// What a service can fail with: the caller's mistakes (each its own variant) and the
+/// dependencies' faults ([`ServiceError::Store`], [`ServiceError::Broker`]), never mixed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServiceError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("invalid template: {0}")]
+    InvalidTemplate(#[from] TemplateError),
+    #[error(
+        "template {namespace}/{name} version {version} is already registered with different content"
+    )]
+    TemplateConflict {
+        namespace: String,
+        name: String,
+        version: u32,
+    },
+    #[error("template {namespace}/{name}{} not found", .version.map(|v| format!(" version {v}")).unwrap_or_default())]
+    TemplateNotFound {
+        namespace: String,
+        name: String,
+        version: Option<u32>,
+    },
+    #[error("task {0} not found")]
+    TaskNotFound(TaskId),
+    #[error("idempotency key {key:?} already used by task {task_id} with a different request")]
+    IdempotencyConflict { key: String, task_id: TaskId },
+    #[error("task id {0} is already used by a different request")]
+    TaskIdConflict(TaskId),
+    #[error("{0}")]
+    Data(#[from] DataError),
+    /// The caller sent something invalid (the text says what).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    #[error("task {task_id} is {state}: {action} is not possible")]
+    InvalidState {
+        task_id: TaskId,
+        state: TaskState,
+        action: &'static str,
+    },
+}
+
+impl ServiceError {
+    /// True when the same call may succeed later (the database or the broker is down or busy).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ServiceError::Store(e) => e.is_transient(),
+            ServiceError::Broker(_) => true,
+            _ => false,
+        }
+    }
+
+    /// True when the caller is not at fault: the dependencies failed.
+    pub fn is_internal(&self) -> bool {
+        matches!(self, ServiceError::Store(_) | ServiceError::Broker(_))
+    }
+}
+
+impl From<sqlx::Error> for ServiceError {
+    fn from(e: sqlx::Error) -> Self {
+        ServiceError::Store(StoreError::Database(e))
+    }
+}
+
+pub type Result<T, E = ServiceError> = std::result::Result<T, E>;

@@ -1,0 +1,125 @@
+//! Publishing admitted attempts. The publish never changes step state: each admitted attempt
+//! already has its outbox entry, and the confirmer deletes it once the broker confirmed the
+//! message. If this process dies anywhere in between, the relay publishes the entry again.
+
+use super::Shared;
+use crate::broker::properties;
+use crate::store::outbox::{self, Admitted, MessageData};
+use crate::transition::{self, Finished};
+use lapin::PublisherConfirm;
+use tasker_schemas::topology::{result_routing_key, shard_of};
+use tasker_schemas::{Envelope, MessageId, StepMessage, StepState, encode};
+
+/// A publish awaiting its confirm.
+pub struct Pending {
+    pub outbox_id: i64,
+    pub task_id: tasker_schemas::TaskId,
+    pub step_id: tasker_schemas::StepId,
+    pub attempt: i32,
+    pub queue: String,
+    pub confirm: PublisherConfirm,
+}
+
+/// Publishes admitted attempts (pipelined) and queues their confirms for the confirmer.
+/// Publish errors leave the outbox entry for the relay. Returns the attempts whose message
+/// cannot be sent at all (too large, unencodable), to be applied as failed.
+pub async fn publish_admitted(
+    shared: &Shared,
+    admitted: &[Admitted],
+    messages: Vec<MessageData>,
+) -> Vec<Finished> {
+    let mut failed = Vec::new();
+    for m in messages {
+        let Some(a) = admitted.iter().find(|a| a.step_id == m.step_id) else {
+            continue;
+        };
+        if m.state != StepState::Dispatched || m.attempt != a.attempt {
+            // Already finished (a relay of an old entry): nothing to publish; clear the entry.
+            let _ = outbox::clear(&shared.db, &[a.outbox_id]).await;
+            continue;
+        }
+        let idempotency_key = format!("{}:{}", m.task_id, m.step);
+        let routing = result_routing_key(
+            &m.namespace,
+            shard_of(&m.task_id, shared.config.result_shards),
+        );
+        let envelope = Envelope::new(StepMessage {
+            task_id: m.task_id,
+            step_id: m.step_id,
+            namespace: m.namespace,
+            template: m.template,
+            step: m.step,
+            handler: m.handler,
+            queue: m.queue.clone(),
+            attempt: m.attempt as u32,
+            idempotency_key,
+            context: m.context,
+            parent_outputs: m.parent_outputs,
+            timeout_ms: m.execution_timeout_ms as u64,
+            result_routing_key: routing,
+        });
+        let message_id: MessageId = envelope.message_id;
+        let bytes = match encode(&envelope) {
+            Ok(b) if b.len() <= shared.config.max_step_message_bytes => b,
+            Ok(b) => {
+                failed.push(undeliverable(m.task_id, m.step_id, a, format!(
+                    "step message is {} bytes, over the limit of {} bytes (context plus parent outputs)",
+                    b.len(),
+                    shared.config.max_step_message_bytes
+                )));
+                let _ = outbox::clear(&shared.db, &[a.outbox_id]).await;
+                continue;
+            }
+            Err(e) => {
+                failed.push(undeliverable(m.task_id, m.step_id, a, e.to_string()));
+                let _ = outbox::clear(&shared.db, &[a.outbox_id]).await;
+                continue;
+            }
+        };
+        match shared
+            .publisher
+            .send(
+                &shared.names.steps_exchange(),
+                &m.queue,
+                &bytes,
+                properties(message_id),
+            )
+            .await
+        {
+            Ok(confirm) => {
+                let pending = Pending {
+                    outbox_id: a.outbox_id,
+                    task_id: m.task_id,
+                    step_id: m.step_id,
+                    attempt: a.attempt,
+                    queue: m.queue,
+                    confirm,
+                };
+                if shared.confirms.send(pending).await.is_err() {
+                    // Shutting down: the relay publishes the rest later.
+                    return failed;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(step_id = %m.step_id, error = %e, "publish failed; the relay will retry")
+            }
+        }
+    }
+    failed
+}
+
+/// An attempt whose step message cannot be sent.
+fn undeliverable(
+    task_id: tasker_schemas::TaskId,
+    step_id: tasker_schemas::StepId,
+    a: &Admitted,
+    error: String,
+) -> Finished {
+    Finished {
+        task_id,
+        step_id,
+        attempt: a.attempt,
+        worker: None,
+        result: transition::undeliverable(error),
+    }
+}

@@ -1,0 +1,63 @@
+//! The reconciler's work: prove that every live task has a live owner and repair those that do
+//! not; recount slots; prune finished tasks past their retention.
+
+use super::{Result, Shared, events};
+use crate::metrics::Metrics;
+use crate::store::{apply, reconcile};
+use crate::transition;
+use uuid::Uuid;
+
+/// One reconciler round; returns how many tasks and slots were repaired.
+pub async fn reconcile(shared: &Shared) -> Result<usize> {
+    let quiet = shared.config.reconcile_quiet_ms as i64;
+    let ids = reconcile::find_inconsistent(&shared.db, quiet, 100).await?;
+    for id in &ids {
+        repair(shared, *id).await?;
+        tracing::warn!(task_id = %id, "reconciler repaired a task without a live owner");
+    }
+    let slots = reconcile::recount_slots(&shared.db).await?;
+    for (slot, recorded, counted) in &slots {
+        tracing::warn!(%slot, recorded, counted, "reconciler corrected a slot's in-flight count");
+    }
+    Metrics::add(
+        &shared.metrics.reconciler_repairs_total,
+        ids.len() + slots.len(),
+    );
+    Ok(ids.len() + slots.len())
+}
+
+/// Recomputes a live task's bookkeeping from its steps, under the task lock: every non-terminal
+/// step gets an owner again (a due time, a lease, a queue slot, or unfinished parents), a
+/// halted task halts what it has not started ([`transition::halt`]), and the task finishes if
+/// nothing is left ([`transition::final_state`]).
+async fn repair(shared: &Shared, id: Uuid) -> Result<()> {
+    let mut tx = shared.db.begin().await?;
+    let Some(task) = reconcile::lock_live_task(&mut tx, id).await? else {
+        tx.commit().await?;
+        return Ok(());
+    };
+    reconcile::restore_due_times(&mut tx, id).await?;
+    let mut queues = Vec::new();
+    if task.failing || task.cancel_requested {
+        apply::halt_steps(&mut tx, &[id], transition::halt(task.cancel_requested)).await?;
+    } else {
+        queues = reconcile::readmit_waiting(&mut tx, id).await?;
+    }
+    reconcile::recount_unfinished(&mut tx, id).await?;
+    let finished = apply::finalize(&mut tx, &[(id, transition::final_state(task))]).await?;
+    tx.commit().await?;
+    shared.dispatch.wake(queues);
+    events::announce(shared, &finished).await;
+    Ok(())
+}
+
+/// Deletes up to `limit` tasks past their retention; returns how many went.
+pub async fn prune(shared: &Shared, limit: i64) -> Result<u64> {
+    let retention = shared.config.retention_hours as i64;
+    let n = reconcile::prune(&shared.db, retention, limit).await?;
+    if n > 0 {
+        tracing::info!(tasks = n, "pruned finished tasks past retention");
+        Metrics::add(&shared.metrics.tasks_pruned_total, n as usize);
+    }
+    Ok(n)
+}

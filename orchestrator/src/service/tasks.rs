@@ -1,0 +1,153 @@
+//! Tasks: submit (HTTP and AMQP alike), cancel, retry, read.
+
+use super::{Result, ServiceError, Shared, events};
+use crate::metrics::Metrics;
+use crate::store::tasks::{self, CreateOutcome, Created, NewTask};
+use crate::store::views::{self, ListFilter, TaskDetail, TaskRow};
+use crate::transition::{self, Refused, TaskNow};
+use tasker_schemas::api::SubmitTask;
+use tasker_schemas::{RequestId, TaskId, TaskState};
+
+/// Longest idempotency key.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 256;
+
+/// Validates and creates a task (or returns the existing one for an idempotent repeat).
+pub async fn submit(
+    shared: &Shared,
+    req: &SubmitTask,
+    request_id: Option<RequestId>,
+) -> Result<Created> {
+    tasker_schemas::template::validate_namespace(&req.namespace)?;
+    if req.template.is_empty() {
+        return Err(ServiceError::InvalidRequest(
+            "template must not be empty".into(),
+        ));
+    }
+    if let Some(key) = &req.idempotency_key
+        && (key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN)
+    {
+        return Err(ServiceError::InvalidRequest(format!(
+            "idempotency_key must be 1-{MAX_IDEMPOTENCY_KEY_LEN} bytes"
+        )));
+    }
+    if let Some(id) = req.task_id
+        && id.0.get_version_num() != 7
+    {
+        return Err(ServiceError::InvalidRequest(format!(
+            "task_id {id} must be a UUIDv7"
+        )));
+    }
+    tasker_schemas::data::check_value("context", &req.context, shared.config.max_context_bytes)?;
+    let template =
+        super::templates::find(shared, &req.namespace, &req.template, req.version).await?;
+    let new = NewTask {
+        namespace: &req.namespace,
+        template_id: template.id,
+        template: &template.template,
+        requested_version: req.version,
+        context: &req.context,
+        idempotency_key: req.idempotency_key.as_deref(),
+        request_id,
+        priority: req.priority,
+        task_id: req.task_id,
+    };
+    let mut tx = shared.db.begin().await?;
+    let outcome = tasks::create(&mut tx, &new).await?;
+    tx.commit().await?;
+    let created = match outcome {
+        CreateOutcome::Created(c) => c,
+        CreateOutcome::Conflict { task_id } => {
+            return Err(match &req.idempotency_key {
+                Some(key) => ServiceError::IdempotencyConflict {
+                    key: key.clone(),
+                    task_id,
+                },
+                None => ServiceError::TaskIdConflict(task_id),
+            });
+        }
+    };
+    if created.created {
+        Metrics::add(&shared.metrics.tasks_submitted_total, 1);
+        shared.dispatch.wake(created.queues.iter().cloned());
+        tracing::debug!(task_id = %created.task_id, template = %req.template, "task created");
+    }
+    Ok(created)
+}
+
+fn refused(task_id: TaskId, r: Refused) -> ServiceError {
+    ServiceError::InvalidState {
+        task_id,
+        state: r.state,
+        action: r.action,
+    }
+}
+
+/// Cancels a live task ([`transition::cancel_task`]): nothing new is admitted, steps not
+/// started are cancelled; steps already dispatched may still report (recorded, advancing
+/// nothing). The task finishes at once when nothing is in flight. Workers are told.
+pub async fn cancel(shared: &Shared, id: TaskId, reason: Option<String>) -> Result<()> {
+    let mut tx = shared.db.begin().await?;
+    let state = tasks::lock(&mut tx, id)
+        .await?
+        .ok_or(ServiceError::TaskNotFound(id))?;
+    let (halt, error) =
+        transition::cancel_task(state, reason.as_deref()).map_err(|r| refused(id, r))?;
+    tasks::cancel(&mut tx, id, halt, &error, reason.as_deref()).await?;
+    let ending = transition::final_state(TaskNow {
+        failing: false,
+        cancel_requested: true,
+    });
+    let finished = crate::store::apply::finalize(&mut tx, &[(id.0, ending)]).await?;
+    tx.commit().await?;
+    // Tell workers; a step already taken may still run, and its result advances nothing.
+    let cancel = tasker_schemas::Cancel {
+        task_id: id,
+        reason,
+    };
+    if let Ok(bytes) = tasker_schemas::encode_payload(cancel) {
+        let props = crate::broker::properties(tasker_schemas::MessageId::new());
+        if let Err(e) = shared
+            .publisher
+            .send_event(&shared.names.cancel_exchange(), "", &bytes, props)
+            .await
+        {
+            tracing::warn!(error = %e, "could not publish cancel message");
+        }
+    }
+    events::announce(shared, &finished).await;
+    tracing::info!(task_id = %id, "task cancel requested");
+    Ok(())
+}
+
+/// Retries a failed or cancelled task ([`transition::retry_task`]).
+pub async fn retry(shared: &Shared, id: TaskId) -> Result<()> {
+    let mut tx = shared.db.begin().await?;
+    let state = tasks::lock(&mut tx, id)
+        .await?
+        .ok_or(ServiceError::TaskNotFound(id))?;
+    let reset = transition::retry_task(state).map_err(|r| refused(id, r))?;
+    let queues = tasks::retry(&mut tx, id, state, reset).await?;
+    tx.commit().await?;
+    shared.dispatch.wake(queues);
+    tracing::info!(task_id = %id, "task retried");
+    Ok(())
+}
+
+/// A task with its steps, attempts and history.
+pub async fn detail(shared: &Shared, id: TaskId) -> Result<TaskDetail> {
+    views::detail(&shared.db, id)
+        .await?
+        .ok_or(ServiceError::TaskNotFound(id))
+}
+
+/// A task's state.
+pub async fn state(shared: &Shared, id: TaskId) -> Result<TaskState> {
+    views::state(&shared.db, id)
+        .await?
+        .ok_or(ServiceError::TaskNotFound(id))
+}
+
+/// Tasks newest first: a page and whether more follow.
+pub async fn list(shared: &Shared, filter: &ListFilter) -> Result<(Vec<TaskRow>, bool)> {
+    Ok(views::list(&shared.db, filter).await?)
+}

@@ -1,0 +1,78 @@
+//! Time-driven work, safe on any number of replicas: due retries become ready again, expired
+//! leases become timed-out attempts, and the relay publishes outbox entries left behind.
+
+use super::apply::{apply_outcomes, publish_and_settle};
+use super::{Result, Shared};
+use crate::metrics::Metrics;
+use crate::store::{outbox, timers};
+use crate::transition::{self, Finished};
+use std::time::Duration;
+
+/// Moves every due retry back to `queued`, in batches, and wakes the dispatcher for their
+/// queues.
+pub async fn promote_due_retries(shared: &Shared) -> Result<()> {
+    const BATCH: i64 = 1000;
+    loop {
+        let queues = timers::promote_due_retries(&shared.db, BATCH).await?;
+        let n = queues.len();
+        if n > 0 {
+            shared.dispatch.wake(queues);
+        }
+        if (n as i64) < BATCH {
+            return Ok(());
+        }
+    }
+}
+
+/// Applies expired leases as timeouts ([`transition::lease_expired`]).
+pub async fn expire_leases(shared: &Shared) -> Result<()> {
+    let expired = timers::claim_expired_leases(&shared.db, 500, 30_000).await?;
+    if expired.is_empty() {
+        return Ok(());
+    }
+    Metrics::add(&shared.metrics.timeouts_total, expired.len());
+    let batch = expired
+        .into_iter()
+        .map(|l| Finished {
+            task_id: l.task_id,
+            step_id: l.step_id,
+            attempt: l.attempt,
+            worker: None,
+            result: transition::lease_expired(
+                l.attempt,
+                l.started,
+                l.queue_wait_timeout_ms,
+                l.execution_timeout_ms,
+            ),
+        })
+        .collect();
+    apply_outcomes(shared, batch).await?;
+    Ok(())
+}
+
+/// Publishes again the outbox entries older than `relay_after_ms`. The claim touches them, so
+/// no replica claims them again before their new confirm clears them.
+pub async fn relay(shared: &Shared) -> Result<()> {
+    let mut tx = shared.db.begin().await?;
+    let claimed = outbox::claim_stale(&mut tx, shared.config.relay_after_ms as i64, 500).await?;
+    if claimed.is_empty() {
+        tx.commit().await?;
+        return Ok(());
+    }
+    let ids: Vec<_> = claimed.iter().map(|a| a.step_id).collect();
+    let messages = outbox::load_messages(&mut *tx, &ids).await?;
+    tx.commit().await?;
+    tracing::info!(
+        entries = claimed.len(),
+        "relaying outbox entries left behind"
+    );
+    Metrics::add(&shared.metrics.outbox_relayed_total, claimed.len());
+    publish_and_settle(shared, &claimed, messages).await;
+    Ok(())
+}
+
+/// How long until the next retry is due, at most `cap`.
+pub async fn next_due(shared: &Shared, cap: Duration) -> Result<Duration> {
+    let next = timers::next_retry_in_ms(&shared.db).await?;
+    Ok(next.map_or(cap, |ms| Duration::from_millis(ms.max(1) as u64).min(cap)))
+}

@@ -1,0 +1,357 @@
+//! Applying a batch of reported attempts: one locking read (the live tasks, then their
+//! reported steps), one set-wise write of what [`crate::transition::plan_batch`] decided, and
+//! the finish of tasks with nothing left to run. Halting (fail-fast skip) adds one statement
+//! and a second counter write only when a task starts failing.
+
+use super::{Result, StoreError};
+use crate::transition::{BatchPlan, Move, PARENTS_DONE, StepNow, TaskNow};
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::{PgConnection, Row};
+use std::collections::{HashMap, HashSet};
+use tasker_schemas::{AttemptOutcome, StepState, TaskId, TaskState};
+use uuid::Uuid;
+
+/// Locks the live tasks among `ids` (in id order) and returns their flags. Tasks that are not
+/// live are absent.
+pub async fn lock_live_tasks(
+    tx: &mut PgConnection,
+    ids: &[Uuid],
+) -> Result<HashMap<Uuid, TaskNow>> {
+    let mut ids = ids.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    let rows = sqlx::query(
+        "SELECT id, failing, cancel_requested FROM tasks
+         WHERE id = ANY($1) AND state IN ('pending', 'running')
+         ORDER BY id FOR UPDATE",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            (
+                r.get::<Uuid, _>("id"),
+                TaskNow {
+                    failing: r.get("failing"),
+                    cancel_requested: r.get("cancel_requested"),
+                },
+            )
+        })
+        .collect())
+}
+
+#[derive(sqlx::FromRow)]
+struct StepRow {
+    id: Uuid,
+    task_id: Uuid,
+    namespace: String,
+    name: String,
+    state: StepState,
+    attempt: i32,
+    failures: i32,
+    max_attempts: i32,
+    retry_policy: Value,
+    child_ids: Vec<Uuid>,
+    dispatched_at: Option<DateTime<Utc>>,
+    started_at: Option<DateTime<Utc>>,
+}
+
+/// The reported steps as they are now (their tasks locked by [`lock_live_tasks`]).
+pub async fn read_steps(tx: &mut PgConnection, ids: &[Uuid]) -> Result<HashMap<Uuid, StepNow>> {
+    let rows: Vec<StepRow> = sqlx::query_as(
+        "SELECT id, task_id, namespace, name, state, attempt, failures, max_attempts, retry_policy,
+                child_ids, dispatched_at, started_at
+         FROM steps WHERE id = ANY($1)",
+    )
+    .bind(ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|s| {
+            (
+                s.id,
+                StepNow {
+                    id: s.id,
+                    task_id: s.task_id,
+                    namespace: s.namespace,
+                    name: s.name,
+                    state: s.state,
+                    attempt: s.attempt,
+                    failures: s.failures,
+                    max_attempts: s.max_attempts,
+                    retry_policy: s.retry_policy,
+                    child_ids: s.child_ids,
+                    dispatched_at: s.dispatched_at,
+                    started_at: s.started_at,
+                },
+            )
+        })
+        .collect())
+}
+
+/// Per task: steps that reached a terminal state, and the error that makes it fail.
+#[derive(Debug, Default)]
+pub struct TaskCounts {
+    id: Vec<Uuid>,
+    done: Vec<i32>,
+    error: Vec<Option<String>>,
+}
+
+impl TaskCounts {
+    pub fn new(
+        terminal: &HashMap<Uuid, i32>,
+        failing: &std::collections::BTreeMap<Uuid, String>,
+    ) -> Self {
+        let (id, done): (Vec<Uuid>, Vec<i32>) = terminal.iter().map(|(k, v)| (*k, *v)).unzip();
+        let error = id.iter().map(|id| failing.get(id).cloned()).collect();
+        Self { id, done, error }
+    }
+}
+
+/// What [`write`] did.
+#[derive(Debug, Default)]
+pub struct Written {
+    /// Steps that left `dispatched`, per queue: their slots to release.
+    pub released: HashMap<String, i64>,
+    /// Queues with children that became ready.
+    pub queued: HashSet<String>,
+    pub attempts_inserted: usize,
+    /// Tasks with no unfinished step left.
+    pub finished: Vec<Uuid>,
+}
+
+/// Writes a batch's decisions in one statement (one round trip): step transitions (guarded by
+/// attempt and state `dispatched`), attempt history (the primary key refuses an outcome applied
+/// twice), children's parent counters (children reaching zero are [`PARENTS_DONE`]), and the
+/// tasks' unfinished-step counters. The transitions touch only `dispatched` steps and the
+/// counters only `waiting` ones, so no row is changed twice.
+///
+/// The state guards are written `IS NOT DISTINCT FROM` so that they cannot match a partial
+/// index predicate: with statistics taken while few steps were in that state (a fresh or idle
+/// database), the planner otherwise scans every dispatched step through `steps_lease` instead
+/// of looking the batch up by primary key (20 ms instead of 1 ms per batch, measured).
+pub async fn write(
+    tx: &mut PgConnection,
+    plan: &BatchPlan<'_>,
+    tasks: &TaskCounts,
+) -> Result<Written> {
+    let n = plan.changes.len();
+    let mut id = Vec::with_capacity(n);
+    let mut attempt = Vec::with_capacity(n);
+    let mut state = Vec::with_capacity(n);
+    let mut failures = Vec::with_capacity(n);
+    let mut output: Vec<Option<Value>> = Vec::with_capacity(n);
+    let mut error: Vec<Option<String>> = Vec::with_capacity(n);
+    let mut delay_ms: Vec<Option<i64>> = Vec::with_capacity(n);
+    let mut task_id = Vec::with_capacity(n);
+    let mut namespace = Vec::with_capacity(n);
+    let mut outcome: Vec<AttemptOutcome> = Vec::with_capacity(n);
+    let mut dispatched_at = Vec::with_capacity(n);
+    let mut started_at = Vec::with_capacity(n);
+    let mut worker = Vec::with_capacity(n);
+    let mut outcome_error = Vec::with_capacity(n);
+    for c in &plan.changes {
+        id.push(c.step.id);
+        attempt.push(c.reported.attempt);
+        state.push(c.to);
+        failures.push(c.failures);
+        output.push(c.output.clone());
+        error.push(c.error.clone());
+        delay_ms.push(c.retry_in_ms.map(|d| d.min(i64::MAX as u64) as i64));
+        task_id.push(c.step.task_id);
+        namespace.push(c.step.namespace.as_str());
+        outcome.push(c.outcome);
+        dispatched_at.push(c.step.dispatched_at);
+        started_at.push(c.step.started_at);
+        worker.push(c.reported.worker.as_deref());
+        outcome_error.push(c.outcome_error.as_deref());
+    }
+    let (child, parents_done): (Vec<Uuid>, Vec<i32>) =
+        plan.children.iter().map(|(k, v)| (*k, *v)).unzip();
+    let rows = sqlx::query(
+        "WITH outcome AS (
+             UPDATE steps s
+             SET state = u.state, failures = u.failures, output = u.output, error = u.error,
+                 next_attempt_at = CASE WHEN u.delay_ms IS NULL THEN NULL
+                                        ELSE now() + u.delay_ms * interval '1 millisecond' END,
+                 lease_expires_at = NULL,
+                 updated_at = now()
+             FROM unnest($1::uuid[], $2::int[], $3::text[], $4::int[], $5::jsonb[], $6::text[], $7::bigint[])
+                  AS u(id, attempt, state, failures, output, error, delay_ms)
+             WHERE s.id = u.id AND s.attempt = u.attempt
+               AND s.state IS NOT DISTINCT FROM 'dispatched'
+             RETURNING s.queue
+         ), history AS (
+             INSERT INTO attempts (step_id, attempt, task_id, namespace, outcome, dispatched_at,
+                                   started_at, worker, error)
+             SELECT * FROM unnest($1::uuid[], $2::int[], $8::uuid[], $9::text[], $10::text[],
+                                  $11::timestamptz[], $12::timestamptz[], $13::text[], $14::text[])
+             ON CONFLICT (step_id, attempt) DO NOTHING
+             RETURNING 1
+         ), ready AS (
+             UPDATE steps s
+             SET pending_parents = s.pending_parents - k.n,
+                 state = CASE WHEN s.pending_parents - k.n = 0 THEN $17 ELSE s.state END,
+                 queued_at = CASE WHEN s.pending_parents - k.n = 0 THEN now() ELSE s.queued_at END,
+                 updated_at = now()
+             FROM unnest($15::uuid[], $16::int[]) AS k(id, n)
+             WHERE s.id = k.id AND s.state IS NOT DISTINCT FROM 'waiting'
+             RETURNING s.queue, s.state
+         ), counted AS (
+             UPDATE tasks t
+             SET unfinished_steps = t.unfinished_steps - d.n,
+                 failing = t.failing OR d.error IS NOT NULL,
+                 error = coalesce(t.error, d.error),
+                 updated_at = now()
+             FROM unnest($18::uuid[], $19::int[], $20::text[]) AS d(id, n, error)
+             WHERE t.id = d.id
+             RETURNING t.id, t.unfinished_steps
+         )
+         SELECT 'released' AS kind, queue AS name, count(*) AS n FROM outcome GROUP BY queue
+         UNION ALL
+         SELECT 'queued', queue, count(*) FROM ready WHERE state = $17 GROUP BY queue
+         UNION ALL
+         SELECT 'inserted', NULL, count(*) FROM history
+         UNION ALL
+         SELECT 'finished', id::text, 0 FROM counted WHERE unfinished_steps = 0",
+    )
+    .bind(&id)
+    .bind(&attempt)
+    .bind(&state)
+    .bind(&failures)
+    .bind(&output)
+    .bind(&error)
+    .bind(&delay_ms)
+    .bind(&task_id)
+    .bind(&namespace)
+    .bind(&outcome)
+    .bind(&dispatched_at)
+    .bind(&started_at)
+    .bind(&worker)
+    .bind(&outcome_error)
+    .bind(&child)
+    .bind(&parents_done)
+    .bind(PARENTS_DONE.to)
+    .bind(&tasks.id)
+    .bind(&tasks.done)
+    .bind(&tasks.error)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut w = Written::default();
+    for r in rows {
+        let name: Option<String> = r.get("name");
+        let n: i64 = r.get("n");
+        match (r.get::<&str, _>("kind"), name) {
+            ("released", Some(queue)) => {
+                w.released.insert(queue, n);
+            }
+            ("queued", Some(queue)) => {
+                w.queued.insert(queue);
+            }
+            ("inserted", _) => w.attempts_inserted = n as usize,
+            ("finished", Some(id)) => w.finished.push(id.parse().map_err(|e| {
+                StoreError::Corrupt(format!("task id {id:?} from the database: {e}"))
+            })?),
+            _ => {}
+        }
+    }
+    Ok(w)
+}
+
+/// Writes only the tasks' counters (after halting their steps); returns the tasks with no
+/// unfinished step left.
+pub async fn write_counts(tx: &mut PgConnection, tasks: &TaskCounts) -> Result<Vec<Uuid>> {
+    Ok(write(tx, &BatchPlan::default(), tasks).await?.finished)
+}
+
+/// Carries out a halt ([`crate::transition::halt`]) for the given tasks: their steps in one of
+/// `m.from` move to `m.to`. Returns, per task, how many steps moved.
+pub async fn halt_steps(
+    tx: &mut PgConnection,
+    tasks: &[Uuid],
+    m: Move,
+) -> Result<HashMap<Uuid, i32>> {
+    let rows = sqlx::query(
+        "UPDATE steps SET state = $3, next_attempt_at = NULL, updated_at = now()
+         WHERE task_id = ANY($1) AND state = ANY($2)
+         RETURNING task_id",
+    )
+    .bind(tasks)
+    .bind(m.from)
+    .bind(m.to)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut moved: HashMap<Uuid, i32> = HashMap::new();
+    for r in rows {
+        *moved.entry(r.get("task_id")).or_default() += 1;
+    }
+    Ok(moved)
+}
+
+/// A task that reached a final state.
+#[derive(Debug, Clone)]
+pub struct FinishedTask {
+    pub task_id: TaskId,
+    pub namespace: String,
+    pub template: String,
+    pub state: TaskState,
+    pub seq: i64,
+    pub at: DateTime<Utc>,
+    pub output: Option<Value>,
+    pub error: Option<String>,
+}
+
+/// Finishes live tasks that have no unfinished step left, each in the state decided for it
+/// ([`crate::transition::final_state`]); a completed task's output is the outputs of its leaf
+/// steps. Records the event and notifies waiters (on commit). One statement.
+pub async fn finalize(
+    tx: &mut PgConnection,
+    tasks: &[(Uuid, TaskState)],
+) -> Result<Vec<FinishedTask>> {
+    if tasks.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (ids, states): (Vec<Uuid>, Vec<TaskState>) = tasks.iter().copied().unzip();
+    let rows = sqlx::query(
+        "WITH fin AS (
+             UPDATE tasks t
+             SET state = d.state,
+                 finished_at = now(),
+                 event_seq = t.event_seq + 1,
+                 output = CASE WHEN d.state = $3 THEN
+                     (SELECT coalesce(jsonb_object_agg(s.name, s.output), '{}'::jsonb)
+                      FROM steps s WHERE s.task_id = t.id AND cardinality(s.child_ids) = 0) END,
+                 updated_at = now()
+             FROM unnest($1::uuid[], $2::text[]) AS d(id, state)
+             WHERE t.id = d.id AND t.unfinished_steps = 0 AND t.state IN ('pending', 'running')
+             RETURNING t.id, t.namespace, t.template_name, t.state, t.event_seq, t.finished_at,
+                       t.output, t.error
+         ), events AS (
+             INSERT INTO task_events (task_id, seq, namespace, kind, detail)
+             SELECT id, event_seq, namespace, state, jsonb_build_object('error', error) FROM fin
+         )
+         SELECT fin.*, pg_notify('tasker_task_finished', fin.id::text) FROM fin",
+    )
+    .bind(&ids)
+    .bind(&states)
+    .bind(TaskState::Completed)
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| FinishedTask {
+            task_id: TaskId(r.get("id")),
+            namespace: r.get("namespace"),
+            template: r.get("template_name"),
+            state: r.get("state"),
+            seq: r.get("event_seq"),
+            at: r.get("finished_at"),
+            output: r.get("output"),
+            error: r.get("error"),
+        })
+        .collect())
+}

@@ -1,0 +1,175 @@
+//! The reconciler's reads and writes: tasks whose bookkeeping disagrees with their steps, the
+//! pieces of a repair, slot recounts, and pruning finished tasks.
+
+use super::Result;
+use crate::slots::SlotKey;
+use crate::transition::{PARENTS_DONE, TaskNow};
+use sqlx::{PgConnection, PgExecutor, Row};
+use uuid::Uuid;
+
+/// Live tasks whose bookkeeping disagrees with their steps, i.e. that may have no live owner.
+/// In a healthy system this finds nothing.
+pub async fn find_inconsistent(
+    db: impl PgExecutor<'_>,
+    quiet_ms: i64,
+    limit: i64,
+) -> Result<Vec<Uuid>> {
+    Ok(sqlx::query_scalar(
+        "SELECT t.id FROM tasks t
+         WHERE t.state IN ('pending', 'running')
+           AND t.updated_at < now() - $1 * interval '1 millisecond'
+           AND (t.unfinished_steps <> (SELECT count(*) FROM steps s WHERE s.task_id = t.id
+                                        AND s.state IN ('waiting', 'queued', 'dispatched', 'retrying'))
+                OR EXISTS (SELECT 1 FROM steps s WHERE s.task_id = t.id AND s.state = 'waiting'
+                           AND s.pending_parents <> (SELECT count(*) FROM steps p
+                                                     WHERE p.id = ANY(s.parent_ids) AND p.state <> 'succeeded'))
+                OR EXISTS (SELECT 1 FROM steps s WHERE s.task_id = t.id
+                           AND ((s.state = 'retrying' AND s.next_attempt_at IS NULL)
+                             OR (s.state = 'dispatched' AND s.lease_expires_at IS NULL)))
+                OR ((t.failing OR t.cancel_requested)
+                    AND EXISTS (SELECT 1 FROM steps s WHERE s.task_id = t.id
+                                AND s.state IN ('waiting', 'queued', 'retrying'))))
+         ORDER BY t.updated_at LIMIT $2",
+    )
+    .bind(quiet_ms)
+    .bind(limit)
+    .fetch_all(db)
+    .await?)
+}
+
+/// Locks a task if it is live and returns its flags.
+pub async fn lock_live_task(tx: &mut PgConnection, id: Uuid) -> Result<Option<TaskNow>> {
+    Ok(sqlx::query(
+        "SELECT failing, cancel_requested FROM tasks
+         WHERE id = $1 AND state IN ('pending', 'running') FOR UPDATE",
+    )
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?
+    .map(|r| TaskNow {
+        failing: r.get("failing"),
+        cancel_requested: r.get("cancel_requested"),
+    }))
+}
+
+/// Gives every retrying step a due time and every dispatched one a lease (now, when missing),
+/// so the timer loop owns them again.
+pub async fn restore_due_times(tx: &mut PgConnection, task: Uuid) -> Result<()> {
+    sqlx::query(
+        "UPDATE steps SET next_attempt_at = coalesce(next_attempt_at, now()),
+                          lease_expires_at = CASE WHEN state = 'dispatched'
+                                                  THEN coalesce(lease_expires_at, now()) END
+         WHERE task_id = $1 AND state IN ('retrying', 'dispatched')",
+    )
+    .bind(task)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Recounts the unfinished parents of a task's waiting steps; those with none left are
+/// [`PARENTS_DONE`]. Returns the queues that got work.
+pub async fn readmit_waiting(tx: &mut PgConnection, task: Uuid) -> Result<Vec<String>> {
+    // One UPDATE with the counts computed beforehand: a row must not be updated twice in one
+    // statement.
+    let rows = sqlx::query(
+        "WITH counted AS (
+             SELECT s.id, (SELECT count(*) FROM steps p
+                           WHERE p.id = ANY(s.parent_ids) AND p.state <> 'succeeded')::int AS n
+             FROM steps s WHERE s.task_id = $1 AND s.state = 'waiting'
+         )
+         UPDATE steps s
+         SET pending_parents = c.n,
+             state = CASE WHEN c.n = 0 THEN $2 ELSE s.state END,
+             queued_at = CASE WHEN c.n = 0 THEN now() END,
+             updated_at = now()
+         FROM counted c WHERE s.id = c.id
+         RETURNING s.queue, c.n = 0 AS ready",
+    )
+    .bind(task)
+    .bind(PARENTS_DONE.to)
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .filter(|r| r.get::<bool, _>("ready"))
+        .map(|r| r.get("queue"))
+        .collect())
+}
+
+/// Sets a task's unfinished-step counter from its steps.
+pub async fn recount_unfinished(tx: &mut PgConnection, task: Uuid) -> Result<()> {
+    sqlx::query(
+        "UPDATE tasks t SET unfinished_steps = (SELECT count(*) FROM steps s WHERE s.task_id = t.id
+                                                AND s.state IN ('waiting', 'queued', 'dispatched', 'retrying')),
+                            updated_at = now()
+         WHERE t.id = $1",
+    )
+    .bind(task)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Recounts the dispatched steps of every queue slot under its lock and corrects slots that
+/// disagree (which only an older orchestrator running beside this one, or a bug, can cause).
+/// Returns the slots corrected, with (recorded, counted).
+pub async fn recount_slots(db: &sqlx::PgPool) -> Result<Vec<(SlotKey, i64, i64)>> {
+    let queues: Vec<String> =
+        sqlx::query_scalar("SELECT key FROM slots WHERE scope = 'queue' ORDER BY key")
+            .fetch_all(db)
+            .await?;
+    let mut fixed = Vec::new();
+    for queue in queues {
+        let mut tx = db.begin().await?;
+        let recorded: Option<i64> = sqlx::query_scalar(
+            "SELECT in_flight FROM slots WHERE scope = 'queue' AND key = $1 FOR UPDATE",
+        )
+        .bind(&queue)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let counted: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM steps WHERE queue = $1 AND state = 'dispatched'",
+        )
+        .bind(&queue)
+        .fetch_one(&mut *tx)
+        .await?;
+        if let Some(recorded) = recorded
+            && recorded != counted
+        {
+            sqlx::query("UPDATE slots SET in_flight = $2 WHERE scope = 'queue' AND key = $1")
+                .bind(&queue)
+                .bind(counted)
+                .execute(&mut *tx)
+                .await?;
+            fixed.push((SlotKey::queue(queue), recorded, counted));
+        }
+        tx.commit().await?;
+    }
+    Ok(fixed)
+}
+
+/// Deletes up to `limit` tasks that finished more than `retention_hours` ago, with their steps,
+/// attempts and history. Safe on several replicas (`SKIP LOCKED`). Returns how many went.
+pub async fn prune(db: impl PgExecutor<'_>, retention_hours: i64, limit: i64) -> Result<u64> {
+    let gone: i64 = sqlx::query_scalar(
+        "WITH old AS (
+             SELECT id FROM tasks
+             WHERE finished_at < now() - $1 * interval '1 hour'
+               AND state IN ('completed', 'failed', 'cancelled')
+             ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED
+         ), gone AS (
+             DELETE FROM tasks t USING old WHERE t.id = old.id RETURNING t.id
+         ), history AS (
+             DELETE FROM attempts a USING gone WHERE a.task_id = gone.id
+         ), task_steps AS (
+             DELETE FROM steps s USING gone WHERE s.task_id = gone.id
+         )
+         SELECT count(*) FROM gone",
+    )
+    .bind(retention_hours)
+    .bind(limit)
+    .fetch_one(db)
+    .await?;
+    Ok(gone as u64)
+}

@@ -1,0 +1,170 @@
+//! Rows read for the API: a task with its steps, attempts and history, and task lists. Plain
+//! rows: the HTTP edge turns them into API bodies.
+
+use super::Result;
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::PgExecutor;
+use tasker_schemas::{AttemptOutcome, StepState, TaskId, TaskState};
+use uuid::Uuid;
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct TaskRow {
+    pub id: Uuid,
+    pub namespace: String,
+    pub template_name: String,
+    pub template_version: i32,
+    pub state: TaskState,
+    pub priority: i16,
+    pub context: Value,
+    pub output: Option<Value>,
+    pub error: Option<String>,
+    pub idempotency_key: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct StepRow {
+    pub id: Uuid,
+    pub name: String,
+    pub handler: String,
+    pub queue: String,
+    pub state: StepState,
+    pub attempt: i32,
+    pub failures: i32,
+    pub max_attempts: i32,
+    pub parent_ids: Vec<Uuid>,
+    pub output: Option<Value>,
+    pub error: Option<String>,
+    pub pending_parents: i32,
+    pub queued_at: Option<DateTime<Utc>>,
+    pub dispatched_at: Option<DateTime<Utc>>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub worker: Option<String>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+}
+
+/// A finished attempt.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct AttemptRow {
+    pub step_id: Uuid,
+    pub attempt: i32,
+    pub outcome: AttemptOutcome,
+    pub dispatched_at: Option<DateTime<Utc>>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: DateTime<Utc>,
+    pub worker: Option<String>,
+    pub error: Option<String>,
+}
+
+/// One entry of a task's history.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct EventRow {
+    pub seq: i64,
+    pub kind: String,
+    pub detail: Option<Value>,
+    pub at: DateTime<Utc>,
+}
+
+/// A task with its steps (in template order), finished attempts and history.
+#[derive(Debug, Clone)]
+pub struct TaskDetail {
+    pub task: TaskRow,
+    pub steps: Vec<StepRow>,
+    pub attempts: Vec<AttemptRow>,
+    pub events: Vec<EventRow>,
+}
+
+/// The state of a task, or `None` if there is no such task.
+pub async fn state(db: impl PgExecutor<'_>, id: TaskId) -> Result<Option<TaskState>> {
+    Ok(sqlx::query_scalar("SELECT state FROM tasks WHERE id = $1")
+        .bind(id.0)
+        .fetch_optional(db)
+        .await?)
+}
+
+/// A task with everything about it, or `None` if there is no such task.
+pub async fn detail(db: &sqlx::PgPool, id: TaskId) -> Result<Option<TaskDetail>> {
+    let task: Option<TaskRow> = sqlx::query_as(
+        "SELECT id, namespace, template_name, template_version, state, priority, context,
+                output, error, idempotency_key, created_at, finished_at
+         FROM tasks WHERE id = $1",
+    )
+    .bind(id.0)
+    .fetch_optional(db)
+    .await?;
+    let Some(task) = task else {
+        return Ok(None);
+    };
+    let steps: Vec<StepRow> = sqlx::query_as(
+        "SELECT id, name, handler, queue, state, attempt, failures, max_attempts, parent_ids, output,
+                error, pending_parents, queued_at, dispatched_at, started_at, worker,
+                lease_expires_at, next_attempt_at
+         FROM steps WHERE task_id = $1 ORDER BY position",
+    )
+    .bind(id.0)
+    .fetch_all(db)
+    .await?;
+    let attempts: Vec<AttemptRow> = sqlx::query_as(
+        "SELECT step_id, attempt, outcome, dispatched_at, started_at, finished_at, worker, error
+         FROM attempts WHERE task_id = $1 ORDER BY step_id, attempt",
+    )
+    .bind(id.0)
+    .fetch_all(db)
+    .await?;
+    let events = events(db, id).await?;
+    Ok(Some(TaskDetail {
+        task,
+        steps,
+        attempts,
+        events,
+    }))
+}
+
+/// A task's recorded history.
+pub async fn events(db: impl PgExecutor<'_>, id: TaskId) -> Result<Vec<EventRow>> {
+    Ok(sqlx::query_as(
+        "SELECT seq, kind, detail, at FROM task_events WHERE task_id = $1 ORDER BY seq",
+    )
+    .bind(id.0)
+    .fetch_all(db)
+    .await?)
+}
+
+/// Filters for [`list`].
+#[derive(Debug, Default, Clone)]
+pub struct ListFilter {
+    pub namespace: Option<String>,
+    pub state: Option<TaskState>,
+    pub template: Option<String>,
+    /// Page after this id (ids are time-ordered, newest first).
+    pub after: Option<TaskId>,
+    pub limit: i64,
+}
+
+/// Tasks newest first, keyset-paginated: a page and whether more follow.
+pub async fn list(db: impl PgExecutor<'_>, f: &ListFilter) -> Result<(Vec<TaskRow>, bool)> {
+    let limit = f.limit.clamp(1, 1000);
+    let mut rows: Vec<TaskRow> = sqlx::query_as(
+        "SELECT id, namespace, template_name, template_version, state, priority, context,
+                output, error, idempotency_key, created_at, finished_at
+         FROM tasks
+         WHERE ($1::text IS NULL OR namespace = $1)
+           AND ($2::text IS NULL OR state = $2)
+           AND ($3::text IS NULL OR template_name = $3)
+           AND ($4::uuid IS NULL OR id < $4)
+         ORDER BY id DESC LIMIT $5",
+    )
+    .bind(&f.namespace)
+    .bind(f.state)
+    .bind(&f.template)
+    .bind(f.after.map(|a| a.0))
+    .bind(limit + 1)
+    .fetch_all(db)
+    .await?;
+    let more = rows.len() as i64 > limit;
+    rows.truncate(limit as usize);
+    Ok((rows, more))
+}
