@@ -6,13 +6,14 @@ use crate::config::{Config, redact_url};
 use crate::error::{Error, Result};
 use crate::loops::{Confirmer, Dispatcher, FinishListener, Reconciler, Timers};
 use crate::metrics::Metrics;
-use crate::service::admission::DispatchHandle;
+use crate::service::DispatchHandle;
 use crate::service::{Shared, templates};
 use crate::store::templates::TemplateCache;
 use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
 use sqlx::postgres::PgPoolOptions;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tasker_schemas::Names;
@@ -28,7 +29,7 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 pub struct App {
     shared: Shared,
     listener: TcpListener,
-    confirm_rx: tokio::sync::mpsc::Receiver<crate::service::publish::Pending>,
+    confirm_rx: tokio::sync::mpsc::Receiver<crate::service::Pending>,
 }
 
 /// Connects to Postgres, retrying for a while (the database may still be starting).
@@ -112,7 +113,7 @@ impl App {
         }
         shared.dispatch.know(queues);
         if let Some(dir) = shared.config.templates_dir.clone() {
-            templates::load_dir(&shared, &dir).await?;
+            load_templates_dir(&shared, &dir).await?;
         }
         Ok(Self {
             shared,
@@ -261,4 +262,27 @@ where
             _ = tokio::time::sleep(delay) => {}
         }
     }
+}
+
+/// Registers every `*.yaml`, `*.yml` and `*.json` template in `dir`, in name order.
+async fn load_templates_dir(shared: &Shared, dir: &Path) -> Result<()> {
+    let entries = std::fs::read_dir(dir).map_err(|e| {
+        Error::Templates(format!("cannot read templates dir {}: {e}", dir.display()))
+    })?;
+    let mut paths: Vec<_> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some("yaml" | "yml" | "json")
+            )
+        })
+        .collect();
+    paths.sort();
+    for path in paths {
+        let template = templates::read_template_file(&path).map_err(Error::Templates)?;
+        let outcome = templates::register(shared, &template).await?;
+        tracing::info!(path = %path.display(), name = %template.name, version = template.version, ?outcome, "template loaded");
+    }
+    Ok(())
 }

@@ -356,11 +356,7 @@ async fn list_tasks(
 }
 
 async fn ready(State(shared): State<Shared>) -> Response {
-    let check = sqlx::query("SELECT 1").execute(&shared.db);
-    let db = matches!(
-        tokio::time::timeout(Duration::from_secs(2), check).await,
-        Ok(Ok(_))
-    );
+    let db = service::database_reachable(&shared, Duration::from_secs(2)).await;
     let broker = shared.publisher.is_connected();
     let body = serde_json::json!({ "database": db, "broker": broker });
     let status = if db && broker {

@@ -1,5 +1,5 @@
 use crate::broker::{Delivered, Publisher};
-use crate::service::publish::Pending;
+use crate::service::Pending;
 use crate::service::{Shared, apply};
 use crate::store::outbox;
 use crate::transition::{self, Finished};
@@ -7,6 +7,7 @@ use futures_util::FutureExt;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Awaits publisher confirms in order and clears confirmed outbox entries in batches; applies
 /// unroutable attempts as failed ([`transition::unroutable`]).
@@ -18,13 +19,31 @@ pub struct Confirmer {
 impl Confirmer {
     /// Runs until `producers_done`, and then until nothing is left in the channel: it outlives
     /// the loops that publish.
+    /// Applies of unroutable attempts it started are awaited (at most 2 s) before it returns.
     pub async fn run(self, producers_done: CancellationToken) {
         let Confirmer { shared, mut rx } = self;
-        run(shared, &mut rx, producers_done).await
+        let applies = TaskTracker::new();
+        run(shared, &mut rx, producers_done, &applies).await;
+        // Their publishes can no longer be confirmed here: the relay covers them.
+        drop(rx);
+        applies.close();
+        if tokio::time::timeout(Duration::from_secs(2), applies.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "applying unroutable attempts did not finish at shutdown; the lease expiry covers them"
+            );
+        }
     }
 }
 
-async fn run(shared: Shared, rx: &mut mpsc::Receiver<Pending>, producers_done: CancellationToken) {
+async fn run(
+    shared: Shared,
+    rx: &mut mpsc::Receiver<Pending>,
+    producers_done: CancellationToken,
+    applies: &TaskTracker,
+) {
     let mut buf = Vec::with_capacity(1024);
     // Confirmed entries are deleted together, at most `CLEAR_EVERY` after the first of them:
     // one small transaction per interval instead of one per confirm batch. Far below
@@ -74,7 +93,7 @@ async fn run(shared: Shared, rx: &mut mpsc::Receiver<Pending>, producers_done: C
         if !unroutable.is_empty() {
             // Not inline: applying may publish, and this loop must never wait on its own channel.
             let shared = shared.clone();
-            tokio::spawn(async move {
+            applies.spawn(async move {
                 if let Err(e) = apply::apply_outcomes(&shared, unroutable).await {
                     tracing::warn!(error = %e, "could not fail unroutable attempts");
                 }

@@ -2,7 +2,7 @@ use crate::service::{Shared, admission, templates};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-/// Admits and publishes the backlog of every queue marked in the [`admission::DispatchHandle`].
+/// Admits and publishes the backlog of every queue marked in the [`crate::service::DispatchHandle`].
 pub struct Dispatcher {
     pub shared: Shared,
 }

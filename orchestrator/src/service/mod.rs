@@ -7,7 +7,8 @@
 //! | module | what |
 //! |---|---|
 //! | [`apply`] | applying reported attempts, admitting the children they make ready |
-//! | [`admission`] | the dispatcher's wake handle and admitting a queue's backlog |
+//! | [`Shared`], [`DispatchHandle`], [`Pending`] | the handles every part shares |
+//! | [`admission`] | admitting a queue's backlog |
 //! | [`publish`] | publishing admitted attempts, confirms to the confirmer |
 //! | [`tasks`] | submit, cancel, retry, read |
 //! | [`templates`] | registering and reading templates |
@@ -24,35 +25,13 @@ pub mod tasks;
 pub mod templates;
 pub mod timers;
 
-use crate::broker::{BrokerError, Publisher};
-use crate::config::Config;
-use crate::metrics::Metrics;
-use crate::store::StoreError;
-use crate::store::templates::TemplateCache;
-use admission::DispatchHandle;
-use publish::Pending;
-use sqlx::PgPool;
-use std::sync::Arc;
-use tasker_schemas::{DataError, Names, TaskId, TaskState, TemplateError};
-use tokio::sync::{Notify, broadcast, mpsc};
+mod handles;
 
-/// The handles every part of the orchestrator shares: cheap to clone.
-#[derive(Clone)]
-pub struct Shared {
-    pub db: PgPool,
-    pub config: Arc<Config>,
-    pub names: Names,
-    pub publisher: Publisher,
-    pub templates: TemplateCache,
-    pub metrics: Arc<Metrics>,
-    pub dispatch: DispatchHandle,
-    /// Publishes awaiting their broker confirm (the confirmer clears their outbox entries).
-    pub confirms: mpsc::Sender<Pending>,
-    /// Wakes the timer loop (a retry was scheduled).
-    pub timers: Arc<Notify>,
-    /// Ids of tasks that finished, on any replica (from Postgres NOTIFY).
-    pub finished: broadcast::Sender<TaskId>,
-}
+pub use handles::{DispatchHandle, Pending, Shared};
+
+use crate::broker::BrokerError;
+use crate::store::StoreError;
+use tasker_schemas::{DataError, TaskId, TaskState, TemplateError};
 
 /// What a service can fail with: the caller's mistakes (each its own variant) and the
 /// dependencies' faults ([`ServiceError::Store`], [`ServiceError::Broker`]), never mixed.
@@ -121,3 +100,11 @@ impl From<sqlx::Error> for ServiceError {
 }
 
 pub type Result<T, E = ServiceError> = std::result::Result<T, E>;
+
+/// Whether the database answers within `timeout` (for readiness).
+pub async fn database_reachable(shared: &Shared, timeout: std::time::Duration) -> bool {
+    matches!(
+        tokio::time::timeout(timeout, crate::store::ping(&shared.db)).await,
+        Ok(Ok(()))
+    )
+}

@@ -2,23 +2,12 @@
 //! already has its outbox entry, and the confirmer deletes it once the broker confirmed the
 //! message. If this process dies anywhere in between, the relay publishes the entry again.
 
-use super::Shared;
+use super::{Pending, Shared};
 use crate::broker::properties;
 use crate::store::outbox::{self, Admitted, MessageData};
 use crate::transition::{self, Finished};
-use lapin::PublisherConfirm;
 use tasker_schemas::topology::{result_routing_key, shard_of};
 use tasker_schemas::{Envelope, MessageId, StepMessage, StepState, encode};
-
-/// A publish awaiting its confirm.
-pub struct Pending {
-    pub outbox_id: i64,
-    pub task_id: tasker_schemas::TaskId,
-    pub step_id: tasker_schemas::StepId,
-    pub attempt: i32,
-    pub queue: String,
-    pub confirm: PublisherConfirm,
-}
 
 /// Publishes admitted attempts (pipelined) and queues their confirms for the confirmer.
 /// Publish errors leave the outbox entry for the relay. Returns the attempts whose message

@@ -66,26 +66,3 @@ pub fn read_template_file(path: &Path) -> std::result::Result<Template, String> 
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     parse_template(&text).map_err(|e| format!("invalid template {}: {e}", path.display()))
 }
-
-/// Registers every `*.yaml`, `*.yml` and `*.json` template in `dir`, in name order.
-pub async fn load_dir(shared: &Shared, dir: &Path) -> std::result::Result<(), crate::Error> {
-    let entries = std::fs::read_dir(dir).map_err(|e| {
-        crate::Error::Templates(format!("cannot read templates dir {}: {e}", dir.display()))
-    })?;
-    let mut paths: Vec<_> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            matches!(
-                p.extension().and_then(|e| e.to_str()),
-                Some("yaml" | "yml" | "json")
-            )
-        })
-        .collect();
-    paths.sort();
-    for path in paths {
-        let template = read_template_file(&path).map_err(crate::Error::Templates)?;
-        let outcome = register(shared, &template).await?;
-        tracing::info!(path = %path.display(), name = %template.name, version = template.version, ?outcome, "template loaded");
-    }
-    Ok(())
-}

@@ -81,6 +81,12 @@ pub fn is_transient_db(e: &sqlx::Error) -> bool {
     }
 }
 
+/// One round trip to the database.
+pub async fn ping(db: &sqlx::PgPool) -> Result<()> {
+    sqlx::query("SELECT 1").execute(db).await?;
+    Ok(())
+}
+
 /// RFC 3339 UTC with microseconds: the one time format of the API and events.
 pub fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Micros, true)

@@ -56,7 +56,7 @@ pub async fn broker() -> Result<Option<Broker>> {
         .unwrap_or_else(|| DEFAULT_AMQP_URL.to_owned());
     let connection = match Connection::connect(&url, ConnectionProperties::default()).await {
         Ok(c) => c,
-        Err(e) if configured.is_none() => {
+        Err(e) if configured.is_none() && std::env::var_os("CI").is_none() => {
             eprintln!(
                 "SKIPPED: no RabbitMQ at {DEFAULT_AMQP_URL} ({e}); set TASKER_TEST_AMQP_URL to run this test"
             );
