@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 use tasker_client::{Client, ListTasks};
 use tasker_orchestrator::{App, Config, startup};
-use tasker_schemas::TaskId;
 use tasker_schemas::api::{SubmitTask, TaskView};
+use tasker_schemas::{StepState, TaskId, TaskState};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -98,8 +98,9 @@ enum Command {
     List {
         #[arg(long)]
         namespace: Option<String>,
+        /// Only tasks in this state (pending, running, completed, failed, cancelled).
         #[arg(long)]
-        state: Option<String>,
+        state: Option<TaskState>,
         #[arg(long)]
         template: Option<String>,
         #[arg(long, default_value_t = 20)]
@@ -206,7 +207,7 @@ async fn main() -> Result<()> {
                     .wait(r.task_id, Duration::from_secs(*timeout))
                     .await?;
                 print_task(&task);
-                if task.state != "completed" {
+                if task.state != TaskState::Completed.as_str() {
                     std::process::exit(1);
                 }
             }
@@ -228,7 +229,7 @@ async fn main() -> Result<()> {
             } else {
                 print_task(&task);
             }
-            if *wait && task.state != "completed" {
+            if *wait && task.state != TaskState::Completed.as_str() {
                 std::process::exit(1);
             }
         }
@@ -243,7 +244,7 @@ async fn main() -> Result<()> {
                 task = client.wait(*id, Duration::from_secs(*timeout)).await?;
             }
             print_task(&task);
-            if *wait && task.state != "completed" {
+            if *wait && task.state != TaskState::Completed.as_str() {
                 std::process::exit(1);
             }
         }
@@ -256,7 +257,7 @@ async fn main() -> Result<()> {
         } => {
             let filter = ListTasks {
                 namespace: namespace.clone(),
-                state: state.clone(),
+                state: state.map(|s| s.to_string()),
                 template: template.clone(),
                 limit: Some(*limit),
                 ..Default::default()
@@ -306,7 +307,7 @@ fn print_task(t: &TaskView) {
     );
     for s in &t.steps {
         let detail = match (&s.output, &s.error, &s.waiting_reason) {
-            (Some(o), _, _) if s.state == "succeeded" => o.to_string(),
+            (Some(o), _, _) if s.state == StepState::Succeeded.as_str() => o.to_string(),
             (_, Some(e), _) => e.clone(),
             (_, _, Some(w)) => w.clone(),
             _ => String::new(),

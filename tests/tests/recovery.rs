@@ -54,6 +54,39 @@ async fn cancel_stops_admission_and_records_in_flight_results() -> anyhow::Resul
     Ok(())
 }
 
+/// A cancel that arrives while the last step runs leaves a cancelled task whose steps all
+/// succeeded; retrying it has nothing to run again, so it completes at once (it used to stay
+/// `running` with no unfinished step, owned by nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retrying_a_cancelled_task_with_nothing_left_to_run_completes_it() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    h.register_yaml(
+        "namespace: t\nname: last\nversion: 1\nsteps:\n  - { name: only, handler: slow }\n",
+    )
+    .await?;
+    h.spawn_worker(h.worker().handler_fn("slow", |_| async {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        Ok(json!("done"))
+    }));
+    let id = h.submit("t", "last", json!({})).await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    post(&h, &format!("/v1/tasks/{id}/cancel")).await?;
+    let task = h.wait(id).await?;
+    assert_eq!(task.state, "cancelled", "{task:#?}");
+    assert_eq!(task.steps[0].state, "succeeded");
+    let view = post(&h, &format!("/v1/tasks/{id}/retry")).await?;
+    assert_eq!(view["state"], "completed", "{view:#}");
+    assert_eq!(view["output"], json!({"only": "done"}));
+    let task = h.wait(id).await?;
+    let kinds: Vec<&str> = task.events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        ["cancel_requested", "cancelled", "retried", "completed"]
+    );
+    h.finish().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_reruns_failed_steps_with_higher_attempts() -> anyhow::Result<()> {
     let h = Harness::start().await?;

@@ -119,7 +119,8 @@ pub async fn cancel(shared: &Shared, id: TaskId, reason: Option<String>) -> Resu
     Ok(())
 }
 
-/// Retries a failed or cancelled task ([`transition::retry_task`]).
+/// Retries a failed or cancelled task ([`transition::retry_task`]); a task with no step to run
+/// again completes at once.
 pub async fn retry(shared: &Shared, id: TaskId) -> Result<()> {
     let mut tx = shared.db.begin().await?;
     let state = tasks::lock(&mut tx, id)
@@ -127,8 +128,13 @@ pub async fn retry(shared: &Shared, id: TaskId) -> Result<()> {
         .ok_or(ServiceError::TaskNotFound(id))?;
     let reset = transition::retry_task(state).map_err(|r| refused(id, r))?;
     let queues = tasks::retry(&mut tx, id, state, reset).await?;
+    // A task cancelled while its last steps ran to success has nothing to reset: it finishes
+    // at once (the guard in finalize: no unfinished step left).
+    let ending = transition::final_state(TaskNow::default());
+    let finished = crate::store::apply::finalize(&mut tx, &[(id.0, ending)]).await?;
     tx.commit().await?;
     shared.dispatch.wake(queues);
+    events::announce(shared, &finished).await;
     tracing::info!(task_id = %id, "task retried");
     Ok(())
 }
