@@ -6,7 +6,8 @@ use serde_json::Value;
 /// Kept under serde_json's own limit (127) so data written anywhere can be read back as JSON.
 pub const MAX_DEPTH: usize = 100;
 
-/// Size caps for task data. Defaults follow DESIGN §6.
+/// Size caps for task data (defaults: context and each output 256 KiB, an assembled step
+/// message 4 MiB; `CONTRACT.md` lists them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DataLimits {
     /// A task's context, serialized as JSON.
