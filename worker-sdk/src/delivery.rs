@@ -8,6 +8,7 @@ use crate::context::StepContext;
 use crate::execute::{outcome_status, run_handler};
 use crate::publish::{PublishError, message_properties, publish_confirmed};
 use crate::session::SessionEnv;
+use backon::{ExponentialBuilder, Retryable};
 use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
@@ -249,23 +250,26 @@ async fn heartbeat_loop(env: SessionEnv, ids: LeaseIds, routing_key: String) {
 /// Reports the result of a leased step (its message is already acked): retries the publish a
 /// few times; if it never goes through, the lease runs out and the attempt is retried.
 async fn report_leased(env: &SessionEnv, result: StepResult, routing_key: &str) {
-    let mut delay = REQUEUE_DELAY;
-    for _ in 0..8 {
-        let sent = env
-            .results
-            .send(result.clone(), routing_key.to_owned(), None);
-        match sent.await {
-            Ok(()) => return,
-            Err(e) => {
-                warn!(error = %e, ?delay, "could not publish a leased step's result; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(MAX_REQUEUE_DELAY);
-            }
-        }
+    let publish = || {
+        env.results
+            .send(result.clone(), routing_key.to_owned(), None)
+    };
+    let sent = publish
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(REQUEUE_DELAY)
+                .with_max_delay(MAX_REQUEUE_DELAY)
+                .with_max_times(7),
+        )
+        .notify(|e, delay| {
+            warn!(error = %e, ?delay, "could not publish a leased step's result; retrying")
+        })
+        .await;
+    if sent.is_err() {
+        error!(
+            "gave up publishing a leased step's result; its lease will expire and the step will be retried"
+        );
     }
-    error!(
-        "gave up publishing a leased step's result; its lease will expire and the step will be retried"
-    );
 }
 
 async fn report(env: &SessionEnv, delivery: Delivery, result: StepResult, routing_key: &str) {
