@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use tasker_schemas::api::{
     ErrorBody, RegisterResponse, SubmitResponse, SubmitTask, TaskList, TaskView,
 };
-use tasker_schemas::{TaskId, Template};
+use tasker_schemas::{TaskId, TaskState, Template};
 
 /// The longest single long-poll request [`Client::wait`] makes.
 const MAX_POLL: Duration = Duration::from_secs(20);
@@ -67,7 +67,7 @@ pub enum ClientError {
     Timeout {
         task_id: TaskId,
         timeout: Duration,
-        state: String,
+        state: TaskState,
     },
 }
 
@@ -97,7 +97,7 @@ impl ClientError {
 pub struct ListTasks {
     /// `pending`, `running`, `completed`, `failed` or `cancelled`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub state: Option<String>,
+    pub state: Option<TaskState>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -334,7 +334,7 @@ mod tests {
     #[test]
     fn list_filters_skip_absent_fields() {
         let f = ListTasks {
-            state: Some("running".into()),
+            state: Some(TaskState::Running),
             limit: Some(10),
             ..ListTasks::default()
         };

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tasker_client::{Client, ClientError, ListTasks};
+use tasker_schemas::TaskState;
 use tasker_schemas::api::{
     ErrorBody, ErrorDetail, RegisterResponse, SubmitResponse, SubmitTask, TaskList, TaskView,
 };
@@ -232,7 +233,7 @@ async fn submits_waits_and_maps_errors() {
         .wait(submitted.task_id, Duration::from_secs(10))
         .await
         .unwrap();
-    assert_eq!(done.state, "completed");
+    assert_eq!(done.state, TaskState::Completed);
     assert_eq!(done.output, Some(json!({"ok": true})));
     assert!(started.elapsed() < Duration::from_secs(5));
     let waits = fake.lock().unwrap().waits.clone();
@@ -274,7 +275,7 @@ async fn waiting_gives_up_after_the_timeout() {
         .await
         .unwrap_err();
     assert!(
-        matches!(&err, ClientError::Timeout { task_id, state, .. } if *task_id == never && state == "running"),
+        matches!(&err, ClientError::Timeout { task_id, state, .. } if *task_id == never && *state == TaskState::Running),
         "{err}"
     );
     assert!(err.is_retryable());
@@ -290,7 +291,7 @@ async fn lists_with_filters() {
     let (url, fake) = serve().await;
     let after = TaskId::new();
     let filter = ListTasks {
-        state: Some("running".into()),
+        state: Some(TaskState::Running),
         namespace: Some("shop".into()),
         limit: Some(10),
         after: Some(after),

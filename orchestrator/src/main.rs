@@ -207,7 +207,7 @@ async fn main() -> Result<()> {
                     .wait(r.task_id, Duration::from_secs(*timeout))
                     .await?;
                 print_task(&task);
-                if task.state != TaskState::Completed.as_str() {
+                if task.state != TaskState::Completed {
                     std::process::exit(1);
                 }
             }
@@ -229,7 +229,7 @@ async fn main() -> Result<()> {
             } else {
                 print_task(&task);
             }
-            if *wait && task.state != TaskState::Completed.as_str() {
+            if *wait && task.state != TaskState::Completed {
                 std::process::exit(1);
             }
         }
@@ -244,7 +244,7 @@ async fn main() -> Result<()> {
                 task = client.wait(*id, Duration::from_secs(*timeout)).await?;
             }
             print_task(&task);
-            if *wait && task.state != TaskState::Completed.as_str() {
+            if *wait && task.state != TaskState::Completed {
                 std::process::exit(1);
             }
         }
@@ -257,7 +257,7 @@ async fn main() -> Result<()> {
         } => {
             let filter = ListTasks {
                 namespace: namespace.clone(),
-                state: state.map(|s| s.to_string()),
+                state: *state,
                 template: template.clone(),
                 limit: Some(*limit),
                 ..Default::default()
@@ -307,7 +307,7 @@ fn print_task(t: &TaskView) {
     );
     for s in &t.steps {
         let detail = match (&s.output, &s.error, &s.waiting_reason) {
-            (Some(o), _, _) if s.state == StepState::Succeeded.as_str() => o.to_string(),
+            (Some(o), _, _) if s.state == StepState::Succeeded => o.to_string(),
             (_, Some(e), _) => e.clone(),
             (_, _, Some(w)) => w.clone(),
             _ => String::new(),

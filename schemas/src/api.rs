@@ -2,6 +2,7 @@
 //! Rust client. Times are RFC 3339 UTC strings; ids are UUID strings.
 
 use crate::ids::{StepId, TaskId};
+use crate::state::{StepState, TaskState};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -84,8 +85,7 @@ pub struct TaskView {
     pub namespace: String,
     pub template: String,
     pub template_version: u32,
-    /// `pending`, `running`, `completed`, `failed`, `cancelled`.
-    pub state: String,
+    pub state: TaskState,
     pub priority: i16,
     pub context: Value,
     pub output: Option<Value>,
@@ -111,9 +111,9 @@ pub struct TaskEventView {
 }
 
 impl TaskView {
-    /// True once the task can change no more.
+    /// True once the task can change no more (until an operator retries it).
     pub fn is_finished(&self) -> bool {
-        matches!(self.state.as_str(), "completed" | "failed" | "cancelled")
+        self.state.is_finished()
     }
 }
 
@@ -124,8 +124,7 @@ pub struct StepView {
     pub name: String,
     pub handler: String,
     pub queue: String,
-    /// `waiting`, `queued`, `dispatched`, `retrying`, `succeeded`, `failed`, `skipped`, `cancelled`.
-    pub state: String,
+    pub state: StepState,
     /// The newest attempt number (0 before the first dispatch).
     pub attempt: u32,
     /// Attempts that counted against `max_attempts`.
@@ -146,7 +145,9 @@ pub struct StepView {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AttemptView {
     pub attempt: u32,
-    /// `dispatched`, `started`, `succeeded`, `failed`, `timed_out`, `handler_missing`, `stale`.
+    /// How the attempt ended (an [`crate::AttemptOutcome`]: `succeeded`, `failed`, `timed_out`,
+    /// `handler_missing`, `cancelled`, `dead_lettered`), or, for the attempt in flight,
+    /// `dispatched` (published, not reported started) or `started` (a worker reported it).
     pub outcome: String,
     pub dispatched_at: String,
     pub started_at: Option<String>,

@@ -26,7 +26,7 @@
 //!     Ok(json!({ "hello": ctx.input::<serde_json::Value>()?["name"] }))
 //! }));
 //! let task = h.run("demo", "hello", json!({"name": "Ada"})).await?;
-//! assert_eq!(task.state, "completed");
+//! assert_eq!(task.state, tasker_schemas::TaskState::Completed);
 //! h.finish().await;
 //! # Ok(()) }
 //! ```

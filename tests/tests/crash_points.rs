@@ -6,6 +6,7 @@ use serde_json::json;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
+use tasker_schemas::TaskState;
 use tasker_schemas::{Outcome, StepMessage, StepResult, decode, encode_payload};
 use tasker_tests::Harness;
 
@@ -70,7 +71,7 @@ async fn published_but_outbox_not_cleared() -> anyhow::Result<()> {
     wait_until(&h, "SELECT count(*) = 0 FROM outbox").await?;
     let runs = counting_worker(&h).await;
     let task = h.wait(id).await?;
-    assert_eq!(task.state, "completed");
+    assert_eq!(task.state, TaskState::Completed);
     assert_eq!(task.steps[0].attempt, 1);
     assert_eq!(
         task.steps[0].attempts.len(),
@@ -144,7 +145,7 @@ async fn worker_dies_after_result_before_ack() -> anyhow::Result<()> {
     conn.close(320, "killed".into()).await?; // unacked: the broker requeues the step message
     let runs = counting_worker(&h).await;
     let task = h.wait(id).await?;
-    assert_eq!(task.state, "completed");
+    assert_eq!(task.state, TaskState::Completed);
     assert_eq!(
         task.steps[0].output,
         Some(json!("first")),
@@ -175,7 +176,7 @@ async fn result_committed_but_not_acked() -> anyhow::Result<()> {
     h.register_yaml(ONE).await?;
     let runs = counting_worker(&h).await;
     let task = h.run("t", "one", json!({})).await?;
-    assert_eq!(task.state, "completed");
+    assert_eq!(task.state, TaskState::Completed);
     // Redeliver both committed results, as the broker does when the consumer dies before its ack.
     for s in &task.steps {
         let result = StepResult {

@@ -5,6 +5,7 @@ use serde_json::json;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
+use tasker_schemas::{StepState, TaskState};
 use tasker_tests::Harness;
 use tasker_tests::tasker_worker::StepError;
 
@@ -33,7 +34,7 @@ async fn fails_twice_then_succeeds_with_backoff() -> anyhow::Result<()> {
         }
     }));
     let task = h.run("t", "flaky", json!({})).await?;
-    assert_eq!(task.state, "completed", "{task:#?}");
+    assert_eq!(task.state, TaskState::Completed, "{task:#?}");
     let s = &task.steps[0];
     assert_eq!((s.attempt, s.failures), (3, 2));
     assert_eq!(calls.load(Ordering::SeqCst), 3);
@@ -84,23 +85,23 @@ async fn permanent_failure_fails_fast_and_skips_dependants() -> anyhow::Result<(
             .state
             .clone()
     };
-    assert_eq!(task.state, "failed", "{task:#?}");
+    assert_eq!(task.state, TaskState::Failed, "{task:#?}");
     let err = task.error.clone().unwrap();
     assert!(
         err.contains("bad") && err.contains("card declined"),
         "{err}"
     );
-    assert_eq!(state("a"), "succeeded");
-    assert_eq!(state("bad"), "failed");
+    assert_eq!(state("a"), StepState::Succeeded);
+    assert_eq!(state("bad"), StepState::Failed);
     // Permanent: no retry although max_attempts is 3 by default.
     assert_eq!(
         task.steps.iter().find(|s| s.name == "bad").unwrap().attempt,
         1
     );
     // The sibling already dispatched finished and was recorded; nothing new was admitted.
-    assert_eq!(state("slow"), "succeeded");
-    assert_eq!(state("after_bad"), "skipped");
-    assert_eq!(state("after_slow"), "skipped");
+    assert_eq!(state("slow"), StepState::Succeeded);
+    assert_eq!(state("after_bad"), StepState::Skipped);
+    assert_eq!(state("after_slow"), StepState::Skipped);
     assert!(task.finished_at.is_some() && task.output.is_none());
     h.finish().await;
     Ok(())
@@ -117,9 +118,9 @@ async fn exhausted_retries_fail_the_task() -> anyhow::Result<()> {
         Err(StepError::retryable("still broken"))
     }));
     let task = h.run("t", "never", json!({})).await?;
-    assert_eq!(task.state, "failed");
+    assert_eq!(task.state, TaskState::Failed);
     let s = &task.steps[0];
-    assert_eq!((s.state.as_str(), s.attempt, s.failures), ("failed", 3, 3));
+    assert_eq!((s.state, s.attempt, s.failures), (StepState::Failed, 3, 3));
     assert_eq!(s.attempts.len(), 3);
     assert!(
         s.error
@@ -129,7 +130,7 @@ async fn exhausted_retries_fail_the_task() -> anyhow::Result<()> {
         "{:?}",
         s.error
     );
-    assert_eq!(task.steps[1].state, "skipped");
+    assert_eq!(task.steps[1].state, StepState::Skipped);
     h.finish().await;
     Ok(())
 }
@@ -151,7 +152,7 @@ async fn missing_handler_is_rescheduled_without_spending_attempts() -> anyhow::R
     // Let it be refused a few times; the task must not fail (max_attempts is 1).
     tokio::time::sleep(Duration::from_millis(800)).await;
     let view = h.client().task(id).await?;
-    assert_eq!(view.state, "running");
+    assert_eq!(view.state, TaskState::Running);
     assert!(
         view.steps[0]
             .attempts
@@ -166,7 +167,7 @@ async fn missing_handler_is_rescheduled_without_spending_attempts() -> anyhow::R
             .handler_fn("ghost", |_| async { Ok(json!("boo")) }),
     );
     let task = h.wait(id).await?;
-    assert_eq!(task.state, "completed");
+    assert_eq!(task.state, TaskState::Completed);
     assert_eq!(task.steps[0].failures, 0);
     assert!(task.steps[0].attempt >= 2);
     h.finish().await;
@@ -182,7 +183,7 @@ async fn lost_attempts_time_out_and_are_retried() -> anyhow::Result<()> {
     .await?;
     // No worker consumes queue "nobody": each lease expires.
     let task = h.run("t", "lost", json!({})).await?;
-    assert_eq!(task.state, "failed");
+    assert_eq!(task.state, TaskState::Failed);
     let s = &task.steps[0];
     let outcomes: Vec<&str> = s.attempts.iter().map(|a| a.outcome.as_str()).collect();
     assert_eq!(outcomes, ["timed_out", "timed_out"]);
@@ -214,7 +215,7 @@ async fn worker_timeout_counts_as_a_retryable_failure() -> anyhow::Result<()> {
         Ok(json!(ctx.attempt()))
     }));
     let task = h.run("t", "slow", json!({})).await?;
-    assert_eq!(task.state, "completed");
+    assert_eq!(task.state, TaskState::Completed);
     let s = &task.steps[0];
     assert_eq!(s.attempts[0].outcome, "failed");
     assert!(

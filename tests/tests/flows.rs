@@ -1,6 +1,7 @@
 //! Workflow shapes run end to end: chain, diamond, wide fan-out and fan-in, parent outputs.
 
 use serde_json::{Value, json};
+use tasker_schemas::{StepState, TaskState};
 use tasker_tests::Harness;
 
 fn echo_worker(h: &Harness) -> tasker_tests::tasker_worker::WorkerBuilder {
@@ -21,11 +22,11 @@ async fn linear_chain_runs_in_order() -> anyhow::Result<()> {
     .await?;
     h.spawn_worker(echo_worker(&h));
     let task = h.run("t", "chain", json!({"n": 1})).await?;
-    assert_eq!(task.state, "completed", "{task:#?}");
+    assert_eq!(task.state, TaskState::Completed, "{task:#?}");
     assert!(
         task.steps
             .iter()
-            .all(|s| s.state == "succeeded" && s.attempt == 1)
+            .all(|s| s.state == StepState::Succeeded && s.attempt == 1)
     );
     // Each step saw exactly its parent.
     assert_eq!(
@@ -72,7 +73,7 @@ async fn diamond_joins_both_parents_outputs() -> anyhow::Result<()> {
             }),
     );
     let task = h.run("t", "diamond", json!({"start": 1})).await?;
-    assert_eq!(task.state, "completed", "{task:#?}");
+    assert_eq!(task.state, TaskState::Completed, "{task:#?}");
     // d = (1 + 10) + (1 + 100)
     assert_eq!(task.output, Some(json!({"d": {"total": 112}})));
     h.finish().await;
@@ -102,9 +103,9 @@ async fn fan_out_to_1000_and_fan_in() -> anyhow::Result<()> {
     }));
     let id = h.submit("t", "fan", json!({})).await?;
     let task = h.wait_for(id, std::time::Duration::from_secs(120)).await?;
-    assert_eq!(task.state, "completed");
+    assert_eq!(task.state, TaskState::Completed);
     assert_eq!(task.steps.len(), 1002);
-    assert!(task.steps.iter().all(|s| s.state == "succeeded"));
+    assert!(task.steps.iter().all(|s| s.state == StepState::Succeeded));
     // The join ran once, with all 1,000 parent outputs.
     let join = task.steps.iter().find(|s| s.name == "join").unwrap();
     assert_eq!(join.attempts.len(), 1);
@@ -152,7 +153,7 @@ async fn in_flight_bound_holds_and_released_slots_admit_the_backlog() -> anyhow:
     );
     let id = h.submit("t", "bounded", json!({})).await?;
     let task = h.wait_for(id, std::time::Duration::from_secs(60)).await?;
-    assert_eq!(task.state, "completed", "{task:#?}");
+    assert_eq!(task.state, TaskState::Completed, "{task:#?}");
     assert_eq!(
         most.load(Ordering::SeqCst),
         3,

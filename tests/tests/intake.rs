@@ -1,6 +1,7 @@
 //! Submitting tasks and registering templates: idempotency, validation, clear errors.
 
 use serde_json::json;
+use tasker_schemas::TaskState;
 use tasker_schemas::api::SubmitTask;
 use tasker_tests::Harness;
 use tasker_tests::tasker_worker::{ClientError, amqp_submit};
@@ -210,7 +211,7 @@ async fn submit_over_amqp_once_even_when_redelivered() -> anyhow::Result<()> {
     let task = h
         .wait_submitted(task_id, std::time::Duration::from_secs(30))
         .await?;
-    assert_eq!(task.state, "completed");
+    assert_eq!(task.state, TaskState::Completed);
     assert_eq!(task.output, Some(json!({"s": {"via": "amqp"}})));
     // A bad request over AMQP is dead-lettered, not lost and not fatal.
     let mut bad = amqp_submit::task_request("t", "missing-template", json!({}));

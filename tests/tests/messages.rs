@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tasker_schemas::TaskState;
 use tasker_schemas::{Outcome, StepResult, TaskId, encode_payload};
 use tasker_tests::Harness;
 use tokio::sync::Barrier;
@@ -67,7 +68,7 @@ async fn malformed_result_is_dead_lettered_and_work_goes_on() -> anyhow::Result<
     // The orchestrator still works.
     h.spawn_worker(h.worker().handler_fn("echo", |_| async { Ok(json!(1)) }));
     let task = h.run("t", "one", json!({})).await?;
-    assert_eq!(task.state, "completed");
+    assert_eq!(task.state, TaskState::Completed);
     assert_eq!(
         h.shared(0)
             .metrics
@@ -109,7 +110,7 @@ async fn duplicate_and_stale_results_are_ignored() -> anyhow::Result<()> {
             .handler_fn("echo", |ctx| async move { Ok(json!(ctx.step())) }),
     );
     let task = h.run("t", "two", json!({})).await?;
-    assert_eq!(task.state, "completed");
+    assert_eq!(task.state, TaskState::Completed);
     let a = &task.steps[0];
     let result = |attempt: u32, output| StepResult {
         task_id: task.id,
@@ -196,7 +197,7 @@ async fn join_is_admitted_once_when_parents_finish_together_on_two_replicas() ->
     }
     for id in &ids {
         let task = h.wait(*id).await?;
-        assert_eq!(task.state, "completed");
+        assert_eq!(task.state, TaskState::Completed);
         let d = task.steps.iter().find(|s| s.name == "d").unwrap();
         assert_eq!(
             (d.attempt, d.attempts.len()),
@@ -248,7 +249,7 @@ async fn worker_shuts_down_gracefully_mid_step() -> anyhow::Result<()> {
     // SIGTERM equivalent while the step runs: it must finish and report before the worker exits.
     worker.stop().await?;
     let task = h.wait_for(id, Duration::from_secs(10)).await?;
-    assert_eq!(task.state, "completed");
+    assert_eq!(task.state, TaskState::Completed);
     assert_eq!(
         task.steps[0].output,
         Some(json!("finished during shutdown"))

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tasker_orchestrator::store::reconcile;
+use tasker_schemas::{StepState, TaskState};
 use tasker_tests::Harness;
 use tasker_tests::tasker_worker::StepError;
 
@@ -35,10 +36,10 @@ async fn cancel_stops_admission_and_records_in_flight_results() -> anyhow::Resul
     let view = post(&h, &format!("/v1/tasks/{id}/cancel")).await?;
     assert_eq!(view["steps"][1]["state"], "cancelled");
     let task = h.wait(id).await?;
-    assert_eq!(task.state, "cancelled");
+    assert_eq!(task.state, TaskState::Cancelled);
     // The step already running finished and was recorded; its child never ran.
-    assert_eq!(task.steps[0].state, "succeeded");
-    assert_eq!(task.steps[1].state, "cancelled");
+    assert_eq!(task.steps[0].state, StepState::Succeeded);
+    assert_eq!(task.steps[1].state, StepState::Cancelled);
     assert_eq!(task.steps[1].attempt, 0);
     let kinds: Vec<&str> = task.events.iter().map(|e| e.kind.as_str()).collect();
     assert_eq!(kinds, ["cancel_requested", "cancelled"]);
@@ -72,8 +73,8 @@ async fn retrying_a_cancelled_task_with_nothing_left_to_run_completes_it() -> an
     tokio::time::sleep(Duration::from_millis(200)).await;
     post(&h, &format!("/v1/tasks/{id}/cancel")).await?;
     let task = h.wait(id).await?;
-    assert_eq!(task.state, "cancelled", "{task:#?}");
-    assert_eq!(task.steps[0].state, "succeeded");
+    assert_eq!(task.state, TaskState::Cancelled, "{task:#?}");
+    assert_eq!(task.steps[0].state, StepState::Succeeded);
     let view = post(&h, &format!("/v1/tasks/{id}/retry")).await?;
     assert_eq!(view["state"], "completed", "{view:#}");
     assert_eq!(view["output"], json!({"only": "done"}));
@@ -112,12 +113,12 @@ async fn retry_reruns_failed_steps_with_higher_attempts() -> anyhow::Result<()> 
     );
     let id = h.submit("t", "r", json!({})).await?;
     let failed = h.wait(id).await?;
-    assert_eq!(failed.state, "failed");
-    assert_eq!(failed.steps[2].state, "skipped");
+    assert_eq!(failed.state, TaskState::Failed);
+    assert_eq!(failed.steps[2].state, StepState::Skipped);
     fixed.store(true, Ordering::SeqCst);
     post(&h, &format!("/v1/tasks/{id}/retry")).await?;
     let task = h.wait(id).await?;
-    assert_eq!(task.state, "completed", "{task:#?}");
+    assert_eq!(task.state, TaskState::Completed, "{task:#?}");
     // a kept its output and attempt; b ran again with a higher attempt number.
     assert_eq!(
         (task.steps[0].attempt, task.steps[0].output.clone()),
@@ -180,7 +181,7 @@ async fn attempt_admitted_but_never_published_is_relayed() -> anyhow::Result<()>
             .handler_fn("echo", |_| async { Ok(json!("relayed")) }),
     );
     let task = h.wait(id).await?;
-    assert_eq!(task.state, "completed");
+    assert_eq!(task.state, TaskState::Completed);
     assert_eq!(
         task.steps[0].attempt, 1,
         "the relay republishes the same attempt"
@@ -239,7 +240,7 @@ async fn dead_step_messages_become_failed_attempts() -> anyhow::Result<()> {
         }
     });
     let task = h.run("t", "poison", json!({})).await?;
-    assert_eq!(task.state, "failed");
+    assert_eq!(task.state, TaskState::Failed);
     let s = &task.steps[0];
     assert_eq!(s.attempts.len(), 2);
     assert!(
@@ -274,7 +275,7 @@ async fn reconciler_repairs_a_task_without_a_live_owner() -> anyhow::Result<()> 
     .await?;
     h.spawn_worker(h.worker().handler_fn("echo", |_| async { Ok(json!(1)) }));
     let done = h.run("t", "two", json!({})).await?;
-    assert_eq!(done.state, "completed");
+    assert_eq!(done.state, TaskState::Completed);
     // Corrupt a second task as a bug or lost write would: a succeeded, b still waiting on it.
     let id = h.submit("t", "two", json!({})).await?;
     h.wait(id).await?;
@@ -296,7 +297,7 @@ async fn reconciler_repairs_a_task_without_a_live_owner() -> anyhow::Result<()> 
         1
     );
     let task = h.wait(id).await?;
-    assert_eq!(task.state, "completed");
+    assert_eq!(task.state, TaskState::Completed);
     assert_eq!(task.steps[1].attempt, 2, "b ran again with a new attempt");
     // A healthy database has nothing to repair.
     assert!(reconcile::find_inconsistent(&h.db, 0, 10).await?.is_empty());
@@ -315,7 +316,10 @@ async fn reconciler_corrects_a_drifted_in_flight_count() -> anyhow::Result<()> {
     )
     .await?;
     h.spawn_worker(h.worker().handler_fn("echo", |_| async { Ok(json!(1)) }));
-    assert_eq!(h.run("t", "one", json!({})).await?.state, "completed");
+    assert_eq!(
+        h.run("t", "one", json!({})).await?.state,
+        TaskState::Completed
+    );
     sqlx::query("UPDATE slots SET in_flight = 7 WHERE scope = 'queue' AND key = 'default'")
         .execute(&h.db)
         .await?;
@@ -327,7 +331,10 @@ async fn reconciler_corrects_a_drifted_in_flight_count() -> anyhow::Result<()> {
             .await?;
     assert_eq!(in_flight, 0);
     // With the count right again, tasks still run.
-    assert_eq!(h.run("t", "one", json!({})).await?.state, "completed");
+    assert_eq!(
+        h.run("t", "one", json!({})).await?.state,
+        TaskState::Completed
+    );
     h.finish().await;
     Ok(())
 }
@@ -377,7 +384,7 @@ async fn long_steps_ack_early_and_keep_a_lease_alive() -> anyhow::Result<()> {
     assert_eq!(q.message_count(), 0);
     let view = h.client().task(id).await?;
     let s = &view.steps[0];
-    assert_eq!(s.state, "dispatched");
+    assert_eq!(s.state, StepState::Dispatched);
     assert_eq!(s.attempts[0].outcome, "started");
     assert!(
         s.waiting_reason.as_deref().unwrap().contains("running on"),
@@ -385,7 +392,7 @@ async fn long_steps_ack_early_and_keep_a_lease_alive() -> anyhow::Result<()> {
         s.waiting_reason
     );
     let task = h.wait(id).await?;
-    assert_eq!(task.state, "completed", "{task:#?}");
+    assert_eq!(task.state, TaskState::Completed, "{task:#?}");
     assert_eq!(
         task.steps[0].attempt, 1,
         "heartbeats kept the one attempt alive"
@@ -426,7 +433,7 @@ async fn running_handlers_observe_cancellation_and_queued_steps_are_refused() ->
     let started = std::time::Instant::now();
     post(&h, &format!("/v1/tasks/{id}/cancel")).await?;
     let task = h.wait_for(id, Duration::from_secs(10)).await?;
-    assert_eq!(task.state, "cancelled");
+    assert_eq!(task.state, TaskState::Cancelled);
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "cancel took {:?}",
@@ -484,7 +491,7 @@ async fn finished_tasks_are_pruned_after_retention() -> anyhow::Result<()> {
     );
     assert_eq!(
         h.client().task(recent.id).await?.state,
-        "completed",
+        TaskState::Completed,
         "recent tasks stay"
     );
     h.finish().await;

@@ -4,6 +4,7 @@
 use serde_json::json;
 use tasker_example_orders::{TEMPLATE_YAML, worker};
 use tasker_tests::Harness;
+use tasker_worker::schemas::{StepState, TaskState};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_order_is_validated_charged_reserved_shipped_and_notified() -> anyhow::Result<()> {
@@ -12,7 +13,7 @@ async fn an_order_is_validated_charged_reserved_shipped_and_notified() -> anyhow
     h.spawn_worker(worker(&h.services.amqp_url, &h.prefix));
     let order = json!({"order_id": "A-1001", "amount_cents": 4999, "items": [{"sku": "BOOK-1", "quantity": 2}]});
     let task = h.run("shop", "order_fulfilment", order).await?;
-    assert_eq!(task.state, "completed", "{task:#?}");
+    assert_eq!(task.state, TaskState::Completed, "{task:#?}");
     let names: Vec<&str> = task.steps.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(
         names,
@@ -24,7 +25,7 @@ async fn an_order_is_validated_charged_reserved_shipped_and_notified() -> anyhow
             "notify_customer"
         ]
     );
-    assert!(task.steps.iter().all(|s| s.state == "succeeded"));
+    assert!(task.steps.iter().all(|s| s.state == StepState::Succeeded));
     // Shipping saw both parallel parents; the task's result is the notification.
     let ship = &task.steps[3];
     assert!(
@@ -61,11 +62,13 @@ async fn an_invalid_order_fails_without_charging() -> anyhow::Result<()> {
             json!({"order_id": "A-1002", "amount_cents": 0, "items": []}),
         )
         .await?;
-    assert_eq!(task.state, "failed");
-    assert_eq!(task.steps[0].state, "failed");
+    assert_eq!(task.state, TaskState::Failed);
+    assert_eq!(task.steps[0].state, StepState::Failed);
     assert_eq!(task.steps[0].attempt, 1, "validation errors are permanent");
     assert!(
-        task.steps[1..].iter().all(|s| s.state == "skipped"),
+        task.steps[1..]
+            .iter()
+            .all(|s| s.state == StepState::Skipped),
         "nothing is charged or shipped"
     );
     h.finish().await;

@@ -16,6 +16,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tasker_schemas::TaskId;
+use tasker_schemas::TaskState;
 use tasker_worker::amqp_submit;
 use tokio::sync::Semaphore;
 
@@ -279,7 +280,7 @@ pub async fn linear(b: &Bench, workload: &str, runs: usize, warmup: usize) -> Re
             .await
             .with_context(|| format!("waiting for {id}"))?;
         let took = t0.elapsed();
-        if task.state != "completed" {
+        if task.state != TaskState::Completed {
             bail!(
                 "{workload}: task {id} ended {}: {:?}",
                 task.state,
@@ -403,7 +404,9 @@ pub async fn diamond(b: &Bench, workload: &str, s: &Sizes) -> Result<Row> {
                 }
             }
             let latency = match tokio::time::timeout(Duration::from_secs(120), event).await {
-                Ok(Ok(f)) if f.state == "completed" => Some(f.at.saturating_duration_since(t0)),
+                Ok(Ok(f)) if f.state == TaskState::Completed.as_str() => {
+                    Some(f.at.saturating_duration_since(t0))
+                }
                 Ok(Ok(f)) => {
                     errors
                         .lock()
@@ -510,7 +513,7 @@ pub async fn fanout(b: &Bench, s: &Sizes) -> Result<Row> {
         b.submit(&shape, id).await?;
         let task = b.client.wait(id, Duration::from_secs(120)).await?;
         let took = t0.elapsed();
-        if task.state != "completed" {
+        if task.state != TaskState::Completed {
             bail!("fanout: task {id} ended {}: {:?}", task.state, task.error);
         }
         if i >= warmup {
