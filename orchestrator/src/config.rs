@@ -104,18 +104,44 @@ impl std::fmt::Debug for Config {
     }
 }
 
-/// Replaces the password of a URL with `***`.
+/// Replaces the password of a URL with `***`: the one in the user info (`user:secret@`) and a
+/// `password=` query parameter. A URL without a password is returned as it is.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    let (authority, path) = rest.split_once('/').map_or((rest, ""), |(a, p)| (a, p));
-    let Some((userinfo, host)) = authority.rsplit_once('@') else {
-        return url.to_owned();
+    let (rest, query) = rest
+        .split_once('?')
+        .map_or((rest, None), |(r, q)| (r, Some(q)));
+    let (authority, path) = rest
+        .split_once('/')
+        .map_or((rest, None), |(a, p)| (a, Some(p)));
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, password)) if !password.is_empty() => format!("{user}:***@{host}"),
+            _ => authority.to_owned(),
+        },
+        None => authority.to_owned(),
     };
-    let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-    let sep = if rest.contains('/') { "/" } else { "" };
-    format!("{scheme}://{user}:***@{host}{sep}{path}")
+    let mut out = format!("{scheme}://{authority}");
+    if let Some(path) = path {
+        out.push('/');
+        out.push_str(path);
+    }
+    if let Some(query) = query {
+        out.push('?');
+        let params: Vec<String> = query
+            .split('&')
+            .map(|param| match param.split_once('=') {
+                Some((key, value)) if key.eq_ignore_ascii_case("password") && !value.is_empty() => {
+                    format!("{key}=***")
+                }
+                _ => param.to_owned(),
+            })
+            .collect();
+        out.push_str(&params.join("&"));
+    }
+    out
 }
 
 /// A configuration problem.
@@ -130,6 +156,138 @@ pub enum ConfigError {
     Parse { path: PathBuf, error: String },
     #[error("invalid value for {var}: {error}")]
     Env { var: &'static str, error: String },
+}
+
+/// One `TASKER_*` environment variable: its name, what it sets, its default and how it is
+/// applied. [`SETTINGS`] is the only list: [`Config::apply_env`] reads these variables and
+/// `tasker serve --help` shows them ([`settings_help`]), so the two cannot disagree.
+pub struct Setting {
+    /// The variable, `TASKER_` and the config field in upper case.
+    pub var: &'static str,
+    /// What it sets, in one line.
+    pub help: &'static str,
+    default: fn(&Config) -> String,
+    apply: fn(&mut Config, String) -> Result<(), ConfigError>,
+}
+
+impl Setting {
+    /// The key of the same setting in the YAML file (the config field).
+    pub fn file_key(&self) -> String {
+        self.var
+            .strip_prefix("TASKER_")
+            .unwrap_or(self.var)
+            .to_ascii_lowercase()
+    }
+
+    /// Its value when neither the file nor the environment sets it (empty when unset).
+    pub fn default_value(&self) -> String {
+        (self.default)(&Config::default())
+    }
+}
+
+fn parse<T: std::str::FromStr>(var: &'static str, v: &str) -> Result<T, ConfigError>
+where
+    T::Err: std::fmt::Display,
+{
+    v.parse().map_err(|e: T::Err| ConfigError::Env {
+        var,
+        error: e.to_string(),
+    })
+}
+
+/// Defines [`SETTINGS`]: `VAR => field (kind): "help"`, where kind says how the text becomes the
+/// value: `value` (parsed with `FromStr`), `string`, `path` (optional) or `list` (comma-separated).
+macro_rules! settings {
+    ($($var:literal => $field:ident ($kind:ident): $help:literal,)*) => {
+        /// Every `TASKER_*` variable the orchestrator reads, in the order `--help` shows them.
+        pub const SETTINGS: &[Setting] = &[$(
+            Setting {
+                var: $var,
+                help: $help,
+                default: |c| settings!(@show $kind, c.$field),
+                apply: |c, v| {
+                    settings!(@set $kind, $var, c.$field, v);
+                    Ok(())
+                },
+            },
+        )*];
+    };
+    (@show value, $e:expr) => { $e.to_string() };
+    (@show string, $e:expr) => { $e.clone() };
+    (@show path, $e:expr) => { $e.as_ref().map(|p| p.display().to_string()).unwrap_or_default() };
+    (@show list, $e:expr) => { $e.join(",") };
+    (@set value, $var:literal, $f:expr, $v:ident) => { $f = parse($var, &$v)? };
+    (@set string, $var:literal, $f:expr, $v:ident) => { $f = $v };
+    (@set path, $var:literal, $f:expr, $v:ident) => { $f = Some(PathBuf::from($v)) };
+    (@set list, $var:literal, $f:expr, $v:ident) => {
+        $f = $v
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect()
+    };
+}
+
+settings! {
+    "TASKER_DATABASE_URL" => database_url (string):
+        "PostgreSQL URL; migrations run on start, and a missing database is created when the user may",
+    "TASKER_AMQP_URL" => amqp_url (string): "RabbitMQ URL",
+    "TASKER_HTTP_ADDR" => http_addr (value): "Address of the HTTP API, /health, /ready and /metrics",
+    "TASKER_PREFIX" => prefix (string): "Prefix of every exchange and queue name",
+    "TASKER_TEMPLATES_DIR" => templates_dir (path):
+        "Directory of *.yaml, *.yml and *.json templates registered on start",
+    "TASKER_API_KEYS" => api_keys (list):
+        "Comma-separated bearer tokens; when set, /v1 requires one (unset: no authentication)",
+    "TASKER_DB_POOL_SIZE" => db_pool_size (value): "Connections in the PostgreSQL pool",
+    "TASKER_RESULT_SHARDS" => result_shards (value): "Number of result queues (shards)",
+    "TASKER_RESULT_PREFETCH" => result_prefetch (value):
+        "Unacked result messages per result consumer",
+    "TASKER_RESULT_BATCH_SIZE" => result_batch_size (value):
+        "Most results applied in one transaction",
+    "TASKER_DISPATCH_BATCH_SIZE" => dispatch_batch_size (value):
+        "Most steps admitted in one dispatch transaction",
+    "TASKER_MAX_IN_FLIGHT_PER_QUEUE" => max_in_flight_per_queue (value):
+        "Most dispatched, unfinished steps per queue; the rest wait in PostgreSQL by priority",
+    "TASKER_DELIVERY_LIMIT" => delivery_limit (value):
+        "Deliveries of one message before the broker dead-letters it",
+    "TASKER_RELAY_AFTER_MS" => relay_after_ms (value):
+        "Outbox entries older than this (ms) are published again by the relay",
+    "TASKER_POLL_INTERVAL_MS" => poll_interval_ms (value):
+        "Backstop poll interval of the dispatcher and timers (ms)",
+    "TASKER_HANDLER_MISSING_DELAY_MS" => handler_missing_delay_ms (value):
+        "Delay before offering again a step whose handler no worker had (ms)",
+    "TASKER_MAX_CONTEXT_BYTES" => max_context_bytes (value): "Largest task context (bytes)",
+    "TASKER_MAX_OUTPUT_BYTES" => max_output_bytes (value): "Largest step output (bytes)",
+    "TASKER_MAX_STEP_MESSAGE_BYTES" => max_step_message_bytes (value):
+        "Largest step message, context and parent outputs included (bytes)",
+    "TASKER_MAX_REQUEST_BYTES" => max_request_bytes (value): "Largest HTTP request body (bytes)",
+    "TASKER_SHUTDOWN_GRACE_MS" => shutdown_grace_ms (value):
+        "Time allowed for draining on shutdown (ms)",
+    "TASKER_RECONCILE_INTERVAL_MS" => reconcile_interval_ms (value):
+        "How often the reconciler checks that every live task has a live owner (ms)",
+    "TASKER_RECONCILE_QUIET_MS" => reconcile_quiet_ms (value):
+        "Tasks changed more recently than this are left alone by the reconciler (ms)",
+    "TASKER_RETENTION_HOURS" => retention_hours (value):
+        "Finished tasks (and their idempotency keys) are kept this long, then pruned (hours)",
+}
+
+/// The settings as `tasker serve --help` shows them: every variable with its default.
+pub fn settings_help() -> String {
+    let mut out = String::from(
+        "Settings: defaults, then the --config YAML file (keys are the names below in lower case \
+         without TASKER_, e.g. db_pool_size), then these environment variables (the environment \
+         wins):\n",
+    );
+    for s in SETTINGS {
+        let default = s.default_value();
+        let default = if default.is_empty() { "none" } else { &default };
+        out.push_str(&format!(
+            "\n  {}\n          {}\n          [default: {default}]\n",
+            s.var, s.help
+        ));
+    }
+    out
 }
 
 impl Config {
@@ -152,61 +310,13 @@ impl Config {
         Ok(config)
     }
 
-    /// Applies `TASKER_*` variables read through `get`.
+    /// Applies the `TASKER_*` variables of [`SETTINGS`], read through `get`.
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
-        fn parse<T: std::str::FromStr>(var: &'static str, v: String) -> Result<T, ConfigError>
-        where
-            T::Err: std::fmt::Display,
-        {
-            v.parse().map_err(|e: T::Err| ConfigError::Env {
-                var,
-                error: e.to_string(),
-            })
+        for setting in SETTINGS {
+            if let Some(value) = get(setting.var) {
+                (setting.apply)(self, value)?;
+            }
         }
-        macro_rules! env {
-            ($var:literal => $field:expr, string) => {
-                if let Some(v) = get($var) {
-                    $field = v;
-                }
-            };
-            ($var:literal => $field:expr) => {
-                if let Some(v) = get($var) {
-                    $field = parse($var, v)?;
-                }
-            };
-        }
-        env!("TASKER_DATABASE_URL" => self.database_url, string);
-        env!("TASKER_AMQP_URL" => self.amqp_url, string);
-        env!("TASKER_HTTP_ADDR" => self.http_addr);
-        env!("TASKER_PREFIX" => self.prefix, string);
-        if let Some(v) = get("TASKER_TEMPLATES_DIR") {
-            self.templates_dir = Some(PathBuf::from(v));
-        }
-        if let Some(v) = get("TASKER_API_KEYS") {
-            self.api_keys = v
-                .split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(String::from)
-                .collect();
-        }
-        env!("TASKER_DB_POOL_SIZE" => self.db_pool_size);
-        env!("TASKER_RESULT_SHARDS" => self.result_shards);
-        env!("TASKER_RESULT_PREFETCH" => self.result_prefetch);
-        env!("TASKER_RESULT_BATCH_SIZE" => self.result_batch_size);
-        env!("TASKER_DISPATCH_BATCH_SIZE" => self.dispatch_batch_size);
-        env!("TASKER_MAX_IN_FLIGHT_PER_QUEUE" => self.max_in_flight_per_queue);
-        env!("TASKER_DELIVERY_LIMIT" => self.delivery_limit);
-        env!("TASKER_RELAY_AFTER_MS" => self.relay_after_ms);
-        env!("TASKER_POLL_INTERVAL_MS" => self.poll_interval_ms);
-        env!("TASKER_HANDLER_MISSING_DELAY_MS" => self.handler_missing_delay_ms);
-        env!("TASKER_SHUTDOWN_GRACE_MS" => self.shutdown_grace_ms);
-        env!("TASKER_RECONCILE_INTERVAL_MS" => self.reconcile_interval_ms);
-        env!("TASKER_RECONCILE_QUIET_MS" => self.reconcile_quiet_ms);
-        env!("TASKER_RETENTION_HOURS" => self.retention_hours);
-        env!("TASKER_MAX_CONTEXT_BYTES" => self.max_context_bytes);
-        env!("TASKER_MAX_OUTPUT_BYTES" => self.max_output_bytes);
-        env!("TASKER_MAX_STEP_MESSAGE_BYTES" => self.max_step_message_bytes);
         Ok(())
     }
 
@@ -238,11 +348,91 @@ mod tests {
             "amqp://guest:***@127.0.0.1:5672/%2f"
         );
         assert_eq!(redact_url("amqp://host"), "amqp://host");
+        assert_eq!(redact_url("postgres://u:p@h"), "postgres://u:***@h");
+        assert_eq!(
+            redact_url("postgres://h/db?sslmode=require&password=secret"),
+            "postgres://h/db?sslmode=require&password=***"
+        );
         let c = Config {
             database_url: "postgres://u:hunter2@h/db".into(),
             ..Config::default()
         };
         assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn urls_without_a_password_are_shown_as_they_are() {
+        for url in [
+            "postgres://postgres@127.0.0.1:5432/tasker",
+            "postgres://u@h/db?sslmode=disable",
+            "postgres://u:@h/db",
+            "postgres://h:5432/db",
+            "postgres:///db?host=/run/postgresql",
+            "amqp://guest@127.0.0.1:5672/%2f",
+            "not a url",
+        ] {
+            assert_eq!(redact_url(url), url);
+        }
+        assert!(
+            format!("{:?}", Config::default())
+                .contains("postgres://postgres@127.0.0.1:5432/tasker")
+        );
+    }
+
+    #[test]
+    fn every_setting_is_read_and_its_default_reads_back() {
+        let mut seen = std::collections::HashSet::new();
+        for s in SETTINGS {
+            assert!(s.var.starts_with("TASKER_"), "{}", s.var);
+            assert!(seen.insert(s.var), "{} is listed twice", s.var);
+            assert!(!s.help.is_empty(), "{} has no help", s.var);
+            // The file key names a field of Config (the file rejects unknown keys).
+            let default = s.default_value();
+            if !default.is_empty() && s.var != "TASKER_API_KEYS" {
+                let value = if default.parse::<f64>().is_ok() {
+                    default.clone()
+                } else {
+                    serde_json::json!(default).to_string()
+                };
+                let yaml = format!("{}: {value}", s.file_key());
+                let _: Config =
+                    serde_saphyr::from_str(&yaml).unwrap_or_else(|e| panic!("{yaml}: {e}"));
+            }
+            // Applying the default as the variable's value changes nothing.
+            let mut c = Config::default();
+            c.apply_env(|k| (k == s.var && !default.is_empty()).then(|| default.clone()))
+                .unwrap();
+            assert_eq!(s.default_value(), (s.default)(&c), "{}", s.var);
+        }
+    }
+
+    #[test]
+    fn every_config_field_has_a_setting() {
+        let source = include_str!("config.rs");
+        let body = source
+            .split_once("pub struct Config {")
+            .and_then(|(_, rest)| rest.split_once("\n}"))
+            .map(|(body, _)| body)
+            .expect("struct Config");
+        let keys: Vec<String> = SETTINGS.iter().map(Setting::file_key).collect();
+        let fields: Vec<&str> = body
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("pub "))
+            .filter_map(|l| l.split_once(':').map(|(name, _)| name))
+            .collect();
+        assert!(fields.len() > 20, "{fields:?}");
+        for field in fields {
+            assert!(
+                keys.iter().any(|k| k == field),
+                "Config.{field} has no TASKER_ variable in SETTINGS"
+            );
+        }
+        let help = settings_help();
+        for s in SETTINGS {
+            assert!(help.contains(s.var), "{}", s.var);
+        }
+        assert!(help.contains("[default: postgres://postgres@127.0.0.1:5432/tasker]"));
+        assert!(help.contains("[default: none]"));
     }
 
     #[test]

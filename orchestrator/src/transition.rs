@@ -11,7 +11,7 @@
 //! | the delay before the next attempt | [`retry_delay_ms`] |
 //! | a due retry becomes ready | [`PROMOTE_RETRY`] |
 //! | skip what a failing task can no longer run / cancel what a cancelled one has not started | [`halt`] |
-//! | cancel a task | [`cancel_task`] |
+//! | cancel a task (what has not started finishes at once; a repeat is a no-op) | [`cancel_task`] |
 //! | retry a failed or cancelled task | [`retry_task`] |
 //! | lease expiry (queue wait, execution) | [`lease_expired`] |
 //! | a step message the broker dead-lettered | [`dead_step`] |
@@ -372,19 +372,52 @@ pub struct Refused {
     pub action: &'static str,
 }
 
-/// Cancelling a task: only a live one; its steps not started are cancelled at once, and the
-/// task's error says why. Steps in flight may still report: recorded, advancing nothing.
-pub fn cancel_task(state: TaskState, reason: Option<&str>) -> Result<(Move, String), Refused> {
+/// What a cancel writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CancelPlan {
+    /// Steps not started move to `cancelled` ([`halt`]).
+    pub halt: Move,
+    /// Dispatched steps no worker reported `started` are not started either: they are
+    /// cancelled at once too (their attempt recorded as `cancelled`, their slot released), and
+    /// a result for them later is stale. Only started steps wait for their worker.
+    pub dispatched_unstarted: bool,
+    /// The attempt outcome recorded for a cancelled dispatched attempt.
+    pub outcome: AttemptOutcome,
+    /// The task's error.
+    pub error: String,
+}
+
+/// What cancelling a task in `state` does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cancel {
+    Cancel(CancelPlan),
+    /// Already cancelled, or a cancel already requested: nothing to do (no second event).
+    AlreadyCancelled,
+}
+
+/// Cancelling a task: a live one is cancelled ([`CancelPlan`]); a repeated cancel (the task
+/// cancelled, or a cancel requested and its started steps still running) is a no-op; a
+/// completed or failed task cannot be cancelled.
+pub fn cancel_task(
+    state: TaskState,
+    cancel_requested: bool,
+    reason: Option<&str>,
+) -> Result<Cancel, Refused> {
+    if state == TaskState::Cancelled || (state.is_live() && cancel_requested) {
+        return Ok(Cancel::AlreadyCancelled);
+    }
     if !state.is_live() {
         return Err(Refused {
             state,
             action: "cancel",
         });
     }
-    Ok((
-        halt(true),
-        format!("cancelled: {}", reason.unwrap_or("by request")),
-    ))
+    Ok(Cancel::Cancel(CancelPlan {
+        halt: halt(true),
+        dispatched_unstarted: true,
+        outcome: AttemptOutcome::Cancelled,
+        error: format!("cancelled: {}", reason.unwrap_or("by request")),
+    }))
 }
 
 /// Retrying a task: only a failed or cancelled one; its failed, skipped and cancelled steps
@@ -847,21 +880,35 @@ mod tests {
     }
 
     #[test]
-    fn only_a_live_task_can_be_cancelled() {
-        let (m, error) = cancel_task(TaskState::Running, Some("no longer needed")).unwrap();
-        assert_eq!(m.to, StepState::Cancelled);
-        assert_eq!(error, "cancelled: no longer needed");
-        assert_eq!(
-            cancel_task(TaskState::Pending, None).unwrap().1,
-            "cancelled: by request"
+    fn only_a_live_task_can_be_cancelled_and_a_repeated_cancel_is_a_no_op() {
+        let Cancel::Cancel(plan) =
+            cancel_task(TaskState::Running, false, Some("no longer needed")).unwrap()
+        else {
+            panic!("a running task is cancelled");
+        };
+        assert_eq!(plan.halt.to, StepState::Cancelled);
+        assert!(
+            plan.dispatched_unstarted,
+            "unstarted dispatched steps do not wait"
         );
-        for s in [
-            TaskState::Completed,
-            TaskState::Failed,
-            TaskState::Cancelled,
-        ] {
+        assert_eq!(plan.outcome, AttemptOutcome::Cancelled);
+        assert_eq!(plan.error, "cancelled: no longer needed");
+        let Cancel::Cancel(plan) = cancel_task(TaskState::Pending, false, None).unwrap() else {
+            panic!("a pending task is cancelled");
+        };
+        assert_eq!(plan.error, "cancelled: by request");
+        // Repeated: requested already (started steps still running), or finished cancelled.
+        assert_eq!(
+            cancel_task(TaskState::Running, true, None),
+            Ok(Cancel::AlreadyCancelled)
+        );
+        assert_eq!(
+            cancel_task(TaskState::Cancelled, true, None),
+            Ok(Cancel::AlreadyCancelled)
+        );
+        for s in [TaskState::Completed, TaskState::Failed] {
             assert_eq!(
-                cancel_task(s, None).unwrap_err(),
+                cancel_task(s, false, None).unwrap_err(),
                 Refused {
                     state: s,
                     action: "cancel"

@@ -2,9 +2,11 @@
 
 use super::{Result, ServiceError, Shared, events};
 use crate::metrics::Metrics;
+use crate::slots::SlotKey;
 use crate::store::tasks::{self, CreateOutcome, Created, NewTask};
 use crate::store::views::{self, ListFilter, TaskDetail, TaskRow};
-use crate::transition::{self, Refused, TaskNow};
+use crate::transition::{self, Cancel, Refused, TaskNow};
+use std::collections::HashMap;
 use tasker_schemas::api::SubmitTask;
 use tasker_schemas::{RequestId, TaskId, TaskState};
 
@@ -82,24 +84,39 @@ fn refused(task_id: TaskId, r: Refused) -> ServiceError {
     }
 }
 
-/// Cancels a live task ([`transition::cancel_task`]): nothing new is admitted, steps not
-/// started are cancelled; steps already dispatched may still report (recorded, advancing
-/// nothing). The task finishes at once when nothing is in flight. Workers are told.
+/// Cancels a live task ([`transition::cancel_task`]): nothing new is admitted, and every step
+/// not started (waiting, queued, retrying, or dispatched without a worker's `started`) is
+/// cancelled at once, its slot released; a later result for it is stale. Steps a worker
+/// reported started may still report (recorded, advancing nothing). The task finishes at once
+/// when nothing is left running. Workers are told. A repeated cancel is a no-op.
 pub async fn cancel(shared: &Shared, id: TaskId, reason: Option<String>) -> Result<()> {
     let mut tx = shared.db.begin().await?;
-    let state = tasks::lock(&mut tx, id)
+    let task = tasks::lock(&mut tx, id)
         .await?
         .ok_or(ServiceError::TaskNotFound(id))?;
-    let (halt, error) =
-        transition::cancel_task(state, reason.as_deref()).map_err(|r| refused(id, r))?;
-    tasks::cancel(&mut tx, id, halt, &error, reason.as_deref()).await?;
+    let plan = match transition::cancel_task(task.state, task.cancel_requested, reason.as_deref())
+        .map_err(|r| refused(id, r))?
+    {
+        Cancel::Cancel(plan) => plan,
+        Cancel::AlreadyCancelled => return Ok(()),
+    };
+    let written = tasks::cancel(&mut tx, id, &plan, reason.as_deref()).await?;
+    let released: HashMap<SlotKey, i64> = written
+        .released
+        .iter()
+        .map(|(q, n)| (SlotKey::queue(q), *n))
+        .collect();
+    if !released.is_empty() {
+        crate::store::admission::lock_slots(&mut tx, &[], &released).await?;
+    }
     let ending = transition::final_state(TaskNow {
         failing: false,
         cancel_requested: true,
     });
     let finished = crate::store::apply::finalize(&mut tx, &[(id.0, ending)]).await?;
     tx.commit().await?;
-    // Tell workers; a step already taken may still run, and its result advances nothing.
+    shared.dispatch.released(written.released.keys());
+    // Tell workers: they refuse the task's queued messages and cancel its running handlers.
     let cancel = tasker_schemas::Cancel {
         task_id: id,
         reason,
@@ -115,7 +132,7 @@ pub async fn cancel(shared: &Shared, id: TaskId, reason: Option<String>) -> Resu
         }
     }
     events::announce(shared, &finished).await;
-    tracing::info!(task_id = %id, "task cancel requested");
+    tracing::info!(task_id = %id, steps_cancelled = written.steps, "task cancel requested");
     Ok(())
 }
 
@@ -125,7 +142,8 @@ pub async fn retry(shared: &Shared, id: TaskId) -> Result<()> {
     let mut tx = shared.db.begin().await?;
     let state = tasks::lock(&mut tx, id)
         .await?
-        .ok_or(ServiceError::TaskNotFound(id))?;
+        .ok_or(ServiceError::TaskNotFound(id))?
+        .state;
     let reset = transition::retry_task(state).map_err(|r| refused(id, r))?;
     let queues = tasks::retry(&mut tx, id, state, reset).await?;
     // A task cancelled while its last steps ran to success has nothing to reset: it finishes

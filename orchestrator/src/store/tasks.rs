@@ -172,13 +172,24 @@ pub async fn create(tx: &mut PgConnection, new: &NewTask<'_>) -> Result<CreateOu
     }))
 }
 
+/// A locked task's state and whether a cancel was requested.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Locked {
+    pub state: TaskState,
+    pub cancel_requested: bool,
+}
+
 /// Locks a task row and returns its state, or `None` when there is no such task.
-pub async fn lock(tx: &mut PgConnection, id: TaskId) -> Result<Option<TaskState>> {
+pub async fn lock(tx: &mut PgConnection, id: TaskId) -> Result<Option<Locked>> {
     Ok(
-        sqlx::query_scalar("SELECT state FROM tasks WHERE id = $1 FOR UPDATE")
+        sqlx::query("SELECT state, cancel_requested FROM tasks WHERE id = $1 FOR UPDATE")
             .bind(id.0)
             .fetch_optional(&mut *tx)
-            .await?,
+            .await?
+            .map(|r| Locked {
+                state: r.get("state"),
+                cancel_requested: r.get("cancel_requested"),
+            }),
     )
 }
 
@@ -197,44 +208,82 @@ async fn record_event(tx: &mut PgConnection, id: TaskId, kind: &str, detail: Val
     .await?)
 }
 
+/// What [`cancel`] wrote.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Cancelled {
+    /// Steps that moved to `cancelled`.
+    pub steps: i32,
+    /// Dispatched (unstarted) attempts cancelled, per queue: their slots to release.
+    pub released: HashMap<String, i64>,
+}
+
 /// Writes a cancel decided by [`crate::transition::cancel_task`] (the task locked by [`lock`]):
-/// the steps it halts move, the task records the request, its error and the event. Returns how
-/// many steps were cancelled. The caller finishes the task if nothing is left in flight.
+/// the steps it halts move (with their dispatched, unstarted attempts recorded as `plan.outcome`
+/// and their leases cleared), and the task records the request, its error and the event. The
+/// caller releases the slots and finishes the task if nothing is left in flight.
 pub async fn cancel(
     tx: &mut PgConnection,
     id: TaskId,
-    halt: Move,
-    error: &str,
+    plan: &crate::transition::CancelPlan,
     reason: Option<&str>,
-) -> Result<i32> {
-    let n = sqlx::query(
-        "UPDATE steps SET state = $3, next_attempt_at = NULL, updated_at = now()
-         WHERE task_id = $1 AND state = ANY($2)",
+) -> Result<Cancelled> {
+    // "Not started" for a dispatched step: no worker reported `started` (the guard below).
+    let rows = sqlx::query(
+        "WITH target AS (
+             SELECT id, state AS was, queue, attempt, task_id, namespace, dispatched_at
+             FROM steps
+             WHERE task_id = $1
+               AND (state = ANY($2)
+                    OR ($4 AND state IS NOT DISTINCT FROM 'dispatched' AND started_at IS NULL))
+             FOR UPDATE
+         ), moved AS (
+             UPDATE steps s SET state = $3, next_attempt_at = NULL, lease_expires_at = NULL,
+                                updated_at = now()
+             FROM target WHERE s.id = target.id
+             RETURNING s.id
+         ), history AS (
+             INSERT INTO attempts (step_id, attempt, task_id, namespace, outcome, dispatched_at, error)
+             SELECT id, attempt, task_id, namespace, $5, dispatched_at, $6 FROM target
+             WHERE was = 'dispatched'
+             ON CONFLICT (step_id, attempt) DO NOTHING
+         )
+         SELECT was = 'dispatched' AS dispatched, queue, count(*) AS n
+         FROM target GROUP BY 1, 2",
     )
     .bind(id.0)
-    .bind(halt.from)
-    .bind(halt.to)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected() as i32;
+    .bind(plan.halt.from)
+    .bind(plan.halt.to)
+    .bind(plan.dispatched_unstarted)
+    .bind(plan.outcome)
+    .bind("cancelled before a worker reported it started")
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut done = Cancelled::default();
+    for r in rows {
+        let n: i64 = r.get("n");
+        done.steps += n as i32;
+        if r.get::<bool, _>("dispatched") {
+            *done.released.entry(r.get("queue")).or_default() += n;
+        }
+    }
     sqlx::query(
         "UPDATE tasks SET cancel_requested = true, unfinished_steps = unfinished_steps - $2,
                           error = coalesce(error, $3), updated_at = now()
          WHERE id = $1",
     )
     .bind(id.0)
-    .bind(n)
-    .bind(error)
+    .bind(done.steps)
+    .bind(&plan.error)
     .execute(&mut *tx)
     .await?;
     record_event(
         tx,
         id,
         "cancel_requested",
-        json!({ "reason": reason, "steps_cancelled": n }),
+        json!({ "reason": reason, "steps_cancelled": done.steps }),
     )
     .await?;
-    Ok(n)
+    Ok(done)
 }
 
 /// Writes a retry decided by [`crate::transition::retry_task`] (the task locked by [`lock`]):
