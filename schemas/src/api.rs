@@ -160,6 +160,6 @@ pub struct AttemptView {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TaskList {
     pub tasks: Vec<TaskView>,
-    /// Pass as `after` to get the next page; absent on the last page.
+    /// Pass as `after` to get the next page; `null` on the last page.
     pub next: Option<TaskId>,
 }

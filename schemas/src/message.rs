@@ -334,7 +334,7 @@ pub struct LifecycleEvent {
     pub template: String,
     /// Per-task sequence number, starting at 1.
     pub seq: u64,
-    /// The task's new state: `running`, `completed`, `failed`, `cancelled`.
+    /// The task's final state: `completed`, `failed` or `cancelled` (only finishes are announced).
     pub state: String,
     /// RFC 3339 UTC with microseconds, from the database clock.
     pub at: String,

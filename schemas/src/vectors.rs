@@ -361,8 +361,35 @@ fn invalid_bytes(name: &str, file: &VectorFile) -> Vec<u8> {
             deep.push(0x01);
             replace_once(&m.to_msgpack(), &[&[0xa8][..], b"__HOLE__"].concat(), &deep)
         }
+        "bad_message_id" => cancel
+            .clone()
+            .set("message_id", str("not-a-uuid"))
+            .to_msgpack(),
+        "missing_kind" => cancel.clone().remove("kind").to_msgpack(),
+        "missing_schema_version" => cancel.clone().remove("schema_version").to_msgpack(),
+        "batch_entry_invalid" => {
+            let mut m = valid("result_batch").message;
+            match m.payload().get("results") {
+                Ordered::Arr(results) => {
+                    results[0].remove("attempt");
+                }
+                other => panic!("results is not an array: {other:?}"),
+            }
+            m.to_msgpack()
+        }
+        "too_deep_by_one" => nested_output(&valid("lifecycle_event").message, 107),
         other => panic!("no recipe for invalid vector {other:?}"),
     }
+}
+
+/// A lifecycle event whose `output` is `arrays` nested arrays around `1`: the envelope and the
+/// payload add two levels.
+fn nested_output(lifecycle_event: &Ordered, arrays: usize) -> Vec<u8> {
+    let mut m = lifecycle_event.clone();
+    m.payload().set("output", str("__HOLE__"));
+    let mut deep = vec![0x91; arrays];
+    deep.push(0x01);
+    replace_once(&m.to_msgpack(), &[&[0xa8][..], b"__HOLE__"].concat(), &deep)
 }
 
 fn replace_once(bytes: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
@@ -512,6 +539,118 @@ fn invalid_vectors_are_refused() {
         }
         assert!(WorkerMessage::decode(&bytes).is_err(), "{}", i.name);
     }
+}
+
+/// The error classes CONTRACT.md names for a bad `message_id`, a missing `kind` or
+/// `schema_version`, a bad entry in a batch, and nesting past the message limit; a worker
+/// message reader refuses each too.
+#[test]
+fn documented_error_classes() {
+    let file = vectors();
+    let refused = |name: &str| {
+        let bytes = invalid_bytes(name, &file);
+        let kind = &file
+            .invalid
+            .iter()
+            .find(|i| i.name == name)
+            .unwrap_or_else(|| panic!("no invalid vector {name:?}"))
+            .decode_as;
+        (decode_kind(kind, &bytes).unwrap_err(), bytes)
+    };
+    // The header (kind, schema_version) is read first: a bad id is a payload error.
+    let (e, _) = refused("bad_message_id");
+    assert!(matches!(e, DecodeError::InvalidPayload { .. }), "{e}");
+    assert!(e.to_string().starts_with("invalid cancel payload: "), "{e}");
+    for name in ["missing_kind", "missing_schema_version"] {
+        let (e, bytes) = refused(name);
+        assert!(matches!(e, DecodeError::Malformed(_)), "{name}: {e}");
+        assert!(
+            e.to_string().starts_with("not a MessagePack envelope: "),
+            "{e}"
+        );
+        assert!(
+            matches!(
+                WorkerMessage::decode(&bytes),
+                Err(DecodeError::Malformed(_))
+            ),
+            "{name}"
+        );
+    }
+    // The same faults in a worker message: a bad id in a result is a payload error.
+    let mut r = vector("result").message;
+    r.set("message_id", str("not-a-uuid"));
+    assert!(matches!(
+        WorkerMessage::decode(&r.to_msgpack()),
+        Err(DecodeError::InvalidPayload { .. })
+    ));
+    let (e, bytes) = refused("batch_entry_invalid");
+    assert!(matches!(e, DecodeError::InvalidPayload { .. }), "{e}");
+    assert!(matches!(
+        WorkerMessage::decode(&bytes),
+        Err(DecodeError::InvalidPayload { .. })
+    ));
+    let (e, bytes) = refused("too_deep_by_one");
+    assert!(matches!(e, DecodeError::Malformed(_)), "{e}");
+    assert_eq!(
+        e.to_string(),
+        "not a MessagePack envelope: depth limit exceeded"
+    );
+    assert!(matches!(
+        WorkerMessage::decode(&bytes),
+        Err(DecodeError::Malformed(_))
+    ));
+}
+
+/// The message limit is exact: 108 levels in all (envelope included) decode, 109 do not. Data
+/// nested past [`data::MAX_DEPTH`] but within the message limit decodes, and the data check
+/// (which the orchestrator applies to a context and to a step output) refuses it.
+#[test]
+fn nesting_limits_are_exact() {
+    assert_eq!(MAX_MESSAGE_DEPTH, 108);
+    let event = vector("lifecycle_event").message;
+    assert!(decode::<LifecycleEvent>(&nested_output(&event, 106)).is_ok());
+    assert!(matches!(
+        decode::<LifecycleEvent>(&nested_output(&event, 107)),
+        Err(DecodeError::Malformed(_))
+    ));
+    // A result's output sits one level deeper (envelope, payload, outcome).
+    let mut m = vector("result").message;
+    m.payload().get("outcome").set("output", str("__HOLE__"));
+    let result_with = |arrays: usize| {
+        let mut deep = vec![0x91; arrays];
+        deep.push(0x01);
+        replace_once(&m.to_msgpack(), &[&[0xa8][..], b"__HOLE__"].concat(), &deep)
+    };
+    assert!(WorkerMessage::decode(&result_with(105)).is_ok());
+    assert!(matches!(
+        WorkerMessage::decode(&result_with(106)),
+        Err(DecodeError::Malformed(_))
+    ));
+    // Past the data limit, within the message limit: read, then refused by the data check.
+    let (_, msg) = WorkerMessage::decode(&result_with(data::MAX_DEPTH + 1)).unwrap();
+    let WorkerMessage::Results(results) = msg else {
+        panic!("a result")
+    };
+    let Outcome::Succeeded { output } = &results[0].outcome else {
+        panic!("a success")
+    };
+    assert_eq!(
+        data::check_value("output", output, usize::MAX)
+            .unwrap_err()
+            .to_string(),
+        "output nests arrays and objects more than 100 levels deep"
+    );
+    let nest = |n: usize| (0..n).fold(json!(1), |v, _| json!([v]));
+    let mut request: Envelope<TaskRequest> =
+        serde_json::from_value(vector("task_request").meaning()).unwrap();
+    request.payload.context = nest(data::MAX_DEPTH + 1);
+    let got = decode::<TaskRequest>(&encode(&request).unwrap()).unwrap();
+    assert_eq!(
+        data::check_value("context", &got.payload.context, usize::MAX)
+            .unwrap_err()
+            .to_string(),
+        "context nests arrays and objects more than 100 levels deep"
+    );
 }
 
 /// (c) Unknown fields anywhere are ignored, and key order does not matter.

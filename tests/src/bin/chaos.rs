@@ -735,6 +735,12 @@ async fn run(
     let requests: u32 = accepted.iter().map(|a| a.requests).sum();
 
     let report = json!({
+        // Names what ran, so that several runs in one log stay apart.
+        "config": format!(
+            "chaos tasks={} duration_s={} orchestrator_kills={} worker_kills={} broker_restarts={} db_restarts={}",
+            args.tasks, args.duration_s, args.orchestrator_kills, args.worker_kills,
+            args.broker_restarts, args.db_restarts
+        ),
         "tasks": tasks,
         "completed": v.completed,
         "failed": v.failed,
