@@ -113,6 +113,13 @@ async fn bad_requests_get_clear_errors() -> anyhow::Result<()> {
     assert_eq!((status, code.as_str()), (404, "template_not_found"));
     assert!(message.contains("nope"), "{message}");
 
+    // A bad namespace is the request's fault: 400 invalid_request (not invalid_template).
+    let mut req = submit(None, json!({}));
+    req.namespace = "Bad Namespace!".into();
+    let (status, code, message) = api_code(&c.submit(&req).await.unwrap_err());
+    assert_eq!((status, code.as_str()), (400, "invalid_request"), "{message}");
+    assert!(message.contains("namespace"), "{message}");
+
     // A NUL in the context: 400.
     let (status, _, message) = api_code(
         &c.submit(&submit(None, json!({"k": "a\u{0}b"})))
@@ -199,7 +206,8 @@ async fn submit_over_amqp_once_even_when_redelivered() -> anyhow::Result<()> {
     h.spawn_worker(
         h.worker()
             .handler_fn("echo", |ctx| async move { Ok(ctx.context().clone()) }),
-    );
+    )
+    .await?;
     let conn = lapin::Connection::connect(&h.services.amqp_url, Default::default()).await?;
     let ch = amqp_submit::confirm_channel(&conn).await?;
     let mut req = amqp_submit::task_request("t", "one", json!({"via": "amqp"}));

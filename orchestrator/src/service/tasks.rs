@@ -19,7 +19,9 @@ pub async fn submit(
     req: &SubmitTask,
     request_id: Option<RequestId>,
 ) -> Result<Created> {
-    tasker_schemas::template::validate_namespace(&req.namespace)?;
+    // A bad namespace in a request is the request's fault, not a template's.
+    tasker_schemas::template::validate_namespace(&req.namespace)
+        .map_err(|e| ServiceError::InvalidRequest(e.to_string()))?;
     if req.template.is_empty() {
         return Err(ServiceError::InvalidRequest(
             "template must not be empty".into(),
