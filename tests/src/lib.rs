@@ -24,21 +24,42 @@
 //! "#).await?;
 //! h.spawn_worker(h.worker().handler_fn("greet", |ctx| async move {
 //!     Ok(json!({ "hello": ctx.input::<serde_json::Value>()?["name"] }))
-//! }));
+//! })).await?;
 //! let task = h.run("demo", "hello", json!({"name": "Ada"})).await?;
 //! assert_eq!(task.state, tasker_schemas::TaskState::Completed);
 //! h.finish().await;
 //! # Ok(()) }
 //! ```
+//!
+//! ## When something goes wrong
+//!
+//! - **A task that does not finish in time** fails [`Harness::wait`] (and `run`, `wait_for`,
+//!   `wait_submitted`) with [`TaskNotFinished`], which lists every unfinished step: its state,
+//!   attempt, why it waits (`StepView::waiting_reason`) and its last error, plus hints from what the
+//!   harness knows (no running worker of the harness consumes the step's queue, or none there has
+//!   its handler).
+//! - **A worker that cannot start** fails [`Harness::spawn_worker`]: it returns once the worker
+//!   consumes its queues, or with the worker's error (`queue … does not exist; register a template
+//!   that uses it first` when no registered template uses the queue yet).
+//! - **A worker that lacks a handler** a template registered through the harness needs on its
+//!   queues fails `spawn_worker` with [`WorkerLacksHandlers`] (`template media/thumbnails needs
+//!   handlers [publish] that this worker lacks`). To run one on purpose (testing
+//!   `handler_missing`), use [`Harness::spawn_worker_unchecked`].
+//! - **A test that fails or panics** drops its harness without [`Harness::finish`]: the drop
+//!   stops the orchestrators and workers and deletes the database, queues and exchanges anyway
+//!   (set `TASKER_TEST_KEEP=1` to keep them for a look).
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use serde_json::Value;
 use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 use tasker_orchestrator::{App, Config, Shared};
-use tasker_schemas::api::{SubmitTask, TaskView};
-use tasker_schemas::{Names, TaskId, Template};
-use tasker_worker::{Client, WorkerBuilder};
+use tasker_schemas::api::{StepView, SubmitTask, TaskView};
+use tasker_schemas::{Names, StepState, TaskId, Template};
+use tasker_worker::{Client, MissingHandlers, Worker, WorkerBuilder};
 use tokio::sync::OnceCell;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -170,16 +191,165 @@ impl WorkerHandle {
     }
 }
 
+/// How long a worker started by the harness may take to consume its queues.
+pub const WORKER_START_TIMEOUT: Duration = Duration::from_secs(30);
+/// The most a dropped harness spends deleting its database and queues.
+pub const DROP_CLEANUP_TIMEOUT: Duration = Duration::from_secs(20);
+/// Set (to anything but `0`) to keep the database and queues of a harness dropped without
+/// [`Harness::finish`] (a failed test), for a look at them; their names are printed.
+pub const KEEP_ENV: &str = "TASKER_TEST_KEEP";
+
+/// What the harness knows about a worker it started, for the hints of [`TaskNotFinished`].
+struct WorkerInfo {
+    name: String,
+    queues: Vec<String>,
+    handlers: Vec<String>,
+    /// `None` while it runs; how it ended otherwise.
+    ended: Arc<Mutex<Option<String>>>,
+}
+
+impl WorkerInfo {
+    fn ended(&self) -> Option<String> {
+        lock(&self.ended).clone()
+    }
+}
+
+/// A worker the harness was asked to start lacks handlers that templates registered through the
+/// harness need on its queues. Displays as the [`MissingHandlers`] messages (`template
+/// media/thumbnails needs handlers [publish] that this worker lacks`), then how to run it anyway.
+#[derive(Debug)]
+pub struct WorkerLacksHandlers {
+    pub worker: String,
+    /// One entry per template with steps the worker cannot run.
+    pub missing: Vec<MissingHandlers>,
+}
+
+impl fmt::Display for WorkerLacksHandlers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let messages: Vec<String> = self.missing.iter().map(ToString::to_string).collect();
+        write!(
+            f,
+            "{} (worker {}; to run it anyway, e.g. to test handler_missing, use \
+             spawn_worker_unchecked or start_worker_unchecked)",
+            messages.join("; "),
+            self.worker
+        )
+    }
+}
+
+impl std::error::Error for WorkerLacksHandlers {}
+
+/// A task that did not finish in time: the error of [`Harness::wait`], [`Harness::wait_for`],
+/// [`Harness::run`] and [`Harness::wait_submitted`]. Its text lists every unfinished step with its
+/// state, attempt, why it waits and its last error, and hints about the harness's workers.
+#[derive(Debug)]
+pub struct TaskNotFinished {
+    pub timeout: Duration,
+    /// The task as read once more at the timeout.
+    pub task: TaskView,
+    /// What the harness knows that the task view does not (no worker on a queue, a handler no
+    /// worker has, a worker that stopped).
+    pub hints: Vec<String>,
+}
+
+impl TaskNotFinished {
+    /// The steps that are not finished yet.
+    pub fn blocked_steps(&self) -> impl Iterator<Item = &StepView> {
+        self.task.steps.iter().filter(|s| !s.state.is_terminal())
+    }
+}
+
+impl fmt::Display for TaskNotFinished {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let t = &self.task;
+        let blocked: Vec<&StepView> = self.blocked_steps().collect();
+        write!(
+            f,
+            "task {} ({}/{} v{}) did not finish within {:?} (state: {}); {} of {} steps unfinished",
+            t.id,
+            t.namespace,
+            t.template,
+            t.template_version,
+            self.timeout,
+            t.state,
+            blocked.len(),
+            t.steps.len()
+        )?;
+        if let Some(error) = &t.error {
+            write!(f, "; task error: {error}")?;
+        }
+        for s in &blocked {
+            write!(
+                f,
+                "\n  - step {}: {}, attempt {} (failures {}/{}), handler {:?} on queue {:?}",
+                s.name, s.state, s.attempt, s.failures, s.max_attempts, s.handler, s.queue
+            )?;
+            write!(
+                f,
+                "\n      waiting: {}",
+                s.waiting_reason.as_deref().unwrap_or("(no reason given)")
+            )?;
+            if let Some(last) = last_error(s) {
+                write!(f, "\n      last error: {last}")?;
+            }
+        }
+        if blocked.is_empty() {
+            write!(
+                f,
+                "\n  (no unfinished step: the task's bookkeeping is off; the reconciler repairs it)"
+            )?;
+        }
+        for hint in &self.hints {
+            write!(f, "\n  hint: {hint}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for TaskNotFinished {}
+
+/// The error of a step's newest finished attempt that has one (else the step's own error).
+fn last_error(s: &StepView) -> Option<String> {
+    let finished = s
+        .attempts
+        .iter()
+        .rev()
+        .find(|a| a.finished_at.is_some() && a.error.is_some());
+    match finished {
+        Some(a) => Some(format!(
+            "attempt {} {}: {}",
+            a.attempt,
+            a.outcome,
+            a.error.as_deref().unwrap_or_default()
+        )),
+        None => s.error.clone(),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A test that panicked while holding a lock must not stop the cleanup.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// One test's world: its own database, its own broker prefix, orchestrators and workers.
+///
+/// Call [`finish`](Self::finish) at the end of a test. A harness dropped without it (the test
+/// failed with `?` or panicked) still stops what it started and deletes its database and queues,
+/// on a thread of its own, within [`DROP_CLEANUP_TIMEOUT`] (unless [`KEEP_ENV`] is set).
 pub struct Harness {
     pub services: Services,
     pub database_url: String,
     pub database_name: String,
     pub prefix: String,
     pub db: PgPool,
-    orchestrators: std::sync::Mutex<Vec<Orchestrator>>,
-    workers: std::sync::Mutex<Vec<WorkerHandle>>,
+    orchestrators: Mutex<Vec<Orchestrator>>,
+    workers: Mutex<Vec<WorkerHandle>>,
+    worker_info: Mutex<Vec<WorkerInfo>>,
+    /// Templates registered through the harness; workers are checked against them.
+    templates: Mutex<Vec<Template>>,
     configure: fn(&mut Config),
+    /// Set by `finish`: nothing left for `Drop` to do.
+    cleaned_up: bool,
 }
 
 impl Harness {
@@ -206,15 +376,26 @@ impl Harness {
         admin.close().await;
         let database_url = replace_database(&services.admin_database_url, &database_name)?;
         let prefix = format!("t{}", &id[id.len() - 12..]);
+        // From here on, a failure drops `h`, which deletes the database.
+        let db = match PgPool::connect(&database_url).await {
+            Ok(db) => db,
+            Err(e) => {
+                drop_database(&services.admin_database_url, &database_name).await;
+                return Err(e.into());
+            }
+        };
         let h = Self {
-            db: PgPool::connect(&database_url).await?,
+            db,
             services,
             database_url,
             database_name,
             prefix,
             orchestrators: Default::default(),
             workers: Default::default(),
+            worker_info: Default::default(),
+            templates: Default::default(),
             configure,
+            cleaned_up: false,
         };
         h.start_orchestrator().await?;
         Ok(h)
@@ -257,25 +438,23 @@ impl Harness {
             shutdown,
             handle,
         };
-        self.orchestrators.lock().expect("lock").push(o);
+        lock(&self.orchestrators).push(o);
         Ok(http_url)
     }
 
     /// Removes the orchestrator `index` from the harness (to stop or kill it).
     pub fn take_orchestrator(&self, index: usize) -> Orchestrator {
-        self.orchestrators.lock().expect("lock").remove(index)
+        lock(&self.orchestrators).remove(index)
     }
 
     /// A client for the first orchestrator.
     pub fn client(&self) -> Client {
-        self.orchestrators.lock().expect("lock")[0].client.clone()
+        lock(&self.orchestrators)[0].client.clone()
     }
 
     /// The shared handles of orchestrator `index` (metrics, pool).
     pub fn shared(&self, index: usize) -> Shared {
-        self.orchestrators.lock().expect("lock")[index]
-            .shared
-            .clone()
+        lock(&self.orchestrators)[index].shared.clone()
     }
 
     /// Exchange and queue names of this harness.
@@ -290,23 +469,116 @@ impl Harness {
             .grace_period(Duration::from_secs(5))
     }
 
-    /// Runs a worker in the background until the harness finishes (or it is stopped).
-    pub fn spawn_worker(&self, builder: WorkerBuilder) {
-        let w = self.start_worker(builder);
-        self.workers.lock().expect("lock").push(w);
+    /// Runs a worker in the background until the harness finishes.
+    ///
+    /// Returns once the worker consumes all its queues, and fails if it cannot start (a queue
+    /// that no registered template uses does not exist yet: [`tasker_worker::WorkerError`]) or if
+    /// it lacks a handler that a template registered through this harness needs on one of its
+    /// queues ([`WorkerLacksHandlers`]). To run such a worker on purpose, use
+    /// [`spawn_worker_unchecked`](Self::spawn_worker_unchecked).
+    pub async fn spawn_worker(&self, builder: WorkerBuilder) -> Result<()> {
+        let w = self.start_worker(builder).await?;
+        lock(&self.workers).push(w);
+        Ok(())
     }
 
-    /// Runs a worker and hands back its handle.
-    pub fn start_worker(&self, builder: WorkerBuilder) -> WorkerHandle {
-        let shutdown = CancellationToken::new();
+    /// [`spawn_worker`](Self::spawn_worker) without the handler check, for tests of a worker that
+    /// lacks a handler. Start-up errors still fail it.
+    pub async fn spawn_worker_unchecked(&self, builder: WorkerBuilder) -> Result<()> {
+        let w = self.start_worker_unchecked(builder).await?;
+        lock(&self.workers).push(w);
+        Ok(())
+    }
+
+    /// Like [`spawn_worker`](Self::spawn_worker) (the same checks), but hands back the worker's
+    /// handle, to stop it in the test.
+    pub async fn start_worker(&self, builder: WorkerBuilder) -> Result<WorkerHandle> {
+        self.launch(builder, true).await
+    }
+
+    /// [`start_worker`](Self::start_worker) without the handler check.
+    pub async fn start_worker_unchecked(&self, builder: WorkerBuilder) -> Result<WorkerHandle> {
+        self.launch(builder, false).await
+    }
+
+    /// Fails if `worker` lacks a handler that a template registered through this harness needs
+    /// on one of the worker's queues. [`spawn_worker`](Self::spawn_worker) calls it.
+    pub fn check_worker(&self, worker: &Worker) -> Result<(), WorkerLacksHandlers> {
+        let missing: Vec<MissingHandlers> = lock(&self.templates)
+            .iter()
+            .filter_map(|t| worker.check_template(t).err())
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        Err(WorkerLacksHandlers {
+            worker: worker.name().to_owned(),
+            missing,
+        })
+    }
+
+    async fn launch(&self, builder: WorkerBuilder, check: bool) -> Result<WorkerHandle> {
         let worker = builder.build();
-        let handle = tokio::spawn(worker.run(shutdown.clone()));
-        WorkerHandle { shutdown, handle }
+        if check {
+            self.check_worker(&worker)?;
+        }
+        let name = worker.name().to_owned();
+        let queues: Vec<String> = worker.queue_names().into_iter().map(Into::into).collect();
+        let handlers: Vec<String> = worker.handler_names().into_iter().map(Into::into).collect();
+        let ended = Arc::new(Mutex::new(None));
+        let shutdown = CancellationToken::new();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
+        let run = worker.run_with_ready(shutdown.clone(), move || {
+            let _ = ready_tx.send(());
+        });
+        let record = ended.clone();
+        let handle = tokio::spawn(async move {
+            let result = run.await;
+            *lock(&record) = Some(match &result {
+                Ok(()) => "stopped".to_owned(),
+                Err(e) => format!("failed: {e}"),
+            });
+            result
+        });
+        match tokio::time::timeout(WORKER_START_TIMEOUT, ready_rx).await {
+            Ok(Ok(())) => {}
+            // It ended before consuming: its own error says why.
+            Ok(Err(_)) => {
+                return Err(match handle.await {
+                    Ok(Err(e)) => anyhow::Error::new(e),
+                    Ok(Ok(())) => anyhow!("it stopped before consuming its queues"),
+                    Err(e) => anyhow!("it panicked: {e}"),
+                })
+                .with_context(|| format!("worker {name} (queues {queues:?}) could not start"));
+            }
+            Err(_) => {
+                shutdown.cancel();
+                handle.abort();
+                bail!(
+                    "worker {name} did not consume its queues {queues:?} within \
+                     {WORKER_START_TIMEOUT:?}: is the broker at TASKER_TEST_AMQP_URL reachable?"
+                );
+            }
+        }
+        lock(&self.worker_info).push(WorkerInfo {
+            name,
+            queues,
+            handlers,
+            ended,
+        });
+        Ok(WorkerHandle { shutdown, handle })
     }
 
-    /// Registers a template (and declares its queues).
+    /// Registers a template (and declares its queues). The harness remembers it, to check the
+    /// handlers of workers started afterwards.
     pub async fn register(&self, template: &Template) -> Result<()> {
         self.client().register_template(template).await?;
+        let mut templates = lock(&self.templates);
+        templates.retain(|t| {
+            (&t.namespace, &t.name, t.version)
+                != (&template.namespace, &template.name, template.version)
+        });
+        templates.push(template.clone());
         Ok(())
     }
 
@@ -334,13 +606,87 @@ impl Harness {
         Ok(r.task_id)
     }
 
-    /// Waits (up to 60 s) for a task to finish.
+    /// Waits (up to 60 s) for a task to finish; see [`wait_for`](Self::wait_for).
     pub async fn wait(&self, id: TaskId) -> Result<TaskView> {
         self.wait_for(id, Duration::from_secs(60)).await
     }
 
+    /// Waits up to `timeout` for a task to finish. If it does not, fails with
+    /// [`TaskNotFinished`]: every unfinished step with its state, attempt, why it waits and its
+    /// last error.
     pub async fn wait_for(&self, id: TaskId, timeout: Duration) -> Result<TaskView> {
-        Ok(self.client().wait(id, timeout).await?)
+        match self.client().wait(id, timeout).await {
+            Ok(task) => Ok(task),
+            Err(tasker_worker::ClientError::Timeout { .. }) => {
+                let task = self
+                    .client()
+                    .task(id)
+                    .await
+                    .with_context(|| format!("task {id} did not finish within {timeout:?}"))?;
+                if task.is_finished() {
+                    return Ok(task);
+                }
+                let hints = self.hints(&task);
+                Err(TaskNotFinished {
+                    timeout,
+                    task,
+                    hints,
+                }
+                .into())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// What the harness knows about the unfinished steps of `task` that its view does not say.
+    fn hints(&self, task: &TaskView) -> Vec<String> {
+        let infos = lock(&self.worker_info);
+        let mut hints = Vec::new();
+        let mut seen = Vec::new();
+        for s in task.steps.iter().filter(|s| {
+            matches!(
+                s.state,
+                StepState::Queued | StepState::Dispatched | StepState::Retrying
+            )
+        }) {
+            if seen.contains(&(&s.queue, &s.handler)) {
+                continue;
+            }
+            seen.push((&s.queue, &s.handler));
+            let on_queue: Vec<&WorkerInfo> = infos
+                .iter()
+                .filter(|w| w.queues.contains(&s.queue))
+                .collect();
+            let running: Vec<&&WorkerInfo> =
+                on_queue.iter().filter(|w| w.ended().is_none()).collect();
+            if running.is_empty() {
+                let stopped: Vec<String> = on_queue
+                    .iter()
+                    .map(|w| format!("{} {}", w.name, w.ended().unwrap_or_default()))
+                    .collect();
+                hints.push(format!(
+                    "no running worker started by this harness consumes queue {:?}{}",
+                    s.queue,
+                    if stopped.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (stopped: {})", stopped.join(", "))
+                    }
+                ));
+            } else if !running.iter().any(|w| w.handlers.contains(&s.handler)) {
+                let there: Vec<String> = running
+                    .iter()
+                    .map(|w| format!("{} [{}]", w.name, w.handlers.join(", ")))
+                    .collect();
+                hints.push(format!(
+                    "no running worker on queue {:?} has handler {:?} (workers there: {})",
+                    s.queue,
+                    s.handler,
+                    there.join("; ")
+                ));
+            }
+        }
+        hints
     }
 
     /// Waits for a task that was submitted asynchronously (over AMQP) to exist, then to finish.
@@ -364,7 +710,7 @@ impl Harness {
         .await
     }
 
-    /// Submits a task and waits for it to finish.
+    /// Submits a task and waits (up to 60 s) for it to finish; see [`wait_for`](Self::wait_for).
     pub async fn run(&self, namespace: &str, template: &str, context: Value) -> Result<TaskView> {
         let id = self.submit(namespace, template, context).await?;
         self.wait(id).await
@@ -408,34 +754,143 @@ impl Harness {
         }
     }
 
-    /// Stops workers and orchestrators, deletes this test's queues and exchanges and drops its
-    /// database. Call at the end of a test; on a failed test, leftovers are harmless.
-    pub async fn finish(self) {
-        let workers: Vec<_> = self.workers.lock().expect("lock").drain(..).collect();
+    /// Stops workers and orchestrators gracefully, deletes this test's queues and exchanges and
+    /// drops its database. Call at the end of a test; a harness dropped without it (a failed
+    /// test) cleans up too, without the graceful stops.
+    pub async fn finish(mut self) {
+        let workers: Vec<_> = lock(&self.workers).drain(..).collect();
         for w in workers {
             let _ = w.stop().await;
         }
-        let orchestrators: Vec<_> = self.orchestrators.lock().expect("lock").drain(..).collect();
+        let orchestrators: Vec<_> = lock(&self.orchestrators).drain(..).collect();
         for o in orchestrators {
             o.stop().await;
         }
-        let step_queues: Vec<String> = sqlx::query_scalar(
+        clean_up(
+            &self.services,
+            &self.names(),
+            &self.database_name,
+            Some(&self.db),
+            self.known_queues(),
+        )
+        .await;
+        self.cleaned_up = true;
+    }
+
+    /// The step queues of the templates registered through the harness.
+    fn known_queues(&self) -> Vec<String> {
+        lock(&self.templates)
+            .iter()
+            .flat_map(|t| t.steps.iter().map(|s| s.queue().to_owned()))
+            .collect()
+    }
+}
+
+impl Drop for Harness {
+    /// A harness dropped without [`Harness::finish`]: stops what it started at once and deletes
+    /// the database and queues on a thread with its own runtime (Drop cannot await, and the
+    /// test's runtime may be unwinding), waiting at most about [`DROP_CLEANUP_TIMEOUT`].
+    fn drop(&mut self) {
+        if self.cleaned_up {
+            return;
+        }
+        for w in lock(&self.workers).drain(..) {
+            w.shutdown.cancel();
+            w.handle.abort();
+        }
+        for o in lock(&self.orchestrators).drain(..) {
+            o.shutdown.cancel();
+            o.handle.abort();
+        }
+        let names = self.names();
+        if std::env::var(KEEP_ENV).is_ok_and(|v| !v.is_empty() && v != "0") {
+            eprintln!(
+                "tasker-tests: {KEEP_ENV} is set: keeping database {} and the queues and \
+                 exchanges of prefix {}",
+                self.database_name,
+                names.prefix()
+            );
+            return;
+        }
+        let services = self.services.clone();
+        let database_url = self.database_url.clone();
+        let database_name = self.database_name.clone();
+        let queues = self.known_queues();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let job = move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            if let Ok(runtime) = runtime {
+                runtime.block_on(async {
+                    let work = async {
+                        let db = PgPoolOptions::new()
+                            .max_connections(1)
+                            .acquire_timeout(Duration::from_secs(5))
+                            .connect(&database_url)
+                            .await
+                            .ok();
+                        clean_up(&services, &names, &database_name, db.as_ref(), queues).await;
+                    };
+                    if tokio::time::timeout(DROP_CLEANUP_TIMEOUT, work)
+                        .await
+                        .is_err()
+                    {
+                        eprintln!(
+                            "tasker-tests: cleaning up database {database_name} took over \
+                             {DROP_CLEANUP_TIMEOUT:?}; leaving the rest"
+                        );
+                    }
+                });
+            }
+            let _ = done_tx.send(());
+        };
+        if std::thread::Builder::new()
+            .name("tasker-harness-cleanup".into())
+            .spawn(job)
+            .is_ok()
+        {
+            let _ = done_rx.recv_timeout(DROP_CLEANUP_TIMEOUT + Duration::from_secs(5));
+        }
+    }
+}
+
+/// Deletes the queues and exchanges of `names` (the step queues named in `queues`, in the
+/// templates table of `db` and `default`), closes `db` and drops the database. Best effort.
+async fn clean_up(
+    services: &Services,
+    names: &Names,
+    database_name: &str,
+    db: Option<&PgPool>,
+    mut queues: Vec<String>,
+) {
+    if let Some(db) = db {
+        let in_db: Vec<String> = sqlx::query_scalar(
             "SELECT DISTINCT coalesce(s->>'queue', 'default') FROM templates, jsonb_array_elements(content->'steps') s",
         )
-        .fetch_all(&self.db)
+        .fetch_all(db)
         .await
         .unwrap_or_default();
-        let _ = delete_topology(&self.services.amqp_url, &self.names(), &step_queues).await;
-        self.db.close().await;
-        if let Ok(admin) = PgPool::connect(&self.services.admin_database_url).await {
-            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-                self.database_name
-            )))
-            .execute(&admin)
-            .await;
-            admin.close().await;
-        }
+        queues.extend(in_db);
+    }
+    queues.sort_unstable();
+    queues.dedup();
+    let _ = delete_topology(&services.amqp_url, names, &queues).await;
+    if let Some(db) = db {
+        db.close().await;
+    }
+    drop_database(&services.admin_database_url, database_name).await;
+}
+
+/// `DROP DATABASE … WITH (FORCE)`, best effort.
+async fn drop_database(admin_database_url: &str, database_name: &str) {
+    if let Ok(admin) = PgPool::connect(admin_database_url).await {
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS \"{database_name}\" WITH (FORCE)"
+        )))
+        .execute(&admin)
+        .await;
+        admin.close().await;
     }
 }
 

@@ -12,14 +12,15 @@ use tasker_tests::Harness;
 
 const ONE: &str = "namespace: t\nname: one\nversion: 1\nsteps:\n  - { name: s, handler: echo, queue: q }\n  - { name: after, handler: echo, depends_on: [s], queue: q }\n";
 
-async fn counting_worker(h: &Harness) -> Arc<AtomicUsize> {
+async fn counting_worker(h: &Harness) -> anyhow::Result<Arc<AtomicUsize>> {
     let runs = Arc::new(AtomicUsize::new(0));
     let r = runs.clone();
     h.spawn_worker(h.worker().queue("q").handler_fn("echo", move |ctx| {
         r.fetch_add(1, Ordering::SeqCst);
         async move { Ok(json!(ctx.step())) }
-    }));
-    runs
+    }))
+    .await?;
+    Ok(runs)
 }
 
 async fn wait_until(h: &Harness, sql: &'static str) -> anyhow::Result<()> {
@@ -69,7 +70,7 @@ async fn published_but_outbox_not_cleared() -> anyhow::Result<()> {
         .execute(&h.db)
         .await?;
     wait_until(&h, "SELECT count(*) = 0 FROM outbox").await?;
-    let runs = counting_worker(&h).await;
+    let runs = counting_worker(&h).await?;
     let task = h.wait(id).await?;
     assert_eq!(task.state, TaskState::Completed);
     assert_eq!(task.steps[0].attempt, 1);
@@ -143,7 +144,7 @@ async fn worker_dies_after_result_before_ack() -> anyhow::Result<()> {
     .await?;
     drop(consumer);
     conn.close(320, "killed".into()).await?; // unacked: the broker requeues the step message
-    let runs = counting_worker(&h).await;
+    let runs = counting_worker(&h).await?;
     let task = h.wait(id).await?;
     assert_eq!(task.state, TaskState::Completed);
     assert_eq!(
@@ -174,7 +175,7 @@ async fn worker_dies_after_result_before_ack() -> anyhow::Result<()> {
 async fn result_committed_but_not_acked() -> anyhow::Result<()> {
     let h = Harness::start().await?;
     h.register_yaml(ONE).await?;
-    let runs = counting_worker(&h).await;
+    let runs = counting_worker(&h).await?;
     let task = h.run("t", "one", json!({})).await?;
     assert_eq!(task.state, TaskState::Completed);
     // Redeliver both committed results, as the broker does when the consumer dies before its ack.

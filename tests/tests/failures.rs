@@ -32,7 +32,8 @@ async fn fails_twice_then_succeeds_with_backoff() -> anyhow::Result<()> {
                 Ok(json!({"ok": ctx.attempt()}))
             }
         }
-    }));
+    }))
+    .await?;
     let task = h.run("t", "flaky", json!({})).await?;
     assert_eq!(task.state, TaskState::Completed, "{task:#?}");
     let s = &task.steps[0];
@@ -75,16 +76,10 @@ async fn permanent_failure_fails_fast_and_skips_dependants() -> anyhow::Result<(
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 Ok(json!("slow done"))
             }),
-    );
+    )
+    .await?;
     let task = h.run("t", "ff", json!({})).await?;
-    let state = |n: &str| {
-        task.steps
-            .iter()
-            .find(|s| s.name == n)
-            .unwrap()
-            .state
-            .clone()
-    };
+    let state = |n: &str| task.steps.iter().find(|s| s.name == n).unwrap().state;
     assert_eq!(task.state, TaskState::Failed, "{task:#?}");
     let err = task.error.clone().unwrap();
     assert!(
@@ -116,7 +111,8 @@ async fn exhausted_retries_fail_the_task() -> anyhow::Result<()> {
     .await?;
     h.spawn_worker(h.worker().handler_fn("never", |_| async {
         Err(StepError::retryable("still broken"))
-    }));
+    }))
+    .await?;
     let task = h.run("t", "never", json!({})).await?;
     assert_eq!(task.state, TaskState::Failed);
     let s = &task.steps[0];
@@ -142,12 +138,14 @@ async fn missing_handler_is_rescheduled_without_spending_attempts() -> anyhow::R
         "namespace: t\nname: ghost\nversion: 1\nsteps:\n  - name: s\n    handler: ghost\n    retry: { max_attempts: 1 }\n",
     )
     .await?;
-    // An old worker without the handler (a rolling deploy).
-    let old = h.start_worker(
-        h.worker()
-            .name("old-worker")
-            .handler_fn("other", |_| async { Ok(json!(null)) }),
-    );
+    // An old worker without the handler (a rolling deploy): unchecked, it lacks one on purpose.
+    let old = h
+        .start_worker_unchecked(
+            h.worker()
+                .name("old-worker")
+                .handler_fn("other", |_| async { Ok(json!(null)) }),
+        )
+        .await?;
     let id = h.submit("t", "ghost", json!({})).await?;
     // Let it be refused a few times; the task must not fail (max_attempts is 1).
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -165,7 +163,8 @@ async fn missing_handler_is_rescheduled_without_spending_attempts() -> anyhow::R
     h.spawn_worker(
         h.worker()
             .handler_fn("ghost", |_| async { Ok(json!("boo")) }),
-    );
+    )
+    .await?;
     let task = h.wait(id).await?;
     assert_eq!(task.state, TaskState::Completed);
     assert_eq!(task.steps[0].failures, 0);
@@ -213,7 +212,8 @@ async fn worker_timeout_counts_as_a_retryable_failure() -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_secs(5)).await;
         }
         Ok(json!(ctx.attempt()))
-    }));
+    }))
+    .await?;
     let task = h.run("t", "slow", json!({})).await?;
     assert_eq!(task.state, TaskState::Completed);
     let s = &task.steps[0];
@@ -245,7 +245,8 @@ async fn next_retry_is_none_without_retries_and_the_due_time_with_one() -> anyho
     .await?;
     h.spawn_worker(h.worker().handler_fn("fails", |_ctx| async move {
         Err::<serde_json::Value, _>(StepError::retryable("not yet"))
-    }));
+    }))
+    .await?;
     let id = h.submit("t", "slow-retry", json!({})).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let due = loop {

@@ -20,7 +20,7 @@ async fn linear_chain_runs_in_order() -> anyhow::Result<()> {
         "namespace: t\nname: chain\nversion: 1\nsteps:\n  - { name: s1, handler: echo }\n  - { name: s2, handler: echo, depends_on: [s1] }\n  - { name: s3, handler: echo, depends_on: [s2] }\n  - { name: s4, handler: echo, depends_on: [s3] }\n",
     )
     .await?;
-    h.spawn_worker(echo_worker(&h));
+    h.spawn_worker(echo_worker(&h)).await?;
     let task = h.run("t", "chain", json!({"n": 1})).await?;
     assert_eq!(task.state, TaskState::Completed, "{task:#?}");
     assert!(
@@ -71,7 +71,8 @@ async fn diamond_joins_both_parents_outputs() -> anyhow::Result<()> {
                 let c: i64 = ctx.parent("c")?;
                 Ok(json!({ "total": b + c }))
             }),
-    );
+    )
+    .await?;
     let task = h.run("t", "diamond", json!({"start": 1})).await?;
     assert_eq!(task.state, TaskState::Completed, "{task:#?}");
     // d = (1 + 10) + (1 + 100)
@@ -100,7 +101,8 @@ async fn fan_out_to_1000_and_fan_in() -> anyhow::Result<()> {
     h.register_yaml(&yaml).await?;
     h.spawn_worker(echo_worker(&h).handler_fn("count", |ctx| async move {
         Ok(json!({ "parents": ctx.parent_outputs().len() }))
-    }));
+    }))
+    .await?;
     let id = h.submit("t", "fan", json!({})).await?;
     let task = h.wait_for(id, std::time::Duration::from_secs(120)).await?;
     assert_eq!(task.state, TaskState::Completed);
@@ -150,7 +152,8 @@ async fn in_flight_bound_holds_and_released_slots_admit_the_backlog() -> anyhow:
                     Ok(json!(null))
                 }
             }),
-    );
+    )
+    .await?;
     let id = h.submit("t", "bounded", json!({})).await?;
     let task = h.wait_for(id, std::time::Duration::from_secs(60)).await?;
     assert_eq!(task.state, TaskState::Completed, "{task:#?}");

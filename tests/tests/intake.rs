@@ -117,7 +117,11 @@ async fn bad_requests_get_clear_errors() -> anyhow::Result<()> {
     let mut req = submit(None, json!({}));
     req.namespace = "Bad Namespace!".into();
     let (status, code, message) = api_code(&c.submit(&req).await.unwrap_err());
-    assert_eq!((status, code.as_str()), (400, "invalid_request"), "{message}");
+    assert_eq!(
+        (status, code.as_str()),
+        (400, "invalid_request"),
+        "{message}"
+    );
     assert!(message.contains("namespace"), "{message}");
 
     // A NUL in the context: 400.

@@ -66,7 +66,8 @@ async fn malformed_result_is_dead_lettered_and_work_goes_on() -> anyhow::Result<
     let (_, reason) = h.next_dead_letter(Duration::from_secs(10)).await?;
     assert!(reason.contains("major version 2"), "{reason}");
     // The orchestrator still works.
-    h.spawn_worker(h.worker().handler_fn("echo", |_| async { Ok(json!(1)) }));
+    h.spawn_worker(h.worker().handler_fn("echo", |_| async { Ok(json!(1)) }))
+        .await?;
     let task = h.run("t", "one", json!({})).await?;
     assert_eq!(task.state, TaskState::Completed);
     assert_eq!(
@@ -108,7 +109,8 @@ async fn duplicate_and_stale_results_are_ignored() -> anyhow::Result<()> {
     h.spawn_worker(
         h.worker()
             .handler_fn("echo", |ctx| async move { Ok(json!(ctx.step())) }),
-    );
+    )
+    .await?;
     let task = h.run("t", "two", json!({})).await?;
     assert_eq!(task.state, TaskState::Completed);
     let a = &task.steps[0];
@@ -189,7 +191,8 @@ async fn join_is_admitted_once_when_parents_finish_together_on_two_replicas() ->
                 j2.fetch_add(1, Ordering::SeqCst);
                 async { Ok(json!("joined")) }
             }),
-    );
+    )
+    .await?;
     let n = 40;
     let mut ids = Vec::new();
     for _ in 0..n {
@@ -234,16 +237,18 @@ async fn worker_shuts_down_gracefully_mid_step() -> anyhow::Result<()> {
     .await?;
     let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
     let started_tx = Arc::new(Mutex::new(Some(started_tx)));
-    let worker = h.start_worker(h.worker().handler_fn("slow", move |_| {
-        let tx = started_tx.lock().unwrap().take();
-        async move {
-            if let Some(tx) = tx {
-                let _ = tx.send(());
+    let worker = h
+        .start_worker(h.worker().handler_fn("slow", move |_| {
+            let tx = started_tx.lock().unwrap().take();
+            async move {
+                if let Some(tx) = tx {
+                    let _ = tx.send(());
+                }
+                tokio::time::sleep(Duration::from_millis(700)).await;
+                Ok(json!("finished during shutdown"))
             }
-            tokio::time::sleep(Duration::from_millis(700)).await;
-            Ok(json!("finished during shutdown"))
-        }
-    }));
+        }))
+        .await?;
     let id = h.submit("t", "one", json!({})).await?;
     started_rx.await?;
     // SIGTERM equivalent while the step runs: it must finish and report before the worker exits.

@@ -53,7 +53,7 @@ async fn until_started(h: &Harness, id: tasker_schemas::TaskId) -> anyhow::Resul
 async fn cancel_stops_admission_and_records_started_steps_results() -> anyhow::Result<()> {
     let h = Harness::start().await?;
     h.register_yaml(LONG_THEN_NEXT).await?;
-    h.spawn_worker(long_worker(&h, 800));
+    h.spawn_worker(long_worker(&h, 800)).await?;
     let id = h.submit("t", "c", json!({})).await?;
     until_started(&h, id).await?;
     let view = post(&h, &format!("/v1/tasks/{id}/cancel")).await?;
@@ -118,7 +118,8 @@ async fn cancel_finishes_unstarted_steps_at_once_and_their_late_results_are_stal
         h.worker()
             .queue("nobody")
             .handler_fn("h", |_| async { Ok(json!("late")) }),
-    );
+    )
+    .await?;
     for _ in 0..200 {
         if stale(&h) > before {
             break;
@@ -144,7 +145,7 @@ async fn retrying_a_cancelled_task_with_nothing_left_to_run_completes_it() -> an
         "namespace: t\nname: last\nversion: 1\nsteps:\n  - { name: only, handler: slow, execution_timeout: 10s }\n",
     )
     .await?;
-    h.spawn_worker(long_worker(&h, 600));
+    h.spawn_worker(long_worker(&h, 600)).await?;
     let id = h.submit("t", "last", json!({})).await?;
     until_started(&h, id).await?;
     post(&h, &format!("/v1/tasks/{id}/cancel")).await?;
@@ -186,7 +187,8 @@ async fn retry_reruns_failed_steps_with_higher_attempts() -> anyhow::Result<()> 
                     }
                 }
             }),
-    );
+    )
+    .await?;
     let id = h.submit("t", "r", json!({})).await?;
     let failed = h.wait(id).await?;
     assert_eq!(failed.state, TaskState::Failed);
@@ -255,7 +257,8 @@ async fn attempt_admitted_but_never_published_is_relayed() -> anyhow::Result<()>
         h.worker()
             .queue("q1")
             .handler_fn("echo", |_| async { Ok(json!("relayed")) }),
-    );
+    )
+    .await?;
     let task = h.wait(id).await?;
     assert_eq!(task.state, TaskState::Completed);
     assert_eq!(
@@ -349,7 +352,8 @@ async fn reconciler_repairs_a_task_without_a_live_owner() -> anyhow::Result<()> 
         "namespace: t\nname: two\nversion: 1\nsteps:\n  - { name: a, handler: echo }\n  - { name: b, handler: echo, depends_on: [a] }\n",
     )
     .await?;
-    h.spawn_worker(h.worker().handler_fn("echo", |_| async { Ok(json!(1)) }));
+    h.spawn_worker(h.worker().handler_fn("echo", |_| async { Ok(json!(1)) }))
+        .await?;
     let done = h.run("t", "two", json!({})).await?;
     assert_eq!(done.state, TaskState::Completed);
     // Corrupt a second task as a bug or lost write would: a succeeded, b still waiting on it.
@@ -391,7 +395,8 @@ async fn reconciler_corrects_a_drifted_in_flight_count() -> anyhow::Result<()> {
         "namespace: t\nname: one\nversion: 1\nsteps:\n  - { name: a, handler: echo }\n",
     )
     .await?;
-    h.spawn_worker(h.worker().handler_fn("echo", |_| async { Ok(json!(1)) }));
+    h.spawn_worker(h.worker().handler_fn("echo", |_| async { Ok(json!(1)) }))
+        .await?;
     assert_eq!(
         h.run("t", "one", json!({})).await?.state,
         TaskState::Completed
@@ -440,7 +445,8 @@ async fn long_steps_ack_early_and_keep_a_lease_alive() -> anyhow::Result<()> {
                     Ok(json!("long done"))
                 }
             }),
-    );
+    )
+    .await?;
     let id = h.submit("t", "long", json!({})).await?;
     running_rx.await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -497,7 +503,8 @@ async fn running_handlers_observe_cancellation_and_queued_steps_are_refused() ->
                 _ = tokio::time::sleep(Duration::from_secs(30)) => Ok(json!("too late")),
             }
         }
-    }));
+    }))
+    .await?;
     let id = h.submit("t", "c2", json!({})).await?;
     // Both roots are dispatched; with concurrency 1 one runs and the other waits in the queue.
     for _ in 0..100 {
@@ -557,7 +564,8 @@ async fn finished_tasks_are_pruned_after_retention() -> anyhow::Result<()> {
         "namespace: t\nname: one\nversion: 1\nsteps:\n  - { name: s, handler: echo }\n",
     )
     .await?;
-    h.spawn_worker(h.worker().handler_fn("echo", |_| async { Ok(json!(1)) }));
+    h.spawn_worker(h.worker().handler_fn("echo", |_| async { Ok(json!(1)) }))
+        .await?;
     let old = h.run("t", "one", json!({"n": 1})).await?;
     let recent = h.run("t", "one", json!({"n": 2})).await?;
     sqlx::query("UPDATE tasks SET finished_at = now() - interval '8 days' WHERE id = $1")

@@ -16,7 +16,7 @@
 //! |---|---|
 //! | [`handler`] | [`StepHandler`] (your code), [`StepError`] (retry or not) |
 //! | [`context`] | [`StepContext`]: the task's input, parent outputs, attempt, cancellation |
-//! | [`worker`] | [`Worker`], [`WorkerBuilder`], [`WorkerError`] |
+//! | [`worker`] | [`Worker`], [`WorkerBuilder`], [`WorkerError`]; [`check_handlers`] and [`MissingHandlers`]: does a worker have every handler a template needs on its queues? |
 //! | [`publish`] | [`PublishError`]: why a confirmed publish failed |
 //! | [`client`] | the `tasker-client` crate, re-exported: [`Client`] (the orchestrator's HTTP API), [`ClientError`], [`ListTasks`] |
 //! | [`amqp_submit`] | from `tasker-client`: submitting a task request over AMQP |
@@ -57,7 +57,9 @@
 //! - A handler error says whether to retry ([`StepError::retryable`], [`StepError::permanent`],
 //!   [`StepError::retry_after`]); a panic or a timeout counts as retryable; an output over the
 //!   size cap (256 KiB by default) as permanent. A step naming an unknown handler is reported as
-//!   `handler_missing` and rescheduled by the orchestrator without spending an attempt.
+//!   `handler_missing` and rescheduled by the orchestrator without spending an attempt, forever:
+//!   [`WorkerBuilder::check_template`] (or [`check_handlers`]) tells at start-up which handlers a
+//!   template needs that the worker lacks.
 //! - Long handlers should watch [`StepContext::cancelled`]: it fires on timeout and when a
 //!   shutdown's grace period runs out.
 
@@ -78,7 +80,7 @@ pub use handler::{StepError, StepHandler, StepOutput};
 pub use tasker_client as client;
 pub use tasker_client::{Client, ClientError, ListTasks, PublishError, amqp_submit, publish};
 pub use tokio_util::sync::CancellationToken;
-pub use worker::{Worker, WorkerBuilder, WorkerError};
+pub use worker::{MissingHandlers, Worker, WorkerBuilder, WorkerError, check_handlers};
 
 /// The wire contract, re-exported so users need not depend on it separately.
 pub use tasker_schemas as schemas;

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tasker_schemas::template::DEFAULT_QUEUE;
 use tasker_schemas::topology::DEFAULT_PREFIX;
-use tasker_schemas::{DataLimits, Names};
+use tasker_schemas::{DataLimits, Names, Template};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -39,6 +39,79 @@ pub enum WorkerError {
     QueueMissing { queue: String },
     #[error("invalid worker configuration: {0}")]
     Config(String),
+}
+
+/// A template needs handlers that a worker lacks; see [`check_handlers`].
+///
+/// Displays as `template media/thumbnails needs handlers [publish] that this worker lacks`
+/// (handlers sorted, each once).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("template {namespace}/{name} needs handlers [{}] that this worker lacks", .handlers.join(", "))]
+pub struct MissingHandlers {
+    pub namespace: String,
+    pub name: String,
+    pub version: u32,
+    /// The missing handler names, sorted, without duplicates.
+    pub handlers: Vec<String>,
+}
+
+/// Checks that a worker consuming `queues` with handlers `handler_names` can run every step of
+/// `template` that is routed to one of those queues. Steps on other queues do not count (another
+/// worker serves them), so a template with no step on `queues` always passes.
+///
+/// A step naming a handler no worker has is not lost, it is re-offered forever as
+/// `handler_missing`: call this at start-up (or in a test) to hear about it at once.
+///
+/// ```
+/// use tasker_worker::{Worker, check_handlers, schemas::Template};
+///
+/// let template: Template = serde_json::from_value(serde_json::json!({
+///     "namespace": "media", "name": "thumbnails", "version": 1,
+///     "steps": [
+///         { "name": "resize", "handler": "resize" },
+///         { "name": "publish", "handler": "publish", "depends_on": ["resize"] },
+///     ],
+/// })).unwrap();
+/// let worker = Worker::builder("amqp://localhost")
+///     .handler_fn("resize", |_| async { Ok(serde_json::json!(null)) });
+/// let err = check_handlers(&template, worker.queue_names(), worker.handler_names()).unwrap_err();
+/// assert_eq!(
+///     err.to_string(),
+///     "template media/thumbnails needs handlers [publish] that this worker lacks"
+/// );
+/// // The same, as a method of the builder:
+/// assert_eq!(worker.check_template(&template), Err(err));
+/// ```
+pub fn check_handlers<Q, H>(
+    template: &Template,
+    queues: impl IntoIterator<Item = Q>,
+    handler_names: impl IntoIterator<Item = H>,
+) -> Result<(), MissingHandlers>
+where
+    Q: AsRef<str>,
+    H: AsRef<str>,
+{
+    let queues: Vec<Q> = queues.into_iter().collect();
+    let handlers: Vec<H> = handler_names.into_iter().collect();
+    let consumed = |queue: &str| queues.iter().any(|q| q.as_ref() == queue);
+    let has = |handler: &str| handlers.iter().any(|h| h.as_ref() == handler);
+    let mut missing: Vec<String> = template
+        .steps
+        .iter()
+        .filter(|s| consumed(s.queue()) && !has(&s.handler))
+        .map(|s| s.handler.clone())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    missing.sort_unstable();
+    missing.dedup();
+    Err(MissingHandlers {
+        namespace: template.namespace.clone(),
+        name: template.name.clone(),
+        version: template.version,
+        handlers: missing,
+    })
 }
 
 /// Configures a [`Worker`]; start with [`Worker::builder`].
@@ -171,6 +244,27 @@ impl WorkerBuilder {
         self
     }
 
+    /// The names of the registered handlers, sorted.
+    pub fn handler_names(&self) -> Vec<&str> {
+        sorted_names(&self.handlers)
+    }
+
+    /// The template queues the worker will consume (`default` when [`queue`](Self::queue) was
+    /// never called), in the order given.
+    pub fn queue_names(&self) -> Vec<&str> {
+        if self.queues.is_empty() {
+            vec![DEFAULT_QUEUE]
+        } else {
+            self.queues.iter().map(String::as_str).collect()
+        }
+    }
+
+    /// [`check_handlers`] for this worker: fails if a step of `template` on one of its queues
+    /// names a handler it does not have.
+    pub fn check_template(&self, template: &Template) -> Result<(), MissingHandlers> {
+        check_handlers(template, self.queue_names(), self.handler_names())
+    }
+
     pub fn build(mut self) -> Worker {
         if self.queues.is_empty() {
             self.queues.push(DEFAULT_QUEUE.to_owned());
@@ -231,6 +325,21 @@ impl Worker {
         &self.name
     }
 
+    /// The names of the registered handlers, sorted.
+    pub fn handler_names(&self) -> Vec<&str> {
+        sorted_names(&self.handlers)
+    }
+
+    /// The template queues this worker consumes.
+    pub fn queue_names(&self) -> Vec<&str> {
+        self.queues.iter().map(String::as_str).collect()
+    }
+
+    /// [`check_handlers`] for this worker.
+    pub fn check_template(&self, template: &Template) -> Result<(), MissingHandlers> {
+        check_handlers(template, self.queue_names(), self.handler_names())
+    }
+
     /// Runs until `shutdown` is cancelled, then shuts down gracefully: stops taking steps, lets
     /// running steps finish within the grace period, cancels and abandons the rest (their
     /// messages return to the queue), waits for outstanding confirms and closes the connection.
@@ -238,6 +347,18 @@ impl Worker {
     /// A lost connection is re-established with backoff, forever. Fails at once on an invalid URL
     /// or, on the first connection, when a step queue does not exist.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), WorkerError> {
+        self.run_with_ready(shutdown, || {}).await
+    }
+
+    /// [`run`](Self::run), calling `on_ready` once, as soon as the first session consumes every
+    /// queue of the worker. If the worker fails (or is shut down) before that, `on_ready` is
+    /// dropped without being called: a caller waiting on a channel it holds hears either way.
+    pub async fn run_with_ready(
+        self,
+        shutdown: CancellationToken,
+        on_ready: impl FnOnce() + Send,
+    ) -> Result<(), WorkerError> {
+        let mut on_ready = Some(on_ready);
         self.amqp_url
             .parse::<AMQPUri>()
             .map_err(WorkerError::InvalidUrl)?;
@@ -256,8 +377,7 @@ impl Worker {
                     })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let mut handler_names: Vec<&str> = self.handlers.keys().map(String::as_str).collect();
-        handler_names.sort_unstable();
+        let handler_names = sorted_names(&self.handlers);
         info!(
             worker = %self.name,
             prefix = self.names.prefix(),
@@ -290,6 +410,9 @@ impl Worker {
             match opened {
                 Ok(session) => {
                     connected_once = true;
+                    if let Some(ready) = on_ready.take() {
+                        ready();
+                    }
                     let since = Instant::now();
                     match session.run(&shared, &shutdown).await {
                         SessionEnd::Shutdown => return Ok(()),
@@ -314,6 +437,7 @@ impl Worker {
                 _ = tokio::time::sleep(delay) => {}
             }
         }
+        drop(on_ready);
         // Shutdown while disconnected: steps still running cannot report; let them end.
         shared.drain().await;
         info!(worker = %shared.worker, "worker stopped");
@@ -333,6 +457,12 @@ impl Worker {
         signals.abort();
         result
     }
+}
+
+fn sorted_names(handlers: &HashMap<String, DynHandler>) -> Vec<&str> {
+    let mut names: Vec<&str> = handlers.keys().map(String::as_str).collect();
+    names.sort_unstable();
+    names
 }
 
 fn reconnect_backoff() -> impl Iterator<Item = Duration> {
@@ -439,6 +569,130 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, WorkerError::InvalidUrl(_)), "{err}");
+    }
+
+    fn template(steps: &[(&str, &str, Option<&str>)]) -> Template {
+        serde_json::from_value(serde_json::json!({
+            "namespace": "media",
+            "name": "thumbnails",
+            "version": 2,
+            "steps": steps
+                .iter()
+                .map(|(name, handler, queue)| serde_json::json!({
+                    "name": name, "handler": handler, "queue": queue,
+                }))
+                .collect::<Vec<_>>(),
+        }))
+        .expect("template")
+    }
+
+    #[test]
+    fn check_handlers_names_the_missing_handlers_sorted_and_once() {
+        let t = template(&[
+            ("resize", "resize", None),
+            ("publish", "publish", None),
+            ("publish_again", "publish", None),
+            ("archive", "archive", Some("default")),
+        ]);
+        let err = check_handlers(&t, ["default"], ["resize"]).unwrap_err();
+        assert_eq!(
+            err,
+            MissingHandlers {
+                namespace: "media".into(),
+                name: "thumbnails".into(),
+                version: 2,
+                handlers: vec!["archive".into(), "publish".into()],
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            "template media/thumbnails needs handlers [archive, publish] that this worker lacks"
+        );
+        let one = check_handlers(&t, ["default"], ["resize", "archive"]).unwrap_err();
+        assert_eq!(
+            one.to_string(),
+            "template media/thumbnails needs handlers [publish] that this worker lacks"
+        );
+        assert_eq!(
+            check_handlers(
+                &t,
+                vec!["default".to_owned()],
+                ["archive", "publish", "resize", "x"]
+            ),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn check_handlers_counts_only_the_queues_the_worker_consumes() {
+        let t = template(&[
+            ("resize", "resize", Some("gpu")),
+            ("publish", "publish", None),
+            ("notify", "notify", Some("mail")),
+        ]);
+        // A gpu worker needs only resize.
+        assert_eq!(check_handlers(&t, ["gpu"], ["resize"]), Ok(()));
+        assert_eq!(
+            check_handlers(&t, ["gpu"], ["publish"])
+                .unwrap_err()
+                .handlers,
+            ["resize"]
+        );
+        // No step on its queues: nothing to check.
+        assert_eq!(check_handlers(&t, ["other"], Vec::<String>::new()), Ok(()));
+        assert_eq!(check_handlers(&t, Vec::<&str>::new(), ["x"]), Ok(()));
+        // Two queues: the steps of both count.
+        assert_eq!(
+            check_handlers(&t, ["gpu", "mail"], ["resize"])
+                .unwrap_err()
+                .to_string(),
+            "template media/thumbnails needs handlers [notify] that this worker lacks"
+        );
+    }
+
+    #[test]
+    fn builder_and_worker_report_their_handlers_and_queues() {
+        let noop = |_| async { Ok(serde_json::json!(null)) };
+        let b = Worker::builder("amqp://localhost")
+            .handler_fn("resize", noop)
+            .handler_fn("archive", noop)
+            .handler_fn("resize", noop);
+        assert_eq!(b.handler_names(), ["archive", "resize"]);
+        assert_eq!(b.queue_names(), ["default"]);
+        let t = template(&[("resize", "resize", None), ("publish", "publish", None)]);
+        assert_eq!(
+            b.check_template(&t).unwrap_err().to_string(),
+            "template media/thumbnails needs handlers [publish] that this worker lacks"
+        );
+        let b = b.queue("gpu").queue("mail");
+        assert_eq!(b.queue_names(), ["gpu", "mail"]);
+        // Its steps are on `default`, which this worker no longer consumes.
+        assert_eq!(b.check_template(&t), Ok(()));
+        let w = b.build();
+        assert_eq!(w.handler_names(), ["archive", "resize"]);
+        assert_eq!(w.queue_names(), ["gpu", "mail"]);
+        assert_eq!(w.check_template(&t), Ok(()));
+        let w = Worker::builder("amqp://localhost").build();
+        assert!(w.handler_names().is_empty());
+        assert_eq!(w.queue_names(), ["default"]);
+        assert_eq!(
+            w.check_template(&t).unwrap_err().handlers,
+            ["publish", "resize"]
+        );
+    }
+
+    #[tokio::test]
+    async fn on_ready_is_dropped_uncalled_when_the_worker_fails_to_start() {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let err = Worker::builder("http://nope")
+            .build()
+            .run_with_ready(CancellationToken::new(), move || {
+                let _ = tx.send(());
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, WorkerError::InvalidUrl(_)), "{err}");
+        assert!(rx.await.is_err(), "on_ready must not be called");
     }
 
     #[test]

@@ -10,7 +10,8 @@ use tasker_worker::schemas::{StepState, TaskState};
 async fn an_order_is_validated_charged_reserved_shipped_and_notified() -> anyhow::Result<()> {
     let h = Harness::start().await?;
     h.register_yaml(TEMPLATE_YAML).await?;
-    h.spawn_worker(worker(&h.services.amqp_url, &h.prefix));
+    h.spawn_worker(worker(&h.services.amqp_url, &h.prefix))
+        .await?;
     let order = json!({"order_id": "A-1001", "amount_cents": 4999, "items": [{"sku": "BOOK-1", "quantity": 2}]});
     let task = h.run("shop", "order_fulfilment", order).await?;
     assert_eq!(task.state, TaskState::Completed, "{task:#?}");
@@ -54,7 +55,8 @@ async fn an_order_is_validated_charged_reserved_shipped_and_notified() -> anyhow
 async fn an_invalid_order_fails_without_charging() -> anyhow::Result<()> {
     let h = Harness::start().await?;
     h.register_yaml(TEMPLATE_YAML).await?;
-    h.spawn_worker(worker(&h.services.amqp_url, &h.prefix));
+    h.spawn_worker(worker(&h.services.amqp_url, &h.prefix))
+        .await?;
     let task = h
         .run(
             "shop",
