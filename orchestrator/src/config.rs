@@ -8,7 +8,8 @@ use std::time::Duration;
 use tasker_schemas::DataLimits;
 
 /// Everything the orchestrator can be told. Field names match the YAML file; each field also
-/// has an environment variable `TASKER_<FIELD>` in upper case.
+/// has an environment variable `TASKER_<FIELD>` in upper case, listed in [`SETTINGS`] (a test
+/// checks that none is missing).
 #[derive(Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
@@ -275,9 +276,9 @@ settings! {
 /// The settings as `tasker serve --help` shows them: every variable with its default.
 pub fn settings_help() -> String {
     let mut out = String::from(
-        "Settings: defaults, then the --config YAML file (keys are the names below in lower case \
-         without TASKER_, e.g. db_pool_size), then these environment variables (the environment \
-         wins):\n",
+        "Settings: each is a TASKER_* environment variable and a key of the --config file (the \
+         name in lower case without TASKER_, e.g. db_pool_size). The environment wins over the \
+         file, the file over the defaults.\n",
     );
     for s in SETTINGS {
         let default = s.default_value();

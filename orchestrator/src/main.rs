@@ -2,7 +2,9 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use std::io::{self, Write};
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 use tasker_client::{Client, ListTasks};
 use tasker_orchestrator::{App, Config, startup};
@@ -35,76 +37,96 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the orchestrator (config: --config file, then TASKER_* variables).
+    #[command(after_long_help = tasker_orchestrator::config::settings_help())]
     Serve {
+        /// YAML config file; its keys are the settings below in lower case (TASKER_* variables
+        /// override it).
         #[arg(long, env = "TASKER_CONFIG")]
         config: Option<PathBuf>,
     },
-    /// Apply database migrations and exit.
+    /// Apply database migrations and exit (creates the database when it is missing and the user
+    /// may).
     Migrate {
+        /// YAML config file (only database_url is used; TASKER_DATABASE_URL overrides it).
         #[arg(long, env = "TASKER_CONFIG")]
         config: Option<PathBuf>,
     },
-    /// Templates: register or list.
+    /// Templates: register template files.
     #[command(subcommand)]
     Template(TemplateCommand),
     /// Submit a task; prints its id (and, with --wait, the finished task).
     Submit {
+        /// Namespace of the template (e.g. shop).
         namespace: String,
+        /// Template name (e.g. order_fulfilment).
         template: String,
         /// Task context as JSON.
         #[arg(long, default_value = "{}")]
         context: String,
+        /// Template version (default: the newest registered).
         #[arg(long)]
         version: Option<u32>,
+        /// Submitting the same body again with this key returns the existing task.
         #[arg(long)]
         idempotency_key: Option<String>,
+        /// Higher runs first when a queue is at its in-flight limit.
         #[arg(long, default_value_t = 0)]
         priority: i16,
-        /// Wait for the task to finish and print it.
+        /// Wait for the task to finish and print it (exit status 1 unless it completed).
         #[arg(long)]
         wait: bool,
         /// How long --wait waits, in seconds.
         #[arg(long, default_value_t = 120)]
         timeout: u64,
     },
-    /// Show a task with its steps and attempts.
+    /// Show a task with its steps and their failed attempts.
     Show {
+        /// Task id (as printed by submit or list).
         id: TaskId,
-        /// Wait for the task to finish first.
+        /// Wait for the task to finish first (exit status 1 unless it completed).
         #[arg(long)]
         wait: bool,
+        /// How long --wait waits, in seconds.
         #[arg(long, default_value_t = 120)]
         timeout: u64,
-        /// Print JSON instead of a table.
+        /// Print JSON instead of a table (every attempt, untruncated).
         #[arg(long)]
         json: bool,
     },
     /// Cancel a running task: nothing new is dispatched; running steps may still report.
     Cancel {
+        /// Task id.
         id: TaskId,
+        /// Why, recorded in the task's history.
         #[arg(long)]
         reason: Option<String>,
     },
     /// Retry a failed or cancelled task: its failed, skipped and cancelled steps run again.
     Retry {
+        /// Task id.
         id: TaskId,
-        /// Wait for the task to finish and print it.
+        /// Wait for the task to finish and print it (exit status 1 unless it completed).
         #[arg(long)]
         wait: bool,
+        /// How long --wait waits, in seconds.
         #[arg(long, default_value_t = 120)]
         timeout: u64,
     },
     /// List tasks, newest first.
     List {
+        /// Only tasks of this namespace.
         #[arg(long)]
         namespace: Option<String>,
         /// Only tasks in this state (pending, running, completed, failed, cancelled).
         #[arg(long)]
         state: Option<TaskState>,
+        /// Only tasks of this template (name).
         #[arg(long)]
         template: Option<String>,
+        /// Most tasks to print.
         #[arg(long, default_value_t = 20)]
         limit: u32,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -113,11 +135,14 @@ enum Command {
 #[derive(Subcommand)]
 enum TemplateCommand {
     /// Register template files (YAML or JSON).
-    Register { files: Vec<PathBuf> },
+    Register {
+        /// Template files (YAML or JSON), registered in the order given.
+        files: Vec<PathBuf>,
+    },
 }
 
 #[tokio::main]
-async fn main() -> Result<()> {
+async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -126,6 +151,30 @@ async fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    match run(&cli, &mut io::stdout()).await {
+        Ok(code) => code,
+        // The reader went away (`tasker list | head`): nothing more to say to anyone.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            // The causes on one line, and no backtrace even with RUST_BACKTRACE set: these are
+            // the user's errors, not the program's.
+            let _ = writeln!(io::stderr(), "Error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// True when the error is a write to a closed pipe (stdout's reader exited).
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<io::Error>()
+            .is_some_and(|io| io.kind() == io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// Runs one command, writing what it prints to `out`. A failed write ends it with that error.
+async fn run(cli: &Cli, out: &mut impl Write) -> Result<ExitCode> {
     let client = || {
         let c = Client::new(cli.api_url.trim_end_matches('/'));
         match &cli.api_key {
@@ -133,10 +182,21 @@ async fn main() -> Result<()> {
             None => c,
         }
     };
+    // Exit status of the commands that wait: 1 unless the task completed.
+    let finished = |task: &TaskView| {
+        if task.state == TaskState::Completed {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }
+    };
     match &cli.command {
         Command::Serve { config } => {
             let config = Config::load(config.as_deref())?;
-            let app = App::build(config).await?;
+            let database_url = config.database_url.clone();
+            let app = App::build(config)
+                .await
+                .map_err(|e| explain_startup(e, &database_url))?;
             tracing::info!(addr = %app.http_addr(), "HTTP API listening");
             let shutdown = CancellationToken::new();
             let stop = shutdown.clone();
@@ -148,9 +208,11 @@ async fn main() -> Result<()> {
         }
         Command::Migrate { config } => {
             let config = Config::load(config.as_deref())?;
-            let db = startup::connect_db(&config.database_url, 2).await?;
+            let db = startup::connect_db(&config.database_url, 2)
+                .await
+                .map_err(|e| explain_startup(e, &config.database_url))?;
             startup::migrate(&db).await?;
-            println!("migrations applied");
+            writeln!(out, "migrations applied")?;
         }
         Command::Template(TemplateCommand::Register { files }) => {
             if files.is_empty() {
@@ -163,8 +225,12 @@ async fn main() -> Result<()> {
                 template
                     .validate()
                     .with_context(|| format!("{} is not a valid template", path.display()))?;
-                let r = client.register_template(&template).await?;
-                println!(
+                let r = client
+                    .register_template(&template)
+                    .await
+                    .with_context(|| format!("cannot register {}", path.display()))?;
+                writeln!(
+                    out,
                     "{}/{} version {}: {}",
                     r.namespace,
                     r.name,
@@ -174,7 +240,7 @@ async fn main() -> Result<()> {
                     } else {
                         "already registered (unchanged)"
                     }
-                );
+                )?;
             }
         }
         Command::Submit {
@@ -201,15 +267,13 @@ async fn main() -> Result<()> {
                     task_id: None,
                 })
                 .await?;
-            println!("{}", r.task_id);
+            writeln!(out, "{}", r.task_id)?;
             if *wait {
                 let task = client
                     .wait(r.task_id, Duration::from_secs(*timeout))
                     .await?;
-                print_task(&task);
-                if task.state != TaskState::Completed {
-                    std::process::exit(1);
-                }
+                print_task(out, &task)?;
+                return Ok(finished(&task));
             }
         }
         Command::Show {
@@ -225,17 +289,17 @@ async fn main() -> Result<()> {
                 client.task(*id).await?
             };
             if *json {
-                println!("{}", serde_json::to_string_pretty(&task)?);
+                writeln!(out, "{}", serde_json::to_string_pretty(&task)?)?;
             } else {
-                print_task(&task);
+                print_task(out, &task)?;
             }
-            if *wait && task.state != TaskState::Completed {
-                std::process::exit(1);
+            if *wait {
+                return Ok(finished(&task));
             }
         }
         Command::Cancel { id, reason } => {
             let task = client().cancel(*id, reason.as_deref()).await?;
-            print_task(&task);
+            print_task(out, &task)?;
         }
         Command::Retry { id, wait, timeout } => {
             let client = client();
@@ -243,9 +307,9 @@ async fn main() -> Result<()> {
             if *wait {
                 task = client.wait(*id, Duration::from_secs(*timeout)).await?;
             }
-            print_task(&task);
-            if *wait && task.state != TaskState::Completed {
-                std::process::exit(1);
+            print_task(out, &task)?;
+            if *wait {
+                return Ok(finished(&task));
             }
         }
         Command::List {
@@ -264,74 +328,180 @@ async fn main() -> Result<()> {
             };
             let page = client().list(&filter).await?;
             if *json {
-                println!("{}", serde_json::to_string_pretty(&page)?);
+                writeln!(out, "{}", serde_json::to_string_pretty(&page)?)?;
             } else {
-                println!(
-                    "{:<38} {:<12} {:<28} {:<10} CREATED",
-                    "TASK", "NAMESPACE", "TEMPLATE", "STATE"
-                );
-                for t in &page.tasks {
-                    println!(
-                        "{:<38} {:<12} {:<28} {:<10} {}",
-                        t.id,
-                        t.namespace,
-                        format!("{} v{}", t.template, t.template_version),
-                        t.state,
-                        t.created_at
-                    );
-                }
+                let rows: Vec<Vec<String>> = page
+                    .tasks
+                    .iter()
+                    .map(|t| {
+                        vec![
+                            t.id.to_string(),
+                            t.namespace.clone(),
+                            format!("{} v{}", t.template, t.template_version),
+                            t.state.to_string(),
+                            t.created_at.clone(),
+                        ]
+                    })
+                    .collect();
+                write_table(
+                    out,
+                    &["TASK", "NAMESPACE", "TEMPLATE", "STATE", "CREATED"],
+                    &[],
+                    &rows,
+                )?;
                 if let Some(next) = page.next {
-                    println!("(more: --after {next})");
+                    writeln!(out, "(more: --after {next})")?;
                 }
             }
         }
     }
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Says what to do about a database that does not exist (and was not created: its name is not
+/// a plain identifier, or the user may not create databases).
+fn explain_startup(e: tasker_orchestrator::Error, database_url: &str) -> anyhow::Error {
+    use tasker_orchestrator::Error;
+    use tasker_orchestrator::store::StoreError;
+    let missing =
+        matches!(&e, Error::Store(StoreError::Database(db)) if startup::is_missing_database(db));
+    match startup::database_name(database_url) {
+        Some(name) if missing => anyhow::Error::new(e).context(format!(
+            "database {name} does not exist and could not be created (see the log); create it \
+             with `createdb {name}`"
+        )),
+        _ => e.into(),
+    }
+}
+
+/// Writes `rows` under `header`, each column as wide as its widest cell (the last one is not
+/// padded). Columns whose index is in `right` are aligned right.
+fn write_table(
+    out: &mut impl Write,
+    header: &[&str],
+    right: &[usize],
+    rows: &[Vec<String>],
+) -> io::Result<()> {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut line = |cells: &mut dyn Iterator<Item = &str>| -> io::Result<()> {
+        let mut text = String::new();
+        for (i, (cell, width)) in cells.zip(&widths).enumerate() {
+            if i > 0 {
+                text.push_str("  ");
+            }
+            let last = i + 1 == widths.len();
+            match (right.contains(&i), last) {
+                (true, _) => text.push_str(&format!("{cell:>width$}")),
+                (false, true) => text.push_str(cell),
+                (false, false) => text.push_str(&format!("{cell:<width$}")),
+            }
+        }
+        writeln!(out, "{}", text.trim_end())
+    };
+    line(&mut header.iter().copied())?;
+    for row in rows {
+        line(&mut row.iter().map(String::as_str))?;
+    }
     Ok(())
 }
 
-fn print_task(t: &TaskView) {
-    println!("task      {}", t.id);
-    println!(
+/// Longest error text of an attempt in the table (the rest: `show --json`).
+const ATTEMPT_ERROR_CHARS: usize = 160;
+/// Failed attempts listed per step (the most recent ones).
+const ATTEMPTS_SHOWN: usize = 5;
+
+/// `text` on one line (newlines and runs of white space become one space), cut to `max`
+/// characters with an ellipsis.
+fn one_line(text: &str, max: usize) -> String {
+    let flat = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if flat.chars().count() <= max {
+        return flat;
+    }
+    let mut cut: String = flat.chars().take(max.saturating_sub(1)).collect();
+    cut.push('…');
+    cut
+}
+
+fn print_task(out: &mut impl Write, t: &TaskView) -> io::Result<()> {
+    writeln!(out, "task      {}", t.id)?;
+    writeln!(
+        out,
         "template  {}/{} v{}",
         t.namespace, t.template, t.template_version
-    );
-    println!("state     {}", t.state);
-    println!("created   {}", t.created_at);
+    )?;
+    writeln!(out, "state     {}", t.state)?;
+    writeln!(out, "created   {}", t.created_at)?;
     if let Some(f) = &t.finished_at {
-        println!("finished  {f}");
+        writeln!(out, "finished  {f}")?;
     }
-    println!();
-    println!(
-        "{:<20} {:<11} {:>7}  {:<40}",
-        "STEP", "STATE", "ATTEMPT", "OUTPUT / ERROR / WHY WAITING"
-    );
+    writeln!(out)?;
+    // One row per step, then one per failed attempt of that step (its outcome and error).
+    let mut rows = Vec::new();
     for s in &t.steps {
         let detail = match (&s.output, &s.error, &s.waiting_reason) {
             (Some(o), _, _) if s.state == StepState::Succeeded => o.to_string(),
-            (_, Some(e), _) => e.clone(),
+            (_, Some(e), _) => one_line(e, usize::MAX),
             (_, _, Some(w)) => w.clone(),
             _ => String::new(),
         };
-        println!(
-            "{:<20} {:<11} {:>7}  {}",
-            s.name, s.state, s.attempt, detail
-        );
-    }
-    if !t.events.is_empty() {
-        println!();
-        for e in &t.events {
-            println!("event {:>3}  {}  {}", e.seq, e.at, e.kind);
+        rows.push(vec![
+            s.name.clone(),
+            s.state.to_string(),
+            s.attempt.to_string(),
+            detail,
+        ]);
+        let failed: Vec<_> = s
+            .attempts
+            .iter()
+            .filter(|a| a.outcome != "succeeded")
+            .collect();
+        let skipped = failed.len().saturating_sub(ATTEMPTS_SHOWN);
+        if skipped > 0 {
+            rows.push(vec![
+                "  attempts".into(),
+                String::new(),
+                String::new(),
+                format!("({skipped} earlier failed attempts; --json shows them)"),
+            ]);
+        }
+        for a in &failed[skipped..] {
+            rows.push(vec![
+                "  attempt".into(),
+                a.outcome.clone(),
+                a.attempt.to_string(),
+                one_line(a.error.as_deref().unwrap_or(""), ATTEMPT_ERROR_CHARS),
+            ]);
         }
     }
-    println!();
+    write_table(
+        out,
+        &["STEP", "STATE", "ATTEMPT", "OUTPUT / ERROR / WHY WAITING"],
+        &[2],
+        &rows,
+    )?;
+    if !t.events.is_empty() {
+        writeln!(out)?;
+        for e in &t.events {
+            writeln!(out, "event {:>3}  {}  {}", e.seq, e.at, e.kind)?;
+        }
+    }
+    writeln!(out)?;
     match (&t.output, &t.error) {
-        (Some(o), _) => println!(
+        (Some(o), _) => writeln!(
+            out,
             "result    {}",
             serde_json::to_string_pretty(o).unwrap_or_default()
-        ),
-        (_, Some(e)) => println!("error     {e}"),
+        )?,
+        (_, Some(e)) => writeln!(out, "error     {e}")?,
         _ => {}
     }
+    Ok(())
 }
 
 async fn wait_for_signal() {
@@ -350,4 +520,81 @@ async fn wait_for_signal() {
     }
     #[cfg(not(unix))]
     ctrl_c.await.unwrap_or(());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every argument of every (sub)command, with the path of commands leading to it.
+    fn all_args(cmd: &clap::Command, path: &str, out: &mut Vec<(String, clap::Arg)>) {
+        for arg in cmd.get_arguments() {
+            out.push((path.to_owned(), arg.clone()));
+        }
+        for sub in cmd.get_subcommands() {
+            all_args(sub, &format!("{path} {}", sub.get_name()), out);
+        }
+    }
+
+    #[test]
+    fn every_flag_and_argument_has_help() {
+        let mut cmd = Cli::command();
+        cmd.build();
+        cmd.clone().debug_assert();
+        let mut args = Vec::new();
+        all_args(&cmd, "tasker", &mut args);
+        let subcommands: Vec<_> = cmd.get_subcommands().map(|s| s.get_name()).collect();
+        assert!(subcommands.len() >= 8, "{subcommands:?}");
+        let missing: Vec<String> = args
+            .iter()
+            .filter(|(_, a)| !matches!(a.get_id().as_str(), "help" | "version"))
+            .filter(|(_, a)| a.get_help().is_none())
+            .map(|(path, a)| format!("{path}: {}", a.get_id()))
+            .collect();
+        assert!(missing.is_empty(), "arguments without help: {missing:?}");
+        for sub in cmd.get_subcommands() {
+            assert!(sub.get_about().is_some(), "{} has no about", sub.get_name());
+        }
+    }
+
+    #[test]
+    fn tables_are_as_wide_as_their_widest_cell() {
+        let mut out = Vec::new();
+        write_table(
+            &mut out,
+            &["A", "NUMBER", "LAST"],
+            &[1],
+            &[
+                vec!["a-rather-long-value".into(), "7".into(), "x".into()],
+                vec!["b".into(), "1234567".into(), "y y".into()],
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "A                     NUMBER  LAST\n\
+             a-rather-long-value        7  x\n\
+             b                    1234567  y y\n"
+        );
+    }
+
+    #[test]
+    fn errors_are_shown_on_one_line_and_cut() {
+        assert_eq!(one_line("short", 10), "short");
+        assert_eq!(
+            one_line("line one\n  line two\r\n", 100),
+            "line one line two"
+        );
+        assert_eq!(one_line("abcdefghijkl", 6), "abcde…");
+        assert_eq!(one_line("ééééé", 5), "ééééé");
+        assert_eq!(one_line(&"x".repeat(1000), 160).chars().count(), 160);
+    }
+
+    #[test]
+    fn a_closed_stdout_is_recognised() {
+        let e = anyhow::Error::new(io::Error::from(io::ErrorKind::BrokenPipe)).context("writing");
+        assert!(is_broken_pipe(&e));
+        assert!(!is_broken_pipe(&anyhow::anyhow!("other")));
+    }
 }

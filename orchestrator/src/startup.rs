@@ -10,7 +10,8 @@ use crate::service::DispatchHandle;
 use crate::service::{Shared, templates};
 use crate::store::templates::TemplateCache;
 use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -32,8 +33,26 @@ pub struct App {
     confirm_rx: tokio::sync::mpsc::Receiver<crate::service::Pending>,
 }
 
-/// Connects to Postgres, retrying for a while (the database may still be starting).
+/// Connects to Postgres, retrying for a while (the database may still be starting). A
+/// database that does not exist is not waited for: it is created when its name is a plain
+/// identifier and the user may (`CREATE DATABASE`, logged), otherwise the error comes back at
+/// once ([`is_missing_database`] tells it apart).
 pub async fn connect_db(url: &str, pool_size: u32) -> Result<sqlx::PgPool> {
+    match connect_with_retry(url, pool_size).await {
+        Err(e) if is_missing_database(&e) => {
+            if let Err(why) = create_database(url).await {
+                tracing::warn!(error = %why, "the database does not exist and could not be created");
+                return Err(crate::store::StoreError::from(e).into());
+            }
+            Ok(connect_with_retry(url, pool_size)
+                .await
+                .map_err(crate::store::StoreError::from)?)
+        }
+        other => Ok(other.map_err(crate::store::StoreError::from)?),
+    }
+}
+
+async fn connect_with_retry(url: &str, pool_size: u32) -> sqlx::Result<sqlx::PgPool> {
     let connect = || async {
         PgPoolOptions::new()
             .max_connections(pool_size)
@@ -41,15 +60,76 @@ pub async fn connect_db(url: &str, pool_size: u32) -> Result<sqlx::PgPool> {
             .connect(url)
             .await
     };
-    Ok(connect
+    connect
         .retry(
             ExponentialBuilder::default()
                 .with_max_delay(Duration::from_secs(2))
                 .with_max_times(10),
         )
+        .when(|e| !is_missing_database(e))
         .notify(|e, d| tracing::warn!(error = %e, retry_in = ?d, "database not reachable yet"))
         .await
-        .map_err(crate::store::StoreError::from)?)
+}
+
+/// True for PostgreSQL's `3D000` (invalid_catalog_name): the database named in the URL does not
+/// exist. Waiting does not help.
+pub fn is_missing_database(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("3D000"))
+}
+
+/// The database a Postgres URL names (`None` when the URL cannot be read).
+pub fn database_name(url: &str) -> Option<String> {
+    let options: PgConnectOptions = url.parse().ok()?;
+    options.get_database().map(str::to_owned)
+}
+
+/// Creates the database of `url` through the `postgres` maintenance database (or `template1`, as
+/// `createdb` does), with the same credentials. Only a name of 1-63 characters from
+/// `A-Za-z0-9_` is created, written as a quoted identifier; another replica creating it at the
+/// same time is fine.
+async fn create_database(url: &str) -> std::result::Result<(), String> {
+    let options: PgConnectOptions = url.parse().map_err(|e| format!("invalid URL: {e}"))?;
+    let name = options
+        .get_database()
+        .ok_or("the URL names no database")?
+        .to_owned();
+    if name.is_empty()
+        || name.len() > 63
+        || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    {
+        return Err(format!(
+            "only names of 1-63 characters from A-Za-z0-9_ are created automatically, not {name:?}"
+        ));
+    }
+    let mut last_error = String::new();
+    for maintenance in ["postgres", "template1"] {
+        let mut conn = match options.clone().database(maintenance).connect().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                last_error = format!("cannot connect to database {maintenance:?}: {e}");
+                continue;
+            }
+        };
+        // The name is checked above: a quoted identifier of letters, digits and underscores.
+        let created = sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+            .execute(&mut conn)
+            .await;
+        let _ = conn.close().await;
+        return match created {
+            Ok(_) => {
+                tracing::info!(database = %name, "the database did not exist: created it");
+                Ok(())
+            }
+            // duplicate_database, or the unique index of pg_database when two create at once.
+            Err(sqlx::Error::Database(db))
+                if matches!(db.code().as_deref(), Some("42P04" | "23505")) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(format!("CREATE DATABASE {name} failed: {e}")),
+        };
+    }
+    Err(last_error)
 }
 
 /// Runs the embedded migrations (safe to run from several replicas at once).
