@@ -127,38 +127,6 @@ impl From<JsonRejection> for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
-/// The error answer, with what the caller can do about a template mistake: the next free
-/// version for a registration that conflicts, the closest registered name (or the registered
-/// versions) for a template that is not found.
-async fn with_hint(shared: &Shared, e: ServiceError) -> ApiError {
-    let hint = match &e {
-        ServiceError::TemplateConflict {
-            namespace,
-            name,
-            version,
-        } => {
-            let newest = service::templates::find(shared, namespace, name, None)
-                .await
-                .map_or(*version, |t| t.template.version);
-            Some(format!(
-                "bump `version:` to {} to register the change",
-                newest.max(*version) + 1
-            ))
-        }
-        ServiceError::TemplateNotFound {
-            namespace,
-            name,
-            version,
-        } => service::templates::not_found_hint(shared, namespace, name, *version).await,
-        _ => None,
-    };
-    let mut err = ApiError::from(e);
-    if let Some(hint) = hint {
-        err.body.error.message = format!("{}; {hint}", err.body.error.message);
-    }
-    err
-}
-
 async fn authenticate(State(shared): State<Shared>, req: Request, next: Next) -> Response {
     if shared.config.api_keys.is_empty() {
         return next.run(req).await;
@@ -196,10 +164,7 @@ async fn register_template(
     body: Result<Json<Template>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<RegisterResponse>)> {
     let Json(template) = body?;
-    let outcome = match service::templates::register(&shared, &template).await {
-        Ok(outcome) => outcome,
-        Err(e) => return Err(with_hint(&shared, e).await),
-    };
+    let outcome = service::templates::register(&shared, &template).await?;
     let status = if outcome == Registered::Created {
         StatusCode::CREATED
     } else {
@@ -247,10 +212,7 @@ async fn show_template(
     Path((namespace, name)): Path<(String, String)>,
     Query(q): Query<TemplateQuery>,
 ) -> ApiResult<Json<TemplateView>> {
-    let t = match service::templates::find(&shared, &namespace, &name, q.version).await {
-        Ok(t) => t,
-        Err(e) => return Err(with_hint(&shared, e).await),
-    };
+    let t = service::templates::find(&shared, &namespace, &name, q.version).await?;
     Ok(Json(template_view(&t, true)))
 }
 
@@ -259,10 +221,7 @@ async fn submit_task(
     body: Result<Json<SubmitTask>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<SubmitResponse>)> {
     let Json(req) = body?;
-    let created = match service::tasks::submit(&shared, &req, None).await {
-        Ok(created) => created,
-        Err(e) => return Err(with_hint(&shared, e).await),
-    };
+    let created = service::tasks::submit(&shared, &req, None).await?;
     let status = if created.created {
         StatusCode::CREATED
     } else {

@@ -45,18 +45,22 @@ pub enum ServiceError {
     #[error("invalid template: {0}")]
     InvalidTemplate(#[from] TemplateError),
     #[error(
-        "template {namespace}/{name} version {version} is already registered with different content"
+        "template {namespace}/{name} version {version} is already registered with different content; bump `version:` to {next_version} to register the change"
     )]
     TemplateConflict {
         namespace: String,
         name: String,
         version: u32,
+        /// The next free version (newest registered + 1).
+        next_version: u32,
     },
-    #[error("template {namespace}/{name}{} not found", .version.map(|v| format!(" version {v}")).unwrap_or_default())]
+    #[error("template {namespace}/{name}{} not found{}", .version.map(|v| format!(" version {v}")).unwrap_or_default(), .hint.as_ref().map(|h| format!("; {h}")).unwrap_or_default())]
     TemplateNotFound {
         namespace: String,
         name: String,
         version: Option<u32>,
+        /// What the caller may have meant (the closest registered name, the versions there are).
+        hint: Option<String>,
     },
     #[error("task {0} not found")]
     TaskNotFound(TaskId),

@@ -11,10 +11,16 @@ pub async fn register(shared: &Shared, template: &Template) -> Result<Registered
     template.validate()?;
     let outcome = templates::register(&shared.db, template).await?;
     if outcome == Registered::Conflict {
+        let newest = shared
+            .templates
+            .find(&shared.db, &template.namespace, &template.name, None)
+            .await?
+            .map_or(template.version, |t| t.template.version);
         return Err(ServiceError::TemplateConflict {
             namespace: template.namespace.clone(),
             name: template.name.clone(),
             version: template.version,
+            next_version: newest.max(template.version).saturating_add(1),
         });
     }
     let mut queues: Vec<&str> = template.steps.iter().map(|s| s.queue()).collect();
@@ -34,15 +40,19 @@ pub async fn find(
     name: &str,
     version: Option<u32>,
 ) -> Result<StoredTemplate> {
-    shared
+    match shared
         .templates
         .find(&shared.db, namespace, name, version)
         .await?
-        .ok_or_else(|| ServiceError::TemplateNotFound {
+    {
+        Some(t) => Ok(t),
+        None => Err(ServiceError::TemplateNotFound {
             namespace: namespace.to_owned(),
             name: name.to_owned(),
             version,
-        })
+            hint: not_found_hint(shared, namespace, name, version).await,
+        }),
+    }
 }
 
 /// What to tell a caller who asked for a template that is not there: the closest registered name
@@ -50,7 +60,7 @@ pub async fn find(
 /// wrong, or that the namespace has no template at all (and the closest namespace that has).
 /// `None` when there is nothing useful to add (or the lookup failed: the not-found answer stands
 /// on its own).
-pub async fn not_found_hint(
+async fn not_found_hint(
     shared: &Shared,
     namespace: &str,
     name: &str,
