@@ -431,6 +431,53 @@ impl Publisher {
     }
 }
 
+/// Deletes every queue and exchange of a prefix (best effort): the orchestrator's own, and the step
+/// queues named in `step_queues` plus `default`, and 16 result shards. For tests and tools that
+/// give each run its own prefix.
+pub async fn delete_topology(amqp_url: &str, names: &Names, step_queues: &[String]) -> Result<()> {
+    use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+    let conn = connect(amqp_url).await?;
+    let mut queues = vec![
+        names.task_requests_queue(),
+        names.dead_letter_queue(),
+        names.step_dead_letter_queue(),
+        names.step_queue("default"),
+    ];
+    queues.extend((0..16).map(|shard| names.results_queue(shard)));
+    queues.extend(step_queues.iter().map(|q| names.step_queue(q)));
+    for q in queues {
+        // A failed delete closes its channel: a fresh one each time.
+        let ch = conn.create_channel().await?;
+        if ch
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .is_ok()
+        {
+            let _ = ch.close(200, "done".into()).await;
+        }
+    }
+    for x in [
+        names.tasks_exchange(),
+        names.steps_exchange(),
+        names.results_exchange(),
+        names.events_exchange(),
+        names.cancel_exchange(),
+        names.dead_letter_exchange(),
+        names.step_dead_letter_exchange(),
+    ] {
+        let ch = conn.create_channel().await?;
+        if ch
+            .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+            .await
+            .is_ok()
+        {
+            let _ = ch.close(200, "done".into()).await;
+        }
+    }
+    let _ = conn.close(200, "done".into()).await;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

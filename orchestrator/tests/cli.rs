@@ -274,52 +274,10 @@ impl Drop for Server {
 
 /// Deletes the topology of a prefix and a database (best effort).
 async fn cleanup(amqp_url: &str, prefix: &str, database: &str) {
-    let _ = delete_topology(amqp_url, &Names::new(prefix.to_owned())).await;
+    let _ =
+        tasker_orchestrator::broker::delete_topology(amqp_url, &Names::new(prefix.to_owned()), &[])
+            .await;
     drop_database(database).await;
-}
-
-/// Deletes the queues (the step queue `default` included) and exchanges of a prefix.
-async fn delete_topology(amqp_url: &str, names: &Names) -> Result<(), lapin::Error> {
-    use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
-    let conn = lapin::Connection::connect(amqp_url, lapin::ConnectionProperties::default()).await?;
-    let queues = [
-        names.task_requests_queue(),
-        names.dead_letter_queue(),
-        names.step_dead_letter_queue(),
-        names.step_queue("default"),
-        names.results_queue(0),
-    ];
-    for q in queues {
-        // A failed delete closes its channel: a fresh one each time.
-        let ch = conn.create_channel().await?;
-        if ch
-            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-            .await
-            .is_ok()
-        {
-            let _ = ch.close(200, "done".into()).await;
-        }
-    }
-    for x in [
-        names.tasks_exchange(),
-        names.steps_exchange(),
-        names.results_exchange(),
-        names.events_exchange(),
-        names.cancel_exchange(),
-        names.dead_letter_exchange(),
-        names.step_dead_letter_exchange(),
-    ] {
-        let ch = conn.create_channel().await?;
-        if ch
-            .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
-            .await
-            .is_ok()
-        {
-            let _ = ch.close(200, "done".into()).await;
-        }
-    }
-    let _ = conn.close(200, "done".into()).await;
-    Ok(())
 }
 
 /// A description without clap's own notes (`[default: ..]`, `[env: ..]`, `[aliases: ..]`).

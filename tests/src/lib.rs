@@ -922,50 +922,9 @@ pub fn replace_database(url: &str, database: &str) -> Result<String> {
 /// Deletes every queue and exchange of a prefix (best effort): the orchestrator's own, and the step
 /// queues named in `step_queues` plus `default`. Used by the harness, `chaos` and `loadgen`.
 pub async fn delete_topology(amqp_url: &str, names: &Names, step_queues: &[String]) -> Result<()> {
-    use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
-    let connect = lapin::Connection::connect(amqp_url, lapin::ConnectionProperties::default());
-    let conn = tokio::time::timeout(Duration::from_secs(10), connect)
+    tasker_orchestrator::broker::delete_topology(amqp_url, names, step_queues)
         .await
-        .context("broker connection timed out")??;
-    let mut queues = vec![
-        names.task_requests_queue(),
-        names.dead_letter_queue(),
-        names.step_dead_letter_queue(),
-        names.step_queue("default"),
-    ];
-    queues.extend((0..16).map(|shard| names.results_queue(shard)));
-    queues.extend(step_queues.iter().map(|q| names.step_queue(q)));
-    for q in queues {
-        // A failed delete closes its channel: a fresh one each time.
-        let ch = conn.create_channel().await?;
-        if ch
-            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-            .await
-            .is_ok()
-        {
-            let _ = ch.close(200, "done".into()).await;
-        }
-    }
-    for x in [
-        names.tasks_exchange(),
-        names.steps_exchange(),
-        names.results_exchange(),
-        names.events_exchange(),
-        names.cancel_exchange(),
-        names.dead_letter_exchange(),
-        names.step_dead_letter_exchange(),
-    ] {
-        let ch = conn.create_channel().await?;
-        if ch
-            .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
-            .await
-            .is_ok()
-        {
-            let _ = ch.close(200, "done".into()).await;
-        }
-    }
-    let _ = conn.close(200, "done".into()).await;
-    Ok(())
+        .context("deleting the broker topology")
 }
 
 #[cfg(test)]
