@@ -148,7 +148,7 @@ fn waiting_reason(s: &StepRow, steps: &[StepRow], names: &HashMap<Uuid, &str>) -
                 s.lease_expires_at.map(rfc3339).unwrap_or_default()
             ),
             _ => format!(
-                "attempt {} published to queue {:?} at {}, waiting for a worker; lease expires {}",
+                "attempt {} published to queue {:?} at {}; no worker reported it started (waiting in the queue, or running: only long steps report a start); lease expires {}",
                 s.attempt,
                 s.queue,
                 s.dispatched_at.map(rfc3339).unwrap_or_default(),
