@@ -214,6 +214,8 @@ pub enum TemplateError {
     InvalidName { what: String, name: String },
     #[error("version must be at least 1")]
     ZeroVersion,
+    #[error("version {version} is too large: at most {max}", max = i32::MAX)]
+    VersionTooLarge { version: u32 },
     #[error("the template has no steps")]
     NoSteps,
     #[error("the template has {count} steps; at most {MAX_STEPS} are allowed")]
@@ -276,6 +278,12 @@ impl Template {
         check_name("template name", &self.name)?;
         if self.version == 0 {
             return Err(TemplateError::ZeroVersion);
+        }
+        // Stored as a PostgreSQL integer: refused here, not wrapped or failed later.
+        if i32::try_from(self.version).is_err() {
+            return Err(TemplateError::VersionTooLarge {
+                version: self.version,
+            });
         }
         if let Some(d) = &self.description
             && d.len() > MAX_DESCRIPTION_LEN
@@ -583,6 +591,13 @@ mod tests {
         let mut t = template(vec![step("a", &[])]);
         t.version = 0;
         assert_eq!(t.validate(), Err(TemplateError::ZeroVersion));
+        t.version = i32::MAX as u32;
+        assert_eq!(t.validate(), Ok(()));
+        t.version = i32::MAX as u32 + 1;
+        assert_eq!(
+            t.validate().unwrap_err().to_string(),
+            "version 2147483648 is too large: at most 2147483647"
+        );
     }
 
     #[test]

@@ -99,6 +99,56 @@ fn rmp_serde_envelope(kind: &str, version: &str) -> Vec<u8> {
     .unwrap()
 }
 
+/// Attempt numbers are stored as PostgreSQL integers: a report with one out of that range is
+/// dead-lettered with the reason (it used to be saturated or wrapped silently), and a template
+/// version out of range is refused at registration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_range_numbers_get_a_clear_error() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    h.register_yaml(
+        "namespace: t\nname: one\nversion: 1\nsteps:\n  - { name: s, handler: echo }\n",
+    )
+    .await?;
+    let too_big = i32::MAX as u32 + 1;
+    let result = StepResult {
+        task_id: TaskId::new(),
+        step_id: tasker_schemas::StepId::new(),
+        attempt: too_big,
+        worker: "w".into(),
+        duration_ms: 1,
+        outcome: Outcome::Succeeded { output: json!(1) },
+    };
+    let started = tasker_schemas::Started {
+        task_id: TaskId::new(),
+        step_id: tasker_schemas::StepId::new(),
+        attempt: u32::MAX,
+        worker: "w".into(),
+        lease_ms: 1_000,
+    };
+    for bytes in [encode_payload(result)?, encode_payload(started)?] {
+        publish_raw(&h, "t.0", &bytes).await?;
+        let (dead, reason) = h.next_dead_letter(Duration::from_secs(10)).await?;
+        assert_eq!(dead, bytes);
+        assert!(
+            reason.contains("is out of range (at most 2147483647)"),
+            "{reason}"
+        );
+    }
+    let template = tasker_orchestrator::service::templates::parse_template(
+        "namespace: t\nname: big\nversion: 2147483648\nsteps:\n  - { name: s, handler: echo }\n",
+    )
+    .map_err(anyhow::Error::msg)?;
+    let err = h.client().register_template(&template).await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("400") || text.contains("invalid_template"),
+        "{text}"
+    );
+    assert!(text.contains("is too large: at most 2147483647"), "{text}");
+    h.finish().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_and_stale_results_are_ignored() -> anyhow::Result<()> {
     let h = Harness::start().await?;

@@ -18,8 +18,17 @@ use lapin::types::FieldTable;
 use tasker_schemas::{Outcome, WorkerMessage};
 use tokio_util::sync::CancellationToken;
 
-/// Converts a worker's result into an outcome to apply.
-pub fn to_finished(r: tasker_schemas::StepResult) -> Finished {
+/// An attempt number from a worker as stored (a PostgreSQL integer); out of range is the
+/// message's fault and dead-letters it with this reason.
+fn attempt_of(attempt: u32) -> Result<i32, String> {
+    i32::try_from(attempt)
+        .map_err(|_| format!("attempt {attempt} is out of range (at most {})", i32::MAX))
+}
+
+/// Converts a worker's result into an outcome to apply; an out-of-range attempt number is an
+/// error with the reason.
+pub fn to_finished(r: tasker_schemas::StepResult) -> Result<Finished, String> {
+    let attempt = attempt_of(r.attempt)?;
     let result = match r.outcome {
         Outcome::Succeeded { output } => AttemptResult::Succeeded { output },
         Outcome::Failed {
@@ -38,13 +47,13 @@ pub fn to_finished(r: tasker_schemas::StepResult) -> Finished {
             retry_after_ms: None,
         },
     };
-    Finished {
+    Ok(Finished {
         task_id: r.task_id,
         step_id: r.step_id,
-        attempt: i32::try_from(r.attempt).unwrap_or(i32::MAX),
+        attempt,
         worker: Some(r.worker),
         result,
-    }
+    })
 }
 
 /// One delivery and what it carried.
@@ -68,19 +77,28 @@ enum Work {
 fn classify(delivery: Delivery) -> Item {
     let work = match WorkerMessage::decode(&delivery.data) {
         Ok((_, WorkerMessage::Results(results))) => {
-            Work::Results(results.into_iter().map(to_finished).collect())
+            match results.into_iter().map(to_finished).collect() {
+                Ok(finished) => Work::Results(finished),
+                Err(reason) => Work::Bad(reason),
+            }
         }
-        Ok((_, WorkerMessage::Started(s))) => Work::Started {
-            step: s.step_id,
-            attempt: s.attempt as i32,
-            worker: s.worker,
-            lease_ms: s.lease_ms.min(i64::MAX as u64) as i64,
+        Ok((_, WorkerMessage::Started(s))) => match attempt_of(s.attempt) {
+            Ok(attempt) => Work::Started {
+                step: s.step_id,
+                attempt,
+                worker: s.worker,
+                lease_ms: s.lease_ms.min(i64::MAX as u64) as i64,
+            },
+            Err(reason) => Work::Bad(reason),
         },
-        Ok((_, WorkerMessage::Heartbeat(h))) => Work::Started {
-            step: h.step_id,
-            attempt: h.attempt as i32,
-            worker: h.worker,
-            lease_ms: h.lease_ms.min(i64::MAX as u64) as i64,
+        Ok((_, WorkerMessage::Heartbeat(h))) => match attempt_of(h.attempt) {
+            Ok(attempt) => Work::Started {
+                step: h.step_id,
+                attempt,
+                worker: h.worker,
+                lease_ms: h.lease_ms.min(i64::MAX as u64) as i64,
+            },
+            Err(reason) => Work::Bad(reason),
         },
         Ok((_, other)) => Work::Bad(format!(
             "unsupported message on the results queue: {other:?}"
