@@ -557,6 +557,61 @@ async fn running_handlers_observe_cancellation_and_queued_steps_are_refused() ->
     Ok(())
 }
 
+/// Pruning keeps pace with the finish rate: one round deletes every task past retention in
+/// bounded batches, not one batch per reconciler interval (it used to be at most 1,000 per 30 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_pruning_round_catches_up_in_batches() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    h.register_yaml(
+        "namespace: t\nname: one\nversion: 1\nsteps:\n  - { name: s, handler: echo }\n",
+    )
+    .await?;
+    h.spawn_worker(h.worker().handler_fn("echo", |_| async { Ok(json!(1)) }))
+        .await?;
+    let done = h.run("t", "one", json!({})).await?;
+    // 2,500 finished tasks past retention (copies of a finished one, with a step each).
+    sqlx::query(
+        "WITH copies AS (
+             INSERT INTO tasks (id, namespace, template_id, template_name, template_version, state,
+                                priority, context, request_hash, unfinished_steps, created_at,
+                                finished_at)
+             SELECT gen_random_uuid(), namespace, template_id, template_name, template_version,
+                    state, priority, context, request_hash, 0, created_at,
+                    now() - interval '8 days'
+             FROM tasks, generate_series(1, 2500) WHERE id = $1
+             RETURNING id
+         )
+         INSERT INTO steps (id, task_id, namespace, name, position, handler, queue, state,
+                            max_attempts, retry_policy, queue_wait_timeout_ms,
+                            execution_timeout_ms, pending_parents)
+         SELECT gen_random_uuid(), c.id, 't', 's', 0, 'echo', 'default', 'succeeded', 1, '{}',
+                1000, 1000, 0
+         FROM copies c",
+    )
+    .bind(done.id.0)
+    .execute(&h.db)
+    .await?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let pruned = tasker_orchestrator::service::reconcile::prune(
+        &h.shared(0),
+        1_000,
+        Duration::from_secs(60),
+        &stop,
+    )
+    .await?;
+    assert_eq!(pruned, 2_500);
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks")
+        .fetch_one(&h.db)
+        .await?;
+    assert_eq!(left, 1, "only the task within retention stays");
+    let steps_left: i64 = sqlx::query_scalar("SELECT count(*) FROM steps")
+        .fetch_one(&h.db)
+        .await?;
+    assert_eq!(steps_left, 1);
+    h.finish().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finished_tasks_are_pruned_after_retention() -> anyhow::Result<()> {
     let h = Harness::start().await?;

@@ -2,8 +2,12 @@ use crate::service::{Shared, reconcile};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+/// Tasks deleted per pruning statement.
+const PRUNE_BATCH: i64 = 1_000;
+
 /// Every `reconcile_interval_ms`: proves that every live task has a live owner and repairs
-/// those that do not (counted in `tasker_reconciler_repairs_total`), then prunes.
+/// those that do not (counted in `tasker_reconciler_repairs_total`), then prunes in batches until
+/// caught up.
 pub struct Reconciler {
     pub shared: Shared,
 }
@@ -21,7 +25,9 @@ impl Reconciler {
             if let Err(e) = reconcile::reconcile(&shared).await {
                 tracing::warn!(error = %e, "reconciler round failed; will retry");
             }
-            if let Err(e) = reconcile::prune(&shared, 1_000).await {
+            // Batches until caught up, within a budget well below the round interval.
+            let budget = (every / 2).min(Duration::from_secs(10));
+            if let Err(e) = reconcile::prune(&shared, PRUNE_BATCH, budget, &shutdown).await {
                 tracing::warn!(error = %e, "pruning failed; will retry");
             }
         }

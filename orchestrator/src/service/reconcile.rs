@@ -5,6 +5,8 @@ use super::{Result, Shared, events};
 use crate::metrics::Metrics;
 use crate::store::{apply, reconcile};
 use crate::transition;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 /// One reconciler round; returns how many tasks and slots were repaired.
@@ -51,13 +53,29 @@ async fn repair(shared: &Shared, id: Uuid) -> Result<()> {
     Ok(())
 }
 
-/// Deletes up to `limit` tasks past their retention; returns how many went.
-pub async fn prune(shared: &Shared, limit: i64) -> Result<u64> {
+/// Deletes the tasks past their retention in batches of `batch` (each its own statement, safe on
+/// several replicas) until none is left or `budget` is spent, so pruning keeps pace with the
+/// finish rate instead of one batch per reconciler round. Stops between batches when `stop` is
+/// cancelled. Returns how many went.
+pub async fn prune(
+    shared: &Shared,
+    batch: i64,
+    budget: Duration,
+    stop: &CancellationToken,
+) -> Result<u64> {
     let retention = shared.config.retention_hours as i64;
-    let n = reconcile::prune(&shared.db, retention, limit).await?;
-    if n > 0 {
-        tracing::info!(tasks = n, "pruned finished tasks past retention");
-        Metrics::add(&shared.metrics.tasks_pruned_total, n as usize);
+    let started = Instant::now();
+    let mut total = 0;
+    loop {
+        let n = reconcile::prune(&shared.db, retention, batch).await?;
+        total += n;
+        if (n as i64) < batch || started.elapsed() >= budget || stop.is_cancelled() {
+            break;
+        }
     }
-    Ok(n)
+    if total > 0 {
+        tracing::info!(tasks = total, "pruned finished tasks past retention");
+        Metrics::add(&shared.metrics.tasks_pruned_total, total as usize);
+    }
+    Ok(total)
 }
