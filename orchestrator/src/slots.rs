@@ -7,6 +7,7 @@
 //! Lock order: slots are locked in [`SlotKey`] order, narrower scopes before the queue scope and
 //! by key within a scope, always after the task rows of the same transaction.
 
+use std::collections::HashMap;
 use std::fmt;
 
 /// What a slot counts.
@@ -46,6 +47,14 @@ impl fmt::Display for SlotKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}", self.scope.as_str(), self.key)
     }
+}
+
+/// The queue slots of counts per queue name (e.g. the dispatched steps released per queue).
+pub fn per_queue(counts: &HashMap<String, i64>) -> HashMap<SlotKey, i64> {
+    counts
+        .iter()
+        .map(|(queue, n)| (SlotKey::queue(queue), *n))
+        .collect()
 }
 
 /// Sorts and deduplicates slots into lock order.

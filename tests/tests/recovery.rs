@@ -11,6 +11,14 @@ use tasker_schemas::{StepState, TaskState};
 use tasker_tests::Harness;
 use tasker_tests::tasker_worker::StepError;
 
+/// Results counted as stale by the first orchestrator so far.
+fn stale(h: &Harness) -> u64 {
+    h.shared(0)
+        .metrics
+        .results_stale_total
+        .load(Ordering::Relaxed)
+}
+
 async fn post(h: &Harness, path: &str) -> anyhow::Result<serde_json::Value> {
     let url = format!("{}{path}", h.client().base_url());
     let r = reqwest::Client::new().post(url).send().await?;
@@ -107,12 +115,6 @@ async fn cancel_finishes_unstarted_steps_at_once_and_their_late_results_are_stal
         "the slot of the cancelled attempt is released"
     );
     // A worker that starts now never heard the cancel: it runs the step, and the result is stale.
-    let stale = |h: &Harness| {
-        h.shared(0)
-            .metrics
-            .results_stale_total
-            .load(std::sync::atomic::Ordering::Relaxed)
-    };
     let before = stale(&h);
     h.spawn_worker(
         h.worker()
@@ -513,12 +515,6 @@ async fn running_handlers_observe_cancellation_and_queued_steps_are_refused() ->
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let stale = |h: &Harness| {
-        h.shared(0)
-            .metrics
-            .results_stale_total
-            .load(Ordering::Relaxed)
-    };
     let stale_before = stale(&h);
     let started = std::time::Instant::now();
     post(&h, &format!("/v1/tasks/{id}/cancel")).await?;

@@ -74,6 +74,19 @@ enum Work {
     Bad(String),
 }
 
+/// A `started` or a `heartbeat`: the attempt's execution lease, taken or renewed.
+fn lease(step: tasker_schemas::StepId, attempt: u32, worker: String, lease_ms: u64) -> Work {
+    match attempt_of(attempt) {
+        Ok(attempt) => Work::Started {
+            step,
+            attempt,
+            worker,
+            lease_ms: lease_ms.min(i64::MAX as u64) as i64,
+        },
+        Err(reason) => Work::Bad(reason),
+    }
+}
+
 fn classify(delivery: Delivery) -> Item {
     let work = match WorkerMessage::decode(&delivery.data) {
         Ok((_, WorkerMessage::Results(results))) => {
@@ -82,24 +95,8 @@ fn classify(delivery: Delivery) -> Item {
                 Err(reason) => Work::Bad(reason),
             }
         }
-        Ok((_, WorkerMessage::Started(s))) => match attempt_of(s.attempt) {
-            Ok(attempt) => Work::Started {
-                step: s.step_id,
-                attempt,
-                worker: s.worker,
-                lease_ms: s.lease_ms.min(i64::MAX as u64) as i64,
-            },
-            Err(reason) => Work::Bad(reason),
-        },
-        Ok((_, WorkerMessage::Heartbeat(h))) => match attempt_of(h.attempt) {
-            Ok(attempt) => Work::Started {
-                step: h.step_id,
-                attempt,
-                worker: h.worker,
-                lease_ms: h.lease_ms.min(i64::MAX as u64) as i64,
-            },
-            Err(reason) => Work::Bad(reason),
-        },
+        Ok((_, WorkerMessage::Started(s))) => lease(s.step_id, s.attempt, s.worker, s.lease_ms),
+        Ok((_, WorkerMessage::Heartbeat(h))) => lease(h.step_id, h.attempt, h.worker, h.lease_ms),
         Ok((_, other)) => Work::Bad(format!(
             "unsupported message on the results queue: {other:?}"
         )),

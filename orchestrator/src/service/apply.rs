@@ -7,7 +7,7 @@
 use super::publish::publish_admitted;
 use super::{Result, Shared, events};
 use crate::metrics::Metrics;
-use crate::slots::SlotKey;
+use crate::slots::{self, SlotKey};
 use crate::store::admission::{self, Dispatched};
 use crate::store::apply::{self as store_apply, FinishedTask, TaskCounts};
 use crate::store::outbox::{Admitted, MessageData};
@@ -186,12 +186,7 @@ async fn admit_ready(
         return Ok((admitted, messages, bounded));
     }
     let wanted: Vec<SlotKey> = queues.iter().map(SlotKey::queue).collect();
-    let released: HashMap<SlotKey, i64> = report
-        .released
-        .iter()
-        .map(|(q, n)| (SlotKey::queue(q), *n))
-        .collect();
-    let slots = admission::lock_slots(tx, &wanted, &released).await?;
+    let slots = admission::lock_slots(tx, &wanted, &slots::per_queue(&report.released)).await?;
     let limit = shared.config.dispatch_batch_size.max(1);
     for (queue, slot) in queues.into_iter().zip(wanted) {
         let in_flight = slots.get(&slot).copied().unwrap_or(0);

@@ -2,11 +2,10 @@
 
 use super::{Result, ServiceError, Shared, events};
 use crate::metrics::Metrics;
-use crate::slots::SlotKey;
+use crate::slots;
 use crate::store::tasks::{self, CreateOutcome, Created, NewTask};
 use crate::store::views::{self, ListFilter, TaskDetail, TaskRow};
 use crate::transition::{self, Cancel, Refused, TaskNow};
-use std::collections::HashMap;
 use tasker_schemas::api::SubmitTask;
 use tasker_schemas::{RequestId, TaskId, TaskState};
 
@@ -103,12 +102,8 @@ pub async fn cancel(shared: &Shared, id: TaskId, reason: Option<String>) -> Resu
         Cancel::AlreadyCancelled => return Ok(()),
     };
     let written = tasks::cancel(&mut tx, id, &plan, reason.as_deref()).await?;
-    let released: HashMap<SlotKey, i64> = written
-        .released
-        .iter()
-        .map(|(q, n)| (SlotKey::queue(q), *n))
-        .collect();
-    if !released.is_empty() {
+    if !written.released.is_empty() {
+        let released = slots::per_queue(&written.released);
         crate::store::admission::lock_slots(&mut tx, &[], &released).await?;
     }
     let ending = transition::final_state(TaskNow {
