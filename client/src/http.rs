@@ -31,6 +31,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::time::{Duration, Instant};
 use tasker_schemas::api::{
+    InstanceList,
     ErrorBody, RegisterResponse, SubmitResponse, SubmitTask, TaskList, TaskView,
 };
 use tasker_schemas::{TaskId, TaskState, Template};
@@ -226,6 +227,24 @@ impl Client {
                 tokio::time::sleep((MIN_POLL_INTERVAL - took).min(remaining)).await;
             }
         }
+    }
+
+    /// `GET /v1/tasks/{id}/steps/{step}/instances`: a page of a mapped step's instances in index
+    /// order, after index `after` (`None`: from the first), at most `limit` (1 to 500).
+    pub async fn instances(
+        &self,
+        id: TaskId,
+        step: &str,
+        after: Option<u32>,
+        limit: u32,
+    ) -> Result<InstanceList, ClientError> {
+        let mut request = self
+            .request(Method::GET, &format!("/v1/tasks/{id}/steps/{step}/instances"))
+            .query(&[("limit", limit)]);
+        if let Some(after) = after {
+            request = request.query(&[("after", after)]);
+        }
+        self.send(request).await
     }
 
     /// `GET /v1/tasks`: one page of tasks (without their steps), newest filters applied.

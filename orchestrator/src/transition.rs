@@ -17,6 +17,12 @@
 //! | a step message the broker dead-lettered | [`dead_step`] |
 //! | a step message too large or unencodable / unroutable | [`undeliverable`], [`unroutable`] |
 //! | the state a task finishes in | [`final_state`] |
+//! | a decision's branches: checked, the ones not chosen skipped | [`plan_batch`] (`check_branches`) |
+//! | skips propagate: `join: all` skips, `join: any` runs if a parent succeeded | [`propagate_skips`] |
+//! | a mapped step starts: instances, an empty output, or a clear failure | [`expand`] |
+//! | how many instances of a mapped step are let in (max_parallel) | [`map_window`] |
+//! | when a mapped step finishes, and how (tolerate) | [`map_finished`] |
+//! | what a retried task runs again (never a decision's choice or a map's expansion) | [`retry_task`] |
 //!
 //! Attempt numbers only grow: admission is the only place that sets one (the current one plus
 //! one), and a report for any attempt other than the step's current dispatched one is stale.
@@ -31,6 +37,8 @@ use uuid::Uuid;
 pub enum AttemptResult {
     Succeeded {
         output: Value,
+        /// A decision step's chosen branches (`None`: the result named none).
+        branches: Option<Vec<String>>,
     },
     Failed {
         error: String,
@@ -87,6 +95,60 @@ pub struct StepNow {
     pub child_ids: Vec<Uuid>,
     pub dispatched_at: Option<chrono::DateTime<chrono::Utc>>,
     pub started_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// A decision step: the children it may choose among.
+    pub decides: Option<Vec<String>>,
+    /// The names of `child_ids`, in the same order (read for decision steps only).
+    pub child_names: Vec<String>,
+    /// An instance of a mapped step.
+    pub instance_of: Option<InstanceOf>,
+}
+
+/// The mapped step an instance belongs to, as it is now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InstanceOf {
+    pub map: Uuid,
+    /// Failed instances it tolerates.
+    pub tolerate: i32,
+    /// Instances failed so far.
+    pub failed: i32,
+}
+
+/// Why a step was skipped (`steps.skip_cause`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SkipCause {
+    /// A decision did not choose it.
+    NotChosen,
+    /// A parent was skipped (`join: all`), or every parent was (`join: any`).
+    ParentSkipped,
+    /// Its task failed (fail fast): a retry runs it again.
+    Halted,
+}
+
+impl SkipCause {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            SkipCause::NotChosen => "not_chosen",
+            SkipCause::ParentSkipped => "parent_skipped",
+            SkipCause::Halted => "halted",
+        }
+    }
+}
+
+/// A step to skip, with its cause and the reason in words.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skip {
+    pub step: Uuid,
+    pub task: Uuid,
+    pub cause: SkipCause,
+    pub reason: String,
+}
+
+/// Instances of one mapped step that finished in a batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InstancesDone {
+    pub task: Uuid,
+    pub done: i32,
+    pub failed: i32,
 }
 
 /// A live task's flags (read under its lock). Tasks that are not live have none.
@@ -114,6 +176,8 @@ pub struct StepChange<'a> {
     /// The attempt's history row: how it ended and its error.
     pub outcome: AttemptOutcome,
     pub outcome_error: Option<String>,
+    /// A decision that succeeded: the branches it chose.
+    pub chosen: Option<Vec<String>>,
 }
 
 /// The decisions for a batch of reported attempts.
@@ -130,6 +194,10 @@ pub struct BatchPlan<'a> {
     /// Tasks that start failing in this batch, with the task's error (the first failure wins).
     pub failing: BTreeMap<Uuid, String>,
     pub retries: usize,
+    /// Branches a decision did not choose (only while the task is not halted).
+    pub skips: Vec<Skip>,
+    /// Per mapped step: its instances that finished in this batch.
+    pub instances: BTreeMap<Uuid, InstancesDone>,
 }
 
 /// Decides a batch of reported attempts against the steps and live tasks as they are now.
@@ -144,7 +212,12 @@ pub struct BatchPlan<'a> {
 /// - **fail fast**: a permanent failure fails the step and makes the task fail: the first such
 ///   failure in the batch names the task's error, and later reports of that task in the same
 ///   batch are treated as halted (successes release no children, failures are not retried);
-/// - **handler missing**: offered again after `handler_missing_delay_ms`, spending no attempt.
+/// - **handler missing**: offered again after `handler_missing_delay_ms`, spending no attempt;
+/// - **decide**: a decision step's success names its branches (checked against `decides`: a
+///   missing list, an unknown name, or branches from a step that decides nothing is a permanent
+///   failure); the children it did not choose are skipped ("not chosen by <step>");
+/// - **instances**: an instance of a mapped step counts toward its mapped step (done, failed);
+///   a failed instance fails the task only beyond the mapped step's `tolerate`.
 ///
 /// `unit` yields uniform picks in [0, 1) for the jitter.
 pub fn plan_batch<'a>(
@@ -179,12 +252,48 @@ pub fn plan_batch<'a>(
         let halted =
             task.failing || task.cancel_requested || plan.failing.contains_key(&step.task_id);
         let change = decide(step, f, halted, policy, unit);
+        if change.to != StepState::Retrying
+            && let Some(of) = step.instance_of
+        {
+            let n = plan.instances.entry(of.map).or_insert(InstancesDone {
+                task: step.task_id,
+                ..InstancesDone::default()
+            });
+            n.done += 1;
+            if change.to == StepState::Failed {
+                n.failed += 1;
+                if of.failed + n.failed <= of.tolerate {
+                    // Tolerated: recorded, the task goes on.
+                    *plan.terminal.entry(step.task_id).or_default() += 1;
+                    plan.changes.push(change);
+                    continue;
+                }
+            }
+        }
         match change.to {
             StepState::Succeeded => {
                 *plan.terminal.entry(step.task_id).or_default() += 1;
                 if !halted {
-                    for c in &step.child_ids {
-                        *plan.children.entry(*c).or_default() += 1;
+                    let chosen = change.chosen.as_deref();
+                    for (i, c) in step.child_ids.iter().enumerate() {
+                        let name = step.child_names.get(i).map(String::as_str);
+                        let skipped = match (chosen, name, &step.decides) {
+                            (Some(chosen), Some(name), Some(decides)) => {
+                                decides.iter().any(|d| d == name)
+                                    && !chosen.iter().any(|b| b == name)
+                            }
+                            _ => false,
+                        };
+                        if skipped {
+                            plan.skips.push(Skip {
+                                step: *c,
+                                task: step.task_id,
+                                cause: SkipCause::NotChosen,
+                                reason: format!("not chosen by {}", step.name),
+                            });
+                        } else {
+                            *plan.children.entry(*c).or_default() += 1;
+                        }
                     }
                 }
             }
@@ -216,24 +325,25 @@ fn decide<'a>(
     policy: &Policy,
     unit: &mut dyn FnMut() -> f64,
 ) -> StepChange<'a> {
+    let mut chosen = None;
     let (outcome, error, output, retryable, retry_after) = match &f.result {
-        AttemptResult::Succeeded { output } => {
-            match tasker_schemas::data::check_value("output", output, policy.max_output_bytes) {
-                Ok(_) => (
+        AttemptResult::Succeeded { output, branches } => {
+            let checked = tasker_schemas::data::check_value("output", output, policy.max_output_bytes)
+                .map_err(|e| e.to_string())
+                .and_then(|_| check_branches(step, branches.as_deref()));
+            match checked {
+                Ok(c) => {
+                    chosen = c;
+                    (
                     AttemptOutcome::Succeeded,
                     None,
                     Some(output.clone()),
                     false,
                     None,
-                ),
-                // Too large or malformed: the handler would produce it again.
-                Err(e) => (
-                    AttemptOutcome::Failed,
-                    Some(e.to_string()),
-                    None,
-                    false,
-                    None,
-                ),
+                    )
+                }
+                // Too large, malformed, or bad branches: the handler would produce it again.
+                Err(e) => (AttemptOutcome::Failed, Some(e), None, false, None),
             }
         }
         AttemptResult::Failed {
@@ -282,6 +392,7 @@ fn decide<'a>(
         retry_in_ms: None,
         outcome,
         outcome_error: error.clone(),
+        chosen,
     };
     if outcome == AttemptOutcome::Succeeded {
         return change;
@@ -310,6 +421,35 @@ fn decide<'a>(
         });
     }
     change
+}
+
+/// A success's `branches` against the step's `decides`: the chosen branches of a decision step,
+/// `None` for any other step, or why the result is refused (a permanent failure).
+fn check_branches(step: &StepNow, branches: Option<&[String]>) -> Result<Option<Vec<String>>, String> {
+    match (&step.decides, branches) {
+        (None, None) => Ok(None),
+        (None, Some(_)) => Err(format!(
+            "step {:?} returned branches but declares no decides (only a decision step chooses branches)",
+            step.name
+        )),
+        (Some(decides), None) => Err(format!(
+            "step {:?} declares decides [{}]; its result must name the chosen branches (branches: [] chooses none)",
+            step.name,
+            decides.join(", ")
+        )),
+        (Some(decides), Some(branches)) => {
+            for b in branches {
+                if !decides.contains(b) {
+                    return Err(format!(
+                        "step {:?} chose unknown branch {b:?}: it may choose from [{}]",
+                        step.name,
+                        decides.join(", ")
+                    ));
+                }
+            }
+            Ok(Some(branches.to_vec()))
+        }
+    }
 }
 
 /// The delay before the next attempt after `failures` counted failures: the worker's
@@ -352,8 +492,9 @@ pub const PROMOTE_RETRY: Move = Move {
     to: StepState::Queued,
 };
 
-/// What a halted task does with the steps it has not started: a failing task skips them, a
-/// cancelled one cancels them. Dispatched steps are left to report (or time out).
+/// What a halted task does with the steps it has not started: a failing task skips them (cause
+/// [`SkipCause::Halted`]), a cancelled one cancels them. Dispatched steps are left to report
+/// (or time out); a mapped step ends once its live instances have ([`map_finished`]).
 pub fn halt(cancel_requested: bool) -> Move {
     Move {
         from: StepState::NOT_STARTED,
@@ -362,6 +503,199 @@ pub fn halt(cancel_requested: bool) -> Move {
         } else {
             StepState::Skipped
         },
+    }
+}
+
+/// A mapped step whose parent succeeded starts mapping (it is never queued itself): [`expand`].
+pub const MAP_STARTS: Move = Move {
+    from: &[StepState::Waiting],
+    to: StepState::Mapping,
+};
+
+/// A step of a task's graph (mapped steps' instances apart), as [`propagate_skips`] sees it.
+#[derive(Debug, Clone)]
+pub struct GraphStep {
+    pub name: String,
+    pub state: StepState,
+    pub join_any: bool,
+    pub parent_ids: Vec<Uuid>,
+    pub child_ids: Vec<Uuid>,
+    /// Parents not yet succeeded or skipped.
+    pub pending_parents: i32,
+    pub mapped: bool,
+}
+
+/// What skipping some steps does to the rest of their task's graph.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Propagation {
+    /// Steps to skip (the seeds included), in order.
+    pub skipped: Vec<Skip>,
+    /// `join: any` steps still waiting, with their new count of pending parents.
+    pub pending: BTreeMap<Uuid, i32>,
+    /// `join: any` steps whose last pending parent was skipped while another succeeded: ready
+    /// ([`PARENTS_DONE`], or [`MAP_STARTS`] for a mapped step).
+    pub ready: Vec<Uuid>,
+}
+
+/// Skips `seeds` (waiting steps; others are left alone) and what follows from it, in one pass:
+/// a `join: all` child of a skipped step is skipped ("parent X was skipped"); a `join: any`
+/// child counts the skipped parent as finished and, once no parent is pending, runs if one
+/// succeeded and is skipped if none did ("every parent was skipped").
+pub fn propagate_skips(graph: &HashMap<Uuid, GraphStep>, seeds: &[Skip]) -> Propagation {
+    let mut out = Propagation::default();
+    let mut state: HashMap<Uuid, StepState> = HashMap::new();
+    let now = |state: &HashMap<Uuid, StepState>, id: &Uuid| {
+        state
+            .get(id)
+            .copied()
+            .or_else(|| graph.get(id).map(|g| g.state))
+    };
+    let mut queue: std::collections::VecDeque<Skip> = seeds.iter().cloned().collect();
+    while let Some(skip) = queue.pop_front() {
+        if now(&state, &skip.step) != Some(StepState::Waiting) {
+            continue;
+        }
+        state.insert(skip.step, StepState::Skipped);
+        let Some(node) = graph.get(&skip.step) else {
+            continue;
+        };
+        for c in &node.child_ids {
+            let Some(child) = graph.get(c) else { continue };
+            if now(&state, c) != Some(StepState::Waiting) {
+                continue;
+            }
+            if !child.join_any {
+                queue.push_back(Skip {
+                    step: *c,
+                    task: skip.task,
+                    cause: SkipCause::ParentSkipped,
+                    reason: format!("parent {} was skipped", node.name),
+                });
+                continue;
+            }
+            let pending = out.pending.entry(*c).or_insert(child.pending_parents);
+            *pending = (*pending - 1).max(0);
+            if *pending > 0 {
+                continue;
+            }
+            out.pending.remove(c);
+            let ran = child
+                .parent_ids
+                .iter()
+                .any(|p| now(&state, p) == Some(StepState::Succeeded));
+            if ran {
+                state.insert(*c, StepState::Queued);
+                out.ready.push(*c);
+            } else {
+                queue.push_back(Skip {
+                    step: *c,
+                    task: skip.task,
+                    cause: SkipCause::ParentSkipped,
+                    reason: "every parent was skipped".into(),
+                });
+            }
+        }
+        out.skipped.push(skip);
+    }
+    out
+}
+
+/// How a mapped step starts, from what its `map.over` path finds in the parent's output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expansion {
+    /// An empty array: the mapped step succeeds at once with output `[]`.
+    Empty,
+    /// One instance per element.
+    Instances { total: i32 },
+    /// Not an array, or too long: the mapped step fails (permanently) with this error.
+    Fail(String),
+}
+
+/// `found` is the JSON type at the path (`None`: the path is not there), `len` the array's
+/// length.
+pub fn expand(over: &str, found: Option<&str>, len: Option<i64>, max_items: i32) -> Expansion {
+    match (found, len) {
+        (Some("array"), Some(0)) => Expansion::Empty,
+        (Some("array"), Some(n)) if n > i64::from(max_items) => Expansion::Fail(format!(
+            "map over {over:?} found {n} elements; at most {max_items} are allowed (map.max_items)"
+        )),
+        (Some("array"), Some(n)) => Expansion::Instances { total: n as i32 },
+        (None, _) => Expansion::Fail(format!(
+            "map over {over:?}: the parent's output has nothing at that path"
+        )),
+        (Some(kind), _) => Expansion::Fail(format!(
+            "map over {over:?} found {kind}, not an array"
+        )),
+    }
+}
+
+/// A mapped step's progress (its `map_*` columns).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MapNow {
+    pub max_parallel: i32,
+    pub tolerate: i32,
+    /// Elements; `None` before it started.
+    pub total: Option<i32>,
+    pub created: i32,
+    /// Instances queued, dispatched or retrying.
+    pub live: i32,
+    /// Instances a task retry reset, waiting to be let in again.
+    pub waiting: i32,
+    pub done: i32,
+    pub failed: i32,
+}
+
+/// Instances to let in now: first the waiting ones (after a retry), then new ones, so that at
+/// most `max_parallel` are live (queued, dispatched or retrying) at once. A halted task lets in
+/// none.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Window {
+    pub readmit: i32,
+    pub create: i32,
+}
+
+pub fn map_window(m: &MapNow, halted: bool) -> Window {
+    if halted {
+        return Window::default();
+    }
+    let room = (m.max_parallel - m.live).max(0);
+    let readmit = room.min(m.waiting);
+    let create = (room - readmit).min((m.total.unwrap_or(0) - m.created).max(0));
+    Window { readmit, create }
+}
+
+/// How a mapped step ends, if it does now: with every instance finished, it succeeds when no
+/// more than `tolerate` failed (its output the instances' outputs in order, `null` for the
+/// failed ones) and fails otherwise. In a halted task (`halt`: the state it gives what has not
+/// started) it ends once no instance is live: failed if too many failed, else `halt`.
+pub fn map_finished(m: &MapNow, halt: Option<StepState>) -> Option<(StepState, Option<String>)> {
+    let too_many = m.failed > m.tolerate;
+    let error = || {
+        Some(format!(
+            "{} of {} instances failed (tolerate: {})",
+            m.failed,
+            m.total.unwrap_or(0),
+            m.tolerate
+        ))
+    };
+    match halt {
+        Some(halt) if m.live == 0 => Some(if too_many {
+            (StepState::Failed, error())
+        } else {
+            (halt, None)
+        }),
+        Some(_) => None,
+        None => {
+            let total = m.total?;
+            if m.created < total || m.done < total {
+                return None;
+            }
+            Some(if too_many {
+                (StepState::Failed, error())
+            } else {
+                (StepState::Succeeded, None)
+            })
+        }
     }
 }
 
@@ -420,9 +754,14 @@ pub fn cancel_task(
     }))
 }
 
-/// Retrying a task: only a failed or cancelled one; its failed, skipped and cancelled steps
-/// wait again (their failures reset, attempt numbers kept, so they keep growing), succeeded
-/// steps keep their outputs.
+/// Skipped steps a task retry leaves skipped: a decision that succeeded is never re-decided.
+pub const RETRY_KEEPS_SKIPPED: &[SkipCause] = &[SkipCause::NotChosen, SkipCause::ParentSkipped];
+
+/// Retrying a task: only a failed or cancelled one; its failed and cancelled steps and the
+/// steps its failure skipped wait again (their failures reset, attempt numbers kept, so they
+/// keep growing), succeeded steps keep their outputs, and steps skipped by a decision stay
+/// skipped ([`RETRY_KEEPS_SKIPPED`]). A mapped step that had started is not expanded again:
+/// it maps again over its failed, skipped and cancelled instances only.
 pub fn retry_task(state: TaskState) -> Result<Move, Refused> {
     if !matches!(state, TaskState::Failed | TaskState::Cancelled) {
         return Err(Refused {
@@ -539,7 +878,218 @@ mod tests {
             child_ids: children.iter().map(|c| Uuid::from_u128(100 + c)).collect(),
             dispatched_at: None,
             started_at: None,
+            decides: None,
+            child_names: children.iter().map(|c| format!("s{c}")).collect(),
+            instance_of: None,
         }
+    }
+
+    fn decided(output: Value, branches: Option<&[&str]>) -> AttemptResult {
+        AttemptResult::Succeeded {
+            output,
+            branches: branches.map(|b| b.iter().map(|s| s.to_string()).collect()),
+        }
+    }
+
+    #[test]
+    fn a_decision_skips_the_branches_it_did_not_choose() {
+        // s1 decides between s2 and s3; s4 is an ordinary child.
+        let mut d = step(1, 0, 3, &[2, 3, 4]);
+        d.decides = Some(vec!["s2".into(), "s3".into()]);
+        let st = steps(vec![d]);
+        let s = &st[&Uuid::from_u128(101)];
+        let batch = [report(s, decided(json!(1), Some(&["s2"])))];
+        let p = plan(&batch, &st, TaskNow::default());
+        assert_eq!(p.changes[0].to, StepState::Succeeded);
+        assert_eq!(
+            p.children,
+            BTreeMap::from([(Uuid::from_u128(102), 1), (Uuid::from_u128(104), 1)])
+        );
+        assert_eq!(p.skips.len(), 1);
+        assert_eq!(
+            (p.skips[0].step, p.skips[0].cause, p.skips[0].reason.as_str()),
+            (Uuid::from_u128(103), SkipCause::NotChosen, "not chosen by s1")
+        );
+        // Choosing none skips both branches.
+        let batch = [report(s, decided(json!(1), Some(&[])))];
+        let p = plan(&batch, &st, TaskNow::default());
+        assert_eq!(p.skips.len(), 2);
+        assert_eq!(p.children, BTreeMap::from([(Uuid::from_u128(104), 1)]));
+        // A halted task skips nothing itself (the halt does).
+        let batch = [report(s, decided(json!(1), Some(&["s2"])))];
+        let p = plan(&batch, &st, TaskNow { failing: true, cancel_requested: false });
+        assert!(p.skips.is_empty() && p.children.is_empty());
+    }
+
+    #[test]
+    fn bad_branches_are_a_permanent_failure() {
+        let mut d = step(1, 0, 3, &[2, 3]);
+        d.decides = Some(vec!["s2".into(), "s3".into()]);
+        let plain = step(5, 0, 3, &[2]);
+        let st = steps(vec![d, plain]);
+        let d = &st[&Uuid::from_u128(101)];
+        let plain = &st[&Uuid::from_u128(105)];
+        for (s, result, expected) in [
+            (d, decided(json!(1), Some(&["s9"])), "chose unknown branch \"s9\": it may choose from [s2, s3]"),
+            (d, decided(json!(1), None), "its result must name the chosen branches"),
+            (plain, decided(json!(1), Some(&["s2"])), "declares no decides"),
+        ] {
+            let batch = [report(s, result)];
+            let p = plan(&batch, &st, TaskNow::default());
+            let c = &p.changes[0];
+            assert_eq!((c.to, c.outcome), (StepState::Failed, AttemptOutcome::Failed));
+            assert!(c.error.as_deref().unwrap().contains(expected), "{c:?}");
+            assert!(p.failing.contains_key(&task()));
+            assert!(p.children.is_empty() && p.skips.is_empty());
+        }
+    }
+
+    #[test]
+    fn instances_count_toward_their_map_and_failures_are_tolerated_up_to_the_limit() {
+        let map = Uuid::from_u128(900);
+        let mut a = step(1, 0, 1, &[]);
+        a.instance_of = Some(InstanceOf { map, tolerate: 1, failed: 0 });
+        let mut b = step(2, 0, 1, &[]);
+        b.instance_of = a.instance_of;
+        let mut c = step(3, 0, 1, &[]);
+        c.instance_of = a.instance_of;
+        let st = steps(vec![a, b, c]);
+        let r = |n: u128, result| report(&st[&Uuid::from_u128(100 + n)], result);
+        let batch = [
+            r(1, AttemptResult::Succeeded { output: json!(1), branches: None }),
+            r(2, failed(false)),
+        ];
+        let p = plan(&batch, &st, TaskNow::default());
+        assert_eq!(p.instances[&map], InstancesDone { task: task(), done: 2, failed: 1 });
+        assert!(p.failing.is_empty(), "one failure is tolerated");
+        assert_eq!(p.terminal[&task()], 2);
+        // The second failure is one too many.
+        let batch = [r(2, failed(false)), r(3, failed(false))];
+        let p = plan(&batch, &st, TaskNow::default());
+        assert!(p.failing.contains_key(&task()));
+        // A retried instance is not done.
+        let mut retrying = step(4, 0, 3, &[]);
+        retrying.instance_of = Some(InstanceOf { map, tolerate: 0, failed: 0 });
+        let st = steps(vec![retrying]);
+        let batch = [report(&st[&Uuid::from_u128(104)], failed(true))];
+        let p = plan(&batch, &st, TaskNow::default());
+        assert!(p.instances.is_empty() && p.failing.is_empty());
+    }
+
+    fn node(name: &str, state: StepState, join_any: bool, parents: &[u128], children: &[u128]) -> GraphStep {
+        GraphStep {
+            name: name.into(),
+            state,
+            join_any,
+            parent_ids: parents.iter().map(|p| Uuid::from_u128(*p)).collect(),
+            child_ids: children.iter().map(|c| Uuid::from_u128(*c)).collect(),
+            pending_parents: parents.len() as i32,
+            mapped: false,
+        }
+    }
+
+    fn seed(n: u128) -> Skip {
+        Skip { step: Uuid::from_u128(n), task: task(), cause: SkipCause::NotChosen, reason: "not chosen by route".into() }
+    }
+
+    #[test]
+    fn skips_propagate_through_join_all_and_join_any() {
+        use StepState::*;
+        // route(1) -> express(2), standard(3); ship(4) join any of 2, 3; notify(5) join all of 2;
+        // audit(6) join all of 4.
+        let graph: HashMap<Uuid, GraphStep> = [
+            (1, node("route", Succeeded, false, &[], &[2, 3])),
+            (2, node("express", Waiting, false, &[1], &[4, 5])),
+            (3, node("standard", Waiting, false, &[1], &[4])),
+            (4, node("ship", Waiting, true, &[2, 3], &[6])),
+            (5, node("notify", Waiting, false, &[2], &[])),
+            (6, node("audit", Waiting, false, &[4], &[])),
+        ]
+        .into_iter()
+        .map(|(k, v)| (Uuid::from_u128(k), v))
+        .collect();
+        // Only express not chosen: notify skipped (join all), ship waits for standard.
+        let p = propagate_skips(&graph, &[seed(2)]);
+        let skipped: Vec<(u128, SkipCause)> = p.skipped.iter().map(|s| (s.step.as_u128(), s.cause)).collect();
+        assert_eq!(skipped, vec![(2, SkipCause::NotChosen), (5, SkipCause::ParentSkipped)]);
+        assert_eq!(p.skipped[1].reason, "parent express was skipped");
+        assert_eq!(p.pending, BTreeMap::from([(Uuid::from_u128(4), 1)]));
+        assert!(p.ready.is_empty());
+        // Neither chosen: ship skipped (every parent skipped), audit after it.
+        let p = propagate_skips(&graph, &[seed(2), seed(3)]);
+        let skipped: Vec<u128> = p.skipped.iter().map(|s| s.step.as_u128()).collect();
+        assert_eq!(skipped, vec![2, 3, 5, 4, 6]);
+        assert_eq!(p.skipped[3].reason, "every parent was skipped");
+        assert!(p.pending.is_empty() && p.ready.is_empty());
+        // standard already succeeded (ship has one pending parent): skipping express runs ship.
+        let mut g = graph.clone();
+        g.get_mut(&Uuid::from_u128(3)).unwrap().state = Succeeded;
+        g.get_mut(&Uuid::from_u128(4)).unwrap().pending_parents = 1;
+        let p = propagate_skips(&g, &[seed(2)]);
+        assert_eq!(p.ready, vec![Uuid::from_u128(4)]);
+        // A seed no longer waiting is left alone.
+        let p = propagate_skips(&g, &[seed(3)]);
+        assert_eq!(p, Propagation::default());
+    }
+
+    #[test]
+    fn a_map_starts_with_instances_an_empty_output_or_a_clear_failure() {
+        assert_eq!(expand("l.x", Some("array"), Some(0), 10), Expansion::Empty);
+        assert_eq!(expand("l.x", Some("array"), Some(10), 10), Expansion::Instances { total: 10 });
+        let Expansion::Fail(e) = expand("l.x", Some("array"), Some(11), 10) else { panic!() };
+        assert!(e.contains("found 11 elements; at most 10"), "{e}");
+        let Expansion::Fail(e) = expand("l.x", Some("object"), None, 10) else { panic!() };
+        assert!(e.contains("found object, not an array"), "{e}");
+        let Expansion::Fail(e) = expand("l.x", None, None, 10) else { panic!() };
+        assert!(e.contains("nothing at that path"), "{e}");
+    }
+
+    #[test]
+    fn the_window_never_lets_more_than_max_parallel_live() {
+        let m = MapNow { max_parallel: 3, total: Some(10), ..MapNow::default() };
+        assert_eq!(map_window(&m, false), Window { readmit: 0, create: 3 });
+        let m = MapNow { live: 2, created: 3, done: 1, ..m };
+        assert_eq!(map_window(&m, false), Window { readmit: 0, create: 1 });
+        let m = MapNow { live: 0, waiting: 2, created: 10, done: 8, ..m };
+        assert_eq!(map_window(&m, false), Window { readmit: 2, create: 0 });
+        let m = MapNow { live: 3, created: 5, ..m };
+        assert_eq!(map_window(&m, false), Window::default());
+        let m = MapNow { live: 0, created: 5, ..m };
+        assert_eq!(map_window(&m, true), Window::default(), "a halted task lets none in");
+        // Randomised: whatever finishes, live never exceeds max_parallel.
+        let mut m = MapNow { max_parallel: 7, total: Some(1000), ..MapNow::default() };
+        let mut seed = 17u64;
+        while m.done < 1000 {
+            let w = map_window(&m, false);
+            m.created += w.create;
+            m.live += w.create + w.readmit;
+            assert!(m.live <= m.max_parallel);
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let finished = ((seed >> 33) as i32 % m.live.max(1)) + 1;
+            let finished = finished.min(m.live);
+            m.live -= finished;
+            m.done += finished;
+        }
+    }
+
+    #[test]
+    fn a_map_finishes_when_every_instance_has_and_tolerates_failures() {
+        let m = MapNow { max_parallel: 2, tolerate: 1, total: Some(3), created: 3, done: 3, failed: 1, ..MapNow::default() };
+        assert_eq!(map_finished(&m, None), Some((StepState::Succeeded, None)));
+        let m2 = MapNow { failed: 2, ..m };
+        let (state, error) = map_finished(&m2, None).unwrap();
+        assert_eq!(state, StepState::Failed);
+        assert_eq!(error.unwrap(), "2 of 3 instances failed (tolerate: 1)");
+        assert_eq!(map_finished(&MapNow { done: 2, live: 1, ..m }, None), None);
+        assert_eq!(map_finished(&MapNow { created: 2, done: 2, ..m }, None), None);
+        assert_eq!(map_finished(&MapNow { total: None, ..m }, None), None);
+        // Halted: ends when nothing is live.
+        let halted = MapNow { created: 2, done: 1, live: 1, ..m };
+        assert_eq!(map_finished(&halted, Some(StepState::Skipped)), None);
+        let halted = MapNow { live: 0, ..halted };
+        assert_eq!(map_finished(&halted, Some(StepState::Cancelled)), Some((StepState::Cancelled, None)));
+        let halted = MapNow { failed: 2, ..halted };
+        assert_eq!(map_finished(&halted, Some(StepState::Skipped)).unwrap().0, StepState::Failed);
     }
 
     fn report(s: &StepNow, result: AttemptResult) -> Finished {
@@ -580,7 +1130,7 @@ mod tests {
     fn success_keeps_the_output_and_releases_the_children() {
         let st = steps(vec![step(1, 0, 3, &[2, 3])]);
         let s = &st[&Uuid::from_u128(101)];
-        let batch = [report(s, AttemptResult::Succeeded { output: json!(7) })];
+        let batch = [report(s, AttemptResult::Succeeded { output: json!(7), branches: None })];
         let p = plan(&batch, &st, TaskNow::default());
         assert_eq!(p.changes.len(), 1);
         let c = &p.changes[0];
@@ -605,7 +1155,7 @@ mod tests {
         let st = steps(vec![step(1, 0, 3, &[2])]);
         let s = &st[&Uuid::from_u128(101)];
         let big = json!("x".repeat(2000));
-        let batch = [report(s, AttemptResult::Succeeded { output: big })];
+        let batch = [report(s, AttemptResult::Succeeded { output: big, branches: None })];
         let p = plan(&batch, &st, TaskNow::default());
         let c = &p.changes[0];
         assert_eq!(
@@ -703,7 +1253,7 @@ mod tests {
             report(&st[&Uuid::from_u128(101)], failed(false)),
             report(
                 &st[&Uuid::from_u128(102)],
-                AttemptResult::Succeeded { output: json!(1) },
+                AttemptResult::Succeeded { output: json!(1), branches: None },
             ),
             report(&st[&Uuid::from_u128(103)], failed(true)),
         ];
@@ -737,7 +1287,7 @@ mod tests {
             let batch = [
                 report(
                     &st[&Uuid::from_u128(101)],
-                    AttemptResult::Succeeded { output: json!(1) },
+                    AttemptResult::Succeeded { output: json!(1), branches: None },
                 ),
                 report(&st[&Uuid::from_u128(103)], failed(true)),
             ];
@@ -785,7 +1335,7 @@ mod tests {
         // An older attempt, a duplicate in the batch, the wrong task, an unknown step.
         let mut old = report(&s, failed(true));
         old.attempt -= 1;
-        let current = report(&s, AttemptResult::Succeeded { output: json!(1) });
+        let current = report(&s, AttemptResult::Succeeded { output: json!(1), branches: None });
         let mut wrong_task = report(&s, failed(true));
         wrong_task.task_id = TaskId(Uuid::from_u128(9));
         let mut unknown = report(&s, failed(true));
@@ -809,7 +1359,7 @@ mod tests {
         let st = steps(vec![step(1, 4, 9, &[])]);
         let s = &st[&Uuid::from_u128(101)];
         for older in 1..s.attempt {
-            let mut r = report(s, AttemptResult::Succeeded { output: json!(1) });
+            let mut r = report(s, AttemptResult::Succeeded { output: json!(1), branches: None });
             r.attempt = older;
             let batch = [r];
             assert_eq!(plan(&batch, &st, TaskNow::default()).stale, 1);

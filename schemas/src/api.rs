@@ -139,6 +139,47 @@ pub struct StepView {
     pub lease_expires_at: Option<String>,
     #[serde(default)]
     pub attempts: Vec<AttemptView>,
+    /// A skipped step: why ("not chosen by route", "parent express was skipped", "its task
+    /// failed").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skip_reason: Option<String>,
+    /// A mapped step: its instances, counted by state (list them with
+    /// `GET /v1/tasks/{id}/steps/{step}/instances`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub map: Option<MapView>,
+}
+
+/// A mapped step's instances, counted.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapView {
+    /// Elements of the mapped array (`None` until the parent succeeded).
+    pub total: Option<u32>,
+    pub succeeded: u32,
+    /// Dispatched or retrying.
+    pub running: u32,
+    pub failed: u32,
+    /// Not started yet: queued, waiting to be let in, or not yet created.
+    pub waiting: u32,
+    /// Skipped or cancelled (their task halted).
+    pub halted: u32,
+}
+
+/// One instance of a mapped step.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InstanceView {
+    pub index: u32,
+    pub state: StepState,
+    pub attempt: u32,
+    pub output: Option<Value>,
+    pub error: Option<String>,
+}
+
+/// `GET /v1/tasks/{id}/steps/{step}/instances` answer: a page in index order.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InstanceList {
+    pub instances: Vec<InstanceView>,
+    /// More instances follow: ask again with `after` = the last index.
+    pub more: bool,
 }
 
 /// One attempt of a step.

@@ -15,7 +15,7 @@
 //!
 //! let bytes = encode_payload(Cancel { task_id: TaskId::new(), reason: None })?;
 //! let msg = decode::<Cancel>(&bytes)?;
-//! assert_eq!(msg.schema_version, "1.0");
+//! assert_eq!(msg.schema_version, "1.1");
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
@@ -35,7 +35,7 @@ pub use message::{
     encode_payload,
 };
 pub use state::{AttemptOutcome, StepState, TaskState};
-pub use template::{Millis, RetryPolicy, StepTemplate, Template, TemplateError};
+pub use template::{Join, MapSpec, Millis, RetryPolicy, StepTemplate, Template, TemplateError};
 pub use topology::Names;
 
 #[cfg(test)]

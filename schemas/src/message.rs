@@ -12,9 +12,9 @@ use serde_json::{Map, Value};
 /// The schema major version this crate reads and writes.
 pub const SCHEMA_MAJOR: u32 = 1;
 /// The schema minor version this crate writes.
-pub const SCHEMA_MINOR: u32 = 0;
+pub const SCHEMA_MINOR: u32 = 1;
 /// `"major.minor"` as written in every envelope.
-pub const SCHEMA_VERSION: &str = "1.0";
+pub const SCHEMA_VERSION: &str = "1.1";
 
 /// AMQP header naming why a message was dead-lettered.
 pub const HEADER_DEAD_LETTER_REASON: &str = "x-tasker-reason";
@@ -220,7 +220,8 @@ pub struct StepMessage {
     pub queue: String,
     /// Starts at 1 and only grows.
     pub attempt: u32,
-    /// Stable across attempts: `"{task_id}:{step}"`. Use it for the handler's own side effects.
+    /// Stable across attempts: `"{task_id}:{step}"`, and `"{task_id}:{step}:{map_index}"` for an
+    /// instance of a mapped step. Use it for the handler's own side effects.
     pub idempotency_key: String,
     pub context: Value,
     /// Outputs of the step's parents, by step name.
@@ -230,6 +231,14 @@ pub struct StepMessage {
     pub timeout_ms: u64,
     /// Routing key for the result on the results exchange.
     pub result_routing_key: String,
+    /// Since 1.1: for an instance of a mapped step, its position in the mapped array (from 0);
+    /// absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub map_index: Option<u32>,
+    /// Since 1.1: for an instance of a mapped step, its element of the mapped array (absent
+    /// otherwise; a JSON `null` element is sent as nil).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub map_item: Option<Value>,
 }
 
 impl Payload for StepMessage {
@@ -244,6 +253,10 @@ pub enum Outcome {
     Succeeded {
         #[serde(default)]
         output: Value,
+        /// Since 1.1: the branches a decision step chose (step names from its `decides`; empty
+        /// chooses none). Required from a decision step, refused from any other step.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        branches: Option<Vec<String>>,
     },
     Failed {
         message: String,
@@ -269,6 +282,16 @@ pub struct StepResult {
     #[serde(default)]
     pub duration_ms: u64,
     pub outcome: Outcome,
+}
+
+impl Outcome {
+    /// A success with this output (not a decision).
+    pub fn succeeded(output: Value) -> Self {
+        Outcome::Succeeded {
+            output,
+            branches: None,
+        }
+    }
 }
 
 impl Payload for StepResult {

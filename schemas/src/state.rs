@@ -138,9 +138,13 @@ named_enum!(
         Dispatched = "dispatched",
         /// An attempt failed; the next one is due at `next_attempt_at`.
         Retrying = "retrying",
+        /// A mapped step whose instances run (it is never dispatched itself): it finishes when
+        /// they have.
+        Mapping = "mapping",
         Succeeded = "succeeded",
         Failed = "failed",
-        /// Can no longer run (its task is failing).
+        /// Will not run: not chosen by a decision, a parent was skipped, or its task is failing
+        /// (`skip_reason` says which).
         Skipped = "skipped",
         Cancelled = "cancelled",
     }
@@ -183,6 +187,7 @@ impl StepState {
         StepState::Queued,
         StepState::Dispatched,
         StepState::Retrying,
+        StepState::Mapping,
     ];
 
     /// States in which no attempt is in flight and none has finished for good: what a failing

@@ -33,6 +33,18 @@ pub const MAX_DURATION_MS: u64 = 7 * 24 * 3_600_000;
 /// Upper bound for `max_attempts`.
 pub const MAX_ATTEMPTS: u32 = 1_000;
 
+/// Largest `map.max_parallel`: at most this many instances of one mapped step are created and
+/// admitted in one transaction.
+pub const MAX_MAP_PARALLEL: u32 = 1_000;
+/// Default `map.max_parallel`.
+pub const DEFAULT_MAP_PARALLEL: u32 = 100;
+/// Largest `map.max_items`.
+pub const MAX_MAP_ITEMS: u32 = 100_000;
+/// Default `map.max_items`.
+pub const DEFAULT_MAP_ITEMS: u32 = 10_000;
+/// Most path segments in a `map.over`.
+pub const MAX_PATH_SEGMENTS: usize = 32;
+
 /// The queue a step goes to when its template names none.
 pub const DEFAULT_QUEUE: &str = "default";
 
@@ -176,6 +188,70 @@ pub struct StepTemplate {
     /// How long one attempt may run once a worker took it.
     #[serde(default = "default_execution_timeout")]
     pub execution_timeout: Millis,
+    /// A decision step: the direct children it may choose among. Its handler's result names the
+    /// chosen ones (`branches`); the others are skipped ("not chosen by <step>").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub decides: Vec<String>,
+    /// When a step with several parents runs: `all` (default) needs every parent to succeed (a
+    /// skipped parent skips it); `any` runs once every parent finished, none failed and at least
+    /// one succeeded (skipped if all were skipped).
+    #[serde(default, skip_serializing_if = "Join::is_all")]
+    pub join: Join,
+    /// Run one instance per element of an array in the (single) parent's output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub map: Option<MapSpec>,
+}
+
+/// How a step waits for its parents.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Join {
+    #[default]
+    All,
+    Any,
+}
+
+impl Join {
+    pub fn is_all(&self) -> bool {
+        *self == Join::All
+    }
+}
+
+/// `map:` on a step: one instance per element of an array found in the parent's output.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MapSpec {
+    /// `<parent>.<dotted path into its output>`; `<parent>` alone maps over the whole output.
+    /// A segment of digits indexes an array.
+    pub over: String,
+    /// Instances dispatched at once, at most (1 to [`MAX_MAP_PARALLEL`]).
+    #[serde(default = "default_map_parallel")]
+    pub max_parallel: u32,
+    /// Elements allowed (1 to [`MAX_MAP_ITEMS`]); a longer array fails the mapped step.
+    #[serde(default = "default_map_items")]
+    pub max_items: u32,
+    /// Failed instances tolerated: their errors are recorded, `null` stands at their index in
+    /// the output, and the task does not fail. Default 0: the first failed instance fails the
+    /// task (fail fast).
+    #[serde(default)]
+    pub tolerate: u32,
+}
+
+fn default_map_parallel() -> u32 {
+    DEFAULT_MAP_PARALLEL
+}
+
+fn default_map_items() -> u32 {
+    DEFAULT_MAP_ITEMS
+}
+
+impl MapSpec {
+    /// The parent's name and the path into its output.
+    pub fn source(&self) -> (&str, Vec<&str>) {
+        let mut parts = self.over.split('.');
+        let parent = parts.next().unwrap_or_default();
+        (parent, parts.collect())
+    }
 }
 
 fn default_queue_wait_timeout() -> Millis {
@@ -236,6 +312,9 @@ pub enum TemplateError {
     NoRoot,
     #[error("step {step:?}: {problem}")]
     InvalidPolicy { step: String, problem: String },
+    /// A problem with `decides`, `join` or `map`.
+    #[error("step {step:?}: {problem}")]
+    InvalidFlow { step: String, problem: String },
 }
 
 fn valid_name(s: &str) -> bool {
@@ -333,6 +412,7 @@ impl Template {
                 }
             }
             validate_policy(step)?;
+            self.validate_flow(step)?;
         }
         if !self.steps.iter().any(|s| s.depends_on.is_empty()) {
             // Every step has a parent, so there is a cycle; name it.
@@ -423,6 +503,79 @@ impl Template {
     }
 }
 
+impl Template {
+    /// `decides`, `join` and `map` of one step (names already known to exist).
+    fn validate_flow(&self, step: &StepTemplate) -> Result<(), TemplateError> {
+        let bad = |problem: String| TemplateError::InvalidFlow {
+            step: step.name.clone(),
+            problem,
+        };
+        let mut seen = std::collections::HashSet::new();
+        for branch in &step.decides {
+            if !seen.insert(branch.as_str()) {
+                return Err(bad(format!("decides lists {branch:?} more than once")));
+            }
+            let is_child = self
+                .steps
+                .iter()
+                .any(|s| s.name == *branch && s.depends_on.contains(&step.name));
+            if !is_child {
+                return Err(bad(format!(
+                    "decides names {branch:?}, which is not a direct child (a step that depends_on {:?})",
+                    step.name
+                )));
+            }
+        }
+        if step.join == Join::Any && step.depends_on.is_empty() {
+            return Err(bad("join: any needs at least one parent".into()));
+        }
+        let Some(map) = &step.map else {
+            return Ok(());
+        };
+        if !step.decides.is_empty() {
+            return Err(bad("a mapped step may not have decides".into()));
+        }
+        if step.depends_on.len() != 1 {
+            return Err(bad(format!(
+                "a mapped step needs exactly one parent (depends_on), it has {}",
+                step.depends_on.len()
+            )));
+        }
+        let (parent, path) = map.source();
+        if parent != step.depends_on[0] {
+            return Err(bad(format!(
+                "map.over {:?} must start with the parent's name, {:?}",
+                map.over, step.depends_on[0]
+            )));
+        }
+        if path.len() > MAX_PATH_SEGMENTS || path.iter().any(|p| p.is_empty() || p.len() > MAX_NAME_LEN) {
+            return Err(bad(format!(
+                "map.over {:?} is not a path: use <parent>.<key>.<key> (at most {MAX_PATH_SEGMENTS} non-empty keys of at most {MAX_NAME_LEN} bytes)",
+                map.over
+            )));
+        }
+        if !(1..=MAX_MAP_PARALLEL).contains(&map.max_parallel) {
+            return Err(bad(format!(
+                "map.max_parallel must be between 1 and {MAX_MAP_PARALLEL}, got {}",
+                map.max_parallel
+            )));
+        }
+        if !(1..=MAX_MAP_ITEMS).contains(&map.max_items) {
+            return Err(bad(format!(
+                "map.max_items must be between 1 and {MAX_MAP_ITEMS}, got {}",
+                map.max_items
+            )));
+        }
+        if map.tolerate > map.max_items {
+            return Err(bad(format!(
+                "map.tolerate ({}) must not exceed map.max_items ({})",
+                map.tolerate, map.max_items
+            )));
+        }
+        Ok(())
+    }
+}
+
 fn validate_policy(step: &StepTemplate) -> Result<(), TemplateError> {
     let bad = |problem: String| TemplateError::InvalidPolicy {
         step: step.name.clone(),
@@ -485,7 +638,74 @@ mod tests {
             retry: RetryPolicy::default(),
             queue_wait_timeout: Millis(1000),
             execution_timeout: Millis(1000),
+            decides: Vec::new(),
+            join: Join::All,
+            map: None,
         }
+    }
+
+    #[test]
+    fn decisions_joins_and_maps_are_checked() {
+        let mut route = step("route", &[]);
+        route.decides = vec!["express".into(), "standard".into()];
+        let mut ship = step("ship", &["express", "standard"]);
+        ship.join = Join::Any;
+        let ok = template(vec![
+            route.clone(),
+            step("express", &["route"]),
+            step("standard", &["route"]),
+            ship,
+        ]);
+        assert_eq!(ok.validate(), Ok(()));
+
+        let mut bad = ok.clone();
+        bad.steps[0].decides.push("ship".into());
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.contains("\"ship\", which is not a direct child"), "{err}");
+        let mut bad = ok.clone();
+        bad.steps[0].join = Join::Any;
+        assert!(bad.validate().unwrap_err().to_string().contains("join: any needs"));
+
+        let mut resize = step("resize", &["list"]);
+        resize.map = Some(MapSpec {
+            over: "list.images".into(),
+            max_parallel: 50,
+            max_items: 100_000,
+            tolerate: 0,
+        });
+        let ok = template(vec![step("list", &[]), resize]);
+        assert_eq!(ok.validate(), Ok(()));
+        for (change, expected) in [
+            (
+                Box::new(|m: &mut MapSpec| m.over = "other.images".into()) as Box<dyn Fn(&mut MapSpec)>,
+                "must start with the parent's name",
+            ),
+            (Box::new(|m: &mut MapSpec| m.over = "list..x".into()), "is not a path"),
+            (Box::new(|m: &mut MapSpec| m.max_parallel = 0), "max_parallel must be between 1 and 1000"),
+            (Box::new(|m: &mut MapSpec| m.max_items = 100_001), "max_items must be between"),
+            (Box::new(|m: &mut MapSpec| m.tolerate = 200_000), "tolerate"),
+        ] {
+            let mut bad = ok.clone();
+            change(bad.steps[1].map.as_mut().unwrap());
+            let err = bad.validate().unwrap_err().to_string();
+            assert!(err.contains(expected), "{err}");
+        }
+        let mut bad = ok.clone();
+        bad.steps[1].depends_on.clear();
+        assert!(bad.validate().is_err());
+        let yaml = "name: r\nhandler: h\ndepends_on: [list]\nmap: { over: list }\n";
+        let s: StepTemplate = serde_saphyr::from_str(yaml).unwrap();
+        let m = s.map.unwrap();
+        assert_eq!((m.max_parallel, m.max_items, m.tolerate), (100, 10_000, 0));
+        assert_eq!(m.source(), ("list", vec![]));
+    }
+
+    #[test]
+    fn new_fields_left_out_do_not_change_the_content_hash() {
+        // Registered before decisions and maps existed: the same hash today.
+        let t = template(vec![step("a", &[])]);
+        let json = serde_json::to_string(&t).unwrap();
+        assert!(!json.contains("decides") && !json.contains("join") && !json.contains("map"), "{json}");
     }
 
     fn template(steps: Vec<StepTemplate>) -> Template {

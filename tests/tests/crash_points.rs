@@ -121,9 +121,7 @@ async fn worker_dies_after_result_before_ack() -> anyhow::Result<()> {
         attempt: msg.attempt,
         worker: "doomed".into(),
         duration_ms: 1,
-        outcome: Outcome::Succeeded {
-            output: json!("first"),
-        },
+        outcome: Outcome::succeeded(json!("first")),
     };
     ch.basic_publish(
         h.names().results_exchange().into(),
@@ -186,9 +184,7 @@ async fn result_committed_but_not_acked() -> anyhow::Result<()> {
             attempt: s.attempt,
             worker: "redelivery".into(),
             duration_ms: 1,
-            outcome: Outcome::Succeeded {
-                output: json!("again"),
-            },
+            outcome: Outcome::succeeded(json!("again")),
         };
         let conn = lapin::Connection::connect(&h.services.amqp_url, Default::default()).await?;
         let ch = conn.create_channel().await?;

@@ -116,7 +116,7 @@ async fn out_of_range_numbers_get_a_clear_error() -> anyhow::Result<()> {
         attempt: too_big,
         worker: "w".into(),
         duration_ms: 1,
-        outcome: Outcome::Succeeded { output: json!(1) },
+        outcome: Outcome::succeeded(json!(1)),
     };
     let started = tasker_schemas::Started {
         task_id: TaskId::new(),
@@ -170,7 +170,7 @@ async fn duplicate_and_stale_results_are_ignored() -> anyhow::Result<()> {
         attempt,
         worker: "impostor".into(),
         duration_ms: 1,
-        outcome: Outcome::Succeeded { output },
+        outcome: Outcome::succeeded(output),
     };
     let before = h
         .shared(0)

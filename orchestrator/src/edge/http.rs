@@ -28,6 +28,7 @@ pub fn router(shared: Shared) -> Router {
         .route("/tasks/{id}", get(show_task))
         .route("/tasks/{id}/cancel", post(cancel_task))
         .route("/tasks/{id}/retry", post(retry_task))
+        .route("/tasks/{id}/steps/{step}/instances", get(list_instances))
         .route_layer(middleware::from_fn_with_state(shared.clone(), authenticate));
     Router::new()
         .nest("/v1", v1)
@@ -73,6 +74,7 @@ impl From<ServiceError> for ApiError {
             ServiceError::TemplateConflict { .. } => (StatusCode::CONFLICT, "template_conflict"),
             ServiceError::TemplateNotFound { .. } => (StatusCode::NOT_FOUND, "template_not_found"),
             ServiceError::TaskNotFound(_) => (StatusCode::NOT_FOUND, "task_not_found"),
+            ServiceError::StepNotFound { .. } => (StatusCode::NOT_FOUND, "step_not_found"),
             ServiceError::IdempotencyConflict { .. } => {
                 (StatusCode::CONFLICT, "idempotency_conflict")
             }
@@ -313,6 +315,37 @@ async fn retry_task(
     Ok(Json(views::task_view(
         service::tasks::detail(&shared, id).await?,
     )))
+}
+
+#[derive(Deserialize)]
+struct InstancesQuery {
+    after: Option<u32>,
+    limit: Option<i64>,
+}
+
+/// Largest page of instances.
+const MAX_INSTANCES_PAGE: i64 = 500;
+
+/// A mapped step's instances in index order, a page at a time (`after` = the last index seen;
+/// `limit` at most 500, default 100): how a handler reads a mapped output too large for a step
+/// message.
+async fn list_instances(
+    State(shared): State<Shared>,
+    Path((id, step)): Path<(String, String)>,
+    Query(q): Query<InstancesQuery>,
+) -> ApiResult<Json<tasker_schemas::api::InstanceList>> {
+    let id = parse_task_id(&id)?;
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=MAX_INSTANCES_PAGE).contains(&limit) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("limit={limit} is out of range: 1 to {MAX_INSTANCES_PAGE}"),
+        ));
+    }
+    let after = q.after.map(|a| a.min(i32::MAX as u32) as i32);
+    let (rows, more) = service::tasks::instances(&shared, id, &step, after, limit).await?;
+    Ok(Json(views::instance_list(rows, more)))
 }
 
 #[derive(Deserialize)]

@@ -30,7 +30,7 @@ fn attempt_of(attempt: u32) -> Result<i32, String> {
 pub fn to_finished(r: tasker_schemas::StepResult) -> Result<Finished, String> {
     let attempt = attempt_of(r.attempt)?;
     let result = match r.outcome {
-        Outcome::Succeeded { output } => AttemptResult::Succeeded { output },
+        Outcome::Succeeded { output, branches } => AttemptResult::Succeeded { output, branches },
         Outcome::Failed {
             message,
             retryable,

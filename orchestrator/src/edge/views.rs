@@ -3,7 +3,9 @@
 use crate::store::rfc3339;
 use crate::store::views::{StepRow, TaskDetail, TaskRow};
 use std::collections::HashMap;
-use tasker_schemas::api::{AttemptView, StepView, TaskEventView, TaskList, TaskView};
+use tasker_schemas::api::{
+    AttemptView, InstanceList, InstanceView, MapView, StepView, TaskEventView, TaskList, TaskView,
+};
 use tasker_schemas::{StepId, StepState, TaskId};
 use uuid::Uuid;
 
@@ -104,6 +106,8 @@ pub fn task_view(d: TaskDetail) -> TaskView {
                 next_attempt_at: s.next_attempt_at.map(rfc3339),
                 lease_expires_at: s.lease_expires_at.map(rfc3339),
                 attempts,
+                skip_reason: s.skip_reason.clone(),
+                map: s.map_counts.as_ref().map(|c| map_view(s.map_total, c)),
             }
         })
         .collect();
@@ -117,6 +121,40 @@ pub fn task_view(d: TaskDetail) -> TaskView {
         })
         .collect();
     task_only(task, step_views, events)
+}
+
+/// A mapped step's instances counted by state (`counts`: state → number).
+fn map_view(total: Option<i32>, counts: &serde_json::Value) -> MapView {
+    let n = |state: StepState| counts.get(state.as_str()).and_then(|v| v.as_u64()).unwrap_or(0) as u32;
+    let created: u32 = StepState::ALL.iter().map(|s| n(*s)).sum();
+    let total = total.map(|t| t.max(0) as u32);
+    MapView {
+        total,
+        succeeded: n(StepState::Succeeded),
+        running: n(StepState::Dispatched) + n(StepState::Retrying),
+        failed: n(StepState::Failed),
+        waiting: n(StepState::Queued)
+            + n(StepState::Waiting)
+            + total.unwrap_or(0).saturating_sub(created),
+        halted: n(StepState::Skipped) + n(StepState::Cancelled),
+    }
+}
+
+/// A page of a mapped step's instances.
+pub fn instance_list(rows: Vec<crate::store::dynamic::InstanceRow>, more: bool) -> InstanceList {
+    InstanceList {
+        instances: rows
+            .into_iter()
+            .map(|r| InstanceView {
+                index: r.map_index.max(0) as u32,
+                state: r.state,
+                attempt: r.attempt.max(0) as u32,
+                output: r.output,
+                error: r.error,
+            })
+            .collect(),
+        more,
+    }
 }
 
 /// "Why is this step not running?" in words, for every non-terminal state.
@@ -160,6 +198,10 @@ fn waiting_reason(s: &StepRow, steps: &[StepRow], names: &HashMap<Uuid, &str>) -
             s.attempt,
             s.next_attempt_at.map(rfc3339).unwrap_or_default()
         )),
+        StepState::Mapping => Some(match s.map_total {
+            Some(total) => format!("mapping: its instances run ({total} elements)"),
+            None => "mapping: reading the array from its parent's output".into(),
+        }),
         _ => None,
     }
 }

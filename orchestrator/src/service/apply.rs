@@ -5,7 +5,7 @@
 //! finished tasks, count.
 
 use super::publish::publish_admitted;
-use super::{Result, Shared, events};
+use super::{Result, Shared, dynamic, events};
 use crate::metrics::Metrics;
 use crate::slots::{self, SlotKey};
 use crate::store::admission::{self, Dispatched};
@@ -133,35 +133,61 @@ async fn apply_batch(
     if plan.changes.is_empty() {
         return Ok(report);
     }
-    // Fail-fast: what can no longer run is halted after the outcomes are written, and the
-    // tasks' counters are written after that, with the halted steps counted.
-    let counts = if plan.failing.is_empty() {
-        TaskCounts::new(&plan.terminal, &plan.failing)
-    } else {
+    // The common case writes the tasks' counters with the outcomes. A decision, an instance of
+    // a mapped step, or a failure has more to write first (skips, mapped steps, the halt): the
+    // counters are written after it, with everything counted.
+    let mut cause = dynamic::Cause {
+        skips: plan.skips.clone(),
+        instances: plan.instances.clone(),
+        ..dynamic::Cause::default()
+    };
+    let deferred = !cause.is_empty() || !plan.failing.is_empty();
+    let counts = if deferred {
         TaskCounts::default()
+    } else {
+        TaskCounts::new(&plan.terminal, &plan.failing)
     };
     let w = store_apply::write(tx, &plan, &counts).await?;
     report.released = w.released;
     report.queued = w.queued;
     report.applied_twice = plan.changes.len() - w.attempts_inserted;
     let mut done = w.finished;
-    if !plan.failing.is_empty() {
-        let failing: Vec<Uuid> = plan.failing.keys().copied().collect();
-        let halted = store_apply::halt_steps(tx, &failing, transition::halt(false)).await?;
-        let mut terminal = plan.terminal.clone();
-        for (task, n) in halted {
-            *terminal.entry(task).or_default() += n;
+    cause.started = w.mapping;
+    let mut out = dynamic::Cascade {
+        terminal: if deferred {
+            plan.terminal.clone()
+        } else {
+            HashMap::new()
+        },
+        failing: plan.failing.clone(),
+        queued: HashSet::new(),
+    };
+    if !cause.is_empty() {
+        dynamic::cascade(tx, &live, cause, &mut out).await?;
+        report.queued.extend(out.queued.drain());
+    }
+    if !out.failing.is_empty() {
+        let failing: Vec<Uuid> = out.failing.keys().copied().collect();
+        let halt = transition::halt(false);
+        let halted = store_apply::halt_steps(tx, &failing, halt).await?;
+        let ended = dynamic::settle_halted(tx, &failing, halt.to).await?;
+        for (task, n) in halted.into_iter().chain(ended) {
+            *out.terminal.entry(task).or_default() += n;
         }
+    }
+    if !out.terminal.is_empty() || !out.failing.is_empty() {
         done.extend(
-            store_apply::write_counts(tx, &TaskCounts::new(&terminal, &plan.failing)).await?,
+            store_apply::write_counts(tx, &TaskCounts::new(&out.terminal, &out.failing)).await?,
         );
     }
+    done.sort_unstable();
+    done.dedup();
     let ending: Vec<(Uuid, TaskState)> = done
         .into_iter()
         .map(|id| {
             let now = live.get(&id).copied().unwrap_or_default();
             let task = TaskNow {
-                failing: now.failing || plan.failing.contains_key(&id),
+                failing: now.failing || out.failing.contains_key(&id),
                 cancel_requested: now.cancel_requested,
             };
             (id, transition::final_state(task))

@@ -18,6 +18,7 @@
 
 pub mod admission;
 pub mod apply;
+pub mod dynamic;
 pub mod events;
 pub mod publish;
 pub mod reconcile;
@@ -64,6 +65,8 @@ pub enum ServiceError {
     },
     #[error("task {0} not found")]
     TaskNotFound(TaskId),
+    #[error("task {task_id} has no mapped step {step:?}")]
+    StepNotFound { task_id: TaskId, step: String },
     #[error("idempotency key {key:?} already used by task {task_id} with a different request")]
     IdempotencyConflict { key: String, task_id: TaskId },
     #[error("task id {0} is already used by a different request")]

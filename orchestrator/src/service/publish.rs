@@ -2,6 +2,7 @@
 //! already has its outbox entry, and the confirmer deletes it once the broker confirmed the
 //! message. If this process dies anywhere in between, the relay publishes the entry again.
 
+use serde_json::Value;
 use super::{Pending, Shared};
 use crate::broker::properties;
 use crate::store::outbox::{self, Admitted, MessageData};
@@ -27,7 +28,10 @@ pub async fn publish_admitted(
             let _ = outbox::clear(&shared.db, &[a.outbox_id]).await;
             continue;
         }
-        let idempotency_key = format!("{}:{}", m.task_id, m.step);
+        let idempotency_key = match m.map_index {
+            Some(i) => format!("{}:{}:{i}", m.task_id, m.step),
+            None => format!("{}:{}", m.task_id, m.step),
+        };
         let routing = result_routing_key(
             &m.namespace,
             shard_of(&m.task_id, shared.config.result_shards),
@@ -46,6 +50,8 @@ pub async fn publish_admitted(
             parent_outputs: m.parent_outputs,
             timeout_ms: m.execution_timeout_ms as u64,
             result_routing_key: routing,
+            map_index: m.map_index.map(|i| i as u32),
+            map_item: m.map_index.map(|_| m.map_item.unwrap_or(Value::Null)),
         });
         let message_id: MessageId = envelope.message_id;
         let bytes = match encode(&envelope) {

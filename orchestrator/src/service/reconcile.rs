@@ -5,6 +5,7 @@ use super::{Result, Shared, events};
 use crate::metrics::Metrics;
 use crate::store::{apply, reconcile};
 use crate::transition;
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -41,9 +42,22 @@ async fn repair(shared: &Shared, id: Uuid) -> Result<()> {
     reconcile::restore_due_times(&mut tx, id).await?;
     let mut queues = Vec::new();
     if task.failing || task.cancel_requested {
-        apply::halt_steps(&mut tx, &[id], transition::halt(task.cancel_requested)).await?;
+        let halt = transition::halt(task.cancel_requested);
+        apply::halt_steps(&mut tx, &[id], halt).await?;
+        super::dynamic::settle_halted(&mut tx, &[id], halt.to).await?;
     } else {
-        queues = reconcile::readmit_waiting(&mut tx, id).await?;
+        let (ready, started) = reconcile::readmit_waiting(&mut tx, id).await?;
+        queues = ready;
+        let cause = super::dynamic::Cause {
+            started,
+            ..Default::default()
+        };
+        if !cause.is_empty() {
+            let live = HashMap::from([(id, task)]);
+            let mut out = super::dynamic::Cascade::default();
+            super::dynamic::cascade(&mut tx, &live, cause, &mut out).await?;
+            queues.extend(out.queued);
+        }
     }
     reconcile::recount_unfinished(&mut tx, id).await?;
     let finished = apply::finalize(&mut tx, &[(id, transition::final_state(task))]).await?;

@@ -106,6 +106,15 @@ pub async fn cancel(shared: &Shared, id: TaskId, reason: Option<String>) -> Resu
         let released = slots::per_queue(&written.released);
         crate::store::admission::lock_slots(&mut tx, &[], &released).await?;
     }
+    // Mapped steps whose instances were all cancelled end now.
+    let ended = super::dynamic::settle_halted(&mut tx, &[id.0], plan.halt.to).await?;
+    if !ended.is_empty() {
+        crate::store::apply::write_counts(
+            &mut tx,
+            &crate::store::apply::TaskCounts::new(&ended, &Default::default()),
+        )
+        .await?;
+    }
     let ending = transition::final_state(TaskNow {
         failing: false,
         cancel_requested: true,
@@ -142,7 +151,25 @@ pub async fn retry(shared: &Shared, id: TaskId) -> Result<()> {
         .ok_or(ServiceError::TaskNotFound(id))?
         .state;
     let reset = transition::retry_task(state).map_err(|r| refused(id, r))?;
-    let queues = tasks::retry(&mut tx, id, state, reset).await?;
+    let (mut queues, started) = tasks::retry(&mut tx, id, state, reset).await?;
+    // Mapped steps map again: counted afresh from their instances, they let them in.
+    let resumed = crate::store::dynamic::recount_maps(&mut tx, &[id.0]).await?;
+    let cause = super::dynamic::Cause {
+        started,
+        touched: resumed.iter().map(|m| m.id).collect(),
+        ..Default::default()
+    };
+    if !cause.is_empty() {
+        let live = std::collections::HashMap::from([(id.0, TaskNow::default())]);
+        let mut out = super::dynamic::Cascade::default();
+        super::dynamic::cascade(&mut tx, &live, cause, &mut out).await?;
+        queues.extend(out.queued);
+        crate::store::apply::write_counts(
+            &mut tx,
+            &crate::store::apply::TaskCounts::new(&out.terminal, &out.failing),
+        )
+        .await?;
+    }
     // A task cancelled while its last steps ran to success has nothing to reset: it finishes
     // at once (the guard in finalize: no unfinished step left).
     let ending = transition::final_state(TaskNow::default());
@@ -159,6 +186,22 @@ pub async fn detail(shared: &Shared, id: TaskId) -> Result<TaskDetail> {
     views::detail(&shared.db, id)
         .await?
         .ok_or(ServiceError::TaskNotFound(id))
+}
+
+/// A page of a mapped step's instances and whether more follow.
+pub async fn instances(
+    shared: &Shared,
+    id: TaskId,
+    step: &str,
+    after: Option<i32>,
+    limit: i64,
+) -> Result<(Vec<crate::store::dynamic::InstanceRow>, bool)> {
+    views::instances(&shared.db, id, step, after, limit)
+        .await?
+        .ok_or_else(|| ServiceError::StepNotFound {
+            task_id: id,
+            step: step.to_owned(),
+        })
 }
 
 /// A task's state.

@@ -4,7 +4,9 @@
 //! and a second counter write only when a task starts failing.
 
 use super::{Result, StoreError};
-use crate::transition::{BatchPlan, Move, PARENTS_DONE, StepNow, TaskNow};
+use crate::transition::{
+    BatchPlan, InstanceOf, MAP_STARTS, Move, PARENTS_DONE, SkipCause, StepNow, TaskNow,
+};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::{PgConnection, Row};
@@ -57,14 +59,26 @@ struct StepRow {
     child_ids: Vec<Uuid>,
     dispatched_at: Option<DateTime<Utc>>,
     started_at: Option<DateTime<Utc>>,
+    decides: Option<Vec<String>>,
+    child_names: Vec<String>,
+    map_of: Option<Uuid>,
+    map_tolerate: Option<i32>,
+    map_failed: Option<i32>,
 }
 
 /// The reported steps as they are now (their tasks locked by [`lock_live_tasks`]).
 pub async fn read_steps(tx: &mut PgConnection, ids: &[Uuid]) -> Result<HashMap<Uuid, StepNow>> {
     let rows: Vec<StepRow> = sqlx::query_as(
-        "SELECT id, task_id, namespace, name, state, attempt, failures, max_attempts, retry_policy,
-                child_ids, dispatched_at, started_at
-         FROM steps WHERE id = ANY($1)",
+        "SELECT s.id, s.task_id, s.namespace, s.name, s.state, s.attempt, s.failures,
+                s.max_attempts, s.retry_policy, s.child_ids, s.dispatched_at, s.started_at,
+                s.decides,
+                CASE WHEN s.decides IS NULL THEN '{}'::text[] ELSE
+                    (SELECT coalesce(array_agg(c.name ORDER BY k.n), '{}')
+                     FROM unnest(s.child_ids) WITH ORDINALITY AS k(id, n)
+                     JOIN steps c ON c.id = k.id) END AS child_names,
+                s.map_of, m.map_tolerate, m.map_failed
+         FROM steps s LEFT JOIN steps m ON m.id = s.map_of
+         WHERE s.id = ANY($1)",
     )
     .bind(ids)
     .fetch_all(&mut *tx)
@@ -87,6 +101,13 @@ pub async fn read_steps(tx: &mut PgConnection, ids: &[Uuid]) -> Result<HashMap<U
                     child_ids: s.child_ids,
                     dispatched_at: s.dispatched_at,
                     started_at: s.started_at,
+                    decides: s.decides,
+                    child_names: s.child_names,
+                    instance_of: s.map_of.map(|map| InstanceOf {
+                        map,
+                        tolerate: s.map_tolerate.unwrap_or(0),
+                        failed: s.map_failed.unwrap_or(0),
+                    }),
                 },
             )
         })
@@ -122,13 +143,16 @@ pub struct Written {
     pub attempts_inserted: usize,
     /// Tasks with no unfinished step left.
     pub finished: Vec<Uuid>,
+    /// Mapped steps whose parent succeeded: they started mapping ([`MAP_STARTS`]).
+    pub mapping: Vec<Uuid>,
 }
 
 /// Writes a batch's decisions in one statement (one round trip): step transitions (guarded by
 /// attempt and state `dispatched`), attempt history (the primary key refuses an outcome applied
 /// twice), children's parent counters (children reaching zero are [`PARENTS_DONE`]), and the
 /// tasks' unfinished-step counters. The transitions touch only `dispatched` steps and the
-/// counters only `waiting` ones, so no row is changed twice.
+/// counters only `waiting` ones, so no row is changed twice. A mapped step whose parents are
+/// done starts mapping ([`MAP_STARTS`]) instead of being queued.
 ///
 /// The state guards are written `IS NOT DISTINCT FROM` so that they cannot match a partial
 /// index predicate: with statistics taken while few steps were in that state (a fresh or idle
@@ -195,12 +219,13 @@ pub async fn write(
          ), ready AS (
              UPDATE steps s
              SET pending_parents = s.pending_parents - k.n,
-                 state = CASE WHEN s.pending_parents - k.n = 0 THEN $17 ELSE s.state END,
+                 state = CASE WHEN s.pending_parents - k.n > 0 THEN s.state
+                              WHEN s.map_over IS NULL THEN $17 ELSE $21 END,
                  queued_at = CASE WHEN s.pending_parents - k.n = 0 THEN now() ELSE s.queued_at END,
                  updated_at = now()
              FROM unnest($15::uuid[], $16::int[]) AS k(id, n)
              WHERE s.id = k.id AND s.state IS NOT DISTINCT FROM 'waiting'
-             RETURNING s.queue, s.state
+             RETURNING s.id, s.queue, s.state
          ), counted AS (
              UPDATE tasks t
              SET unfinished_steps = t.unfinished_steps - d.n,
@@ -214,6 +239,8 @@ pub async fn write(
          SELECT 'released' AS kind, queue AS name, count(*) AS n FROM outcome GROUP BY queue
          UNION ALL
          SELECT 'queued', queue, count(*) FROM ready WHERE state = $17 GROUP BY queue
+         UNION ALL
+         SELECT 'mapping', id::text, 0 FROM ready WHERE state = $21
          UNION ALL
          SELECT 'inserted', NULL, count(*) FROM history
          UNION ALL
@@ -239,6 +266,7 @@ pub async fn write(
     .bind(&tasks.id)
     .bind(&tasks.done)
     .bind(&tasks.error)
+    .bind(MAP_STARTS.to)
     .fetch_all(&mut *tx)
     .await?;
     let mut w = Written::default();
@@ -253,13 +281,30 @@ pub async fn write(
                 w.queued.insert(queue);
             }
             ("inserted", _) => w.attempts_inserted = n as usize,
-            ("finished", Some(id)) => w.finished.push(id.parse().map_err(|e| {
-                StoreError::Corrupt(format!("task id {id:?} from the database: {e}"))
-            })?),
+            ("finished", Some(id)) => w.finished.push(parse_id(&id)?),
+            ("mapping", Some(id)) => w.mapping.push(parse_id(&id)?),
             _ => {}
         }
     }
     Ok(w)
+}
+
+fn parse_id(id: &str) -> Result<Uuid> {
+    id.parse()
+        .map_err(|e| StoreError::Corrupt(format!("id {id:?} from the database: {e}")))
+}
+
+/// Releases children whose parents succeeded outside a batch of reports (a mapped step that
+/// finished): their counters go down, ready ones are queued or start mapping.
+pub async fn release_children(
+    tx: &mut PgConnection,
+    children: std::collections::BTreeMap<Uuid, i32>,
+) -> Result<Written> {
+    let plan = BatchPlan {
+        children,
+        ..BatchPlan::default()
+    };
+    write(tx, &plan, &TaskCounts::default()).await
 }
 
 /// Writes only the tasks' counters (after halting their steps); returns the tasks with no
@@ -275,14 +320,21 @@ pub async fn halt_steps(
     tasks: &[Uuid],
     m: Move,
 ) -> Result<HashMap<Uuid, i32>> {
+    // A skipped step records why (a retry runs it again); instances of a mapped step are
+    // counted by their mapped step afterwards (`store::dynamic::recount_maps`).
     let rows = sqlx::query(
-        "UPDATE steps SET state = $3, next_attempt_at = NULL, updated_at = now()
+        "UPDATE steps SET state = $3, next_attempt_at = NULL, updated_at = now(),
+                          skip_cause = CASE WHEN $3 = $4 THEN $5 END,
+                          skip_reason = CASE WHEN $3 = $4 THEN $6 END
          WHERE task_id = ANY($1) AND state = ANY($2)
          RETURNING task_id",
     )
     .bind(tasks)
     .bind(m.from)
     .bind(m.to)
+    .bind(StepState::Skipped)
+    .bind(SkipCause::Halted.as_str())
+    .bind("its task failed")
     .fetch_all(&mut *tx)
     .await?;
     let mut moved: HashMap<Uuid, i32> = HashMap::new();
@@ -324,7 +376,8 @@ pub async fn finalize(
                  event_seq = t.event_seq + 1,
                  output = CASE WHEN d.state = $3 THEN
                      (SELECT coalesce(jsonb_object_agg(s.name, s.output), '{}'::jsonb)
-                      FROM steps s WHERE s.task_id = t.id AND cardinality(s.child_ids) = 0) END,
+                      FROM steps s WHERE s.task_id = t.id AND cardinality(s.child_ids) = 0
+                        AND s.map_of IS NULL) END,
                  updated_at = now()
              FROM unnest($1::uuid[], $2::text[]) AS d(id, state)
              WHERE t.id = d.id AND t.unfinished_steps = 0 AND t.state IN ('pending', 'running')

@@ -23,6 +23,7 @@
 
 pub mod admission;
 pub mod apply;
+pub mod dynamic;
 pub mod outbox;
 pub mod reconcile;
 pub mod tasks;

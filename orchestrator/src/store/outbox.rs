@@ -31,10 +31,14 @@ pub struct MessageData {
     pub execution_timeout_ms: i64,
     pub context: Value,
     pub parent_outputs: Map<String, Value>,
+    /// An instance of a mapped step: its index and element.
+    pub map_index: Option<i32>,
+    pub map_item: Option<Value>,
 }
 
 impl MessageData {
-    /// From a row with the step's columns, `template_name`, `context` and `parent_outputs`.
+    /// From a row with the step's columns (`map_index` and `map_item` among them),
+    /// `template_name`, `context` and `parent_outputs`.
     pub(super) fn from_row(r: &sqlx::postgres::PgRow) -> Self {
         let parent_outputs = match r.get::<Value, _>("parent_outputs") {
             Value::Object(m) => m,
@@ -53,6 +57,8 @@ impl MessageData {
             execution_timeout_ms: r.get("execution_timeout_ms"),
             context: r.get("context"),
             parent_outputs,
+            map_index: r.get("map_index"),
+            map_item: r.get("map_item"),
         }
     }
 }
@@ -62,7 +68,7 @@ pub async fn load_messages(db: impl PgExecutor<'_>, steps: &[StepId]) -> Result<
     let ids: Vec<Uuid> = steps.iter().map(|s| s.0).collect();
     let rows = sqlx::query(
         "SELECT s.id, s.task_id, s.namespace, t.template_name, s.name, s.handler, s.queue, s.attempt,
-                s.state, s.execution_timeout_ms, t.context,
+                s.state, s.execution_timeout_ms, s.map_index, s.map_item, t.context,
                 (SELECT coalesce(jsonb_object_agg(p.name, coalesce(p.output, 'null'::jsonb)), '{}'::jsonb)
                  FROM unnest(s.parent_ids) AS pid(id) JOIN steps p ON p.id = pid.id) AS parent_outputs
          FROM unnest($1::uuid[]) AS wanted(id)

@@ -3,7 +3,7 @@
 
 use super::Result;
 use crate::slots::SlotKey;
-use crate::transition::{PARENTS_DONE, TaskNow};
+use crate::transition::{MAP_STARTS, PARENTS_DONE, TaskNow};
 use sqlx::{PgConnection, PgExecutor, Row};
 use uuid::Uuid;
 
@@ -19,10 +19,12 @@ pub async fn find_inconsistent(
          WHERE t.state IN ('pending', 'running')
            AND t.updated_at < now() - $1 * interval '1 millisecond'
            AND (t.unfinished_steps <> (SELECT count(*) FROM steps s WHERE s.task_id = t.id
-                                        AND s.state IN ('waiting', 'queued', 'dispatched', 'retrying'))
+                                        AND s.state IN ('waiting', 'queued', 'dispatched', 'retrying', 'mapping'))
                 OR EXISTS (SELECT 1 FROM steps s WHERE s.task_id = t.id AND s.state = 'waiting'
+                           AND s.map_of IS NULL
                            AND s.pending_parents <> (SELECT count(*) FROM steps p
-                                                     WHERE p.id = ANY(s.parent_ids) AND p.state <> 'succeeded'))
+                                                     WHERE p.id = ANY(s.parent_ids) AND p.state <> 'succeeded'
+                                                       AND NOT (s.join_any AND p.state = 'skipped')))
                 OR EXISTS (SELECT 1 FROM steps s WHERE s.task_id = t.id
                            AND ((s.state = 'retrying' AND s.next_attempt_at IS NULL)
                              OR (s.state = 'dispatched' AND s.lease_expires_at IS NULL)))
@@ -67,41 +69,50 @@ pub async fn restore_due_times(tx: &mut PgConnection, task: Uuid) -> Result<()> 
     Ok(())
 }
 
-/// Recounts the unfinished parents of a task's waiting steps; those with none left are
-/// [`PARENTS_DONE`]. Returns the queues that got work.
-pub async fn readmit_waiting(tx: &mut PgConnection, task: Uuid) -> Result<Vec<String>> {
+/// Recounts the unfinished parents of a task's waiting steps (a `join: any` step counts a
+/// skipped parent as finished; instances of mapped steps are let in by their mapped step);
+/// those with none left are [`PARENTS_DONE`], or start mapping ([`MAP_STARTS`]). Returns the
+/// queues that got work and the mapped steps that started.
+pub async fn readmit_waiting(tx: &mut PgConnection, task: Uuid) -> Result<(Vec<String>, Vec<Uuid>)> {
     // One UPDATE with the counts computed beforehand: a row must not be updated twice in one
     // statement.
     let rows = sqlx::query(
         "WITH counted AS (
              SELECT s.id, (SELECT count(*) FROM steps p
-                           WHERE p.id = ANY(s.parent_ids) AND p.state <> 'succeeded')::int AS n
-             FROM steps s WHERE s.task_id = $1 AND s.state = 'waiting'
+                           WHERE p.id = ANY(s.parent_ids) AND p.state <> 'succeeded'
+                             AND NOT (s.join_any AND p.state = 'skipped'))::int AS n
+             FROM steps s WHERE s.task_id = $1 AND s.state = 'waiting' AND s.map_of IS NULL
          )
          UPDATE steps s
          SET pending_parents = c.n,
-             state = CASE WHEN c.n = 0 THEN $2 ELSE s.state END,
+             state = CASE WHEN c.n > 0 THEN s.state WHEN s.map_over IS NULL THEN $2 ELSE $3 END,
              queued_at = CASE WHEN c.n = 0 THEN now() END,
              updated_at = now()
          FROM counted c WHERE s.id = c.id
-         RETURNING s.queue, c.n = 0 AS ready",
+         RETURNING s.id, s.queue, s.state",
     )
     .bind(task)
     .bind(PARENTS_DONE.to)
+    .bind(MAP_STARTS.to)
     .fetch_all(&mut *tx)
     .await?;
-    Ok(rows
-        .into_iter()
-        .filter(|r| r.get::<bool, _>("ready"))
-        .map(|r| r.get("queue"))
-        .collect())
+    let (mut queues, mut mapping) = (Vec::new(), Vec::new());
+    for r in rows {
+        let state: tasker_schemas::StepState = r.get("state");
+        if state == PARENTS_DONE.to {
+            queues.push(r.get("queue"));
+        } else if state == MAP_STARTS.to {
+            mapping.push(r.get("id"));
+        }
+    }
+    Ok((queues, mapping))
 }
 
 /// Sets a task's unfinished-step counter from its steps.
 pub async fn recount_unfinished(tx: &mut PgConnection, task: Uuid) -> Result<()> {
     sqlx::query(
         "UPDATE tasks t SET unfinished_steps = (SELECT count(*) FROM steps s WHERE s.task_id = t.id
-                                                AND s.state IN ('waiting', 'queued', 'dispatched', 'retrying')),
+                                                AND s.state IN ('waiting', 'queued', 'dispatched', 'retrying', 'mapping')),
                             updated_at = now()
          WHERE t.id = $1",
     )

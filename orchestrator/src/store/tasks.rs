@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use sqlx::{PgConnection, Row};
 use std::collections::HashMap;
-use tasker_schemas::{RequestId, StepState, TaskId, TaskState, Template};
+use tasker_schemas::{Join, RequestId, StepState, TaskId, TaskState, Template};
 use uuid::Uuid;
 
 /// A validated request to create a task.
@@ -95,6 +95,12 @@ pub async fn create(tx: &mut PgConnection, new: &NewTask<'_>) -> Result<CreateOu
             "pending_parents": step.depends_on.len(),
             "parent_ids": step.depends_on.iter().map(|d| ids[d.as_str()]).collect::<Vec<_>>(),
             "child_ids": children[step.name.as_str()].iter().map(|c| ids[c]).collect::<Vec<_>>(),
+            "decides": (!step.decides.is_empty()).then_some(&step.decides),
+            "join_any": step.join == Join::Any,
+            "map_over": step.map.as_ref().map(|m| m.source().1),
+            "map_max_parallel": step.map.as_ref().map(|m| m.max_parallel),
+            "map_max_items": step.map.as_ref().map(|m| m.max_items),
+            "map_tolerate": step.map.as_ref().map(|m| m.tolerate),
         }));
     }
     // One statement: the task and all its steps (none if the task already exists).
@@ -109,15 +115,20 @@ pub async fn create(tx: &mut PgConnection, new: &NewTask<'_>) -> Result<CreateOu
          ), task_steps AS (
              INSERT INTO steps (id, task_id, namespace, name, position, handler, queue, state,
                                 priority, max_attempts, retry_policy, queue_wait_timeout_ms,
-                                execution_timeout_ms, pending_parents, parent_ids, child_ids, queued_at)
+                                execution_timeout_ms, pending_parents, parent_ids, child_ids, queued_at,
+                                decides, join_any, map_over, map_max_parallel, map_max_items,
+                                map_tolerate)
              SELECT x.id, task.id, $2, x.name, x.position, x.handler, x.queue, x.state, $6,
                     x.max_attempts, x.retry_policy, x.queue_wait_timeout_ms, x.execution_timeout_ms,
                     x.pending_parents, x.parent_ids, x.child_ids,
-                    CASE WHEN x.state = $14 THEN now() END
+                    CASE WHEN x.state = $14 THEN now() END,
+                    x.decides, coalesce(x.join_any, false), x.map_over, x.map_max_parallel,
+                    x.map_max_items, x.map_tolerate
              FROM task, jsonb_to_recordset($12) AS x(id uuid, name text, position int, handler text,
                   queue text, state text, max_attempts int, retry_policy jsonb,
                   queue_wait_timeout_ms bigint, execution_timeout_ms bigint, pending_parents int,
-                  parent_ids uuid[], child_ids uuid[])
+                  parent_ids uuid[], child_ids uuid[], decides text[], join_any boolean,
+                  map_over text[], map_max_parallel int, map_max_items int, map_tolerate int)
          )
          SELECT id FROM task",
     )
@@ -288,25 +299,36 @@ pub async fn cancel(
 
 /// Writes a retry decided by [`crate::transition::retry_task`] (the task locked by [`lock`]):
 /// the steps it resets wait again with no failures, the ready ones are [`crate::transition::PARENTS_DONE`], and
-/// the task runs again. Returns the queues to wake.
+/// the task runs again. Returns the queues to wake and the mapped steps that map again.
 pub async fn retry(
     tx: &mut PgConnection,
     id: TaskId,
     previous: TaskState,
     reset: Move,
-) -> Result<Vec<String>> {
+) -> Result<(Vec<String>, Vec<Uuid>)> {
+    // A mapped step that had started maps again over its reset instances (never expanded
+    // again); its instances wait for it to let them in.
+    let keep: Vec<&str> = crate::transition::RETRY_KEEPS_SKIPPED
+        .iter()
+        .map(|c| c.as_str())
+        .collect();
     let n = sqlx::query(
-        "UPDATE steps SET state = $3, failures = 0, error = NULL, output = NULL,
-                          next_attempt_at = NULL, lease_expires_at = NULL, updated_at = now()
-         WHERE task_id = $1 AND state = ANY($2)",
+        "UPDATE steps SET state = CASE WHEN map_total IS NOT NULL THEN $5 ELSE $3 END,
+                          failures = 0, error = NULL, output = NULL, skip_cause = NULL,
+                          skip_reason = NULL, next_attempt_at = NULL, lease_expires_at = NULL,
+                          updated_at = now()
+         WHERE task_id = $1 AND state = ANY($2)
+           AND (skip_cause IS NULL OR NOT (skip_cause = ANY($4)))",
     )
     .bind(id.0)
     .bind(reset.from)
     .bind(reset.to)
+    .bind(&keep)
+    .bind(crate::transition::MAP_STARTS.to)
     .execute(&mut *tx)
     .await?
     .rows_affected() as i32;
-    let queues = super::reconcile::readmit_waiting(tx, id.0).await?;
+    let ready = super::reconcile::readmit_waiting(tx, id.0).await?;
     sqlx::query(
         "UPDATE tasks SET state = $3, failing = false, cancel_requested = false, error = NULL,
                           output = NULL, finished_at = NULL, unfinished_steps = $2, updated_at = now()
@@ -324,5 +346,5 @@ pub async fn retry(
         json!({ "steps_reset": n, "previous_state": previous }),
     )
     .await?;
-    Ok(queues)
+    Ok(ready)
 }

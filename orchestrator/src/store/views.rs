@@ -44,6 +44,10 @@ pub struct StepRow {
     pub worker: Option<String>,
     pub lease_expires_at: Option<DateTime<Utc>>,
     pub next_attempt_at: Option<DateTime<Utc>>,
+    pub skip_reason: Option<String>,
+    /// A mapped step: its elements and instances counted by state (`None` otherwise).
+    pub map_total: Option<i32>,
+    pub map_counts: Option<Value>,
 }
 
 /// A finished attempt.
@@ -99,10 +103,15 @@ pub async fn detail(db: &sqlx::PgPool, id: TaskId) -> Result<Option<TaskDetail>>
         return Ok(None);
     };
     let steps: Vec<StepRow> = sqlx::query_as(
-        "SELECT id, name, handler, queue, state, attempt, failures, max_attempts, parent_ids, output,
-                error, pending_parents, queued_at, dispatched_at, started_at, worker,
-                lease_expires_at, next_attempt_at
-         FROM steps WHERE task_id = $1 ORDER BY position",
+        "SELECT s.id, s.name, s.handler, s.queue, s.state, s.attempt, s.failures, s.max_attempts,
+                s.parent_ids, s.output, s.error, s.pending_parents, s.queued_at, s.dispatched_at,
+                s.started_at, s.worker, s.lease_expires_at, s.next_attempt_at, s.skip_reason,
+                s.map_total,
+                CASE WHEN s.map_over IS NOT NULL THEN
+                    (SELECT coalesce(jsonb_object_agg(c.state, c.n), '{}'::jsonb)
+                     FROM (SELECT i.state, count(*) AS n FROM steps i WHERE i.map_of = s.id
+                           GROUP BY i.state) c) END AS map_counts
+         FROM steps s WHERE s.task_id = $1 AND s.map_of IS NULL ORDER BY s.position",
     )
     .bind(id.0)
     .fetch_all(db)
@@ -121,6 +130,40 @@ pub async fn detail(db: &sqlx::PgPool, id: TaskId) -> Result<Option<TaskDetail>>
         attempts,
         events,
     }))
+}
+
+/// A page of a mapped step's instances, in index order after `after`: the rows and whether
+/// more follow. `None` when the task has no mapped step of that name.
+pub async fn instances(
+    db: &sqlx::PgPool,
+    task: TaskId,
+    step: &str,
+    after: Option<i32>,
+    limit: i64,
+) -> Result<Option<(Vec<super::dynamic::InstanceRow>, bool)>> {
+    let map: Option<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM steps WHERE task_id = $1 AND name = $2 AND map_of IS NULL
+                                AND map_over IS NOT NULL",
+    )
+    .bind(task.0)
+    .bind(step)
+    .fetch_optional(db)
+    .await?;
+    let Some(map) = map else {
+        return Ok(None);
+    };
+    let mut rows: Vec<super::dynamic::InstanceRow> = sqlx::query_as(
+        "SELECT map_index, state, attempt, output, error FROM steps
+         WHERE map_of = $1 AND map_index > $2 ORDER BY map_index LIMIT $3",
+    )
+    .bind(map)
+    .bind(after.unwrap_or(-1))
+    .bind(limit + 1)
+    .fetch_all(db)
+    .await?;
+    let more = rows.len() as i64 > limit;
+    rows.truncate(limit as usize);
+    Ok(Some((rows, more)))
 }
 
 /// A task's recorded history.
