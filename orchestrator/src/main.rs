@@ -93,6 +93,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the instances of a mapped step, in index order (state, attempt, output or error).
+    Instances {
+        /// Task id.
+        id: TaskId,
+        /// The mapped step's name.
+        step: String,
+        /// Start after this index (as printed on the last row of the previous page).
+        #[arg(long)]
+        after: Option<u32>,
+        /// Most instances to print (at most 500).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Cancel a running task: nothing new is dispatched; running steps may still report.
     Cancel {
         /// Task id.
@@ -297,6 +313,40 @@ async fn run(cli: &Cli, out: &mut impl Write) -> Result<ExitCode> {
                 return Ok(finished(&task));
             }
         }
+        Command::Instances {
+            id,
+            step,
+            after,
+            limit,
+            json,
+        } => {
+            let page = client().instances(*id, step, *after, *limit).await?;
+            if *json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&page)?)?;
+            } else {
+                let rows: Vec<Vec<String>> = page
+                    .instances
+                    .iter()
+                    .map(|i| {
+                        let detail = match (&i.output, &i.error) {
+                            (Some(o), _) if i.state == StepState::Succeeded => o.to_string(),
+                            (_, Some(e)) => one_line(e, usize::MAX),
+                            _ => String::new(),
+                        };
+                        vec![
+                            i.index.to_string(),
+                            i.state.to_string(),
+                            i.attempt.to_string(),
+                            detail,
+                        ]
+                    })
+                    .collect();
+                write_table(out, &["INDEX", "STATE", "ATTEMPT", "OUTPUT / ERROR"], &[0, 2], &rows)?;
+                if let (true, Some(last)) = (page.more, page.instances.last()) {
+                    writeln!(out, "more: --after {}", last.index)?;
+                }
+            }
+        }
         Command::Cancel { id, reason } => {
             let task = client().cancel(*id, reason.as_deref()).await?;
             print_task(out, &task)?;
@@ -444,10 +494,11 @@ fn print_task(out: &mut impl Write, t: &TaskView) -> io::Result<()> {
     // One row per step, then one per failed attempt of that step (its outcome and error).
     let mut rows = Vec::new();
     for s in &t.steps {
-        let detail = match (&s.output, &s.error, &s.waiting_reason) {
-            (Some(o), _, _) if s.state == StepState::Succeeded => o.to_string(),
-            (_, Some(e), _) => one_line(e, usize::MAX),
-            (_, _, Some(w)) => w.clone(),
+        let detail = match (&s.output, &s.error, &s.waiting_reason, &s.skip_reason) {
+            (Some(o), _, _, _) if s.state == StepState::Succeeded => o.to_string(),
+            (_, Some(e), _, _) => one_line(e, usize::MAX),
+            (_, _, Some(w), _) => w.clone(),
+            (_, _, _, Some(r)) => r.clone(),
             _ => String::new(),
         };
         rows.push(vec![
@@ -456,6 +507,24 @@ fn print_task(out: &mut impl Write, t: &TaskView) -> io::Result<()> {
             s.attempt.to_string(),
             detail,
         ]);
+        if let Some(m) = &s.map {
+            rows.push(vec![
+                "  instances".into(),
+                String::new(),
+                String::new(),
+                format!(
+                    "{} elements: {} succeeded, {} running, {} failed, {} waiting{} (tasker instances {} {})",
+                    m.total.map(|t| t.to_string()).unwrap_or_else(|| "?".into()),
+                    m.succeeded,
+                    m.running,
+                    m.failed,
+                    m.waiting,
+                    if m.halted > 0 { format!(", {} halted", m.halted) } else { String::new() },
+                    t.id,
+                    s.name
+                ),
+            ]);
+        }
         let failed: Vec<_> = s
             .attempts
             .iter()

@@ -378,6 +378,16 @@ fn invalid_bytes(name: &str, file: &VectorFile) -> Vec<u8> {
             m.to_msgpack()
         }
         "too_deep_by_one" => nested_output(&valid("lifecycle_event").message, 107),
+        "branches_not_a_list" => {
+            let mut m = valid("result_decision").message;
+            m.payload().get("outcome").set("branches", str("express"));
+            m.to_msgpack()
+        }
+        "negative_map_index" => {
+            let mut m = valid("step_map_instance").message;
+            m.payload().set("map_index", Ordered::I64(-1));
+            m.to_msgpack()
+        }
         other => panic!("no recipe for invalid vector {other:?}"),
     }
 }
@@ -448,6 +458,85 @@ fn the_file_covers_every_kind() {
             v.name
         );
     }
+}
+
+/// Schema 1.1: what the new fields decode to, that a message without them is what 1.0 wrote, and
+/// that 1.0 messages are still read.
+#[test]
+fn schema_1_1_fields_and_1_0_messages() {
+    let step = |name: &str| decode::<StepMessage>(&vector(name).bytes()).unwrap();
+    let result = |name: &str| decode::<StepResult>(&vector(name).bytes()).unwrap();
+
+    // A step written by 1.0 still decodes: not an instance of a mapped step.
+    let old = step("step_from_1_0");
+    assert_eq!(old.schema_version, "1.0");
+    assert_eq!(
+        (old.payload.map_index, &old.payload.map_item),
+        (None, &None)
+    );
+    assert_eq!(old.payload, step("step").payload);
+    // Every 1.0 vector is read (minor versions are compatible), and the file keeps some.
+    let file = vectors();
+    let older: Vec<&Valid> = file
+        .valid
+        .iter()
+        .filter(|v| v.message.clone().get("schema_version").to_json() == json!("1.0"))
+        .collect();
+    assert!(older.iter().any(|v| v.kind == "step"), "no 1.0 step vector");
+    for v in older {
+        decode_kind(&v.kind, &v.bytes()).unwrap_or_else(|e| panic!("{}: {e}", v.name));
+    }
+    // A step that is no map instance, and a success that is no decision, carry no 1.1 field:
+    // their payloads have exactly the fields 1.0 wrote.
+    let fields = |name: &str| -> Vec<String> {
+        vector(name)
+            .message
+            .payload()
+            .entries()
+            .iter()
+            .map(|(k, _)| k.clone())
+            .collect()
+    };
+    assert_eq!(fields("step"), fields("step_from_1_0"));
+    assert_eq!(
+        vector("result")
+            .message
+            .payload()
+            .get("outcome")
+            .entries()
+            .len(),
+        2
+    );
+    assert!(!vector("result").hex.contains(&hex::encode("branches")));
+
+    // A map instance: index, element, and the idempotency key with the index.
+    let m = step("step_map_instance").payload;
+    assert_eq!(m.map_index, Some(2));
+    assert_eq!(m.map_item, Some(json!({"key": "c.jpg", "rotate": 90})));
+    assert_eq!(m.idempotency_key, format!("{}:{}:2", m.task_id, m.step));
+    // A null element is written as nil and read like an absent map_item (index present).
+    let v = vector("step_map_instance_null_item");
+    let n = decode::<StepMessage>(&v.bytes()).unwrap();
+    assert_eq!((n.payload.map_index, &n.payload.map_item), (Some(0), &None));
+    let mut written = n.clone();
+    written.payload.map_item = Some(Value::Null);
+    assert_eq!(hex::encode(encode(&written).unwrap()), v.hex);
+
+    // Decisions: the chosen branches, possibly none; other successes have none.
+    let branches = |name: &str| match result(name).payload.outcome {
+        Outcome::Succeeded { branches, .. } => branches,
+        other => panic!("{name}: {other:?}"),
+    };
+    assert_eq!(
+        branches("result_decision"),
+        Some(vec!["express".to_owned()])
+    );
+    assert_eq!(branches("result_decision_none"), Some(Vec::new()));
+    assert_eq!(branches("result"), None);
+    assert_eq!(
+        result("result").payload.outcome,
+        Outcome::succeeded(json!({"amount_cents": 1250, "balance": -12, "charge_id": "ch_1"}))
+    );
 }
 
 /// (a), (b): every valid vector decodes to its meaning; the canonical ones re-encode byte for byte.
@@ -631,7 +720,7 @@ fn nesting_limits_are_exact() {
     let WorkerMessage::Results(results) = msg else {
         panic!("a result")
     };
-    let Outcome::Succeeded { output } = &results[0].outcome else {
+    let Outcome::Succeeded { output, .. } = &results[0].outcome else {
         panic!("a success")
     };
     assert_eq!(
@@ -876,9 +965,7 @@ fn nesting_is_bounded() {
 
     let mut batch: Envelope<ResultBatch> =
         serde_json::from_value(vector("result_batch").meaning()).unwrap();
-    batch.payload.results[0].outcome = Outcome::Succeeded {
-        output: deep.clone(),
-    };
+    batch.payload.results[0].outcome = Outcome::succeeded(deep.clone());
     assert_eq!(
         decode::<ResultBatch>(&encode(&batch).unwrap()).unwrap(),
         batch
@@ -1038,7 +1125,7 @@ fn round_trip<T: Payload + fmt::Debug + PartialEq + Clone>(payload: T) {
     let bytes = encode_payload(payload.clone()).unwrap();
     let got = decode::<T>(&bytes).unwrap();
     assert_eq!(got.kind, T::KIND);
-    assert_eq!(got.schema_version, "1.0");
+    assert_eq!(got.schema_version, message::SCHEMA_VERSION);
     assert_eq!(got.payload, payload);
     assert_eq!(peek_kind(&bytes).unwrap(), T::KIND.as_str());
     // Re-encoding a decoded message changes nothing.
@@ -1104,7 +1191,7 @@ fn round_trip_step() {
     let mut parents = serde_json::Map::new();
     parents.insert("a".into(), json!({"x": 1}));
     parents.insert("b".into(), Value::Null);
-    round_trip(StepMessage {
+    let plain = StepMessage {
         task_id,
         step_id: StepId::new(),
         namespace: "ns".into(),
@@ -1118,17 +1205,37 @@ fn round_trip_step() {
         parent_outputs: parents,
         timeout_ms: 1,
         result_routing_key: "ns.0".into(),
-    });
+        map_index: None,
+        map_item: None,
+    };
+    round_trip(plain.clone());
+    // Instances of a mapped step, down to the largest index.
+    for (index, item) in [
+        (0, json!({"key": "a.jpg"})),
+        (7, json!([1, "two", null])),
+        (u32::MAX, json!(false)),
+    ] {
+        round_trip(StepMessage {
+            idempotency_key: format!("{task_id}:s:{index}"),
+            map_index: Some(index),
+            map_item: Some(item),
+            ..plain.clone()
+        });
+    }
 }
 
 #[test]
 fn round_trip_results() {
     let outcomes = [
+        Outcome::succeeded(json!({"ok": true})),
+        Outcome::succeeded(Value::Null),
         Outcome::Succeeded {
-            output: json!({"ok": true}),
+            output: json!(1),
+            branches: Some(vec!["express".into()]),
         },
         Outcome::Succeeded {
             output: Value::Null,
+            branches: Some(Vec::new()),
         },
         Outcome::Failed {
             message: "boom".into(),

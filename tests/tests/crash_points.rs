@@ -212,3 +212,92 @@ async fn result_committed_but_not_acked() -> anyhow::Result<()> {
     h.finish().await;
     Ok(())
 }
+
+/// Killed after committing what a decision or a mapped step admitted but before publishing it:
+/// the state such a crash leaves is recreated by dropping the published step messages and
+/// putting back old outbox entries. The relay publishes them; every admitted step runs and is
+/// applied once, and the decision and the map are not made again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decision_and_map_admitted_but_not_published() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    h.register_yaml(
+        "namespace: t
+name: dyn
+version: 1
+steps:
+  - { name: route, handler: route, queue: d, decides: [fan, other] }
+  - { name: fan, handler: list, queue: d, depends_on: [route] }
+  - { name: other, handler: list, queue: d, depends_on: [route] }
+  - { name: each, handler: each, queue: q, depends_on: [fan], map: { over: fan.items, max_parallel: 4 } }
+  - { name: pick, handler: each, queue: q, depends_on: [route] }
+",
+    )
+    .await?;
+    let decided = Arc::new(AtomicUsize::new(0));
+    let d = decided.clone();
+    h.spawn_worker(
+        h.worker()
+            .queue("d")
+            .decision_fn("route", move |_ctx| {
+                d.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    Ok(tasker_tests::tasker_worker::Decision::choose(["fan"]).output(json!(1)))
+                }
+            })
+            .handler_fn("list", |_ctx| async move { Ok(json!({"items": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]})) }),
+    )
+    .await?;
+    let id = h.submit("t", "dyn", json!({})).await?;
+    // The decision admitted `pick` and, through `fan`, the map its first four instances: all
+    // published and confirmed, nobody consuming queue q yet.
+    wait_until(
+        &h,
+        "SELECT count(*) = 5 FROM steps WHERE queue = 'q' AND state = 'dispatched'
+         AND (SELECT count(*) FROM outbox) = 0",
+    )
+    .await?;
+    // The crash: none of them reached the broker, their outbox entries are left behind.
+    let conn = lapin::Connection::connect(&h.services.amqp_url, Default::default()).await?;
+    let ch = conn.create_channel().await?;
+    let purged = ch
+        .queue_purge(h.names().step_queue("q").as_str().into(), Default::default())
+        .await?;
+    assert_eq!(purged, 5);
+    conn.close(200, "bye".into()).await?;
+    sqlx::query(
+        "INSERT INTO outbox (step_id, attempt, namespace, created_at)
+         SELECT id, attempt, namespace, now() - interval '1 hour' FROM steps
+         WHERE queue = 'q' AND state = 'dispatched'",
+    )
+    .execute(&h.db)
+    .await?;
+    wait_until(&h, "SELECT count(*) = 0 FROM outbox").await?;
+    let runs = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let r = runs.clone();
+    h.spawn_worker(h.worker().queue("q").handler_fn("each", move |ctx| {
+        r.lock()
+            .unwrap()
+            .push(format!("{}:{:?}", ctx.step(), ctx.index()));
+        async move { Ok(json!(ctx.index())) }
+    }))
+    .await?;
+    let task = h.wait(id).await?;
+    assert_eq!(task.state, TaskState::Completed, "{task:#?}");
+    assert_eq!(decided.load(Ordering::SeqCst), 1, "decided once");
+    let each = task.steps.iter().find(|s| s.name == "each").unwrap();
+    assert_eq!(each.output, Some(json!([0, 1, 2, 3, 4, 5, 6, 7, 8, 9])));
+    let mut ran = runs.lock().unwrap().clone();
+    ran.sort();
+    ran.dedup();
+    assert_eq!(ran.len(), 11, "every instance and pick ran: {ran:?}");
+    let attempts: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM attempts a JOIN steps s ON s.id = a.step_id
+         WHERE s.queue = 'q' AND a.attempt <> 1",
+    )
+    .fetch_one(&h.db)
+    .await?;
+    assert_eq!(attempts, 0, "no attempt was spent on the lost publish");
+    assert_applied_once(&h).await?;
+    h.finish().await;
+    Ok(())
+}

@@ -40,7 +40,7 @@ steps:
 fn shipping_worker(h: &Harness) -> tasker_tests::tasker_worker::WorkerBuilder {
     h.worker()
         .concurrency(16)
-        .handler_fn("route", |ctx| async move {
+        .decision_fn("route", |ctx| async move {
             let choose: Vec<String> = serde_json::from_value(ctx.input::<Value>()?["choose"].clone())
                 .map_err(|e| StepError::permanent(e.to_string()))?;
             Ok(Decision::choose(choose).output(json!({"routed": true})))
@@ -131,7 +131,7 @@ async fn branches_from_a_step_that_decides_nothing_fail_it() -> anyhow::Result<(
         "namespace: t\nname: nodecide\nversion: 1\nsteps:\n  - { name: a, handler: chooser }\n  - { name: b, handler: chooser, depends_on: [a] }\n",
     )
     .await?;
-    h.spawn_worker(h.worker().handler_fn("chooser", |_ctx| async move {
+    h.spawn_worker(h.worker().decision_fn("chooser", |_ctx| async move {
         Ok(Decision::choose(["b"]).output(json!(1)))
     }))
     .await?;
@@ -338,7 +338,7 @@ steps:
     h.spawn_worker(
         h.worker()
             .concurrency(8)
-            .handler_fn("route", move |_ctx| {
+            .decision_fn("route", move |_ctx| {
                 let r = r.clone();
                 async move {
                     // Chooses "fast" the first time and "slow" afterwards: a re-decision shows.
@@ -427,6 +427,21 @@ async fn a_map_over_10000_elements() -> anyhow::Result<()> {
         "{}",
         json!({"config": "dynamic-map-10000-debug", "instances": 10_000, "seconds": took.as_secs_f64(), "peak_in_flight": peak})
     );
+    h.finish().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_map_speed() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    h.register_yaml(&map_template("probe", "{ over: list.images, max_parallel: 1000 }")).await?;
+    h.spawn_worker(map_worker(&h).concurrency(64)).await?;
+    let images: Vec<u32> = (0..3000).collect();
+    let t0 = std::time::Instant::now();
+    let task = h.run("t", "probe", json!({"images": images})).await?;
+    println!("PROBE took {:?} state {}", t0.elapsed(), task.state);
+    let rows: Vec<(f64, f64)> = sqlx::query_as("SELECT extract(epoch from a.dispatched_at - t.created_at)::float8, extract(epoch from a.finished_at - a.dispatched_at)::float8 FROM attempts a JOIN tasks t ON t.id = a.task_id JOIN steps s ON s.id = a.step_id WHERE s.map_of IS NOT NULL ORDER BY a.dispatched_at").fetch_all(&h.db).await?;
+    for r in rows.iter().step_by(25) { println!("PROBE dispatched +{:.3}s ran {:.3}s", r.0, r.1); }
     h.finish().await;
     Ok(())
 }

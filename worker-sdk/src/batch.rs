@@ -189,9 +189,7 @@ mod tests {
             attempt: 2,
             worker: "w".into(),
             duration_ms: 5,
-            outcome: Outcome::Succeeded {
-                output: json!({"a": 1}),
-            },
+            outcome: Outcome::succeeded(json!({"a": 1})),
         };
         let (checked, message_id, bytes) = checked(result.clone()).unwrap();
         assert_eq!(checked, result);

@@ -47,6 +47,8 @@ impl StepContext {
             parent_outputs: Map::new(),
             timeout_ms: 30_000,
             result_routing_key: "test.0".into(),
+            map_index: None,
+            map_item: None,
         };
         Self::new(message, "test-worker", CancellationToken::new())
     }
@@ -62,6 +64,17 @@ impl StepContext {
     /// The same context as attempt `attempt` (for tests).
     pub fn with_attempt(mut self, attempt: u32) -> Self {
         Arc::make_mut(&mut self.message).attempt = attempt;
+        self
+    }
+
+    /// The same context as the instance at `index` of a mapped step, with element `item` (for
+    /// tests). The idempotency key becomes `"{task_id}:{step}:{index}"`, as the orchestrator
+    /// sends it.
+    pub fn with_item(mut self, index: u32, item: Value) -> Self {
+        let m = Arc::make_mut(&mut self.message);
+        m.idempotency_key = format!("{}:{}:{index}", m.task_id, m.step);
+        m.map_index = Some(index);
+        m.map_item = Some(item);
         self
     }
 
@@ -102,8 +115,9 @@ impl StepContext {
         self.message.attempt
     }
 
-    /// Stable across attempts of this step (`"{task_id}:{step}"`): use it to make the handler's
-    /// own side effects idempotent, since a step may run more than once.
+    /// Stable across attempts of this step (`"{task_id}:{step}"`, and
+    /// `"{task_id}:{step}:{index}"` for an instance of a mapped step): use it to make the
+    /// handler's own side effects idempotent, since a step may run more than once.
     pub fn idempotency_key(&self) -> &str {
         &self.message.idempotency_key
     }
@@ -121,6 +135,38 @@ impl StepContext {
     /// Outputs of the step's parents, by step name.
     pub fn parent_outputs(&self) -> &Map<String, Value> {
         &self.message.parent_outputs
+    }
+
+    /// For an instance of a mapped step (a step with `map:` in its template): its position in
+    /// the mapped array, from 0. `None` for any other step.
+    pub fn index(&self) -> Option<u32> {
+        self.message.map_index
+    }
+
+    /// For an instance of a mapped step: its element of the mapped array (`Some(&Value::Null)`
+    /// for a `null` element). `None` for any other step.
+    pub fn item(&self) -> Option<&Value> {
+        static NULL: Value = Value::Null;
+        self.message.map_index?;
+        // A null element travels as nil, which reads like an absent field.
+        Some(self.message.map_item.as_ref().unwrap_or(&NULL))
+    }
+
+    /// This instance's element deserialized as `T`. A step that is not an instance of a mapped
+    /// step, or an element that does not fit, is a permanent error: retrying cannot change it.
+    pub fn item_as<T: DeserializeOwned>(&self) -> Result<T, StepError> {
+        let (Some(index), Some(item)) = (self.index(), self.item()) else {
+            return Err(StepError::permanent(format!(
+                "step {:?} is not an instance of a mapped step: it has no item (map_index)",
+                self.step()
+            )));
+        };
+        T::deserialize(item).map_err(|e| {
+            StepError::permanent(format!(
+                "invalid item {index} for step {:?}: {e}",
+                self.step()
+            ))
+        })
     }
 
     /// The name of the worker running this attempt.
@@ -208,5 +254,53 @@ mod tests {
             .input::<Order>()
             .unwrap_err();
         assert!(!bad_input.is_retryable());
+    }
+
+    #[test]
+    fn map_instances_read_their_item() {
+        let plain = StepContext::for_test("resize", json!({}));
+        assert_eq!((plain.index(), plain.item()), (None, None));
+        let err = plain.item_as::<Value>().unwrap_err();
+        assert!(!err.is_retryable());
+        assert_eq!(
+            err.message(),
+            "step \"resize\" is not an instance of a mapped step: it has no item (map_index)"
+        );
+
+        let ctx = StepContext::for_test("resize", json!({}))
+            .with_item(3, json!({"order_id": "o-3"}))
+            .with_parent("list", json!([1, 2, 3, 4]));
+        assert_eq!(ctx.index(), Some(3));
+        assert_eq!(ctx.item(), Some(&json!({"order_id": "o-3"})));
+        assert_eq!(
+            ctx.item_as::<Order>().unwrap(),
+            Order {
+                order_id: "o-3".into()
+            }
+        );
+        assert_eq!(ctx.idempotency_key(), format!("{}:resize:3", ctx.task_id()));
+        let bad = ctx.item_as::<u64>().unwrap_err();
+        assert!(!bad.is_retryable());
+        assert!(
+            bad.message()
+                .starts_with("invalid item 3 for step \"resize\": "),
+            "{bad}"
+        );
+
+        // A null element: nil on the wire, which decodes as an absent map_item.
+        let null = StepContext::for_test("resize", json!({})).with_item(0, Value::Null);
+        assert_eq!(null.item(), Some(&Value::Null));
+        let bytes = tasker_schemas::encode_payload((*null.message).clone()).unwrap();
+        let message = tasker_schemas::decode::<StepMessage>(&bytes)
+            .unwrap()
+            .payload;
+        assert_eq!(message.map_item, None);
+        let decoded = StepContext::new(message, "w", CancellationToken::new());
+        assert_eq!(
+            (decoded.index(), decoded.item()),
+            (Some(0), Some(&Value::Null))
+        );
+        assert_eq!(decoded.item_as::<Option<u64>>().unwrap(), None);
+        assert!(decoded.item_as::<u64>().is_err());
     }
 }

@@ -407,6 +407,8 @@ mod tests {
             parent_outputs: Default::default(),
             timeout_ms: 1_000,
             result_routing_key: "ns.0".into(),
+            map_index: None,
+            map_item: None,
         }
     }
 

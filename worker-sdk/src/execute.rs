@@ -1,8 +1,9 @@
 //! Running one handler for one attempt and turning whatever happens into an [`Outcome`]: its
-//! output, its error, a panic, a timeout, an oversized output, or a missing handler.
+//! output (with a decision's branches), its error, a panic, a timeout, an oversized output, or a
+//! missing handler.
 
 use crate::context::StepContext;
-use crate::handler::DynHandler;
+use crate::handler::{DynHandler, StepReturn};
 use std::any::Any;
 use std::time::Duration;
 use tasker_schemas::Outcome;
@@ -36,12 +37,12 @@ pub(crate) async fn run_handler(
         }
     };
     match joined {
-        Ok(Ok(output)) => match check_value(
+        Ok(Ok(returned)) => match check_value(
             &format!("output of step {step:?}"),
-            &output,
+            &returned.output,
             max_output_bytes,
         ) {
-            Ok(_) => Outcome::Succeeded { output },
+            Ok(_) => StepReturn::into_outcome(returned),
             Err(e) => failed(e.to_string(), false),
         },
         Ok(Err(e)) => e.into_outcome(),
@@ -89,7 +90,7 @@ pub(crate) fn outcome_status(outcome: &Outcome) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::handler::{StepError, erase};
+    use crate::handler::{Decision, StepError, StepOutput, erase};
     use serde_json::{Value, json};
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -103,11 +104,9 @@ mod tests {
         let ok = erase(|_: StepContext| async { Ok(json!({"a": 1})) });
         assert_eq!(
             run_handler(Some(ok), ctx(), 1_000, 1_000).await,
-            Outcome::Succeeded {
-                output: json!({"a": 1})
-            }
+            Outcome::succeeded(json!({"a": 1}))
         );
-        let perm = erase(|_: StepContext| async { Err(StepError::permanent("no")) });
+        let perm = erase(|_: StepContext| async { Err::<Value, _>(StepError::permanent("no")) });
         assert_eq!(
             run_handler(Some(perm), ctx(), 1_000, 1_000).await,
             Outcome::Failed {
@@ -116,6 +115,40 @@ mod tests {
                 retry_after_ms: None
             }
         );
+    }
+
+    #[tokio::test]
+    async fn decisions_carry_their_branches() {
+        let route = erase(|ctx: StepContext| async move {
+            Ok(Decision::choose(["express"]).output(json!({"step": ctx.step()})))
+        });
+        assert_eq!(
+            run_handler(Some(route), ctx(), 1_000, 1_000).await,
+            Outcome::Succeeded {
+                output: json!({"step": "s"}),
+                branches: Some(vec!["express".into()]),
+            }
+        );
+        let none = erase(|_: StepContext| async { Ok(Decision::none()) });
+        assert_eq!(
+            run_handler(Some(none), ctx(), 1_000, 1_000).await,
+            Outcome::Succeeded {
+                output: Value::Null,
+                branches: Some(Vec::new()),
+            }
+        );
+        // The output cap applies to a decision's output too.
+        let big = erase(|_: StepContext| async {
+            Ok(Decision::choose(["express"]).output("x".repeat(100)))
+        });
+        let Outcome::Failed {
+            message, retryable, ..
+        } = run_handler(Some(big), ctx(), 1_000, 50).await
+        else {
+            panic!("expected a failure");
+        };
+        assert!(!retryable);
+        assert!(message.contains("limit of 50 bytes"), "{message}");
     }
 
     #[tokio::test]
@@ -130,7 +163,7 @@ mod tests {
 
     #[tokio::test]
     async fn panics_are_caught() {
-        let boom = erase(|_: StepContext| async { panic!("boom {}", 7) });
+        let boom = erase(|_: StepContext| async { panic!("boom {}", 7) as StepOutput });
         let Outcome::Failed {
             message, retryable, ..
         } = run_handler(Some(boom), ctx(), 1_000, 1_000).await
@@ -139,7 +172,7 @@ mod tests {
         };
         assert_eq!(message, "handler panicked: boom 7");
         assert!(retryable);
-        let boom = erase(|_: StepContext| async { std::panic::panic_any(42_u8) });
+        let boom = erase(|_: StepContext| async { std::panic::panic_any(42_u8) as StepOutput });
         let Outcome::Failed { message, .. } = run_handler(Some(boom), ctx(), 1_000, 1_000).await
         else {
             panic!("expected a failure");

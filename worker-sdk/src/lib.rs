@@ -14,8 +14,8 @@
 //!
 //! | module | what it holds |
 //! |---|---|
-//! | [`handler`] | [`StepHandler`] (your code), [`StepError`] (retry or not) |
-//! | [`context`] | [`StepContext`]: the task's input, parent outputs, attempt, cancellation |
+//! | [`handler`] | [`StepHandler`] (your code), [`Decision`] (what a decision step returns), [`StepError`] (retry or not) |
+//! | [`context`] | [`StepContext`]: the task's input, parent outputs, attempt, a map instance's index and item, cancellation |
 //! | [`worker`] | [`Worker`], [`WorkerBuilder`], [`WorkerError`]; [`check_handlers`] and [`MissingHandlers`]: does a worker have every handler a template needs on its queues? |
 //! | [`publish`] | [`PublishError`]: why a confirmed publish failed |
 //! | [`client`] | the `tasker-client` crate, re-exported: [`Client`] (the orchestrator's HTTP API), [`ClientError`], [`ListTasks`] |
@@ -50,6 +50,50 @@
 //! }
 //! ```
 //!
+//! ## Decisions and mapped steps
+//!
+//! - A **decision step** (`decides: [express, standard]` in its template) returns a [`Decision`]
+//!   instead of an output: `Ok(Decision::choose(["express"]).output(json!({..})))`, or
+//!   [`Decision::none`]. Register it with [`WorkerBuilder::decision_fn`] (a closure),
+//!   [`WorkerBuilder::handler`] (a type implementing `StepHandler<Decision>`, an
+//!   `async fn(StepContext) -> Result<Decision, StepError>`, or a closure with a typed
+//!   argument). The branches it does not choose are skipped. Any other step returns an output;
+//!   the orchestrator fails a decision step that returns a plain output, and any other step that
+//!   returns a decision.
+//! - An **instance of a mapped step** (`map: { over: list_images.images }`) runs once per element
+//!   of the mapped array: [`StepContext::index`] is its position, [`StepContext::item`] (or
+//!   [`StepContext::item_as`]) its element, and its idempotency key ends with `:{index}`. The
+//!   children of a mapped step see its output as an array of the instances' outputs in index
+//!   order (`null` for a tolerated failure). A large array can exceed the step-message cap and
+//!   fail the child without running it: a handler that needs it then reads it in pages with
+//!   [`Client::instances`] instead.
+//!
+//! ```
+//! use serde::Deserialize;
+//! use serde_json::json;
+//! use tasker_worker::{Decision, StepError, Worker};
+//!
+//! #[derive(Deserialize)]
+//! struct Image {
+//!     key: String,
+//! }
+//!
+//! let worker = Worker::builder("amqp://guest:guest@127.0.0.1:5672/%2f")
+//!     .decision_fn("pick_shipping", |ctx| async move {
+//!         let order: serde_json::Value = ctx.input()?;
+//!         Ok(if order["express"] == true {
+//!             Decision::choose(["express"]).output(json!({ "carrier": "dhl" }))
+//!         } else {
+//!             Decision::choose(["standard"])
+//!         })
+//!     })
+//!     .handler_fn("resize_image", |ctx| async move {
+//!         let image: Image = ctx.item_as()?;
+//!         Ok(json!({ "index": ctx.index(), "thumbnail": format!("thumbs/{}", image.key) }))
+//!     });
+//! # let _ = worker;
+//! ```
+//!
 //! ## Guarantees and duties
 //! - A step message is acknowledged only after its result was confirmed by the broker; a result
 //!   that is refused or unroutable sends the message back to its queue instead. So a step may run
@@ -73,7 +117,7 @@ mod session;
 pub mod worker;
 
 pub use context::StepContext;
-pub use handler::{StepError, StepHandler, StepOutput};
+pub use handler::{Decision, StepError, StepHandler, StepOutput, StepReturn};
 // The client side lives in `tasker-client`; these keep the paths it had here
 // (`tasker_worker::client::Client`, `tasker_worker::amqp_submit::...`, `tasker_worker::publish`).
 // `publish` also holds the confirmed-publish helpers the worker's result publishing uses.

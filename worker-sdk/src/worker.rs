@@ -1,7 +1,7 @@
 //! The [`Worker`]: configuration ([`WorkerBuilder`]), the supervision loop that reconnects with
 //! backoff, and shutdown on a token or a signal.
 
-use crate::handler::{DynHandler, StepHandler, StepOutput, erase};
+use crate::handler::{Decision, DynHandler, StepHandler, StepOutput, StepReturn, erase};
 use crate::session::{Session, SessionEnd, SessionError, Shared};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use lapin::types::ShortString;
@@ -193,18 +193,49 @@ impl WorkerBuilder {
     }
 
     /// Run `handler` for steps whose template names handler `name`. A later call with the same
-    /// name replaces the earlier handler. A closure needs its argument typed
-    /// (`|ctx: StepContext| async move { .. }`); [`handler_fn`](Self::handler_fn) does not.
-    pub fn handler(mut self, name: impl Into<String>, handler: impl StepHandler) -> Self {
+    /// name replaces the earlier handler. The handler returns an output (`StepHandler<Value>`)
+    /// or, for a decision step, a [`Decision`] (`StepHandler<Decision>`). A closure needs its
+    /// argument typed (`|ctx: StepContext| async move { .. }`);
+    /// [`handler_fn`](Self::handler_fn) and [`decision_fn`](Self::decision_fn) do not.
+    pub fn handler<R>(mut self, name: impl Into<String>, handler: impl StepHandler<R>) -> Self
+    where
+        R: Into<StepReturn> + Send + 'static,
+    {
         self.handlers.insert(name.into(), erase(handler));
         self
     }
 
-    /// [`handler`](Self::handler) for a closure, with its argument and result types inferred.
+    /// [`handler`](Self::handler) for a closure that returns an output
+    /// (`Ok(json!(..))`), with its argument and result types inferred.
     pub fn handler_fn<F, Fut>(self, name: impl Into<String>, handler: F) -> Self
     where
         F: Fn(crate::StepContext) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = StepOutput> + Send + 'static,
+    {
+        self.handler(name, handler)
+    }
+
+    /// [`handler`](Self::handler) for a closure that returns a [`Decision`] (the handler of a
+    /// decision step: `decides` in the template), with its argument and result types inferred.
+    ///
+    /// ```
+    /// use serde_json::json;
+    /// use tasker_worker::{Decision, Worker};
+    ///
+    /// let worker = Worker::builder("amqp://localhost").decision_fn("pick_shipping", |ctx| async move {
+    ///     let order: serde_json::Value = ctx.input()?;
+    ///     Ok(if order["express"] == true {
+    ///         Decision::choose(["express"]).output(json!({ "carrier": "dhl" }))
+    ///     } else {
+    ///         Decision::choose(["standard"])
+    ///     })
+    /// });
+    /// assert_eq!(worker.handler_names(), ["pick_shipping"]);
+    /// ```
+    pub fn decision_fn<F, Fut>(self, name: impl Into<String>, handler: F) -> Self
+    where
+        F: Fn(crate::StepContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Decision, crate::StepError>> + Send + 'static,
     {
         self.handler(name, handler)
     }

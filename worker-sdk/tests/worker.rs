@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 use tasker_schemas::message::{CONTENT_TYPE, HEADER_DEAD_LETTER_REASON};
 use tasker_schemas::{Envelope, Kind, MessageId, Outcome, StepId, encode};
-use tasker_worker::{StepContext, StepError, Worker, WorkerError};
+use tasker_worker::{Decision, StepContext, StepError, Worker, WorkerError};
 
 const STOP: Duration = Duration::from_secs(15);
 
@@ -76,7 +76,8 @@ async fn a_succeeding_step_reports_its_output_and_is_acked() -> Result<()> {
             output: json!({
                 "order": "o-1", "charge": "c-9", "attempt": 3, "key": step.idempotency_key,
                 "worker": "test-worker", "step": "ship_step", "namespace": "shop",
-            })
+            }),
+            branches: None,
         }
     );
     assert_eq!(
@@ -171,7 +172,8 @@ async fn a_panicking_handler_fails_the_attempt_and_the_worker_survives() -> Resu
     assert_eq!(
         b.expect_result().await?.outcome,
         Outcome::Succeeded {
-            output: json!("still here")
+            output: json!("still here"),
+            branches: None,
         }
     );
     worker.stop(STOP).await?;
@@ -281,7 +283,7 @@ async fn unreadable_messages_are_dead_lettered_with_the_reason() -> Result<()> {
     b.publish_step(&b.step("fine")).await?;
     assert_eq!(
         b.expect_result().await?.outcome,
-        Outcome::Succeeded { output: json!(1) }
+        Outcome::succeeded(json!(1))
     );
     worker.stop(STOP).await?;
     assert_eq!(b.step_queue_state("default").await?.0, 0);
@@ -313,7 +315,7 @@ async fn an_unreadable_message_that_cannot_be_dead_lettered_is_rejected_not_requ
     b.publish_step(&b.step("fine")).await?;
     assert_eq!(
         b.expect_result().await?.outcome,
-        Outcome::Succeeded { output: json!(1) }
+        Outcome::succeeded(json!(1))
     );
     worker.stop(STOP).await?;
     assert_eq!(b.step_queue_state("default").await?.0, 0);
@@ -435,7 +437,8 @@ async fn shutdown_finishes_short_steps_and_returns_long_ones_to_the_queue() -> R
         (
             quick.step_id,
             Outcome::Succeeded {
-                output: json!("quick done")
+                output: json!("quick done"),
+                branches: None,
             }
         )
     );
@@ -492,7 +495,8 @@ async fn an_unroutable_result_is_not_acked_and_is_retried() -> Result<()> {
     assert_eq!(
         r.outcome,
         Outcome::Succeeded {
-            output: json!("done")
+            output: json!("done"),
+            branches: None,
         }
     );
     worker.stop(STOP).await?;
@@ -534,7 +538,7 @@ async fn the_worker_reconnects_after_the_connection_drops() -> Result<()> {
     b.publish_step(&first).await?;
     assert_eq!(
         b.expect_result().await?.outcome,
-        Outcome::Succeeded { output: json!(1) }
+        Outcome::succeeded(json!(1))
     );
 
     // Let the ack of the first step reach the broker, then drop the connection.
@@ -552,7 +556,7 @@ async fn the_worker_reconnects_after_the_connection_drops() -> Result<()> {
     };
     assert_eq!(
         (r.step_id, r.outcome),
-        (second.step_id, Outcome::Succeeded { output: json!(2) })
+        (second.step_id, Outcome::succeeded(json!(2)))
     );
     assert_eq!(
         b.step_queue_state("default").await?.1,
@@ -586,7 +590,8 @@ async fn the_worker_resubscribes_when_its_queue_comes_back() -> Result<()> {
     assert_eq!(
         r.outcome,
         Outcome::Succeeded {
-            output: json!("back")
+            output: json!("back"),
+            branches: None,
         }
     );
     assert_eq!(
@@ -622,6 +627,82 @@ async fn an_oversized_output_fails_permanently() -> Result<()> {
     b.cleanup().await
 }
 
+/// Schema 1.1: a decision handler's branches reach the result; a map instance's index and item
+/// reach the handler (a null element too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decisions_and_map_instances() -> Result<()> {
+    let b = broker_or_skip!();
+    let worker = start(
+        b.worker()
+            .decision_fn("route", |ctx| async move {
+                let order: Value = ctx.input()?;
+                Ok(if order["express"] == true {
+                    Decision::choose(["express"]).output(json!({"carrier": "dhl"}))
+                } else {
+                    Decision::none()
+                })
+            })
+            .handler_fn("resize", |ctx| async move {
+                Ok(json!({
+                    "index": ctx.index(),
+                    "item": ctx.item(),
+                    "key": ctx.idempotency_key(),
+                }))
+            }),
+    );
+    let mut express = b.step("route");
+    express.context = json!({"express": true});
+    let none = b.step("route");
+    let mut instance = b.step("resize");
+    instance.idempotency_key = format!("{}:resize_step:4", instance.task_id);
+    instance.map_index = Some(4);
+    instance.map_item = Some(json!({"key": "e.jpg"}));
+    let mut null_item = b.step("resize");
+    null_item.map_index = Some(0);
+    null_item.map_item = Some(Value::Null);
+    let plain = b.step("resize");
+    for s in [&express, &none, &instance, &null_item, &plain] {
+        b.publish_step(s).await?;
+    }
+    let mut seen: HashMap<StepId, Outcome> = HashMap::new();
+    while seen.len() < 5 {
+        let r = b.expect_result().await?;
+        seen.insert(r.step_id, r.outcome);
+    }
+    let succeeded = |output: Value, branches: Option<&[&str]>| Outcome::Succeeded {
+        output,
+        branches: branches.map(|b| b.iter().map(|s| s.to_string()).collect()),
+    };
+    assert_eq!(
+        seen[&express.step_id],
+        succeeded(json!({"carrier": "dhl"}), Some(&["express"]))
+    );
+    assert_eq!(seen[&none.step_id], succeeded(Value::Null, Some(&[])));
+    assert_eq!(
+        seen[&instance.step_id],
+        succeeded(
+            json!({"index": 4, "item": {"key": "e.jpg"}, "key": instance.idempotency_key}),
+            None
+        )
+    );
+    assert_eq!(
+        seen[&null_item.step_id],
+        succeeded(
+            json!({"index": 0, "item": null, "key": null_item.idempotency_key}),
+            None
+        )
+    );
+    assert_eq!(
+        seen[&plain.step_id],
+        succeeded(
+            json!({"index": null, "item": null, "key": plain.idempotency_key}),
+            None
+        )
+    );
+    worker.stop(STOP).await?;
+    b.cleanup().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn several_queues_are_consumed() -> Result<()> {
     let b = broker_or_skip!();
@@ -645,10 +726,12 @@ async fn several_queues_are_consumed() -> Result<()> {
         queues,
         vec![
             Outcome::Succeeded {
-                output: json!("default")
+                output: json!("default"),
+                branches: None,
             },
             Outcome::Succeeded {
-                output: json!("payments")
+                output: json!("payments"),
+                branches: None,
             }
         ]
     );
@@ -712,7 +795,8 @@ async fn results_finishing_together_are_batched() -> Result<()> {
         assert_eq!(
             seen[&s.step_id],
             Outcome::Succeeded {
-                output: json!(s.step_id.to_string())
+                output: json!(s.step_id.to_string()),
+                branches: None,
             }
         );
     }

@@ -166,7 +166,9 @@ pub async fn admit_locked(
         });
     }
     // The guard `state = 'queued'` is a literal so that it matches the partial index of queued
-    // steps; parents are read by the final SELECT: never rows this statement changes.
+    // steps; parents are read by the final SELECT: never rows this statement changes. An
+    // instance of a mapped step gets its element instead of its parent's outputs (which hold
+    // the whole array: sending it with every instance would cost O(n²)).
     let rows = sqlx::query(
         "WITH picked AS (
              SELECT id FROM steps
@@ -186,7 +188,8 @@ pub async fn admit_locked(
                  updated_at = now()
              FROM picked WHERE s.id = picked.id
              RETURNING s.id, s.task_id, s.namespace, s.name, s.handler, s.queue, s.attempt,
-                       s.state, s.execution_timeout_ms, s.parent_ids, s.map_index, s.map_item
+                       s.state, s.execution_timeout_ms, s.parent_ids, s.map_of, s.map_index,
+                       s.map_item
          ), entries AS (
              INSERT INTO outbox (step_id, attempt, namespace)
              SELECT id, attempt, namespace FROM admitted
@@ -198,8 +201,11 @@ pub async fn admit_locked(
          SELECT e.outbox_id, a.id, a.task_id, a.namespace, t.template_name, a.name, a.handler,
                 a.queue, a.attempt, a.state, a.execution_timeout_ms, a.map_index, a.map_item,
                 t.context,
-                (SELECT coalesce(jsonb_object_agg(p.name, coalesce(p.output, 'null'::jsonb)), '{}'::jsonb)
-                 FROM unnest(a.parent_ids) AS pid(id) JOIN steps p ON p.id = pid.id) AS parent_outputs
+                CASE WHEN a.map_of IS NULL THEN
+                    (SELECT coalesce(jsonb_object_agg(p.name, coalesce(p.output, 'null'::jsonb)), '{}'::jsonb)
+                     FROM unnest(a.parent_ids) AS pid(id) JOIN steps p ON p.id = pid.id
+                     WHERE p.state <> 'skipped')
+                ELSE '{}'::jsonb END AS parent_outputs
          FROM entries e
          JOIN admitted a ON a.id = e.step_id
          JOIN tasks t ON t.id = a.task_id",

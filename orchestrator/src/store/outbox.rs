@@ -69,8 +69,11 @@ pub async fn load_messages(db: impl PgExecutor<'_>, steps: &[StepId]) -> Result<
     let rows = sqlx::query(
         "SELECT s.id, s.task_id, s.namespace, t.template_name, s.name, s.handler, s.queue, s.attempt,
                 s.state, s.execution_timeout_ms, s.map_index, s.map_item, t.context,
-                (SELECT coalesce(jsonb_object_agg(p.name, coalesce(p.output, 'null'::jsonb)), '{}'::jsonb)
-                 FROM unnest(s.parent_ids) AS pid(id) JOIN steps p ON p.id = pid.id) AS parent_outputs
+                CASE WHEN s.map_of IS NULL THEN
+                    (SELECT coalesce(jsonb_object_agg(p.name, coalesce(p.output, 'null'::jsonb)), '{}'::jsonb)
+                     FROM unnest(s.parent_ids) AS pid(id) JOIN steps p ON p.id = pid.id
+                     WHERE p.state <> 'skipped')
+                ELSE '{}'::jsonb END AS parent_outputs
          FROM unnest($1::uuid[]) AS wanted(id)
          JOIN steps s ON s.id = wanted.id
          JOIN tasks t ON t.id = s.task_id",

@@ -1,23 +1,32 @@
 //! `chaos-worker`: the worker process the fault-injection harness (`chaos`) starts and kills.
 //!
-//! It consumes the `default` step queue of `TASKER_PREFIX` on `TASKER_AMQP_URL` and runs one
-//! handler, `chaos`, for every step: sleep a few random milliseconds, append one line
-//! `task_id step attempt worker_pid outcome` to `<record-dir>/exec-<pid>.log` (one `write` per
-//! line on a file opened with `O_APPEND`, so a SIGKILL never leaves a half line or loses a written
-//! one), then return `{"ok": true}`. The harness counts these lines per (task, step) to report
-//! duplicate executions, which at-least-once delivery allows.
+//! It consumes the `default` step queue of `TASKER_PREFIX` on `TASKER_AMQP_URL`. Every run of
+//! every handler sleeps a few random milliseconds, appends one line `task_id step attempt
+//! worker_pid outcome` to `<record-dir>/exec-<pid>.log` (one `write` per line on a file opened
+//! with `O_APPEND`, so a SIGKILL never leaves a half line or loses a written one), then returns.
+//! `step` is the step's name, `name[index]` for an instance of a mapped step. The harness counts
+//! these lines per (task, step) to report duplicate executions, which at-least-once delivery
+//! allows. Handlers:
+//!
+//! - `chaos`: returns `{"ok": true}`; an instance of a mapped step returns `{"ok": true,
+//!   "index": i, "item": <its element>}` and fails for good if its element is not [`item`]`(i)`
+//!   (the harness checks the mapped step's output against the same function);
+//! - `chaos_items` (the root of the `map` workflow): returns `{"items": [item(0) ..
+//!   item(n-1)]}`, `n` from the task's context (`"items"`);
+//! - `chaos_route` (the decision step of the `decision` workflow): chooses the branch the task's
+//!   context names (`"route"`) and returns `{"ok": true, "chose": <branch>}`.
 //!
 //! With `--fail-rate P` a run fails on purpose (retryable) with probability P.
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use serde_json::json;
+use serde_json::{Value, json};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tasker_worker::{StepContext, StepError, Worker};
+use tasker_worker::{Decision, StepContext, StepError, Worker};
 
 #[derive(Parser)]
 #[command(
@@ -66,10 +75,13 @@ async fn main() -> Result<()> {
         .append(true)
         .open(&path)
         .with_context(|| format!("cannot open {}", path.display()))?;
-    let record = Arc::new(Mutex::new(file));
-    let sleep_max = args.sleep_ms_max;
-    let fail_rate = args.fail_rate;
-
+    let run = Run {
+        record: Arc::new(Mutex::new(file)),
+        pid,
+        sleep_max: args.sleep_ms_max,
+        fail_rate: args.fail_rate,
+    };
+    let (chaos, items, route) = (run.clone(), run.clone(), run);
     let worker = Worker::builder(args.amqp_url)
         .prefix(args.prefix)
         .queue("default")
@@ -77,34 +89,91 @@ async fn main() -> Result<()> {
         .grace_period(Duration::from_secs(2))
         .name(args.name.unwrap_or_else(|| format!("chaos-worker-{pid}")))
         .handler_fn("chaos", move |ctx: StepContext| {
-            let record = Arc::clone(&record);
+            let run = chaos.clone();
             async move {
-                if sleep_max > 0 {
-                    let ms = rand::random_range(0..=sleep_max);
-                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                let Some(i) = ctx.index() else {
+                    run.execute(&ctx).await?;
+                    return Ok(json!({ "ok": true }));
+                };
+                let got = ctx.item().cloned().unwrap_or(Value::Null);
+                if got != item(i as usize) {
+                    return Err(StepError::permanent(format!(
+                        "instance {i} got element {got}, expected {}",
+                        item(i as usize)
+                    )));
                 }
-                let fail = fail_rate > 0.0 && rand::random::<f64>() < fail_rate;
-                let line = format!(
-                    "{} {} {} {} {}\n",
-                    ctx.task_id(),
-                    ctx.step(),
-                    ctx.attempt(),
-                    pid,
-                    if fail { "err" } else { "ok" }
-                );
-                write_record(&record, &line).map_err(|e| {
-                    StepError::retryable(format!("cannot record the execution: {e}"))
+                run.execute(&ctx).await?;
+                Ok(json!({ "ok": true, "index": i, "item": got }))
+            }
+        })
+        .handler_fn("chaos_items", move |ctx: StepContext| {
+            let run = items.clone();
+            async move {
+                run.execute(&ctx).await?;
+                let n = ctx.context()["items"].as_u64().ok_or_else(|| {
+                    StepError::permanent("the task's context has no \"items\" count")
                 })?;
-                if fail {
-                    return Err(StepError::retryable("failing on purpose (--fail-rate)"));
-                }
-                Ok(json!({ "ok": true }))
+                Ok(json!({ "items": (0..n as usize).map(item).collect::<Vec<_>>() }))
+            }
+        })
+        .decision_fn("chaos_route", move |ctx: StepContext| {
+            let run = route.clone();
+            async move {
+                run.execute(&ctx).await?;
+                let branch = ctx.context()["route"]
+                    .as_str()
+                    .ok_or_else(|| StepError::permanent("the task's context has no \"route\""))?
+                    .to_owned();
+                Ok(Decision::choose([branch.clone()])
+                    .output(json!({ "ok": true, "chose": branch })))
             }
         })
         .build();
     tracing::info!(record = %path.display(), "chaos worker starting");
     worker.run_until_signal().await?;
     Ok(())
+}
+
+/// Element `i` of the array the `map` workflow maps over (the harness checks outputs against it).
+fn item(i: usize) -> Value {
+    json!(format!("e{i}"))
+}
+
+/// What every handler run does before its own work.
+#[derive(Clone)]
+struct Run {
+    record: Arc<Mutex<File>>,
+    pid: u32,
+    sleep_max: u64,
+    fail_rate: f64,
+}
+
+impl Run {
+    /// Sleeps, records the execution, and fails on purpose (retryable) at `--fail-rate`.
+    async fn execute(&self, ctx: &StepContext) -> Result<(), StepError> {
+        if self.sleep_max > 0 {
+            let ms = rand::random_range(0..=self.sleep_max);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        let fail = self.fail_rate > 0.0 && rand::random::<f64>() < self.fail_rate;
+        let step = match ctx.index() {
+            Some(i) => format!("{}[{i}]", ctx.step()),
+            None => ctx.step().to_owned(),
+        };
+        let line = format!(
+            "{} {step} {} {} {}\n",
+            ctx.task_id(),
+            ctx.attempt(),
+            self.pid,
+            if fail { "err" } else { "ok" }
+        );
+        write_record(&self.record, &line)
+            .map_err(|e| StepError::retryable(format!("cannot record the execution: {e}")))?;
+        if fail {
+            return Err(StepError::retryable("failing on purpose (--fail-rate)"));
+        }
+        Ok(())
+    }
 }
 
 /// One `write` per line: with `O_APPEND` the line lands whole, and once `write` returned it is in

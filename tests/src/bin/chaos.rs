@@ -1,7 +1,7 @@
 //! `chaos`: the fault-injection harness. It starts real processes — two orchestrators (`tasker
 //! serve`, same database and prefix, different ports) and two workers (`chaos-worker`) — against
 //! local PostgreSQL and RabbitMQ, submits N workflows (linear 4 steps, diamond, fan-out
-//! 1 → 20 → 1) over HTTP with an idempotency key each, and meanwhile kills orchestrators and
+//! 1 → 20 → 1, a decision and a mapped step; see `--mix`) over HTTP with an idempotency key each, and meanwhile kills orchestrators and
 //! workers with SIGKILL at random moments (restarting them after 0.2–3 s), restarts RabbitMQ
 //! (`rabbitmqctl stop_app`, 2–5 s pause, `start_app`) and restarts PostgreSQL (`pg_ctl restart
 //! -m fast` as the data directory's owner). Then it checks every task, prints a table and one
@@ -20,7 +20,15 @@
 //!   attempt) twice in `attempts`, no succeeded step with more than one succeeded attempt row;
 //! - `completed == tasks` unless handlers fail on purpose (`--fail-rate`);
 //! - every succeeded step's attempt was really run by a worker, and attempt rows agree with
-//!   step states.
+//!   step states (a mapped step itself is never run: its instances are);
+//! - `wrong == 0`: the dynamic workflows did what their templates say. `decision` (route →
+//!   {left → left_tail, right} → after, `join: any`): `route` chooses the branch the task's
+//!   context names (picked at random in the plan), so the other branch is skipped ("not chosen",
+//!   its tail "parent skipped") and no worker ever ran it, while the chosen branch and `after`
+//!   succeeded. `map` (split → work mapped over `split.items`, 20–50 elements, `max_parallel` 5 →
+//!   join): exactly one instance per element (indexes 0..n, each once), every instance succeeded
+//!   with one succeeded attempt row, and the mapped step's output holds one entry per element in
+//!   order, each naming its index and element.
 //!
 //! Duplicate executions are allowed (at-least-once) and reported from the workers' execution
 //! records (`<run dir>/exec/exec-<pid>.log`, one line per run): `duplicate_executions` =
@@ -56,6 +64,9 @@
 //! 76021 executions for 76018 steps (3 duplicates), 20 orchestrator kills, 20 worker kills, 1
 //! broker restart, 1 database restart, 217 submit retries, longest stall 1 s.
 
+// The report is one `json!` literal with many fields.
+#![recursion_limit = "256"]
+
 #[path = "chaos/faults.rs"]
 mod faults;
 #[path = "chaos/procs.rs"]
@@ -81,7 +92,7 @@ use tasker_tests::replace_database;
 use tokio::sync::{Mutex, Semaphore};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-use verify::Accepted;
+use verify::{Accepted, Planned};
 
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -139,12 +150,23 @@ struct Args {
     /// not required.
     #[arg(long, default_value_t = 0.0)]
     fail_rate: f64,
-    /// Weights of linear, diamond and fan-out workflows.
-    #[arg(long, default_value = "45,35,20")]
+    /// Weights of the workflows: linear, diamond, fanout, decision, map — positional
+    /// ("30,25,15,15,15"; three numbers leave decision and map out) or by name
+    /// ("linear=1,map=3"; names left out weigh 0).
+    #[arg(long, default_value = "30,25,15,15,15")]
     mix: String,
     /// Width of the fan-out workflow (1 -> width -> 1).
     #[arg(long, default_value_t = 20)]
     fanout_width: usize,
+    /// Fewest elements a map workflow maps over (each task picks at random in the range).
+    #[arg(long, default_value_t = 20)]
+    map_min_items: usize,
+    /// Most elements a map workflow maps over.
+    #[arg(long, default_value_t = 50)]
+    map_max_items: usize,
+    /// `map.max_parallel` of the map workflow.
+    #[arg(long, default_value_t = 5)]
+    map_parallel: u32,
     /// Random seed (default: random; printed so a run can be repeated).
     #[arg(long)]
     seed: Option<u64>,
@@ -260,7 +282,11 @@ impl Ctx {
     }
 }
 
-const KINDS: [&str; 3] = ["linear", "diamond", "fanout"];
+/// The workflows, in the order of `--mix`.
+const KINDS: [&str; 5] = ["linear", "diamond", "fanout", "decision", "map"];
+
+/// The branches of the decision workflow's `route` step.
+const ROUTES: [&str; 2] = ["left", "right"];
 
 fn main() -> Result<()> {
     let args = Args::parse();
@@ -293,6 +319,9 @@ async fn main_async(args: Args) -> Result<i32> {
     );
 
     let weights = parse_mix(&args.mix)?;
+    if args.map_min_items > args.map_max_items || args.map_max_items > 10_000 {
+        bail!("--map-min-items must not exceed --map-max-items, which is at most 10000");
+    }
     let expected_steps = write_templates(&templates_dir, &args)?;
     let here = std::env::current_exe()?
         .parent()
@@ -515,7 +544,7 @@ async fn main_async(args: Args) -> Result<i32> {
 async fn run(
     ctx: Arc<Ctx>,
     seed: u64,
-    weights: &[u32; 3],
+    weights: &[u32; 5],
     expected_steps: &HashMap<&'static str, usize>,
     stop: CancellationToken,
 ) -> Result<Value> {
@@ -548,8 +577,16 @@ async fn run(
     ));
 
     // The plan: which workflow each submit is, and when each fault fires.
-    let plan: Vec<&'static str> = (0..args.tasks)
-        .map(|_| pick_kind(&mut rng, weights))
+    let plan: Vec<Planned> = (0..args.tasks)
+        .map(|_| {
+            let kind = pick_kind(&mut rng, weights);
+            Planned {
+                kind,
+                route: (kind == "decision").then(|| ROUTES[rng.random_range(0..ROUTES.len())]),
+                items: (kind == "map")
+                    .then(|| rng.random_range(args.map_min_items..=args.map_max_items)),
+            }
+        })
         .collect();
     let window = Duration::from_secs(args.duration_s);
     let mut schedule: Vec<(Duration, Fault)> = Vec::new();
@@ -668,9 +705,9 @@ async fn run(
         .copied()
         .unwrap_or(0);
 
-    let v = verify::check(&ctx.db, &accepted, expected_steps).await?;
     let mut ex = verify::read_executions(&ctx.record_dir)?;
     verify::check_executions(&ctx.db, &mut ex).await?;
+    let v = verify::check(&ctx.db, &accepted, expected_steps, &ex).await?;
     let diagnosis = if v.problem_tasks.is_empty() {
         None
     } else {
@@ -698,6 +735,9 @@ async fn run(
     }
     if v.stuck > 0 {
         failures.push(format!("stuck = {}", v.stuck));
+    }
+    if v.wrong > 0 {
+        failures.push(format!("wrong = {} (decision or map outcome)", v.wrong));
     }
     if results_applied_twice > 0 {
         failures.push(format!("results_applied_twice = {results_applied_twice}"));
@@ -728,7 +768,8 @@ async fn run(
     }
     let pass = failures.is_empty();
     let wall_s = ctx.now_s();
-    let mut by_kind: BTreeMap<&str, usize> = BTreeMap::new();
+    // Every kind, those with no task too: the mix of every run has the same keys.
+    let mut by_kind: BTreeMap<&str, usize> = KINDS.iter().map(|k| (*k, 0)).collect();
     for a in &accepted {
         *by_kind.entry(a.kind).or_default() += 1;
     }
@@ -746,6 +787,7 @@ async fn run(
         "failed": v.failed,
         "lost": v.lost,
         "stuck": v.stuck,
+        "wrong": v.wrong,
         "results_applied_twice": results_applied_twice,
         "duplicate_executions": ex.duplicate_executions,
         "orchestrator_kills": count(Fault::KillOrchestrator),
@@ -757,6 +799,10 @@ async fn run(
         "requested": args.tasks,
         "not_accepted": not_accepted.len(),
         "mix": by_kind,
+        "decisions_checked": v.decisions_checked,
+        "maps_checked": v.maps_checked,
+        "map_instances": v.map_instances,
+        "skipped_steps": v.skipped_steps,
         "executions": ex.executions,
         "steps_executed": ex.steps_executed,
         "redelivered_executions": ex.redelivered_executions,
@@ -805,6 +851,13 @@ async fn run(
         ),
     );
     row("stuck", v.stuck.to_string());
+    row(
+        "wrong",
+        format!(
+            "{} (decision tasks checked {}, map tasks checked {} with {} instances; {} steps skipped)",
+            v.wrong, v.decisions_checked, v.maps_checked, v.map_instances, v.skipped_steps
+        ),
+    );
     row(
         "results applied twice",
         format!(
@@ -946,7 +999,7 @@ fn round1(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
 }
 
-fn pick_kind(rng: &mut StdRng, w: &[u32; 3]) -> &'static str {
+fn pick_kind(rng: &mut StdRng, w: &[u32; 5]) -> &'static str {
     let total: u32 = w.iter().sum();
     let mut x = rng.random_range(0..total.max(1));
     for (i, wi) in w.iter().enumerate() {
@@ -958,19 +1011,42 @@ fn pick_kind(rng: &mut StdRng, w: &[u32; 3]) -> &'static str {
     KINDS[0]
 }
 
-fn parse_mix(s: &str) -> Result<[u32; 3]> {
-    let v: Vec<u32> = s
-        .split(',')
-        .map(|p| p.trim().parse())
-        .collect::<Result<_, _>>()
-        .context("--mix: three integers, e.g. 45,35,20")?;
-    match v.as_slice() {
-        [a, b, c] if a + b + c > 0 => Ok([*a, *b, *c]),
-        _ => bail!("--mix: three weights (linear, diamond, fanout) with a positive sum"),
+/// `--mix`: five weights in [`KINDS`] order (three: decision and map 0), or `kind=weight` pairs.
+fn parse_mix(s: &str) -> Result<[u32; 5]> {
+    let mut w = [0u32; 5];
+    if s.contains('=') {
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (k, n) = part
+                .split_once('=')
+                .with_context(|| format!("--mix: {part:?} is not kind=weight"))?;
+            let i = KINDS
+                .iter()
+                .position(|x| *x == k.trim())
+                .with_context(|| format!("--mix: unknown kind {k:?} (kinds: {KINDS:?})"))?;
+            w[i] = n
+                .trim()
+                .parse()
+                .with_context(|| format!("--mix: weight of {k} is not a whole number"))?;
+        }
+    } else {
+        let v: Vec<u32> = s
+            .split(',')
+            .map(|p| p.trim().parse())
+            .collect::<Result<_, _>>()
+            .context("--mix: whole numbers, e.g. 30,25,15,15,15")?;
+        if v.len() != 3 && v.len() != 5 {
+            bail!("--mix: five weights ({KINDS:?}), or three (decision and map 0)");
+        }
+        w[..v.len()].copy_from_slice(&v);
     }
+    if w.iter().sum::<u32>() == 0 {
+        bail!("--mix: the weights must have a positive sum");
+    }
+    Ok(w)
 }
 
-/// Writes the three templates; returns the step count of each.
+/// Writes the templates; returns the step count of each (template steps: a map task's instances
+/// come on top).
 fn write_templates(dir: &Path, a: &Args) -> Result<HashMap<&'static str, usize>> {
     let policy = format!(
         "retry: {{ max_attempts: {}, initial_delay: {}ms, multiplier: 2.0, max_delay: {}ms, jitter: 0.2 }}, \
@@ -981,11 +1057,15 @@ fn write_templates(dir: &Path, a: &Args) -> Result<HashMap<&'static str, usize>>
         a.queue_wait_timeout_ms,
         a.execution_timeout_ms
     );
-    let step = |name: &str, deps: &[String]| {
+    let step_with = |name: &str, handler: &str, deps: &[&str], extra: &str| {
         format!(
-            "  - {{ name: {name}, handler: chaos, depends_on: [{}], {policy} }}\n",
+            "  - {{ name: {name}, handler: {handler}, depends_on: [{}], {extra}{policy} }}\n",
             deps.join(", ")
         )
+    };
+    let step = |name: &str, deps: &[String]| {
+        let deps: Vec<&str> = deps.iter().map(String::as_str).collect();
+        step_with(name, "chaos", &deps, "")
     };
     let head = |name: &str| format!("namespace: chaos\nname: {name}\nversion: 1\nsteps:\n");
     let mut linear = head("linear");
@@ -1010,10 +1090,45 @@ fn write_templates(dir: &Path, a: &Args) -> Result<HashMap<&'static str, usize>>
         fanout.push_str(&step(b, &["split".into()]));
     }
     fanout.push_str(&step("join", &branches));
+    // route chooses left or right (from the task's context); the other branch is skipped, and
+    // with it left_tail when right is chosen; after runs once its parents finished (join: any).
+    let mut decision = head("decision");
+    decision.push_str(&step_with(
+        "route",
+        "chaos_route",
+        &[],
+        &format!("decides: [{}], ", ROUTES.join(", ")),
+    ));
+    decision.push_str(&step_with("left", "chaos", &["route"], ""));
+    decision.push_str(&step_with("left_tail", "chaos", &["left"], ""));
+    decision.push_str(&step_with("right", "chaos", &["route"], ""));
+    decision.push_str(&step_with(
+        "after",
+        "chaos",
+        &["left_tail", "right"],
+        "join: any, ",
+    ));
+    // split outputs {"items": [...]} (as many as the task's context says); one instance of
+    // work per element; join reads work's output (the instances' outputs in order).
+    let mut map = head("map");
+    map.push_str(&step_with("split", "chaos_items", &[], ""));
+    map.push_str(&step_with(
+        "work",
+        "chaos",
+        &["split"],
+        &format!(
+            "map: {{ over: split.items, max_parallel: {}, max_items: {} }}, ",
+            a.map_parallel,
+            a.map_max_items.max(1)
+        ),
+    ));
+    map.push_str(&step_with("join", "chaos", &["work"], ""));
     for (name, text) in [
         ("linear", &linear),
         ("diamond", &diamond),
         ("fanout", &fanout),
+        ("decision", &decision),
+        ("map", &map),
     ] {
         let path = dir.join(format!("{name}.yaml"));
         tasker_orchestrator::service::templates::parse_template(text)
@@ -1022,10 +1137,13 @@ fn write_templates(dir: &Path, a: &Args) -> Result<HashMap<&'static str, usize>>
             .with_context(|| format!("template {name}"))?;
         std::fs::write(&path, text)?;
     }
+    // A map task has its instances besides (as many as its elements).
     Ok(HashMap::from([
         ("linear", 4),
         ("diamond", 4),
         ("fanout", width + 2),
+        ("decision", 5),
+        ("map", 3),
     ]))
 }
 
@@ -1035,14 +1153,14 @@ fn write_templates(dir: &Path, a: &Args) -> Result<HashMap<&'static str, usize>>
 /// of those never accepted (after 10 minutes of trying, or a 4xx).
 async fn submit_all(
     ctx: Arc<Ctx>,
-    plan: Vec<&'static str>,
+    plan: Vec<Planned>,
     spread: Duration,
 ) -> (Vec<Accepted>, Vec<usize>) {
     let n = plan.len();
     let start = Instant::now();
     let permits = Arc::new(Semaphore::new(ctx.args.submit_concurrency.max(1)));
     let mut handles = Vec::with_capacity(n);
-    for (i, kind) in plan.into_iter().enumerate() {
+    for (i, planned) in plan.into_iter().enumerate() {
         let due = start + spread.mul_f64(i as f64 / n.max(1) as f64);
         tokio::time::sleep_until(due.into()).await;
         let permit = Arc::clone(&permits)
@@ -1051,7 +1169,7 @@ async fn submit_all(
             .expect("semaphore");
         let ctx = Arc::clone(&ctx);
         handles.push(tokio::spawn(async move {
-            let r = submit_one(&ctx, i, kind).await;
+            let r = submit_one(&ctx, i, planned).await;
             drop(permit);
             r
         }));
@@ -1074,12 +1192,20 @@ async fn submit_all(
     (accepted, not_accepted)
 }
 
-async fn submit_one(ctx: &Ctx, i: usize, kind: &'static str) -> Result<Accepted> {
+async fn submit_one(ctx: &Ctx, i: usize, planned: Planned) -> Result<Accepted> {
     let key = format!("chaos-{i}");
+    let Planned { kind, route, items } = planned;
+    let mut context = json!({ "i": i, "kind": kind });
+    if let Some(r) = route {
+        context["route"] = json!(r);
+    }
+    if let Some(n) = items {
+        context["items"] = json!(n);
+    }
     let body = json!({
         "namespace": "chaos",
         "template": kind,
-        "context": { "i": i, "kind": kind },
+        "context": context,
         "idempotency_key": key,
     });
     let urls = &ctx.orch_urls;
@@ -1106,6 +1232,8 @@ async fn submit_one(ctx: &Ctx, i: usize, kind: &'static str) -> Result<Accepted>
                 return Ok(Accepted {
                     key,
                     kind,
+                    route,
+                    items,
                     task_id,
                     requests,
                 });

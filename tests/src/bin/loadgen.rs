@@ -35,16 +35,18 @@
 //! idle. `rss_mb` is the largest `VmRSS` sampled during the workload; the footer prints `VmHWM`.
 //!
 //! Latency is measured from just before the submit until `Client::wait` returns the finished
-//! task (`linear`, `fanout`) or until the task's lifecycle event arrives (`diamond`; the loadgen
-//! binds its own queue to the events exchange). Throughput (`diamond`) counts the attempts that
+//! task (`linear`, `fanout`) or until the task's lifecycle event arrives (`diamond`, `map`; the
+//! loadgen binds its own queue to the events exchange). Throughput (`diamond`) counts the attempts that
 //! succeeded inside the steady window, from the database. Before each task workload the loadgen
 //! runs `ANALYZE` on its own database (`--no-analyze` leaves statistics to autovacuum, whose
 //! timing otherwise decides the plans of the orchestrator's cached statements).
 //!
 //! Workloads: `floor` (one confirmed persistent publish → delivery on a quorum queue, the same
 //! pipelined, one small commit), `linear` (4-step chain, one task at a time), `diamond`
-//! (a → (b, c) → d submitted continuously, steady window), `fanout` (1 → N → 1), `submit` (HTTP
-//! and AMQP, one at a time and concurrently), `inflight` (10,000 tasks held in flight, memory),
+//! (a → (b, c) → d submitted continuously, steady window), `fanout` (1 → N → 1), `map` (a root
+//! whose output is an array of N elements → a mapped step, one no-op instance per element, at
+//! most `--map-parallel` at once → a final step; one task at a time, wall time and instances/s;
+//! `map-1x{N}x1`), `submit` (HTTP and AMQP, one at a time and concurrently), `inflight` (10,000 tasks held in flight, memory),
 //! `history` (linear and diamond again after seeding 1,000,000 finished tasks by SQL).
 
 #[path = "loadgen/bench.rs"]
@@ -76,7 +78,7 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "floor,linear,diamond,fanout,submit,inflight,history"
+        default_value = "floor,linear,diamond,fanout,map,submit,inflight,history"
     )]
     workloads: Vec<Workload>,
     /// Print one JSON object per workload on stdout (the table goes to stderr).
@@ -127,6 +129,15 @@ struct Args {
     /// Parallel steps of the fanout workload.
     #[arg(long)]
     fanout_width: Option<usize>,
+    /// Elements of the map workload's array (instances of its mapped step).
+    #[arg(long)]
+    map_items: Option<usize>,
+    /// `map.max_parallel` of the map workload's mapped step (1 to 1000).
+    #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u32).range(1..=1_000))]
+    map_parallel: u32,
+    /// Measured runs of the map workload (after one warm-up run).
+    #[arg(long)]
+    map_runs: Option<usize>,
     /// Submissions per submit variant.
     #[arg(long)]
     submit_count: Option<usize>,
@@ -158,6 +169,7 @@ enum Workload {
     Linear,
     Diamond,
     Fanout,
+    Map,
     Submit,
     Inflight,
     History,
@@ -188,6 +200,10 @@ impl Args {
             diamond_in_flight: self.diamond_in_flight.unwrap_or(500),
             fanout_width: self.fanout_width.unwrap_or(pick(smoke, 1_000, 200)),
             fanout_runs: pick(smoke, 5, 2),
+            map_items: self.map_items.unwrap_or(pick(smoke, 10_000, 1_000)),
+            map_parallel: self.map_parallel,
+            map_runs: self.map_runs.unwrap_or(pick(smoke, 3, 1)).max(1),
+            map_warmup: 1,
             submit_count: self.submit_count.unwrap_or(pick(smoke, 2_000, 200)),
             submit_concurrency: 32,
             inflight_tasks: self.inflight_tasks.unwrap_or(pick(smoke, 10_000, 1_000)),
@@ -295,6 +311,7 @@ async fn run_workloads(
     };
     let mut baseline_linear = None;
     let mut baseline_diamond = None;
+    let mut floor_msgs_per_s = None;
     let analyze = args.api_url.is_none() && !args.no_analyze;
     for w in selected {
         eprintln!("loadgen: running {w:?}");
@@ -304,6 +321,9 @@ async fn run_workloads(
         match w {
             Workload::Floor => {
                 for r in counted(b, workloads::floor(b, s)).await? {
+                    if r.workload == "floor-amqp-pipelined" {
+                        floor_msgs_per_s = r.steps_per_s;
+                    }
                     push(rows, r);
                 }
             }
@@ -328,6 +348,10 @@ async fn run_workloads(
             }
             Workload::Fanout => {
                 let r = one(counted(b, one_row(workloads::fanout(b, s)))).await?;
+                push(rows, r);
+            }
+            Workload::Map => {
+                let r = one(counted(b, one_row(workloads::map(b, s, floor_msgs_per_s)))).await?;
                 push(rows, r);
             }
             Workload::Submit => {

@@ -224,6 +224,8 @@ impl Broker {
             parent_outputs: Default::default(),
             timeout_ms: 10_000,
             result_routing_key: RESULT_ROUTING_KEY.into(),
+            map_index: None,
+            map_item: None,
         }
     }
 

@@ -2,17 +2,30 @@
 //! the workers' execution records.
 
 use anyhow::Result;
+use serde_json::{Value, json};
 use sqlx::{PgPool, Row};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::path::Path;
 use uuid::Uuid;
 
+/// One planned submit: its workflow and what its context decides.
+#[derive(Clone, Copy, Debug)]
+pub struct Planned {
+    pub kind: &'static str,
+    /// `decision`: the branch `route` must choose (`left` or `right`).
+    pub route: Option<&'static str>,
+    /// `map`: the elements `split` outputs (one instance of `work` each).
+    pub items: Option<usize>,
+}
+
 /// A submit the orchestrator accepted (answered 200 or 201 with a task id).
 #[derive(Clone, Debug)]
 pub struct Accepted {
     pub key: String,
     pub kind: &'static str,
+    pub route: Option<&'static str>,
+    pub items: Option<usize>,
     pub task_id: Uuid,
     /// HTTP requests it took (more than 1 when an orchestrator failed mid-request).
     pub requests: u32,
@@ -33,6 +46,19 @@ pub struct Verdict {
     pub bad_steps: usize,
     pub lost: usize,
     pub stuck: usize,
+    /// Terminal tasks whose decision or map went wrong: an unchosen branch ran or a chosen one
+    /// did not, instances missing, doubled or out of order, a mapped output that does not match
+    /// its elements.
+    pub wrong: usize,
+    /// Decision tasks whose branches were checked (completed ones; failed ones only for the
+    /// unchosen branch never running).
+    pub decisions_checked: usize,
+    /// Completed map tasks whose instances and output were checked.
+    pub maps_checked: usize,
+    /// Instances of mapped steps in the database.
+    pub map_instances: usize,
+    /// Skipped steps in the database (unchosen branches and what follows them).
+    pub skipped_steps: usize,
     /// (step, attempt) pairs with more than one attempts row (the primary key forbids it).
     pub sql_duplicate_attempts: i64,
     /// Succeeded steps with more than one succeeded attempt row.
@@ -48,10 +74,27 @@ pub struct Verdict {
 
 const TERMINAL_STEP: &[&str] = &["succeeded", "failed", "skipped", "cancelled"];
 
+/// Element `i` of the array the `map` workflow maps over: the same function as in
+/// `chaos-worker` (whose `chaos_items` handler outputs these and whose instances check theirs).
+fn item(i: usize) -> Value {
+    json!(format!("x{i}"))
+}
+
+/// How the execution records name a step: `name`, or `name[index]` for an instance.
+pub fn record_name(name: &str, map_index: Option<i32>) -> String {
+    match map_index {
+        Some(i) => format!("{name}[{i}]"),
+        None => name.to_owned(),
+    }
+}
+
+/// `expected_steps`: template steps per kind (a map task's instances come on top); `ex`: the
+/// workers' execution records (an unchosen branch must never have run).
 pub async fn check(
     db: &PgPool,
     accepted: &[Accepted],
     expected_steps: &HashMap<&str, usize>,
+    ex: &Executions,
 ) -> Result<Verdict> {
     let mut v = Verdict::default();
     let tasks = sqlx::query("SELECT id, idempotency_key, state, template_name FROM tasks")
@@ -70,10 +113,18 @@ pub async fn check(
         attempt: i32,
         ok_rows: i64,
         ok_attempt: Option<i32>,
+        /// A mapped step (never run itself: its instances are; it has no attempt rows).
+        mapped: bool,
+        /// An instance of a mapped step: its index.
+        map_index: Option<i32>,
+        skip_cause: Option<String>,
+        /// A mapped step's output (read for those only).
+        output: Option<Value>,
     }
     let mut steps: HashMap<Uuid, Vec<StepRow>> = HashMap::new();
     let rows = sqlx::query(
-        "SELECT s.task_id, s.name, s.state, s.attempt,
+        "SELECT s.task_id, s.name, s.state, s.attempt, s.map_over IS NOT NULL AS mapped, s.map_index,
+                s.skip_cause, CASE WHEN s.map_over IS NOT NULL THEN s.output END AS output,
                 count(a.attempt) FILTER (WHERE a.outcome = 'succeeded') AS ok_rows,
                 max(a.attempt) FILTER (WHERE a.outcome = 'succeeded') AS ok_attempt
          FROM steps s LEFT JOIN attempts a ON a.step_id = s.id
@@ -88,8 +139,22 @@ pub async fn check(
             attempt: r.get("attempt"),
             ok_rows: r.get("ok_rows"),
             ok_attempt: r.get("ok_attempt"),
+            mapped: r.get("mapped"),
+            map_index: r.get("map_index"),
+            skip_cause: r.get("skip_cause"),
+            output: r.get("output"),
         };
-        if row.state == "succeeded" {
+        if row.map_index.is_some() {
+            v.map_instances += 1;
+        }
+        if row.state == "skipped" {
+            v.skipped_steps += 1;
+        }
+        if row.mapped {
+            if row.ok_rows > 0 {
+                v.sql_row_without_success += 1;
+            }
+        } else if row.state == "succeeded" {
             match row.ok_rows {
                 0 => v.sql_success_without_row += 1,
                 1 => {}
@@ -140,27 +205,56 @@ pub async fn check(
         let empty = Vec::new();
         let st = steps.get(id).unwrap_or(&empty);
         let mut problems = Vec::new();
-        let want = expected_steps.get(a.kind).copied().unwrap_or(0);
-        if st.len() != want {
+        // A map task's instances are created only as its mapped step runs: a failed task may
+        // have fewer.
+        let want = expected_steps.get(a.kind).copied().unwrap_or(0)
+            + if state == "completed" {
+                a.items.unwrap_or(0)
+            } else {
+                0
+            };
+        let count_ok = if a.kind == "map" && state != "completed" {
+            st.len() >= want
+        } else {
+            st.len() == want
+        };
+        if !count_ok {
             problems.push(format!("{} steps, expected {want}", st.len()));
         }
         if state == "cancelled" {
             problems.push("cancelled, though nobody cancelled it".into());
         }
         for s in st {
+            let name = record_name(&s.name, s.map_index);
             if !TERMINAL_STEP.contains(&s.state.as_str()) {
-                problems.push(format!("step {} is {} in a {state} task", s.name, s.state));
+                problems.push(format!("step {name} is {} in a {state} task", s.state));
             }
-            if state == "completed" && s.state != "succeeded" {
+            // In a completed task every step succeeded, but the branches a decision left out
+            // (and what depends on them only).
+            let left_out = s.state == "skipped"
+                && matches!(
+                    s.skip_cause.as_deref(),
+                    Some("not_chosen" | "parent_skipped")
+                );
+            if state == "completed" && s.state != "succeeded" && !left_out {
                 problems.push(format!(
-                    "step {} is {} in a completed task",
-                    s.name, s.state
+                    "step {name} is {} ({:?}) in a completed task",
+                    s.state, s.skip_cause
                 ));
             }
-            if s.state == "succeeded" && (s.ok_rows != 1 || s.ok_attempt != Some(s.attempt)) {
+            if s.state == "succeeded"
+                && !s.mapped
+                && (s.ok_rows != 1 || s.ok_attempt != Some(s.attempt))
+            {
                 problems.push(format!(
-                    "step {} succeeded at attempt {} but has {} succeeded attempt rows (attempt {:?})",
-                    s.name, s.attempt, s.ok_rows, s.ok_attempt
+                    "step {name} succeeded at attempt {} but has {} succeeded attempt rows (attempt {:?})",
+                    s.attempt, s.ok_rows, s.ok_attempt
+                ));
+            }
+            if s.mapped && s.ok_rows > 0 {
+                problems.push(format!(
+                    "mapped step {name} has {} succeeded attempt rows of its own",
+                    s.ok_rows
                 ));
             }
         }
@@ -171,6 +265,103 @@ pub async fn check(
             v.bad_steps += 1;
             v.problem_tasks
                 .push((*id, format!("lost: {}", problems.join("; "))));
+            continue;
+        }
+
+        // What the dynamic workflows decided.
+        let find = |name: &str| st.iter().find(|s| s.name == name && s.map_index.is_none());
+        let mut wrong = Vec::new();
+        if let (Some(route), "decision") = (a.route, a.kind) {
+            v.decisions_checked += 1;
+            let (chosen, other) = if route != "left" {
+                (&["left", "left_tail"][..], &["right"][..])
+            } else {
+                (&["right"][..], &["left", "left_tail"][..])
+            };
+            // Whatever became of the task, an unchosen branch never runs.
+            for name in other {
+                if let Some(runs) = ex.runs.get(&(*id, (*name).to_owned())) {
+                    wrong.push(format!(
+                        "{name} was not chosen ({route} was) but ran {} times",
+                        runs.len()
+                    ));
+                }
+            }
+            if state == "completed" {
+                for name in chosen.iter().chain(["route", "after"].iter()) {
+                    match find(name) {
+                        Some(s) if s.state == "succeeded" => {}
+                        Some(s) => wrong.push(format!(
+                            "{name} should have succeeded (route chose {route}) but is {} ({:?})",
+                            s.state, s.skip_cause
+                        )),
+                        None => wrong.push(format!("no step {name}")),
+                    }
+                }
+                for (i, name) in other.iter().enumerate() {
+                    // The unchosen branch itself, then what depends on it.
+                    let cause = if i == 0 {
+                        "not_chosen"
+                    } else {
+                        "parent_skipped"
+                    };
+                    match find(name) {
+                        Some(s) if s.state == "skipped" && s.skip_cause.as_deref() == Some(cause) => {}
+                        Some(s) => wrong.push(format!(
+                            "{name} should be skipped ({cause}; route chose {route}) but is {} ({:?})",
+                            s.state, s.skip_cause
+                        )),
+                        None => wrong.push(format!("no step {name}")),
+                    }
+                }
+            }
+        }
+        if let (Some(n), "map", "completed") = (a.items, a.kind, state.as_str()) {
+            v.maps_checked += 1;
+            let mut seen = vec![0u32; n];
+            for s in st.iter().filter(|s| s.name == "work") {
+                match s.map_index {
+                    Some(i) if (0..n as i32).contains(&i) => seen[i as usize] += 1,
+                    Some(i) => wrong.push(format!("instance work[{i}] beyond {n} elements")),
+                    None => {}
+                }
+            }
+            let missing = seen.iter().filter(|c| **c == 0).count();
+            let doubled = seen.iter().filter(|c| **c > 1).count();
+            if missing > 0 || doubled > 0 {
+                wrong.push(format!(
+                    "{n} elements: {missing} without an instance, {doubled} with more than one"
+                ));
+            }
+            match find("work").map(|s| (s.mapped, s.output.as_ref())) {
+                Some((true, Some(Value::Array(out)))) => {
+                    if out.len() != n {
+                        wrong.push(format!(
+                            "work's output has {} entries for {n} elements",
+                            out.len()
+                        ));
+                    }
+                    if let Some(k) = (0..n.min(out.len()))
+                        .find(|&k| out[k] != json!({"ok": true, "index": k, "item": item(k)}))
+                    {
+                        wrong.push(format!(
+                            "work's output entry {k} is {}, expected index {k} and element {}",
+                            out[k],
+                            item(k)
+                        ));
+                    }
+                }
+                Some((mapped, output)) => wrong.push(format!(
+                    "work (mapped: {mapped}) has output {:?}, not an array",
+                    output.map(Value::to_string)
+                )),
+                None => wrong.push("no mapped step work".into()),
+            }
+        }
+        if !wrong.is_empty() {
+            v.wrong += 1;
+            v.problem_tasks
+                .push((*id, format!("wrong: {}", wrong.join("; "))));
         }
     }
     v.lost = v.missing + v.id_mismatch + v.bad_steps;
@@ -235,14 +426,18 @@ pub fn read_executions(dir: &Path) -> Result<Executions> {
 }
 
 /// Counts succeeded steps whose succeeded attempt has no successful execution record.
+/// Mapped steps are left out: their instances are what runs.
 pub async fn check_executions(db: &PgPool, e: &mut Executions) -> Result<()> {
-    let rows = sqlx::query("SELECT task_id, name, attempt FROM steps WHERE state = 'succeeded'")
-        .fetch_all(db)
-        .await?;
+    let rows = sqlx::query(
+        "SELECT task_id, name, map_index, attempt FROM steps WHERE state = 'succeeded' AND map_over IS NULL",
+    )
+    .fetch_all(db)
+    .await?;
     e.succeeded_without_execution = rows
         .iter()
         .filter(|r| {
-            let key = (r.get::<Uuid, _>("task_id"), r.get::<String, _>("name"));
+            let name = record_name(&r.get::<String, _>("name"), r.get("map_index"));
+            let key = (r.get::<Uuid, _>("task_id"), name);
             let attempt: i32 = r.get("attempt");
             !e.runs
                 .get(&key)
@@ -320,9 +515,9 @@ pub async fn diagnose(
             );
         }
         let steps = sqlx::query(
-            "SELECT id, name, state, attempt, failures, pending_parents, dispatched_at::text, started_at::text,
-                    lease_expires_at::text, next_attempt_at::text, updated_at::text, worker, error
-             FROM steps WHERE task_id = $1 ORDER BY position",
+            "SELECT id, name, map_index, state, attempt, failures, pending_parents, dispatched_at::text, started_at::text,
+                    lease_expires_at::text, next_attempt_at::text, updated_at::text, worker, error, skip_cause
+             FROM steps WHERE task_id = $1 ORDER BY position, map_index NULLS FIRST",
         )
         .bind(id)
         .fetch_all(db)
@@ -337,11 +532,13 @@ pub async fn diagnose(
                 "   ({waiting} steps waiting on their parents, not shown)"
             );
         }
+        let wrong = why.starts_with("wrong");
         for s in steps {
-            let name: String = s.get("name");
+            let name = record_name(&s.get::<String, _>("name"), s.get("map_index"));
             let state: String = s.get("state");
-            if state == "waiting" || (TERMINAL_STEP.contains(&state.as_str()) && state != "failed")
-            {
+            // A wrong decision or map: every step but waiting ones (not shown above).
+            let boring = TERMINAL_STEP.contains(&state.as_str()) && state != "failed" && !wrong;
+            if state == "waiting" || boring {
                 continue;
             }
             let step_id: Uuid = s.get("id");
@@ -353,8 +550,8 @@ pub async fn diagnose(
             let _ = writeln!(
                 out,
                 "   step {name}: state={state} attempt={} failures={} pending_parents={} dispatched_at={:?} \
-                 started_at={:?} lease_expires_at={:?} next_attempt_at={:?} updated_at={:?} worker={:?} error={:?}\n     \
-                 executions (attempt, ok): {runs:?}",
+                 started_at={:?} lease_expires_at={:?} next_attempt_at={:?} updated_at={:?} worker={:?} error={:?} \
+                 skip_cause={:?}\n     executions (attempt, ok): {runs:?}",
                 s.get::<i32, _>("attempt"),
                 s.get::<i32, _>("failures"),
                 s.get::<i32, _>("pending_parents"),
@@ -365,6 +562,7 @@ pub async fn diagnose(
                 s.get::<Option<String>, _>("updated_at"),
                 s.get::<Option<String>, _>("worker"),
                 s.get::<Option<String>, _>("error"),
+                s.get::<Option<String>, _>("skip_cause"),
             );
             let attempts = sqlx::query(
                 "SELECT attempt, outcome, worker, finished_at::text, error FROM attempts WHERE step_id = $1 ORDER BY attempt",

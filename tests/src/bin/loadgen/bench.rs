@@ -191,6 +191,12 @@ impl Bench {
             .grace_period(Duration::from_secs(5))
             .name(format!("loadgen-{}-{queue}", self.run_id))
             .handler_fn("noop", |_ctx| async move { Ok(json!({"ok": true})) })
+            // The root of the map workload: an array of `items` (from the task's context) small
+            // integers, nothing else.
+            .handler_fn("items", |ctx| async move {
+                let n = ctx.context()["items"].as_u64().unwrap_or(0);
+                Ok(json!({ "items": (0..n).collect::<Vec<u64>>() }))
+            })
             .build();
         let stop = CancellationToken::new();
         let handle = tokio::spawn(worker.run(stop.clone()));
@@ -424,13 +430,23 @@ pub struct Submitter {
 impl Submitter {
     /// Submits a task of template `template` with a client-chosen id.
     pub async fn submit(&self, template: &str, id: TaskId) -> Result<()> {
+        self.submit_with(template, id, json!({})).await
+    }
+
+    /// [`submit`](Self::submit) with more fields in the task's context (an object, merged
+    /// with the run id).
+    pub async fn submit_with(&self, template: &str, id: TaskId, extra: Value) -> Result<()> {
+        let mut context = json!({"run": &*self.run_id});
+        if let (Some(c), Value::Object(extra)) = (context.as_object_mut(), extra) {
+            c.extend(extra);
+        }
         let r = self
             .client
             .submit(&SubmitTask {
                 namespace: NAMESPACE.into(),
                 template: template.to_owned(),
                 version: None,
-                context: json!({"run": &*self.run_id}),
+                context,
                 idempotency_key: None,
                 priority: 0,
                 task_id: Some(id),
@@ -562,6 +578,23 @@ pub fn fanout_shape(width: usize) -> Shape {
     let all: Vec<&str> = names.iter().map(String::as_str).collect();
     steps.push(step("join", QUEUE, &all));
     shape(format!("fanout_{width}"), steps)
+}
+
+/// root → `work` mapped over the root's `items` (one no-op instance per element, at most
+/// `max_parallel` at once) → done. A task's step rows: the three template steps and `items`
+/// instances.
+pub fn map_shape(items: usize, max_parallel: u32) -> Shape {
+    let steps = vec![
+        json!({"name": "root", "handler": "items", "queue": QUEUE}),
+        json!({
+            "name": "work", "handler": "noop", "queue": QUEUE, "depends_on": ["root"],
+            "map": {"over": "root.items", "max_parallel": max_parallel, "max_items": items.max(1)},
+        }),
+        step("done", QUEUE, &["work"]),
+    ];
+    let mut s = shape(format!("map_{items}_p{max_parallel}"), steps);
+    s.steps = 3 + items as u64;
+    s
 }
 
 /// One step, on the submit queue.

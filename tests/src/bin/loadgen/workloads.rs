@@ -33,6 +33,10 @@ pub struct Sizes {
     pub diamond_in_flight: usize,
     pub fanout_width: usize,
     pub fanout_runs: usize,
+    pub map_items: usize,
+    pub map_parallel: u32,
+    pub map_runs: usize,
+    pub map_warmup: usize,
     pub submit_count: usize,
     pub submit_concurrency: usize,
     pub inflight_tasks: usize,
@@ -44,6 +48,10 @@ pub const LINEAR_P50_MS: f64 = 5.0;
 pub const LINEAR_P99_MS: f64 = 15.0;
 pub const DIAMOND_STEPS_PER_S: f64 = 5_000.0;
 pub const FANOUT_WALL_S: f64 = 0.3;
+/// 10,000 no-op map instances, submit to completion.
+pub const MAP_WALL_S: f64 = 3.0;
+/// The item count the map target is set for.
+pub const MAP_TARGET_ITEMS: usize = 10_000;
 pub const SUBMIT_HTTP_P50_MS: f64 = 2.0;
 pub const HISTORY_RATIO: f64 = 1.10;
 pub const INFLIGHT_RSS_MB: f64 = 100.0;
@@ -541,6 +549,97 @@ pub async fn fanout(b: &Bench, s: &Sizes) -> Result<Row> {
         row.target = "n/a (width<1000)".into();
     }
     meter.fill(&mut row, s.fanout_runs as u64 * shape.steps);
+    Ok(row)
+}
+
+// ---------------------------------------------------------------------------------------------
+// map
+
+/// root → `work` mapped over the root's array of `map_items` elements (no-op instances, at most
+/// `map_parallel` at once) → done, one task at a time: wall time from submit until the task's
+/// completion event (until `Client::wait` returned it if the event did not come).
+/// `floor_msgs_per_s` is the pipelined broker floor measured in this run, if it was: every
+/// instance costs at least two confirmed publishes (its step message and its result).
+pub async fn map(b: &Bench, s: &Sizes, floor_msgs_per_s: Option<f64>) -> Result<Row> {
+    let n = s.map_items;
+    let shape = bench::map_shape(n, s.map_parallel);
+    b.register(&shape).await?;
+    let submitter = b.submitter();
+    let mut walls = Vec::with_capacity(s.map_runs);
+    let mut from_wait = 0;
+    let mut ids = Vec::new();
+    let mut meter = b.meter();
+    for i in 0..s.map_warmup + s.map_runs {
+        if i == s.map_warmup {
+            meter.restart();
+        }
+        let id = TaskId::new();
+        ids.push(id);
+        let event = b.tracker.watch(id);
+        let t0 = Instant::now();
+        submitter
+            .submit_with(&shape.name, id, json!({ "items": n }))
+            .await?;
+        let task = b
+            .client
+            .wait(id, Duration::from_secs(600))
+            .await
+            .with_context(|| format!("waiting for {id}"))?;
+        let waited = t0.elapsed();
+        if task.state != TaskState::Completed {
+            bail!("map: task {id} ended {}: {:?}", task.state, task.error);
+        }
+        let took = match tokio::time::timeout(Duration::from_millis(500), event).await {
+            Ok(Ok(e)) => e.at.saturating_duration_since(t0),
+            _ => {
+                b.tracker.forget(id);
+                from_wait += 1;
+                waited
+            }
+        };
+        eprintln!(
+            "loadgen: map: run {}{}: {:.3} s",
+            i + 1,
+            if i < s.map_warmup { " (warm-up)" } else { "" },
+            secs(took)
+        );
+        if i >= s.map_warmup {
+            walls.push(took);
+        }
+    }
+    meter.stop();
+    let redispatched = b.verify("map", &ids, shape.steps).await?;
+    let mut row = Row::new(format!("map-1x{n}x1"), "instances/s").latencies(&walls);
+    let median = row.p50_ms.unwrap_or(0.0) / 1e3;
+    row.tasks = ids.len() as u64;
+    row.steps = row.tasks * shape.steps;
+    row.wall_s = median;
+    row.steps_per_s = Some(n as f64 / median);
+    row.note(format!(
+        "wall_s = median of {} runs, submit to completion event (percentiles over runs), {} warm-up; max_parallel {}",
+        s.map_runs, s.map_warmup, s.map_parallel
+    ));
+    if from_wait > 0 {
+        row.note(format!(
+            "{from_wait} runs timed by Client::wait (no completion event)"
+        ));
+    }
+    if let Some(rate) = floor_msgs_per_s.filter(|r| *r > 0.0) {
+        let floor_s = 2.0 * n as f64 / rate;
+        row.note(format!(
+            "x{:.1} of the broker floor ({floor_s:.2} s: 2 confirmed publishes per instance at {rate:.0} msgs/s)",
+            median / floor_s
+        ));
+    }
+    if redispatched > 0 {
+        row.note(format!("{redispatched} steps redispatched"));
+    }
+    if n == MAP_TARGET_ITEMS {
+        row.target(format!("<={MAP_WALL_S}s"), median <= MAP_WALL_S);
+    } else {
+        row.target = format!("n/a (set for {MAP_TARGET_ITEMS} items)");
+    }
+    meter.fill(&mut row, s.map_runs as u64 * shape.steps);
     Ok(row)
 }
 
