@@ -31,8 +31,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::time::{Duration, Instant};
 use tasker_schemas::api::{
-    InstanceList,
-    ErrorBody, RegisterResponse, SubmitResponse, SubmitTask, TaskList, TaskView,
+    ErrorBody, InstanceList, RegisterResponse, SubmitResponse, SubmitTask, TaskList, TaskView,
 };
 use tasker_schemas::{TaskId, TaskState, Template};
 
@@ -239,7 +238,10 @@ impl Client {
         limit: u32,
     ) -> Result<InstanceList, ClientError> {
         let mut request = self
-            .request(Method::GET, &format!("/v1/tasks/{id}/steps/{step}/instances"))
+            .request(
+                Method::GET,
+                &format!("/v1/tasks/{id}/steps/{step}/instances"),
+            )
             .query(&[("limit", limit)]);
         if let Some(after) = after {
             request = request.query(&[("after", after)]);

@@ -341,7 +341,12 @@ async fn run(cli: &Cli, out: &mut impl Write) -> Result<ExitCode> {
                         ]
                     })
                     .collect();
-                write_table(out, &["INDEX", "STATE", "ATTEMPT", "OUTPUT / ERROR"], &[0, 2], &rows)?;
+                write_table(
+                    out,
+                    &["INDEX", "STATE", "ATTEMPT", "OUTPUT / ERROR"],
+                    &[0, 2],
+                    &rows,
+                )?;
                 if let (true, Some(last)) = (page.more, page.instances.last()) {
                     writeln!(out, "more: --after {}", last.index)?;
                 }

@@ -46,18 +46,11 @@ pub enum AttemptResult {
         retry_after_ms: Option<u64>,
     },
     /// No worker had the handler: offer it again later without spending an attempt.
-    HandlerMissing {
-        handler: String,
-    },
+    HandlerMissing { handler: String },
     /// The lease ran out (queue wait or execution).
-    TimedOut {
-        error: String,
-    },
+    TimedOut { error: String },
     /// The step message was dead-lettered (poison, unroutable, too large).
-    DeadLettered {
-        error: String,
-        retryable: bool,
-    },
+    DeadLettered { error: String, retryable: bool },
 }
 
 /// A reported attempt of one step.
@@ -328,18 +321,19 @@ fn decide<'a>(
     let mut chosen = None;
     let (outcome, error, output, retryable, retry_after) = match &f.result {
         AttemptResult::Succeeded { output, branches } => {
-            let checked = tasker_schemas::data::check_value("output", output, policy.max_output_bytes)
-                .map_err(|e| e.to_string())
-                .and_then(|_| check_branches(step, branches.as_deref()));
+            let checked =
+                tasker_schemas::data::check_value("output", output, policy.max_output_bytes)
+                    .map_err(|e| e.to_string())
+                    .and_then(|_| check_branches(step, branches.as_deref()));
             match checked {
                 Ok(c) => {
                     chosen = c;
                     (
-                    AttemptOutcome::Succeeded,
-                    None,
-                    Some(output.clone()),
-                    false,
-                    None,
+                        AttemptOutcome::Succeeded,
+                        None,
+                        Some(output.clone()),
+                        false,
+                        None,
                     )
                 }
                 // Too large, malformed, or bad branches: the handler would produce it again.
@@ -425,7 +419,10 @@ fn decide<'a>(
 
 /// A success's `branches` against the step's `decides`: the chosen branches of a decision step,
 /// `None` for any other step, or why the result is refused (a permanent failure).
-fn check_branches(step: &StepNow, branches: Option<&[String]>) -> Result<Option<Vec<String>>, String> {
+fn check_branches(
+    step: &StepNow,
+    branches: Option<&[String]>,
+) -> Result<Option<Vec<String>>, String> {
     match (&step.decides, branches) {
         (None, None) => Ok(None),
         (None, Some(_)) => Err(format!(
@@ -623,9 +620,7 @@ pub fn expand(over: &str, found: Option<&str>, len: Option<i64>, max_items: i32)
         (None, _) => Expansion::Fail(format!(
             "map over {over:?}: the parent's output has nothing at that path"
         )),
-        (Some(kind), _) => Expansion::Fail(format!(
-            "map over {over:?} found {kind}, not an array"
-        )),
+        (Some(kind), _) => Expansion::Fail(format!("map over {over:?} found {kind}, not an array")),
     }
 }
 
@@ -907,8 +902,16 @@ mod tests {
         );
         assert_eq!(p.skips.len(), 1);
         assert_eq!(
-            (p.skips[0].step, p.skips[0].cause, p.skips[0].reason.as_str()),
-            (Uuid::from_u128(103), SkipCause::NotChosen, "not chosen by s1")
+            (
+                p.skips[0].step,
+                p.skips[0].cause,
+                p.skips[0].reason.as_str()
+            ),
+            (
+                Uuid::from_u128(103),
+                SkipCause::NotChosen,
+                "not chosen by s1"
+            )
         );
         // Choosing none skips both branches.
         let batch = [report(s, decided(json!(1), Some(&[])))];
@@ -917,7 +920,14 @@ mod tests {
         assert_eq!(p.children, BTreeMap::from([(Uuid::from_u128(104), 1)]));
         // A halted task skips nothing itself (the halt does).
         let batch = [report(s, decided(json!(1), Some(&["s2"])))];
-        let p = plan(&batch, &st, TaskNow { failing: true, cancel_requested: false });
+        let p = plan(
+            &batch,
+            &st,
+            TaskNow {
+                failing: true,
+                cancel_requested: false,
+            },
+        );
         assert!(p.skips.is_empty() && p.children.is_empty());
     }
 
@@ -930,14 +940,29 @@ mod tests {
         let d = &st[&Uuid::from_u128(101)];
         let plain = &st[&Uuid::from_u128(105)];
         for (s, result, expected) in [
-            (d, decided(json!(1), Some(&["s9"])), "chose unknown branch \"s9\": it may choose from [s2, s3]"),
-            (d, decided(json!(1), None), "its result must name the chosen branches"),
-            (plain, decided(json!(1), Some(&["s2"])), "declares no decides"),
+            (
+                d,
+                decided(json!(1), Some(&["s9"])),
+                "chose unknown branch \"s9\": it may choose from [s2, s3]",
+            ),
+            (
+                d,
+                decided(json!(1), None),
+                "its result must name the chosen branches",
+            ),
+            (
+                plain,
+                decided(json!(1), Some(&["s2"])),
+                "declares no decides",
+            ),
         ] {
             let batch = [report(s, result)];
             let p = plan(&batch, &st, TaskNow::default());
             let c = &p.changes[0];
-            assert_eq!((c.to, c.outcome), (StepState::Failed, AttemptOutcome::Failed));
+            assert_eq!(
+                (c.to, c.outcome),
+                (StepState::Failed, AttemptOutcome::Failed)
+            );
             assert!(c.error.as_deref().unwrap().contains(expected), "{c:?}");
             assert!(p.failing.contains_key(&task()));
             assert!(p.children.is_empty() && p.skips.is_empty());
@@ -948,7 +973,11 @@ mod tests {
     fn instances_count_toward_their_map_and_failures_are_tolerated_up_to_the_limit() {
         let map = Uuid::from_u128(900);
         let mut a = step(1, 0, 1, &[]);
-        a.instance_of = Some(InstanceOf { map, tolerate: 1, failed: 0 });
+        a.instance_of = Some(InstanceOf {
+            map,
+            tolerate: 1,
+            failed: 0,
+        });
         let mut b = step(2, 0, 1, &[]);
         b.instance_of = a.instance_of;
         let mut c = step(3, 0, 1, &[]);
@@ -956,11 +985,24 @@ mod tests {
         let st = steps(vec![a, b, c]);
         let r = |n: u128, result| report(&st[&Uuid::from_u128(100 + n)], result);
         let batch = [
-            r(1, AttemptResult::Succeeded { output: json!(1), branches: None }),
+            r(
+                1,
+                AttemptResult::Succeeded {
+                    output: json!(1),
+                    branches: None,
+                },
+            ),
             r(2, failed(false)),
         ];
         let p = plan(&batch, &st, TaskNow::default());
-        assert_eq!(p.instances[&map], InstancesDone { task: task(), done: 2, failed: 1 });
+        assert_eq!(
+            p.instances[&map],
+            InstancesDone {
+                task: task(),
+                done: 2,
+                failed: 1
+            }
+        );
         assert!(p.failing.is_empty(), "one failure is tolerated");
         assert_eq!(p.terminal[&task()], 2);
         // The second failure is one too many.
@@ -969,14 +1011,24 @@ mod tests {
         assert!(p.failing.contains_key(&task()));
         // A retried instance is not done.
         let mut retrying = step(4, 0, 3, &[]);
-        retrying.instance_of = Some(InstanceOf { map, tolerate: 0, failed: 0 });
+        retrying.instance_of = Some(InstanceOf {
+            map,
+            tolerate: 0,
+            failed: 0,
+        });
         let st = steps(vec![retrying]);
         let batch = [report(&st[&Uuid::from_u128(104)], failed(true))];
         let p = plan(&batch, &st, TaskNow::default());
         assert!(p.instances.is_empty() && p.failing.is_empty());
     }
 
-    fn node(name: &str, state: StepState, join_any: bool, parents: &[u128], children: &[u128]) -> GraphStep {
+    fn node(
+        name: &str,
+        state: StepState,
+        join_any: bool,
+        parents: &[u128],
+        children: &[u128],
+    ) -> GraphStep {
         GraphStep {
             name: name.into(),
             state,
@@ -989,7 +1041,12 @@ mod tests {
     }
 
     fn seed(n: u128) -> Skip {
-        Skip { step: Uuid::from_u128(n), task: task(), cause: SkipCause::NotChosen, reason: "not chosen by route".into() }
+        Skip {
+            step: Uuid::from_u128(n),
+            task: task(),
+            cause: SkipCause::NotChosen,
+            reason: "not chosen by route".into(),
+        }
     }
 
     #[test]
@@ -1010,8 +1067,15 @@ mod tests {
         .collect();
         // Only express not chosen: notify skipped (join all), ship waits for standard.
         let p = propagate_skips(&graph, &[seed(2)]);
-        let skipped: Vec<(u128, SkipCause)> = p.skipped.iter().map(|s| (s.step.as_u128(), s.cause)).collect();
-        assert_eq!(skipped, vec![(2, SkipCause::NotChosen), (5, SkipCause::ParentSkipped)]);
+        let skipped: Vec<(u128, SkipCause)> = p
+            .skipped
+            .iter()
+            .map(|s| (s.step.as_u128(), s.cause))
+            .collect();
+        assert_eq!(
+            skipped,
+            vec![(2, SkipCause::NotChosen), (5, SkipCause::ParentSkipped)]
+        );
         assert_eq!(p.skipped[1].reason, "parent express was skipped");
         assert_eq!(p.pending, BTreeMap::from([(Uuid::from_u128(4), 1)]));
         assert!(p.ready.is_empty());
@@ -1035,36 +1099,96 @@ mod tests {
     #[test]
     fn a_map_starts_with_instances_an_empty_output_or_a_clear_failure() {
         assert_eq!(expand("l.x", Some("array"), Some(0), 10), Expansion::Empty);
-        assert_eq!(expand("l.x", Some("array"), Some(10), 10), Expansion::Instances { total: 10 });
-        let Expansion::Fail(e) = expand("l.x", Some("array"), Some(11), 10) else { panic!() };
+        assert_eq!(
+            expand("l.x", Some("array"), Some(10), 10),
+            Expansion::Instances { total: 10 }
+        );
+        let Expansion::Fail(e) = expand("l.x", Some("array"), Some(11), 10) else {
+            panic!()
+        };
         assert!(e.contains("found 11 elements; at most 10"), "{e}");
-        let Expansion::Fail(e) = expand("l.x", Some("object"), None, 10) else { panic!() };
+        let Expansion::Fail(e) = expand("l.x", Some("object"), None, 10) else {
+            panic!()
+        };
         assert!(e.contains("found object, not an array"), "{e}");
-        let Expansion::Fail(e) = expand("l.x", None, None, 10) else { panic!() };
+        let Expansion::Fail(e) = expand("l.x", None, None, 10) else {
+            panic!()
+        };
         assert!(e.contains("nothing at that path"), "{e}");
     }
 
     #[test]
     fn the_window_never_lets_more_than_max_parallel_live() {
-        let m = MapNow { max_parallel: 3, total: Some(10), ..MapNow::default() };
-        assert_eq!(map_window(&m, false), Window { readmit: 0, create: 3 });
-        let m = MapNow { live: 2, created: 3, done: 1, ..m };
-        assert_eq!(map_window(&m, false), Window { readmit: 0, create: 1 });
-        let m = MapNow { live: 0, waiting: 2, created: 10, done: 8, ..m };
-        assert_eq!(map_window(&m, false), Window { readmit: 2, create: 0 });
-        let m = MapNow { live: 3, created: 5, ..m };
+        let m = MapNow {
+            max_parallel: 3,
+            total: Some(10),
+            ..MapNow::default()
+        };
+        assert_eq!(
+            map_window(&m, false),
+            Window {
+                readmit: 0,
+                create: 3
+            }
+        );
+        let m = MapNow {
+            live: 2,
+            created: 3,
+            done: 1,
+            ..m
+        };
+        assert_eq!(
+            map_window(&m, false),
+            Window {
+                readmit: 0,
+                create: 1
+            }
+        );
+        let m = MapNow {
+            live: 0,
+            waiting: 2,
+            created: 10,
+            done: 8,
+            ..m
+        };
+        assert_eq!(
+            map_window(&m, false),
+            Window {
+                readmit: 2,
+                create: 0
+            }
+        );
+        let m = MapNow {
+            live: 3,
+            created: 5,
+            ..m
+        };
         assert_eq!(map_window(&m, false), Window::default());
-        let m = MapNow { live: 0, created: 5, ..m };
-        assert_eq!(map_window(&m, true), Window::default(), "a halted task lets none in");
+        let m = MapNow {
+            live: 0,
+            created: 5,
+            ..m
+        };
+        assert_eq!(
+            map_window(&m, true),
+            Window::default(),
+            "a halted task lets none in"
+        );
         // Randomised: whatever finishes, live never exceeds max_parallel.
-        let mut m = MapNow { max_parallel: 7, total: Some(1000), ..MapNow::default() };
+        let mut m = MapNow {
+            max_parallel: 7,
+            total: Some(1000),
+            ..MapNow::default()
+        };
         let mut seed = 17u64;
         while m.done < 1000 {
             let w = map_window(&m, false);
             m.created += w.create;
             m.live += w.create + w.readmit;
             assert!(m.live <= m.max_parallel);
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             let finished = ((seed >> 33) as i32 % m.live.max(1)) + 1;
             let finished = finished.min(m.live);
             m.live -= finished;
@@ -1074,22 +1198,64 @@ mod tests {
 
     #[test]
     fn a_map_finishes_when_every_instance_has_and_tolerates_failures() {
-        let m = MapNow { max_parallel: 2, tolerate: 1, total: Some(3), created: 3, done: 3, failed: 1, ..MapNow::default() };
+        let m = MapNow {
+            max_parallel: 2,
+            tolerate: 1,
+            total: Some(3),
+            created: 3,
+            done: 3,
+            failed: 1,
+            ..MapNow::default()
+        };
         assert_eq!(map_finished(&m, None), Some((StepState::Succeeded, None)));
         let m2 = MapNow { failed: 2, ..m };
         let (state, error) = map_finished(&m2, None).unwrap();
         assert_eq!(state, StepState::Failed);
         assert_eq!(error.unwrap(), "2 of 3 instances failed (tolerate: 1)");
-        assert_eq!(map_finished(&MapNow { done: 2, live: 1, ..m }, None), None);
-        assert_eq!(map_finished(&MapNow { created: 2, done: 2, ..m }, None), None);
+        assert_eq!(
+            map_finished(
+                &MapNow {
+                    done: 2,
+                    live: 1,
+                    ..m
+                },
+                None
+            ),
+            None
+        );
+        assert_eq!(
+            map_finished(
+                &MapNow {
+                    created: 2,
+                    done: 2,
+                    ..m
+                },
+                None
+            ),
+            None
+        );
         assert_eq!(map_finished(&MapNow { total: None, ..m }, None), None);
         // Halted: ends when nothing is live.
-        let halted = MapNow { created: 2, done: 1, live: 1, ..m };
+        let halted = MapNow {
+            created: 2,
+            done: 1,
+            live: 1,
+            ..m
+        };
         assert_eq!(map_finished(&halted, Some(StepState::Skipped)), None);
         let halted = MapNow { live: 0, ..halted };
-        assert_eq!(map_finished(&halted, Some(StepState::Cancelled)), Some((StepState::Cancelled, None)));
-        let halted = MapNow { failed: 2, ..halted };
-        assert_eq!(map_finished(&halted, Some(StepState::Skipped)).unwrap().0, StepState::Failed);
+        assert_eq!(
+            map_finished(&halted, Some(StepState::Cancelled)),
+            Some((StepState::Cancelled, None))
+        );
+        let halted = MapNow {
+            failed: 2,
+            ..halted
+        };
+        assert_eq!(
+            map_finished(&halted, Some(StepState::Skipped)).unwrap().0,
+            StepState::Failed
+        );
     }
 
     fn report(s: &StepNow, result: AttemptResult) -> Finished {
@@ -1130,7 +1296,13 @@ mod tests {
     fn success_keeps_the_output_and_releases_the_children() {
         let st = steps(vec![step(1, 0, 3, &[2, 3])]);
         let s = &st[&Uuid::from_u128(101)];
-        let batch = [report(s, AttemptResult::Succeeded { output: json!(7), branches: None })];
+        let batch = [report(
+            s,
+            AttemptResult::Succeeded {
+                output: json!(7),
+                branches: None,
+            },
+        )];
         let p = plan(&batch, &st, TaskNow::default());
         assert_eq!(p.changes.len(), 1);
         let c = &p.changes[0];
@@ -1155,7 +1327,13 @@ mod tests {
         let st = steps(vec![step(1, 0, 3, &[2])]);
         let s = &st[&Uuid::from_u128(101)];
         let big = json!("x".repeat(2000));
-        let batch = [report(s, AttemptResult::Succeeded { output: big, branches: None })];
+        let batch = [report(
+            s,
+            AttemptResult::Succeeded {
+                output: big,
+                branches: None,
+            },
+        )];
         let p = plan(&batch, &st, TaskNow::default());
         let c = &p.changes[0];
         assert_eq!(
@@ -1253,7 +1431,10 @@ mod tests {
             report(&st[&Uuid::from_u128(101)], failed(false)),
             report(
                 &st[&Uuid::from_u128(102)],
-                AttemptResult::Succeeded { output: json!(1), branches: None },
+                AttemptResult::Succeeded {
+                    output: json!(1),
+                    branches: None,
+                },
             ),
             report(&st[&Uuid::from_u128(103)], failed(true)),
         ];
@@ -1287,7 +1468,10 @@ mod tests {
             let batch = [
                 report(
                     &st[&Uuid::from_u128(101)],
-                    AttemptResult::Succeeded { output: json!(1), branches: None },
+                    AttemptResult::Succeeded {
+                        output: json!(1),
+                        branches: None,
+                    },
                 ),
                 report(&st[&Uuid::from_u128(103)], failed(true)),
             ];
@@ -1335,7 +1519,13 @@ mod tests {
         // An older attempt, a duplicate in the batch, the wrong task, an unknown step.
         let mut old = report(&s, failed(true));
         old.attempt -= 1;
-        let current = report(&s, AttemptResult::Succeeded { output: json!(1), branches: None });
+        let current = report(
+            &s,
+            AttemptResult::Succeeded {
+                output: json!(1),
+                branches: None,
+            },
+        );
         let mut wrong_task = report(&s, failed(true));
         wrong_task.task_id = TaskId(Uuid::from_u128(9));
         let mut unknown = report(&s, failed(true));
@@ -1359,7 +1549,13 @@ mod tests {
         let st = steps(vec![step(1, 4, 9, &[])]);
         let s = &st[&Uuid::from_u128(101)];
         for older in 1..s.attempt {
-            let mut r = report(s, AttemptResult::Succeeded { output: json!(1), branches: None });
+            let mut r = report(
+                s,
+                AttemptResult::Succeeded {
+                    output: json!(1),
+                    branches: None,
+                },
+            );
             r.attempt = older;
             let batch = [r];
             assert_eq!(plan(&batch, &st, TaskNow::default()).stale, 1);

@@ -189,7 +189,7 @@ pub struct StepTemplate {
     #[serde(default = "default_execution_timeout")]
     pub execution_timeout: Millis,
     /// A decision step: the direct children it may choose among. Its handler's result names the
-    /// chosen ones (`branches`); the others are skipped ("not chosen by <step>").
+    /// chosen ones (`branches`); the others are skipped (`"not chosen by <step>"`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub decides: Vec<String>,
     /// When a step with several parents runs: `all` (default) needs every parent to succeed (a
@@ -548,7 +548,9 @@ impl Template {
                 map.over, step.depends_on[0]
             )));
         }
-        if path.len() > MAX_PATH_SEGMENTS || path.iter().any(|p| p.is_empty() || p.len() > MAX_NAME_LEN) {
+        if path.len() > MAX_PATH_SEGMENTS
+            || path.iter().any(|p| p.is_empty() || p.len() > MAX_NAME_LEN)
+        {
             return Err(bad(format!(
                 "map.over {:?} is not a path: use <parent>.<key>.<key> (at most {MAX_PATH_SEGMENTS} non-empty keys of at most {MAX_NAME_LEN} bytes)",
                 map.over
@@ -661,10 +663,18 @@ mod tests {
         let mut bad = ok.clone();
         bad.steps[0].decides.push("ship".into());
         let err = bad.validate().unwrap_err().to_string();
-        assert!(err.contains("\"ship\", which is not a direct child"), "{err}");
+        assert!(
+            err.contains("\"ship\", which is not a direct child"),
+            "{err}"
+        );
         let mut bad = ok.clone();
         bad.steps[0].join = Join::Any;
-        assert!(bad.validate().unwrap_err().to_string().contains("join: any needs"));
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("join: any needs")
+        );
 
         let mut resize = step("resize", &["list"]);
         resize.map = Some(MapSpec {
@@ -677,12 +687,22 @@ mod tests {
         assert_eq!(ok.validate(), Ok(()));
         for (change, expected) in [
             (
-                Box::new(|m: &mut MapSpec| m.over = "other.images".into()) as Box<dyn Fn(&mut MapSpec)>,
+                Box::new(|m: &mut MapSpec| m.over = "other.images".into())
+                    as Box<dyn Fn(&mut MapSpec)>,
                 "must start with the parent's name",
             ),
-            (Box::new(|m: &mut MapSpec| m.over = "list..x".into()), "is not a path"),
-            (Box::new(|m: &mut MapSpec| m.max_parallel = 0), "max_parallel must be between 1 and 1000"),
-            (Box::new(|m: &mut MapSpec| m.max_items = 100_001), "max_items must be between"),
+            (
+                Box::new(|m: &mut MapSpec| m.over = "list..x".into()),
+                "is not a path",
+            ),
+            (
+                Box::new(|m: &mut MapSpec| m.max_parallel = 0),
+                "max_parallel must be between 1 and 1000",
+            ),
+            (
+                Box::new(|m: &mut MapSpec| m.max_items = 100_001),
+                "max_items must be between",
+            ),
             (Box::new(|m: &mut MapSpec| m.tolerate = 200_000), "tolerate"),
         ] {
             let mut bad = ok.clone();
@@ -705,7 +725,10 @@ mod tests {
         // Registered before decisions and maps existed: the same hash today.
         let t = template(vec![step("a", &[])]);
         let json = serde_json::to_string(&t).unwrap();
-        assert!(!json.contains("decides") && !json.contains("join") && !json.contains("map"), "{json}");
+        assert!(
+            !json.contains("decides") && !json.contains("join") && !json.contains("map"),
+            "{json}"
+        );
     }
 
     fn template(steps: Vec<StepTemplate>) -> Template {

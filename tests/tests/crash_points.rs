@@ -244,7 +244,9 @@ steps:
                     Ok(tasker_tests::tasker_worker::Decision::choose(["fan"]).output(json!(1)))
                 }
             })
-            .handler_fn("list", |_ctx| async move { Ok(json!({"items": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]})) }),
+            .handler_fn("list", |_ctx| async move {
+                Ok(json!({"items": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]}))
+            }),
     )
     .await?;
     let id = h.submit("t", "dyn", json!({})).await?;
@@ -260,7 +262,10 @@ steps:
     let conn = lapin::Connection::connect(&h.services.amqp_url, Default::default()).await?;
     let ch = conn.create_channel().await?;
     let purged = ch
-        .queue_purge(h.names().step_queue("q").as_str().into(), Default::default())
+        .queue_purge(
+            h.names().step_queue("q").as_str().into(),
+            Default::default(),
+        )
         .await?;
     assert_eq!(purged, 5);
     conn.close(200, "bye".into()).await?;

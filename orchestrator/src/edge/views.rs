@@ -125,7 +125,12 @@ pub fn task_view(d: TaskDetail) -> TaskView {
 
 /// A mapped step's instances counted by state (`counts`: state → number).
 fn map_view(total: Option<i32>, counts: &serde_json::Value) -> MapView {
-    let n = |state: StepState| counts.get(state.as_str()).and_then(|v| v.as_u64()).unwrap_or(0) as u32;
+    let n = |state: StepState| {
+        counts
+            .get(state.as_str())
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0) as u32
+    };
     let created: u32 = StepState::ALL.iter().map(|s| n(*s)).sum();
     let total = total.map(|t| t.max(0) as u32);
     MapView {

@@ -60,8 +60,8 @@ pub async fn cascade(
         mut started,
         mut touched,
     } = cause;
-    store::count_instances(tx, &instances).await?;
-    touched.extend(instances.keys().copied());
+    // Instances that finished: their mapped steps' progress, as counted.
+    let mut counted = store::count_instances(tx, &instances).await?;
     loop {
         if !skips.is_empty() {
             let mut tasks: Vec<Uuid> = skips.iter().map(|s| s.task).collect();
@@ -99,7 +99,8 @@ pub async fn cascade(
         started.clear();
         touched.sort_unstable();
         touched.dedup();
-        let maps = store::read_maps(tx, &touched).await?;
+        let mut maps = std::mem::take(&mut counted);
+        maps.extend(store::read_maps(tx, &touched).await?);
         touched.clear();
         for m in &maps {
             let halt = halted(live, out, m.task_id);

@@ -2,11 +2,11 @@
 //! already has its outbox entry, and the confirmer deletes it once the broker confirmed the
 //! message. If this process dies anywhere in between, the relay publishes the entry again.
 
-use serde_json::Value;
 use super::{Pending, Shared};
 use crate::broker::properties;
 use crate::store::outbox::{self, Admitted, MessageData};
 use crate::transition::{self, Finished};
+use serde_json::Value;
 use tasker_schemas::topology::{result_routing_key, shard_of};
 use tasker_schemas::{Envelope, MessageId, StepMessage, StepState, encode};
 

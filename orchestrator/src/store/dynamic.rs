@@ -129,6 +129,9 @@ pub struct MapSource {
 
 /// Reads what the mapped steps `ids` map over (their single parent's output at their path).
 pub async fn read_sources(tx: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<MapSource>> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
     let rows = sqlx::query(
         "WITH src AS (
              SELECT c.id, c.task_id, p.name AS parent, c.map_over, c.map_max_items,
@@ -174,30 +177,36 @@ pub async fn set_total(tx: &mut PgConnection, id: Uuid, total: i32) -> Result<()
     Ok(())
 }
 
-/// Counts instances that finished (they were live) toward their mapped steps.
+/// Counts instances that finished (they were live) toward their mapped steps; returns those
+/// still mapping, with their progress.
 pub async fn count_instances(
     tx: &mut PgConnection,
     done: &std::collections::BTreeMap<Uuid, crate::transition::InstancesDone>,
-) -> Result<()> {
+) -> Result<Vec<MapRow>> {
     if done.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
-    let (ids, (n, failed)): (Vec<Uuid>, (Vec<i32>, Vec<i32>)) = done
-        .iter()
-        .map(|(k, v)| (*k, (v.done, v.failed)))
-        .unzip();
-    sqlx::query(
+    let (ids, (n, failed)): (Vec<Uuid>, (Vec<i32>, Vec<i32>)) =
+        done.iter().map(|(k, v)| (*k, (v.done, v.failed))).unzip();
+    let rows = sqlx::query(
         "UPDATE steps s SET map_done = s.map_done + d.n, map_failed = s.map_failed + d.failed,
                             map_live = greatest(s.map_live - d.n, 0), updated_at = now()
          FROM unnest($1::uuid[], $2::int[], $3::int[]) AS d(id, n, failed)
-         WHERE s.id = d.id",
+         WHERE s.id = d.id
+         RETURNING s.id, s.task_id, s.name, s.queue, s.child_ids, s.map_max_parallel,
+                   s.map_tolerate, s.map_total, s.map_created, s.map_live, s.map_waiting,
+                   s.map_done, s.map_failed, s.state",
     )
     .bind(&ids)
     .bind(&n)
     .bind(&failed)
-    .execute(&mut *tx)
+    .fetch_all(&mut *tx)
     .await?;
-    Ok(())
+    Ok(rows
+        .iter()
+        .filter(|r| r.get::<StepState, _>("state") == StepState::Mapping)
+        .map(map_row)
+        .collect())
 }
 
 /// A mapped step still mapping, with its progress.
@@ -233,6 +242,9 @@ fn map_row(r: &sqlx::postgres::PgRow) -> MapRow {
 
 /// The mapped steps `ids` that are still mapping.
 pub async fn read_maps(tx: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<MapRow>> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
     let rows = sqlx::query(
         "SELECT id, task_id, name, queue, child_ids, map_max_parallel, map_tolerate, map_total,
                 map_created, map_live, map_waiting, map_done, map_failed
@@ -275,28 +287,20 @@ pub async fn recount_maps(tx: &mut PgConnection, tasks: &[Uuid]) -> Result<Vec<M
 /// (in index order), then new ones, each created with its element of the parent's output (read
 /// once per call). Returns how many were created.
 pub async fn let_in(tx: &mut PgConnection, map: &MapRow, w: Window) -> Result<i32> {
-    if w.readmit > 0 {
-        sqlx::query(
-            "UPDATE steps SET state = $3, queued_at = now(), updated_at = now()
+    let ids: Vec<Uuid> = (0..w.create).map(|_| Uuid::now_v7()).collect();
+    let index: Vec<i32> = (0..w.create).map(|i| map.now.created + i).collect();
+    // One statement: readmit, create (the parent's output read once), count.
+    let created: i32 = sqlx::query_scalar(
+        "WITH readmitted AS (
+             UPDATE steps SET state = $4, queued_at = now(), updated_at = now()
              WHERE id IN (SELECT id FROM steps WHERE map_of = $1 AND state = 'waiting'
-                          ORDER BY map_index LIMIT $2)",
-        )
-        .bind(map.id)
-        .bind(w.readmit)
-        .bind(PARENTS_DONE.to)
-        .execute(&mut *tx)
-        .await?;
-    }
-    let mut created = 0;
-    if w.create > 0 {
-        let ids: Vec<Uuid> = (0..w.create).map(|_| Uuid::now_v7()).collect();
-        let index: Vec<i32> = (0..w.create).map(|i| map.now.created + i).collect();
-        created = sqlx::query(
-            "WITH src AS MATERIALIZED (
-                 SELECT c.*, p.output #> c.map_over AS items
-                 FROM steps c JOIN steps p ON p.id = c.parent_ids[1]
-                 WHERE c.id = $1
-             )
+                          ORDER BY map_index LIMIT $5)
+             RETURNING 1
+         ), src AS MATERIALIZED (
+             SELECT c.*, p.output #> c.map_over AS items
+             FROM steps c JOIN steps p ON p.id = c.parent_ids[1]
+             WHERE c.id = $1 AND cardinality($2::uuid[]) > 0
+         ), created AS (
              INSERT INTO steps (id, task_id, namespace, name, position, handler, queue, state,
                                 priority, max_attempts, retry_policy, queue_wait_timeout_ms,
                                 execution_timeout_ms, pending_parents, parent_ids, child_ids,
@@ -305,25 +309,24 @@ pub async fn let_in(tx: &mut PgConnection, map: &MapRow, w: Window) -> Result<i3
                     src.queue, $4, src.priority, src.max_attempts, src.retry_policy,
                     src.queue_wait_timeout_ms, src.execution_timeout_ms, 0, src.parent_ids, '{}',
                     now(), src.id, n.idx, src.items -> n.idx
-             FROM src, unnest($2::uuid[], $3::int[]) AS n(id, idx)",
-        )
-        .bind(map.id)
-        .bind(&ids)
-        .bind(&index)
-        .bind(PARENTS_DONE.to)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected() as i32;
-    }
-    sqlx::query(
-        "UPDATE steps SET map_created = map_created + $2, map_live = map_live + $2 + $3,
-                          map_waiting = map_waiting - $3, updated_at = now()
-         WHERE id = $1",
+             FROM src, unnest($2::uuid[], $3::int[]) AS n(id, idx)
+             RETURNING 1
+         ), counted AS (
+             SELECT (SELECT count(*) FROM created)::int AS created,
+                    (SELECT count(*) FROM readmitted)::int AS readmitted
+         )
+         UPDATE steps SET map_created = map_created + counted.created,
+                          map_live = map_live + counted.created + counted.readmitted,
+                          map_waiting = map_waiting - counted.readmitted, updated_at = now()
+         FROM counted WHERE id = $1
+         RETURNING counted.created",
     )
     .bind(map.id)
-    .bind(created)
+    .bind(&ids)
+    .bind(&index)
+    .bind(PARENTS_DONE.to)
     .bind(w.readmit)
-    .execute(&mut *tx)
+    .fetch_one(&mut *tx)
     .await?;
     Ok(created)
 }

@@ -73,7 +73,10 @@ pub async fn restore_due_times(tx: &mut PgConnection, task: Uuid) -> Result<()> 
 /// skipped parent as finished; instances of mapped steps are let in by their mapped step);
 /// those with none left are [`PARENTS_DONE`], or start mapping ([`MAP_STARTS`]). Returns the
 /// queues that got work and the mapped steps that started.
-pub async fn readmit_waiting(tx: &mut PgConnection, task: Uuid) -> Result<(Vec<String>, Vec<Uuid>)> {
+pub async fn readmit_waiting(
+    tx: &mut PgConnection,
+    task: Uuid,
+) -> Result<(Vec<String>, Vec<Uuid>)> {
     // One UPDATE with the counts computed beforehand: a row must not be updated twice in one
     // statement.
     let rows = sqlx::query(

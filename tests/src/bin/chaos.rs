@@ -1,11 +1,13 @@
 //! `chaos`: the fault-injection harness. It starts real processes — two orchestrators (`tasker
 //! serve`, same database and prefix, different ports) and two workers (`chaos-worker`) — against
 //! local PostgreSQL and RabbitMQ, submits N workflows (linear 4 steps, diamond, fan-out
-//! 1 → 20 → 1, a decision and a mapped step; see `--mix`) over HTTP with an idempotency key each, and meanwhile kills orchestrators and
-//! workers with SIGKILL at random moments (restarting them after 0.2–3 s), restarts RabbitMQ
-//! (`rabbitmqctl stop_app`, 2–5 s pause, `start_app`) and restarts PostgreSQL (`pg_ctl restart
-//! -m fast` as the data directory's owner). Then it checks every task, prints a table and one
-//! JSON line, and exits non-zero if a pass criterion fails:
+//! 1 → 20 → 1, a decision between two branches, a mapped step; see `--mix`) over HTTP with an
+//! idempotency key each, and meanwhile kills orchestrators and workers with SIGKILL at random
+//! moments (restarting them after 0.2–3 s), restarts RabbitMQ (`rabbitmqctl stop_app`, 2–5 s
+//! pause, `start_app`) and restarts PostgreSQL (`pg_ctl restart -m fast` as the data directory's
+//! owner). Then it checks every task, prints a table and one JSON line (with `config`, the run's
+//! configuration, and `mix`, the accepted tasks per workflow), and exits non-zero if a pass
+//! criterion fails:
 //!
 //! - `lost == 0`: every accepted submit has its task (by idempotency key, with the accepted id),
 //!   and every terminal task has all its steps' outcomes (all steps terminal, a completed task's

@@ -77,7 +77,7 @@ const TERMINAL_STEP: &[&str] = &["succeeded", "failed", "skipped", "cancelled"];
 /// Element `i` of the array the `map` workflow maps over: the same function as in
 /// `chaos-worker` (whose `chaos_items` handler outputs these and whose instances check theirs).
 fn item(i: usize) -> Value {
-    json!(format!("x{i}"))
+    json!(format!("e{i}"))
 }
 
 /// How the execution records name a step: `name`, or `name[index]` for an instance.
@@ -273,7 +273,7 @@ pub async fn check(
         let mut wrong = Vec::new();
         if let (Some(route), "decision") = (a.route, a.kind) {
             v.decisions_checked += 1;
-            let (chosen, other) = if route != "left" {
+            let (chosen, other) = if route == "left" {
                 (&["left", "left_tail"][..], &["right"][..])
             } else {
                 (&["right"][..], &["left", "left_tail"][..])
