@@ -44,3 +44,11 @@ ALTER TABLE steps DROP CONSTRAINT IF EXISTS steps_task_id_name_key;
 CREATE UNIQUE INDEX steps_task_name ON steps (task_id, name, coalesce(map_index, -1));
 -- A mapped step's instances in index order (its output, the instance listing, re-admission).
 CREATE INDEX steps_map_of ON steps (map_of, map_index) WHERE map_of IS NOT NULL;
+
+-- A template's `on_failure` handler (its step settings as JSON), kept with each task.
+ALTER TABLE tasks ADD COLUMN on_failure jsonb;
+-- The step an `on_failure` handler runs as: created when its task fails (it must not exist
+-- before, so nothing counts or halts it), with the failed step's name and error.
+ALTER TABLE steps
+    ADD COLUMN failure_handler boolean NOT NULL DEFAULT false,
+    ADD COLUMN failure         jsonb;

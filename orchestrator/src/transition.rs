@@ -17,6 +17,7 @@
 //! | a step message the broker dead-lettered | [`dead_step`] |
 //! | a step message too large or unencodable / unroutable | [`undeliverable`], [`unroutable`] |
 //! | the state a task finishes in | [`final_state`] |
+//! | a failed task runs its `on_failure` handler first | [`may_run_failure_handler`] |
 //! | a decision's branches: checked, the ones not chosen skipped | [`plan_batch`] (`check_branches`) |
 //! | skips propagate: `join: all` skips, `join: any` runs if a parent succeeded | [`propagate_skips`] |
 //! | a mapped step starts: instances, an empty output, or a clear failure | [`expand`] |
@@ -94,6 +95,9 @@ pub struct StepNow {
     pub child_names: Vec<String>,
     /// An instance of a mapped step.
     pub instance_of: Option<InstanceOf>,
+    /// The task's `on_failure` step: it runs in a failed task, so its task being halted does
+    /// not stop its retries.
+    pub failure_handler: bool,
 }
 
 /// The mapped step an instance belongs to, as it is now.
@@ -242,8 +246,8 @@ pub fn plan_batch<'a>(
             plan.stale += 1;
             continue;
         }
-        let halted =
-            task.failing || task.cancel_requested || plan.failing.contains_key(&step.task_id);
+        let halted = !step.failure_handler
+            && (task.failing || task.cancel_requested || plan.failing.contains_key(&step.task_id));
         let change = decide(step, f, halted, policy, unit);
         if change.to != StepState::Retrying
             && let Some(of) = step.instance_of
@@ -770,6 +774,13 @@ pub fn retry_task(state: TaskState) -> Result<Move, Refused> {
     })
 }
 
+/// A task about to finish `failed` runs its template's `on_failure` handler first, if it has
+/// one that has not run for this failure (the store knows): its step counts as unfinished, and
+/// the task finishes `failed` once it has run, whatever its result. Nothing else runs one.
+pub fn may_run_failure_handler(ending: TaskState) -> bool {
+    ending == TaskState::Failed
+}
+
 /// The state a task with no unfinished step finishes in.
 pub fn final_state(task: TaskNow) -> TaskState {
     if task.cancel_requested {
@@ -876,6 +887,7 @@ mod tests {
             decides: None,
             child_names: children.iter().map(|c| format!("s{c}")).collect(),
             instance_of: None,
+            failure_handler: false,
         }
     }
 

@@ -30,12 +30,14 @@ pub mod topology;
 pub use data::{DataError, DataLimits};
 pub use ids::{MessageId, RequestId, StepId, TaskId};
 pub use message::{
-    Cancel, DecodeError, EncodeError, Envelope, Heartbeat, Kind, LifecycleEvent, Outcome, Payload,
-    ResultBatch, Started, StepMessage, StepResult, TaskRequest, WorkerMessage, decode, encode,
-    encode_payload,
+    Cancel, DecodeError, EncodeError, Envelope, Failure, Heartbeat, Kind, LifecycleEvent, Outcome,
+    Payload, ResultBatch, Started, StepMessage, StepResult, TaskRequest, WorkerMessage, decode,
+    encode, encode_payload,
 };
 pub use state::{AttemptOutcome, StepState, TaskState};
-pub use template::{Join, MapSpec, Millis, RetryPolicy, StepTemplate, Template, TemplateError};
+pub use template::{
+    FailureHandler, Join, MapSpec, Millis, RetryPolicy, StepTemplate, Template, TemplateError,
+};
 pub use topology::Names;
 
 #[cfg(test)]

@@ -239,6 +239,19 @@ pub struct StepMessage {
     /// otherwise; a JSON `null` element is sent as nil).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub map_item: Option<Value>,
+    /// Since 1.1: for the `on_failure` step of a failed task, the step that failed and its
+    /// error; absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<Failure>,
+}
+
+/// What failed a task, as its `on_failure` step is told.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    /// The name of the step that failed the task.
+    pub step: String,
+    /// That step's error.
+    pub error: String,
 }
 
 impl Payload for StepMessage {

@@ -278,6 +278,49 @@ pub struct Template {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
     pub steps: Vec<StepTemplate>,
+    /// A step that runs once when a task of this template fails (compensation): its message
+    /// carries the failed step's name and error (`failure`) and the outputs of the steps that
+    /// succeeded (`parent_outputs`); its result is recorded and the task stays failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_failure: Option<FailureHandler>,
+}
+
+/// The name of the step an `on_failure` handler runs as (no template step may use it).
+pub const ON_FAILURE_STEP: &str = "on_failure";
+
+/// `on_failure:` on a template.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailureHandler {
+    pub handler: String,
+    /// The queue its message goes to; [`DEFAULT_QUEUE`] when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<String>,
+    #[serde(default)]
+    pub retry: RetryPolicy,
+    #[serde(default = "default_queue_wait_timeout")]
+    pub queue_wait_timeout: Millis,
+    #[serde(default = "default_execution_timeout")]
+    pub execution_timeout: Millis,
+}
+
+impl FailureHandler {
+    /// The handler as a step of its own (named [`ON_FAILURE_STEP`]), for the checks and the
+    /// queues every step gets.
+    pub fn as_step(&self) -> StepTemplate {
+        StepTemplate {
+            name: ON_FAILURE_STEP.to_owned(),
+            handler: self.handler.clone(),
+            queue: self.queue.clone(),
+            depends_on: Vec::new(),
+            retry: self.retry.clone(),
+            queue_wait_timeout: self.queue_wait_timeout,
+            execution_timeout: self.execution_timeout,
+            decides: Vec::new(),
+            join: Join::All,
+            map: None,
+        }
+    }
 }
 
 /// Why a template is invalid. Every variant names what is wrong.
@@ -385,6 +428,22 @@ impl Template {
                     name: step.name.clone(),
                 });
             }
+        }
+        if let Some(h) = &self.on_failure {
+            if index.contains_key(ON_FAILURE_STEP) {
+                return Err(TemplateError::InvalidFlow {
+                    step: ON_FAILURE_STEP.to_owned(),
+                    problem: format!(
+                        "the name {ON_FAILURE_STEP:?} is the template's on_failure handler's: rename the step"
+                    ),
+                });
+            }
+            let step = h.as_step();
+            check_name("handler of on_failure", &step.handler)?;
+            if let Some(q) = &step.queue {
+                check_name("queue of on_failure", q)?;
+            }
+            validate_policy(&step)?;
         }
         for step in &self.steps {
             check_name(&format!("handler of step {:?}", step.name), &step.handler)?;
@@ -721,6 +780,25 @@ mod tests {
     }
 
     #[test]
+    fn on_failure_is_checked_and_its_name_reserved() {
+        let yaml = "namespace: n\nname: t\nversion: 1\nsteps: [{ name: a, handler: h }]\non_failure: { handler: refund, queue: q }\n";
+        let t: Template = serde_saphyr::from_str(yaml).unwrap();
+        assert_eq!(t.validate(), Ok(()));
+        assert_eq!(t.on_failure.as_ref().unwrap().as_step().queue(), "q");
+        let mut bad = t.clone();
+        bad.steps[0].name = ON_FAILURE_STEP.into();
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("rename the step")
+        );
+        let mut bad = t.clone();
+        bad.on_failure.as_mut().unwrap().handler = "has space".into();
+        assert!(bad.validate().is_err());
+    }
+
+    #[test]
     fn new_fields_left_out_do_not_change_the_content_hash() {
         // Registered before decisions and maps existed: the same hash today.
         let t = template(vec![step("a", &[])]);
@@ -738,6 +816,7 @@ mod tests {
             version: 1,
             description: None,
             steps,
+            on_failure: None,
         }
     }
 

@@ -1207,6 +1207,7 @@ fn round_trip_step() {
         result_routing_key: "ns.0".into(),
         map_index: None,
         map_item: None,
+        failure: None,
     };
     round_trip(plain.clone());
     // Instances of a mapped step, down to the largest index.
@@ -1219,6 +1220,7 @@ fn round_trip_step() {
             idempotency_key: format!("{task_id}:s:{index}"),
             map_index: Some(index),
             map_item: Some(item),
+            failure: None,
             ..plain.clone()
         });
     }

@@ -463,3 +463,59 @@ async fn a_map_over_10000_elements() -> anyhow::Result<()> {
     h.finish().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_task_runs_its_failure_handler_once() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    h.register_yaml(
+        "namespace: t
+name: compensate
+version: 1
+steps:
+  - { name: charge, handler: ok }
+  - { name: ship, handler: boom, depends_on: [charge] }
+  - { name: later, handler: ok, depends_on: [ship] }
+on_failure: { handler: refund, retry: { max_attempts: 2, initial_delay: 10ms } }
+",
+    )
+    .await?;
+    let refunds = Arc::new(AtomicUsize::new(0));
+    let r = refunds.clone();
+    h.spawn_worker(
+        h.worker()
+            .handler_fn(
+                "ok",
+                |ctx| async move { Ok(json!({"charged": ctx.step()})) },
+            )
+            .handler_fn("boom", |_ctx| async move {
+                Err::<Value, _>(StepError::permanent("carrier refused the parcel"))
+            })
+            .handler_fn("refund", move |ctx| {
+                let r = r.clone();
+                async move {
+                    // The first attempt fails: the handler's own retry policy applies.
+                    if r.fetch_add(1, Ordering::SeqCst) == 0 {
+                        return Err(StepError::retryable("bank busy"));
+                    }
+                    let failure = ctx.failure().cloned().expect("the failure");
+                    let parents: Vec<String> = ctx.parent_outputs().keys().cloned().collect();
+                    Ok(json!({"failed": failure.step, "error": failure.error, "had": parents}))
+                }
+            }),
+    )
+    .await?;
+    let task = h.run("t", "compensate", json!({})).await?;
+    assert_eq!(task.state, TaskState::Failed, "{task:#?}");
+    assert!(task.error.as_deref().unwrap().contains("carrier refused"));
+    let handler = step(&task, "on_failure");
+    assert_eq!(handler.state, StepState::Succeeded, "{task:#?}");
+    assert_eq!(handler.attempt, 2);
+    assert_eq!(
+        handler.output,
+        Some(json!({"failed": "ship", "error": "carrier refused the parcel", "had": ["charge"]}))
+    );
+    assert_eq!(step(&task, "later").state, StepState::Skipped);
+    assert_eq!(refunds.load(Ordering::SeqCst), 2);
+    h.finish().await;
+    Ok(())
+}

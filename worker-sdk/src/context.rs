@@ -4,7 +4,7 @@ use crate::handler::StepError;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 use std::sync::Arc;
-use tasker_schemas::{StepId, StepMessage, TaskId};
+use tasker_schemas::{Failure, StepId, StepMessage, TaskId};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 /// One attempt of one step, as handed to a [`StepHandler`](crate::StepHandler).
@@ -49,6 +49,7 @@ impl StepContext {
             result_routing_key: "test.0".into(),
             map_index: None,
             map_item: None,
+            failure: None,
         };
         Self::new(message, "test-worker", CancellationToken::new())
     }
@@ -150,6 +151,13 @@ impl StepContext {
         self.message.map_index?;
         // A null element travels as nil, which reads like an absent field.
         Some(self.message.map_item.as_ref().unwrap_or(&NULL))
+    }
+
+    /// For the `on_failure` step of a failed task: the step that failed it and its error
+    /// (`None` for every other step). Its [`parent_outputs`](Self::parent_outputs) hold the
+    /// outputs of the steps that succeeded.
+    pub fn failure(&self) -> Option<&Failure> {
+        self.message.failure.as_ref()
     }
 
     /// This instance's element deserialized as `T`. A step that is not an instance of a mapped

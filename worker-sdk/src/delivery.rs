@@ -409,6 +409,7 @@ mod tests {
             result_routing_key: "ns.0".into(),
             map_index: None,
             map_item: None,
+            failure: None,
         }
     }
 

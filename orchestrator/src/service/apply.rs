@@ -193,7 +193,9 @@ async fn apply_batch(
             (id, transition::final_state(task))
         })
         .collect();
-    report.finished = store_apply::finalize(tx, &ending).await?;
+    let (finished, queues) = dynamic::finish(tx, ending).await?;
+    report.finished = finished;
+    report.queued.extend(queues);
     Ok(report)
 }
 

@@ -190,3 +190,23 @@ pub async fn settle_halted(
     }
     Ok(ended)
 }
+
+/// Finishes tasks with nothing left to run ([`store_apply::finalize`]), except those about to
+/// fail that still have their `on_failure` handler to run ([`transition::may_run_failure_handler`]):
+/// those start it instead. Returns the finished tasks and the queues that got a handler's step.
+pub async fn finish(
+    tx: &mut PgConnection,
+    ending: Vec<(Uuid, tasker_schemas::TaskState)>,
+) -> db::Result<(Vec<store_apply::FinishedTask>, Vec<String>)> {
+    let candidates: Vec<Uuid> = ending
+        .iter()
+        .filter(|(_, state)| transition::may_run_failure_handler(*state))
+        .map(|(id, _)| *id)
+        .collect();
+    let (started, queues) = store_apply::start_failure_handlers(tx, &candidates).await?;
+    let rest: Vec<(Uuid, tasker_schemas::TaskState)> = ending
+        .into_iter()
+        .filter(|(id, _)| !started.contains(id))
+        .collect();
+    Ok((store_apply::finalize(tx, &rest).await?, queues))
+}

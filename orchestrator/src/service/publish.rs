@@ -52,6 +52,7 @@ pub async fn publish_admitted(
             result_routing_key: routing,
             map_index: m.map_index.map(|i| i as u32),
             map_item: m.map_index.map(|_| m.map_item.unwrap_or(Value::Null)),
+            failure: m.failure.and_then(|f| serde_json::from_value(f).ok()),
         });
         let message_id: MessageId = envelope.message_id;
         let bytes = match encode(&envelope) {

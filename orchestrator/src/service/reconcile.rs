@@ -60,7 +60,9 @@ async fn repair(shared: &Shared, id: Uuid) -> Result<()> {
         }
     }
     reconcile::recount_unfinished(&mut tx, id).await?;
-    let finished = apply::finalize(&mut tx, &[(id, transition::final_state(task))]).await?;
+    let (finished, handlers) =
+        super::dynamic::finish(&mut tx, vec![(id, transition::final_state(task))]).await?;
+    queues.extend(handlers);
     tx.commit().await?;
     shared.dispatch.wake(queues);
     events::announce(shared, &finished).await;

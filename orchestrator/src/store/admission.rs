@@ -189,7 +189,7 @@ pub async fn admit_locked(
              FROM picked WHERE s.id = picked.id
              RETURNING s.id, s.task_id, s.namespace, s.name, s.handler, s.queue, s.attempt,
                        s.state, s.execution_timeout_ms, s.parent_ids, s.map_of, s.map_index,
-                       s.map_item
+                       s.map_item, s.failure
          ), entries AS (
              INSERT INTO outbox (step_id, attempt, namespace)
              SELECT id, attempt, namespace FROM admitted
@@ -199,7 +199,7 @@ pub async fn admit_locked(
              WHERE scope = 'queue' AND key = $1 AND EXISTS (SELECT 1 FROM admitted)
          )
          SELECT e.outbox_id, a.id, a.task_id, a.namespace, t.template_name, a.name, a.handler,
-                a.queue, a.attempt, a.state, a.execution_timeout_ms, a.map_index, a.map_item,
+                a.queue, a.attempt, a.state, a.execution_timeout_ms, a.map_index, a.map_item, a.failure,
                 t.context,
                 CASE WHEN a.map_of IS NULL THEN
                     (SELECT coalesce(jsonb_object_agg(p.name, coalesce(p.output, 'null'::jsonb)), '{}'::jsonb)

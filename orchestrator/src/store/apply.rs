@@ -64,6 +64,7 @@ struct StepRow {
     map_of: Option<Uuid>,
     map_tolerate: Option<i32>,
     map_failed: Option<i32>,
+    failure_handler: bool,
 }
 
 /// The reported steps as they are now (their tasks locked by [`lock_live_tasks`]).
@@ -76,7 +77,7 @@ pub async fn read_steps(tx: &mut PgConnection, ids: &[Uuid]) -> Result<HashMap<U
                     (SELECT coalesce(array_agg(c.name ORDER BY k.n), '{}')
                      FROM unnest(s.child_ids) WITH ORDINALITY AS k(id, n)
                      JOIN steps c ON c.id = k.id) END AS child_names,
-                s.map_of, m.map_tolerate, m.map_failed
+                s.map_of, m.map_tolerate, m.map_failed, s.failure_handler
          FROM steps s LEFT JOIN steps m ON m.id = s.map_of
          WHERE s.id = ANY($1)",
     )
@@ -108,6 +109,7 @@ pub async fn read_steps(tx: &mut PgConnection, ids: &[Uuid]) -> Result<HashMap<U
                         tolerate: s.map_tolerate.unwrap_or(0),
                         failed: s.map_failed.unwrap_or(0),
                     }),
+                    failure_handler: s.failure_handler,
                 },
             )
         })
@@ -321,12 +323,13 @@ pub async fn halt_steps(
     m: Move,
 ) -> Result<HashMap<Uuid, i32>> {
     // A skipped step records why (a retry runs it again); instances of a mapped step are
-    // counted by their mapped step afterwards (`store::dynamic::recount_maps`).
+    // counted by their mapped step afterwards (`store::dynamic::recount_maps`). A failing
+    // task's `on_failure` step is the one step a halt leaves to run.
     let rows = sqlx::query(
         "UPDATE steps SET state = $3, next_attempt_at = NULL, updated_at = now(),
                           skip_cause = CASE WHEN $3 = $4 THEN $5 END,
                           skip_reason = CASE WHEN $3 = $4 THEN $6 END
-         WHERE task_id = ANY($1) AND state = ANY($2)
+         WHERE task_id = ANY($1) AND state = ANY($2) AND NOT failure_handler
          RETURNING task_id",
     )
     .bind(tasks)
@@ -342,6 +345,62 @@ pub async fn halt_steps(
         *moved.entry(r.get("task_id")).or_default() += 1;
     }
     Ok(moved)
+}
+
+/// Starts the `on_failure` handler of the tasks among `ids` that have one and whose handler
+/// has not run for this failure: its step is created `queued` (its parents: the steps that
+/// succeeded, so its message carries their outputs; `failure`: the failed step's name and
+/// error) and counts as unfinished. Returns the tasks that started one, and the queues.
+pub async fn start_failure_handlers(
+    tx: &mut PgConnection,
+    ids: &[Uuid],
+) -> Result<(Vec<Uuid>, Vec<String>)> {
+    if ids.is_empty() {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    let step_ids: Vec<Uuid> = ids.iter().map(|_| Uuid::now_v7()).collect();
+    let rows = sqlx::query(
+        "WITH t AS (
+             SELECT t.id, t.namespace, t.priority, t.on_failure, n.step_id
+             FROM unnest($1::uuid[], $2::uuid[]) AS n(task_id, step_id)
+             JOIN tasks t ON t.id = n.task_id
+             WHERE t.on_failure IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM steps s WHERE s.task_id = t.id AND s.failure_handler)
+         ), created AS (
+             INSERT INTO steps (id, task_id, namespace, name, position, handler, queue, state,
+                                priority, max_attempts, retry_policy, queue_wait_timeout_ms,
+                                execution_timeout_ms, pending_parents, parent_ids, child_ids,
+                                queued_at, failure_handler, failure)
+             SELECT t.step_id, t.id, t.namespace, $3, 2147483647, t.on_failure->>'handler',
+                    coalesce(t.on_failure->>'queue', $4), $5, t.priority,
+                    (t.on_failure->'retry'->>'max_attempts')::int, t.on_failure->'retry',
+                    (t.on_failure->>'queue_wait_timeout')::bigint,
+                    (t.on_failure->>'execution_timeout')::bigint, 0,
+                    (SELECT coalesce(array_agg(s.id ORDER BY s.position), '{}') FROM steps s
+                     WHERE s.task_id = t.id AND s.state = 'succeeded' AND s.map_of IS NULL),
+                    '{}', now(), true,
+                    (SELECT jsonb_build_object('step', s.name, 'error', coalesce(s.error, ''))
+                     FROM steps s WHERE s.task_id = t.id AND s.state = 'failed' AND s.map_of IS NULL
+                     ORDER BY s.updated_at LIMIT 1)
+             FROM t
+             RETURNING task_id, queue
+         ), counted AS (
+             UPDATE tasks SET unfinished_steps = unfinished_steps + 1, updated_at = now()
+             WHERE id IN (SELECT task_id FROM created)
+         )
+         SELECT task_id, queue FROM created",
+    )
+    .bind(ids)
+    .bind(&step_ids)
+    .bind(tasker_schemas::template::ON_FAILURE_STEP)
+    .bind(tasker_schemas::template::DEFAULT_QUEUE)
+    .bind(crate::transition::PARENTS_DONE.to)
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.get::<Uuid, _>("task_id"), r.get::<String, _>("queue")))
+        .unzip())
 }
 
 /// A task that reached a final state.

@@ -34,6 +34,8 @@ pub struct MessageData {
     /// An instance of a mapped step: its index and element.
     pub map_index: Option<i32>,
     pub map_item: Option<Value>,
+    /// The `on_failure` step: what failed its task.
+    pub failure: Option<Value>,
 }
 
 impl MessageData {
@@ -59,6 +61,7 @@ impl MessageData {
             parent_outputs,
             map_index: r.get("map_index"),
             map_item: r.get("map_item"),
+            failure: r.get("failure"),
         }
     }
 }
@@ -68,7 +71,7 @@ pub async fn load_messages(db: impl PgExecutor<'_>, steps: &[StepId]) -> Result<
     let ids: Vec<Uuid> = steps.iter().map(|s| s.0).collect();
     let rows = sqlx::query(
         "SELECT s.id, s.task_id, s.namespace, t.template_name, s.name, s.handler, s.queue, s.attempt,
-                s.state, s.execution_timeout_ms, s.map_index, s.map_item, t.context,
+                s.state, s.execution_timeout_ms, s.map_index, s.map_item, s.failure, t.context,
                 CASE WHEN s.map_of IS NULL THEN
                     (SELECT coalesce(jsonb_object_agg(p.name, coalesce(p.output, 'null'::jsonb)), '{}'::jsonb)
                      FROM unnest(s.parent_ids) AS pid(id) JOIN steps p ON p.id = pid.id

@@ -108,8 +108,8 @@ pub async fn create(tx: &mut PgConnection, new: &NewTask<'_>) -> Result<CreateOu
         "WITH task AS (
              INSERT INTO tasks (id, namespace, template_id, template_name, template_version, state,
                                 priority, context, idempotency_key, request_id, request_hash,
-                                unfinished_steps)
-             VALUES ($1, $2, $3, $4, $5, $13, $6, $7, $8, $9, $10, $11)
+                                unfinished_steps, on_failure)
+             VALUES ($1, $2, $3, $4, $5, $13, $6, $7, $8, $9, $10, $11, $15)
              ON CONFLICT DO NOTHING
              RETURNING id
          ), task_steps AS (
@@ -146,6 +146,7 @@ pub async fn create(tx: &mut PgConnection, new: &NewTask<'_>) -> Result<CreateOu
     .bind(Value::Array(rows))
     .bind(TaskState::Running)
     .bind(StepState::Queued)
+    .bind(template.on_failure.as_ref().map(|h| json!(h)))
     .fetch_optional(&mut *tx)
     .await?;
 
@@ -312,6 +313,12 @@ pub async fn retry(
         .iter()
         .map(|c| c.as_str())
         .collect();
+    // The failure handler ran for the failure being retried: it runs again if the task fails
+    // again (its attempts stay in the task's history).
+    sqlx::query("DELETE FROM steps WHERE task_id = $1 AND failure_handler")
+        .bind(id.0)
+        .execute(&mut *tx)
+        .await?;
     let n = sqlx::query(
         "UPDATE steps SET state = CASE WHEN map_total IS NOT NULL THEN $5 ELSE $3 END,
                           failures = 0, error = NULL, output = NULL, skip_cause = NULL,

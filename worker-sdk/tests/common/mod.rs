@@ -226,6 +226,7 @@ impl Broker {
             result_routing_key: RESULT_ROUTING_KEY.into(),
             map_index: None,
             map_item: None,
+            failure: None,
         }
     }
 
