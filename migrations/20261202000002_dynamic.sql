@@ -2,10 +2,10 @@
 -- array in the parent's output). Only adds (an older orchestrator keeps running beside a newer
 -- one during an upgrade, on templates that use none of this).
 
--- A mapped step waits in `mapping` while its instances run (it is never dispatched itself).
+-- A mapped step waits in `delegated` while its instances run (it is never dispatched itself).
 ALTER TABLE steps DROP CONSTRAINT IF EXISTS steps_state_check;
 ALTER TABLE steps ADD CONSTRAINT steps_state_check
-    CHECK (state IN ('waiting', 'queued', 'dispatched', 'retrying', 'mapping',
+    CHECK (state IN ('waiting', 'queued', 'dispatched', 'retrying', 'delegated',
                      'succeeded', 'failed', 'skipped', 'cancelled'));
 
 ALTER TABLE steps
@@ -52,3 +52,17 @@ ALTER TABLE tasks ADD COLUMN on_failure jsonb;
 ALTER TABLE steps
     ADD COLUMN failure_handler boolean NOT NULL DEFAULT false,
     ADD COLUMN failure         jsonb;
+
+-- Child workflows: a step with `workflow:` runs another template as a child task (the step is
+-- `delegated` meanwhile, and finishes with the child's output or error).
+ALTER TABLE tasks
+    ADD COLUMN parent_task_id uuid,
+    ADD COLUMN parent_step_id uuid,
+    ADD COLUMN depth          integer NOT NULL DEFAULT 0;
+ALTER TABLE steps
+    ADD COLUMN workflow      jsonb,
+    ADD COLUMN child_task_id uuid;
+-- Steps waiting for their child task (the timers settle those whose child finished).
+CREATE INDEX steps_child_running ON steps (child_task_id)
+    WHERE state = 'delegated' AND child_task_id IS NOT NULL;
+CREATE INDEX tasks_parent ON tasks (parent_task_id) WHERE parent_task_id IS NOT NULL;

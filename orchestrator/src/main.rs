@@ -491,6 +491,9 @@ fn print_task(out: &mut impl Write, t: &TaskView) -> io::Result<()> {
         t.namespace, t.template, t.template_version
     )?;
     writeln!(out, "state     {}", t.state)?;
+    if let Some(p) = &t.parent {
+        writeln!(out, "parent    {} (step {})", p.task_id, p.step)?;
+    }
     writeln!(out, "created   {}", t.created_at)?;
     if let Some(f) = &t.finished_at {
         writeln!(out, "finished  {f}")?;
@@ -512,6 +515,14 @@ fn print_task(out: &mut impl Write, t: &TaskView) -> io::Result<()> {
             s.attempt.to_string(),
             detail,
         ]);
+        if let Some(child) = &s.child_task_id {
+            rows.push(vec![
+                "  child".into(),
+                String::new(),
+                String::new(),
+                format!("task {child} (tasker show {child})"),
+            ]);
+        }
         if let Some(m) = &s.map {
             rows.push(vec![
                 "  instances".into(),

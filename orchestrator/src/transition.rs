@@ -18,6 +18,8 @@
 //! | a step message too large or unencodable / unroutable | [`undeliverable`], [`unroutable`] |
 //! | the state a task finishes in | [`final_state`] |
 //! | a failed task runs its `on_failure` handler first | [`may_run_failure_handler`] |
+//! | a child-workflow step starts (create, retry the same child, depth bound) | [`child_start`], [`child_context`] |
+//! | a child task's end is its step's outcome | [`child_finished`] |
 //! | a decision's branches: checked, the ones not chosen skipped | [`plan_batch`] (`check_branches`) |
 //! | skips propagate: `join: all` skips, `join: any` runs if a parent succeeded | [`propagate_skips`] |
 //! | a mapped step starts: instances, an empty output, or a clear failure | [`expand`] |
@@ -98,6 +100,8 @@ pub struct StepNow {
     /// The task's `on_failure` step: it runs in a failed task, so its task being halted does
     /// not stop its retries.
     pub failure_handler: bool,
+    /// A child-workflow step: its attempt runs as a child task while it is `delegated`.
+    pub workflow: bool,
 }
 
 /// The mapped step an instance belongs to, as it is now.
@@ -239,10 +243,9 @@ pub fn plan_batch<'a>(
             plan.stale += 1;
             continue;
         };
-        if step.task_id != f.task_id.0
-            || step.state != StepState::Dispatched
-            || step.attempt != f.attempt
-        {
+        let running = step.state == StepState::Dispatched
+            || (step.state == StepState::Delegated && step.workflow);
+        if step.task_id != f.task_id.0 || !running || step.attempt != f.attempt {
             plan.stale += 1;
             continue;
         }
@@ -508,9 +511,9 @@ pub fn halt(cancel_requested: bool) -> Move {
 }
 
 /// A mapped step whose parent succeeded starts mapping (it is never queued itself): [`expand`].
-pub const MAP_STARTS: Move = Move {
+pub const DELEGATE: Move = Move {
     from: &[StepState::Waiting],
-    to: StepState::Mapping,
+    to: StepState::Delegated,
 };
 
 /// A step of a task's graph (mapped steps' instances apart), as [`propagate_skips`] sees it.
@@ -534,7 +537,7 @@ pub struct Propagation {
     /// `join: any` steps still waiting, with their new count of pending parents.
     pub pending: BTreeMap<Uuid, i32>,
     /// `join: any` steps whose last pending parent was skipped while another succeeded: ready
-    /// ([`PARENTS_DONE`], or [`MAP_STARTS`] for a mapped step).
+    /// ([`PARENTS_DONE`], or [`DELEGATE`] for a mapped step).
     pub ready: Vec<Uuid>,
 }
 
@@ -695,6 +698,101 @@ pub fn map_finished(m: &MapNow, halt: Option<StepState>) -> Option<(StepState, O
                 (StepState::Succeeded, None)
             })
         }
+    }
+}
+
+/// What starting a child-workflow step does, given its task's depth and its child task (if it
+/// has one: the step's retries and task retries run that same child again).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChildStart {
+    /// Create the child task at this depth.
+    Create { depth: i32 },
+    /// Retry the child task (it failed or was cancelled).
+    Retry,
+    /// The child runs already, or finished successfully (settled when it is applied): nothing.
+    Wait,
+    /// The step fails (permanently) with this error.
+    Fail(String),
+}
+
+pub fn child_start(parent_depth: i32, child: Option<TaskState>) -> ChildStart {
+    match child {
+        None => {
+            let depth = parent_depth + 1;
+            if depth > tasker_schemas::template::MAX_WORKFLOW_DEPTH as i32 {
+                ChildStart::Fail(format!(
+                    "child workflow depth {depth} exceeds the limit of {}",
+                    tasker_schemas::template::MAX_WORKFLOW_DEPTH
+                ))
+            } else {
+                ChildStart::Create { depth }
+            }
+        }
+        Some(TaskState::Failed | TaskState::Cancelled) => ChildStart::Retry,
+        Some(_) => ChildStart::Wait,
+    }
+}
+
+/// A child workflow's context: with a mapping, each key the value at its path (`<parent>.<path>`
+/// into the parents' outputs, `item.<path>` into an instance's element; `null` where nothing
+/// is); without one, the parents' outputs (an instance: `{"item": …, "index": …}`).
+pub fn child_context(
+    mapping: Option<&BTreeMap<String, String>>,
+    parent_outputs: &Value,
+    item: Option<(&Value, i32)>,
+) -> Value {
+    let Some(mapping) = mapping else {
+        return match item {
+            Some((item, index)) => serde_json::json!({ "item": item, "index": index }),
+            None => parent_outputs.clone(),
+        };
+    };
+    let mut out = serde_json::Map::new();
+    for (key, path) in mapping {
+        let mut parts = path.split('.');
+        let root = parts.next().unwrap_or_default();
+        let mut at = match (root, item) {
+            ("item", Some((item, _))) => Some(item),
+            _ => parent_outputs.get(root),
+        };
+        for part in parts {
+            at = at.and_then(|v| match v {
+                Value::Array(a) => part.parse::<usize>().ok().and_then(|i| a.get(i)),
+                other => other.get(part),
+            });
+        }
+        out.insert(key.clone(), at.cloned().unwrap_or(Value::Null));
+    }
+    Value::Object(out)
+}
+
+/// What a child task's end comes to for its step: its output, or a failure — retryable (the
+/// step's retry policy runs the same child again) when the child failed, permanent when it
+/// was cancelled directly.
+pub fn child_finished(
+    child: TaskId,
+    state: TaskState,
+    output: Option<Value>,
+    error: Option<&str>,
+) -> AttemptResult {
+    match state {
+        TaskState::Completed => AttemptResult::Succeeded {
+            output: output.unwrap_or(Value::Null),
+            branches: None,
+        },
+        TaskState::Cancelled => AttemptResult::Failed {
+            error: format!("child task {child} was cancelled"),
+            retryable: false,
+            retry_after_ms: None,
+        },
+        _ => AttemptResult::Failed {
+            error: format!(
+                "child task {child} failed: {}",
+                error.unwrap_or("no error recorded")
+            ),
+            retryable: true,
+            retry_after_ms: None,
+        },
     }
 }
 
@@ -888,6 +986,7 @@ mod tests {
             child_names: children.iter().map(|c| format!("s{c}")).collect(),
             instance_of: None,
             failure_handler: false,
+            workflow: false,
         }
     }
 
@@ -1127,6 +1226,69 @@ mod tests {
             panic!()
         };
         assert!(e.contains("nothing at that path"), "{e}");
+    }
+
+    #[test]
+    fn child_workflows_start_once_retry_the_same_child_and_are_bounded_in_depth() {
+        assert_eq!(child_start(0, None), ChildStart::Create { depth: 1 });
+        assert_eq!(child_start(7, None), ChildStart::Create { depth: 8 });
+        let ChildStart::Fail(e) = child_start(8, None) else {
+            panic!()
+        };
+        assert_eq!(e, "child workflow depth 9 exceeds the limit of 8");
+        assert_eq!(child_start(0, Some(TaskState::Failed)), ChildStart::Retry);
+        assert_eq!(
+            child_start(0, Some(TaskState::Cancelled)),
+            ChildStart::Retry
+        );
+        assert_eq!(child_start(0, Some(TaskState::Running)), ChildStart::Wait);
+        let child = TaskId(Uuid::from_u128(5));
+        assert_eq!(
+            child_finished(child, TaskState::Completed, Some(json!({"a": 1})), None),
+            AttemptResult::Succeeded {
+                output: json!({"a": 1}),
+                branches: None
+            }
+        );
+        let AttemptResult::Failed {
+            retryable, error, ..
+        } = child_finished(child, TaskState::Failed, None, Some("boom"))
+        else {
+            panic!()
+        };
+        assert!(retryable && error.ends_with("failed: boom"), "{error}");
+        let AttemptResult::Failed { retryable, .. } =
+            child_finished(child, TaskState::Cancelled, None, None)
+        else {
+            panic!()
+        };
+        assert!(
+            !retryable,
+            "a child cancelled directly fails its step for good"
+        );
+    }
+
+    #[test]
+    fn a_child_context_is_the_parents_outputs_or_a_mapping() {
+        let parents = json!({"validate": {"order": {"id": 7, "lines": [{"sku": "a"}]}}});
+        assert_eq!(child_context(None, &parents, None), parents);
+        assert_eq!(
+            child_context(None, &json!({}), Some((&json!("x"), 3))),
+            json!({"item": "x", "index": 3})
+        );
+        let mapping = BTreeMap::from([
+            ("order".to_string(), "validate.order.id".to_string()),
+            (
+                "first".to_string(),
+                "validate.order.lines.0.sku".to_string(),
+            ),
+            ("missing".to_string(), "validate.nope".to_string()),
+            ("it".to_string(), "item.k".to_string()),
+        ]);
+        assert_eq!(
+            child_context(Some(&mapping), &parents, Some((&json!({"k": true}), 0))),
+            json!({"order": 7, "first": "a", "missing": null, "it": true})
+        );
     }
 
     #[test]

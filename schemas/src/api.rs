@@ -98,6 +98,16 @@ pub struct TaskView {
     /// The task's history (finish, cancel, retry), oldest first; empty in lists.
     #[serde(default)]
     pub events: Vec<TaskEventView>,
+    /// A child workflow's task: the task and step it runs for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentView>,
+}
+
+/// The step a child workflow's task runs for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParentView {
+    pub task_id: TaskId,
+    pub step: String,
 }
 
 /// One entry of a task's history.
@@ -147,6 +157,9 @@ pub struct StepView {
     /// `GET /v1/tasks/{id}/steps/{step}/instances`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub map: Option<MapView>,
+    /// A child-workflow step: its child task (the newest, when it was retried).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub child_task_id: Option<TaskId>,
 }
 
 /// A mapped step's instances, counted.

@@ -37,6 +37,7 @@ pub use message::{
 pub use state::{AttemptOutcome, StepState, TaskState};
 pub use template::{
     FailureHandler, Join, MapSpec, Millis, RetryPolicy, StepTemplate, Template, TemplateError,
+    WorkflowRef,
 };
 pub use topology::Names;
 

@@ -138,9 +138,9 @@ named_enum!(
         Dispatched = "dispatched",
         /// An attempt failed; the next one is due at `next_attempt_at`.
         Retrying = "retrying",
-        /// A mapped step whose instances run (it is never dispatched itself): it finishes when
-        /// they have.
-        Mapping = "mapping",
+        /// Its work runs elsewhere: a mapped step's instances, or a child workflow's task (it is
+        /// never dispatched itself). It finishes when they have.
+        Delegated = "delegated",
         Succeeded = "succeeded",
         Failed = "failed",
         /// Will not run: not chosen by a decision, a parent was skipped, or its task is failing
@@ -187,7 +187,7 @@ impl StepState {
         StepState::Queued,
         StepState::Dispatched,
         StepState::Retrying,
-        StepState::Mapping,
+        StepState::Delegated,
     ];
 
     /// States in which no attempt is in flight and none has finished for good: what a failing

@@ -174,6 +174,8 @@ impl RetryPolicy {
 #[serde(deny_unknown_fields)]
 pub struct StepTemplate {
     pub name: String,
+    /// The handler that runs it; empty (left out) for a child-workflow step.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub handler: String,
     /// The queue its messages go to; [`DEFAULT_QUEUE`] when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -200,6 +202,30 @@ pub struct StepTemplate {
     /// Run one instance per element of an array in the (single) parent's output.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub map: Option<MapSpec>,
+    /// Run another workflow as this step: a child task, whose output or error is this step's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow: Option<WorkflowRef>,
+}
+
+/// Deepest nesting of child workflows (a task's child is at depth 1).
+pub const MAX_WORKFLOW_DEPTH: u32 = 8;
+
+/// `workflow:` on a step: the template its child task runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkflowRef {
+    /// The child's namespace; the parent task's when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    pub name: String,
+    /// The newest registered version when the child is created, when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u32>,
+    /// The child's context: key → `<parent>.<path>` (or `item.<path>` / `item` in a mapped
+    /// step). Absent: the parents' outputs by name (a mapped step's instance: `{"item": …,
+    /// "index": …}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<BTreeMap<String, String>>,
 }
 
 /// How a step waits for its parents.
@@ -319,6 +345,7 @@ impl FailureHandler {
             decides: Vec::new(),
             join: Join::All,
             map: None,
+            workflow: None,
         }
     }
 }
@@ -446,7 +473,9 @@ impl Template {
             validate_policy(&step)?;
         }
         for step in &self.steps {
-            check_name(&format!("handler of step {:?}", step.name), &step.handler)?;
+            if step.workflow.is_none() || !step.handler.is_empty() {
+                check_name(&format!("handler of step {:?}", step.name), &step.handler)?;
+            }
             if let Some(q) = &step.queue {
                 check_name(&format!("queue of step {:?}", step.name), q)?;
             }
@@ -588,6 +617,45 @@ impl Template {
         if step.join == Join::Any && step.depends_on.is_empty() {
             return Err(bad("join: any needs at least one parent".into()));
         }
+        if let Some(w) = &step.workflow {
+            if !step.handler.is_empty() {
+                return Err(bad(
+                    "a workflow step runs a child workflow, not a handler: leave out handler"
+                        .into(),
+                ));
+            }
+            if !step.decides.is_empty() {
+                return Err(bad("a workflow step may not have decides".into()));
+            }
+            if let Some(ns) = &w.namespace {
+                check_name("workflow.namespace", ns)?;
+            }
+            check_name("workflow.name", &w.name)?;
+            if let Some(v) = w.version
+                && (v == 0 || i32::try_from(v).is_err())
+            {
+                return Err(bad(format!(
+                    "workflow.version must be between 1 and {}, got {v}",
+                    i32::MAX
+                )));
+            }
+            for (key, path) in w.context.iter().flatten() {
+                let mut parts = path.split('.');
+                let root = parts.next().unwrap_or_default();
+                let known = step.depends_on.iter().any(|d| d == root)
+                    || (root == "item" && step.map.is_some());
+                if key.is_empty() || !known || parts.any(str::is_empty) {
+                    return Err(bad(format!(
+                        "workflow.context.{key}: {path:?} must be <parent>.<path> with a parent in depends_on{}",
+                        if step.map.is_some() {
+                            ", or item.<path>"
+                        } else {
+                            ""
+                        }
+                    )));
+                }
+            }
+        }
         let Some(map) = &step.map else {
             return Ok(());
         };
@@ -702,7 +770,35 @@ mod tests {
             decides: Vec::new(),
             join: Join::All,
             map: None,
+            workflow: None,
         }
+    }
+
+    #[test]
+    fn workflow_steps_are_checked() {
+        let yaml = "namespace: n\nname: t\nversion: 1\nsteps:\n  - { name: a, handler: h }\n  - { name: child, depends_on: [a], workflow: { name: sub, version: 2, context: { order: a.order } } }\n";
+        let t: Template = serde_saphyr::from_str(yaml).unwrap();
+        assert_eq!(t.validate(), Ok(()));
+        let mut bad = t.clone();
+        bad.steps[1].workflow.as_mut().unwrap().context =
+            Some(BTreeMap::from([("x".into(), "nope.y".into())]));
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("workflow.context.x")
+        );
+        let mut bad = t.clone();
+        bad.steps[1].handler = "h".into();
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("leave out handler")
+        );
+        let mut bad = t.clone();
+        bad.steps[0].handler = String::new();
+        assert!(bad.validate().is_err(), "a plain step needs a handler");
     }
 
     #[test]

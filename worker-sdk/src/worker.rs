@@ -95,10 +95,13 @@ where
     let handlers: Vec<H> = handler_names.into_iter().collect();
     let consumed = |queue: &str| queues.iter().any(|q| q.as_ref() == queue);
     let has = |handler: &str| handlers.iter().any(|h| h.as_ref() == handler);
+    // A child-workflow step runs no handler; a template's on_failure handler is a step too.
+    let failure_handler = template.on_failure.as_ref().map(|h| h.as_step());
     let mut missing: Vec<String> = template
         .steps
         .iter()
-        .filter(|s| consumed(s.queue()) && !has(&s.handler))
+        .chain(failure_handler.as_ref())
+        .filter(|s| s.workflow.is_none() && consumed(s.queue()) && !has(&s.handler))
         .map(|s| s.handler.clone())
         .collect();
     if missing.is_empty() {

@@ -3,6 +3,7 @@
 use anyhow::Context;
 use clap::Parser;
 use std::time::Duration;
+use tasker_example_orders::{ChooseShipping, EXPRESS_FROM_CENTS, steps};
 use tracing_subscriber::EnvFilter;
 
 /// Runs the handlers of the `shop/order_fulfilment` workflow.
@@ -29,6 +30,15 @@ struct Args {
     /// Name reported with every result (default: hostname-pid).
     #[arg(long, env = "TASKER_WORKER_NAME")]
     name: Option<String>,
+    /// Orders whose total reaches this many cents ship express even when they did not ask for
+    /// it (the `choose_shipping` decision).
+    #[arg(
+        long,
+        env = "ORDER_EXPRESS_FROM_CENTS",
+        default_value_t = EXPRESS_FROM_CENTS,
+        value_parser = clap::value_parser!(i64).range(1..)
+    )]
+    express_from_cents: i64,
 }
 
 #[tokio::main]
@@ -42,7 +52,14 @@ async fn main() -> anyhow::Result<()> {
 
     let mut builder = tasker_example_orders::worker(&args.amqp_url, &args.prefix)
         .concurrency(args.concurrency)
-        .grace_period(Duration::from_secs(args.grace_period_secs));
+        .grace_period(Duration::from_secs(args.grace_period_secs))
+        // Replaces the default decision handler with one using the configured threshold.
+        .handler(
+            steps::CHOOSE_SHIPPING,
+            ChooseShipping {
+                express_from_cents: args.express_from_cents,
+            },
+        );
     if let Some(name) = args.name {
         builder = builder.name(name);
     }

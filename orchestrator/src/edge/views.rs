@@ -4,7 +4,8 @@ use crate::store::rfc3339;
 use crate::store::views::{StepRow, TaskDetail, TaskRow};
 use std::collections::HashMap;
 use tasker_schemas::api::{
-    AttemptView, InstanceList, InstanceView, MapView, StepView, TaskEventView, TaskList, TaskView,
+    AttemptView, InstanceList, InstanceView, MapView, ParentView, StepView, TaskEventView,
+    TaskList, TaskView,
 };
 use tasker_schemas::{StepId, StepState, TaskId};
 use uuid::Uuid;
@@ -25,6 +26,10 @@ fn task_only(t: TaskRow, steps: Vec<StepView>, events: Vec<TaskEventView>) -> Ta
         finished_at: t.finished_at.map(rfc3339),
         steps,
         events,
+        parent: t.parent_task_id.map(|task_id| ParentView {
+            task_id: TaskId(task_id),
+            step: t.parent_step.unwrap_or_default(),
+        }),
     }
 }
 
@@ -108,6 +113,7 @@ pub fn task_view(d: TaskDetail) -> TaskView {
                 attempts,
                 skip_reason: s.skip_reason.clone(),
                 map: s.map_counts.as_ref().map(|c| map_view(s.map_total, c)),
+                child_task_id: s.child_task_id.map(TaskId),
             }
         })
         .collect();
@@ -203,9 +209,10 @@ fn waiting_reason(s: &StepRow, steps: &[StepRow], names: &HashMap<Uuid, &str>) -
             s.attempt,
             s.next_attempt_at.map(rfc3339).unwrap_or_default()
         )),
-        StepState::Mapping => Some(match s.map_total {
-            Some(total) => format!("mapping: its instances run ({total} elements)"),
-            None => "mapping: reading the array from its parent's output".into(),
+        StepState::Delegated => Some(match (s.child_task_id, s.map_total) {
+            (Some(child), _) => format!("delegated: its child workflow runs as task {child}"),
+            (None, Some(total)) => format!("delegated: its instances run ({total} elements)"),
+            (None, None) => "delegated: reading the array from its parent's output".into(),
         }),
         _ => None,
     }

@@ -34,5 +34,6 @@ async fn tick(shared: &Shared, poll: Duration) -> crate::service::Result<Duratio
     timers::promote_due_retries(shared).await?;
     timers::expire_leases(shared).await?;
     timers::relay(shared).await?;
+    timers::settle_children(shared).await?;
     timers::next_due(shared, poll).await
 }

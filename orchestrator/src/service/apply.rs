@@ -89,7 +89,7 @@ async fn apply_committed(
     };
     let once = || async {
         let mut tx = shared.db.begin().await?;
-        let mut report = apply_batch(&mut tx, batch, &policy).await?;
+        let mut report = apply_batch(&mut tx, &shared.templates, batch, &policy).await?;
         let admitted = admit_ready(shared, &mut tx, &mut report).await?;
         tx.commit().await?;
         Ok::<_, StoreError>((report, admitted))
@@ -116,6 +116,7 @@ async fn apply_committed(
 /// The rows of one batch: lock, decide, write, halt, finish.
 async fn apply_batch(
     tx: &mut PgConnection,
+    templates: &crate::store::templates::TemplateCache,
     batch: &[Finished],
     policy: &Policy,
 ) -> store::Result<ApplyReport> {
@@ -152,7 +153,7 @@ async fn apply_batch(
     report.queued = w.queued;
     report.applied_twice = plan.changes.len() - w.attempts_inserted;
     let mut done = w.finished;
-    cause.started = w.mapping;
+    cause.started = w.delegated;
     let mut out = dynamic::Cascade {
         terminal: if deferred {
             plan.terminal.clone()
@@ -163,7 +164,7 @@ async fn apply_batch(
         queued: HashSet::new(),
     };
     if !cause.is_empty() {
-        dynamic::cascade(tx, &live, cause, &mut out).await?;
+        dynamic::cascade(tx, templates, &live, cause, &mut out).await?;
         report.queued.extend(out.queued.drain());
     }
     if !out.failing.is_empty() {

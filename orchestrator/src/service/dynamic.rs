@@ -1,16 +1,21 @@
 //! What follows a decision or a mapped step's progress, within the transaction that caused it
 //! (under the tasks' locks): skips propagate, mapped steps start, instances are let in, mapped
 //! steps end and release their children — in a loop, since each may cause the next (a mapped
-//! step that ends at once releases a child that starts mapping, ...). The rules are
+//! step that ends at once releases a child that is delegated, ...). The rules are
 //! [`transition`]'s; this module only sequences them.
 
 use crate::store::apply as store_apply;
 use crate::store::dynamic::{self as store, MapEnd, MapRow};
+use crate::store::tasks::{self, CreateOutcome, Created, NewTask, ParentLink};
+use crate::store::templates::TemplateCache;
 use crate::store::{self as db};
+use crate::transition::ChildStart;
 use crate::transition::{self, Expansion, InstancesDone, Skip, SkipCause, TaskNow};
+use serde_json::Value;
 use sqlx::PgConnection;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use tasker_schemas::StepState;
+use tasker_schemas::{TaskId, WorkflowRef};
 use uuid::Uuid;
 
 /// The bookkeeping a cascade adds to its transaction's.
@@ -30,7 +35,7 @@ pub struct Cascade {
 pub struct Cause {
     pub skips: Vec<Skip>,
     pub instances: BTreeMap<Uuid, InstancesDone>,
-    /// Mapped steps that started mapping.
+    /// Mapped steps that were delegated.
     pub started: Vec<Uuid>,
     /// Mapped steps whose progress changed otherwise (a retry): let instances in, or end.
     pub touched: Vec<Uuid>,
@@ -50,6 +55,7 @@ impl Cause {
 /// failing tasks.
 pub async fn cascade(
     tx: &mut PgConnection,
+    templates: &TemplateCache,
     live: &HashMap<Uuid, TaskNow>,
     cause: Cause,
     out: &mut Cascade,
@@ -74,7 +80,7 @@ pub async fn cascade(
                 *out.terminal.entry(task).or_default() += n;
             }
             out.queued.extend(w.queued);
-            started.extend(w.mapping);
+            started.extend(w.delegated);
             skips.clear();
         }
         let mut ends = Vec::new();
@@ -96,6 +102,13 @@ pub async fn cascade(
                 }),
             }
         }
+        // Child-workflow steps start: their children are created (or retried).
+        let mut next: Vec<Uuid> = Vec::new();
+        for c in store::read_children_to_start(tx, &started).await? {
+            if let Some(end) = start_child(tx, templates, &c, out, &mut next, &mut touched).await? {
+                ends.push(end);
+            }
+        }
         started.clear();
         touched.sort_unstable();
         touched.dedup();
@@ -110,13 +123,18 @@ pub async fn cascade(
             }
             let w = transition::map_window(&m.now, halt.is_some());
             if w.readmit > 0 || w.create > 0 {
-                let created = store::let_in(tx, m, w).await?;
-                *out.terminal.entry(m.task_id).or_default() -= created;
+                let l = store::let_in(tx, m, w).await?;
+                *out.terminal.entry(m.task_id).or_default() -= l.created;
                 out.queued.insert(m.queue.clone());
+                next.extend(l.delegated);
             }
         }
         if ends.is_empty() {
-            return Ok(());
+            if next.is_empty() && touched.is_empty() {
+                return Ok(());
+            }
+            started = next;
+            continue;
         }
         let mut children: BTreeMap<Uuid, i32> = BTreeMap::new();
         for e in store::end_maps(tx, &ends).await? {
@@ -140,14 +158,142 @@ pub async fn cascade(
                 _ => {}
             }
         }
-        if children.is_empty() {
+        if !children.is_empty() {
+            let w = store_apply::release_children(tx, children).await?;
+            out.queued.extend(w.queued);
+            next.extend(w.delegated);
+        }
+        if next.is_empty() && touched.is_empty() {
             return Ok(());
         }
-        let w = store_apply::release_children(tx, children).await?;
-        out.queued.extend(w.queued);
-        started = w.mapping;
-        if started.is_empty() {
-            return Ok(());
+        started = next;
+    }
+}
+
+/// Starts one child-workflow step ([`transition::child_start`]): creates its child task (in
+/// the same transaction; its ready steps' queues and delegated steps join the cascade) or
+/// retries it, or returns how the step ends when it cannot start.
+async fn start_child(
+    tx: &mut PgConnection,
+    templates: &TemplateCache,
+    c: &store::ChildToStart,
+    out: &mut Cascade,
+    next: &mut Vec<Uuid>,
+    touched: &mut Vec<Uuid>,
+) -> db::Result<Option<MapEnd>> {
+    let fail = |error: String| {
+        Some(MapEnd {
+            id: c.step_id,
+            state: StepState::Failed,
+            error: Some(error),
+            skip: None,
+        })
+    };
+    let spec: WorkflowRef = match serde_json::from_value(c.workflow.clone()) {
+        Ok(w) => w,
+        Err(e) => {
+            return Ok(fail(format!(
+                "unreadable workflow of step {:?}: {e}",
+                c.name
+            )));
+        }
+    };
+    match transition::child_start(c.depth, c.child.map(|(_, state)| state)) {
+        ChildStart::Fail(error) => Ok(fail(error)),
+        ChildStart::Wait => Ok(None),
+        ChildStart::Create { depth } => {
+            let namespace = spec
+                .namespace
+                .clone()
+                .unwrap_or_else(|| c.namespace.clone());
+            let Some(found) = templates
+                .find(&mut *tx, &namespace, &spec.name, spec.version)
+                .await?
+            else {
+                return Ok(fail(format!(
+                    "child workflow {namespace}/{}{} is not registered",
+                    spec.name,
+                    spec.version
+                        .map(|v| format!(" version {v}"))
+                        .unwrap_or_default()
+                )));
+            };
+            let item = c.map_item.as_ref().zip(c.map_index);
+            let item = match (&c.map_index, item) {
+                (Some(i), None) => Some((&Value::Null, *i)),
+                (_, item) => item,
+            };
+            let context = transition::child_context(spec.context.as_ref(), &c.parent_outputs, item);
+            let new = NewTask {
+                namespace: &namespace,
+                template_id: found.id,
+                template: &found.template,
+                requested_version: spec.version,
+                context: &context,
+                idempotency_key: None,
+                request_id: None,
+                priority: c.priority,
+                task_id: Some(TaskId(Uuid::now_v7())),
+                parent: Some(ParentLink {
+                    task_id: c.task_id,
+                    step_id: c.step_id,
+                    depth,
+                }),
+            };
+            let Created {
+                task_id: child,
+                queues,
+                delegated,
+                ..
+            } = match tasks::create(tx, &new).await? {
+                CreateOutcome::Created(created) => created,
+                CreateOutcome::Conflict { task_id } => {
+                    return Err(db::StoreError::Corrupt(format!(
+                        "a fresh child task id {task_id} is taken"
+                    )));
+                }
+            };
+            out.queued.extend(queues);
+            next.extend(delegated);
+            store::child_started(tx, c.step_id, child.0).await?;
+            tasks::record_event(
+                tx,
+                TaskId(c.task_id),
+                "child_started",
+                serde_json::json!({ "step": c.name, "child_task_id": child, "map_index": c.map_index }),
+            )
+            .await?;
+            Ok(None)
+        }
+        ChildStart::Retry => {
+            let Some((child, _)) = c.child else {
+                return Ok(None);
+            };
+            let child = TaskId(child);
+            let Some(locked) = tasks::lock(tx, child).await? else {
+                return Ok(fail(format!("child task {child} no longer exists")));
+            };
+            let Ok(reset) = transition::retry_task(locked.state) else {
+                return Ok(None);
+            };
+            let (queues, delegated) = tasks::retry(tx, child, locked.state, reset).await?;
+            out.queued.extend(queues);
+            next.extend(delegated);
+            touched.extend(
+                store::recount_maps(tx, &[child.0])
+                    .await?
+                    .iter()
+                    .map(|m| m.id),
+            );
+            store::child_started(tx, c.step_id, child.0).await?;
+            tasks::record_event(
+                tx,
+                TaskId(c.task_id),
+                "child_retried",
+                serde_json::json!({ "step": c.name, "child_task_id": child, "map_index": c.map_index }),
+            )
+            .await?;
+            Ok(None)
         }
     }
 }
@@ -209,4 +355,40 @@ pub async fn finish(
         .filter(|(id, _)| !started.contains(id))
         .collect();
     Ok((store_apply::finalize(tx, &rest).await?, queues))
+}
+
+/// Restarts a child-workflow step whose retry is due: under its task's lock, the step is
+/// delegated again and its child task retried ([`transition::child_start`]), in one
+/// transaction.
+pub async fn restart_child(shared: &super::Shared, task: Uuid, step: Uuid) -> super::Result<()> {
+    let mut tx = shared.db.begin().await?;
+    let live = store_apply::lock_live_tasks(&mut tx, &[task]).await?;
+    if live.is_empty() || !store::delegate_due_retry(&mut tx, step).await? {
+        tx.commit().await?;
+        return Ok(());
+    }
+    let cause = Cause {
+        started: vec![step],
+        ..Cause::default()
+    };
+    let mut out = Cascade::default();
+    cascade(&mut tx, &shared.templates, &live, cause, &mut out).await?;
+    let done = store_apply::write_counts(
+        &mut tx,
+        &store_apply::TaskCounts::new(&out.terminal, &out.failing),
+    )
+    .await?;
+    let ending = done
+        .into_iter()
+        .map(|id| {
+            let now = live.get(&id).copied().unwrap_or_default();
+            let failing = now.failing || out.failing.contains_key(&id);
+            (id, transition::final_state(TaskNow { failing, ..now }))
+        })
+        .collect();
+    let (finished, queues) = finish(&mut tx, ending).await?;
+    tx.commit().await?;
+    shared.dispatch.wake(out.queued.into_iter().chain(queues));
+    super::events::announce(shared, &finished).await;
+    Ok(())
 }

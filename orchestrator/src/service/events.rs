@@ -10,6 +10,10 @@ use tasker_schemas::{LifecycleEvent, TaskState, encode_payload};
 /// Counts finished tasks and publishes their lifecycle events.
 pub async fn announce(shared: &Shared, finished: &[FinishedTask]) {
     let m = &shared.metrics;
+    // A child workflow's task finished: the timers apply its end to its step.
+    if finished.iter().any(|f| f.parent_step.is_some()) {
+        shared.timers.notify_one();
+    }
     for f in finished {
         match f.state {
             TaskState::Completed => Metrics::add(&m.tasks_completed_total, 1),

@@ -55,7 +55,7 @@ async fn repair(shared: &Shared, id: Uuid) -> Result<()> {
         if !cause.is_empty() {
             let live = HashMap::from([(id, task)]);
             let mut out = super::dynamic::Cascade::default();
-            super::dynamic::cascade(&mut tx, &live, cause, &mut out).await?;
+            super::dynamic::cascade(&mut tx, &shared.templates, &live, cause, &mut out).await?;
             queues.extend(out.queued);
         }
     }

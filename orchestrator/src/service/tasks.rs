@@ -53,10 +53,47 @@ pub async fn submit(
         request_id,
         priority: req.priority,
         task_id: req.task_id,
+        parent: None,
     };
     let mut tx = shared.db.begin().await?;
-    let outcome = tasks::create(&mut tx, &new).await?;
-    tx.commit().await?;
+    let mut outcome = tasks::create(&mut tx, &new).await?;
+    // Root steps that run child workflows start them in the same transaction.
+    if let CreateOutcome::Created(c) = &mut outcome
+        && !c.delegated.is_empty()
+    {
+        let cause = super::dynamic::Cause {
+            started: std::mem::take(&mut c.delegated),
+            ..Default::default()
+        };
+        let live = std::collections::HashMap::from([(c.task_id.0, TaskNow::default())]);
+        let mut out = super::dynamic::Cascade::default();
+        super::dynamic::cascade(&mut tx, &shared.templates, &live, cause, &mut out).await?;
+        c.queues.extend(out.queued);
+        let done = crate::store::apply::write_counts(
+            &mut tx,
+            &crate::store::apply::TaskCounts::new(&out.terminal, &out.failing),
+        )
+        .await?;
+        let ending: Vec<_> = done
+            .into_iter()
+            .map(|id| {
+                let failing = out.failing.contains_key(&id);
+                (
+                    id,
+                    transition::final_state(TaskNow {
+                        failing,
+                        cancel_requested: false,
+                    }),
+                )
+            })
+            .collect();
+        let (finished, queues) = super::dynamic::finish(&mut tx, ending).await?;
+        c.queues.extend(queues);
+        tx.commit().await?;
+        events::announce(shared, &finished).await;
+    } else {
+        tx.commit().await?;
+    }
     let created = match outcome {
         CreateOutcome::Created(c) => c,
         CreateOutcome::Conflict { task_id } => {
@@ -101,44 +138,67 @@ pub async fn cancel(shared: &Shared, id: TaskId, reason: Option<String>) -> Resu
         Cancel::Cancel(plan) => plan,
         Cancel::AlreadyCancelled => return Ok(()),
     };
-    let written = tasks::cancel(&mut tx, id, &plan, reason.as_deref()).await?;
-    if !written.released.is_empty() {
-        let released = slots::per_queue(&written.released);
-        crate::store::admission::lock_slots(&mut tx, &[], &released).await?;
-    }
-    // Mapped steps whose instances were all cancelled end now.
-    let ended = super::dynamic::settle_halted(&mut tx, &[id.0], plan.halt.to).await?;
-    if !ended.is_empty() {
+    // The task, then its child workflows' tasks (and theirs), in this one transaction.
+    let mut released: std::collections::HashMap<String, i64> = Default::default();
+    let mut finished = Vec::new();
+    let mut cancelled = Vec::new();
+    let mut work = vec![(id, plan, reason.clone())];
+    while let Some((id, plan, reason)) = work.pop() {
+        let written = tasks::cancel(&mut tx, id, &plan, reason.as_deref()).await?;
+        for (queue, n) in written.released {
+            *released.entry(queue).or_default() += n;
+        }
+        // Steps running a child workflow are cancelled with their task, and the children too.
+        let (children, n) = crate::store::dynamic::cancel_child_steps(&mut tx, id.0).await?;
+        // Mapped steps whose instances were all cancelled end now.
+        let mut ended = super::dynamic::settle_halted(&mut tx, &[id.0], plan.halt.to).await?;
+        *ended.entry(id.0).or_default() += n;
         crate::store::apply::write_counts(
             &mut tx,
             &crate::store::apply::TaskCounts::new(&ended, &Default::default()),
         )
         .await?;
-    }
-    let ending = transition::final_state(TaskNow {
-        failing: false,
-        cancel_requested: true,
-    });
-    let finished = crate::store::apply::finalize(&mut tx, &[(id.0, ending)]).await?;
-    tx.commit().await?;
-    shared.dispatch.released(written.released.keys());
-    // Tell workers: they refuse the task's queued messages and cancel its running handlers.
-    let cancel = tasker_schemas::Cancel {
-        task_id: id,
-        reason,
-    };
-    if let Ok(bytes) = tasker_schemas::encode_payload(cancel) {
-        let props = crate::broker::properties(tasker_schemas::MessageId::new());
-        if let Err(e) = shared
-            .publisher
-            .send_event(&shared.names.cancel_exchange(), "", &bytes, props)
-            .await
-        {
-            tracing::warn!(error = %e, "could not publish cancel message");
+        let ending = transition::final_state(TaskNow {
+            failing: false,
+            cancel_requested: true,
+        });
+        finished.extend(crate::store::apply::finalize(&mut tx, &[(id.0, ending)]).await?);
+        cancelled.push((id, reason.clone(), written.steps));
+        for child in children {
+            let child = TaskId(child);
+            let Some(locked) = tasks::lock(&mut tx, child).await? else {
+                continue;
+            };
+            let why = format!("its parent task {id} was cancelled");
+            if let Ok(Cancel::Cancel(plan)) =
+                transition::cancel_task(locked.state, locked.cancel_requested, Some(&why))
+            {
+                work.push((child, plan, Some(why)));
+            }
         }
     }
+    if !released.is_empty() {
+        let released = slots::per_queue(&released);
+        crate::store::admission::lock_slots(&mut tx, &[], &released).await?;
+    }
+    tx.commit().await?;
+    shared.dispatch.released(released.keys());
+    // Tell workers: they refuse the tasks' queued messages and cancel their running handlers.
+    for (task_id, reason, steps) in cancelled {
+        let cancel = tasker_schemas::Cancel { task_id, reason };
+        if let Ok(bytes) = tasker_schemas::encode_payload(cancel) {
+            let props = crate::broker::properties(tasker_schemas::MessageId::new());
+            if let Err(e) = shared
+                .publisher
+                .send_event(&shared.names.cancel_exchange(), "", &bytes, props)
+                .await
+            {
+                tracing::warn!(error = %e, "could not publish cancel message");
+            }
+        }
+        tracing::info!(task_id = %task_id, steps_cancelled = steps, "task cancel requested");
+    }
     events::announce(shared, &finished).await;
-    tracing::info!(task_id = %id, steps_cancelled = written.steps, "task cancel requested");
     Ok(())
 }
 
@@ -162,7 +222,7 @@ pub async fn retry(shared: &Shared, id: TaskId) -> Result<()> {
     if !cause.is_empty() {
         let live = std::collections::HashMap::from([(id.0, TaskNow::default())]);
         let mut out = super::dynamic::Cascade::default();
-        super::dynamic::cascade(&mut tx, &live, cause, &mut out).await?;
+        super::dynamic::cascade(&mut tx, &shared.templates, &live, cause, &mut out).await?;
         queues.extend(out.queued);
         crate::store::apply::write_counts(
             &mut tx,

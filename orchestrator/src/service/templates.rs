@@ -23,7 +23,18 @@ pub async fn register(shared: &Shared, template: &Template) -> Result<Registered
             next_version: newest.max(template.version).saturating_add(1),
         });
     }
-    let mut queues: Vec<&str> = template.steps.iter().map(|s| s.queue()).collect();
+    // Every queue a step may be sent to (the on_failure handler's included).
+    let mut queues: Vec<&str> = template
+        .steps
+        .iter()
+        .filter(|s| s.workflow.is_none())
+        .map(|s| s.queue())
+        .chain(template.on_failure.as_ref().map(|h| {
+            h.queue
+                .as_deref()
+                .unwrap_or(tasker_schemas::template::DEFAULT_QUEUE)
+        }))
+        .collect();
     queues.sort_unstable();
     queues.dedup();
     for q in &queues {

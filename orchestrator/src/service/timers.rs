@@ -76,3 +76,34 @@ pub async fn next_due(shared: &Shared, cap: Duration) -> Result<Duration> {
     let next = timers::next_retry_in_ms(&shared.db).await?;
     Ok(next.map_or(cap, |ms| Duration::from_millis(ms.max(1) as u64).min(cap)))
 }
+
+/// Child workflows: applies the end of every finished child task to its step
+/// ([`transition::child_finished`]: a stale end, e.g. of a child retried since, changes
+/// nothing), and restarts the children of child-workflow steps whose retry is due (each in a
+/// transaction under its task's lock). Woken when a child task finishes; also every round, so
+/// an end lost to a crash is applied later.
+pub async fn settle_children(shared: &Shared) -> Result<()> {
+    let ended = crate::store::dynamic::finished_children(&shared.db, 500).await?;
+    if !ended.is_empty() {
+        let batch = ended
+            .into_iter()
+            .map(|c| Finished {
+                task_id: tasker_schemas::TaskId(c.task_id),
+                step_id: tasker_schemas::StepId(c.step_id),
+                attempt: c.attempt,
+                worker: None,
+                result: transition::child_finished(
+                    tasker_schemas::TaskId(c.child_id),
+                    c.child_state,
+                    c.output,
+                    c.error.as_deref(),
+                ),
+            })
+            .collect();
+        apply_outcomes(shared, batch).await?;
+    }
+    for (task, step) in timers::due_workflow_retries(&shared.db, 100).await? {
+        super::dynamic::restart_child(shared, task, step).await?;
+    }
+    Ok(())
+}

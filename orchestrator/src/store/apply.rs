@@ -5,7 +5,7 @@
 
 use super::{Result, StoreError};
 use crate::transition::{
-    BatchPlan, InstanceOf, MAP_STARTS, Move, PARENTS_DONE, SkipCause, StepNow, TaskNow,
+    BatchPlan, DELEGATE, InstanceOf, Move, PARENTS_DONE, SkipCause, StepNow, TaskNow,
 };
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -65,6 +65,7 @@ struct StepRow {
     map_tolerate: Option<i32>,
     map_failed: Option<i32>,
     failure_handler: bool,
+    workflow: bool,
 }
 
 /// The reported steps as they are now (their tasks locked by [`lock_live_tasks`]).
@@ -77,7 +78,8 @@ pub async fn read_steps(tx: &mut PgConnection, ids: &[Uuid]) -> Result<HashMap<U
                     (SELECT coalesce(array_agg(c.name ORDER BY k.n), '{}')
                      FROM unnest(s.child_ids) WITH ORDINALITY AS k(id, n)
                      JOIN steps c ON c.id = k.id) END AS child_names,
-                s.map_of, m.map_tolerate, m.map_failed, s.failure_handler
+                s.map_of, m.map_tolerate, m.map_failed, s.failure_handler,
+                s.workflow IS NOT NULL AS workflow
          FROM steps s LEFT JOIN steps m ON m.id = s.map_of
          WHERE s.id = ANY($1)",
     )
@@ -110,6 +112,7 @@ pub async fn read_steps(tx: &mut PgConnection, ids: &[Uuid]) -> Result<HashMap<U
                         failed: s.map_failed.unwrap_or(0),
                     }),
                     failure_handler: s.failure_handler,
+                    workflow: s.workflow,
                 },
             )
         })
@@ -145,8 +148,8 @@ pub struct Written {
     pub attempts_inserted: usize,
     /// Tasks with no unfinished step left.
     pub finished: Vec<Uuid>,
-    /// Mapped steps whose parent succeeded: they started mapping ([`MAP_STARTS`]).
-    pub mapping: Vec<Uuid>,
+    /// Mapped steps whose parent succeeded: they were delegated ([`DELEGATE`]).
+    pub delegated: Vec<Uuid>,
 }
 
 /// Writes a batch's decisions in one statement (one round trip): step transitions (guarded by
@@ -154,7 +157,7 @@ pub struct Written {
 /// twice), children's parent counters (children reaching zero are [`PARENTS_DONE`]), and the
 /// tasks' unfinished-step counters. The transitions touch only `dispatched` steps and the
 /// counters only `waiting` ones, so no row is changed twice. A mapped step whose parents are
-/// done starts mapping ([`MAP_STARTS`]) instead of being queued.
+/// done is delegated ([`DELEGATE`]) instead of being queued.
 ///
 /// The state guards are written `IS NOT DISTINCT FROM` so that they cannot match a partial
 /// index predicate: with statistics taken while few steps were in that state (a fresh or idle
@@ -209,8 +212,9 @@ pub async fn write(
              FROM unnest($1::uuid[], $2::int[], $3::text[], $4::int[], $5::jsonb[], $6::text[], $7::bigint[])
                   AS u(id, attempt, state, failures, output, error, delay_ms)
              WHERE s.id = u.id AND s.attempt = u.attempt
-               AND s.state IS NOT DISTINCT FROM 'dispatched'
-             RETURNING s.queue
+               AND (s.state IS NOT DISTINCT FROM 'dispatched'
+                    OR (s.state IS NOT DISTINCT FROM 'delegated' AND s.workflow IS NOT NULL))
+             RETURNING s.queue, s.workflow IS NULL AS held_slot
          ), history AS (
              INSERT INTO attempts (step_id, attempt, task_id, namespace, outcome, dispatched_at,
                                    started_at, worker, error)
@@ -222,7 +226,8 @@ pub async fn write(
              UPDATE steps s
              SET pending_parents = s.pending_parents - k.n,
                  state = CASE WHEN s.pending_parents - k.n > 0 THEN s.state
-                              WHEN s.map_over IS NULL THEN $17 ELSE $21 END,
+                              WHEN s.map_over IS NULL AND s.workflow IS NULL THEN $17
+                              ELSE $21 END,
                  queued_at = CASE WHEN s.pending_parents - k.n = 0 THEN now() ELSE s.queued_at END,
                  updated_at = now()
              FROM unnest($15::uuid[], $16::int[]) AS k(id, n)
@@ -238,11 +243,12 @@ pub async fn write(
              WHERE t.id = d.id
              RETURNING t.id, t.unfinished_steps
          )
-         SELECT 'released' AS kind, queue AS name, count(*) AS n FROM outcome GROUP BY queue
+         SELECT 'released' AS kind, queue AS name, count(*) AS n FROM outcome WHERE held_slot
+         GROUP BY queue
          UNION ALL
          SELECT 'queued', queue, count(*) FROM ready WHERE state = $17 GROUP BY queue
          UNION ALL
-         SELECT 'mapping', id::text, 0 FROM ready WHERE state = $21
+         SELECT 'delegated', id::text, 0 FROM ready WHERE state = $21
          UNION ALL
          SELECT 'inserted', NULL, count(*) FROM history
          UNION ALL
@@ -268,7 +274,7 @@ pub async fn write(
     .bind(&tasks.id)
     .bind(&tasks.done)
     .bind(&tasks.error)
-    .bind(MAP_STARTS.to)
+    .bind(DELEGATE.to)
     .fetch_all(&mut *tx)
     .await?;
     let mut w = Written::default();
@@ -284,7 +290,7 @@ pub async fn write(
             }
             ("inserted", _) => w.attempts_inserted = n as usize,
             ("finished", Some(id)) => w.finished.push(parse_id(&id)?),
-            ("mapping", Some(id)) => w.mapping.push(parse_id(&id)?),
+            ("delegated", Some(id)) => w.delegated.push(parse_id(&id)?),
             _ => {}
         }
     }
@@ -297,7 +303,7 @@ fn parse_id(id: &str) -> Result<Uuid> {
 }
 
 /// Releases children whose parents succeeded outside a batch of reports (a mapped step that
-/// finished): their counters go down, ready ones are queued or start mapping.
+/// finished): their counters go down, ready ones are queued or are delegated.
 pub async fn release_children(
     tx: &mut PgConnection,
     children: std::collections::BTreeMap<Uuid, i32>,
@@ -414,6 +420,8 @@ pub struct FinishedTask {
     pub at: DateTime<Utc>,
     pub output: Option<Value>,
     pub error: Option<String>,
+    /// A child workflow's task: the step that runs it.
+    pub parent_step: Option<Uuid>,
 }
 
 /// Finishes live tasks that have no unfinished step left, each in the state decided for it
@@ -441,7 +449,7 @@ pub async fn finalize(
              FROM unnest($1::uuid[], $2::text[]) AS d(id, state)
              WHERE t.id = d.id AND t.unfinished_steps = 0 AND t.state IN ('pending', 'running')
              RETURNING t.id, t.namespace, t.template_name, t.state, t.event_seq, t.finished_at,
-                       t.output, t.error
+                       t.output, t.error, t.parent_step_id
          ), events AS (
              INSERT INTO task_events (task_id, seq, namespace, kind, detail)
              SELECT id, event_seq, namespace, state, jsonb_build_object('error', error) FROM fin
@@ -464,6 +472,7 @@ pub async fn finalize(
             at: r.get("finished_at"),
             output: r.get("output"),
             error: r.get("error"),
+            parent_step: r.get("parent_step_id"),
         })
         .collect())
 }

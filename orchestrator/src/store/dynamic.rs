@@ -5,7 +5,7 @@
 
 use super::{Result, StoreError};
 use crate::transition::{
-    GraphStep, MAP_STARTS, MapNow, PARENTS_DONE, Propagation, SkipCause, Window,
+    DELEGATE, GraphStep, MapNow, PARENTS_DONE, Propagation, SkipCause, Window,
 };
 use serde_json::Value;
 use sqlx::{PgConnection, Row};
@@ -49,12 +49,12 @@ pub struct Propagated {
     pub skipped: HashMap<Uuid, i32>,
     /// Queues that got ready steps.
     pub queued: HashSet<String>,
-    /// Mapped steps that started mapping.
-    pub mapping: Vec<Uuid>,
+    /// Mapped steps that were delegated.
+    pub delegated: Vec<Uuid>,
 }
 
 /// Writes a [`Propagation`]: the skips (waiting steps only, with cause and reason), the new
-/// counters of `join: any` steps, and the ready ones ([`PARENTS_DONE`] or [`MAP_STARTS`]).
+/// counters of `join: any` steps, and the ready ones ([`PARENTS_DONE`] or [`DELEGATE`]).
 pub async fn write_propagation(tx: &mut PgConnection, p: &Propagation) -> Result<Propagated> {
     let mut out = Propagated::default();
     if !p.skipped.is_empty() {
@@ -93,19 +93,20 @@ pub async fn write_propagation(tx: &mut PgConnection, p: &Propagation) -> Result
     if !p.ready.is_empty() {
         let rows = sqlx::query(
             "UPDATE steps s SET pending_parents = 0,
-                                state = CASE WHEN s.map_over IS NULL THEN $2 ELSE $3 END,
+                                state = CASE WHEN s.map_over IS NULL AND s.workflow IS NULL
+                                             THEN $2 ELSE $3 END,
                                 queued_at = now(), updated_at = now()
              WHERE s.id = ANY($1) AND s.state = 'waiting'
              RETURNING s.id, s.queue, s.state",
         )
         .bind(&p.ready)
         .bind(PARENTS_DONE.to)
-        .bind(MAP_STARTS.to)
+        .bind(DELEGATE.to)
         .fetch_all(&mut *tx)
         .await?;
         for r in rows {
-            if r.get::<StepState, _>("state") == MAP_STARTS.to {
-                out.mapping.push(r.get("id"));
+            if r.get::<StepState, _>("state") == DELEGATE.to {
+                out.delegated.push(r.get("id"));
             } else {
                 out.queued.insert(r.get("queue"));
             }
@@ -137,7 +138,7 @@ pub async fn read_sources(tx: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Map
              SELECT c.id, c.task_id, p.name AS parent, c.map_over, c.map_max_items,
                     p.output #> c.map_over AS found
              FROM steps c JOIN steps p ON p.id = c.parent_ids[1]
-             WHERE c.id = ANY($1) AND c.state = 'mapping'
+             WHERE c.id = ANY($1) AND c.state = 'delegated' AND c.map_over IS NOT NULL
          )
          SELECT id, task_id, parent, map_over, map_max_items, jsonb_typeof(found) AS found,
                 CASE WHEN jsonb_typeof(found) = 'array' THEN jsonb_array_length(found)::bigint END AS len
@@ -204,7 +205,7 @@ pub async fn count_instances(
     .await?;
     Ok(rows
         .iter()
-        .filter(|r| r.get::<StepState, _>("state") == StepState::Mapping)
+        .filter(|r| r.get::<StepState, _>("state") == StepState::Delegated)
         .map(map_row)
         .collect())
 }
@@ -248,7 +249,7 @@ pub async fn read_maps(tx: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<MapRow
     let rows = sqlx::query(
         "SELECT id, task_id, name, queue, child_ids, map_max_parallel, map_tolerate, map_total,
                 map_created, map_live, map_waiting, map_done, map_failed
-         FROM steps WHERE id = ANY($1) AND state = 'mapping' ORDER BY id",
+         FROM steps WHERE id = ANY($1) AND state = 'delegated' ORDER BY id",
     )
     .bind(ids)
     .fetch_all(&mut *tx)
@@ -267,7 +268,7 @@ pub async fn recount_maps(tx: &mut PgConnection, tasks: &[Uuid]) -> Result<Vec<M
                     count(i.id) FILTER (WHERE i.state IN ('succeeded', 'failed', 'skipped', 'cancelled'))::int AS done,
                     count(i.id) FILTER (WHERE i.state = 'failed')::int AS failed
              FROM steps c LEFT JOIN steps i ON i.map_of = c.id
-             WHERE c.task_id = ANY($1) AND c.state = 'mapping' AND c.map_of IS NULL
+             WHERE c.task_id = ANY($1) AND c.state = 'delegated' AND c.map_of IS NULL
              GROUP BY c.id
          )
          UPDATE steps s SET map_live = c.live, map_waiting = c.waiting, map_done = c.done,
@@ -286,16 +287,17 @@ pub async fn recount_maps(tx: &mut PgConnection, tasks: &[Uuid]) -> Result<Vec<M
 /// Lets instances of a mapped step in ([`crate::transition::map_window`]): waiting ones first
 /// (in index order), then new ones, each created with its element of the parent's output (read
 /// once per call). Returns how many were created.
-pub async fn let_in(tx: &mut PgConnection, map: &MapRow, w: Window) -> Result<i32> {
+pub async fn let_in(tx: &mut PgConnection, map: &MapRow, w: Window) -> Result<LetIn> {
     let ids: Vec<Uuid> = (0..w.create).map(|_| Uuid::now_v7()).collect();
     let index: Vec<i32> = (0..w.create).map(|i| map.now.created + i).collect();
     // One statement: readmit, create (the parent's output read once), count.
-    let created: i32 = sqlx::query_scalar(
+    let created = sqlx::query(
         "WITH readmitted AS (
-             UPDATE steps SET state = $4, queued_at = now(), updated_at = now()
+             UPDATE steps SET state = CASE WHEN workflow IS NULL THEN $4 ELSE $6 END,
+                              queued_at = now(), updated_at = now()
              WHERE id IN (SELECT id FROM steps WHERE map_of = $1 AND state = 'waiting'
                           ORDER BY map_index LIMIT $5)
-             RETURNING 1
+             RETURNING id, workflow IS NOT NULL AS delegated
          ), src AS MATERIALIZED (
              SELECT c.*, p.output #> c.map_over AS items
              FROM steps c JOIN steps p ON p.id = c.parent_ids[1]
@@ -304,31 +306,50 @@ pub async fn let_in(tx: &mut PgConnection, map: &MapRow, w: Window) -> Result<i3
              INSERT INTO steps (id, task_id, namespace, name, position, handler, queue, state,
                                 priority, max_attempts, retry_policy, queue_wait_timeout_ms,
                                 execution_timeout_ms, pending_parents, parent_ids, child_ids,
-                                queued_at, map_of, map_index, map_item)
+                                queued_at, map_of, map_index, map_item, workflow)
              SELECT n.id, src.task_id, src.namespace, src.name, src.position, src.handler,
-                    src.queue, $4, src.priority, src.max_attempts, src.retry_policy,
-                    src.queue_wait_timeout_ms, src.execution_timeout_ms, 0, src.parent_ids, '{}',
-                    now(), src.id, n.idx, src.items -> n.idx
+                    src.queue, CASE WHEN src.workflow IS NULL THEN $4 ELSE $6 END, src.priority,
+                    src.max_attempts, src.retry_policy, src.queue_wait_timeout_ms,
+                    src.execution_timeout_ms, 0, src.parent_ids, '{}', now(), src.id, n.idx,
+                    src.items -> n.idx, src.workflow
              FROM src, unnest($2::uuid[], $3::int[]) AS n(id, idx)
-             RETURNING 1
+             RETURNING id, workflow IS NOT NULL AS delegated
          ), counted AS (
              SELECT (SELECT count(*) FROM created)::int AS created,
                     (SELECT count(*) FROM readmitted)::int AS readmitted
+         ), progress AS (
+             UPDATE steps SET map_created = map_created + counted.created,
+                              map_live = map_live + counted.created + counted.readmitted,
+                              map_waiting = map_waiting - counted.readmitted, updated_at = now()
+             FROM counted WHERE id = $1
          )
-         UPDATE steps SET map_created = map_created + counted.created,
-                          map_live = map_live + counted.created + counted.readmitted,
-                          map_waiting = map_waiting - counted.readmitted, updated_at = now()
-         FROM counted WHERE id = $1
-         RETURNING counted.created",
+         SELECT (SELECT created FROM counted) AS created,
+                coalesce((SELECT array_agg(id) FROM (SELECT id FROM created WHERE delegated
+                                                     UNION ALL
+                                                     SELECT id FROM readmitted WHERE delegated) d),
+                         '{}') AS delegated",
     )
     .bind(map.id)
     .bind(&ids)
     .bind(&index)
     .bind(PARENTS_DONE.to)
     .bind(w.readmit)
+    .bind(DELEGATE.to)
     .fetch_one(&mut *tx)
     .await?;
-    Ok(created)
+    Ok(LetIn {
+        created: created.get("created"),
+        delegated: created.get("delegated"),
+    })
+}
+
+/// What [`let_in`] did.
+#[derive(Debug, Default)]
+pub struct LetIn {
+    /// Instances created (they count as unfinished steps).
+    pub created: i32,
+    /// Instances of a child-workflow map let in: their children to start.
+    pub delegated: Vec<Uuid>,
 }
 
 /// A mapped step that ends now, and how.
@@ -379,7 +400,7 @@ pub async fn end_maps(tx: &mut PgConnection, ends: &[MapEnd]) -> Result<Vec<MapE
              updated_at = now()
          FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[])
               AS e(id, state, error, cause, reason)
-         WHERE c.id = e.id AND c.state = 'mapping'
+         WHERE c.id = e.id AND c.state = 'delegated'
          RETURNING c.id, c.task_id, c.name, c.state, c.error, c.child_ids",
     )
     .bind(&ids)
@@ -419,4 +440,175 @@ pub struct InstanceRow {
     pub attempt: i32,
     pub output: Option<Value>,
     pub error: Option<String>,
+}
+
+/// A child-workflow step to start (delegated; its child task not running).
+#[derive(Debug, Clone)]
+pub struct ChildToStart {
+    pub step_id: Uuid,
+    pub task_id: Uuid,
+    pub name: String,
+    /// The parent task's namespace, depth and priority.
+    pub namespace: String,
+    pub depth: i32,
+    pub priority: i16,
+    pub workflow: Value,
+    pub child: Option<(Uuid, tasker_schemas::TaskState)>,
+    /// The outputs of its parents that succeeded, by name (`{}` for an instance).
+    pub parent_outputs: Value,
+    pub map_index: Option<i32>,
+    pub map_item: Option<Value>,
+}
+
+/// The child-workflow steps among `ids` (delegated, not mapped steps themselves).
+pub async fn read_children_to_start(
+    tx: &mut PgConnection,
+    ids: &[Uuid],
+) -> Result<Vec<ChildToStart>> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows = sqlx::query(
+        "SELECT s.id, s.task_id, s.name, t.namespace, t.depth, t.priority, s.workflow,
+                s.child_task_id, c.state AS child_state, s.map_index, s.map_item,
+                CASE WHEN s.map_of IS NULL THEN
+                    (SELECT coalesce(jsonb_object_agg(p.name, coalesce(p.output, 'null'::jsonb)), '{}'::jsonb)
+                     FROM unnest(s.parent_ids) AS pid(id) JOIN steps p ON p.id = pid.id
+                     WHERE p.state = 'succeeded')
+                ELSE '{}'::jsonb END AS parent_outputs
+         FROM steps s JOIN tasks t ON t.id = s.task_id
+         LEFT JOIN tasks c ON c.id = s.child_task_id
+         WHERE s.id = ANY($1) AND s.state = 'delegated' AND s.workflow IS NOT NULL
+           AND s.map_over IS NULL
+         ORDER BY s.id",
+    )
+    .bind(ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let child: Option<Uuid> = r.get("child_task_id");
+            let state: Option<tasker_schemas::TaskState> = r.get("child_state");
+            ChildToStart {
+                step_id: r.get("id"),
+                task_id: r.get("task_id"),
+                name: r.get("name"),
+                namespace: r.get("namespace"),
+                depth: r.get("depth"),
+                priority: r.get("priority"),
+                workflow: r.get("workflow"),
+                child: child.zip(state),
+                parent_outputs: r.get("parent_outputs"),
+                map_index: r.get("map_index"),
+                map_item: r.get("map_item"),
+            }
+        })
+        .collect())
+}
+
+/// A child-workflow step's child started (created or retried): its new attempt.
+pub async fn child_started(tx: &mut PgConnection, step: Uuid, child: Uuid) -> Result<()> {
+    sqlx::query(
+        "UPDATE steps SET child_task_id = $2, attempt = attempt + 1, dispatched_at = now(),
+                          started_at = now(), updated_at = now()
+         WHERE id = $1",
+    )
+    .bind(step)
+    .bind(child)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Child-workflow steps whose child task finished, with what their attempt came to (the
+/// child's state, output and error). Bounded by `limit`.
+#[derive(Debug, Clone)]
+pub struct ChildFinished {
+    pub step_id: Uuid,
+    pub task_id: Uuid,
+    pub attempt: i32,
+    pub child_id: Uuid,
+    pub child_state: tasker_schemas::TaskState,
+    pub output: Option<Value>,
+    pub error: Option<String>,
+}
+
+pub async fn finished_children(
+    db: impl sqlx::PgExecutor<'_>,
+    limit: i64,
+) -> Result<Vec<ChildFinished>> {
+    let rows = sqlx::query(
+        "SELECT s.id, s.task_id, s.attempt, c.id AS child_id, c.state, c.output, c.error
+         FROM steps s JOIN tasks c ON c.id = s.child_task_id
+         WHERE s.state = 'delegated' AND s.child_task_id IS NOT NULL
+           AND c.state IN ('completed', 'failed', 'cancelled')
+         LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|r| ChildFinished {
+            step_id: r.get("id"),
+            task_id: r.get("task_id"),
+            attempt: r.get("attempt"),
+            child_id: r.get("child_id"),
+            child_state: r.get("state"),
+            output: r.get("output"),
+            error: r.get("error"),
+        })
+        .collect())
+}
+
+/// The live children of `task`'s delegated child-workflow steps, and those steps: a cancel of
+/// the task cancels them (the steps in the same statement, recorded as cancelled attempts).
+/// Returns the child task ids and how many steps were cancelled.
+pub async fn cancel_child_steps(tx: &mut PgConnection, task: Uuid) -> Result<(Vec<Uuid>, i32)> {
+    let rows = sqlx::query(
+        "WITH target AS (
+             SELECT id, attempt, task_id, namespace, dispatched_at, child_task_id FROM steps
+             WHERE task_id = $1 AND state = 'delegated' AND workflow IS NOT NULL
+               AND map_over IS NULL
+             FOR UPDATE
+         ), moved AS (
+             UPDATE steps s SET state = $2, updated_at = now()
+             FROM target WHERE s.id = target.id
+         ), history AS (
+             INSERT INTO attempts (step_id, attempt, task_id, namespace, outcome, dispatched_at, error)
+             SELECT id, attempt, task_id, namespace, $3, dispatched_at, $4 FROM target
+             WHERE attempt > 0
+             ON CONFLICT (step_id, attempt) DO NOTHING
+         )
+         SELECT target.child_task_id FROM target",
+    )
+    .bind(task)
+    .bind(StepState::Cancelled)
+    .bind(tasker_schemas::AttemptOutcome::Cancelled)
+    .bind("cancelled with its task (its child workflow too)")
+    .fetch_all(&mut *tx)
+    .await?;
+    let n = rows.len() as i32;
+    let children = rows
+        .iter()
+        .filter_map(|r| r.get::<Option<Uuid>, _>("child_task_id"))
+        .collect();
+    Ok((children, n))
+}
+
+/// A child-workflow step whose retry is due is delegated again (its child restarts in the same
+/// transaction). False when it is no longer a due retry.
+pub async fn delegate_due_retry(tx: &mut PgConnection, step: Uuid) -> Result<bool> {
+    Ok(sqlx::query(
+        "UPDATE steps SET state = $2, next_attempt_at = NULL, updated_at = now()
+         WHERE id = $1 AND state = 'retrying' AND next_attempt_at <= now()
+           AND workflow IS NOT NULL",
+    )
+    .bind(step)
+    .bind(DELEGATE.to)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        == 1)
 }

@@ -3,7 +3,7 @@
 
 use super::Result;
 use crate::slots::SlotKey;
-use crate::transition::{MAP_STARTS, PARENTS_DONE, TaskNow};
+use crate::transition::{DELEGATE, PARENTS_DONE, TaskNow};
 use sqlx::{PgConnection, PgExecutor, Row};
 use uuid::Uuid;
 
@@ -19,7 +19,7 @@ pub async fn find_inconsistent(
          WHERE t.state IN ('pending', 'running')
            AND t.updated_at < now() - $1 * interval '1 millisecond'
            AND (t.unfinished_steps <> (SELECT count(*) FROM steps s WHERE s.task_id = t.id
-                                        AND s.state IN ('waiting', 'queued', 'dispatched', 'retrying', 'mapping'))
+                                        AND s.state IN ('waiting', 'queued', 'dispatched', 'retrying', 'delegated'))
                 OR EXISTS (SELECT 1 FROM steps s WHERE s.task_id = t.id AND s.state = 'waiting'
                            AND s.map_of IS NULL
                            AND s.pending_parents <> (SELECT count(*) FROM steps p
@@ -71,7 +71,7 @@ pub async fn restore_due_times(tx: &mut PgConnection, task: Uuid) -> Result<()> 
 
 /// Recounts the unfinished parents of a task's waiting steps (a `join: any` step counts a
 /// skipped parent as finished; instances of mapped steps are let in by their mapped step);
-/// those with none left are [`PARENTS_DONE`], or start mapping ([`MAP_STARTS`]). Returns the
+/// those with none left are [`PARENTS_DONE`], or are delegated ([`DELEGATE`]). Returns the
 /// queues that got work and the mapped steps that started.
 pub async fn readmit_waiting(
     tx: &mut PgConnection,
@@ -88,7 +88,8 @@ pub async fn readmit_waiting(
          )
          UPDATE steps s
          SET pending_parents = c.n,
-             state = CASE WHEN c.n > 0 THEN s.state WHEN s.map_over IS NULL THEN $2 ELSE $3 END,
+             state = CASE WHEN c.n > 0 THEN s.state
+                          WHEN s.map_over IS NULL AND s.workflow IS NULL THEN $2 ELSE $3 END,
              queued_at = CASE WHEN c.n = 0 THEN now() END,
              updated_at = now()
          FROM counted c WHERE s.id = c.id
@@ -96,26 +97,26 @@ pub async fn readmit_waiting(
     )
     .bind(task)
     .bind(PARENTS_DONE.to)
-    .bind(MAP_STARTS.to)
+    .bind(DELEGATE.to)
     .fetch_all(&mut *tx)
     .await?;
-    let (mut queues, mut mapping) = (Vec::new(), Vec::new());
+    let (mut queues, mut delegated) = (Vec::new(), Vec::new());
     for r in rows {
         let state: tasker_schemas::StepState = r.get("state");
         if state == PARENTS_DONE.to {
             queues.push(r.get("queue"));
-        } else if state == MAP_STARTS.to {
-            mapping.push(r.get("id"));
+        } else if state == DELEGATE.to {
+            delegated.push(r.get("id"));
         }
     }
-    Ok((queues, mapping))
+    Ok((queues, delegated))
 }
 
 /// Sets a task's unfinished-step counter from its steps.
 pub async fn recount_unfinished(tx: &mut PgConnection, task: Uuid) -> Result<()> {
     sqlx::query(
         "UPDATE tasks t SET unfinished_steps = (SELECT count(*) FROM steps s WHERE s.task_id = t.id
-                                                AND s.state IN ('waiting', 'queued', 'dispatched', 'retrying', 'mapping')),
+                                                AND s.state IN ('waiting', 'queued', 'dispatched', 'retrying', 'delegated')),
                             updated_at = now()
          WHERE t.id = $1",
     )

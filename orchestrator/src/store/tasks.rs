@@ -22,6 +22,17 @@ pub struct NewTask<'a> {
     pub request_id: Option<RequestId>,
     pub priority: i16,
     pub task_id: Option<TaskId>,
+    /// A child workflow's task: the step that runs it.
+    pub parent: Option<ParentLink>,
+}
+
+/// The step a child workflow's task runs for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParentLink {
+    pub task_id: Uuid,
+    pub step_id: Uuid,
+    /// The child's depth (its parent's plus one).
+    pub depth: i32,
 }
 
 /// Result of [`create`].
@@ -43,6 +54,8 @@ pub struct Created {
     pub created: bool,
     /// Queues that got admissible (root) steps.
     pub queues: Vec<String>,
+    /// Root steps that run a child workflow: delegated, their children still to start.
+    pub delegated: Vec<Uuid>,
 }
 
 impl NewTask<'_> {
@@ -76,18 +89,29 @@ pub async fn create(tx: &mut PgConnection, new: &NewTask<'_>) -> Result<CreateOu
     let children = template.children();
     let mut rows = Vec::with_capacity(template.steps.len());
     let mut queues = Vec::new();
+    let mut delegated = Vec::new();
     for (position, step) in template.steps.iter().enumerate() {
         let root = step.depends_on.is_empty();
-        if root && !queues.iter().any(|q| q == step.queue()) {
-            queues.push(step.queue().to_owned());
-        }
+        let state = match (root, &step.workflow) {
+            (false, _) => StepState::Waiting,
+            (true, Some(_)) => {
+                delegated.push(ids[step.name.as_str()]);
+                crate::transition::DELEGATE.to
+            }
+            (true, None) => {
+                if !queues.iter().any(|q| q == step.queue()) {
+                    queues.push(step.queue().to_owned());
+                }
+                StepState::Queued
+            }
+        };
         rows.push(json!({
             "id": ids[step.name.as_str()],
             "name": step.name,
             "position": position,
             "handler": step.handler,
             "queue": step.queue(),
-            "state": if root { StepState::Queued } else { StepState::Waiting },
+            "state": state,
             "max_attempts": step.retry.max_attempts,
             "retry_policy": step.retry,
             "queue_wait_timeout_ms": step.queue_wait_timeout.0,
@@ -101,6 +125,7 @@ pub async fn create(tx: &mut PgConnection, new: &NewTask<'_>) -> Result<CreateOu
             "map_max_parallel": step.map.as_ref().map(|m| m.max_parallel),
             "map_max_items": step.map.as_ref().map(|m| m.max_items),
             "map_tolerate": step.map.as_ref().map(|m| m.tolerate),
+            "workflow": step.workflow.as_ref().map(|w| json!(w)),
         }));
     }
     // One statement: the task and all its steps (none if the task already exists).
@@ -108,8 +133,10 @@ pub async fn create(tx: &mut PgConnection, new: &NewTask<'_>) -> Result<CreateOu
         "WITH task AS (
              INSERT INTO tasks (id, namespace, template_id, template_name, template_version, state,
                                 priority, context, idempotency_key, request_id, request_hash,
-                                unfinished_steps, on_failure)
-             VALUES ($1, $2, $3, $4, $5, $13, $6, $7, $8, $9, $10, $11, $15)
+                                unfinished_steps, on_failure, parent_task_id, parent_step_id,
+                                depth)
+             VALUES ($1, $2, $3, $4, $5, $13, $6, $7, $8, $9, $10, $11, $15, $16, $17,
+                     coalesce($18, 0))
              ON CONFLICT DO NOTHING
              RETURNING id
          ), task_steps AS (
@@ -117,18 +144,19 @@ pub async fn create(tx: &mut PgConnection, new: &NewTask<'_>) -> Result<CreateOu
                                 priority, max_attempts, retry_policy, queue_wait_timeout_ms,
                                 execution_timeout_ms, pending_parents, parent_ids, child_ids, queued_at,
                                 decides, join_any, map_over, map_max_parallel, map_max_items,
-                                map_tolerate)
+                                map_tolerate, workflow)
              SELECT x.id, task.id, $2, x.name, x.position, x.handler, x.queue, x.state, $6,
                     x.max_attempts, x.retry_policy, x.queue_wait_timeout_ms, x.execution_timeout_ms,
                     x.pending_parents, x.parent_ids, x.child_ids,
                     CASE WHEN x.state = $14 THEN now() END,
                     x.decides, coalesce(x.join_any, false), x.map_over, x.map_max_parallel,
-                    x.map_max_items, x.map_tolerate
+                    x.map_max_items, x.map_tolerate, x.workflow
              FROM task, jsonb_to_recordset($12) AS x(id uuid, name text, position int, handler text,
                   queue text, state text, max_attempts int, retry_policy jsonb,
                   queue_wait_timeout_ms bigint, execution_timeout_ms bigint, pending_parents int,
                   parent_ids uuid[], child_ids uuid[], decides text[], join_any boolean,
-                  map_over text[], map_max_parallel int, map_max_items int, map_tolerate int)
+                  map_over text[], map_max_parallel int, map_max_items int, map_tolerate int,
+                  workflow jsonb)
          )
          SELECT id FROM task",
     )
@@ -147,6 +175,9 @@ pub async fn create(tx: &mut PgConnection, new: &NewTask<'_>) -> Result<CreateOu
     .bind(TaskState::Running)
     .bind(StepState::Queued)
     .bind(template.on_failure.as_ref().map(|h| json!(h)))
+    .bind(new.parent.map(|p| p.task_id))
+    .bind(new.parent.map(|p| p.step_id))
+    .bind(new.parent.map(|p| p.depth))
     .fetch_optional(&mut *tx)
     .await?;
 
@@ -172,6 +203,7 @@ pub async fn create(tx: &mut PgConnection, new: &NewTask<'_>) -> Result<CreateOu
                 task_id: existing,
                 created: false,
                 queues: Vec::new(),
+                delegated: Vec::new(),
             }));
         }
         return Ok(CreateOutcome::Conflict { task_id: existing });
@@ -181,6 +213,7 @@ pub async fn create(tx: &mut PgConnection, new: &NewTask<'_>) -> Result<CreateOu
         task_id,
         created: true,
         queues,
+        delegated,
     }))
 }
 
@@ -205,8 +238,13 @@ pub async fn lock(tx: &mut PgConnection, id: TaskId) -> Result<Option<Locked>> {
     )
 }
 
-/// Records an operator action in the task's history with the next sequence number.
-async fn record_event(tx: &mut PgConnection, id: TaskId, kind: &str, detail: Value) -> Result<i64> {
+/// Records an event in the task's history with the next sequence number.
+pub async fn record_event(
+    tx: &mut PgConnection,
+    id: TaskId,
+    kind: &str,
+    detail: Value,
+) -> Result<i64> {
     Ok(sqlx::query_scalar(
         "WITH t AS (UPDATE tasks SET event_seq = event_seq + 1 WHERE id = $1 RETURNING id, event_seq, namespace)
          INSERT INTO task_events (task_id, seq, namespace, kind, detail)
@@ -331,7 +369,7 @@ pub async fn retry(
     .bind(reset.from)
     .bind(reset.to)
     .bind(&keep)
-    .bind(crate::transition::MAP_STARTS.to)
+    .bind(crate::transition::DELEGATE.to)
     .execute(&mut *tx)
     .await?
     .rows_affected() as i32;

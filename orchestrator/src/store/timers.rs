@@ -5,6 +5,7 @@ use super::Result;
 use crate::transition::PROMOTE_RETRY;
 use sqlx::{PgExecutor, Row};
 use tasker_schemas::{StepId, TaskId};
+use uuid::Uuid;
 
 /// Records that a worker took a long step: execution lease from now, by that worker. False when
 /// the attempt is no longer the step's current dispatched one.
@@ -39,6 +40,7 @@ pub async fn promote_due_retries(db: impl PgExecutor<'_>, limit: i64) -> Result<
     Ok(sqlx::query_scalar(
         "UPDATE steps s SET state = $2, queued_at = now(), next_attempt_at = NULL, updated_at = now()
          FROM (SELECT id FROM steps WHERE state = 'retrying' AND next_attempt_at <= now()
+                 AND workflow IS NULL
                ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED) due
          WHERE s.id = due.id AND s.state = 'retrying'
          RETURNING s.queue",
@@ -47,6 +49,26 @@ pub async fn promote_due_retries(db: impl PgExecutor<'_>, limit: i64) -> Result<
     .bind(PROMOTE_RETRY.to)
     .fetch_all(db)
     .await?)
+}
+
+/// Child-workflow steps whose retry is due (their tasks, to lock first): a retry restarts the
+/// step's child task, in a transaction of its own ([`crate::service::dynamic`]).
+pub async fn due_workflow_retries(
+    db: impl PgExecutor<'_>,
+    limit: i64,
+) -> Result<Vec<(Uuid, Uuid)>> {
+    let rows = sqlx::query(
+        "SELECT task_id, id FROM steps
+         WHERE state = 'retrying' AND next_attempt_at <= now() AND workflow IS NOT NULL
+         ORDER BY next_attempt_at LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get("task_id"), r.get("id")))
+        .collect())
 }
 
 /// Milliseconds until the next retry is due (capped by the caller), if any is scheduled.

@@ -22,6 +22,8 @@ pub struct TaskRow {
     pub idempotency_key: Option<String>,
     pub created_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
+    pub parent_task_id: Option<Uuid>,
+    pub parent_step: Option<String>,
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -48,6 +50,7 @@ pub struct StepRow {
     /// A mapped step: its elements and instances counted by state (`None` otherwise).
     pub map_total: Option<i32>,
     pub map_counts: Option<Value>,
+    pub child_task_id: Option<Uuid>,
 }
 
 /// A finished attempt.
@@ -92,9 +95,10 @@ pub async fn state(db: impl PgExecutor<'_>, id: TaskId) -> Result<Option<TaskSta
 /// A task with everything about it, or `None` if there is no such task.
 pub async fn detail(db: &sqlx::PgPool, id: TaskId) -> Result<Option<TaskDetail>> {
     let task: Option<TaskRow> = sqlx::query_as(
-        "SELECT id, namespace, template_name, template_version, state, priority, context,
-                output, error, idempotency_key, created_at, finished_at
-         FROM tasks WHERE id = $1",
+        "SELECT t.id, t.namespace, t.template_name, t.template_version, t.state, t.priority,
+                t.context, t.output, t.error, t.idempotency_key, t.created_at, t.finished_at,
+                t.parent_task_id, (SELECT p.name FROM steps p WHERE p.id = t.parent_step_id) AS parent_step
+         FROM tasks t WHERE t.id = $1",
     )
     .bind(id.0)
     .fetch_optional(db)
@@ -106,7 +110,7 @@ pub async fn detail(db: &sqlx::PgPool, id: TaskId) -> Result<Option<TaskDetail>>
         "SELECT s.id, s.name, s.handler, s.queue, s.state, s.attempt, s.failures, s.max_attempts,
                 s.parent_ids, s.output, s.error, s.pending_parents, s.queued_at, s.dispatched_at,
                 s.started_at, s.worker, s.lease_expires_at, s.next_attempt_at, s.skip_reason,
-                s.map_total,
+                s.map_total, s.child_task_id,
                 CASE WHEN s.map_over IS NOT NULL THEN
                     (SELECT coalesce(jsonb_object_agg(c.state, c.n), '{}'::jsonb)
                      FROM (SELECT i.state, count(*) AS n FROM steps i WHERE i.map_of = s.id
@@ -192,7 +196,8 @@ pub async fn list(db: impl PgExecutor<'_>, f: &ListFilter) -> Result<(Vec<TaskRo
     let limit = f.limit.clamp(1, 1000);
     let mut rows: Vec<TaskRow> = sqlx::query_as(
         "SELECT id, namespace, template_name, template_version, state, priority, context,
-                output, error, idempotency_key, created_at, finished_at
+                output, error, idempotency_key, created_at, finished_at, parent_task_id,
+                NULL::text AS parent_step
          FROM tasks
          WHERE ($1::text IS NULL OR namespace = $1)
            AND ($2::text IS NULL OR state = $2)
