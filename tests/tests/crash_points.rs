@@ -306,3 +306,56 @@ steps:
     h.finish().await;
     Ok(())
 }
+
+/// Killed after committing a child workflow's creation but before publishing its first step:
+/// the relay publishes it; the child runs once and the parent finishes with its output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn child_created_but_not_published() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    h.register_yaml(
+        "namespace: t\nname: kid\nversion: 1\nsteps:\n  - { name: s, handler: echo, queue: q }\n",
+    )
+    .await?;
+    h.register_yaml(
+        "namespace: t\nname: mom\nversion: 1\nsteps:\n  - { name: run, workflow: { name: kid } }\n",
+    )
+    .await?;
+    let id = h.submit("t", "mom", json!({})).await?;
+    wait_until(
+        &h,
+        "SELECT count(*) = 1 FROM steps WHERE queue = 'q' AND state = 'dispatched'
+         AND (SELECT count(*) FROM outbox) = 0",
+    )
+    .await?;
+    let conn = lapin::Connection::connect(&h.services.amqp_url, Default::default()).await?;
+    let ch = conn.create_channel().await?;
+    let purged = ch
+        .queue_purge(
+            h.names().step_queue("q").as_str().into(),
+            Default::default(),
+        )
+        .await?;
+    assert_eq!(purged, 1);
+    conn.close(200, "bye".into()).await?;
+    sqlx::query(
+        "INSERT INTO outbox (step_id, attempt, namespace, created_at)
+         SELECT id, attempt, namespace, now() - interval '1 hour' FROM steps
+         WHERE queue = 'q' AND state = 'dispatched'",
+    )
+    .execute(&h.db)
+    .await?;
+    wait_until(&h, "SELECT count(*) = 0 FROM outbox").await?;
+    let runs = counting_worker(&h).await?;
+    let task = h.wait(id).await?;
+    assert_eq!(task.state, TaskState::Completed, "{task:#?}");
+    assert_eq!(task.steps[0].output, Some(json!({"s": "s"})));
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    let children: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE parent_task_id = $1")
+        .bind(id.0)
+        .fetch_one(&h.db)
+        .await?;
+    assert_eq!(children, 1);
+    assert_applied_once(&h).await?;
+    h.finish().await;
+    Ok(())
+}
