@@ -213,6 +213,30 @@ async fn result_committed_but_not_acked() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Recreates what a crash after a commit and before its publish leaves behind, for the `n`
+/// steps dispatched on queue `q`: their messages never reached the broker (purged) and their
+/// outbox entries are old. Returns once the relay published them again.
+async fn lose_published_steps(h: &Harness, n: u32) -> anyhow::Result<()> {
+    let conn = lapin::Connection::connect(&h.services.amqp_url, Default::default()).await?;
+    let ch = conn.create_channel().await?;
+    let purged = ch
+        .queue_purge(
+            h.names().step_queue("q").as_str().into(),
+            Default::default(),
+        )
+        .await?;
+    assert_eq!(purged, n);
+    conn.close(200, "bye".into()).await?;
+    sqlx::query(
+        "INSERT INTO outbox (step_id, attempt, namespace, created_at)
+         SELECT id, attempt, namespace, now() - interval '1 hour' FROM steps
+         WHERE queue = 'q' AND state = 'dispatched'",
+    )
+    .execute(&h.db)
+    .await?;
+    wait_until(h, "SELECT count(*) = 0 FROM outbox").await
+}
+
 /// Killed after committing what a decision or a mapped step admitted but before publishing it:
 /// the state such a crash leaves is recreated by dropping the published step messages and
 /// putting back old outbox entries. The relay publishes them; every admitted step runs and is
@@ -259,24 +283,7 @@ steps:
     )
     .await?;
     // The crash: none of them reached the broker, their outbox entries are left behind.
-    let conn = lapin::Connection::connect(&h.services.amqp_url, Default::default()).await?;
-    let ch = conn.create_channel().await?;
-    let purged = ch
-        .queue_purge(
-            h.names().step_queue("q").as_str().into(),
-            Default::default(),
-        )
-        .await?;
-    assert_eq!(purged, 5);
-    conn.close(200, "bye".into()).await?;
-    sqlx::query(
-        "INSERT INTO outbox (step_id, attempt, namespace, created_at)
-         SELECT id, attempt, namespace, now() - interval '1 hour' FROM steps
-         WHERE queue = 'q' AND state = 'dispatched'",
-    )
-    .execute(&h.db)
-    .await?;
-    wait_until(&h, "SELECT count(*) = 0 FROM outbox").await?;
+    lose_published_steps(&h, 5).await?;
     let runs = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let r = runs.clone();
     h.spawn_worker(h.worker().queue("q").handler_fn("each", move |ctx| {
@@ -327,24 +334,7 @@ async fn child_created_but_not_published() -> anyhow::Result<()> {
          AND (SELECT count(*) FROM outbox) = 0",
     )
     .await?;
-    let conn = lapin::Connection::connect(&h.services.amqp_url, Default::default()).await?;
-    let ch = conn.create_channel().await?;
-    let purged = ch
-        .queue_purge(
-            h.names().step_queue("q").as_str().into(),
-            Default::default(),
-        )
-        .await?;
-    assert_eq!(purged, 1);
-    conn.close(200, "bye".into()).await?;
-    sqlx::query(
-        "INSERT INTO outbox (step_id, attempt, namespace, created_at)
-         SELECT id, attempt, namespace, now() - interval '1 hour' FROM steps
-         WHERE queue = 'q' AND state = 'dispatched'",
-    )
-    .execute(&h.db)
-    .await?;
-    wait_until(&h, "SELECT count(*) = 0 FROM outbox").await?;
+    lose_published_steps(&h, 1).await?;
     let runs = counting_worker(&h).await?;
     let task = h.wait(id).await?;
     assert_eq!(task.state, TaskState::Completed, "{task:#?}");

@@ -519,3 +519,54 @@ on_failure: { handler: refund, retry: { max_attempts: 2, initial_delay: 10ms } }
     h.finish().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_task_ends_its_mapped_step() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    h.register_yaml(&map_template(
+        "slowmap",
+        "{ over: list.images, max_parallel: 2 }",
+    ))
+    .await?;
+    h.spawn_worker(map_worker(&h)).await?;
+    let images: Vec<Value> = (0..10).map(|_| json!({"sleep_ms": 300})).collect();
+    let id = h.submit("t", "slowmap", json!({"images": images})).await?;
+    // Wait until instances run, then cancel.
+    for _ in 0..250 {
+        let running: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM steps WHERE task_id = $1 AND map_of IS NOT NULL",
+        )
+        .bind(id.0)
+        .fetch_one(&h.db)
+        .await?;
+        if running > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    h.client().cancel(id, None).await?;
+    let task = h.wait_for(id, std::time::Duration::from_secs(30)).await?;
+    assert_eq!(task.state, TaskState::Cancelled, "{task:#?}");
+    let resize = step(&task, "resize");
+    assert_eq!(resize.state, StepState::Cancelled, "{resize:#?}");
+    assert_eq!(step(&task, "collect").state, StepState::Cancelled);
+    let created: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM steps WHERE task_id = $1 AND map_of IS NOT NULL")
+            .bind(id.0)
+            .fetch_one(&h.db)
+            .await?;
+    assert!(
+        created < 10,
+        "no instance is let in after the cancel ({created})"
+    );
+    let live: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM steps WHERE task_id = $1
+         AND state IN ('waiting', 'queued', 'dispatched', 'retrying', 'delegated')",
+    )
+    .bind(id.0)
+    .fetch_one(&h.db)
+    .await?;
+    assert_eq!(live, 0);
+    h.finish().await;
+    Ok(())
+}

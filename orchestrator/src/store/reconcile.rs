@@ -30,7 +30,8 @@ pub async fn find_inconsistent(
                              OR (s.state = 'dispatched' AND s.lease_expires_at IS NULL)))
                 OR ((t.failing OR t.cancel_requested)
                     AND EXISTS (SELECT 1 FROM steps s WHERE s.task_id = t.id
-                                AND s.state IN ('waiting', 'queued', 'retrying'))))
+                                AND s.state IN ('waiting', 'queued', 'retrying')
+                                AND NOT s.failure_handler)))
          ORDER BY t.updated_at LIMIT $2",
     )
     .bind(quiet_ms)

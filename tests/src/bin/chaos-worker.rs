@@ -14,7 +14,10 @@
 //! - `chaos_items` (the root of the `map` workflow): returns `{"items": [item(0) ..
 //!   item(n-1)]}`, `n` from the task's context (`"items"`);
 //! - `chaos_route` (the decision step of the `decision` workflow): chooses the branch the task's
-//!   context names (`"route"`) and returns `{"ok": true, "chose": <branch>}`.
+//!   context names (`"route"`) and returns `{"ok": true, "chose": <branch>}`;
+//! - `chaos_echo` (steps of the `child` workflow, parent and child task alike): returns `{"ok":
+//!   true, "context": <the task's context>}`, so that what reaches a child task (its context,
+//!   mapped from the parent's step output) comes back in its output, which the harness checks.
 //!
 //! With `--fail-rate P` a run fails on purpose (retryable) with probability P.
 
@@ -81,7 +84,7 @@ async fn main() -> Result<()> {
         sleep_max: args.sleep_ms_max,
         fail_rate: args.fail_rate,
     };
-    let (chaos, items, route) = (run.clone(), run.clone(), run);
+    let (chaos, items, route, echo) = (run.clone(), run.clone(), run.clone(), run);
     let worker = Worker::builder(args.amqp_url)
         .prefix(args.prefix)
         .queue("default")
@@ -114,6 +117,13 @@ async fn main() -> Result<()> {
                     StepError::permanent("the task's context has no \"items\" count")
                 })?;
                 Ok(json!({ "items": (0..n as usize).map(item).collect::<Vec<_>>() }))
+            }
+        })
+        .handler_fn("chaos_echo", move |ctx: StepContext| {
+            let run = echo.clone();
+            async move {
+                run.execute(&ctx).await?;
+                Ok(json!({ "ok": true, "context": ctx.context() }))
             }
         })
         .decision_fn("chaos_route", move |ctx: StepContext| {

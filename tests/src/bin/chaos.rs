@@ -1,8 +1,8 @@
 //! `chaos`: the fault-injection harness. It starts real processes — two orchestrators (`tasker
 //! serve`, same database and prefix, different ports) and two workers (`chaos-worker`) — against
 //! local PostgreSQL and RabbitMQ, submits N workflows (linear 4 steps, diamond, fan-out
-//! 1 → 20 → 1, a decision between two branches, a mapped step; see `--mix`) over HTTP with an
-//! idempotency key each, and meanwhile kills orchestrators and workers with SIGKILL at random
+//! 1 → 20 → 1, a decision between two branches, a mapped step, a child workflow; see `--mix`)
+//! over HTTP with an idempotency key each, and meanwhile kills orchestrators and workers with SIGKILL at random
 //! moments (restarting them after 0.2–3 s), restarts RabbitMQ (`rabbitmqctl stop_app`, 2–5 s
 //! pause, `start_app`) and restarts PostgreSQL (`pg_ctl restart -m fast` as the data directory's
 //! owner). Then it checks every task, prints a table and one JSON line (with `config`, the run's
@@ -30,7 +30,15 @@
 //!   succeeded. `map` (split → work mapped over `split.items`, 20–50 elements, `max_parallel` 5 →
 //!   join): exactly one instance per element (indexes 0..n, each once), every instance succeeded
 //!   with one succeeded attempt row, and the mapped step's output holds one entry per element in
-//!   order, each naming its index and element.
+//!   order, each naming its index and element. `child` (a → sub → b, `sub` a workflow step
+//!   running the 2-step template `child_sub` (c1 → c2) with the context `{i: a.context.i}`):
+//!   exactly one child task links to the task and to `sub` (`tasks.parent_task_id` /
+//!   `parent_step_id`, depth 1, one `child_started` event naming it, `sub.child_task_id` naming
+//!   it), the child completed with both steps succeeded once, its context is `{"i": <the
+//!   submit's index>}` and its output `{"c2": {"ok": true, "context": {"i": …}}}`, `sub`'s
+//!   output equals the child's output, and no worker ever ran `sub` itself. Child tasks are
+//!   not submitted (they have no idempotency key): the wait for all tasks to be terminal
+//!   covers them, and their steps count in the attempt checks above like any other.
 //!
 //! Duplicate executions are allowed (at-least-once) and reported from the workers' execution
 //! records (`<run dir>/exec/exec-<pid>.log`, one line per run): `duplicate_executions` =
@@ -152,10 +160,10 @@ struct Args {
     /// not required.
     #[arg(long, default_value_t = 0.0)]
     fail_rate: f64,
-    /// Weights of the workflows: linear, diamond, fanout, decision, map — positional
-    /// ("30,25,15,15,15"; three numbers leave decision and map out) or by name
-    /// ("linear=1,map=3"; names left out weigh 0).
-    #[arg(long, default_value = "30,25,15,15,15")]
+    /// Weights of the workflows: linear, diamond, fanout, decision, map, child — positional
+    /// ("25,20,15,15,15,10"; three numbers leave decision, map and child out, five leave child
+    /// out) or by name ("linear=1,map=3"; names left out weigh 0).
+    #[arg(long, default_value = "25,20,15,15,15,10")]
     mix: String,
     /// Width of the fan-out workflow (1 -> width -> 1).
     #[arg(long, default_value_t = 20)]
@@ -285,7 +293,7 @@ impl Ctx {
 }
 
 /// The workflows, in the order of `--mix`.
-const KINDS: [&str; 5] = ["linear", "diamond", "fanout", "decision", "map"];
+const KINDS: [&str; 6] = ["linear", "diamond", "fanout", "decision", "map", "child"];
 
 /// The branches of the decision workflow's `route` step.
 const ROUTES: [&str; 2] = ["left", "right"];
@@ -546,7 +554,7 @@ async fn main_async(args: Args) -> Result<i32> {
 async fn run(
     ctx: Arc<Ctx>,
     seed: u64,
-    weights: &[u32; 5],
+    weights: &[u32; 6],
     expected_steps: &HashMap<&'static str, usize>,
     stop: CancellationToken,
 ) -> Result<Value> {
@@ -739,7 +747,10 @@ async fn run(
         failures.push(format!("stuck = {}", v.stuck));
     }
     if v.wrong > 0 {
-        failures.push(format!("wrong = {} (decision or map outcome)", v.wrong));
+        failures.push(format!(
+            "wrong = {} (decision, map or child workflow outcome)",
+            v.wrong
+        ));
     }
     if results_applied_twice > 0 {
         failures.push(format!("results_applied_twice = {results_applied_twice}"));
@@ -804,6 +815,9 @@ async fn run(
         "decisions_checked": v.decisions_checked,
         "maps_checked": v.maps_checked,
         "map_instances": v.map_instances,
+        "children_checked": v.children_checked,
+        "child_tasks": v.child_tasks,
+        "child_retries": v.child_retries,
         "skipped_steps": v.skipped_steps,
         "executions": ex.executions,
         "steps_executed": ex.steps_executed,
@@ -856,8 +870,15 @@ async fn run(
     row(
         "wrong",
         format!(
-            "{} (decision tasks checked {}, map tasks checked {} with {} instances; {} steps skipped)",
-            v.wrong, v.decisions_checked, v.maps_checked, v.map_instances, v.skipped_steps
+            "{} (decision tasks checked {}, map tasks checked {} with {} instances, child-workflow tasks checked {} ({} child tasks, {} child retries); {} steps skipped)",
+            v.wrong,
+            v.decisions_checked,
+            v.maps_checked,
+            v.map_instances,
+            v.children_checked,
+            v.child_tasks,
+            v.child_retries,
+            v.skipped_steps
         ),
     );
     row(
@@ -1001,7 +1022,7 @@ fn round1(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
 }
 
-fn pick_kind(rng: &mut StdRng, w: &[u32; 5]) -> &'static str {
+fn pick_kind(rng: &mut StdRng, w: &[u32; 6]) -> &'static str {
     let total: u32 = w.iter().sum();
     let mut x = rng.random_range(0..total.max(1));
     for (i, wi) in w.iter().enumerate() {
@@ -1013,9 +1034,10 @@ fn pick_kind(rng: &mut StdRng, w: &[u32; 5]) -> &'static str {
     KINDS[0]
 }
 
-/// `--mix`: five weights in [`KINDS`] order (three: decision and map 0), or `kind=weight` pairs.
-fn parse_mix(s: &str) -> Result<[u32; 5]> {
-    let mut w = [0u32; 5];
+/// `--mix`: six weights in [`KINDS`] order (three: decision, map and child 0; five: child 0), or
+/// `kind=weight` pairs.
+fn parse_mix(s: &str) -> Result<[u32; 6]> {
+    let mut w = [0u32; 6];
     if s.contains('=') {
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (k, n) = part
@@ -1035,9 +1057,11 @@ fn parse_mix(s: &str) -> Result<[u32; 5]> {
             .split(',')
             .map(|p| p.trim().parse())
             .collect::<Result<_, _>>()
-            .context("--mix: whole numbers, e.g. 30,25,15,15,15")?;
-        if v.len() != 3 && v.len() != 5 {
-            bail!("--mix: five weights ({KINDS:?}), or three (decision and map 0)");
+            .context("--mix: whole numbers, e.g. 25,20,15,15,15,10")?;
+        if ![3, 5, 6].contains(&v.len()) {
+            bail!(
+                "--mix: six weights ({KINDS:?}), or five (child 0), or three (decision, map and child 0)"
+            );
         }
         w[..v.len()].copy_from_slice(&v);
     }
@@ -1047,8 +1071,8 @@ fn parse_mix(s: &str) -> Result<[u32; 5]> {
     Ok(w)
 }
 
-/// Writes the templates; returns the step count of each (template steps: a map task's instances
-/// come on top).
+/// Writes the templates; returns the step count of each submitted kind (template steps: a map
+/// task's instances come on top; `child_sub` runs only as the child task of `child`).
 fn write_templates(dir: &Path, a: &Args) -> Result<HashMap<&'static str, usize>> {
     let policy = format!(
         "retry: {{ max_attempts: {}, initial_delay: {}ms, multiplier: 2.0, max_delay: {}ms, jitter: 0.2 }}, \
@@ -1125,12 +1149,28 @@ fn write_templates(dir: &Path, a: &Args) -> Result<HashMap<&'static str, usize>>
         ),
     ));
     map.push_str(&step_with("join", "chaos", &["work"], ""));
+    // a echoes the task's context; sub runs child_sub as a child task with the context
+    // {i: a.context.i} (namespace and version left out: the parent's, and the newest); c2's
+    // output (the child's output, under its name) echoes that context; b follows sub.
+    let mut child = head("child");
+    child.push_str(&step_with("a", "chaos_echo", &[], ""));
+    child.push_str(&format!(
+        "  - {{ name: sub, depends_on: [a], workflow: {{ name: child_sub, context: {{ i: a.context.i }} }}, \
+         retry: {{ max_attempts: {}, initial_delay: {}ms, multiplier: 2.0, max_delay: {}ms, jitter: 0.2 }} }}\n",
+        a.max_attempts, a.initial_delay_ms, a.max_delay_ms
+    ));
+    child.push_str(&step_with("b", "chaos", &["sub"], ""));
+    let mut child_sub = head("child_sub");
+    child_sub.push_str(&step_with("c1", "chaos_echo", &[], ""));
+    child_sub.push_str(&step_with("c2", "chaos_echo", &["c1"], ""));
     for (name, text) in [
         ("linear", &linear),
         ("diamond", &diamond),
         ("fanout", &fanout),
         ("decision", &decision),
         ("map", &map),
+        ("child", &child),
+        ("child_sub", &child_sub),
     ] {
         let path = dir.join(format!("{name}.yaml"));
         tasker_orchestrator::service::templates::parse_template(text)
@@ -1146,6 +1186,7 @@ fn write_templates(dir: &Path, a: &Args) -> Result<HashMap<&'static str, usize>>
         ("fanout", width + 2),
         ("decision", 5),
         ("map", 3),
+        ("child", 3),
     ]))
 }
 
@@ -1232,6 +1273,7 @@ async fn submit_one(ctx: &Ctx, i: usize, planned: Planned) -> Result<Accepted> {
                     .context("no task_id in the answer")?;
                 ctx.submit.accepted.fetch_add(1, Ordering::Relaxed);
                 return Ok(Accepted {
+                    index: i,
                     key,
                     kind,
                     route,

@@ -22,6 +22,8 @@ pub struct Planned {
 /// A submit the orchestrator accepted (answered 200 or 201 with a task id).
 #[derive(Clone, Debug)]
 pub struct Accepted {
+    /// The submit's index (`i` in its context, `chaos-{i}` its key).
+    pub index: usize,
     pub key: String,
     pub kind: &'static str,
     pub route: Option<&'static str>,
@@ -46,9 +48,10 @@ pub struct Verdict {
     pub bad_steps: usize,
     pub lost: usize,
     pub stuck: usize,
-    /// Terminal tasks whose decision or map went wrong: an unchosen branch ran or a chosen one
-    /// did not, instances missing, doubled or out of order, a mapped output that does not match
-    /// its elements.
+    /// Terminal tasks whose decision, map or child workflow went wrong: an unchosen branch ran
+    /// or a chosen one did not, instances missing, doubled or out of order, a mapped output that
+    /// does not match its elements, no child task or several for the workflow step, a child
+    /// task unfinished, failed or not matching its link, context or output.
     pub wrong: usize,
     /// Decision tasks whose branches were checked (completed ones; failed ones only for the
     /// unchosen branch never running).
@@ -59,6 +62,13 @@ pub struct Verdict {
     pub map_instances: usize,
     /// Skipped steps in the database (unchosen branches and what follows them).
     pub skipped_steps: usize,
+    /// Completed `child` tasks whose child task, its link, context, steps and output were
+    /// checked.
+    pub children_checked: usize,
+    /// Child tasks in the database (tasks with a parent).
+    pub child_tasks: usize,
+    /// `child_retried` events (a child-workflow step's retry ran its child again).
+    pub child_retries: usize,
     /// (step, attempt) pairs with more than one attempts row (the primary key forbids it).
     pub sql_duplicate_attempts: i64,
     /// Succeeded steps with more than one succeeded attempt row.
@@ -97,17 +107,61 @@ pub async fn check(
     ex: &Executions,
 ) -> Result<Verdict> {
     let mut v = Verdict::default();
-    let tasks = sqlx::query("SELECT id, idempotency_key, state, template_name FROM tasks")
-        .fetch_all(db)
-        .await?;
+    let tasks = sqlx::query(
+        "SELECT id, idempotency_key, state, template_name, template_version, namespace,
+                parent_task_id, parent_step_id, depth,
+                CASE WHEN parent_task_id IS NOT NULL THEN context END AS context,
+                CASE WHEN parent_task_id IS NOT NULL THEN output END AS output, error
+         FROM tasks",
+    )
+    .fetch_all(db)
+    .await?;
     v.tasks_in_db = tasks.len();
     let mut by_key: HashMap<String, (Uuid, String, String)> = HashMap::new();
+    // Child tasks by their parent task.
+    let mut children_of: HashMap<Uuid, Vec<ChildTask>> = HashMap::new();
     for r in tasks {
         if let Some(k) = r.get::<Option<String>, _>("idempotency_key") {
             by_key.insert(k, (r.get("id"), r.get("state"), r.get("template_name")));
         }
+        if let Some(parent) = r.get::<Option<Uuid>, _>("parent_task_id") {
+            v.child_tasks += 1;
+            children_of.entry(parent).or_default().push(ChildTask {
+                id: r.get("id"),
+                state: r.get("state"),
+                namespace: r.get("namespace"),
+                template: r.get("template_name"),
+                version: r.get("template_version"),
+                parent_step: r.get("parent_step_id"),
+                depth: r.get("depth"),
+                context: r.get("context"),
+                output: r.get("output"),
+                error: r.get("error"),
+            });
+        }
     }
+    // `child_started` / `child_retried` events: (task, kind) -> the child task ids they name.
+    let mut child_events: HashMap<(Uuid, String), Vec<Option<Uuid>>> = HashMap::new();
+    for r in sqlx::query(
+        "SELECT task_id, kind, detail->>'child_task_id' AS child FROM task_events
+         WHERE kind IN ('child_started', 'child_retried')",
+    )
+    .fetch_all(db)
+    .await?
+    {
+        let child: Option<String> = r.get("child");
+        child_events
+            .entry((r.get("task_id"), r.get("kind")))
+            .or_default()
+            .push(child.and_then(|c| c.parse().ok()));
+    }
+    v.child_retries = child_events
+        .iter()
+        .filter(|((_, kind), _)| kind == "child_retried")
+        .map(|(_, c)| c.len())
+        .sum();
     struct StepRow {
+        id: Uuid,
         name: String,
         state: String,
         attempt: i32,
@@ -118,13 +172,20 @@ pub async fn check(
         /// An instance of a mapped step: its index.
         map_index: Option<i32>,
         skip_cause: Option<String>,
-        /// A mapped step's output (read for those only).
+        /// A child-workflow step (never run by a worker: its child task is).
+        workflow: bool,
+        /// A child-workflow step's child task.
+        child_task: Option<Uuid>,
+        /// A mapped or child-workflow step's output (read for those only).
         output: Option<Value>,
+        error: Option<String>,
     }
     let mut steps: HashMap<Uuid, Vec<StepRow>> = HashMap::new();
     let rows = sqlx::query(
-        "SELECT s.task_id, s.name, s.state, s.attempt, s.map_over IS NOT NULL AS mapped, s.map_index,
-                s.skip_cause, CASE WHEN s.map_over IS NOT NULL THEN s.output END AS output,
+        "SELECT s.id, s.task_id, s.name, s.state, s.attempt, s.map_over IS NOT NULL AS mapped,
+                s.map_index, s.skip_cause, s.workflow IS NOT NULL AS workflow, s.child_task_id,
+                CASE WHEN s.map_over IS NOT NULL OR s.workflow IS NOT NULL THEN s.output END AS output,
+                s.error,
                 count(a.attempt) FILTER (WHERE a.outcome = 'succeeded') AS ok_rows,
                 max(a.attempt) FILTER (WHERE a.outcome = 'succeeded') AS ok_attempt
          FROM steps s LEFT JOIN attempts a ON a.step_id = s.id
@@ -134,6 +195,7 @@ pub async fn check(
     .await?;
     for r in rows {
         let row = StepRow {
+            id: r.get("id"),
             name: r.get("name"),
             state: r.get("state"),
             attempt: r.get("attempt"),
@@ -142,7 +204,10 @@ pub async fn check(
             mapped: r.get("mapped"),
             map_index: r.get("map_index"),
             skip_cause: r.get("skip_cause"),
+            workflow: r.get("workflow"),
+            child_task: r.get("child_task_id"),
             output: r.get("output"),
+            error: r.get("error"),
         };
         if row.map_index.is_some() {
             v.map_instances += 1;
@@ -358,6 +423,127 @@ pub async fn check(
                 None => wrong.push("no mapped step work".into()),
             }
         }
+        if a.kind == "child" {
+            let children = children_of.get(id).map(Vec::as_slice).unwrap_or_default();
+            let started = child_events
+                .get(&(*id, "child_started".to_owned()))
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            let sub = find("sub");
+            // Whatever became of the task: the workflow step never reaches a worker, it has at
+            // most one child, linked both ways, and a terminal task's child is terminal.
+            if let Some(runs) = ex.runs.get(&(*id, "sub".to_owned())) {
+                wrong.push(format!(
+                    "sub (a workflow step) was run by a worker {} times",
+                    runs.len()
+                ));
+            }
+            if children.len() > 1 || started.len() > 1 {
+                wrong.push(format!(
+                    "{} child tasks ({:?}), {} child_started events ({:?}): expected one",
+                    children.len(),
+                    children.iter().map(|c| c.id).collect::<Vec<_>>(),
+                    started.len(),
+                    started
+                ));
+            }
+            match sub {
+                Some(s) if !s.workflow => wrong.push("sub is not a workflow step".into()),
+                None => wrong.push("no step sub".into()),
+                Some(_) => {}
+            }
+            for c in children {
+                let why = child_link_problems(c, sub.map(|s| (s.id, s.child_task)), started);
+                wrong.extend(why.into_iter().map(|w| format!("child task {}: {w}", c.id)));
+                if !matches!(c.state.as_str(), "completed" | "failed" | "cancelled") {
+                    wrong.push(format!(
+                        "child task {} is {} in a {state} task",
+                        c.id, c.state
+                    ));
+                }
+            }
+            // Without a child, sub never started: it waits (or was skipped or cancelled) with
+            // its task.
+            if let Some(s) = sub
+                && children.is_empty()
+                && (s.child_task.is_some()
+                    || !matches!(s.state.as_str(), "waiting" | "skipped" | "cancelled"))
+            {
+                wrong.push(format!(
+                    "sub is {} (child_task_id {:?}) but no child task names this task as its parent",
+                    s.state, s.child_task
+                ));
+            }
+            if let (Some(s), [c]) = (sub, children)
+                && s.state == "failed"
+            {
+                let err = s.error.as_deref().unwrap_or_default();
+                let prefix = format!("child task {}", c.id);
+                if !err.starts_with(&prefix) {
+                    wrong.push(format!(
+                        "sub failed with {err:?}, which does not name its child {}",
+                        c.id
+                    ));
+                }
+            }
+            if state == "completed" {
+                v.children_checked += 1;
+                match (sub, children) {
+                    (Some(s), [c]) => {
+                        let expected_context = json!({ "i": a.index });
+                        let expected_output =
+                            json!({ "c2": { "ok": true, "context": expected_context } });
+                        if c.state != "completed" {
+                            wrong.push(format!(
+                                "the task completed but its child task {} is {} (error {:?})",
+                                c.id, c.state, c.error
+                            ));
+                        }
+                        if c.context.as_ref() != Some(&expected_context) {
+                            wrong.push(format!(
+                                "child task {} has context {:?}, expected {expected_context}",
+                                c.id,
+                                c.context.as_ref().map(Value::to_string)
+                            ));
+                        }
+                        if c.output.as_ref() != Some(&expected_output) {
+                            wrong.push(format!(
+                                "child task {} has output {:?}, expected {expected_output}",
+                                c.id,
+                                c.output.as_ref().map(Value::to_string)
+                            ));
+                        }
+                        if s.output != c.output {
+                            wrong.push(format!(
+                                "sub's output {:?} differs from its child task's {:?}",
+                                s.output.as_ref().map(Value::to_string),
+                                c.output.as_ref().map(Value::to_string)
+                            ));
+                        }
+                        // The child's own steps: c1 and c2, each succeeded once.
+                        let cst = steps.get(&c.id).unwrap_or(&empty);
+                        let mut names: Vec<&str> = cst.iter().map(|s| s.name.as_str()).collect();
+                        names.sort_unstable();
+                        if names != ["c1", "c2"] {
+                            wrong.push(format!("child task {} has steps {names:?}", c.id));
+                        }
+                        for cs in cst {
+                            if cs.state != "succeeded"
+                                || cs.ok_rows != 1
+                                || cs.ok_attempt != Some(cs.attempt)
+                            {
+                                wrong.push(format!(
+                                    "child task {} step {} is {} at attempt {} with {} succeeded attempt rows (attempt {:?})",
+                                    c.id, cs.name, cs.state, cs.attempt, cs.ok_rows, cs.ok_attempt
+                                ));
+                            }
+                        }
+                    }
+                    (_, []) => wrong.push("the task completed without a child task".into()),
+                    _ => {}
+                }
+            }
+        }
         if !wrong.is_empty() {
             v.wrong += 1;
             v.problem_tasks
@@ -366,6 +552,57 @@ pub async fn check(
     }
     v.lost = v.missing + v.id_mismatch + v.bad_steps;
     Ok(v)
+}
+
+/// A task with a parent (a child workflow's), as the checks read it.
+#[derive(Debug)]
+pub struct ChildTask {
+    id: Uuid,
+    state: String,
+    namespace: String,
+    template: String,
+    version: i32,
+    parent_step: Option<Uuid>,
+    depth: i32,
+    context: Option<Value>,
+    output: Option<Value>,
+    error: Option<String>,
+}
+
+/// What is wrong with a child task's link to the `child` task's workflow step `sub` (its id and
+/// `child_task_id`) and the parent's `child_started` events (the child ids they name).
+fn child_link_problems(
+    c: &ChildTask,
+    sub: Option<(Uuid, Option<Uuid>)>,
+    started: &[Option<Uuid>],
+) -> Vec<String> {
+    let mut out = Vec::new();
+    if (c.namespace.as_str(), c.template.as_str(), c.version) != ("chaos", "child_sub", 1) {
+        out.push(format!(
+            "runs {}/{} version {}, expected chaos/child_sub version 1",
+            c.namespace, c.template, c.version
+        ));
+    }
+    if c.depth != 1 {
+        out.push(format!("depth {}, expected 1", c.depth));
+    }
+    if let Some((sub_id, sub_child)) = sub {
+        if c.parent_step != Some(sub_id) {
+            out.push(format!(
+                "parent_step_id {:?}, expected sub's id {sub_id}",
+                c.parent_step
+            ));
+        }
+        if sub_child != Some(c.id) {
+            out.push(format!("sub's child_task_id is {sub_child:?}"));
+        }
+    }
+    if started != [Some(c.id)] {
+        out.push(format!(
+            "the parent's child_started events name {started:?}"
+        ));
+    }
+    out
 }
 
 /// What the workers' execution records say.
@@ -426,10 +663,12 @@ pub fn read_executions(dir: &Path) -> Result<Executions> {
 }
 
 /// Counts succeeded steps whose succeeded attempt has no successful execution record.
-/// Mapped steps are left out: their instances are what runs.
+/// Mapped steps are left out (their instances are what runs), and so are child-workflow steps
+/// (their child tasks' steps are what runs).
 pub async fn check_executions(db: &PgPool, e: &mut Executions) -> Result<()> {
     let rows = sqlx::query(
-        "SELECT task_id, name, map_index, attempt FROM steps WHERE state = 'succeeded' AND map_over IS NULL",
+        "SELECT task_id, name, map_index, attempt FROM steps
+         WHERE state = 'succeeded' AND map_over IS NULL AND workflow IS NULL",
     )
     .fetch_all(db)
     .await?;
