@@ -66,3 +66,11 @@ ALTER TABLE steps
 CREATE INDEX steps_child_running ON steps (child_task_id)
     WHERE state = 'delegated' AND child_task_id IS NOT NULL;
 CREATE INDEX tasks_parent ON tasks (parent_task_id) WHERE parent_task_id IS NOT NULL;
+
+-- A step whose handler no worker has: one history row per streak of re-offers, with a count,
+-- and the streak bounded by the step's queue-wait timeout.
+ALTER TABLE attempts ADD COLUMN repeats integer NOT NULL DEFAULT 1 CHECK (repeats >= 1);
+ALTER TABLE steps
+    ADD COLUMN missing_since   timestamptz,
+    ADD COLUMN missing_attempt integer,
+    ADD COLUMN missing_workers text[];

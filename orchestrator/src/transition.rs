@@ -102,7 +102,25 @@ pub struct StepNow {
     pub failure_handler: bool,
     /// A child-workflow step: its attempt runs as a child task while it is `delegated`.
     pub workflow: bool,
+    /// How long it may wait for a worker; also the bound on a streak of `handler_missing`.
+    pub queue_wait_timeout_ms: i64,
+    /// The streak of `handler_missing` re-offers it is in, if any.
+    pub missing: Option<MissingStreak>,
 }
+
+/// A streak of `handler_missing` re-offers of one step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MissingStreak {
+    /// The streak's first attempt: its history row counts the whole streak.
+    pub first_attempt: i32,
+    /// The workers that reported the handler missing (at most [`MAX_MISSING_WORKERS`]).
+    pub workers: Vec<String>,
+    /// How long the streak has lasted.
+    pub for_ms: i64,
+}
+
+/// Most worker names a streak of `handler_missing` remembers.
+pub const MAX_MISSING_WORKERS: usize = 10;
 
 /// The mapped step an instance belongs to, as it is now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -179,6 +197,10 @@ pub struct StepChange<'a> {
     pub outcome_error: Option<String>,
     /// A decision that succeeded: the branches it chose.
     pub chosen: Option<Vec<String>>,
+    /// A `handler_missing` report: the first attempt of its streak (its history row, counted
+    /// up instead of a row per re-offer) and the workers that reported it. `None` ends a streak.
+    pub missing_from: Option<i32>,
+    pub missing_workers: Vec<String>,
 }
 
 /// The decisions for a batch of reported attempts.
@@ -326,7 +348,7 @@ fn decide<'a>(
     unit: &mut dyn FnMut() -> f64,
 ) -> StepChange<'a> {
     let mut chosen = None;
-    let (outcome, error, output, retryable, retry_after) = match &f.result {
+    let (outcome, mut error, output, mut retryable, retry_after) = match &f.result {
         AttemptResult::Succeeded { output, branches } => {
             let checked =
                 tasker_schemas::data::check_value("output", output, policy.max_output_bytes)
@@ -383,6 +405,29 @@ fn decide<'a>(
             None,
         ),
     };
+    // A missing handler is offered again, but only for as long as the step may wait for a
+    // worker (its queue-wait timeout): then it fails, naming the handler and the workers.
+    let (mut missing_from, mut missing_workers) = (None, Vec::new());
+    if let AttemptResult::HandlerMissing { handler } = &f.result {
+        let (first, mut workers, for_ms) = match &step.missing {
+            Some(m) => (m.first_attempt, m.workers.clone(), m.for_ms),
+            None => (f.attempt, Vec::new(), 0),
+        };
+        let worker = f.worker.clone().unwrap_or_else(|| "(unknown)".into());
+        if !workers.contains(&worker) && workers.len() < MAX_MISSING_WORKERS {
+            workers.push(worker);
+        }
+        if for_ms >= step.queue_wait_timeout_ms {
+            retryable = false;
+            error = Some(format!(
+                "no worker has handler {handler:?}: reported missing by {} for {for_ms} ms (queue_wait_timeout {} ms)",
+                workers.join(", "),
+                step.queue_wait_timeout_ms
+            ));
+        }
+        missing_from = Some(first);
+        missing_workers = workers;
+    }
     let mut change = StepChange {
         step,
         reported: f,
@@ -394,6 +439,8 @@ fn decide<'a>(
         outcome,
         outcome_error: error.clone(),
         chosen,
+        missing_from,
+        missing_workers,
     };
     if outcome == AttemptOutcome::Succeeded {
         return change;
@@ -987,6 +1034,8 @@ mod tests {
             instance_of: None,
             failure_handler: false,
             workflow: false,
+            queue_wait_timeout_ms: 60_000,
+            missing: None,
         }
     }
 
@@ -1226,6 +1275,71 @@ mod tests {
             panic!()
         };
         assert!(e.contains("nothing at that path"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_handler_is_offered_again_within_the_queue_wait_timeout_then_fails() {
+        let mut s = step(1, 0, 1, &[]);
+        s.queue_wait_timeout_ms = 5_000;
+        let missing = || AttemptResult::HandlerMissing {
+            handler: "ghost".into(),
+        };
+        // The first offer starts a streak.
+        let st = steps(vec![s.clone()]);
+        let batch = [report(&st[&Uuid::from_u128(101)], missing())];
+        let p = plan(&batch, &st, TaskNow::default());
+        let c = &p.changes[0];
+        assert_eq!((c.to, c.failures), (StepState::Retrying, 0));
+        assert_eq!(
+            (c.missing_from, c.missing_workers.clone()),
+            (Some(1), vec!["w1".to_string()])
+        );
+        // Later offers continue it (one history row), still within the timeout.
+        s.attempt = 4;
+        s.missing = Some(MissingStreak {
+            first_attempt: 1,
+            workers: vec!["w0".into()],
+            for_ms: 3_000,
+        });
+        let st = steps(vec![s.clone()]);
+        let batch = [report(&st[&Uuid::from_u128(101)], missing())];
+        let p = plan(&batch, &st, TaskNow::default());
+        let c = &p.changes[0];
+        assert_eq!(c.to, StepState::Retrying);
+        assert_eq!(
+            (c.missing_from, c.missing_workers.clone()),
+            (Some(1), vec!["w0".to_string(), "w1".to_string()])
+        );
+        // Past the queue-wait timeout: the step fails for good, naming handler and workers.
+        s.missing = Some(MissingStreak {
+            first_attempt: 1,
+            workers: vec!["w0".into()],
+            for_ms: 5_000,
+        });
+        let st = steps(vec![s]);
+        let batch = [report(&st[&Uuid::from_u128(101)], missing())];
+        let p = plan(&batch, &st, TaskNow::default());
+        let c = &p.changes[0];
+        assert_eq!(
+            (c.to, c.outcome),
+            (StepState::Failed, AttemptOutcome::HandlerMissing)
+        );
+        assert_eq!(
+            c.error.as_deref().unwrap(),
+            "no worker has handler \"ghost\": reported missing by w0, w1 for 5000 ms (queue_wait_timeout 5000 ms)"
+        );
+        assert!(p.failing.contains_key(&task()));
+        // Any other outcome ends the streak.
+        let mut s = step(2, 0, 3, &[]);
+        s.missing = Some(MissingStreak {
+            first_attempt: 1,
+            workers: vec![],
+            for_ms: 10,
+        });
+        let st = steps(vec![s]);
+        let batch = [report(&st[&Uuid::from_u128(102)], failed(true))];
+        let p = plan(&batch, &st, TaskNow::default());
+        assert_eq!(p.changes[0].missing_from, None);
     }
 
     #[test]

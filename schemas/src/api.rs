@@ -78,7 +78,7 @@ pub struct TemplateView {
     pub template: Option<crate::Template>,
 }
 
-/// A task with its steps (`GET /v1/tasks/{id}`); in lists, `steps` is empty.
+/// A task with its steps (`GET /v1/tasks/{id}`); lists have [`TaskSummary`] instead.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TaskView {
     pub id: TaskId,
@@ -95,7 +95,7 @@ pub struct TaskView {
     pub finished_at: Option<String>,
     #[serde(default)]
     pub steps: Vec<StepView>,
-    /// The task's history (finish, cancel, retry), oldest first; empty in lists.
+    /// The task's history (finish, cancel, retry), oldest first.
     #[serde(default)]
     pub events: Vec<TaskEventView>,
     /// A child workflow's task: the task and step it runs for.
@@ -208,12 +208,50 @@ pub struct AttemptView {
     pub finished_at: Option<String>,
     pub worker: Option<String>,
     pub error: Option<String>,
+    /// How many offers this row stands for: more than 1 for a streak of `handler_missing`
+    /// re-offers (attempt numbers `attempt` … `attempt + repeats - 1`, recorded once).
+    #[serde(default = "one")]
+    pub repeats: u32,
 }
+
+fn one() -> u32 {
+    1
+}
+
+/// A task in a list (`GET /v1/tasks`): what it is and how it stands, without its `context`,
+/// `output`, steps and history (`GET /v1/tasks/{id}` has them).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskSummary {
+    pub id: TaskId,
+    pub namespace: String,
+    pub template: String,
+    pub template_version: u32,
+    pub state: TaskState,
+    pub priority: i16,
+    /// Why the task fails or was cancelled (as in [`TaskView::error`]).
+    pub error: Option<String>,
+    pub idempotency_key: Option<String>,
+    pub created_at: String,
+    pub finished_at: Option<String>,
+    /// A child workflow's task: the task it runs for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_task_id: Option<TaskId>,
+}
+
+impl TaskSummary {
+    /// True once the task can change no more (until an operator retries it).
+    pub fn is_finished(&self) -> bool {
+        self.state.is_finished()
+    }
+}
+
+/// Most tasks in one page of `GET /v1/tasks` (`limit`).
+pub const MAX_TASK_PAGE: u32 = 500;
 
 /// `GET /v1/tasks` answer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TaskList {
-    pub tasks: Vec<TaskView>,
+    pub tasks: Vec<TaskSummary>,
     /// Pass as `after` to get the next page; `null` on the last page.
     pub next: Option<TaskId>,
 }

@@ -266,3 +266,40 @@ async fn next_retry_is_none_without_retries_and_the_due_time_with_one() -> anyho
     h.finish().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_handler_fails_the_step_after_its_queue_wait_timeout() -> anyhow::Result<()> {
+    let h = Harness::start_with(|c| c.handler_missing_delay_ms = 200).await?;
+    h.register_yaml(
+        "namespace: t\nname: nohandler\nversion: 1\nsteps:\n  - name: s\n    handler: ghost\n    queue_wait_timeout: 1s\n",
+    )
+    .await?;
+    h.spawn_worker_unchecked(
+        h.worker()
+            .name("lonely-worker")
+            .handler_fn("other", |_| async { Ok(json!(null)) }),
+    )
+    .await?;
+    let started = std::time::Instant::now();
+    let task = h.run("t", "nohandler", json!({})).await?;
+    assert_eq!(task.state, TaskState::Failed, "{task:#?}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let s = &task.steps[0];
+    assert_eq!(s.state, StepState::Failed);
+    let error = s.error.as_deref().unwrap();
+    assert!(
+        error
+            .starts_with("no worker has handler \"ghost\": reported missing by lonely-worker for "),
+        "{error}"
+    );
+    assert!(error.ends_with("(queue_wait_timeout 1000 ms)"), "{error}");
+    // Attempt numbers grew with every offer; the history holds one row for the whole streak.
+    assert!(s.attempt >= 3, "{s:#?}");
+    assert_eq!(s.attempts.len(), 1, "{:#?}", s.attempts);
+    let streak = &s.attempts[0];
+    assert_eq!(streak.outcome, "handler_missing");
+    assert_eq!((streak.attempt, streak.repeats), (1, s.attempt));
+    assert_eq!(s.failures, 0, "a missing handler spends no attempt");
+    h.finish().await;
+    Ok(())
+}

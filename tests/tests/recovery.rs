@@ -434,8 +434,9 @@ async fn long_steps_ack_early_and_keep_a_lease_alive() -> anyhow::Result<()> {
     h.spawn_worker(
         h.worker()
             .queue("long")
-            // Anything over 1 s is "long" here; leases of 3 x 100 ms, renewed every 100 ms.
-            .long_steps(Duration::from_secs(1), Duration::from_millis(100))
+            // Anything over 1 s is "long" here; leases of 3 x 250 ms, renewed every 250 ms (a
+            // busy machine can delay a heartbeat by more than 100 ms).
+            .long_steps(Duration::from_secs(1), Duration::from_millis(250))
             .handler_fn("long", move |_| {
                 let tx = running_tx.lock().unwrap().take();
                 async move {
@@ -443,7 +444,7 @@ async fn long_steps_ack_early_and_keep_a_lease_alive() -> anyhow::Result<()> {
                         let _ = tx.send(());
                     }
                     // Far longer than one lease: only heartbeats keep the attempt alive.
-                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                    tokio::time::sleep(Duration::from_millis(2500)).await;
                     Ok(json!("long done"))
                 }
             }),

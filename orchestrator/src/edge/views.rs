@@ -1,11 +1,11 @@
 //! API bodies built from store rows: a task with its steps, attempts, "why waiting" and history.
 
 use crate::store::rfc3339;
-use crate::store::views::{StepRow, TaskDetail, TaskRow};
+use crate::store::views::{StepRow, TaskDetail, TaskRow, TaskSummaryRow};
 use std::collections::HashMap;
 use tasker_schemas::api::{
     AttemptView, InstanceList, InstanceView, MapView, ParentView, StepView, TaskEventView,
-    TaskList, TaskView,
+    TaskList, TaskSummary, TaskView,
 };
 use tasker_schemas::{StepId, StepState, TaskId};
 use uuid::Uuid;
@@ -33,11 +33,23 @@ fn task_only(t: TaskRow, steps: Vec<StepView>, events: Vec<TaskEventView>) -> Ta
     }
 }
 
-/// A page of tasks (without steps).
-pub fn task_list(rows: Vec<TaskRow>, more: bool) -> TaskList {
-    let tasks: Vec<TaskView> = rows
+/// A page of task summaries.
+pub fn task_list(rows: Vec<TaskSummaryRow>, more: bool) -> TaskList {
+    let tasks: Vec<TaskSummary> = rows
         .into_iter()
-        .map(|r| task_only(r, Vec::new(), Vec::new()))
+        .map(|t| TaskSummary {
+            id: TaskId(t.id),
+            namespace: t.namespace,
+            template: t.template_name,
+            template_version: t.template_version as u32,
+            state: t.state,
+            priority: t.priority,
+            error: t.error,
+            idempotency_key: t.idempotency_key,
+            created_at: rfc3339(t.created_at),
+            finished_at: t.finished_at.map(rfc3339),
+            parent_task_id: t.parent_task_id.map(TaskId),
+        })
         .collect();
     let next = if more {
         tasks.last().map(|t| t.id)
@@ -66,6 +78,7 @@ pub fn task_view(d: TaskDetail) -> TaskView {
             finished_at: Some(rfc3339(a.finished_at)),
             worker: a.worker,
             error: a.error,
+            repeats: a.repeats.max(1) as u32,
         });
     }
     let step_views = steps
@@ -85,6 +98,7 @@ pub fn task_view(d: TaskDetail) -> TaskView {
                     dispatched_at: s.dispatched_at.map(rfc3339).unwrap_or_default(),
                     started_at: s.started_at.map(rfc3339),
                     finished_at: None,
+                    repeats: 1,
                     worker: s.worker.clone(),
                     error: None,
                 });

@@ -5,7 +5,7 @@
 
 use super::{Result, StoreError};
 use crate::transition::{
-    BatchPlan, DELEGATE, InstanceOf, Move, PARENTS_DONE, SkipCause, StepNow, TaskNow,
+    BatchPlan, DELEGATE, InstanceOf, MissingStreak, Move, PARENTS_DONE, SkipCause, StepNow, TaskNow,
 };
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -66,6 +66,10 @@ struct StepRow {
     map_failed: Option<i32>,
     failure_handler: bool,
     workflow: bool,
+    queue_wait_timeout_ms: i64,
+    missing_attempt: Option<i32>,
+    missing_workers: Option<Vec<String>>,
+    missing_for_ms: Option<i64>,
 }
 
 /// The reported steps as they are now (their tasks locked by [`lock_live_tasks`]).
@@ -79,7 +83,9 @@ pub async fn read_steps(tx: &mut PgConnection, ids: &[Uuid]) -> Result<HashMap<U
                      FROM unnest(s.child_ids) WITH ORDINALITY AS k(id, n)
                      JOIN steps c ON c.id = k.id) END AS child_names,
                 s.map_of, m.map_tolerate, m.map_failed, s.failure_handler,
-                s.workflow IS NOT NULL AS workflow
+                s.workflow IS NOT NULL AS workflow, s.queue_wait_timeout_ms, s.missing_attempt,
+                s.missing_workers,
+                (extract(epoch FROM now() - s.missing_since) * 1000)::bigint AS missing_for_ms
          FROM steps s LEFT JOIN steps m ON m.id = s.map_of
          WHERE s.id = ANY($1)",
     )
@@ -113,6 +119,12 @@ pub async fn read_steps(tx: &mut PgConnection, ids: &[Uuid]) -> Result<HashMap<U
                     }),
                     failure_handler: s.failure_handler,
                     workflow: s.workflow,
+                    queue_wait_timeout_ms: s.queue_wait_timeout_ms,
+                    missing: s.missing_attempt.map(|first_attempt| MissingStreak {
+                        first_attempt,
+                        workers: s.missing_workers.unwrap_or_default(),
+                        for_ms: s.missing_for_ms.unwrap_or(0),
+                    }),
                 },
             )
         })
@@ -183,6 +195,8 @@ pub async fn write(
     let mut started_at = Vec::with_capacity(n);
     let mut worker = Vec::with_capacity(n);
     let mut outcome_error = Vec::with_capacity(n);
+    let mut missing_from: Vec<Option<i32>> = Vec::with_capacity(n);
+    let mut missing_workers: Vec<Option<Value>> = Vec::with_capacity(n);
     for c in &plan.changes {
         id.push(c.step.id);
         attempt.push(c.reported.attempt);
@@ -198,6 +212,8 @@ pub async fn write(
         started_at.push(c.step.started_at);
         worker.push(c.reported.worker.as_deref());
         outcome_error.push(c.outcome_error.as_deref());
+        missing_from.push(c.missing_from);
+        missing_workers.push(c.missing_from.map(|_| serde_json::json!(c.missing_workers)));
     }
     let (child, parents_done): (Vec<Uuid>, Vec<i32>) =
         plan.children.iter().map(|(k, v)| (*k, *v)).unzip();
@@ -208,9 +224,15 @@ pub async fn write(
                  next_attempt_at = CASE WHEN u.delay_ms IS NULL THEN NULL
                                         ELSE now() + u.delay_ms * interval '1 millisecond' END,
                  lease_expires_at = NULL,
+                 missing_since = CASE WHEN u.missing_from IS NULL THEN NULL
+                                      ELSE coalesce(s.missing_since, now()) END,
+                 missing_attempt = u.missing_from,
+                 missing_workers = CASE WHEN u.missing_from IS NULL THEN NULL
+                                        ELSE ARRAY(SELECT jsonb_array_elements_text(u.workers)) END,
                  updated_at = now()
-             FROM unnest($1::uuid[], $2::int[], $3::text[], $4::int[], $5::jsonb[], $6::text[], $7::bigint[])
-                  AS u(id, attempt, state, failures, output, error, delay_ms)
+             FROM unnest($1::uuid[], $2::int[], $3::text[], $4::int[], $5::jsonb[], $6::text[],
+                         $7::bigint[], $22::int[], $23::jsonb[])
+                  AS u(id, attempt, state, failures, output, error, delay_ms, missing_from, workers)
              WHERE s.id = u.id AND s.attempt = u.attempt
                AND (s.state IS NOT DISTINCT FROM 'dispatched'
                     OR (s.state IS NOT DISTINCT FROM 'delegated' AND s.workflow IS NOT NULL))
@@ -218,9 +240,23 @@ pub async fn write(
          ), history AS (
              INSERT INTO attempts (step_id, attempt, task_id, namespace, outcome, dispatched_at,
                                    started_at, worker, error)
-             SELECT * FROM unnest($1::uuid[], $2::int[], $8::uuid[], $9::text[], $10::text[],
-                                  $11::timestamptz[], $12::timestamptz[], $13::text[], $14::text[])
+             SELECT h.id, h.attempt, h.task_id, h.namespace, h.outcome, h.dispatched_at,
+                    h.started_at, h.worker, h.error
+             FROM unnest($1::uuid[], $2::int[], $8::uuid[], $9::text[], $10::text[],
+                         $11::timestamptz[], $12::timestamptz[], $13::text[], $14::text[], $22::int[])
+                  AS h(id, attempt, task_id, namespace, outcome, dispatched_at, started_at, worker,
+                       error, missing_from)
+             WHERE h.missing_from IS NULL OR h.missing_from = h.attempt
              ON CONFLICT (step_id, attempt) DO NOTHING
+             RETURNING 1
+         ), repeated AS (
+             -- A streak of handler_missing re-offers: one row, counted up.
+             UPDATE attempts a SET repeats = a.repeats + 1, finished_at = now(), worker = h.worker,
+                                   error = h.error, outcome = h.outcome
+             FROM unnest($1::uuid[], $2::int[], $22::int[], $13::text[], $14::text[], $10::text[])
+                  AS h(id, attempt, missing_from, worker, error, outcome)
+             WHERE h.missing_from IS NOT NULL AND h.missing_from <> h.attempt
+               AND a.step_id = h.id AND a.attempt = h.missing_from
              RETURNING 1
          ), ready AS (
              UPDATE steps s
@@ -250,7 +286,7 @@ pub async fn write(
          UNION ALL
          SELECT 'delegated', id::text, 0 FROM ready WHERE state = $21
          UNION ALL
-         SELECT 'inserted', NULL, count(*) FROM history
+         SELECT 'inserted', NULL, (SELECT count(*) FROM history) + (SELECT count(*) FROM repeated)
          UNION ALL
          SELECT 'finished', id::text, 0 FROM counted WHERE unfinished_steps = 0",
     )
@@ -275,6 +311,8 @@ pub async fn write(
     .bind(&tasks.done)
     .bind(&tasks.error)
     .bind(DELEGATE.to)
+    .bind(&missing_from)
+    .bind(&missing_workers)
     .fetch_all(&mut *tx)
     .await?;
     let mut w = Written::default();

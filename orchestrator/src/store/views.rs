@@ -64,6 +64,7 @@ pub struct AttemptRow {
     pub finished_at: DateTime<Utc>,
     pub worker: Option<String>,
     pub error: Option<String>,
+    pub repeats: i32,
 }
 
 /// One entry of a task's history.
@@ -121,7 +122,8 @@ pub async fn detail(db: &sqlx::PgPool, id: TaskId) -> Result<Option<TaskDetail>>
     .fetch_all(db)
     .await?;
     let attempts: Vec<AttemptRow> = sqlx::query_as(
-        "SELECT step_id, attempt, outcome, dispatched_at, started_at, finished_at, worker, error
+        "SELECT step_id, attempt, outcome, dispatched_at, started_at, finished_at, worker, error,
+                repeats
          FROM attempts WHERE task_id = $1 ORDER BY step_id, attempt",
     )
     .bind(id.0)
@@ -191,13 +193,32 @@ pub struct ListFilter {
     pub limit: i64,
 }
 
-/// Tasks newest first, keyset-paginated: a page and whether more follow.
-pub async fn list(db: impl PgExecutor<'_>, f: &ListFilter) -> Result<(Vec<TaskRow>, bool)> {
-    let limit = f.limit.clamp(1, 1000);
-    let mut rows: Vec<TaskRow> = sqlx::query_as(
-        "SELECT id, namespace, template_name, template_version, state, priority, context,
-                output, error, idempotency_key, created_at, finished_at, parent_task_id,
-                NULL::text AS parent_step
+/// A task as lists show it: no context, output, steps or history (they can be large).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct TaskSummaryRow {
+    pub id: Uuid,
+    pub namespace: String,
+    pub template_name: String,
+    pub template_version: i32,
+    pub state: TaskState,
+    pub priority: i16,
+    pub error: Option<String>,
+    pub idempotency_key: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub parent_task_id: Option<Uuid>,
+}
+
+/// Most tasks in one page of [`list`].
+pub const MAX_LIST_PAGE: i64 = tasker_schemas::api::MAX_TASK_PAGE as i64;
+
+/// Tasks newest first, keyset-paginated: a page (at most [`MAX_LIST_PAGE`]) and whether more
+/// follow.
+pub async fn list(db: impl PgExecutor<'_>, f: &ListFilter) -> Result<(Vec<TaskSummaryRow>, bool)> {
+    let limit = f.limit.clamp(1, MAX_LIST_PAGE);
+    let mut rows: Vec<TaskSummaryRow> = sqlx::query_as(
+        "SELECT id, namespace, template_name, template_version, state, priority, error,
+                idempotency_key, created_at, finished_at, parent_task_id
          FROM tasks
          WHERE ($1::text IS NULL OR namespace = $1)
            AND ($2::text IS NULL OR state = $2)
