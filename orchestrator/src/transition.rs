@@ -119,6 +119,26 @@ pub struct MissingStreak {
     pub for_ms: i64,
 }
 
+/// Longest error text kept for a step or an attempt (bytes): a longer one a worker reports is
+/// cut at a character boundary and marked.
+pub const MAX_ERROR_BYTES: usize = 4_096;
+
+/// `text` cut to [`MAX_ERROR_BYTES`], with the cut said at its end.
+pub fn capped_error(text: &str) -> String {
+    if text.len() <= MAX_ERROR_BYTES {
+        return text.to_owned();
+    }
+    let mut end = MAX_ERROR_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!(
+        "{}… (cut: {} bytes, at most {MAX_ERROR_BYTES} are kept)",
+        &text[..end],
+        text.len()
+    )
+}
+
 /// Most worker names a streak of `handler_missing` remembers.
 pub const MAX_MISSING_WORKERS: usize = 10;
 
@@ -375,7 +395,7 @@ fn decide<'a>(
             retry_after_ms,
         } => (
             AttemptOutcome::Failed,
-            Some(error.clone()),
+            Some(capped_error(error)),
             None,
             *retryable,
             *retry_after_ms,
@@ -1275,6 +1295,29 @@ mod tests {
             panic!()
         };
         assert!(e.contains("nothing at that path"), "{e}");
+    }
+
+    #[test]
+    fn long_error_texts_are_cut_and_say_so() {
+        assert_eq!(capped_error("short"), "short");
+        let long = "é".repeat(MAX_ERROR_BYTES); // 2 bytes each: the cut falls inside one
+        let cut = capped_error(&long);
+        assert!(cut.len() < MAX_ERROR_BYTES + 80, "{}", cut.len());
+        assert!(cut.ends_with(&format!(
+            "(cut: {} bytes, at most 4096 are kept)",
+            2 * MAX_ERROR_BYTES
+        )));
+        let st = steps(vec![step(1, 0, 1, &[])]);
+        let batch = [report(
+            &st[&Uuid::from_u128(101)],
+            AttemptResult::Failed {
+                error: "x".repeat(10_000),
+                retryable: false,
+                retry_after_ms: None,
+            },
+        )];
+        let p = plan(&batch, &st, TaskNow::default());
+        assert!(p.changes[0].error.as_deref().unwrap().len() < MAX_ERROR_BYTES + 80);
     }
 
     #[test]

@@ -303,3 +303,48 @@ async fn a_missing_handler_fails_the_step_after_its_queue_wait_timeout() -> anyh
     h.finish().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_error_texts_are_cut_and_long_cancel_reasons_refused() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    h.register_yaml(
+        "namespace: t\nname: wordy\nversion: 1\nsteps:\n  - { name: s, handler: wordy, retry: { max_attempts: 1 } }\n  - { name: after, handler: wordy, depends_on: [s], queue: nobody }\n",
+    )
+    .await?;
+    h.spawn_worker(h.worker().handler_fn("wordy", |_| async {
+        Err::<serde_json::Value, _>(StepError::permanent("x".repeat(100_000)))
+    }))
+    .await?;
+    let task = h.run("t", "wordy", json!({})).await?;
+    assert_eq!(task.state, TaskState::Failed);
+    let error = task.steps[0].error.as_deref().unwrap();
+    assert!(error.len() < 4_200, "{}", error.len());
+    assert!(
+        error.ends_with("(cut: 100000 bytes, at most 4096 are kept)"),
+        "{}",
+        &error[4_000..]
+    );
+
+    let id = h.submit("t", "wordy", json!({})).await?;
+    let err = h
+        .client()
+        .cancel(id, Some(&"why ".repeat(300)))
+        .await
+        .unwrap_err();
+    let tasker_tests::tasker_worker::ClientError::Api {
+        status,
+        code,
+        message,
+        ..
+    } = err
+    else {
+        panic!("{err:?}")
+    };
+    assert_eq!((status, code.as_str()), (400, "invalid_request"));
+    assert!(
+        message.contains("reason is 1200 bytes; at most 1024"),
+        "{message}"
+    );
+    h.finish().await;
+    Ok(())
+}

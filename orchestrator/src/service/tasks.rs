@@ -4,10 +4,13 @@ use super::{Result, ServiceError, Shared, events};
 use crate::metrics::Metrics;
 use crate::slots;
 use crate::store::tasks::{self, CreateOutcome, Created, NewTask};
-use crate::store::views::{self, ListFilter, TaskDetail, TaskRow};
+use crate::store::views::{self, ListFilter, TaskDetail, TaskSummaryRow};
 use crate::transition::{self, Cancel, Refused, TaskNow};
 use tasker_schemas::api::SubmitTask;
 use tasker_schemas::{RequestId, TaskId, TaskState};
+
+/// Longest cancel reason (bytes).
+pub const MAX_CANCEL_REASON_LEN: usize = 1_024;
 
 /// Longest idempotency key.
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 256;
@@ -57,7 +60,18 @@ pub async fn submit(
     };
     let mut tx = shared.db.begin().await?;
     let mut outcome = tasks::create(&mut tx, &new).await?;
+    // When a new task was created: the transaction's time, which is its `created_at` (the
+    // database clock), for its `running` event.
+    let created_at = match &outcome {
+        CreateOutcome::Created(c) if c.created => Some(
+            sqlx::query_scalar::<_, chrono::DateTime<chrono::Utc>>("SELECT now()")
+                .fetch_one(&mut *tx)
+                .await?,
+        ),
+        _ => None,
+    };
     // Root steps that run child workflows start them in the same transaction.
+    let mut finished = Vec::new();
     if let CreateOutcome::Created(c) = &mut outcome
         && !c.delegated.is_empty()
     {
@@ -87,10 +101,10 @@ pub async fn submit(
                 )
             })
             .collect();
-        let (finished, queues) = super::dynamic::finish(&mut tx, ending).await?;
+        let (ended, queues) = super::dynamic::finish(&mut tx, ending).await?;
+        finished = ended;
         c.queues.extend(queues);
         tx.commit().await?;
-        events::announce(shared, &finished).await;
     } else {
         tx.commit().await?;
     }
@@ -108,9 +122,16 @@ pub async fn submit(
     };
     if created.created {
         Metrics::add(&shared.metrics.tasks_submitted_total, 1);
+        // Announced before its steps are dispatched, so that it usually precedes their news.
+        if let Some(at) = created_at {
+            let name = &template.template.name;
+            events::announce_created(shared, created.task_id, &req.namespace, name, at).await;
+        }
         shared.dispatch.wake(created.queues.iter().cloned());
         tracing::debug!(task_id = %created.task_id, template = %req.template, "task created");
     }
+    // Finishes decided in the creating transaction come after the `running` event.
+    events::announce(shared, &finished).await;
     Ok(created)
 }
 
@@ -128,6 +149,14 @@ fn refused(task_id: TaskId, r: Refused) -> ServiceError {
 /// reported started may still report (recorded, advancing nothing). The task finishes at once
 /// when nothing is left running. Workers are told. A repeated cancel is a no-op.
 pub async fn cancel(shared: &Shared, id: TaskId, reason: Option<String>) -> Result<()> {
+    if let Some(r) = &reason
+        && r.len() > MAX_CANCEL_REASON_LEN
+    {
+        return Err(ServiceError::InvalidRequest(format!(
+            "reason is {} bytes; at most {MAX_CANCEL_REASON_LEN} are allowed",
+            r.len()
+        )));
+    }
     let mut tx = shared.db.begin().await?;
     let task = tasks::lock(&mut tx, id)
         .await?
@@ -272,6 +301,6 @@ pub async fn state(shared: &Shared, id: TaskId) -> Result<TaskState> {
 }
 
 /// Tasks newest first: a page and whether more follow.
-pub async fn list(shared: &Shared, filter: &ListFilter) -> Result<(Vec<TaskRow>, bool)> {
+pub async fn list(shared: &Shared, filter: &ListFilter) -> Result<(Vec<TaskSummaryRow>, bool)> {
     Ok(views::list(&shared.db, filter).await?)
 }
