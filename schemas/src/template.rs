@@ -642,8 +642,12 @@ impl Template {
             for (key, path) in w.context.iter().flatten() {
                 let mut parts = path.split('.');
                 let root = parts.next().unwrap_or_default();
-                let known = step.depends_on.iter().any(|d| d == root)
-                    || (root == "item" && step.map.is_some());
+                // An instance of a mapped step has its element, not its parent's outputs.
+                let known = if step.map.is_some() {
+                    root == "item"
+                } else {
+                    step.depends_on.iter().any(|d| d == root)
+                };
                 if key.is_empty() || !known || parts.any(str::is_empty) {
                     return Err(bad(format!(
                         "workflow.context.{key}: {path:?} must be <parent>.<path> with a parent in depends_on{}",

@@ -45,8 +45,9 @@
 //! executions − (task, step) pairs run at least once (retries included);
 //! `redelivered_executions` = executions − distinct (task, step, attempt).
 //!
-//! Children's logs, the fault log, `result.json` and, on failure, `problems.txt` (state, attempts
-//! and outbox entries of the lost/stuck tasks' steps) are in the run directory, printed at start.
+//! The logs of the processes it started, the fault log, `result.json` and, on failure,
+//! `problems.txt` (state, attempts and outbox entries of the problem tasks' steps, and of their
+//! child tasks' steps) are in the run directory, printed at start.
 //! The database and the prefix's queues are dropped at the end (`--keep` keeps them).
 //!
 //! ```text

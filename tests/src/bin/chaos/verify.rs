@@ -700,7 +700,9 @@ pub async fn diagnose(
         "SELECT state, count(*) AS n,
                 count(*) FILTER (WHERE state = 'dispatched' AND lease_expires_at < now()) AS lease_expired,
                 count(*) FILTER (WHERE state = 'retrying' AND next_attempt_at < now()) AS retry_overdue
-         FROM steps WHERE task_id = ANY($1) AND state NOT IN ('succeeded', 'failed', 'skipped', 'cancelled')
+         FROM steps
+         WHERE (task_id = ANY($1) OR task_id IN (SELECT id FROM tasks WHERE parent_task_id = ANY($1)))
+           AND state NOT IN ('succeeded', 'failed', 'skipped', 'cancelled')
          GROUP BY state ORDER BY state",
     )
     .bind(&ids)
@@ -726,15 +728,26 @@ pub async fn diagnose(
         .await?;
     let _ = writeln!(
         out,
-        "problem tasks: {}; their unfinished steps: {}; outbox entries (all): {outbox}\n",
+        "problem tasks: {}; their (and their child tasks') unfinished steps: {}; outbox entries (all): {outbox}\n",
         problems.len(),
         summary.join(", ")
     );
 
-    for (id, why) in problems.iter().take(25) {
+    // The problem tasks, each followed by its child tasks (and theirs).
+    let mut work: std::collections::VecDeque<(Uuid, String)> =
+        problems.iter().take(25).cloned().collect();
+    let mut shown = 0;
+    while let Some((id, why)) = work.pop_front() {
+        shown += 1;
+        if shown > 100 {
+            let _ = writeln!(out, "== ... ({} more not shown)", work.len() + 1);
+            break;
+        }
+        let id = &id;
         let _ = writeln!(out, "== task {id}: {why}");
         if let Some(t) = sqlx::query(
-            "SELECT state, template_name, unfinished_steps, failing, created_at::text, updated_at::text, error
+            "SELECT state, template_name, unfinished_steps, failing, created_at::text, updated_at::text, error,
+                    parent_task_id, parent_step_id, depth
              FROM tasks WHERE id = $1",
         )
         .bind(id)
@@ -752,10 +765,19 @@ pub async fn diagnose(
                 t.get::<String, _>("updated_at"),
                 t.get::<Option<String>, _>("error"),
             );
+            if let Some(parent) = t.get::<Option<Uuid>, _>("parent_task_id") {
+                let _ = writeln!(
+                    out,
+                    "   parent: task {parent} step {:?} depth {}",
+                    t.get::<Option<Uuid>, _>("parent_step_id"),
+                    t.get::<i32, _>("depth"),
+                );
+            }
         }
         let steps = sqlx::query(
             "SELECT id, name, map_index, state, attempt, failures, pending_parents, dispatched_at::text, started_at::text,
-                    lease_expires_at::text, next_attempt_at::text, updated_at::text, worker, error, skip_cause
+                    lease_expires_at::text, next_attempt_at::text, updated_at::text, worker, error, skip_cause,
+                    child_task_id
              FROM steps WHERE task_id = $1 ORDER BY position, map_index NULLS FIRST",
         )
         .bind(id)
@@ -790,7 +812,7 @@ pub async fn diagnose(
                 out,
                 "   step {name}: state={state} attempt={} failures={} pending_parents={} dispatched_at={:?} \
                  started_at={:?} lease_expires_at={:?} next_attempt_at={:?} updated_at={:?} worker={:?} error={:?} \
-                 skip_cause={:?}\n     executions (attempt, ok): {runs:?}",
+                 skip_cause={:?} child_task_id={:?}\n     executions (attempt, ok): {runs:?}",
                 s.get::<i32, _>("attempt"),
                 s.get::<i32, _>("failures"),
                 s.get::<i32, _>("pending_parents"),
@@ -802,6 +824,7 @@ pub async fn diagnose(
                 s.get::<Option<String>, _>("worker"),
                 s.get::<Option<String>, _>("error"),
                 s.get::<Option<String>, _>("skip_cause"),
+                s.get::<Option<Uuid>, _>("child_task_id"),
             );
             let attempts = sqlx::query(
                 "SELECT attempt, outcome, worker, finished_at::text, error FROM attempts WHERE step_id = $1 ORDER BY attempt",
@@ -833,6 +856,24 @@ pub async fn diagnose(
                     o.get::<String, _>("created_at")
                 );
             }
+        }
+        // Its child tasks next (in creation order), with the same kind of problem.
+        let children = sqlx::query(
+            "SELECT c.id, s.name FROM tasks c LEFT JOIN steps s ON s.id = c.parent_step_id
+             WHERE c.parent_task_id = $1 ORDER BY c.id DESC",
+        )
+        .bind(id)
+        .fetch_all(db)
+        .await?;
+        let kind = why.split(':').next().unwrap_or("?");
+        for c in children {
+            work.push_front((
+                c.get("id"),
+                format!(
+                    "{kind}: child task of {id} (its step {:?})",
+                    c.get::<Option<String>, _>("name")
+                ),
+            ));
         }
     }
     std::fs::write(path, &out)?;
