@@ -10,8 +10,8 @@ use lapin::{Confirmation, PublisherConfirm};
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
-use tasker_schemas::message::{CONTENT_TYPE, HEADER_DEAD_LETTER_REASON};
-use tasker_schemas::{MessageId, Names};
+use tasker_schemas::message::{CONTENT_TYPE, HEADER_DEAD_LETTER_REASON, HEADER_TRACEPARENT};
+use tasker_schemas::{MessageId, Names, StepId, TaskId};
 use tokio::sync::RwLock;
 
 /// What talking to the broker can fail with. Every variant may succeed later: the broker is
@@ -195,6 +195,34 @@ pub fn properties(message_id: MessageId) -> BasicProperties {
         .with_delivery_mode(2)
         .with_content_type(CONTENT_TYPE.into())
         .with_message_id(message_id.to_string().into())
+}
+
+/// The W3C trace context (`traceparent`, version `00`, sampled) of one attempt of a step:
+/// `00-{trace}-{span}-01`. The trace id is the task id's 32 hex digits, so every step of a task
+/// (every attempt, every replica, every relay) is in one trace; the span id is derived from the
+/// step id and the attempt, so a message published again for the same attempt has the same span.
+pub fn traceparent(task_id: TaskId, step_id: StepId, attempt: u32) -> String {
+    use sha2::{Digest, Sha256};
+    let mut digest = Sha256::new();
+    digest.update(step_id.0.as_bytes());
+    digest.update(attempt.to_be_bytes());
+    let mut span = [0u8; 8];
+    span.copy_from_slice(&digest.finalize()[..8]);
+    // All zeros is an invalid span id (W3C trace context, 3.2.2.4).
+    if span == [0; 8] {
+        span[7] = 1;
+    }
+    format!("00-{}-{}-01", task_id.0.simple(), hex::encode(span))
+}
+
+/// Adds the `traceparent` header ([`traceparent`]) to a message's properties.
+pub fn with_traceparent(props: BasicProperties, traceparent: &str) -> BasicProperties {
+    let mut headers = props.headers().clone().unwrap_or_default();
+    headers.insert(
+        HEADER_TRACEPARENT.into(),
+        AMQPValue::LongString(LongString::from(traceparent)),
+    );
+    props.with_headers(headers)
 }
 
 /// The orchestrator's publishing link: one connection and one channel in confirm mode, shared
@@ -412,10 +440,13 @@ impl Publisher {
         Self::settle(self.send(exchange, routing_key, payload, props).await?).await
     }
 
-    /// Puts bytes on the dead-letter exchange with the reason in a header, confirmed.
+    /// Puts bytes on the dead-letter exchange with the reason in a header, confirmed. The
+    /// exchange is a fanout: `routing_key` only travels with the message, so that whoever reads
+    /// the dead letter sees where the original was going (pass the original delivery's key).
     pub async fn dead_letter(
         &self,
         names: &Names,
+        routing_key: &str,
         payload: &[u8],
         mut props: BasicProperties,
         reason: &str,
@@ -426,7 +457,7 @@ impl Publisher {
             AMQPValue::LongString(LongString::from(reason)),
         );
         props = props.with_headers(headers).with_delivery_mode(2);
-        self.publish(&names.dead_letter_exchange(), "", payload, props)
+        self.publish(&names.dead_letter_exchange(), routing_key, payload, props)
             .await
     }
 }
@@ -481,6 +512,41 @@ pub async fn delete_topology(amqp_url: &str, names: &Names, step_queues: &[Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn traceparent_is_w3c_with_the_task_as_trace() {
+        let task = TaskId::new();
+        let step = StepId::new();
+        let t = traceparent(task, step, 1);
+        let parts: Vec<&str> = t.split('-').collect();
+        assert_eq!(parts.len(), 4, "{t}");
+        assert_eq!(parts[0], "00");
+        assert_eq!(parts[1], task.0.simple().to_string());
+        assert_eq!(parts[2].len(), 16);
+        assert!(
+            parts[2]
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        );
+        assert_ne!(parts[2], "0000000000000000");
+        assert_eq!(parts[3], "01");
+        // Stable for one attempt, a new span for the next one and for another step.
+        assert_eq!(traceparent(task, step, 1), t);
+        assert_ne!(traceparent(task, step, 2), t);
+        let other = traceparent(task, StepId::new(), 1);
+        assert_eq!(other[..35], t[..35], "one trace per task");
+        assert_ne!(other, t);
+        let props = with_traceparent(properties(MessageId::new()), &t);
+        assert_eq!(
+            props
+                .headers()
+                .as_ref()
+                .unwrap()
+                .inner()
+                .get(HEADER_TRACEPARENT),
+            Some(&AMQPValue::LongString(LongString::from(t.as_str())))
+        );
+    }
 
     /// A broker that accepts the connection and then says nothing must not hang us.
     #[tokio::test]

@@ -370,7 +370,8 @@ pub struct LifecycleEvent {
     pub template: String,
     /// Per-task sequence number, starting at 1.
     pub seq: u64,
-    /// The task's final state: `completed`, `failed` or `cancelled` (only finishes are announced).
+    /// `running` (a task was created, seq 0), or the task's final state: `completed`, `failed`
+    /// or `cancelled`.
     pub state: String,
     /// RFC 3339 UTC with microseconds, from the database clock.
     pub at: String,

@@ -90,6 +90,9 @@ async fn run_step(env: &SessionEnv, delivery: Delivery, message: StepMessage) {
         step_id,
         attempt,
         worker: shared.worker.clone(),
+        // Kept past the delivery (a long step acks it early): every report of the attempt
+        // carries the step message's trace context.
+        traceparent: traceparent_of(&delivery),
     };
     // A long step must not hold its delivery (the broker's acknowledgement timeout): it takes a
     // lease in the orchestrator, acks, and keeps the lease alive while it runs.
@@ -167,18 +170,29 @@ async fn run_step(env: &SessionEnv, delivery: Delivery, message: StepMessage) {
         outcome,
     };
     match delivery {
-        Some(delivery) => report(env, delivery, result, &routing_key).await,
-        None => report_leased(env, result, &routing_key).await,
+        Some(delivery) => report(env, delivery, result, &routing_key, ids.traceparent).await,
+        None => report_leased(env, result, &routing_key, ids.traceparent).await,
     }
 }
 
-/// The ids a lease message names.
+/// The ids a lease message names, and the step message's trace context.
 #[derive(Clone)]
 struct LeaseIds {
     task_id: tasker_schemas::TaskId,
     step_id: tasker_schemas::StepId,
     attempt: u32,
     worker: String,
+    traceparent: Option<AMQPValue>,
+}
+
+/// The step message's `traceparent` header, to copy onto what the worker sends about it.
+fn traceparent_of(delivery: &Delivery) -> Option<AMQPValue> {
+    delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(HEADER_TRACEPARENT))
+        .cloned()
 }
 
 /// Three heartbeat intervals: a lease survives two lost heartbeats.
@@ -223,7 +237,12 @@ async fn publish_lease<M: LeaseMessage>(
 ) -> Result<(), PublishError> {
     let envelope = Envelope::new(M::new(ids, lease_ms));
     let bytes = encode(&envelope)?;
-    let properties = message_properties(envelope.message_id).with_type(M::KIND.as_str().into());
+    let mut properties = message_properties(envelope.message_id).with_type(M::KIND.as_str().into());
+    if let Some(trace) = &ids.traceparent {
+        let mut headers = lapin::types::FieldTable::default();
+        headers.insert(HEADER_TRACEPARENT.into(), trace.clone());
+        properties = properties.with_headers(headers);
+    }
     publish_confirmed(
         &env.publisher,
         &env.shared.names.results_exchange(),
@@ -249,10 +268,15 @@ async fn heartbeat_loop(env: SessionEnv, ids: LeaseIds, routing_key: String) {
 
 /// Reports the result of a leased step (its message is already acked): retries the publish a
 /// few times; if it never goes through, the lease runs out and the attempt is retried.
-async fn report_leased(env: &SessionEnv, result: StepResult, routing_key: &str) {
+async fn report_leased(
+    env: &SessionEnv,
+    result: StepResult,
+    routing_key: &str,
+    traceparent: Option<AMQPValue>,
+) {
     let publish = || {
         env.results
-            .send(result.clone(), routing_key.to_owned(), None)
+            .send(result.clone(), routing_key.to_owned(), traceparent.clone())
     };
     let sent = publish
         .retry(
@@ -272,13 +296,13 @@ async fn report_leased(env: &SessionEnv, result: StepResult, routing_key: &str) 
     }
 }
 
-async fn report(env: &SessionEnv, delivery: Delivery, result: StepResult, routing_key: &str) {
-    let traceparent = delivery
-        .properties
-        .headers()
-        .as_ref()
-        .and_then(|h| h.inner().get(HEADER_TRACEPARENT))
-        .cloned();
+async fn report(
+    env: &SessionEnv,
+    delivery: Delivery,
+    result: StepResult,
+    routing_key: &str,
+    traceparent: Option<AMQPValue>,
+) {
     let published = env
         .results
         .send(result, routing_key.to_owned(), traceparent);

@@ -3,7 +3,7 @@
 //! and are then passed to the dead-letter queue for inspection.
 
 use super::outage_backoff;
-use super::results::dead_letter;
+use super::results::{STEP_DEAD_LETTERS, dead_letter};
 use crate::Result;
 use crate::broker::BrokerError;
 use crate::service::{ServiceError, Shared, apply};
@@ -55,7 +55,7 @@ pub async fn run_consumer(shared: Shared, shutdown: CancellationToken) -> Result
             }
             Err(e) => format!("{why}; unreadable step message: {e}"),
         };
-        dead_letter(&shared, &delivery, &reason).await?;
+        dead_letter(&shared, &delivery, &reason, &STEP_DEAD_LETTERS).await?;
     }
     let _ = conn.close(200, "shutdown".into()).await;
     Ok(())

@@ -3,6 +3,7 @@
 //! dead-lettered with the reason.
 
 use super::outage_backoff;
+use super::results::{REQUEST_DEAD_LETTERS, log_dead_letter};
 use crate::Result;
 use crate::broker;
 use crate::metrics::Metrics;
@@ -83,14 +84,20 @@ async fn handle_request(shared: &Shared, d: Delivery, shutdown: &CancellationTok
 }
 
 async fn reject(shared: &Shared, d: &Delivery, reason: &str) {
-    tracing::warn!(reason, "dead-lettering task request");
     match shared
         .publisher
-        .dead_letter(&shared.names, &d.data, d.properties.clone(), reason)
+        .dead_letter(
+            &shared.names,
+            d.routing_key.as_str(),
+            &d.data,
+            d.properties.clone(),
+            reason,
+        )
         .await
     {
         Ok(broker::Delivered::Confirmed) => {
             Metrics::add(&shared.metrics.dead_lettered_total, 1);
+            log_dead_letter(&REQUEST_DEAD_LETTERS, d, reason);
             let _ = d.acker.ack(BasicAckOptions::default()).await;
         }
         other => tracing::warn!(

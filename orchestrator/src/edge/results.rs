@@ -3,6 +3,10 @@
 //! lingering, applies it, and acks only after the commit. A batch that fails because of one
 //! message is split until the message is isolated and dead-lettered; a database outage pauses
 //! the consumer (nothing is nacked).
+//!
+//! Nothing is dropped silently: every dead letter of the orchestrator's consumers (results, task
+//! requests, dead steps) and every stale result is logged with its reason, at most one line a
+//! second per kind ([`LogLimit`]), never with a message body.
 
 use super::outage_backoff;
 use crate::Result;
@@ -15,8 +19,142 @@ use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 use tasker_schemas::{Outcome, WorkerMessage};
 use tokio_util::sync::CancellationToken;
+
+/// At most one log line per `period` for one kind of event, counting the events it held back:
+/// a flood of bad or stale messages must not flood the log, and must not go unseen either. The
+/// count goes out with the next line let through (so the tail of a burst is reported when the
+/// next event of its kind comes).
+pub struct LogLimit {
+    period: Duration,
+    /// When the last line was let through, and the events held back since.
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl LogLimit {
+    pub const fn new(period: Duration) -> Self {
+        Self {
+            period,
+            state: Mutex::new((None, 0)),
+        }
+    }
+
+    /// `Some(held_back)` when this event may be logged now (`held_back`: the events held back
+    /// since the last line, to be logged with it); `None` when it is held back.
+    pub fn admit(&self) -> Option<u64> {
+        self.admit_at(Instant::now())
+    }
+
+    /// [`admit`](Self::admit) at a given time (for tests).
+    pub fn admit_at(&self, now: Instant) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        match state.0 {
+            Some(last) if now.saturating_duration_since(last) < self.period => {
+                state.1 += 1;
+                None
+            }
+            _ => {
+                state.0 = Some(now);
+                Some(std::mem::take(&mut state.1))
+            }
+        }
+    }
+}
+
+/// A kind of dead letter: what the consumer reads, and its own log limit.
+pub(super) struct DeadLetters {
+    what: &'static str,
+    limit: LogLimit,
+}
+
+impl DeadLetters {
+    const fn new(what: &'static str) -> Self {
+        Self {
+            what,
+            limit: LogLimit::new(Duration::from_secs(1)),
+        }
+    }
+}
+
+/// Messages of the results queues that cannot be read or applied.
+static RESULT_DEAD_LETTERS: DeadLetters = DeadLetters::new("result");
+/// Task requests that cannot be read or are refused.
+pub(super) static REQUEST_DEAD_LETTERS: DeadLetters = DeadLetters::new("task request");
+/// Step messages the broker dead-lettered, passed on to the dead-letter queue.
+pub(super) static STEP_DEAD_LETTERS: DeadLetters = DeadLetters::new("step");
+/// Results dropped as stale.
+static STALE_RESULTS: LogLimit = LogLimit::new(Duration::from_secs(1));
+
+/// The most of a reason a log line carries.
+const MAX_LOGGED_REASON: usize = 512;
+
+/// `reason`, cut to at most [`MAX_LOGGED_REASON`] bytes (on a character boundary).
+fn clip(reason: &str) -> &str {
+    if reason.len() <= MAX_LOGGED_REASON {
+        return reason;
+    }
+    let mut end = MAX_LOGGED_REASON;
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    &reason[..end]
+}
+
+/// Logs a dead-lettered delivery (rate-limited per kind): the reason, where the message was
+/// going and its id and size; never its body or headers.
+pub(super) fn log_dead_letter(kind: &DeadLetters, delivery: &Delivery, reason: &str) {
+    let Some(held_back) = kind.limit.admit() else {
+        return;
+    };
+    let message_id = delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|m| m.as_str().to_owned());
+    tracing::warn!(
+        kind = kind.what,
+        reason = clip(reason),
+        exchange = delivery.exchange.as_str(),
+        routing_key = delivery.routing_key.as_str(),
+        message_id,
+        bytes = delivery.data.len(),
+        redelivered = delivery.redelivered,
+        held_back,
+        "dead-lettered a {} message",
+        kind.what,
+    );
+}
+
+/// What names a result: task, step, attempt.
+type ResultIds = (tasker_schemas::TaskId, tasker_schemas::StepId, i32);
+
+/// Logs results dropped as stale (rate-limited): how many, and which when every result of the
+/// batch was.
+fn log_stale(results: &[ResultIds], stale: usize) {
+    let Some(held_back) = STALE_RESULTS.admit() else {
+        return;
+    };
+    let which: Vec<String> = if stale == results.len() {
+        results
+            .iter()
+            .take(4)
+            .map(|(task, step, attempt)| format!("task {task} step {step} attempt {attempt}"))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    tracing::info!(
+        stale,
+        of = results.len(),
+        ?which,
+        held_back,
+        "dropped stale results: not the current dispatched attempt of a step of a live task \
+         (unknown step or task, finished task or step, earlier attempt, or a duplicate)"
+    );
+}
 
 /// An attempt number from a worker as stored (a PostgreSQL integer); out of range is the
 /// message's fault and dead-letters it with this reason.
@@ -152,7 +290,9 @@ async fn process(shared: &Shared, items: Vec<Item>, shutdown: &CancellationToken
     let mut good = Vec::with_capacity(items.len());
     for item in items {
         match &item.work {
-            Work::Bad(reason) => forward_dead(shared, &item.delivery, reason).await?,
+            Work::Bad(reason) => {
+                forward_dead(shared, &item.delivery, reason, &RESULT_DEAD_LETTERS).await?
+            }
             _ => good.push(item),
         }
     }
@@ -171,8 +311,7 @@ async fn process(shared: &Shared, items: Vec<Item>, shutdown: &CancellationToken
             }
             Err(e) if chunk.len() == 1 => {
                 let reason = format!("could not apply: {e}");
-                tracing::warn!(error = %e, "isolated a bad result message; dead-lettering it");
-                forward_dead(shared, &chunk[0].delivery, &reason).await?;
+                forward_dead(shared, &chunk[0].delivery, &reason, &RESULT_DEAD_LETTERS).await?;
             }
             Err(e) => {
                 tracing::warn!(error = %e, size = chunk.len(), "result batch failed; splitting it");
@@ -212,7 +351,14 @@ async fn apply_items(
             }
         }
         if !finished.is_empty() {
-            apply::apply_outcomes(shared, finished).await?;
+            let ids: Vec<ResultIds> = finished
+                .iter()
+                .map(|f| (f.task_id, f.step_id, f.attempt))
+                .collect();
+            let report = apply::apply_outcomes(shared, finished).await?;
+            if report.stale > 0 {
+                log_stale(&ids, report.stale);
+            }
         }
         Ok(())
     };
@@ -225,8 +371,13 @@ async fn apply_items(
 }
 
 /// Dead-letters a delivery with the reason and acks it.
-pub(super) async fn dead_letter(shared: &Shared, delivery: &Delivery, reason: &str) -> Result<()> {
-    forward_dead(shared, delivery, reason).await?;
+pub(super) async fn dead_letter(
+    shared: &Shared,
+    delivery: &Delivery,
+    reason: &str,
+    kind: &DeadLetters,
+) -> Result<()> {
+    forward_dead(shared, delivery, reason, kind).await?;
     delivery
         .acker
         .ack(BasicAckOptions::default())
@@ -235,17 +386,19 @@ pub(super) async fn dead_letter(shared: &Shared, delivery: &Delivery, reason: &s
     Ok(())
 }
 
-/// Publishes a copy of a delivery to the dead-letter exchange with the reason (confirmed); the
-/// caller acks the original.
+/// Publishes a copy of a delivery (its routing key, body and properties) to the dead-letter
+/// exchange with the reason (confirmed) and logs it; the caller acks the original.
 async fn forward_dead(
     shared: &Shared,
     delivery: &Delivery,
     reason: &str,
+    kind: &DeadLetters,
 ) -> Result<(), BrokerError> {
     let verdict = shared
         .publisher
         .dead_letter(
             &shared.names,
+            delivery.routing_key.as_str(),
             &delivery.data,
             delivery.properties.clone(),
             reason,
@@ -258,5 +411,54 @@ async fn forward_dead(
         )));
     }
     Metrics::add(&shared.metrics.dead_lettered_total, 1);
+    log_dead_letter(kind, delivery, reason);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_limit_lets_one_line_a_period_through_and_counts_the_rest() {
+        let limit = LogLimit::new(Duration::from_secs(1));
+        let t0 = Instant::now();
+        assert_eq!(limit.admit_at(t0), Some(0), "the first event is logged");
+        for ms in [1, 10, 500, 999] {
+            assert_eq!(limit.admit_at(t0 + Duration::from_millis(ms)), None);
+        }
+        // A period later: logged, with the 4 held back.
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(limit.admit_at(t1), Some(4));
+        assert_eq!(limit.admit_at(t1 + Duration::from_millis(1)), None);
+        // After a quiet spell: logged, with the 1 held back; then the count starts again.
+        let t2 = t1 + Duration::from_secs(60);
+        assert_eq!(limit.admit_at(t2), Some(1));
+        assert_eq!(limit.admit_at(t2 + Duration::from_secs(1)), Some(0));
+        // A clock that goes back does not panic; it counts as within the period.
+        assert_eq!(limit.admit_at(t0), None);
+    }
+
+    #[test]
+    fn kinds_are_limited_apart() {
+        let a = DeadLetters::new("a");
+        let b = DeadLetters::new("b");
+        let now = Instant::now();
+        assert_eq!(a.limit.admit_at(now), Some(0));
+        assert_eq!(
+            b.limit.admit_at(now),
+            Some(0),
+            "one kind does not hold another back"
+        );
+        assert_eq!(a.limit.admit_at(now), None);
+    }
+
+    #[test]
+    fn long_reasons_are_clipped_on_a_character_boundary() {
+        assert_eq!(clip("short"), "short");
+        let long = "é".repeat(MAX_LOGGED_REASON);
+        let clipped = clip(&long);
+        assert!(clipped.len() <= MAX_LOGGED_REASON);
+        assert!(long.starts_with(clipped));
+    }
 }

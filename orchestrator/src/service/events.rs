@@ -1,11 +1,38 @@
-//! Lifecycle events: every finished task is counted and announced on the events exchange
-//! (best effort: the database holds the truth, and waiters are told by NOTIFY).
+//! Lifecycle events: a task's state changes announced on the events exchange: its creation
+//! (`running`) and its finish (`completed`, `failed`, `cancelled`), each finished task counted
+//! too. Best effort: the database holds the truth, and waiters are told by NOTIFY.
 
 use super::Shared;
 use crate::metrics::Metrics;
 use crate::store::apply::FinishedTask;
 use crate::store::rfc3339;
-use tasker_schemas::{LifecycleEvent, TaskState, encode_payload};
+use chrono::{DateTime, Utc};
+use tasker_schemas::{LifecycleEvent, TaskId, TaskState, encode_payload};
+
+/// The `seq` of the `running` event of a new task: it comes before every entry of the task's
+/// history, which counts from 1.
+pub const CREATED_SEQ: u64 = 0;
+
+/// Announces a task created (state `running`), after its commit.
+pub async fn announce_created(
+    shared: &Shared,
+    task_id: TaskId,
+    namespace: &str,
+    template: &str,
+    at: DateTime<Utc>,
+) {
+    let event = LifecycleEvent {
+        task_id,
+        namespace: namespace.to_owned(),
+        template: template.to_owned(),
+        seq: CREATED_SEQ,
+        state: TaskState::Running.to_string(),
+        at: rfc3339(at),
+        output: None,
+        error: None,
+    };
+    publish_event(shared, event).await;
+}
 
 /// Counts finished tasks and publishes their lifecycle events.
 pub async fn announce(shared: &Shared, finished: &[FinishedTask]) {

@@ -3,7 +3,7 @@
 //! message. If this process dies anywhere in between, the relay publishes the entry again.
 
 use super::{Pending, Shared};
-use crate::broker::properties;
+use crate::broker::{properties, traceparent, with_traceparent};
 use crate::store::outbox::{self, Admitted, MessageData};
 use crate::transition::{self, Finished};
 use serde_json::Value;
@@ -36,6 +36,8 @@ pub async fn publish_admitted(
             &m.namespace,
             shard_of(&m.task_id, shared.config.result_shards),
         );
+        // One trace per task; one span per attempt (the same again when the relay republishes).
+        let traceparent = traceparent(m.task_id, m.step_id, m.attempt as u32);
         let envelope = Envelope::new(StepMessage {
             task_id: m.task_id,
             step_id: m.step_id,
@@ -78,7 +80,7 @@ pub async fn publish_admitted(
                 &shared.names.steps_exchange(),
                 &m.queue,
                 &bytes,
-                properties(message_id),
+                with_traceparent(properties(message_id), &traceparent),
             )
             .await
         {
