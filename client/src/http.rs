@@ -32,6 +32,7 @@ use serde::de::DeserializeOwned;
 use std::time::{Duration, Instant};
 use tasker_schemas::api::{
     ErrorBody, InstanceList, RegisterResponse, SubmitResponse, SubmitTask, TaskList, TaskView,
+    TemplateView,
 };
 use tasker_schemas::{TaskId, TaskState, Template};
 
@@ -102,6 +103,8 @@ pub struct ListTasks {
     pub namespace: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub template: Option<String>,
+    /// Most tasks in the page: 1 to 500 ([`tasker_schemas::api::MAX_TASK_PAGE`]; more is refused
+    /// with `invalid_request`); 50 when absent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub limit: Option<u32>,
     /// The `next` of the previous page.
@@ -249,10 +252,24 @@ impl Client {
         self.send(request).await
     }
 
-    /// `GET /v1/tasks`: one page of tasks (without their steps), newest filters applied.
+    /// `GET /v1/tasks`: one page of tasks, newest first, filters applied. The tasks are
+    /// summaries (no context, output, steps or history): [`Client::task`] has the rest.
     pub async fn list(&self, filter: &ListTasks) -> Result<TaskList, ClientError> {
         self.send(self.request(Method::GET, "/v1/tasks").query(filter))
             .await
+    }
+
+    /// `GET /v1/templates[?namespace=]`: every registered template version (without the
+    /// template itself), of one namespace or of all.
+    pub async fn templates(
+        &self,
+        namespace: Option<&str>,
+    ) -> Result<Vec<TemplateView>, ClientError> {
+        let mut request = self.request(Method::GET, "/v1/templates");
+        if let Some(namespace) = namespace {
+            request = request.query(&[("namespace", namespace)]);
+        }
+        self.send(request).await
     }
 
     fn request(&self, method: Method, path: &str) -> RequestBuilder {

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use tasker_client::{Client, ClientError, ListTasks};
 use tasker_schemas::TaskState;
 use tasker_schemas::api::{
-    ErrorBody, ErrorDetail, RegisterResponse, SubmitResponse, SubmitTask, TaskList, TaskView,
+    ErrorBody, ErrorDetail, RegisterResponse, SubmitResponse, SubmitTask, TaskList, TaskSummary,
+    TaskView, TemplateView,
 };
 use tasker_schemas::{TaskId, Template};
 
@@ -58,6 +59,23 @@ fn view(id: TaskId, state: &str) -> TaskView {
         "priority": 0,
         "context": {},
         "output": (state == "completed").then(|| json!({"ok": true})),
+        "error": null,
+        "idempotency_key": null,
+        "created_at": "2026-01-01T00:00:00Z",
+        "finished_at": null,
+    }))
+    .unwrap()
+}
+
+/// A task as lists show it: no context, output, steps or events.
+fn summary(id: TaskId, state: &str) -> TaskSummary {
+    serde_json::from_value(json!({
+        "id": id,
+        "namespace": "shop",
+        "template": "order_fulfilment",
+        "template_version": 1,
+        "state": state,
+        "priority": 0,
         "error": null,
         "idempotency_key": null,
         "created_at": "2026-01-01T00:00:00Z",
@@ -160,15 +178,28 @@ async fn list(
 ) -> Json<TaskList> {
     fake.lock().unwrap().list_queries.push(q);
     Json(TaskList {
-        tasks: vec![view(TaskId::new(), "running")],
+        tasks: vec![summary(TaskId::new(), "running")],
         next: None,
     })
+}
+
+async fn templates(Query(q): Query<HashMap<String, String>>) -> Json<Vec<TemplateView>> {
+    let namespace = q.get("namespace").cloned().unwrap_or_else(|| "any".into());
+    Json(vec![TemplateView {
+        namespace,
+        name: "order_fulfilment".into(),
+        version: 2,
+        description: None,
+        steps: 3,
+        created_at: "2026-01-01T00:00:00Z".into(),
+        template: None,
+    }])
 }
 
 async fn serve() -> (String, Shared) {
     let fake: Shared = Arc::default();
     let app = Router::new()
-        .route("/v1/templates", post(register))
+        .route("/v1/templates", post(register).get(templates))
         .route("/v1/tasks", post(submit).get(list))
         .route("/v1/tasks/{id}", get(task))
         .with_state(fake.clone());
@@ -305,6 +336,16 @@ async fn lists_with_filters() {
     assert_eq!(q.get("limit").map(String::as_str), Some("10"));
     assert_eq!(q.get("after"), Some(&after.to_string()));
     assert!(!q.contains_key("template"));
+}
+
+#[tokio::test]
+async fn lists_templates_of_a_namespace_or_all() {
+    let (url, _fake) = serve().await;
+    let client = Client::new(url);
+    let all = client.templates(None).await.unwrap();
+    assert_eq!(all[0].namespace, "any");
+    let shop = client.templates(Some("shop")).await.unwrap();
+    assert_eq!((shop[0].namespace.as_str(), shop[0].version), ("shop", 2));
 }
 
 #[tokio::test]

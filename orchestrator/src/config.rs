@@ -47,6 +47,17 @@ pub struct Config {
     pub max_step_message_bytes: usize,
     /// Largest accepted HTTP request body.
     pub max_request_bytes: usize,
+    /// Longest time an HTTP request may take, body read included (0: no limit). A long-poll
+    /// (`wait_ms`) gets its wait on top.
+    pub http_request_timeout_ms: u64,
+    /// Longest time an HTTP connection may spend without a request being handled: idle between
+    /// requests, sending a request's headers, or not reading an answer (0: no limit).
+    pub http_idle_timeout_ms: u64,
+    /// Most open HTTP connections; further ones wait in the listen backlog until one closes.
+    pub http_max_connections: usize,
+    /// Most long-polls (`GET /v1/tasks/{id}?wait_ms=N`) waiting at once; over it, a long-poll
+    /// answers at once with the task as it is.
+    pub http_max_long_polls: usize,
     /// Time allowed for draining on shutdown.
     pub shutdown_grace_ms: u64,
     /// How often the reconciler checks that every live task has a live owner.
@@ -81,6 +92,10 @@ impl Default for Config {
             max_output_bytes: limits.max_output_bytes,
             max_step_message_bytes: limits.max_step_message_bytes,
             max_request_bytes: 2 * 1024 * 1024,
+            http_request_timeout_ms: 30_000,
+            http_idle_timeout_ms: 60_000,
+            http_max_connections: 1024,
+            http_max_long_polls: 256,
             shutdown_grace_ms: 10_000,
             reconcile_interval_ms: 30_000,
             reconcile_quiet_ms: 10_000,
@@ -263,6 +278,14 @@ settings! {
     "TASKER_MAX_STEP_MESSAGE_BYTES" => max_step_message_bytes (value):
         "Largest step message, context and parent outputs included (bytes)",
     "TASKER_MAX_REQUEST_BYTES" => max_request_bytes (value): "Largest HTTP request body (bytes)",
+    "TASKER_HTTP_REQUEST_TIMEOUT_MS" => http_request_timeout_ms (value):
+        "Longest HTTP request, body read included; a long-poll gets its wait on top (ms; 0: no limit)",
+    "TASKER_HTTP_IDLE_TIMEOUT_MS" => http_idle_timeout_ms (value):
+        "Longest time an HTTP connection may go without a request being handled: idle, sending headers or not reading an answer (ms; 0: no limit)",
+    "TASKER_HTTP_MAX_CONNECTIONS" => http_max_connections (value):
+        "Most open HTTP connections; more wait in the listen backlog until one closes",
+    "TASKER_HTTP_MAX_LONG_POLLS" => http_max_long_polls (value):
+        "Most long-polls (wait_ms) waiting at once; over it, a long-poll answers at once",
     "TASKER_SHUTDOWN_GRACE_MS" => shutdown_grace_ms (value):
         "Time allowed for draining on shutdown (ms)",
     "TASKER_RECONCILE_INTERVAL_MS" => reconcile_interval_ms (value):
@@ -331,6 +354,17 @@ impl Config {
 
     pub fn poll_interval(&self) -> Duration {
         Duration::from_millis(self.poll_interval_ms)
+    }
+
+    /// [`Config::http_request_timeout_ms`] (`None`: no limit).
+    pub fn http_request_timeout(&self) -> Option<Duration> {
+        (self.http_request_timeout_ms > 0)
+            .then(|| Duration::from_millis(self.http_request_timeout_ms))
+    }
+
+    /// [`Config::http_idle_timeout_ms`] (`None`: no limit).
+    pub fn http_idle_timeout(&self) -> Option<Duration> {
+        (self.http_idle_timeout_ms > 0).then(|| Duration::from_millis(self.http_idle_timeout_ms))
     }
 }
 

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 use tasker_client::{Client, ListTasks};
 use tasker_orchestrator::{App, Config, startup};
-use tasker_schemas::api::{SubmitTask, TaskView};
+use tasker_schemas::api::{MAX_TASK_PAGE, SubmitTask, TaskView};
 use tasker_schemas::{StepState, TaskId, TaskState};
 use tokio_util::sync::CancellationToken;
 
@@ -51,7 +51,7 @@ enum Command {
         #[arg(long, env = "TASKER_CONFIG")]
         config: Option<PathBuf>,
     },
-    /// Templates: register template files.
+    /// Templates: register template files, list the registered ones.
     #[command(subcommand)]
     Template(TemplateCommand),
     /// Submit a task; prints its id (and, with --wait, the finished task).
@@ -139,9 +139,12 @@ enum Command {
         /// Only tasks of this template (name).
         #[arg(long)]
         template: Option<String>,
-        /// Most tasks to print.
-        #[arg(long, default_value_t = 20)]
+        /// Most tasks to print (1 to 500).
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_TASK_PAGE)))]
         limit: u32,
+        /// Start after this task (the id the previous page printed as `--after`).
+        #[arg(long, value_name = "TASK_ID")]
+        after: Option<TaskId>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -154,6 +157,15 @@ enum TemplateCommand {
     Register {
         /// Template files (YAML or JSON), registered in the order given.
         files: Vec<PathBuf>,
+    },
+    /// List the registered templates, every version (namespace, name, version, steps).
+    List {
+        /// Only templates of this namespace.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -256,6 +268,39 @@ async fn run(cli: &Cli, out: &mut impl Write) -> Result<ExitCode> {
                     } else {
                         "already registered (unchanged)"
                     }
+                )?;
+            }
+        }
+        Command::Template(TemplateCommand::List { namespace, json }) => {
+            let templates = client().templates(namespace.as_deref()).await?;
+            if *json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&templates)?)?;
+            } else {
+                let rows: Vec<Vec<String>> = templates
+                    .iter()
+                    .map(|t| {
+                        vec![
+                            t.namespace.clone(),
+                            t.name.clone(),
+                            t.version.to_string(),
+                            t.steps.to_string(),
+                            t.created_at.clone(),
+                            one_line(t.description.as_deref().unwrap_or(""), 80),
+                        ]
+                    })
+                    .collect();
+                write_table(
+                    out,
+                    &[
+                        "NAMESPACE",
+                        "NAME",
+                        "VERSION",
+                        "STEPS",
+                        "CREATED",
+                        "DESCRIPTION",
+                    ],
+                    &[2, 3],
+                    &rows,
                 )?;
             }
         }
@@ -372,6 +417,7 @@ async fn run(cli: &Cli, out: &mut impl Write) -> Result<ExitCode> {
             state,
             template,
             limit,
+            after,
             json,
         } => {
             let filter = ListTasks {
@@ -379,7 +425,7 @@ async fn run(cli: &Cli, out: &mut impl Write) -> Result<ExitCode> {
                 state: *state,
                 template: template.clone(),
                 limit: Some(*limit),
-                ..Default::default()
+                after: *after,
             };
             let page = client().list(&filter).await?;
             if *json {

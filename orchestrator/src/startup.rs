@@ -276,19 +276,9 @@ impl App {
             shutdown.clone(),
             move |stop| FinishListener { shared: s.clone() }.run(stop),
         ));
-        let router = crate::edge::http::router(shared.clone());
-        let stop = shutdown.clone();
+        let (s, stop) = (shared.clone(), shutdown.clone());
         tracker.spawn(async move {
-            // Small requests and answers: do not let Nagle's algorithm hold them back.
-            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-                if let Err(e) = tcp.set_nodelay(true) {
-                    tracing::debug!(error = %e, "could not set TCP_NODELAY");
-                }
-            });
-            if let Err(e) = axum::serve(listener, router)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-            {
+            if let Err(e) = crate::edge::http::serve(listener, s, stop.cancelled_owned()).await {
                 tracing::error!(error = %e, "HTTP server failed");
             }
         });

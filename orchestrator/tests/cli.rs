@@ -519,6 +519,142 @@ async fn list_aligns_its_header_with_its_rows() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_pages_with_the_after_hint_it_prints() {
+    let server = Server::start().await;
+    let file = server.file(
+        "page.yaml",
+        "namespace: cli\nname: page\nversion: 1\nsteps:\n  - { name: a, handler: a }\n",
+    );
+    server.run(&["template", "register", &file]).await.ok();
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let context = format!("{{\"i\": {i}}}");
+        let r = server
+            .run(&["submit", "cli", "page", "--context", &context])
+            .await;
+        ids.push(r.ok().stdout.trim().to_owned());
+    }
+    // Newest first; the last line says how to get the next page.
+    let r = server.run(&["list", "--limit", "2"]).await;
+    r.ok();
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(lines.len(), 4, "{}", r.stdout);
+    assert!(
+        lines[1].starts_with(&ids[2]) && lines[2].starts_with(&ids[1]),
+        "{}",
+        r.stdout
+    );
+    let next = lines[3]
+        .strip_prefix("(more: --after ")
+        .and_then(|rest| rest.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("no --after hint: {}", r.stdout));
+    assert_eq!(next, ids[1]);
+    // The hint works as printed.
+    let r = server.run(&["list", "--limit", "2", "--after", next]).await;
+    r.ok();
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{}", r.stdout);
+    assert!(lines[1].starts_with(&ids[0]), "{}", r.stdout);
+    assert!(!r.stdout.contains("more"), "{}", r.stdout);
+    // --after names a task.
+    server.run(&["list", "--after", "yesterday"]).await.failed();
+    // A page is at most 500 tasks.
+    let r = server.run(&["list", "--limit", "501"]).await;
+    r.failed();
+    assert!(r.stderr.contains("500"), "{}", r.stderr);
+    // JSON lists summaries: no context.
+    let r = server.run(&["list", "--json"]).await;
+    r.ok();
+    let page: serde_json::Value = serde_json::from_str(&r.stdout).expect("JSON");
+    let tasks = page["tasks"].as_array().expect("tasks");
+    assert_eq!(tasks.len(), 3, "{}", r.stdout);
+    assert!(
+        tasks.iter().all(|t| t.get("context").is_none()),
+        "{}",
+        r.stdout
+    );
+    server.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn template_list_shows_every_registered_version() {
+    let server = Server::start().await;
+    let help = server.run(&["template", "--help"]).await;
+    help.ok();
+    let commands: Vec<String> = help_entries(&help.stdout, "Commands:")
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
+    assert!(commands.iter().any(|c| c == "list"), "{}", help.stdout);
+    for (name, text) in [
+        (
+            "alpha1.yaml",
+            "namespace: tl_a\nname: alpha\nversion: 1\nsteps:\n  - { name: a, handler: a }\n",
+        ),
+        (
+            "alpha2.yaml",
+            "namespace: tl_a\nname: alpha\nversion: 2\nsteps:\n  - { name: a, handler: a }\n  - { name: b, handler: b, depends_on: [a] }\n",
+        ),
+        (
+            "beta.yaml",
+            "namespace: tl_b\nname: beta\nversion: 1\ndescription: Ships the order\nsteps:\n  - { name: a, handler: a }\n",
+        ),
+    ] {
+        let file = server.file(name, text);
+        server.run(&["template", "register", &file]).await.ok();
+    }
+    let rows = |stdout: &str| -> Vec<Vec<String>> {
+        stdout
+            .lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().map(str::to_owned).collect())
+            .collect()
+    };
+    let r = server.run(&["template", "list"]).await;
+    r.ok();
+    assert!(
+        r.stdout
+            .starts_with("NAMESPACE  NAME   VERSION  STEPS  CREATED"),
+        "{}",
+        r.stdout
+    );
+    let mut seen: Vec<(String, String, String, String)> = rows(&r.stdout)
+        .into_iter()
+        .map(|cells| {
+            (
+                cells[0].clone(),
+                cells[1].clone(),
+                cells[2].clone(),
+                cells[3].clone(),
+            )
+        })
+        .collect();
+    seen.sort();
+    let want = [
+        ("tl_a", "alpha", "1", "1"),
+        ("tl_a", "alpha", "2", "2"),
+        ("tl_b", "beta", "1", "1"),
+    ]
+    .map(|(a, b, c, d)| (a.to_owned(), b.to_owned(), c.to_owned(), d.to_owned()));
+    assert_eq!(seen, want, "{}", r.stdout);
+    assert!(r.stdout.contains("Ships the order"), "{}", r.stdout);
+
+    let r = server
+        .run(&["template", "list", "--namespace", "tl_b"])
+        .await;
+    r.ok();
+    let only = rows(&r.stdout);
+    assert_eq!(only.len(), 1, "{}", r.stdout);
+    assert_eq!(only[0][..2], ["tl_b", "beta"]);
+
+    let r = server.run(&["template", "list", "--json"]).await;
+    r.ok();
+    let all: serde_json::Value = serde_json::from_str(&r.stdout).expect("JSON");
+    assert_eq!(all.as_array().map(Vec::len), Some(3), "{}", r.stdout);
+    server.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changed_content_under_a_registered_version_suggests_the_next_version() {
     let server = Server::start().await;
     let template = |version: u32, handler: &str| {

@@ -1,26 +1,55 @@
 //! The HTTP API (`/v1/...`), health, readiness and metrics. Handlers decode, call a service and
 //! encode; errors map to status codes here, and an internal fault never reaches the caller as
 //! database or broker text.
+//!
+//! Every error answer is JSON (`{"error": {"code", "message"}}`): the API's own, the framework's
+//! rejections (bad query strings, bodies, content types), unknown paths, wrong methods and
+//! timeouts alike.
+//!
+//! [`serve`] bounds the server: at most `http_max_connections` open connections (more wait in
+//! the listen backlog), `http_idle_timeout_ms` for a connection without a request being
+//! handled (idle keep-alive, slowly sent headers, an answer not read), `http_request_timeout_ms`
+//! per request (body read included; a long-poll gets its wait on top) and
+//! `http_max_long_polls` long-polls waiting at once.
 
 use super::views;
 use crate::service::{self, ServiceError, Shared};
 use crate::store::{self, templates::Registered, views::ListFilter};
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
-use axum::http::{StatusCode, header};
+use axum::extract::connect_info::{ConnectInfo, Connected};
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{
+    DefaultBodyLimit, FromRequest, FromRequestParts, OptionalFromRequest, Path, Query, Request,
+    State,
+};
+use axum::http::request::Parts;
+use axum::http::{Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::serve::{IncomingStream, Listener};
+use axum::{Extension, Json, Router};
 use serde::Deserialize;
-use std::time::Duration;
+use serde::de::DeserializeOwned;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 use tasker_schemas::api::{
-    ErrorBody, ErrorDetail, RegisterResponse, SubmitResponse, SubmitTask, TemplateView,
+    ErrorBody, ErrorDetail, MAX_TASK_PAGE, RegisterResponse, SubmitResponse, SubmitTask,
+    TemplateView,
 };
 use tasker_schemas::{TaskId, TaskState, Template};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// The router, with body limits and (when keys are configured) bearer authentication on `/v1`.
+/// The router, with body limits, (when keys are configured) bearer authentication on `/v1`,
+/// request timeouts, the long-poll cap, and JSON answers for unknown paths and wrong methods.
 pub fn router(shared: Shared) -> Router {
+    let long_polls = LongPolls(Arc::new(Semaphore::new(shared.config.http_max_long_polls)));
     let v1 = Router::new()
         .route("/templates", post(register_template).get(list_templates))
         .route("/templates/{namespace}/{name}", get(show_template))
@@ -29,14 +58,40 @@ pub fn router(shared: Shared) -> Router {
         .route("/tasks/{id}/cancel", post(cancel_task))
         .route("/tasks/{id}/retry", post(retry_task))
         .route("/tasks/{id}/steps/{step}/instances", get(list_instances))
-        .route_layer(middleware::from_fn_with_state(shared.clone(), authenticate));
+        .route_layer(middleware::from_fn_with_state(shared.clone(), authenticate))
+        .method_not_allowed_fallback(method_not_allowed);
     Router::new()
         .nest("/v1", v1)
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
+        .method_not_allowed_fallback(method_not_allowed)
+        .fallback(not_found)
+        .layer(Extension(long_polls))
         .layer(DefaultBodyLimit::max(shared.config.max_request_bytes))
+        .layer(middleware::from_fn_with_state(
+            shared.clone(),
+            bound_request,
+        ))
         .with_state(shared)
+}
+
+/// Serves the router on `listener` until `shutdown` completes, with the connection cap and the
+/// idle timeout of the config (see the module's documentation).
+pub async fn serve(
+    listener: TcpListener,
+    shared: Shared,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    let listener = BoundedListener {
+        inner: listener,
+        permits: Arc::new(Semaphore::new(shared.config.http_max_connections.max(1))),
+        idle: shared.config.http_idle_timeout(),
+    };
+    let app = router(shared).into_make_service_with_connect_info::<Activity>();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 /// An error answer: status plus `{"error": {"code", "message"}}`.
@@ -113,18 +168,136 @@ impl From<ServiceError> for ApiError {
 
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
-        let status = if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            r.status()
-        } else {
-            StatusCode::BAD_REQUEST
-        };
-        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            "payload_too_large"
-        } else {
-            "invalid_request"
-        };
-        ApiError::new(status, code, r.body_text())
+        match r.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => {
+                ApiError::new(r.status(), "payload_too_large", r.body_text())
+            }
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::new(
+                r.status(),
+                "unsupported_media_type",
+                "the body must be JSON, sent with Content-Type: application/json",
+            ),
+            _ => ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", r.body_text()),
+        }
     }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(r: QueryRejection) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", r.body_text())
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(r: PathRejection) -> Self {
+        // A path that matched a route but whose parameters cannot be read (bad percent-encoding).
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", r.body_text())
+    }
+}
+
+/// `Json`, refusing with an [`ApiError`]. `Option<ApiJson<T>>`: `None` without a
+/// `Content-Type` header (the body is then ignored).
+struct ApiJson<T>(T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let Json(value) = <Json<T> as FromRequest<S>>::from_request(req, state).await?;
+        Ok(ApiJson(value))
+    }
+}
+
+impl<T: DeserializeOwned, S: Send + Sync> OptionalFromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Option<Self>, ApiError> {
+        let value = <Json<T> as OptionalFromRequest<S>>::from_request(req, state).await?;
+        Ok(value.map(|Json(v)| ApiJson(v)))
+    }
+}
+
+/// `Query`, refusing with an [`ApiError`] (`?limit=abc`).
+struct ApiQuery<T>(T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Query(value) = Query::<T>::from_request_parts(parts, state).await?;
+        Ok(ApiQuery(value))
+    }
+}
+
+/// `Path`, refusing with an [`ApiError`].
+struct ApiPath<T>(T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path(value) = Path::<T>::from_request_parts(parts, state).await?;
+        Ok(ApiPath(value))
+    }
+}
+
+/// Any path without a route.
+async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no such path: {method} {}", uri.path()),
+    )
+}
+
+/// A path with a route, but not for this method (the `Allow` header lists those it has).
+async fn method_not_allowed(method: Method) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("method {method} is not allowed on this path"),
+    )
+}
+
+/// Bounds every request: marks its connection busy (see [`Activity`]) and answers
+/// `503 timeout` when it takes longer than `http_request_timeout_ms`, plus its wait for a
+/// long-poll.
+async fn bound_request(State(shared): State<Shared>, req: Request, next: Next) -> Response {
+    let _busy = req
+        .extensions()
+        .get::<ConnectInfo<Activity>>()
+        .map(|ConnectInfo(activity)| activity.busy());
+    let Some(limit) = shared.config.http_request_timeout() else {
+        return next.run(req).await;
+    };
+    let limit = limit + long_poll_wait(&req);
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "timeout",
+            format!(
+                "the request did not finish within {} ms; retry later",
+                limit.as_millis()
+            ),
+        )
+        .into_response(),
+    }
+}
+
+/// The wait of a long-poll (`GET /v1/tasks/{id}?wait_ms=N`, capped at [`MAX_WAIT`]); zero for
+/// any other request.
+fn long_poll_wait(req: &Request) -> Duration {
+    let segments: Vec<&str> = req.uri().path().split('/').collect();
+    if req.method() != Method::GET
+        || !matches!(segments[..], ["", "v1", "tasks", id] if !id.is_empty())
+    {
+        return Duration::ZERO;
+    }
+    Query::<ShowQuery>::try_from_uri(req.uri())
+        .ok()
+        .and_then(|Query(q)| q.wait_ms)
+        .map_or(Duration::ZERO, |ms| Duration::from_millis(ms).min(MAX_WAIT))
 }
 
 type ApiResult<T> = Result<T, ApiError>;
@@ -163,9 +336,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 async fn register_template(
     State(shared): State<Shared>,
-    body: Result<Json<Template>, JsonRejection>,
+    ApiJson(template): ApiJson<Template>,
 ) -> ApiResult<(StatusCode, Json<RegisterResponse>)> {
-    let Json(template) = body?;
     let outcome = service::templates::register(&shared, &template).await?;
     let status = if outcome == Registered::Created {
         StatusCode::CREATED
@@ -203,7 +375,7 @@ fn template_view(t: &store::templates::StoredTemplate, full: bool) -> TemplateVi
 
 async fn list_templates(
     State(shared): State<Shared>,
-    Query(q): Query<TemplateQuery>,
+    ApiQuery(q): ApiQuery<TemplateQuery>,
 ) -> ApiResult<Json<Vec<TemplateView>>> {
     let all = service::templates::list(&shared, q.namespace.as_deref()).await?;
     Ok(Json(all.iter().map(|t| template_view(t, false)).collect()))
@@ -211,8 +383,8 @@ async fn list_templates(
 
 async fn show_template(
     State(shared): State<Shared>,
-    Path((namespace, name)): Path<(String, String)>,
-    Query(q): Query<TemplateQuery>,
+    ApiPath((namespace, name)): ApiPath<(String, String)>,
+    ApiQuery(q): ApiQuery<TemplateQuery>,
 ) -> ApiResult<Json<TemplateView>> {
     let t = service::templates::find(&shared, &namespace, &name, q.version).await?;
     Ok(Json(template_view(&t, true)))
@@ -220,9 +392,8 @@ async fn show_template(
 
 async fn submit_task(
     State(shared): State<Shared>,
-    body: Result<Json<SubmitTask>, JsonRejection>,
+    ApiJson(req): ApiJson<SubmitTask>,
 ) -> ApiResult<(StatusCode, Json<SubmitResponse>)> {
-    let Json(req) = body?;
     let created = service::tasks::submit(&shared, &req, None).await?;
     let status = if created.created {
         StatusCode::CREATED
@@ -244,17 +415,30 @@ struct ShowQuery {
     wait_ms: Option<u64>,
 }
 
-/// Longest accepted long-poll.
-const MAX_WAIT: Duration = Duration::from_secs(60);
+/// Longest long-poll: a larger `wait_ms` counts as this (it is not refused).
+pub const MAX_WAIT: Duration = Duration::from_secs(60);
+
+/// The long-polls that may wait at once (`http_max_long_polls`).
+#[derive(Clone)]
+struct LongPolls(Arc<Semaphore>);
 
 async fn show_task(
     State(shared): State<Shared>,
-    Path(id): Path<String>,
-    Query(q): Query<ShowQuery>,
+    Extension(long_polls): Extension<LongPolls>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<ShowQuery>,
 ) -> ApiResult<Json<tasker_schemas::api::TaskView>> {
     let id = parse_task_id(&id)?;
     let wait = Duration::from_millis(q.wait_ms.unwrap_or(0)).min(MAX_WAIT);
-    if !wait.is_zero() {
+    // Over the cap, a long-poll answers at once with the task as it is (which the contract
+    // allows: a caller asks again until the task is finished).
+    let permit = (!wait.is_zero())
+        .then(|| long_polls.0.try_acquire_owned().ok())
+        .flatten();
+    if !wait.is_zero() && permit.is_none() {
+        tracing::debug!(task_id = %id, "too many long-polls waiting: answering at once");
+    }
+    if let Some(_permit) = permit {
         // Subscribe before reading, so a finish between the read and the wait is not missed.
         let mut finished = shared.finished.subscribe();
         let state = service::tasks::state(&shared, id).await?;
@@ -295,11 +479,11 @@ struct CancelBody {
 
 async fn cancel_task(
     State(shared): State<Shared>,
-    Path(id): Path<String>,
-    body: Option<Json<CancelBody>>,
+    ApiPath(id): ApiPath<String>,
+    body: Option<ApiJson<CancelBody>>,
 ) -> ApiResult<Json<tasker_schemas::api::TaskView>> {
     let id = parse_task_id(&id)?;
-    let reason = body.and_then(|Json(b)| b.reason);
+    let reason = body.and_then(|ApiJson(b)| b.reason);
     service::tasks::cancel(&shared, id, reason).await?;
     Ok(Json(views::task_view(
         service::tasks::detail(&shared, id).await?,
@@ -308,7 +492,7 @@ async fn cancel_task(
 
 async fn retry_task(
     State(shared): State<Shared>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<tasker_schemas::api::TaskView>> {
     let id = parse_task_id(&id)?;
     service::tasks::retry(&shared, id).await?;
@@ -331,8 +515,8 @@ const MAX_INSTANCES_PAGE: i64 = 500;
 /// message.
 async fn list_instances(
     State(shared): State<Shared>,
-    Path((id, step)): Path<(String, String)>,
-    Query(q): Query<InstancesQuery>,
+    ApiPath((id, step)): ApiPath<(String, String)>,
+    ApiQuery(q): ApiQuery<InstancesQuery>,
 ) -> ApiResult<Json<tasker_schemas::api::InstanceList>> {
     let id = parse_task_id(&id)?;
     let limit = q.limit.unwrap_or(100);
@@ -357,10 +541,20 @@ struct ListQuery {
     limit: Option<i64>,
 }
 
+/// A page of task summaries (no context, output, steps or history), newest first: `limit` 1 to
+/// [`MAX_TASK_PAGE`], default 50.
 async fn list_tasks(
     State(shared): State<Shared>,
-    Query(q): Query<ListQuery>,
+    ApiQuery(q): ApiQuery<ListQuery>,
 ) -> ApiResult<Json<tasker_schemas::api::TaskList>> {
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=i64::from(MAX_TASK_PAGE)).contains(&limit) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("limit={limit} is out of range: 1 to {MAX_TASK_PAGE}"),
+        ));
+    }
     let after = match q.after {
         Some(a) => Some(a.parse::<TaskId>().map_err(|_| {
             ApiError::new(
@@ -382,7 +576,7 @@ async fn list_tasks(
         state,
         template: q.template,
         after,
-        limit: q.limit.unwrap_or(50),
+        limit,
     };
     let (rows, more) = service::tasks::list(&shared, &filter).await?;
     Ok(Json(views::task_list(rows, more)))
@@ -406,4 +600,227 @@ async fn metrics(State(shared): State<Shared>) -> Response {
         shared.metrics.render(),
     )
         .into_response()
+}
+
+/// What a connection is doing, shared by its [`Connection`] (which enforces the idle timeout)
+/// and the requests it carries (which mark it busy): the requests being handled, and since when
+/// none is.
+#[derive(Clone)]
+pub struct Activity(Arc<Mutex<ActivityState>>);
+
+struct ActivityState {
+    in_flight: usize,
+    idle_since: Instant,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self(Arc::new(Mutex::new(ActivityState {
+            in_flight: 0,
+            idle_since: Instant::now(),
+        })))
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, ActivityState> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Marks a request in flight until the guard drops.
+    fn busy(&self) -> Busy {
+        self.state().in_flight += 1;
+        Busy(self.clone())
+    }
+
+    /// Since when no request has been handled; `None` while one is.
+    fn idle_since(&self) -> Option<Instant> {
+        let state = self.state();
+        (state.in_flight == 0).then_some(state.idle_since)
+    }
+}
+
+struct Busy(Activity);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let mut state = self.0.state();
+        state.in_flight -= 1;
+        if state.in_flight == 0 {
+            state.idle_since = Instant::now();
+        }
+    }
+}
+
+impl Connected<IncomingStream<'_, BoundedListener>> for Activity {
+    fn connect_info(stream: IncomingStream<'_, BoundedListener>) -> Self {
+        stream.io().activity.clone()
+    }
+}
+
+/// A TCP listener that holds at most as many connections as it has permits: it accepts the next
+/// one only once an open one has closed (the others wait in the kernel's listen backlog).
+pub struct BoundedListener {
+    inner: TcpListener,
+    permits: Arc<Semaphore>,
+    idle: Option<Duration>,
+}
+
+impl Listener for BoundedListener {
+    type Io = Connection;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Connection, SocketAddr) {
+        // Never closed: this listener holds the semaphore.
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the connection semaphore is never closed");
+        let (tcp, addr) = Listener::accept(&mut self.inner).await;
+        // Small requests and answers: do not let Nagle's algorithm hold them back.
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+        let connection = Connection {
+            tcp,
+            activity: Activity::new(),
+            idle: self.idle,
+            timer: None,
+            _permit: permit,
+        };
+        (connection, addr)
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+/// An accepted connection: it holds its permit of the [`BoundedListener`] until it closes, and
+/// fails its reads and writes once it has gone without a request being handled for longer than
+/// the idle timeout (which closes it). A request being handled is bounded by the request timeout
+/// instead.
+pub struct Connection {
+    tcp: TcpStream,
+    activity: Activity,
+    idle: Option<Duration>,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Connection {
+    /// Called when the socket is not ready: `Pending` (woken at the idle deadline), or the
+    /// error that closes a connection idle for too long.
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        let (Some(idle), Some(since)) = (self.idle, self.activity.idle_since()) else {
+            return Poll::Pending;
+        };
+        let deadline = tokio::time::Instant::from_std(since + idle);
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
+        }
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "HTTP connection without a request for longer than the idle timeout",
+            )),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl AsyncRead for Connection {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.tcp).poll_read(cx, buf) {
+            Poll::Pending => this.poll_idle(cx).map(Err),
+            ready => ready,
+        }
+    }
+}
+
+impl AsyncWrite for Connection {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.tcp).poll_write(cx, buf) {
+            Poll::Pending => this.poll_idle(cx).map(Err),
+            ready => ready,
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.tcp).poll_write_vectored(cx, bufs) {
+            Poll::Pending => this.poll_idle(cx).map(Err),
+            ready => ready,
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(method: Method, uri: &str) -> Request {
+        Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(axum::body::Body::empty())
+            .expect("a request")
+    }
+
+    #[test]
+    fn only_a_long_poll_gets_its_wait_on_top_of_the_request_timeout() {
+        let id = TaskId::new();
+        let wait = |method: Method, uri: &str| long_poll_wait(&request(method, uri));
+        assert_eq!(
+            wait(Method::GET, &format!("/v1/tasks/{id}?wait_ms=1500")),
+            Duration::from_millis(1500)
+        );
+        // Capped at MAX_WAIT, like the wait itself.
+        assert_eq!(
+            wait(Method::GET, &format!("/v1/tasks/{id}?wait_ms=999999999")),
+            MAX_WAIT
+        );
+        for (method, uri) in [
+            (Method::GET, format!("/v1/tasks/{id}")),
+            (Method::GET, format!("/v1/tasks/{id}?wait_ms=soon")),
+            (Method::POST, format!("/v1/tasks/{id}?wait_ms=1500")),
+            (Method::GET, "/v1/tasks?wait_ms=1500".to_owned()),
+            (
+                Method::GET,
+                format!("/v1/tasks/{id}/steps/s/instances?wait_ms=1500"),
+            ),
+            (Method::GET, "/v1/templates/a?wait_ms=1500".to_owned()),
+        ] {
+            assert_eq!(wait(method.clone(), &uri), Duration::ZERO, "{method} {uri}");
+        }
+    }
 }
