@@ -191,10 +191,22 @@ pub async fn declare_step_queue(
 
 /// Properties of every message we publish.
 pub fn properties(message_id: MessageId) -> BasicProperties {
+    // The publish time: a worker refuses a cancelled task's steps published before the cancel,
+    // and runs those of a retry (milliseconds in a header; the AMQP timestamp has seconds).
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let mut headers = FieldTable::default();
+    headers.insert(
+        tasker_schemas::message::HEADER_PUBLISHED_MS.into(),
+        AMQPValue::LongLongInt(i64::try_from(now.as_millis()).unwrap_or(i64::MAX)),
+    );
     BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type(CONTENT_TYPE.into())
         .with_message_id(message_id.to_string().into())
+        .with_timestamp(now.as_secs())
+        .with_headers(headers)
 }
 
 /// The W3C trace context (`traceparent`, version `00`, sampled) of one attempt of a step:

@@ -18,6 +18,10 @@ pub const SCHEMA_VERSION: &str = "1.1";
 
 /// AMQP header naming why a message was dead-lettered.
 pub const HEADER_DEAD_LETTER_REASON: &str = "x-tasker-reason";
+/// AMQP header with the time the orchestrator published a message (Unix milliseconds): a
+/// worker refuses a cancelled task's steps published before its cancel, and runs those
+/// published after it (a retry of the task).
+pub const HEADER_PUBLISHED_MS: &str = "x-tasker-published-ms";
 /// AMQP header carrying the W3C trace context.
 pub const HEADER_TRACEPARENT: &str = "traceparent";
 /// AMQP `content_type` of every message.

@@ -348,3 +348,42 @@ async fn long_error_texts_are_cut_and_long_cancel_reasons_refused() -> anyhow::R
     h.finish().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_task_retried_runs_on_the_workers_that_saw_the_cancel() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    h.register_yaml(
+        "namespace: t\nname: again\nversion: 1\nsteps:\n  - { name: s, handler: slow }\n  - { name: after, handler: slow, depends_on: [s] }\n",
+    )
+    .await?;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    h.spawn_worker(h.worker().handler_fn("slow", move |ctx| {
+        let c = c.clone();
+        async move {
+            // The first call runs until its task is cancelled; the later ones return at once.
+            if c.fetch_add(1, Ordering::SeqCst) == 0 {
+                ctx.cancelled().await;
+                return Err(StepError::retryable("cancelled"));
+            }
+            Ok(json!(ctx.step()))
+        }
+    }))
+    .await?;
+    let id = h.submit("t", "again", json!({})).await?;
+    for _ in 0..250 {
+        if calls.load(Ordering::SeqCst) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    h.client().cancel(id, None).await?;
+    assert_eq!(h.wait(id).await?.state, TaskState::Cancelled);
+    // The worker saw the cancel; the retried task's steps are published after it and run.
+    h.client().retry(id).await?;
+    let task = h.wait(id).await?;
+    assert_eq!(task.state, TaskState::Completed, "{task:#?}");
+    assert_eq!(task.steps[0].output, Some(json!("s")));
+    h.finish().await;
+    Ok(())
+}

@@ -97,6 +97,8 @@ async fn run_step(env: &SessionEnv, delivery: Delivery, message: StepMessage) {
     // A long step must not hold its delivery (the broker's acknowledgement timeout): it takes a
     // lease in the orchestrator, acks, and keeps the lease alive while it runs.
     let long = Duration::from_millis(timeout_ms) > shared.long_steps.after;
+    // When the orchestrator published it: a cancel refuses only what came before it.
+    let published = published_ms(&delivery.properties);
     let mut delivery = Some(delivery);
     let mut _heartbeats = None;
     let cancel = if long {
@@ -127,7 +129,7 @@ async fn run_step(env: &SessionEnv, delivery: Delivery, message: StepMessage) {
     let ctx = StepContext::new(message, shared.worker.clone(), cancel);
 
     let started = Instant::now();
-    let outcome = if shared.cancellations.is_cancelled(task_id) {
+    let outcome = if shared.cancellations.is_cancelled(task_id, published) {
         info!("task cancelled: refusing the step without running it");
         Outcome::Failed {
             message: "the task was cancelled".into(),
@@ -193,6 +195,22 @@ fn traceparent_of(delivery: &Delivery) -> Option<AMQPValue> {
         .as_ref()
         .and_then(|h| h.inner().get(HEADER_TRACEPARENT))
         .cloned()
+}
+
+/// The orchestrator's publish time of a message (Unix ms, header `x-tasker-published-ms`).
+pub(crate) fn published_ms(properties: &lapin::BasicProperties) -> Option<u64> {
+    let value = properties
+        .headers()
+        .as_ref()?
+        .inner()
+        .get(tasker_schemas::message::HEADER_PUBLISHED_MS)?;
+    match value {
+        AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::LongUInt(n) => Some(u64::from(*n)),
+        AMQPValue::LongInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::Timestamp(n) => Some(*n),
+        _ => None,
+    }
 }
 
 /// Three heartbeat intervals: a lease survives two lost heartbeats.

@@ -421,7 +421,8 @@ async fn record_cancels(mut consumer: Consumer, shared: Arc<Shared>) {
         match tasker_schemas::decode::<tasker_schemas::Cancel>(&delivery.data) {
             Ok(cancel) => {
                 info!(worker = %shared.worker, task_id = %cancel.payload.task_id, "task cancelled: refusing its steps");
-                shared.cancellations.cancel(cancel.payload.task_id);
+                let at = crate::delivery::published_ms(&delivery.properties);
+                shared.cancellations.cancel(cancel.payload.task_id, at);
             }
             Err(e) => {
                 warn!(worker = %shared.worker, error = %e, "ignoring an unreadable cancel message")
