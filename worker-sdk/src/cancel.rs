@@ -11,10 +11,12 @@ use tokio_util::sync::CancellationToken;
 /// How many cancelled task ids are remembered (oldest forgotten first).
 const REMEMBERED: usize = 10_000;
 
+/// Cancelled tasks with when their cancel was published (Unix ms), and the order they came in.
+type Cancelled = (HashMap<TaskId, Option<u64>>, VecDeque<TaskId>);
+
 #[derive(Default)]
 pub(crate) struct Cancellations {
-    /// Cancelled tasks, with when the cancel was published (Unix ms).
-    cancelled: Mutex<(HashMap<TaskId, Option<u64>>, VecDeque<TaskId>)>,
+    cancelled: Mutex<Cancelled>,
     running: Mutex<HashMap<TaskId, Vec<(u64, CancellationToken)>>>,
     next: AtomicU64,
 }
