@@ -150,6 +150,22 @@ fn parse_major(v: &str) -> Result<u32, DecodeError> {
     number(major)
 }
 
+/// Largest message a worker may send to the results exchange (bytes): a `result_batch` of many
+/// outputs fits; anything larger is dead-lettered before it is decoded.
+pub const MAX_WORKER_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Refuses bytes over `limit` before they are decoded, with the size and the limit in the
+/// reason.
+pub fn check_size(what: &str, bytes: &[u8], limit: usize) -> Result<(), String> {
+    if bytes.len() > limit {
+        return Err(format!(
+            "{what} is {} bytes, over the limit of {limit} bytes",
+            bytes.len()
+        ));
+    }
+    Ok(())
+}
+
 /// Deepest nesting of MessagePack maps and arrays a message may have: task data may nest
 /// [`crate::data::MAX_DEPTH`] levels, and the envelope around it adds a few more.
 pub const MAX_MESSAGE_DEPTH: usize = crate::data::MAX_DEPTH + 8;

@@ -316,3 +316,46 @@ async fn worker_shuts_down_gracefully_mid_step() -> anyhow::Result<()> {
     h.finish().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_messages_are_refused_before_they_are_decoded() -> anyhow::Result<()> {
+    let h = Harness::start_with(|c| c.max_request_bytes = 1024).await?;
+    // Valid MessagePack framing is not even looked at: the size decides first.
+    let big = vec![0x80u8; 2_000];
+    let conn = lapin::Connection::connect(&h.services.amqp_url, Default::default()).await?;
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(Default::default()).await?;
+    ch.basic_publish(
+        h.names().tasks_exchange().into(),
+        "t".into(),
+        lapin::options::BasicPublishOptions {
+            mandatory: true,
+            ..Default::default()
+        },
+        &big,
+        lapin::BasicProperties::default().with_delivery_mode(2),
+    )
+    .await?
+    .await?;
+    conn.close(200, "bye".into()).await?;
+    let (bytes, reason) = h.next_dead_letter(Duration::from_secs(10)).await?;
+    assert_eq!(bytes.len(), 2_000);
+    assert_eq!(
+        reason,
+        "the task request is 2000 bytes, over the limit of 1024 bytes"
+    );
+    // The results queue's bound (16 MiB) is checked the same way.
+    let huge = vec![0x80u8; tasker_schemas::message::MAX_WORKER_MESSAGE_BYTES + 1];
+    publish_raw(&h, "t.0", &huge).await?;
+    let (_, reason) = h.next_dead_letter(Duration::from_secs(20)).await?;
+    assert_eq!(
+        reason,
+        format!(
+            "the message is {} bytes, over the limit of {} bytes",
+            huge.len(),
+            tasker_schemas::message::MAX_WORKER_MESSAGE_BYTES
+        )
+    );
+    h.finish().await;
+    Ok(())
+}

@@ -53,6 +53,14 @@ pub async fn run_consumer(shared: Shared, shutdown: CancellationToken) -> Result
 }
 
 async fn handle_request(shared: &Shared, d: Delivery, shutdown: &CancellationToken) {
+    // The size first: a huge request is refused before any of it is decoded.
+    if let Err(reason) = tasker_schemas::message::check_size(
+        "the task request",
+        &d.data,
+        shared.config.max_request_bytes,
+    ) {
+        return reject(shared, &d, &reason).await;
+    }
     let req = match decode::<TaskRequest>(&d.data) {
         Ok(env) => env.payload,
         Err(e) => return reject(shared, &d, &e.to_string()).await,

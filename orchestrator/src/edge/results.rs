@@ -226,6 +226,17 @@ fn lease(step: tasker_schemas::StepId, attempt: u32, worker: String, lease_ms: u
 }
 
 fn classify(delivery: Delivery) -> Item {
+    // The size first: a huge message is refused before any of it is decoded.
+    if let Err(reason) = tasker_schemas::message::check_size(
+        "the message",
+        &delivery.data,
+        tasker_schemas::message::MAX_WORKER_MESSAGE_BYTES,
+    ) {
+        return Item {
+            delivery,
+            work: Work::Bad(reason),
+        };
+    }
     let work = match WorkerMessage::decode(&delivery.data) {
         Ok((_, WorkerMessage::Results(results))) => {
             match results.into_iter().map(to_finished).collect() {
