@@ -359,3 +359,31 @@ async fn oversized_messages_are_refused_before_they_are_decoded() -> anyhow::Res
     h.finish().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overlong_worker_name_is_dead_lettered_with_the_limit() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let result = StepResult {
+        task_id: TaskId::new(),
+        step_id: tasker_schemas::StepId::new(),
+        attempt: 1,
+        worker: "w".repeat(300),
+        duration_ms: 1,
+        outcome: Outcome::succeeded(json!(1)),
+    };
+    let started = tasker_schemas::Started {
+        task_id: TaskId::new(),
+        step_id: tasker_schemas::StepId::new(),
+        attempt: 1,
+        worker: "w".repeat(300),
+        lease_ms: 1_000,
+    };
+    for bytes in [encode_payload(result)?, encode_payload(started)?] {
+        publish_raw(&h, "t.0", &bytes).await?;
+        let (dead, reason) = h.next_dead_letter(Duration::from_secs(10)).await?;
+        assert_eq!(dead, bytes);
+        assert_eq!(reason, "worker name is 300 bytes; at most 256 are allowed");
+    }
+    h.finish().await;
+    Ok(())
+}

@@ -117,6 +117,9 @@ where
     })
 }
 
+/// Longest worker name (bytes), as the orchestrator accepts it.
+pub const MAX_WORKER_NAME_LEN: usize = 256;
+
 /// Configures a [`Worker`]; start with [`Worker::builder`].
 #[must_use]
 pub struct WorkerBuilder {
@@ -265,7 +268,8 @@ impl WorkerBuilder {
         self
     }
 
-    /// The worker's name, reported with every result (default `hostname-pid`).
+    /// The worker's name, reported with every result (default `hostname-pid`; at most 256 bytes:
+    /// the orchestrator refuses messages with a longer one, so `run` does too).
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = Some(name.into());
         self
@@ -396,6 +400,12 @@ impl Worker {
         self.amqp_url
             .parse::<AMQPUri>()
             .map_err(WorkerError::InvalidUrl)?;
+        if self.name.len() > MAX_WORKER_NAME_LEN {
+            return Err(WorkerError::Config(format!(
+                "worker name is {} bytes; at most {MAX_WORKER_NAME_LEN} are allowed",
+                self.name.len()
+            )));
+        }
         let queues = self
             .queues
             .iter()
@@ -727,6 +737,20 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, WorkerError::InvalidUrl(_)), "{err}");
         assert!(rx.await.is_err(), "on_ready must not be called");
+    }
+
+    #[tokio::test]
+    async fn an_overlong_name_is_refused_before_connecting() {
+        let err = Worker::builder("amqp://127.0.0.1:1")
+            .name("w".repeat(MAX_WORKER_NAME_LEN + 1))
+            .build()
+            .run_with_ready(CancellationToken::new(), || {})
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid worker configuration: worker name is 257 bytes; at most 256 are allowed"
+        );
     }
 
     #[test]

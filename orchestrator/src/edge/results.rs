@@ -163,10 +163,25 @@ fn attempt_of(attempt: u32) -> Result<i32, String> {
         .map_err(|_| format!("attempt {attempt} is out of range (at most {})", i32::MAX))
 }
 
+/// Longest worker name a message may carry (bytes): it is kept with every attempt.
+pub const MAX_WORKER_NAME_LEN: usize = 256;
+
+/// A worker's name as sent; a longer one is the message's fault and dead-letters it.
+fn worker_of(worker: &str) -> Result<(), String> {
+    if worker.len() > MAX_WORKER_NAME_LEN {
+        return Err(format!(
+            "worker name is {} bytes; at most {MAX_WORKER_NAME_LEN} are allowed",
+            worker.len()
+        ));
+    }
+    Ok(())
+}
+
 /// Converts a worker's result into an outcome to apply; an out-of-range attempt number is an
 /// error with the reason.
 pub fn to_finished(r: tasker_schemas::StepResult) -> Result<Finished, String> {
     let attempt = attempt_of(r.attempt)?;
+    worker_of(&r.worker)?;
     let result = match r.outcome {
         Outcome::Succeeded { output, branches } => AttemptResult::Succeeded { output, branches },
         Outcome::Failed {
@@ -214,6 +229,9 @@ enum Work {
 
 /// A `started` or a `heartbeat`: the attempt's execution lease, taken or renewed.
 fn lease(step: tasker_schemas::StepId, attempt: u32, worker: String, lease_ms: u64) -> Work {
+    if let Err(reason) = worker_of(&worker) {
+        return Work::Bad(reason);
+    }
     match attempt_of(attempt) {
         Ok(attempt) => Work::Started {
             step,
