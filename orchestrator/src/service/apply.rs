@@ -12,12 +12,12 @@ use crate::store::admission::{self, Dispatched};
 use crate::store::apply::{self as store_apply, FinishedTask, TaskCounts};
 use crate::store::outbox::{Admitted, MessageData};
 use crate::store::{self, StoreError};
-use crate::transition::{self, Finished, Policy, TaskNow};
+use crate::transition::{self, Finished, Policy};
 use backon::{ExponentialBuilder, Retryable};
 use sqlx::PgConnection;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
-use tasker_schemas::{StepId, TaskState};
+use tasker_schemas::StepId;
 use uuid::Uuid;
 
 /// What one [`apply_outcomes`] did.
@@ -152,7 +152,7 @@ async fn apply_batch(
     report.released = w.released;
     report.queued = w.queued;
     report.applied_twice = plan.changes.len() - w.attempts_inserted;
-    let mut done = w.finished;
+    let done = w.finished;
     cause.started = w.delegated;
     let mut out = dynamic::Cascade {
         terminal: if deferred {
@@ -167,34 +167,7 @@ async fn apply_batch(
         dynamic::cascade(tx, templates, &live, cause, &mut out).await?;
         report.queued.extend(out.queued.drain());
     }
-    if !out.failing.is_empty() {
-        let failing: Vec<Uuid> = out.failing.keys().copied().collect();
-        let halt = transition::halt(false);
-        let halted = store_apply::halt_steps(tx, &failing, halt).await?;
-        let ended = dynamic::settle_halted(tx, &failing, halt.to).await?;
-        for (task, n) in halted.into_iter().chain(ended) {
-            *out.terminal.entry(task).or_default() += n;
-        }
-    }
-    if !out.terminal.is_empty() || !out.failing.is_empty() {
-        done.extend(
-            store_apply::write_counts(tx, &TaskCounts::new(&out.terminal, &out.failing)).await?,
-        );
-    }
-    done.sort_unstable();
-    done.dedup();
-    let ending: Vec<(Uuid, TaskState)> = done
-        .into_iter()
-        .map(|id| {
-            let now = live.get(&id).copied().unwrap_or_default();
-            let task = TaskNow {
-                failing: now.failing || out.failing.contains_key(&id),
-                cancel_requested: now.cancel_requested,
-            };
-            (id, transition::final_state(task))
-        })
-        .collect();
-    let (finished, queues) = dynamic::finish(tx, ending).await?;
+    let (finished, queues) = dynamic::conclude(tx, &live, &mut out, done).await?;
     report.finished = finished;
     report.queued.extend(queues);
     Ok(report)

@@ -357,6 +357,48 @@ pub async fn finish(
     Ok((store_apply::finalize(tx, &rest).await?, queues))
 }
 
+/// Ends a cascade's bookkeeping in its transaction, as the apply path does: the tasks that
+/// started failing halt what they have not started ([`transition::halt`], their mapped steps
+/// settled), the tasks' counters are written, and the tasks with nothing left finish
+/// ([`finish`]). `done` holds tasks already known to have nothing left. Returns the finished
+/// tasks and the queues that got an `on_failure` step.
+pub async fn conclude(
+    tx: &mut PgConnection,
+    live: &HashMap<Uuid, TaskNow>,
+    out: &mut Cascade,
+    mut done: Vec<Uuid>,
+) -> db::Result<(Vec<store_apply::FinishedTask>, Vec<String>)> {
+    if !out.failing.is_empty() {
+        let failing: Vec<Uuid> = out.failing.keys().copied().collect();
+        let halt = transition::halt(false);
+        let halted = store_apply::halt_steps(tx, &failing, halt).await?;
+        let ended = settle_halted(tx, &failing, halt.to).await?;
+        for (task, n) in halted.into_iter().chain(ended) {
+            *out.terminal.entry(task).or_default() += n;
+        }
+    }
+    if !out.terminal.is_empty() || !out.failing.is_empty() {
+        done.extend(
+            store_apply::write_counts(
+                tx,
+                &store_apply::TaskCounts::new(&out.terminal, &out.failing),
+            )
+            .await?,
+        );
+    }
+    done.sort_unstable();
+    done.dedup();
+    let ending = done
+        .into_iter()
+        .map(|id| {
+            let now = live.get(&id).copied().unwrap_or_default();
+            let failing = now.failing || out.failing.contains_key(&id);
+            (id, transition::final_state(TaskNow { failing, ..now }))
+        })
+        .collect();
+    finish(tx, ending).await
+}
+
 /// Restarts a child-workflow step whose retry is due: under its task's lock, the step is
 /// delegated again and its child task retried ([`transition::child_start`]), in one
 /// transaction.
@@ -373,20 +415,7 @@ pub async fn restart_child(shared: &super::Shared, task: Uuid, step: Uuid) -> su
     };
     let mut out = Cascade::default();
     cascade(&mut tx, &shared.templates, &live, cause, &mut out).await?;
-    let done = store_apply::write_counts(
-        &mut tx,
-        &store_apply::TaskCounts::new(&out.terminal, &out.failing),
-    )
-    .await?;
-    let ending = done
-        .into_iter()
-        .map(|id| {
-            let now = live.get(&id).copied().unwrap_or_default();
-            let failing = now.failing || out.failing.contains_key(&id);
-            (id, transition::final_state(TaskNow { failing, ..now }))
-        })
-        .collect();
-    let (finished, queues) = finish(&mut tx, ending).await?;
+    let (finished, queues) = conclude(&mut tx, &live, &mut out, Vec::new()).await?;
     tx.commit().await?;
     shared.dispatch.wake(out.queued.into_iter().chain(queues));
     super::events::announce(shared, &finished).await;

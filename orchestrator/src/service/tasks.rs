@@ -82,26 +82,9 @@ pub async fn submit(
         let live = std::collections::HashMap::from([(c.task_id.0, TaskNow::default())]);
         let mut out = super::dynamic::Cascade::default();
         super::dynamic::cascade(&mut tx, &shared.templates, &live, cause, &mut out).await?;
-        c.queues.extend(out.queued);
-        let done = crate::store::apply::write_counts(
-            &mut tx,
-            &crate::store::apply::TaskCounts::new(&out.terminal, &out.failing),
-        )
-        .await?;
-        let ending: Vec<_> = done
-            .into_iter()
-            .map(|id| {
-                let failing = out.failing.contains_key(&id);
-                (
-                    id,
-                    transition::final_state(TaskNow {
-                        failing,
-                        cancel_requested: false,
-                    }),
-                )
-            })
-            .collect();
-        let (ended, queues) = super::dynamic::finish(&mut tx, ending).await?;
+        c.queues.extend(std::mem::take(&mut out.queued));
+        let (ended, queues) =
+            super::dynamic::conclude(&mut tx, &live, &mut out, Vec::new()).await?;
         finished = ended;
         c.queues.extend(queues);
         tx.commit().await?;
@@ -248,21 +231,21 @@ pub async fn retry(shared: &Shared, id: TaskId) -> Result<()> {
         touched: resumed.iter().map(|m| m.id).collect(),
         ..Default::default()
     };
+    let mut finished = Vec::new();
     if !cause.is_empty() {
         let live = std::collections::HashMap::from([(id.0, TaskNow::default())]);
         let mut out = super::dynamic::Cascade::default();
         super::dynamic::cascade(&mut tx, &shared.templates, &live, cause, &mut out).await?;
-        queues.extend(out.queued);
-        crate::store::apply::write_counts(
-            &mut tx,
-            &crate::store::apply::TaskCounts::new(&out.terminal, &out.failing),
-        )
-        .await?;
+        queues.extend(std::mem::take(&mut out.queued));
+        let (ended, handlers) =
+            super::dynamic::conclude(&mut tx, &live, &mut out, Vec::new()).await?;
+        finished = ended;
+        queues.extend(handlers);
     }
     // A task cancelled while its last steps ran to success has nothing to reset: it finishes
-    // at once (the guard in finalize: no unfinished step left).
+    // at once (the guard in finalize: no unfinished step left; a no-op if it finished above).
     let ending = transition::final_state(TaskNow::default());
-    let finished = crate::store::apply::finalize(&mut tx, &[(id.0, ending)]).await?;
+    finished.extend(crate::store::apply::finalize(&mut tx, &[(id.0, ending)]).await?);
     tx.commit().await?;
     shared.dispatch.wake(queues);
     events::announce(shared, &finished).await;
