@@ -45,6 +45,7 @@ pub struct Config {
     pub max_context_bytes: usize,
     pub max_output_bytes: usize,
     pub max_step_message_bytes: usize,
+    pub max_task_output_bytes: usize,
     /// Largest accepted HTTP request body.
     pub max_request_bytes: usize,
     /// Longest time an HTTP request may take, body read included (0: no limit). A long-poll
@@ -65,7 +66,7 @@ pub struct Config {
     /// Tasks changed more recently than this are left alone by the reconciler.
     pub reconcile_quiet_ms: u64,
     /// Finished tasks (and their idempotency keys) are kept this long, then pruned.
-    pub retention_hours: u64,
+    pub retention_ms: u64,
 }
 
 impl Default for Config {
@@ -91,6 +92,7 @@ impl Default for Config {
             max_context_bytes: limits.max_context_bytes,
             max_output_bytes: limits.max_output_bytes,
             max_step_message_bytes: limits.max_step_message_bytes,
+            max_task_output_bytes: limits.max_task_output_bytes,
             max_request_bytes: 2 * 1024 * 1024,
             http_request_timeout_ms: 30_000,
             http_idle_timeout_ms: 60_000,
@@ -99,7 +101,7 @@ impl Default for Config {
             shutdown_grace_ms: 10_000,
             reconcile_interval_ms: 30_000,
             reconcile_quiet_ms: 10_000,
-            retention_hours: 7 * 24,
+            retention_ms: 7 * 24 * 3600 * 1000,
         }
     }
 }
@@ -277,6 +279,8 @@ settings! {
     "TASKER_MAX_OUTPUT_BYTES" => max_output_bytes (value): "Largest step output (bytes)",
     "TASKER_MAX_STEP_MESSAGE_BYTES" => max_step_message_bytes (value):
         "Largest step message, context and parent outputs included (bytes)",
+    "TASKER_MAX_TASK_OUTPUT_BYTES" => max_task_output_bytes (value):
+        "Largest task output, all its leaf steps' outputs together (bytes)",
     "TASKER_MAX_REQUEST_BYTES" => max_request_bytes (value): "Largest HTTP request body (bytes)",
     "TASKER_HTTP_REQUEST_TIMEOUT_MS" => http_request_timeout_ms (value):
         "Longest HTTP request, body read included; a long-poll gets its wait on top (ms; 0: no limit)",
@@ -292,8 +296,8 @@ settings! {
         "How often the reconciler checks that every live task has a live owner (ms)",
     "TASKER_RECONCILE_QUIET_MS" => reconcile_quiet_ms (value):
         "Tasks changed more recently than this are left alone by the reconciler (ms)",
-    "TASKER_RETENTION_HOURS" => retention_hours (value):
-        "Finished tasks (and their idempotency keys) are kept this long, then pruned (hours)",
+    "TASKER_RETENTION_MS" => retention_ms (value):
+        "Finished tasks (and their idempotency keys) are kept this long, then pruned (ms; default 7 days)",
 }
 
 /// The settings as `tasker serve --help` shows them: every variable with its default.
@@ -344,11 +348,18 @@ impl Config {
         Ok(())
     }
 
+    /// The most data (context, parent outputs, element; as JSON) a step message may carry:
+    /// over it the message is refused before it is assembled.
+    pub fn step_data_limit(&self) -> i64 {
+        i64::try_from(self.max_step_message_bytes).unwrap_or(i64::MAX)
+    }
+
     pub fn limits(&self) -> DataLimits {
         DataLimits {
             max_context_bytes: self.max_context_bytes,
             max_output_bytes: self.max_output_bytes,
             max_step_message_bytes: self.max_step_message_bytes,
+            max_task_output_bytes: self.max_task_output_bytes,
         }
     }
 

@@ -73,6 +73,9 @@ pub struct Policy {
     pub max_output_bytes: usize,
     /// How long a step waits before it is offered again after `handler_missing`.
     pub handler_missing_delay_ms: u64,
+    /// Largest output of a completed task (bytes of JSON, its leaf steps' outputs together);
+    /// larger fails the task ([`task_output_refused`]).
+    pub max_task_output_bytes: usize,
 }
 
 /// A step as it is now (read under its task's lock).
@@ -946,6 +949,17 @@ pub fn may_run_failure_handler(ending: TaskState) -> bool {
     ending == TaskState::Failed
 }
 
+/// A task about to complete whose output (its leaf steps' outputs together, `bytes` as JSON)
+/// is over `limit` fails instead, with this error; its `on_failure` handler runs as for any
+/// failure (`failure.step` is then `""`).
+pub fn task_output_refused(bytes: i64, limit: usize) -> Option<String> {
+    (bytes > i64::try_from(limit).unwrap_or(i64::MAX)).then(|| {
+        format!(
+            "task output is {bytes} bytes (all leaf step outputs together), over the limit of {limit} bytes"
+        )
+    })
+}
+
 /// The state a task with no unfinished step finishes in.
 pub fn final_state(task: TaskNow) -> TaskState {
     if task.cancel_requested {
@@ -1028,6 +1042,7 @@ mod tests {
     const POLICY: Policy = Policy {
         max_output_bytes: 1024,
         handler_missing_delay_ms: 1_000,
+        max_task_output_bytes: 4096,
     };
 
     fn task() -> Uuid {
@@ -2039,5 +2054,17 @@ mod tests {
         assert!(admission(5, 9, 256).bound_limits);
         assert_eq!(PARENTS_DONE.to, StepState::Queued);
         assert_eq!(PROMOTE_RETRY.from, &[StepState::Retrying]);
+    }
+
+    #[test]
+    fn a_task_output_over_its_limit_is_refused_with_both_sizes() {
+        assert_eq!(task_output_refused(4096, 4096), None);
+        assert_eq!(task_output_refused(0, 0), None);
+        let e = task_output_refused(4097, 4096).expect("over the limit");
+        assert!(
+            e.contains("4097 bytes") && e.contains("limit of 4096 bytes"),
+            "{e}"
+        );
+        assert!(task_output_refused(i64::MAX, usize::MAX).is_none());
     }
 }

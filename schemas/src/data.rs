@@ -7,7 +7,7 @@ use serde_json::Value;
 pub const MAX_DEPTH: usize = 100;
 
 /// Size caps for task data (defaults: context and each output 256 KiB, an assembled step
-/// message 4 MiB; `CONTRACT.md` lists them).
+/// message 4 MiB, a task's output 4 MiB; `CONTRACT.md` lists them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DataLimits {
     /// A task's context, serialized as JSON.
@@ -16,6 +16,8 @@ pub struct DataLimits {
     pub max_output_bytes: usize,
     /// One assembled step message (context plus parent outputs), encoded.
     pub max_step_message_bytes: usize,
+    /// A completed task's output (the outputs of its leaf steps together), serialized as JSON.
+    pub max_task_output_bytes: usize,
 }
 
 impl Default for DataLimits {
@@ -24,6 +26,7 @@ impl Default for DataLimits {
             max_context_bytes: 256 * 1024,
             max_output_bytes: 256 * 1024,
             max_step_message_bytes: 4 * 1024 * 1024,
+            max_task_output_bytes: 4 * 1024 * 1024,
         }
     }
 }

@@ -19,7 +19,7 @@ pub async fn admit_queue(shared: &Shared, queue: &str) -> Result<()> {
             admission::lock_slots(&mut tx, std::slice::from_ref(&slot), &HashMap::new()).await?;
         let in_flight = slots.get(&slot).copied().unwrap_or(0);
         let a = transition::admission(shared.config.max_in_flight_per_queue, in_flight, batch);
-        let d = admission::admit_locked(&mut tx, queue, a).await?;
+        let d = admission::admit_locked(&mut tx, queue, a, shared.config.step_data_limit()).await?;
         tx.commit().await?;
         shared.dispatch.note_room(queue, d.bounded);
         if d.admitted.is_empty() {

@@ -86,6 +86,7 @@ async fn apply_committed(
     let policy = Policy {
         max_output_bytes: shared.config.max_output_bytes,
         handler_missing_delay_ms: shared.config.handler_missing_delay_ms,
+        max_task_output_bytes: shared.config.max_task_output_bytes,
     };
     let once = || async {
         let mut tx = shared.db.begin().await?;
@@ -167,7 +168,8 @@ async fn apply_batch(
         dynamic::cascade(tx, templates, &live, cause, &mut out).await?;
         report.queued.extend(out.queued.drain());
     }
-    let (finished, queues) = dynamic::conclude(tx, &live, &mut out, done).await?;
+    let (finished, queues) =
+        dynamic::conclude(tx, &live, &mut out, done, policy.max_task_output_bytes).await?;
     report.finished = finished;
     report.queued.extend(queues);
     Ok(report)
@@ -198,7 +200,7 @@ async fn admit_ready(
             messages: m,
             bounded: b,
             full,
-        } = admission::admit_locked(tx, &queue, a).await?;
+        } = admission::admit_locked(tx, &queue, a, shared.config.step_data_limit()).await?;
         if full {
             // Maybe more: the dispatcher takes the rest.
             report.queued.insert(queue.clone());

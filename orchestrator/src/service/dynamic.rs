@@ -342,8 +342,31 @@ pub async fn settle_halted(
 /// those start it instead. Returns the finished tasks and the queues that got a handler's step.
 pub async fn finish(
     tx: &mut PgConnection,
-    ending: Vec<(Uuid, tasker_schemas::TaskState)>,
+    mut ending: Vec<(Uuid, tasker_schemas::TaskState)>,
+    max_task_output_bytes: usize,
 ) -> db::Result<(Vec<store_apply::FinishedTask>, Vec<String>)> {
+    // A task whose output would be over its limit fails instead of completing.
+    let completing: Vec<Uuid> = ending
+        .iter()
+        .filter(|(_, state)| *state == tasker_schemas::TaskState::Completed)
+        .map(|(id, _)| *id)
+        .collect();
+    let limit = i64::try_from(max_task_output_bytes).unwrap_or(i64::MAX);
+    let mut refused = std::collections::BTreeMap::new();
+    for (id, bytes) in store_apply::oversized_outputs(tx, &completing, limit).await? {
+        if let Some(error) = transition::task_output_refused(bytes, max_task_output_bytes) {
+            refused.insert(id, error);
+        }
+    }
+    if !refused.is_empty() {
+        let none: HashMap<Uuid, i32> = refused.keys().map(|id| (*id, 0)).collect();
+        store_apply::write_counts(tx, &store_apply::TaskCounts::new(&none, &refused)).await?;
+        for (id, state) in &mut ending {
+            if refused.contains_key(id) {
+                *state = tasker_schemas::TaskState::Failed;
+            }
+        }
+    }
     let candidates: Vec<Uuid> = ending
         .iter()
         .filter(|(_, state)| transition::may_run_failure_handler(*state))
@@ -367,6 +390,7 @@ pub async fn conclude(
     live: &HashMap<Uuid, TaskNow>,
     out: &mut Cascade,
     mut done: Vec<Uuid>,
+    max_task_output_bytes: usize,
 ) -> db::Result<(Vec<store_apply::FinishedTask>, Vec<String>)> {
     if !out.failing.is_empty() {
         let failing: Vec<Uuid> = out.failing.keys().copied().collect();
@@ -396,7 +420,7 @@ pub async fn conclude(
             (id, transition::final_state(TaskNow { failing, ..now }))
         })
         .collect();
-    finish(tx, ending).await
+    finish(tx, ending, max_task_output_bytes).await
 }
 
 /// Restarts a child-workflow step whose retry is due: under its task's lock, the step is
@@ -415,7 +439,14 @@ pub async fn restart_child(shared: &super::Shared, task: Uuid, step: Uuid) -> su
     };
     let mut out = Cascade::default();
     cascade(&mut tx, &shared.templates, &live, cause, &mut out).await?;
-    let (finished, queues) = conclude(&mut tx, &live, &mut out, Vec::new()).await?;
+    let (finished, queues) = conclude(
+        &mut tx,
+        &live,
+        &mut out,
+        Vec::new(),
+        shared.config.max_task_output_bytes,
+    )
+    .await?;
     tx.commit().await?;
     shared.dispatch.wake(out.queued.into_iter().chain(queues));
     super::events::announce(shared, &finished).await;

@@ -28,6 +28,15 @@ pub async fn publish_admitted(
             let _ = outbox::clear(&shared.db, &[a.outbox_id]).await;
             continue;
         }
+        if m.data_bytes > shared.config.step_data_limit() {
+            // Refused before it is assembled: the loader left its data out.
+            failed.push(undeliverable(m.task_id, m.step_id, a, format!(
+                "step message would be over the limit of {} bytes: its context, parent outputs and element are {} bytes as JSON",
+                shared.config.max_step_message_bytes, m.data_bytes
+            )));
+            let _ = outbox::clear(&shared.db, &[a.outbox_id]).await;
+            continue;
+        }
         let idempotency_key = match m.map_index {
             Some(i) => format!("{}:{}:{i}", m.task_id, m.step),
             None => format!("{}:{}", m.task_id, m.step),

@@ -60,8 +60,12 @@ async fn repair(shared: &Shared, id: Uuid) -> Result<()> {
         }
     }
     reconcile::recount_unfinished(&mut tx, id).await?;
-    let (finished, handlers) =
-        super::dynamic::finish(&mut tx, vec![(id, transition::final_state(task))]).await?;
+    let (finished, handlers) = super::dynamic::finish(
+        &mut tx,
+        vec![(id, transition::final_state(task))],
+        shared.config.max_task_output_bytes,
+    )
+    .await?;
     queues.extend(handlers);
     tx.commit().await?;
     shared.dispatch.wake(queues);
@@ -79,7 +83,7 @@ pub async fn prune(
     budget: Duration,
     stop: &CancellationToken,
 ) -> Result<u64> {
-    let retention = shared.config.retention_hours as i64;
+    let retention = i64::try_from(shared.config.retention_ms).unwrap_or(i64::MAX);
     let started = Instant::now();
     let mut total = 0;
     loop {

@@ -83,8 +83,14 @@ pub async fn submit(
         let mut out = super::dynamic::Cascade::default();
         super::dynamic::cascade(&mut tx, &shared.templates, &live, cause, &mut out).await?;
         c.queues.extend(std::mem::take(&mut out.queued));
-        let (ended, queues) =
-            super::dynamic::conclude(&mut tx, &live, &mut out, Vec::new()).await?;
+        let (ended, queues) = super::dynamic::conclude(
+            &mut tx,
+            &live,
+            &mut out,
+            Vec::new(),
+            shared.config.max_task_output_bytes,
+        )
+        .await?;
         finished = ended;
         c.queues.extend(queues);
         tx.commit().await?;
@@ -237,8 +243,14 @@ pub async fn retry(shared: &Shared, id: TaskId) -> Result<()> {
         let mut out = super::dynamic::Cascade::default();
         super::dynamic::cascade(&mut tx, &shared.templates, &live, cause, &mut out).await?;
         queues.extend(std::mem::take(&mut out.queued));
-        let (ended, handlers) =
-            super::dynamic::conclude(&mut tx, &live, &mut out, Vec::new()).await?;
+        let (ended, handlers) = super::dynamic::conclude(
+            &mut tx,
+            &live,
+            &mut out,
+            Vec::new(),
+            shared.config.max_task_output_bytes,
+        )
+        .await?;
         finished = ended;
         queues.extend(handlers);
     }

@@ -60,7 +60,7 @@ pub async fn relay(shared: &Shared) -> Result<()> {
         return Ok(());
     }
     let ids: Vec<_> = claimed.iter().map(|a| a.step_id).collect();
-    let messages = outbox::load_messages(&mut *tx, &ids).await?;
+    let messages = outbox::load_messages(&mut *tx, &ids, shared.config.step_data_limit()).await?;
     tx.commit().await?;
     tracing::info!(
         entries = claimed.len(),

@@ -153,11 +153,14 @@ pub struct Dispatched {
 /// Admits queued steps of `queue` as [`Admission`] allows (the queue's slot already locked by
 /// [`lock_slots`]), highest priority first. In the caller's transaction: the [`ADMIT`]
 /// transition (a new attempt number, the lease), an outbox entry per step, and the slot's count.
-/// Returns the admitted attempts with everything their step messages need.
+/// Returns the admitted attempts with everything their step messages need — but not the data
+/// of a step whose context, parent outputs and element together are over `max_data_bytes` (as
+/// JSON): it is not assembled ([`MessageData::data_bytes`]).
 pub async fn admit_locked(
     tx: &mut PgConnection,
     queue: &str,
     admission: Admission,
+    max_data_bytes: i64,
 ) -> Result<Dispatched> {
     if admission.take <= 0 {
         return Ok(Dispatched {
@@ -200,19 +203,29 @@ pub async fn admit_locked(
          )
          SELECT e.outbox_id, a.id, a.task_id, a.namespace, t.template_name, a.name, a.handler,
                 a.queue, a.attempt, a.state, a.execution_timeout_ms, a.map_index, a.map_item, a.failure,
-                t.context,
-                CASE WHEN a.map_of IS NULL THEN
+                z.bytes AS data_bytes,
+                CASE WHEN z.bytes <= $4 THEN t.context END AS context,
+                CASE WHEN z.bytes > $4 THEN NULL WHEN a.map_of IS NULL THEN
                     (SELECT coalesce(jsonb_object_agg(p.name, coalesce(p.output, 'null'::jsonb)), '{}'::jsonb)
                      FROM unnest(a.parent_ids) AS pid(id) JOIN steps p ON p.id = pid.id
                      WHERE p.state <> 'skipped')
                 ELSE '{}'::jsonb END AS parent_outputs
          FROM entries e
          JOIN admitted a ON a.id = e.step_id
-         JOIN tasks t ON t.id = a.task_id",
+         JOIN tasks t ON t.id = a.task_id
+         CROSS JOIN LATERAL (
+             SELECT (octet_length(t.context::text) + coalesce(octet_length(a.map_item::text), 0)
+                     + CASE WHEN a.map_of IS NULL THEN coalesce(
+                           (SELECT sum(octet_length(p.output::text))
+                            FROM unnest(a.parent_ids) AS pid(id) JOIN steps p ON p.id = pid.id
+                            WHERE p.state <> 'skipped'), 0)
+                       ELSE 0 END)::bigint AS bytes
+         ) z",
     )
     .bind(queue)
     .bind(admission.take)
     .bind(ADMIT.to)
+    .bind(max_data_bytes)
     .fetch_all(&mut *tx)
     .await?;
     let admitted: Vec<Admitted> = rows

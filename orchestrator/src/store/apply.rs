@@ -405,7 +405,7 @@ pub async fn start_failure_handlers(
     let step_ids: Vec<Uuid> = ids.iter().map(|_| Uuid::now_v7()).collect();
     let rows = sqlx::query(
         "WITH t AS (
-             SELECT t.id, t.namespace, t.priority, t.on_failure, n.step_id
+             SELECT t.id, t.namespace, t.priority, t.on_failure, t.error, n.step_id
              FROM unnest($1::uuid[], $2::uuid[]) AS n(task_id, step_id)
              JOIN tasks t ON t.id = n.task_id
              WHERE t.on_failure IS NOT NULL
@@ -423,9 +423,11 @@ pub async fn start_failure_handlers(
                     (SELECT coalesce(array_agg(s.id ORDER BY s.position), '{}') FROM steps s
                      WHERE s.task_id = t.id AND s.state = 'succeeded' AND s.map_of IS NULL),
                     '{}', now(), true,
-                    (SELECT jsonb_build_object('step', s.name, 'error', coalesce(s.error, ''))
-                     FROM steps s WHERE s.task_id = t.id AND s.state = 'failed' AND s.map_of IS NULL
-                     ORDER BY s.updated_at LIMIT 1)
+                    coalesce(
+                        (SELECT jsonb_build_object('step', s.name, 'error', coalesce(s.error, ''))
+                         FROM steps s WHERE s.task_id = t.id AND s.state = 'failed' AND s.map_of IS NULL
+                         ORDER BY s.updated_at LIMIT 1),
+                        jsonb_build_object('step', '', 'error', coalesce(t.error, '')))
              FROM t
              RETURNING task_id, queue
          ), counted AS (
@@ -460,6 +462,34 @@ pub struct FinishedTask {
     pub error: Option<String>,
     /// A child workflow's task: the step that runs it.
     pub parent_step: Option<Uuid>,
+}
+
+/// The tasks among `ids` whose output would be over `limit` bytes (their leaf steps' outputs
+/// together, as JSON), with that size.
+pub async fn oversized_outputs(
+    tx: &mut PgConnection,
+    ids: &[Uuid],
+    limit: i64,
+) -> Result<Vec<(Uuid, i64)>> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows = sqlx::query(
+        "SELECT s.task_id, sum(octet_length(s.output::text))::bigint AS bytes
+         FROM steps s
+         WHERE s.task_id = ANY($1) AND cardinality(s.child_ids) = 0 AND s.map_of IS NULL
+           AND s.output IS NOT NULL
+         GROUP BY s.task_id
+         HAVING sum(octet_length(s.output::text)) > $2",
+    )
+    .bind(ids)
+    .bind(limit)
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get("task_id"), r.get("bytes")))
+        .collect())
 }
 
 /// Finishes live tasks that have no unfinished step left, each in the state decided for it

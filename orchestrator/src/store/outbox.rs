@@ -36,14 +36,18 @@ pub struct MessageData {
     pub map_item: Option<Value>,
     /// The `on_failure` step: what failed its task.
     pub failure: Option<Value>,
+    /// The size of the data the message carries (context, parent outputs, element), as JSON.
+    /// Over the limit the loader was given, `context` and `parent_outputs` are left empty: the
+    /// message is refused before it is assembled.
+    pub data_bytes: i64,
 }
 
 impl MessageData {
     /// From a row with the step's columns (`map_index` and `map_item` among them),
     /// `template_name`, `context` and `parent_outputs`.
     pub(super) fn from_row(r: &sqlx::postgres::PgRow) -> Self {
-        let parent_outputs = match r.get::<Value, _>("parent_outputs") {
-            Value::Object(m) => m,
+        let parent_outputs = match r.get::<Option<Value>, _>("parent_outputs") {
+            Some(Value::Object(m)) => m,
             _ => Map::new(),
         };
         MessageData {
@@ -57,31 +61,48 @@ impl MessageData {
             attempt: r.get("attempt"),
             state: r.get("state"),
             execution_timeout_ms: r.get("execution_timeout_ms"),
-            context: r.get("context"),
+            context: r.get::<Option<Value>, _>("context").unwrap_or(Value::Null),
             parent_outputs,
             map_index: r.get("map_index"),
             map_item: r.get("map_item"),
             failure: r.get("failure"),
+            data_bytes: r.get("data_bytes"),
         }
     }
 }
 
-/// Loads message data for the given steps (with their parents' outputs).
-pub async fn load_messages(db: impl PgExecutor<'_>, steps: &[StepId]) -> Result<Vec<MessageData>> {
+/// Loads message data for the given steps (with their parents' outputs), as
+/// [`super::admission::admit_locked`] does: not the data of a step over `max_data_bytes`.
+pub async fn load_messages(
+    db: impl PgExecutor<'_>,
+    steps: &[StepId],
+    max_data_bytes: i64,
+) -> Result<Vec<MessageData>> {
     let ids: Vec<Uuid> = steps.iter().map(|s| s.0).collect();
     let rows = sqlx::query(
         "SELECT s.id, s.task_id, s.namespace, t.template_name, s.name, s.handler, s.queue, s.attempt,
-                s.state, s.execution_timeout_ms, s.map_index, s.map_item, s.failure, t.context,
-                CASE WHEN s.map_of IS NULL THEN
+                s.state, s.execution_timeout_ms, s.map_index, s.map_item, s.failure,
+                z.bytes AS data_bytes,
+                CASE WHEN z.bytes <= $2 THEN t.context END AS context,
+                CASE WHEN z.bytes > $2 THEN NULL WHEN s.map_of IS NULL THEN
                     (SELECT coalesce(jsonb_object_agg(p.name, coalesce(p.output, 'null'::jsonb)), '{}'::jsonb)
                      FROM unnest(s.parent_ids) AS pid(id) JOIN steps p ON p.id = pid.id
                      WHERE p.state <> 'skipped')
                 ELSE '{}'::jsonb END AS parent_outputs
          FROM unnest($1::uuid[]) AS wanted(id)
          JOIN steps s ON s.id = wanted.id
-         JOIN tasks t ON t.id = s.task_id",
+         JOIN tasks t ON t.id = s.task_id
+         CROSS JOIN LATERAL (
+             SELECT (octet_length(t.context::text) + coalesce(octet_length(s.map_item::text), 0)
+                     + CASE WHEN s.map_of IS NULL THEN coalesce(
+                           (SELECT sum(octet_length(p.output::text))
+                            FROM unnest(s.parent_ids) AS pid(id) JOIN steps p ON p.id = pid.id
+                            WHERE p.state <> 'skipped'), 0)
+                       ELSE 0 END)::bigint AS bytes
+         ) z",
     )
     .bind(&ids)
+    .bind(max_data_bytes)
     .fetch_all(db)
     .await?;
     Ok(rows.iter().map(MessageData::from_row).collect())

@@ -165,13 +165,13 @@ pub async fn recount_slots(db: &sqlx::PgPool) -> Result<Vec<(SlotKey, i64, i64)>
     Ok(fixed)
 }
 
-/// Deletes up to `limit` tasks that finished more than `retention_hours` ago, with their steps,
+/// Deletes up to `limit` tasks that finished more than `retention_ms` ago, with their steps,
 /// attempts and history. Safe on several replicas (`SKIP LOCKED`). Returns how many went.
-pub async fn prune(db: impl PgExecutor<'_>, retention_hours: i64, limit: i64) -> Result<u64> {
+pub async fn prune(db: impl PgExecutor<'_>, retention_ms: i64, limit: i64) -> Result<u64> {
     let gone: i64 = sqlx::query_scalar(
         "WITH old AS (
              SELECT id FROM tasks
-             WHERE finished_at < now() - $1 * interval '1 hour'
+             WHERE finished_at < now() - $1 * interval '1 millisecond'
                AND state IN ('completed', 'failed', 'cancelled')
              ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED
          ), gone AS (
@@ -183,7 +183,7 @@ pub async fn prune(db: impl PgExecutor<'_>, retention_hours: i64, limit: i64) ->
          )
          SELECT count(*) FROM gone",
     )
-    .bind(retention_hours)
+    .bind(retention_ms)
     .bind(limit)
     .fetch_one(db)
     .await?;
