@@ -47,7 +47,11 @@
 //! whose output is an array of N elements → a mapped step, one no-op instance per element, at
 //! most `--map-parallel` at once → a final step; one task at a time, wall time and instances/s;
 //! `map-1x{N}x1`), `submit` (HTTP and AMQP, one at a time and concurrently), `inflight` (10,000 tasks held in flight, memory),
-//! `history` (linear and diamond again after seeding 1,000,000 finished tasks by SQL).
+//! `history` (linear and diamond again after seeding 1,000,000 finished tasks by SQL), and, only
+//! when asked for and alone, `prune` (diamonds for `--prune-secs`, default 600, against an
+//! orchestrator that keeps finished tasks `--prune-retention-ms`, default one minute; the rows
+//! of `tasks`, `steps`, `attempts`, `task_events` and `outbox` are sampled every 30 s and must stay
+//! flat once tasks are past their retention: `--workloads prune --json`).
 
 #[path = "loadgen/bench.rs"]
 mod bench;
@@ -147,6 +151,12 @@ struct Args {
     /// Finished tasks seeded before the history workload.
     #[arg(long)]
     history_tasks: Option<u64>,
+    /// Length of the prune workload (diamonds against a short retention), in seconds.
+    #[arg(long)]
+    prune_secs: Option<u64>,
+    /// The retention the prune workload gives the orchestrator it starts (TASKER_RETENTION_MS).
+    #[arg(long, default_value_t = 60_000)]
+    prune_retention_ms: u64,
     /// Steps each in-process worker runs at once.
     #[arg(long, default_value_t = 256)]
     worker_concurrency: usize,
@@ -173,6 +183,9 @@ enum Workload {
     Submit,
     Inflight,
     History,
+    /// Not in the default list: runs alone, for `--prune-secs` (default 600), against an
+    /// orchestrator keeping finished tasks `--prune-retention-ms` (default one minute).
+    Prune,
 }
 
 fn parse_key_value(s: &str) -> Result<(String, String), String> {
@@ -208,6 +221,8 @@ impl Args {
             submit_concurrency: 32,
             inflight_tasks: self.inflight_tasks.unwrap_or(pick(smoke, 10_000, 1_000)),
             history_tasks: self.history_tasks.unwrap_or(pick(smoke, 1_000_000, 20_000)),
+            prune_secs: self.prune_secs.unwrap_or(pick(smoke, 600, 30)),
+            prune_sample_secs: pick(smoke, 30, 5),
         }
     }
 }
@@ -238,6 +253,25 @@ async fn run(args: Args) -> Result<()> {
     let sizes = args.sizes();
     let id = uuid::Uuid::now_v7().simple().to_string();
     let run_id = id[id.len() - 10..].to_owned();
+    let mut overrides = args.orch_env.clone();
+    if selected.contains(&Workload::Prune) {
+        if selected.len() > 1 {
+            bail!("prune runs alone: its short retention would prune the other workloads' tasks");
+        }
+        if args.api_url.is_some() {
+            bail!(
+                "prune sets the orchestrator's retention: it runs only with the orchestrator the loadgen starts"
+            );
+        }
+        for (k, v) in [
+            ("TASKER_RETENTION_MS", args.prune_retention_ms.to_string()),
+            ("TASKER_RECONCILE_INTERVAL_MS", "5000".to_owned()),
+        ] {
+            if !overrides.iter().any(|(key, _)| key == k) {
+                overrides.push((k.to_owned(), v));
+            }
+        }
+    }
     let mut deployment = match &args.api_url {
         Some(api) => {
             if selected.contains(&Workload::History) {
@@ -259,7 +293,7 @@ async fn run(args: Args) -> Result<()> {
                 admin_url: &args.database_url,
                 amqp_url: &args.amqp_url,
                 tasker_bin: args.tasker_bin.as_deref(),
-                overrides: &args.orch_env,
+                overrides: &overrides,
                 run_id: &run_id,
             })
             .await?
@@ -361,6 +395,14 @@ async fn run_workloads(
             }
             Workload::Inflight => {
                 let r = one(counted(b, one_row(workloads::inflight(b, s)))).await?;
+                push(rows, r);
+            }
+            Workload::Prune => {
+                let r = one(counted(
+                    b,
+                    one_row(workloads::prune(b, s, args.prune_retention_ms)),
+                ))
+                .await?;
                 push(rows, r);
             }
             Workload::History => {

@@ -26,6 +26,9 @@ pub struct Row {
     pub target: String,
     pub target_met: Option<bool>,
     pub note: String,
+    /// `prune`: the tables' row counts over the run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tables: Option<Vec<crate::workloads::TableRows>>,
 }
 
 impl Row {

@@ -41,6 +41,8 @@ pub struct Sizes {
     pub submit_concurrency: usize,
     pub inflight_tasks: usize,
     pub history_tasks: u64,
+    pub prune_secs: u64,
+    pub prune_sample_secs: u64,
 }
 
 /// Targets of issue 4.
@@ -1024,5 +1026,181 @@ pub async fn seed_history(b: &Bench, n: u64) -> Result<Row> {
         if checkpoint { " + CHECKPOINT" } else { "" }
     ));
     meter.fill(&mut row, 0);
+    Ok(row)
+}
+
+// ---------------------------------------------------------------------------------------------
+// prune
+
+/// The row counts of the tables that grow with finished work, at one moment of a `prune` run.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct TableRows {
+    pub at_s: f64,
+    pub tasks: i64,
+    pub steps: i64,
+    pub attempts: i64,
+    pub task_events: i64,
+    pub outbox: i64,
+}
+
+async fn table_rows(b: &Bench, at_s: f64) -> Result<TableRows> {
+    let (tasks, steps, attempts, task_events, outbox): (i64, i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM tasks), (SELECT count(*) FROM steps),
+                    (SELECT count(*) FROM attempts), (SELECT count(*) FROM task_events),
+                    (SELECT count(*) FROM outbox)",
+    )
+    .fetch_one(&b.db)
+    .await?;
+    Ok(TableRows {
+        at_s,
+        tasks,
+        steps,
+        attempts,
+        task_events,
+        outbox,
+    })
+}
+
+/// Diamonds submitted continuously for `prune_secs` against an orchestrator that keeps finished
+/// tasks for `retention_ms` only, sampling the tables' row counts every `sample_secs`. Pruning
+/// keeps pace when the counts stop growing once the first tasks are past their retention: the
+/// target compares the largest and the smallest `steps` count of the samples taken after twice
+/// the retention (plus a reconciler round). Every completion event must say `completed`; a task
+/// whose event did not come must be completed in the database, or pruned.
+pub async fn prune(b: &Bench, s: &Sizes, retention_ms: u64) -> Result<Row> {
+    let shape = bench::diamond_shape("prune", bench::QUEUE);
+    b.register(&shape).await?;
+    let in_flight = s.diamond_in_flight;
+    let slots = Arc::new(Semaphore::new(in_flight));
+    let submit_slots = Arc::new(Semaphore::new(64));
+    let errors = Arc::new(Mutex::new(Vec::<String>::new()));
+    let completed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let no_event = Arc::new(Mutex::new(Vec::<TaskId>::new()));
+    let submitter = b.submitter();
+    let begin = Instant::now();
+    let end = begin + Duration::from_secs(s.prune_secs);
+    let sample_every = Duration::from_secs(s.prune_sample_secs.max(1));
+    let mut next_sample = begin;
+    let mut samples = Vec::new();
+    let mut submitted = 0u64;
+    let mut meter = b.meter();
+    meter.restart();
+    loop {
+        let now = Instant::now();
+        if now >= next_sample {
+            let at = now.duration_since(begin).as_secs_f64();
+            let rows = table_rows(b, at).await?;
+            eprintln!(
+                "loadgen: prune t={at:.0}s tasks {} steps {} attempts {} task_events {} outbox {}",
+                rows.tasks, rows.steps, rows.attempts, rows.task_events, rows.outbox
+            );
+            samples.push(rows);
+            next_sample += sample_every;
+        }
+        if now >= end {
+            break;
+        }
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => p?,
+            _ = tokio::time::sleep_until(next_sample.min(end).into()) => continue,
+        };
+        if !errors.lock().expect("lock").is_empty() {
+            break;
+        }
+        let id = TaskId::new();
+        submitted += 1;
+        let event = b.tracker.watch(id);
+        let (submitter, submit_slots, errors, tracker, completed, no_event) = (
+            submitter.clone(),
+            submit_slots.clone(),
+            errors.clone(),
+            b.tracker.clone(),
+            completed.clone(),
+            no_event.clone(),
+        );
+        let name = shape.name.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            {
+                let _slot = submit_slots.acquire().await;
+                if let Err(e) = submitter.submit(&name, id).await {
+                    tracker.forget(id);
+                    errors.lock().expect("lock").push(format!("{e:#}"));
+                    return;
+                }
+            }
+            match tokio::time::timeout(Duration::from_secs(120), event).await {
+                Ok(Ok(f)) if f.state == TaskState::Completed.as_str() => {
+                    completed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                Ok(Ok(f)) => errors
+                    .lock()
+                    .expect("lock")
+                    .push(format!("task {id} ended {}", f.state)),
+                _ => {
+                    tracker.forget(id);
+                    no_event.lock().expect("lock").push(id);
+                }
+            }
+        });
+    }
+    let wall = begin.elapsed();
+    let drained = tokio::time::timeout(
+        Duration::from_secs(180),
+        slots.acquire_many(in_flight as u32),
+    )
+    .await;
+    meter.stop();
+    if drained.is_err() {
+        bail!("prune: tasks still unfinished 180 s after the run");
+    }
+    if let Some(e) = errors.lock().expect("lock").first() {
+        bail!("prune: {e}");
+    }
+    // A task without its event: completed in the database, or already pruned (only finished
+    // tasks are pruned).
+    let no_event = std::mem::take(&mut *no_event.lock().expect("lock"));
+    let uuids: Vec<uuid::Uuid> = no_event.iter().map(|i| i.0).collect();
+    let unfinished: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM tasks WHERE id = ANY($1) AND state NOT IN ('completed')",
+    )
+    .bind(&uuids)
+    .fetch_one(&b.db)
+    .await?;
+    if unfinished > 0 {
+        bail!("prune: {unfinished} tasks without a completion event did not complete");
+    }
+    let done = completed.load(std::sync::atomic::Ordering::Relaxed);
+    let steady_from = 2.0 * retention_ms as f64 / 1e3 + 30.0;
+    let steady: Vec<&TableRows> = samples.iter().filter(|r| r.at_s >= steady_from).collect();
+    let mut row = Row::new("prune", "steps/s");
+    row.tasks = submitted;
+    row.steps = submitted * shape.steps;
+    row.wall_s = wall.as_secs_f64();
+    row.steps_per_s = Some(done as f64 * shape.steps as f64 / wall.as_secs_f64());
+    row.note(format!(
+        "retention {} s, {} in flight, {done} completion events, {} without an event (completed or pruned)",
+        retention_ms / 1000,
+        in_flight,
+        no_event.len()
+    ));
+    match (
+        steady.iter().map(|r| r.steps).min(),
+        steady.iter().map(|r| r.steps).max(),
+    ) {
+        (Some(lo), Some(hi)) if steady.len() >= 2 => {
+            let ratio = hi as f64 / lo.max(1) as f64;
+            row.note(format!(
+                "after {steady_from:.0} s: steps rows {lo}..{hi} (x{ratio:.2}) over {} samples",
+                steady.len()
+            ));
+            row.target("steps rows flat: max<=x1.5 min".to_owned(), ratio <= 1.5);
+        }
+        _ => row.note(format!(
+            "too short to judge: fewer than 2 samples after {steady_from:.0} s"
+        )),
+    }
+    row.tables = Some(samples);
+    meter.fill(&mut row, done * shape.steps);
     Ok(row)
 }
