@@ -4,6 +4,9 @@
 //! The request id makes this safe to repeat: publishing the same request again (after a lost
 //! confirm, say) never creates a second task.
 //!
+//! Over TLS (`amqps://`) with a private CA, open the connection with
+//! [`crate::tls::amqp_connect`] and [`crate::tls::amqp_tls_config`].
+//!
 //! ```no_run
 //! use serde_json::json;
 //! use tasker_schemas::Names;

@@ -26,9 +26,11 @@
 //! # }
 //! ```
 
+use crate::tls::{TlsError, install_crypto_provider, read_ca_pem};
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tasker_schemas::api::{
     ErrorBody, InstanceList, RegisterResponse, SubmitResponse, SubmitTask, TaskList, TaskView,
@@ -47,9 +49,17 @@ const MIN_POLL_INTERVAL: Duration = Duration::from_millis(200);
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ClientError {
-    /// The request did not get an answer (connection refused, timeout, bad URL, ...).
+    /// The request did not get an answer (connection refused, timeout, bad URL, a server
+    /// certificate that is not trusted, ...). Its [`source`](std::error::Error::source) chain
+    /// says why (e.g. `invalid peer certificate: UnknownIssuer`).
     #[error("HTTP request failed: {0}")]
     Http(#[from] reqwest::Error),
+    /// A CA certificate given to [`ClientBuilder::ca_cert`] cannot be used.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// [`ClientBuilder::build`] could not set up the HTTP client.
+    #[error("cannot set up the HTTP client: {0}")]
+    Setup(String),
     /// The server answered with an error body.
     #[error("the orchestrator answered {status} {code}: {message}")]
     Api {
@@ -81,6 +91,7 @@ impl ClientError {
             Self::Api { status, .. } | Self::UnexpectedResponse { status, .. } => {
                 *status >= 500 || *status == 429
             }
+            Self::Tls(_) | Self::Setup(_) => false,
         }
     }
 
@@ -90,6 +101,74 @@ impl ClientError {
             Self::Api { status, .. } | Self::UnexpectedResponse { status, .. } => Some(*status),
             _ => None,
         }
+    }
+}
+
+/// Configures a [`Client`]; start with [`Client::builder`].
+#[must_use]
+pub struct ClientBuilder {
+    base_url: String,
+    api_key: Option<String>,
+    ca_certs: Vec<PathBuf>,
+    ca_pems: Vec<String>,
+}
+
+impl std::fmt::Debug for ClientBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientBuilder")
+            .field("base_url", &self.base_url)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("ca_certs", &self.ca_certs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientBuilder {
+    /// Sends `Authorization: Bearer {api_key}` with every request.
+    pub fn api_key(mut self, api_key: impl Into<String>) -> Self {
+        self.api_key = Some(api_key.into());
+        self
+    }
+
+    /// Also trusts the CA certificates of this PEM file (read by [`build`](Self::build)) for
+    /// `https://`, on top of the platform's roots.
+    pub fn ca_cert(mut self, path: impl Into<PathBuf>) -> Self {
+        self.ca_certs.push(path.into());
+        self
+    }
+
+    /// [`ca_cert`](Self::ca_cert) with the PEM text itself.
+    pub fn ca_cert_pem(mut self, pem: impl Into<String>) -> Self {
+        self.ca_pems.push(pem.into());
+        self
+    }
+
+    /// Reads the CA files and builds the client. Fails with [`ClientError::Tls`] when a CA file
+    /// cannot be read or holds no certificate.
+    pub fn build(self) -> Result<Client, ClientError> {
+        install_crypto_provider();
+        let mut pems = self.ca_pems;
+        for path in &self.ca_certs {
+            pems.push(read_ca_pem(path)?);
+        }
+        let mut certs = Vec::new();
+        for pem in &pems {
+            crate::tls::parse_certificates(pem)
+                .map_err(|e| ClientError::Setup(format!("invalid CA certificate: {e}")))?;
+            certs.extend(
+                reqwest::Certificate::from_pem_bundle(pem.as_bytes())
+                    .map_err(|e| ClientError::Setup(format!("invalid CA certificate: {e}")))?,
+            );
+        }
+        let http = reqwest::Client::builder()
+            .tls_certs_merge(certs)
+            .build()
+            .map_err(|e| ClientError::Setup(e.to_string()))?;
+        let client = Client::with_http_client(self.base_url, http);
+        Ok(match self.api_key {
+            Some(key) => client.with_api_key(key),
+            None => client,
+        })
     }
 }
 
@@ -130,12 +209,36 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
-    /// A client of the orchestrator at `base_url` (e.g. `http://127.0.0.1:8080`).
+    /// A client of the orchestrator at `base_url` (`http://127.0.0.1:8080`, or an `https://` URL
+    /// whose certificate a CA of the platform vouches for; for a private CA, see
+    /// [`Client::builder`]).
     pub fn new(base_url: impl Into<String>) -> Self {
+        install_crypto_provider();
         Self::with_http_client(base_url, reqwest::Client::new())
     }
 
-    /// A client using a `reqwest::Client` you configured (timeouts, proxies, ...).
+    /// Configures a client: an API key, and CA certificates to trust for `https://` on top of
+    /// the platform's.
+    ///
+    /// ```no_run
+    /// # fn example() -> Result<(), tasker_client::ClientError> {
+    /// let client = tasker_client::Client::builder("https://tasker.internal:8443")
+    ///     .ca_cert("/etc/tasker/ca.pem")
+    ///     .api_key("secret")
+    ///     .build()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn builder(base_url: impl Into<String>) -> ClientBuilder {
+        ClientBuilder {
+            base_url: base_url.into(),
+            api_key: None,
+            ca_certs: Vec::new(),
+            ca_pems: Vec::new(),
+        }
+    }
+
+    /// A client using a `reqwest::Client` you configured (timeouts, proxies, ...). Call
+    /// [`install_crypto_provider`](crate::tls::install_crypto_provider) before building it.
     pub fn with_http_client(base_url: impl Into<String>, http: reqwest::Client) -> Self {
         let base_url = base_url.into().trim_end_matches('/').to_owned();
         Self {

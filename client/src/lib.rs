@@ -9,6 +9,7 @@
 //! | [`http`] | [`Client`], the orchestrator's HTTP API (`/v1/...`); [`ClientError`], [`ListTasks`] |
 //! | [`amqp_submit`] | submitting a task request over AMQP, with a broker confirm |
 //! | [`publish`] | [`PublishError`]: why a confirmed publish failed |
+//! | [`tls`] | HTTPS and `amqps://` with a private CA: [`tls::read_ca_pem`], [`tls::amqp_connect`] |
 //!
 //! Submit a task over HTTP and wait for it to finish:
 //!
@@ -54,8 +55,9 @@
 pub mod amqp_submit;
 pub mod http;
 pub mod publish;
+pub mod tls;
 
-pub use http::{Client, ClientError, ListTasks};
+pub use http::{Client, ClientBuilder, ClientError, ListTasks};
 pub use publish::PublishError;
 
 /// The wire contract (ids, HTTP bodies, templates), re-exported so users need not depend on it

@@ -14,9 +14,17 @@
 # Otherwise it installs what is missing (apt) and starts project-local instances with their data
 # under .tasker/ (git-ignored).
 #
+# TLS: `up` also makes (once, with openssl) a test CA and a server certificate for localhost and
+# 127.0.0.1 under .tasker/tls/, and gives the project-local instances TLS: PostgreSQL `ssl = on`
+# (same port) and a RabbitMQ TLS listener on $TASKER_AMQPS_PORT. A project-local broker started
+# before without that listener is restarted once to get it. Reused (external) services are left
+# as they are. Once each TLS endpoint verified against the CA, .tasker/env also holds
+# TASKER_TEST_TLS_CA, TASKER_TEST_AMQPS_URL and TASKER_TEST_DATABASE_TLS_URL (verify-full).
+#
 # Settings (environment):
 #   TASKER_PG_PORT           PostgreSQL port (default 5432)
 #   TASKER_AMQP_PORT         RabbitMQ AMQP port (default 5672); Erlang distribution uses port+20000
+#   TASKER_AMQPS_PORT        RabbitMQ AMQP-over-TLS port (default TASKER_AMQP_PORT+1)
 #   TASKER_SERVICES_TIMEOUT  seconds to wait for a service to come up (default 60)
 #   TASKER_STATE_DIR         where state lives (default <repo>/.tasker)
 set -euo pipefail
@@ -53,6 +61,19 @@ valid_port() { [[ $1 =~ ^[0-9]+$ ]] && [ "$1" -ge 1 ] && [ "$1" -le "$2" ]; }
 valid_port "$PG_PORT" 65535 || die "bad TASKER_PG_PORT '$PG_PORT'"
 # The broker's Erlang distribution port is the AMQP port + 20000.
 valid_port "$AMQP_PORT" 45535 || die "bad TASKER_AMQP_PORT '$AMQP_PORT' (1..45535)"
+AMQPS_PORT=${TASKER_AMQPS_PORT:-$((AMQP_PORT + 1))}
+valid_port "$AMQPS_PORT" 65535 || die "bad TASKER_AMQPS_PORT '$AMQPS_PORT'"
+case "$AMQPS_PORT" in
+"$AMQP_PORT" | "$((AMQP_PORT + 20000))" | "$PG_PORT")
+    die "TASKER_AMQPS_PORT $AMQPS_PORT clashes with another port of the services"
+    ;;
+esac
+TLS_DIR=$STATE/tls
+# Set when `up` made new certificates: the servers must load them.
+TLS_NEW=
+# Set once each endpoint answered TLS verified against the test CA.
+PG_TLS_OK=
+RMQ_TLS_OK=
 
 # --- generic helpers -------------------------------------------------------------------------
 
@@ -98,6 +119,62 @@ wait_for() {
         sleep 1
     done
     return 1
+}
+
+# --- TLS certificates ------------------------------------------------------------------------
+
+# True when the server certificate under $TLS_DIR is there, valid for at least a day more, and
+# signed by the CA next to it.
+tls_certs_ok() {
+    [ -s "$TLS_DIR/ca.pem" ] && [ -s "$TLS_DIR/server.pem" ] && [ -s "$TLS_DIR/server.key" ] &&
+        openssl x509 -checkend 86400 -noout -in "$TLS_DIR/server.pem" >/dev/null 2>&1 &&
+        openssl verify -CAfile "$TLS_DIR/ca.pem" "$TLS_DIR/server.pem" >/dev/null 2>&1
+}
+
+# Makes the test CA and the server certificate (localhost, 127.0.0.1) unless usable ones exist.
+tls_up() {
+    have openssl || apt_install openssl
+    if tls_certs_ok; then
+        say "tls: reusing the test CA and server certificate in $TLS_DIR"
+        return 0
+    fi
+    say "tls: making a test CA and a server certificate for localhost and 127.0.0.1 in $TLS_DIR"
+    mkdir -p "$TLS_DIR"
+    local tmp log=$TLS_DIR/openssl.log
+    tmp=$(mktemp -d "$TLS_DIR/.new.XXXXXX")
+    (
+        set -e
+        cd "$tmp"
+        umask 077
+        openssl req -x509 -new -newkey rsa:2048 -nodes -sha256 -days 3650 \
+            -subj "/CN=Tasker local test CA $HASH" -keyout ca.key -out ca.pem \
+            -addext "basicConstraints=critical,CA:TRUE" \
+            -addext "keyUsage=critical,keyCertSign,cRLSign"
+        openssl req -new -newkey rsa:2048 -nodes -sha256 -subj "/CN=localhost" \
+            -keyout server.key -out server.csr
+        printf '%s\n' "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+            "basicConstraints=critical,CA:FALSE" \
+            "keyUsage=critical,digitalSignature,keyEncipherment" \
+            "extendedKeyUsage=serverAuth" >server.ext
+        openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 825 \
+            -sha256 -extfile server.ext -out server.pem
+        chmod 644 ca.pem server.pem
+    ) >"$log" 2>&1 9>&- || {
+        tail -n 20 "$log" >&2
+        rm -rf "$tmp"
+        die "openssl failed (log: $log)"
+    }
+    mv -f "$tmp/ca.key" "$tmp/ca.pem" "$tmp/server.key" "$tmp/server.pem" "$TLS_DIR/"
+    rm -rf "$tmp"
+    tls_certs_ok || die "the new certificates in $TLS_DIR do not verify (log: $log)"
+    TLS_NEW=1
+}
+
+# True when a TLS server verified by the test CA for `localhost` answers on 127.0.0.1:$1.
+tls_probe() {
+    timeout 10 openssl s_client -connect "127.0.0.1:$1" -servername localhost \
+        -verify_hostname localhost -CAfile "$TLS_DIR/ca.pem" -verify_return_error \
+        </dev/null >/dev/null 2>&1
 }
 
 # --- PostgreSQL ------------------------------------------------------------------------------
@@ -251,6 +328,58 @@ pg_up() {
     fi
 }
 
+# psql over TLS as the URLs of .tasker/env connect: host localhost, verify-full against the CA.
+pg_tls_sql() {
+    env -u PGPASSWORD -u PGSERVICE -u PGHOST -u PGHOSTADDR -u PGUSER -u PGDATABASE -u PGSSLMODE \
+        PGPASSFILE=/nonexistent/tasker-no-pgpass \
+        "$(psql_cmd)" -X -w -q -At \
+        "host=localhost port=$PG_PORT user=postgres dbname=postgres connect_timeout=5 sslmode=verify-full sslrootcert=$TLS_DIR/ca.pem" \
+        "$@"
+}
+
+pg_tls_ok() { [ "$(pg_tls_sql -c 'select ssl from pg_stat_ssl where pid = pg_backend_pid()' 2>/dev/null)" = t ]; }
+
+# Gives the project-local cluster the server certificate and `ssl = on` (a reload is enough).
+pg_tls_up() {
+    local data local_port f changed=
+    find_pg_bin || true
+    local_port=$(pg_local_running_port) || local_port=
+    if [ "$local_port" != "$PG_PORT" ]; then
+        if pg_tls_ok; then
+            say "postgres: the reused server on $HOST:$PG_PORT already answers TLS verified by $TLS_DIR/ca.pem"
+            PG_TLS_OK=1
+        else
+            warn "postgres: the reused server on $HOST:$PG_PORT is not project-local: TLS not configured, TASKER_TEST_DATABASE_TLS_URL not written"
+        fi
+        return 0
+    fi
+    data=$(pg_base)/data
+    for f in server.pem:server.crt server.key:server.key; do
+        if ! cmp -s "$TLS_DIR/${f%%:*}" "$data/${f##*:}"; then
+            if is_root; then
+                install -o postgres -g postgres -m 600 "$TLS_DIR/${f%%:*}" "$data/${f##*:}"
+            else
+                install -m 600 "$TLS_DIR/${f%%:*}" "$data/${f##*:}"
+            fi
+            changed=1
+        fi
+    done
+    if [ -n "$changed" ] || [ "$(pg_sql postgres -c 'show ssl')" != on ]; then
+        say "postgres: ssl = on with the test server certificate (configuration reload)"
+        pg_sql postgres -c "alter system set ssl = on" >/dev/null &&
+            pg_sql postgres -c "alter system set ssl_cert_file = 'server.crt'" >/dev/null &&
+            pg_sql postgres -c "alter system set ssl_key_file = 'server.key'" >/dev/null &&
+            pg_sql postgres -c 'select pg_reload_conf()' >/dev/null ||
+            die "could not turn on ssl in PostgreSQL"
+    fi
+    if wait_for pg_tls_ok; then
+        PG_TLS_OK=1
+        say "postgres: TLS verified (sslmode=verify-full, host localhost:$PG_PORT)"
+    else
+        warn "postgres: TLS does not verify on localhost:$PG_PORT (log: $(pg_base)/postgres.log); TASKER_TEST_DATABASE_TLS_URL not written"
+    fi
+}
+
 pg_install() {
     # Debian's postgresql package would create and start a "main" cluster on 5432 (password auth
     # over TCP) if the machine lets services start; we want none, so switch that off during the
@@ -312,6 +441,23 @@ amqp_probe() {
         printf "AMQP\0\0\11\1" >&3
         head -c 3 <&3 | od -An -tx1' _ "$1" 2>/dev/null) || return 1
     [ "$(tr -d ' \n' <<<"$out")" = 010000 ]
+}
+
+# The TLS listener of the project-local node, in its rabbitmq.conf (between markers, replaced on
+# every start so that the port and paths are current).
+rmq_tls_conf() {
+    local conf=$RMQ_BASE/rabbitmq.conf
+    sed -i '/^# --- TLS (services.sh) ---$/,/^# --- end TLS ---$/d' "$conf"
+    cat >>"$conf" <<EOF
+# --- TLS (services.sh) ---
+listeners.ssl.default = $HOST:$AMQPS_PORT
+ssl_options.cacertfile = $TLS_DIR/ca.pem
+ssl_options.certfile = $TLS_DIR/server.pem
+ssl_options.keyfile = $TLS_DIR/server.key
+ssl_options.verify = verify_none
+ssl_options.fail_if_no_peer_cert = false
+# --- end TLS ---
+EOF
 }
 
 rmq_installed() {
@@ -402,8 +548,10 @@ rmq_start_local() {
 # Project-local broker started by deploy/local/services.sh (listener set by RABBITMQ_NODE_PORT).
 loopback_users.guest = true
 EOF
+    tcp_open "$AMQPS_PORT" && die "port $AMQPS_PORT (the broker's TLS listener) is busy; pick another TASKER_AMQPS_PORT"
+    rmq_tls_conf
     echo "$AMQP_PORT" >"$RMQ_BASE/port"
-    say "rabbitmq: starting project-local node $RMQ_NODE on $HOST:$AMQP_PORT (data $RMQ_BASE, log $RMQ_BASE/log)"
+    say "rabbitmq: starting project-local node $RMQ_NODE on $HOST:$AMQP_PORT, TLS on $HOST:$AMQPS_PORT (data $RMQ_BASE, log $RMQ_BASE/log)"
     # setsid: the broker outlives this script; its output goes to a file, never to our pipes.
     (
         cd "$RMQ_BASE" || exit 1
@@ -458,6 +606,39 @@ rmq_up() {
     fi
 }
 
+# The TLS listener: a project-local node without it (started by an older version of this script),
+# or started before new certificates were made, is restarted once.
+rmq_tls_up() {
+    if ! rmq_local_pid >/dev/null; then
+        if tls_probe "$AMQPS_PORT"; then
+            say "rabbitmq: the reused broker already answers TLS on $HOST:$AMQPS_PORT verified by $TLS_DIR/ca.pem"
+            RMQ_TLS_OK=1
+        else
+            warn "rabbitmq: the reused broker on $HOST:$AMQP_PORT is not project-local: no TLS listener configured, TASKER_TEST_AMQPS_URL not written"
+        fi
+        return 0
+    fi
+    if [ -z "$TLS_NEW" ] && tls_probe "$AMQPS_PORT"; then
+        say "rabbitmq: TLS on $HOST:$AMQPS_PORT"
+        RMQ_TLS_OK=1
+        return 0
+    fi
+    if [ -n "$TLS_NEW" ]; then
+        say "rabbitmq: new certificates: restarting the project-local node to load them"
+    else
+        say "rabbitmq: the project-local node has no TLS listener on $HOST:$AMQPS_PORT: restarting it once with one (connections drop; durable queues survive)"
+    fi
+    rmq_down
+    rmq_start_local
+    rmq_feature_flags local
+    if wait_for tls_probe "$AMQPS_PORT"; then
+        say "rabbitmq: TLS on $HOST:$AMQPS_PORT"
+        RMQ_TLS_OK=1
+    else
+        warn "rabbitmq: no verified TLS on $HOST:$AMQPS_PORT (logs: $RMQ_BASE/log/); TASKER_TEST_AMQPS_URL not written"
+    fi
+}
+
 rmq_down() {
     local pid
     if pid=$(rmq_local_pid); then
@@ -482,6 +663,11 @@ rmq_status() {
     local pid
     if pid=$(rmq_local_pid); then
         say "rabbitmq: up, project-local node $RMQ_NODE, $HOST:$(rmq_local_port) (pid $pid, logs $RMQ_BASE/log)"
+        if have openssl && [ -s "$TLS_DIR/ca.pem" ] && tls_probe "$AMQPS_PORT"; then
+            say "rabbitmq: TLS on $HOST:$AMQPS_PORT"
+        else
+            say "rabbitmq: no verified TLS on $HOST:$AMQPS_PORT (run: $0 up)"
+        fi
     elif amqp_probe "$AMQP_PORT"; then
         say "rabbitmq: up, external (reused), $HOST:$AMQP_PORT"
     else
@@ -502,6 +688,18 @@ export TASKER_AMQP_URL='amqp://guest:guest@$HOST:$AMQP_PORT/%2f'
 export TASKER_TEST_DATABASE_URL='postgres://postgres@$HOST:$PG_PORT/postgres'
 export TASKER_TEST_AMQP_URL='amqp://guest:guest@$HOST:$AMQP_PORT/%2f'
 EOF
+    if [ -n "$PG_TLS_OK$RMQ_TLS_OK" ]; then
+        cat >>"$tmp" <<EOF
+# TLS (tests/tests/tls.rs): the test CA; host localhost, as the server certificate names it.
+export TASKER_TEST_TLS_CA='$TLS_DIR/ca.pem'
+EOF
+    fi
+    if [ -n "$RMQ_TLS_OK" ]; then
+        echo "export TASKER_TEST_AMQPS_URL='amqps://guest:guest@localhost:$AMQPS_PORT/%2f'" >>"$tmp"
+    fi
+    if [ -n "$PG_TLS_OK" ]; then
+        echo "export TASKER_TEST_DATABASE_TLS_URL='postgres://postgres@localhost:$PG_PORT/postgres?sslmode=verify-full&sslrootcert=$TLS_DIR/ca.pem'" >>"$tmp"
+    fi
     mv "$tmp" "$ENV_FILE"
 }
 
@@ -513,10 +711,16 @@ lock() {
 
 cmd_up() {
     lock
+    tls_up
     pg_up
+    pg_tls_up
     rmq_up
+    rmq_tls_up
     write_env
-    say "ready: PostgreSQL $HOST:$PG_PORT, RabbitMQ $HOST:$AMQP_PORT; environment in $ENV_FILE (. $ENV_FILE)"
+    local tls=
+    [ -n "$PG_TLS_OK" ] && tls="$tls PostgreSQL localhost:$PG_PORT"
+    [ -n "$RMQ_TLS_OK" ] && tls="$tls RabbitMQ localhost:$AMQPS_PORT"
+    say "ready: PostgreSQL $HOST:$PG_PORT, RabbitMQ $HOST:$AMQP_PORT; TLS:${tls:- none}; environment in $ENV_FILE (. $ENV_FILE)"
 }
 
 cmd_down() {
@@ -529,8 +733,8 @@ cmd_reset() {
     cmd_down
     local base
     base=$(pg_base)
-    say "deleting project-local data: $base $RMQ_BASE $ENV_FILE"
-    rm -rf "$base" "$STATE/pg" "$RMQ_BASE" "$ENV_FILE"
+    say "deleting project-local data: $base $RMQ_BASE $TLS_DIR $ENV_FILE"
+    rm -rf "$base" "$STATE/pg" "$RMQ_BASE" "$TLS_DIR" "$ENV_FILE"
     rmdir "/var/tmp/tasker-$HASH" 2>/dev/null || true
 }
 

@@ -4,6 +4,7 @@ use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
     QueueDeclareOptions,
 };
+use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use lapin::{Confirmation, PublisherConfirm};
@@ -33,10 +34,12 @@ pub type Result<T, E = BrokerError> = std::result::Result<T, E>;
 /// that accepts connections but does not answer must not hang the orchestrator.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Opens a connection named after this process (visible in the broker's management UI).
-pub async fn connect(url: &str) -> Result<Connection> {
+/// Opens a connection named after this process (visible in the broker's management UI), with
+/// the TLS settings `tls` for an `amqps://` URL.
+pub async fn connect(url: &str, tls: &OwnedTLSConfig) -> Result<Connection> {
     let props = ConnectionProperties::default().with_connection_name("tasker-orchestrator".into());
-    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, props)).await {
+    let connect = tasker_client::tls::amqp_connect(url, props, tls);
+    match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
         Ok(connection) => Ok(connection?),
         Err(_) => Err(BrokerError::Unavailable(format!(
             "no answer within {CONNECT_TIMEOUT:?}"
@@ -248,6 +251,7 @@ pub struct Publisher {
 
 struct PublisherInner {
     url: String,
+    tls: OwnedTLSConfig,
     names: Names,
     shards: u16,
     delivery_limit: u32,
@@ -275,18 +279,20 @@ impl Publisher {
     /// Connects and declares the topology the orchestrator owns.
     pub async fn connect(
         url: &str,
+        tls: &OwnedTLSConfig,
         names: &Names,
         shards: u16,
         delivery_limit: u32,
     ) -> Result<Self> {
         let none = HashSet::new();
-        let open = Self::open(url, names, shards, delivery_limit, &none);
+        let open = Self::open(url, tls, names, shards, delivery_limit, &none);
         let link = tokio::time::timeout(CONNECT_TIMEOUT * 2, open)
             .await
             .map_err(|_| BrokerError::Unavailable("declaring the topology timed out".into()))??;
         Ok(Self {
             inner: Arc::new(PublisherInner {
                 url: url.to_owned(),
+                tls: tls.clone(),
                 names: names.clone(),
                 shards,
                 delivery_limit,
@@ -298,12 +304,13 @@ impl Publisher {
 
     async fn open(
         url: &str,
+        tls: &OwnedTLSConfig,
         names: &Names,
         shards: u16,
         delivery_limit: u32,
         queues: &HashSet<String>,
     ) -> Result<Link> {
-        let connection = connect(url).await?;
+        let connection = connect(url, tls).await?;
         let channel = connection.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
@@ -342,7 +349,14 @@ impl Publisher {
                 .unwrap_or_else(|p| p.into_inner())
                 .clone();
             let i = &self.inner;
-            let open = Self::open(&i.url, &i.names, i.shards, i.delivery_limit, &queues);
+            let open = Self::open(
+                &i.url,
+                &i.tls,
+                &i.names,
+                i.shards,
+                i.delivery_limit,
+                &queues,
+            );
             *link = match tokio::time::timeout(CONNECT_TIMEOUT * 2, open).await {
                 Ok(link) => link?,
                 Err(_) => return Err(BrokerError::Unavailable("reconnecting timed out".into())),
@@ -479,7 +493,7 @@ impl Publisher {
 /// give each run its own prefix.
 pub async fn delete_topology(amqp_url: &str, names: &Names, step_queues: &[String]) -> Result<()> {
     use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
-    let conn = connect(amqp_url).await?;
+    let conn = connect(amqp_url, &OwnedTLSConfig::default()).await?;
     let mut queues = vec![
         names.task_requests_queue(),
         names.dead_letter_queue(),
@@ -572,9 +586,12 @@ mod tests {
             }
         });
         let started = std::time::Instant::now();
-        let err = connect(&format!("amqp://guest:guest@{addr}/%2f"))
-            .await
-            .unwrap_err();
+        let err = connect(
+            &format!("amqp://guest:guest@{addr}/%2f"),
+            &OwnedTLSConfig::default(),
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, BrokerError::Unavailable(_)), "{err}");
         assert!(started.elapsed() < CONNECT_TIMEOUT + Duration::from_secs(2));
     }

@@ -15,7 +15,14 @@ use tasker_schemas::DataLimits;
 pub struct Config {
     pub database_url: String,
     pub amqp_url: String,
+    /// PEM file of CA certificates trusted for `amqps://` on top of the platform's roots.
+    pub amqp_ca_cert: Option<PathBuf>,
     pub http_addr: SocketAddr,
+    /// PEM file of the HTTP API's certificate chain: with `http_tls_key`, the API serves HTTPS
+    /// (and only HTTPS).
+    pub http_tls_cert: Option<PathBuf>,
+    /// PEM file of the private key of `http_tls_cert`.
+    pub http_tls_key: Option<PathBuf>,
     /// Prefix of every exchange and queue name.
     pub prefix: String,
     /// Directory of `*.yaml` templates registered at start.
@@ -75,7 +82,10 @@ impl Default for Config {
         Self {
             database_url: "postgres://postgres@127.0.0.1:5432/tasker".into(),
             amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            amqp_ca_cert: None,
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            http_tls_cert: None,
+            http_tls_key: None,
             prefix: tasker_schemas::topology::DEFAULT_PREFIX.into(),
             templates_dir: None,
             api_keys: Vec::new(),
@@ -174,6 +184,9 @@ pub enum ConfigError {
     Parse { path: PathBuf, error: String },
     #[error("invalid value for {var}: {error}")]
     Env { var: &'static str, error: String },
+    /// Settings that do not fit together.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
 }
 
 /// One `TASKER_*` environment variable: its name, what it sets, its default and how it is
@@ -250,8 +263,14 @@ macro_rules! settings {
 settings! {
     "TASKER_DATABASE_URL" => database_url (string):
         "PostgreSQL URL; migrations run on start, and a missing database is created when the user may",
-    "TASKER_AMQP_URL" => amqp_url (string): "RabbitMQ URL",
+    "TASKER_AMQP_URL" => amqp_url (string): "RabbitMQ URL (amqp://, or amqps:// for TLS)",
+    "TASKER_AMQP_CA_CERT" => amqp_ca_cert (path):
+        "PEM file of CA certificates trusted for amqps:// on top of the system's (a private CA)",
     "TASKER_HTTP_ADDR" => http_addr (value): "Address of the HTTP API, /health, /ready and /metrics",
+    "TASKER_HTTP_TLS_CERT" => http_tls_cert (path):
+        "PEM certificate chain of the HTTP API; with TASKER_HTTP_TLS_KEY it serves HTTPS only",
+    "TASKER_HTTP_TLS_KEY" => http_tls_key (path):
+        "PEM private key (PKCS#8, PKCS#1 or SEC1) of TASKER_HTTP_TLS_CERT",
     "TASKER_PREFIX" => prefix (string): "Prefix of every exchange and queue name",
     "TASKER_TEMPLATES_DIR" => templates_dir (path):
         "Directory of *.yaml, *.yml and *.json templates registered on start",
@@ -335,7 +354,37 @@ impl Config {
             None => Config::default(),
         };
         config.apply_env(|k| std::env::var(k).ok())?;
+        config.validate()?;
         Ok(config)
+    }
+
+    /// Checks the settings that must fit together (today: the HTTP certificate and key).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.http_tls().map(|_| ())
+    }
+
+    /// The HTTP API's certificate and key files, when it serves HTTPS: both set, or neither.
+    pub fn http_tls(&self) -> Result<Option<(&Path, &Path)>, ConfigError> {
+        fn set(p: &Option<PathBuf>) -> Option<&Path> {
+            p.as_deref().filter(|p| !p.as_os_str().is_empty())
+        }
+        match (set(&self.http_tls_cert), set(&self.http_tls_key)) {
+            (Some(cert), Some(key)) => Ok(Some((cert, key))),
+            (None, None) => Ok(None),
+            (Some(_), None) => Err(ConfigError::Invalid(
+                "TASKER_HTTP_TLS_CERT (http_tls_cert) is set but TASKER_HTTP_TLS_KEY (http_tls_key) is not: set both to serve HTTPS, or neither".into(),
+            )),
+            (None, Some(_)) => Err(ConfigError::Invalid(
+                "TASKER_HTTP_TLS_KEY (http_tls_key) is set but TASKER_HTTP_TLS_CERT (http_tls_cert) is not: set both to serve HTTPS, or neither".into(),
+            )),
+        }
+    }
+
+    /// [`Config::amqp_ca_cert`] when set (an empty path counts as unset).
+    pub fn amqp_ca_cert(&self) -> Option<&Path> {
+        self.amqp_ca_cert
+            .as_deref()
+            .filter(|p| !p.as_os_str().is_empty())
     }
 
     /// Applies the `TASKER_*` variables of [`SETTINGS`], read through `get`.
@@ -479,6 +528,28 @@ mod tests {
         }
         assert!(help.contains("[default: postgres://postgres@127.0.0.1:5432/tasker]"));
         assert!(help.contains("[default: none]"));
+    }
+
+    #[test]
+    fn the_http_certificate_and_key_come_together() {
+        let mut c = Config::default();
+        assert!(c.http_tls().unwrap().is_none());
+        c.apply_env(|k| (k == "TASKER_HTTP_TLS_CERT").then(|| "/tls/cert.pem".into()))
+            .unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("TASKER_HTTP_TLS_KEY") && err.contains("set both"),
+            "{err}"
+        );
+        c.apply_env(|k| (k == "TASKER_HTTP_TLS_KEY").then(|| "/tls/key.pem".into()))
+            .unwrap();
+        assert_eq!(
+            c.http_tls().unwrap(),
+            Some((Path::new("/tls/cert.pem"), Path::new("/tls/key.pem")))
+        );
+        c.http_tls_cert = None;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("TASKER_HTTP_TLS_CERT"), "{err}");
     }
 
     #[test]

@@ -24,6 +24,12 @@ pub enum Error {
     /// A templates directory or file that cannot be read or parsed.
     #[error("{0}")]
     Templates(String),
+    /// Settings that do not fit together.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// A certificate, key or CA file that cannot be read or used.
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 impl Error {

@@ -11,7 +11,7 @@
 //! - [`store`]: SQL split by concern, guards only; [`broker`]: topology and confirmed publishing;
 //! - [`service`]: apply, admission, publish, tasks, templates, timers, reconcile;
 //! - [`edge`]: the HTTP API and the AMQP consumers; [`loops`]: the long-lived loops;
-//! - [`config`]: settings from a file and `TASKER_*` variables; [`metrics`];
+//! - [`config`]: settings from a file and `TASKER_*` variables; [`tls`]: certificates; [`metrics`];
 //! - [`startup`]: [`App::build`] and [`App::run_until_stopped`].
 //!
 //! ```no_run
@@ -35,6 +35,7 @@ pub mod service;
 pub mod slots;
 pub mod startup;
 pub mod store;
+pub mod tls;
 pub mod transition;
 
 pub use config::Config;

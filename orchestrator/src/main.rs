@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
     about = "Tasker: DAG workflows on PostgreSQL and RabbitMQ"
 )]
 struct Cli {
-    /// Orchestrator HTTP API, for the client commands.
+    /// Orchestrator HTTP API, for the client commands (http:// or https://).
     #[arg(
         long,
         global = true,
@@ -30,6 +30,10 @@ struct Cli {
     /// Bearer token for the HTTP API.
     #[arg(long, global = true, env = "TASKER_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// PEM file of CA certificates to trust for an https:// API URL, on top of the system's (for
+    /// a private CA).
+    #[arg(long, global = true, env = "TASKER_CA_CERT", value_name = "PEM_FILE")]
+    ca_cert: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -203,12 +207,15 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 
 /// Runs one command, writing what it prints to `out`. A failed write ends it with that error.
 async fn run(cli: &Cli, out: &mut impl Write) -> Result<ExitCode> {
-    let client = || {
-        let c = Client::new(cli.api_url.trim_end_matches('/'));
-        match &cli.api_key {
-            Some(k) => c.with_api_key(k.clone()),
-            None => c,
+    let client = || -> Result<Client> {
+        let mut builder = Client::builder(cli.api_url.trim_end_matches('/'));
+        if let Some(key) = &cli.api_key {
+            builder = builder.api_key(key.clone());
         }
+        if let Some(ca) = &cli.ca_cert {
+            builder = builder.ca_cert(ca.clone());
+        }
+        builder.build().context("--ca-cert (TASKER_CA_CERT)")
     };
     // Exit status of the commands that wait: 1 unless the task completed.
     let finished = |task: &TaskView| {
@@ -225,7 +232,7 @@ async fn run(cli: &Cli, out: &mut impl Write) -> Result<ExitCode> {
             let app = App::build(config)
                 .await
                 .map_err(|e| explain_startup(e, &database_url))?;
-            tracing::info!(addr = %app.http_addr(), "HTTP API listening");
+            tracing::info!(url = %app.http_url(), "HTTP API listening");
             let shutdown = CancellationToken::new();
             let stop = shutdown.clone();
             tokio::spawn(async move {
@@ -246,7 +253,7 @@ async fn run(cli: &Cli, out: &mut impl Write) -> Result<ExitCode> {
             if files.is_empty() {
                 bail!("give at least one template file");
             }
-            let client = client();
+            let client = client()?;
             for path in files {
                 let template = tasker_orchestrator::service::templates::read_template_file(path)
                     .map_err(anyhow::Error::msg)?;
@@ -272,7 +279,7 @@ async fn run(cli: &Cli, out: &mut impl Write) -> Result<ExitCode> {
             }
         }
         Command::Template(TemplateCommand::List { namespace, json }) => {
-            let templates = client().templates(namespace.as_deref()).await?;
+            let templates = client()?.templates(namespace.as_deref()).await?;
             if *json {
                 writeln!(out, "{}", serde_json::to_string_pretty(&templates)?)?;
             } else {
@@ -316,7 +323,7 @@ async fn run(cli: &Cli, out: &mut impl Write) -> Result<ExitCode> {
         } => {
             let context: serde_json::Value =
                 serde_json::from_str(context).context("--context must be valid JSON")?;
-            let client = client();
+            let client = client()?;
             let r = client
                 .submit(&SubmitTask {
                     namespace: namespace.clone(),
@@ -343,7 +350,7 @@ async fn run(cli: &Cli, out: &mut impl Write) -> Result<ExitCode> {
             timeout,
             json,
         } => {
-            let client = client();
+            let client = client()?;
             let task = if *wait {
                 client.wait(*id, Duration::from_secs(*timeout)).await?
             } else {
@@ -365,7 +372,7 @@ async fn run(cli: &Cli, out: &mut impl Write) -> Result<ExitCode> {
             limit,
             json,
         } => {
-            let page = client().instances(*id, step, *after, *limit).await?;
+            let page = client()?.instances(*id, step, *after, *limit).await?;
             if *json {
                 writeln!(out, "{}", serde_json::to_string_pretty(&page)?)?;
             } else {
@@ -398,11 +405,11 @@ async fn run(cli: &Cli, out: &mut impl Write) -> Result<ExitCode> {
             }
         }
         Command::Cancel { id, reason } => {
-            let task = client().cancel(*id, reason.as_deref()).await?;
+            let task = client()?.cancel(*id, reason.as_deref()).await?;
             print_task(out, &task)?;
         }
         Command::Retry { id, wait, timeout } => {
-            let client = client();
+            let client = client()?;
             let mut task = client.retry(*id).await?;
             if *wait {
                 task = client.wait(*id, Duration::from_secs(*timeout)).await?;
@@ -427,7 +434,7 @@ async fn run(cli: &Cli, out: &mut impl Write) -> Result<ExitCode> {
                 limit: Some(*limit),
                 after: *after,
             };
-            let page = client().list(&filter).await?;
+            let page = client()?.list(&filter).await?;
             if *json {
                 writeln!(out, "{}", serde_json::to_string_pretty(&page)?)?;
             } else {

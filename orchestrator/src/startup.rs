@@ -30,6 +30,8 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 pub struct App {
     shared: Shared,
     listener: TcpListener,
+    /// HTTPS when set.
+    tls: Option<tokio_rustls::TlsAcceptor>,
     confirm_rx: tokio::sync::mpsc::Receiver<crate::service::Pending>,
 }
 
@@ -142,13 +144,17 @@ pub async fn migrate(db: &sqlx::PgPool) -> Result<()> {
 }
 
 impl App {
-    /// Connects, migrates, declares the broker topology, registers templates from
-    /// `templates_dir` and binds the HTTP listener.
+    /// Reads the TLS files, connects, migrates, declares the broker topology, registers
+    /// templates from `templates_dir` and binds the HTTP listener.
     pub async fn build(config: Config) -> Result<Self> {
+        // Certificates first: a bad file fails at once, before any connection is attempted.
+        let tls = crate::tls::http_acceptor(&config)?;
+        let amqp_tls = crate::tls::amqp_tls(&config)?;
         tracing::info!(
             database = %redact_url(&config.database_url),
             broker = %redact_url(&config.amqp_url),
             prefix = %config.prefix,
+            https = tls.is_some(),
             "starting orchestrator"
         );
         let db = connect_db(&config.database_url, config.db_pool_size).await?;
@@ -159,7 +165,7 @@ impl App {
             config.result_shards,
             config.delivery_limit,
         );
-        let publisher = (|| Publisher::connect(&url, &names, shards, limit))
+        let publisher = (|| Publisher::connect(&url, &amqp_tls, &names, shards, limit))
             .retry(
                 ExponentialBuilder::default()
                     .with_max_delay(Duration::from_secs(2))
@@ -180,6 +186,7 @@ impl App {
             config: Arc::new(config),
             names,
             publisher,
+            amqp_tls,
             templates: TemplateCache::default(),
             metrics: Arc::new(Metrics::default()),
             dispatch: DispatchHandle::new(),
@@ -198,6 +205,7 @@ impl App {
         Ok(Self {
             shared,
             listener,
+            tls,
             confirm_rx,
         })
     }
@@ -207,6 +215,13 @@ impl App {
         self.listener
             .local_addr()
             .unwrap_or(self.shared.config.http_addr)
+    }
+
+    /// The base URL of the HTTP API: `https://` when it serves TLS, else `http://`, then
+    /// [`App::http_addr`].
+    pub fn http_url(&self) -> String {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.http_addr())
     }
 
     /// The shared handles (database pool, metrics, ...), for tests and embedding.
@@ -219,6 +234,7 @@ impl App {
         let App {
             shared,
             listener,
+            tls,
             confirm_rx,
         } = self;
         let tracker = TaskTracker::new();
@@ -278,7 +294,8 @@ impl App {
         ));
         let (s, stop) = (shared.clone(), shutdown.clone());
         tracker.spawn(async move {
-            if let Err(e) = crate::edge::http::serve(listener, s, stop.cancelled_owned()).await {
+            if let Err(e) = crate::edge::http::serve(listener, s, tls, stop.cancelled_owned()).await
+            {
                 tracing::error!(error = %e, "HTTP server failed");
             }
         });

@@ -126,8 +126,12 @@ pub struct MissingStreak {
 /// cut at a character boundary and marked.
 pub const MAX_ERROR_BYTES: usize = 4_096;
 
-/// `text` cut to [`MAX_ERROR_BYTES`], with the cut said at its end.
+/// `text` cut to [`MAX_ERROR_BYTES`], with the cut said at its end; a NUL character (which
+/// PostgreSQL text cannot hold) becomes U+FFFD.
 pub fn capped_error(text: &str) -> String {
+    if text.contains('\0') {
+        return capped_error(&text.replace('\0', "\u{FFFD}"));
+    }
     if text.len() <= MAX_ERROR_BYTES {
         return text.to_owned();
     }
@@ -1315,6 +1319,11 @@ mod tests {
     #[test]
     fn long_error_texts_are_cut_and_say_so() {
         assert_eq!(capped_error("short"), "short");
+        assert_eq!(
+            capped_error("a\0b"),
+            "a\u{FFFD}b",
+            "PostgreSQL text holds no NUL"
+        );
         let long = "é".repeat(MAX_ERROR_BYTES); // 2 bytes each: the cut falls inside one
         let cut = capped_error(&long);
         assert!(cut.len() < MAX_ERROR_BYTES + 80, "{}", cut.len());

@@ -173,6 +173,7 @@ pub const MAX_MESSAGE_DEPTH: usize = crate::data::MAX_DEPTH + 8;
 /// Reads exactly one MessagePack value: nesting is capped at [`MAX_MESSAGE_DEPTH`] (a deeply
 /// nested message must be an error, not a stack overflow), and trailing bytes are an error.
 fn from_slice<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    string_keys_only(bytes)?;
     let mut de = rmp_serde::Deserializer::new(std::io::Cursor::new(bytes));
     // rmp-serde fails when its counter reaches zero, so it allows one level less than it is given.
     de.set_max_depth(MAX_MESSAGE_DEPTH + 1);
@@ -185,6 +186,103 @@ fn from_slice<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
         ));
     }
     Ok(value)
+}
+
+/// Refuses a message with a map key that is not a string. Every map of the contract is keyed
+/// by field names or JSON object keys; serde would otherwise read an integer key as a field's
+/// position. One pass over the bytes, no allocation but the stack of open containers (nesting
+/// is bounded by the decoder that runs next; a truncated message is left to it too).
+fn string_keys_only(bytes: &[u8]) -> Result<(), String> {
+    /// An open array or map: items left, and for a map whether the next item is a key.
+    struct Open {
+        left: u64,
+        map: bool,
+        key_next: bool,
+    }
+    let mut stack: Vec<Open> = Vec::new();
+    let mut pos = 0usize;
+    let take = |pos: &mut usize, n: usize| -> Option<u64> {
+        let b = bytes.get(*pos..pos.checked_add(n)?)?;
+        *pos += n;
+        Some(b.iter().fold(0u64, |acc, x| (acc << 8) | u64::from(*x)))
+    };
+    loop {
+        // Close finished containers; the message is done when nothing is open.
+        while stack.last().is_some_and(|o| o.left == 0) {
+            stack.pop();
+        }
+        let expecting_key = match stack.last_mut() {
+            Some(o) => {
+                let key = o.map && o.key_next;
+                if o.map {
+                    o.key_next = !o.key_next;
+                }
+                o.left -= 1;
+                key
+            }
+            None if pos > 0 => return Ok(()),
+            None => false,
+        };
+        let Some(&marker) = bytes.get(pos) else {
+            return Ok(()); // truncated: the decoder says so
+        };
+        pos += 1;
+        let is_str = matches!(marker, 0xa0..=0xbf | 0xd9..=0xdb);
+        if expecting_key && !is_str {
+            return Err(format!(
+                "a map key is not a string (MessagePack marker 0x{marker:02x}): maps are keyed by field names"
+            ));
+        }
+        // (payload bytes to skip, children: Some((count, is_map)))
+        let (skip, children): (Option<u64>, Option<(u64, bool)>) = match marker {
+            0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => (Some(0), None),
+            0x80..=0x8f => (Some(0), Some((u64::from(marker & 0x0f), true))),
+            0x90..=0x9f => (Some(0), Some((u64::from(marker & 0x0f), false))),
+            0xa0..=0xbf => (Some(u64::from(marker & 0x1f)), None),
+            0xc4 | 0xd9 => (take(&mut pos, 1), None),
+            0xc5 | 0xda => (take(&mut pos, 2), None),
+            0xc6 | 0xdb => (take(&mut pos, 4), None),
+            0xc7 => (take(&mut pos, 1).map(|n| n + 1), None),
+            0xc8 => (take(&mut pos, 2).map(|n| n + 1), None),
+            0xc9 => (take(&mut pos, 4).map(|n| n + 1), None),
+            0xca | 0xce | 0xd2 => (Some(4), None),
+            0xcb | 0xcf | 0xd3 => (Some(8), None),
+            0xcc | 0xd0 => (Some(1), None),
+            0xcd | 0xd1 => (Some(2), None),
+            0xd4 => (Some(2), None),
+            0xd5 => (Some(3), None),
+            0xd6 => (Some(5), None),
+            0xd7 => (Some(9), None),
+            0xd8 => (Some(17), None),
+            0xdc => (Some(0), take(&mut pos, 2).map(|n| (n, false))),
+            0xdd => (Some(0), take(&mut pos, 4).map(|n| (n, false))),
+            0xde => (Some(0), take(&mut pos, 2).map(|n| (n, true))),
+            0xdf => (Some(0), take(&mut pos, 4).map(|n| (n, true))),
+            0xc1 => return Ok(()), // never used: the decoder refuses it
+        };
+        let Some(skip) = skip else {
+            return Ok(()); // truncated
+        };
+        pos = match usize::try_from(skip).ok().and_then(|s| pos.checked_add(s)) {
+            Some(p) if p <= bytes.len() => p,
+            _ => return Ok(()), // truncated
+        };
+        match children {
+            Some((n, map)) => {
+                if stack.len() > MAX_MESSAGE_DEPTH {
+                    return Ok(()); // too deep: the decoder says so
+                }
+                let left = if map { n.saturating_mul(2) } else { n };
+                stack.push(Open {
+                    left,
+                    map,
+                    key_next: true,
+                });
+            }
+            None if (0xdc..=0xdf).contains(&marker) => return Ok(()), // truncated length
+            None => {}
+        }
+    }
 }
 
 /// Decodes a message of one expected kind.
@@ -444,5 +542,40 @@ impl WorkerMessage {
                 expected: "result, result_batch, started or heartbeat".into(),
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod key_tests {
+    use super::*;
+
+    #[test]
+    fn maps_must_be_keyed_by_strings_at_any_depth() {
+        // {"a": [1, nil, -3], "b": {"c": bin [1, 2]}}
+        let ok = [
+            0x82, 0xa1, b'a', 0x93, 0x01, 0xc0, 0xfd, 0xa1, b'b', 0x81, 0xa1, b'c', 0xc4, 0x02,
+            0x01, 0x02,
+        ];
+        assert_eq!(string_keys_only(&ok), Ok(()));
+        // {0: "x"}
+        let e = string_keys_only(&[0x81, 0x00, 0xa1, b'x']).expect_err("an integer key");
+        assert!(e.contains("not a string"), "{e}");
+        // {"a": [{true: nil}]}
+        assert!(string_keys_only(&[0x81, 0xa1, b'a', 0x91, 0x81, 0xc3, 0xc0]).is_err());
+        // Values may be anything; only keys are checked: {"k": 1.5, "e": fixext1}
+        let mut values = vec![0x82, 0xa1, b'k', 0xcb];
+        values.extend(1.5f64.to_be_bytes());
+        values.extend([0xa1, b'e', 0xd4, 0x03, 0x09]);
+        assert_eq!(string_keys_only(&values), Ok(()));
+        // A real message passes.
+        let bytes = encode(&Envelope::new(Cancel {
+            task_id: TaskId::new(),
+            reason: None,
+        }))
+        .expect("encode");
+        assert_eq!(string_keys_only(&bytes), Ok(()));
+        // Truncated or empty input is left to the decoder.
+        assert_eq!(string_keys_only(&[0xde, 0x00]), Ok(()));
+        assert_eq!(string_keys_only(&[]), Ok(()));
     }
 }

@@ -414,6 +414,11 @@ pub fn validate_namespace(namespace: &str) -> Result<(), TemplateError> {
     check_name("namespace", namespace)
 }
 
+/// Checks a name of any kind (`what`: "template", "step", ...): 1–128 of `A-Z a-z 0-9 _ -`.
+pub fn validate_name(what: &str, name: &str) -> Result<(), TemplateError> {
+    check_name(what, name)
+}
+
 impl Template {
     /// Parses JSON (for YAML, use a YAML deserializer such as serde-saphyr). Does not validate:
     /// call [`Template::validate`].

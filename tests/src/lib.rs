@@ -362,6 +362,8 @@ impl Harness {
     /// orchestrator this harness starts).
     pub async fn start_with(configure: fn(&mut Config)) -> Result<Self> {
         init_tracing();
+        // For tests that build reqwest clients of their own (reqwest's rustls has no provider).
+        tasker_worker::client::tls::install_crypto_provider();
         let services = services().await?;
         let id = Uuid::now_v7().simple().to_string();
         let database_name = format!("tasker_test_{}", &id[id.len() - 16..]);
@@ -424,10 +426,12 @@ impl Harness {
         self.start_orchestrator_with(self.config()).await
     }
 
-    /// Starts an orchestrator with a given config; returns its HTTP URL.
+    /// Starts an orchestrator with a given config; returns its HTTP URL (`https://` when the
+    /// config has a certificate: the harness's [`Orchestrator::client`] then trusts only the
+    /// platform's CAs, so build a client with [`Client::builder`] and the test's CA).
     pub async fn start_orchestrator_with(&self, config: Config) -> Result<String> {
         let app = App::build(config).await?;
-        let http_url = format!("http://{}", app.http_addr());
+        let http_url = app.http_url();
         let shared = app.shared().clone();
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(app.run_until_stopped(shutdown.clone()));

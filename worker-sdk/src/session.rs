@@ -10,6 +10,7 @@ use lapin::options::{
     QueueDeclareOptions,
 };
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Connection, ConnectionProperties, Consumer, ErrorKind};
 use std::collections::HashMap;
@@ -193,15 +194,16 @@ impl Session {
     pub(crate) async fn open(
         shared: &Shared,
         url: &str,
+        tls: &OwnedTLSConfig,
         queues: &[(String, String)],
         prefetch: u16,
     ) -> Result<Self, SessionError> {
         let properties =
             ConnectionProperties::default().with_connection_name(shared.worker.clone().into());
-        let connection =
-            tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, properties))
-                .await
-                .map_err(|_| SessionError::ConnectTimeout(CONNECT_TIMEOUT))??;
+        let connect = tasker_client::tls::amqp_connect(url, properties, tls);
+        let connection = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+            .await
+            .map_err(|_| SessionError::ConnectTimeout(CONNECT_TIMEOUT))??;
         match Self::subscribe(&connection, shared, queues, prefetch).await {
             Ok((publisher, consumers, cancels)) => {
                 info!(

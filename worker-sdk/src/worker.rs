@@ -4,10 +4,12 @@
 use crate::handler::{Decision, DynHandler, StepHandler, StepOutput, StepReturn, erase};
 use crate::session::{Session, SessionEnd, SessionError, Shared};
 use backon::{BackoffBuilder, ExponentialBuilder};
+use lapin::tcp::OwnedTLSConfig;
 use lapin::types::ShortString;
 use lapin::uri::AMQPUri;
 use std::collections::HashMap;
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tasker_schemas::template::DEFAULT_QUEUE;
@@ -133,6 +135,30 @@ pub struct WorkerBuilder {
     name: Option<String>,
     limits: DataLimits,
     long_steps: crate::session::LongSteps,
+    amqp_ca: Option<AmqpCa>,
+}
+
+/// CA certificates trusted for `amqps://` on top of the platform's roots.
+#[derive(Clone, Debug)]
+enum AmqpCa {
+    File(PathBuf),
+    Pem(String),
+}
+
+impl AmqpCa {
+    /// The TLS settings of the worker's connections.
+    fn tls_config(&self) -> Result<OwnedTLSConfig, WorkerError> {
+        let pem = match self {
+            AmqpCa::File(path) => tasker_client::tls::read_ca_pem(path)
+                .map_err(|e| WorkerError::Config(e.to_string()))?,
+            AmqpCa::Pem(pem) => {
+                tasker_client::tls::check_ca_pem(pem)
+                    .map_err(|e| WorkerError::Config(format!("invalid CA certificate: {e}")))?;
+                pem.clone()
+            }
+        };
+        Ok(tasker_client::tls::amqp_tls_config(Some(pem)))
+    }
 }
 
 impl std::fmt::Debug for WorkerBuilder {
@@ -168,6 +194,7 @@ impl WorkerBuilder {
                 after: DEFAULT_LONG_STEP_AFTER,
                 heartbeat: DEFAULT_HEARTBEAT_INTERVAL,
             },
+            amqp_ca: None,
         }
     }
 
@@ -282,6 +309,20 @@ impl WorkerBuilder {
         self
     }
 
+    /// For an `amqps://` URL: also trust the CA certificates of this PEM file (a private CA), on
+    /// top of the platform's roots. The file is read when the worker starts; one that cannot be
+    /// read or holds no certificate fails [`Worker::run`] with [`WorkerError::Config`].
+    pub fn amqp_ca_cert(mut self, path: impl Into<PathBuf>) -> Self {
+        self.amqp_ca = Some(AmqpCa::File(path.into()));
+        self
+    }
+
+    /// [`amqp_ca_cert`](Self::amqp_ca_cert) with the PEM text itself.
+    pub fn amqp_ca_cert_pem(mut self, pem: impl Into<String>) -> Self {
+        self.amqp_ca = Some(AmqpCa::Pem(pem.into()));
+        self
+    }
+
     /// The names of the registered handlers, sorted.
     pub fn handler_names(&self) -> Vec<&str> {
         sorted_names(&self.handlers)
@@ -321,6 +362,7 @@ impl WorkerBuilder {
             name: self.name.unwrap_or_else(default_name),
             limits: self.limits,
             long_steps: self.long_steps,
+            amqp_ca: self.amqp_ca,
         }
     }
 }
@@ -337,6 +379,7 @@ pub struct Worker {
     name: String,
     limits: DataLimits,
     long_steps: crate::session::LongSteps,
+    amqp_ca: Option<AmqpCa>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -421,6 +464,10 @@ impl Worker {
                     })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let tls = match &self.amqp_ca {
+            Some(ca) => ca.tls_config()?,
+            None => OwnedTLSConfig::default(),
+        };
         let handler_names = sorted_names(&self.handlers);
         info!(
             worker = %self.name,
@@ -449,7 +496,7 @@ impl Worker {
         loop {
             let opened = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                opened = Session::open(&shared, &self.amqp_url, &queues, self.prefetch) => opened,
+                opened = Session::open(&shared, &self.amqp_url, &tls, &queues, self.prefetch) => opened,
             };
             match opened {
                 Ok(session) => {

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Consumes dead step messages until shutdown.
 pub async fn run_consumer(shared: Shared, shutdown: CancellationToken) -> Result<()> {
-    let conn = crate::broker::connect(&shared.config.amqp_url).await?;
+    let conn = crate::broker::connect(&shared.config.amqp_url, &shared.amqp_tls).await?;
     let channel = conn.create_channel().await?;
     channel.basic_qos(32, BasicQosOptions::default()).await?;
     let mut consumer = channel

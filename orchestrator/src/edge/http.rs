@@ -11,6 +11,11 @@
 //! handled (idle keep-alive, slowly sent headers, an answer not read), `http_request_timeout_ms`
 //! per request (body read included; a long-poll gets its wait on top) and
 //! `http_max_long_polls` long-polls waiting at once.
+//!
+//! With a TLS acceptor ([`crate::tls::http_acceptor`]) it serves HTTPS only. The TLS handshake
+//! runs inside the connection's own I/O (its first read), never in the accept loop: a slow or
+//! silent client holds up nobody else, is bounded by the idle timeout like any idle connection,
+//! and a failed handshake is logged at debug level and the connection dropped.
 
 use super::views;
 use crate::service::{self, ServiceError, Shared};
@@ -45,6 +50,7 @@ use tasker_schemas::{TaskId, TaskState, Template};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
 
 /// The router, with body limits, (when keys are configured) bearer authentication on `/v1`,
 /// request timeouts, the long-poll cap, and JSON answers for unknown paths and wrong methods.
@@ -77,16 +83,18 @@ pub fn router(shared: Shared) -> Router {
 }
 
 /// Serves the router on `listener` until `shutdown` completes, with the connection cap and the
-/// idle timeout of the config (see the module's documentation).
+/// idle timeout of the config (see the module's documentation); over TLS when `tls` is given.
 pub async fn serve(
     listener: TcpListener,
     shared: Shared,
+    tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
     let listener = BoundedListener {
         inner: listener,
         permits: Arc::new(Semaphore::new(shared.config.http_max_connections.max(1))),
         idle: shared.config.http_idle_timeout(),
+        tls,
     };
     let app = router(shared).into_make_service_with_connect_info::<Activity>();
     axum::serve(listener, app)
@@ -657,11 +665,13 @@ impl Connected<IncomingStream<'_, BoundedListener>> for Activity {
 }
 
 /// A TCP listener that holds at most as many connections as it has permits: it accepts the next
-/// one only once an open one has closed (the others wait in the kernel's listen backlog).
+/// one only once an open one has closed (the others wait in the kernel's listen backlog). With a
+/// TLS acceptor, each connection starts with its handshake, which the connection itself drives.
 pub struct BoundedListener {
     inner: TcpListener,
     permits: Arc<Semaphore>,
     idle: Option<Duration>,
+    tls: Option<TlsAcceptor>,
 }
 
 impl Listener for BoundedListener {
@@ -681,8 +691,14 @@ impl Listener for BoundedListener {
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
+        let stream = match &self.tls {
+            // No I/O here: the handshake runs when the connection is first read or written.
+            Some(acceptor) => Stream::Handshake(Box::new(acceptor.accept(tcp))),
+            None => Stream::Plain(tcp),
+        };
         let connection = Connection {
-            tcp,
+            stream,
+            peer: addr,
             activity: Activity::new(),
             idle: self.idle,
             timer: None,
@@ -701,14 +717,54 @@ impl Listener for BoundedListener {
 /// the idle timeout (which closes it). A request being handled is bounded by the request timeout
 /// instead.
 pub struct Connection {
-    tcp: TcpStream,
+    stream: Stream,
+    peer: SocketAddr,
     activity: Activity,
     idle: Option<Duration>,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     _permit: OwnedSemaphorePermit,
 }
 
+/// The bytes of a [`Connection`]: plain TCP, or TLS once its handshake is done.
+enum Stream {
+    Plain(TcpStream),
+    /// The TLS handshake, driven by the connection's reads and writes.
+    Handshake(Box<tokio_rustls::Accept<TcpStream>>),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// The handshake failed: every read and write fails.
+    Failed,
+}
+
+/// What a [`Stream`] carries data over.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
 impl Connection {
+    /// The stream to read or write, once the TLS handshake (if any) is done: drives the
+    /// handshake, and fails for good if it failed.
+    fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<&mut dyn Io>> {
+        if let Stream::Handshake(accept) = &mut self.stream {
+            match Pin::new(accept.as_mut()).poll(cx) {
+                Poll::Ready(Ok(tls)) => self.stream = Stream::Tls(Box::new(tls)),
+                Poll::Ready(Err(e)) => {
+                    tracing::debug!(peer = %self.peer, error = %e, "TLS handshake failed; connection dropped");
+                    self.stream = Stream::Failed;
+                    return Poll::Ready(Err(e));
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        match &mut self.stream {
+            Stream::Plain(tcp) => Poll::Ready(Ok(tcp)),
+            Stream::Tls(tls) => Poll::Ready(Ok(tls.as_mut())),
+            Stream::Handshake(_) | Stream::Failed => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "the TLS handshake failed",
+            ))),
+        }
+    }
+
     /// Called when the socket is not ready: `Pending` (woken at the idle deadline), or the
     /// error that closes a connection idle for too long.
     fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
@@ -739,7 +795,12 @@ impl AsyncRead for Connection {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.tcp).poll_read(cx, buf) {
+        let polled = match this.poll_io(cx) {
+            Poll::Ready(Ok(io)) => Pin::new(io).poll_read(cx, buf),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        };
+        match polled {
             Poll::Pending => this.poll_idle(cx).map(Err),
             ready => ready,
         }
@@ -753,7 +814,12 @@ impl AsyncWrite for Connection {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.tcp).poll_write(cx, buf) {
+        let polled = match this.poll_io(cx) {
+            Poll::Ready(Ok(io)) => Pin::new(io).poll_write(cx, buf),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        };
+        match polled {
             Poll::Pending => this.poll_idle(cx).map(Err),
             ready => ready,
         }
@@ -765,22 +831,41 @@ impl AsyncWrite for Connection {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.tcp).poll_write_vectored(cx, bufs) {
+        let polled = match this.poll_io(cx) {
+            Poll::Ready(Ok(io)) => Pin::new(io).poll_write_vectored(cx, bufs),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        };
+        match polled {
             Poll::Pending => this.poll_idle(cx).map(Err),
             ready => ready,
         }
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.tcp.is_write_vectored()
+        match &self.stream {
+            Stream::Plain(tcp) => tcp.is_write_vectored(),
+            Stream::Tls(tls) => tls.is_write_vectored(),
+            Stream::Handshake(_) | Stream::Failed => false,
+        }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+        match &mut self.get_mut().stream {
+            Stream::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
+            Stream::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
+            // Nothing written yet, or nothing to write ever.
+            Stream::Handshake(_) | Stream::Failed => Poll::Ready(Ok(())),
+        }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+        match &mut self.get_mut().stream {
+            Stream::Plain(tcp) => Pin::new(tcp).poll_shutdown(cx),
+            Stream::Tls(tls) => Pin::new(tls.as_mut()).poll_shutdown(cx),
+            // Dropping the connection closes the socket.
+            Stream::Handshake(_) | Stream::Failed => Poll::Ready(Ok(())),
+        }
     }
 }
 

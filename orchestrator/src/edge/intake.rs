@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 /// Consumes AMQP task requests until shutdown. A request is acked only after its task is
 /// committed; a request that can never succeed is dead-lettered with the reason.
 pub async fn run_consumer(shared: Shared, shutdown: CancellationToken) -> Result<()> {
-    let conn = broker::connect(&shared.config.amqp_url).await?;
+    let conn = broker::connect(&shared.config.amqp_url, &shared.amqp_tls).await?;
     let channel = conn.create_channel().await?;
     let prefetch: u16 = 32;
     channel

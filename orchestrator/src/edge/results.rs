@@ -174,6 +174,9 @@ fn worker_of(worker: &str) -> Result<(), String> {
             worker.len()
         ));
     }
+    if worker.contains('\0') {
+        return Err("worker name contains a NUL character, which is not allowed".to_owned());
+    }
     Ok(())
 }
 
@@ -237,7 +240,8 @@ fn lease(step: tasker_schemas::StepId, attempt: u32, worker: String, lease_ms: u
             step,
             attempt,
             worker,
-            lease_ms: lease_ms.min(i64::MAX as u64) as i64,
+            // The lease never outlasts the attempt's timeout (at most 7 days) anyway.
+            lease_ms: lease_ms.min(tasker_schemas::template::MAX_DURATION_MS) as i64,
         },
         Err(reason) => Work::Bad(reason),
     }
@@ -274,7 +278,7 @@ fn classify(delivery: Delivery) -> Item {
 
 /// Consumes one result shard until shutdown.
 pub async fn run_consumer(shared: Shared, shard: u16, shutdown: CancellationToken) -> Result<()> {
-    let conn = broker::connect(&shared.config.amqp_url).await?;
+    let conn = broker::connect(&shared.config.amqp_url, &shared.amqp_tls).await?;
     let channel = conn.create_channel().await?;
     channel
         .basic_qos(shared.config.result_prefetch, BasicQosOptions::default())

@@ -19,6 +19,8 @@ pub struct Shared {
     pub config: Arc<Config>,
     pub names: Names,
     pub publisher: Publisher,
+    /// TLS settings of every broker connection (the CA of `amqp_ca_cert`, for `amqps://`).
+    pub amqp_tls: lapin::tcp::OwnedTLSConfig,
     pub templates: TemplateCache,
     pub metrics: Arc<Metrics>,
     pub dispatch: DispatchHandle,

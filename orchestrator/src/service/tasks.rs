@@ -15,6 +15,22 @@ pub const MAX_CANCEL_REASON_LEN: usize = 1_024;
 /// Longest idempotency key.
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 256;
 
+/// Refuses a text with a NUL character (PostgreSQL text cannot hold one).
+fn no_nul(what: &str, text: &str) -> Result<()> {
+    if text.contains('\0') {
+        return Err(ServiceError::InvalidRequest(format!(
+            "{what} contains a NUL character, which is not allowed"
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses an argument that is not a valid name: nothing by that name can exist.
+pub(super) fn name_arg(what: &str, name: &str) -> Result<()> {
+    tasker_schemas::template::validate_name(what, name)
+        .map_err(|e| ServiceError::InvalidRequest(e.to_string()))
+}
+
 /// Validates and creates a task (or returns the existing one for an idempotent repeat).
 pub async fn submit(
     shared: &Shared,
@@ -29,12 +45,13 @@ pub async fn submit(
             "template must not be empty".into(),
         ));
     }
-    if let Some(key) = &req.idempotency_key
-        && (key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN)
-    {
-        return Err(ServiceError::InvalidRequest(format!(
-            "idempotency_key must be 1-{MAX_IDEMPOTENCY_KEY_LEN} bytes"
-        )));
+    if let Some(key) = &req.idempotency_key {
+        if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN {
+            return Err(ServiceError::InvalidRequest(format!(
+                "idempotency_key must be 1-{MAX_IDEMPOTENCY_KEY_LEN} bytes"
+            )));
+        }
+        no_nul("idempotency_key", key)?;
     }
     if let Some(id) = req.task_id
         && id.0.get_version_num() != 7
@@ -138,13 +155,14 @@ fn refused(task_id: TaskId, r: Refused) -> ServiceError {
 /// reported started may still report (recorded, advancing nothing). The task finishes at once
 /// when nothing is left running. Workers are told. A repeated cancel is a no-op.
 pub async fn cancel(shared: &Shared, id: TaskId, reason: Option<String>) -> Result<()> {
-    if let Some(r) = &reason
-        && r.len() > MAX_CANCEL_REASON_LEN
-    {
-        return Err(ServiceError::InvalidRequest(format!(
-            "reason is {} bytes; at most {MAX_CANCEL_REASON_LEN} are allowed",
-            r.len()
-        )));
+    if let Some(r) = &reason {
+        if r.len() > MAX_CANCEL_REASON_LEN {
+            return Err(ServiceError::InvalidRequest(format!(
+                "reason is {} bytes; at most {MAX_CANCEL_REASON_LEN} are allowed",
+                r.len()
+            )));
+        }
+        no_nul("reason", r)?;
     }
     let mut tx = shared.db.begin().await?;
     let task = tasks::lock(&mut tx, id)
@@ -280,6 +298,7 @@ pub async fn instances(
     after: Option<i32>,
     limit: i64,
 ) -> Result<(Vec<crate::store::dynamic::InstanceRow>, bool)> {
+    name_arg("step", step)?;
     views::instances(&shared.db, id, step, after, limit)
         .await?
         .ok_or_else(|| ServiceError::StepNotFound {
@@ -297,5 +316,11 @@ pub async fn state(shared: &Shared, id: TaskId) -> Result<TaskState> {
 
 /// Tasks newest first: a page and whether more follow.
 pub async fn list(shared: &Shared, filter: &ListFilter) -> Result<(Vec<TaskSummaryRow>, bool)> {
+    if let Some(n) = &filter.namespace {
+        name_arg("namespace", n)?;
+    }
+    if let Some(t) = &filter.template {
+        name_arg("template", t)?;
+    }
     Ok(views::list(&shared.db, filter).await?)
 }

@@ -151,6 +151,14 @@ struct Args {
     orchestrators: usize,
     #[arg(long, default_value_t = 2)]
     workers: usize,
+    /// Of the workers, this many run the Python SDK (`tests/python/chaos_worker.py`, the twin of
+    /// `chaos-worker`) instead of the Rust one; they are killed and restarted alike.
+    #[arg(long, default_value_t = 0)]
+    python_workers: usize,
+    /// The Python interpreter of the Python workers, with `tasker_worker` installed (default: the
+    /// project's venv, `.tasker/venv/bin/python`, as deploy/local/python-env.sh makes it).
+    #[arg(long, env = "TASKER_CHAOS_PYTHON")]
+    python: Option<PathBuf>,
     /// Steps each worker runs at once.
     #[arg(long, default_value_t = 16)]
     worker_concurrency: usize,
@@ -300,6 +308,8 @@ const KINDS: [&str; 6] = ["linear", "diamond", "fanout", "decision", "map", "chi
 const ROUTES: [&str; 2] = ["left", "right"];
 
 fn main() -> Result<()> {
+    // reqwest's rustls needs a process-wide crypto provider (ring).
+    tasker_tests::tasker_worker::client::tls::install_crypto_provider();
     let args = Args::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -456,19 +466,49 @@ async fn main_async(args: Args) -> Result<i32> {
         orchestrators.push(Arc::new(Mutex::new(slot)));
     }
     let mut workers = Vec::new();
-    for i in 0..args.workers.max(1) {
+    let n_workers = args.workers.max(1);
+    if args.python_workers > n_workers {
+        bail!(
+            "--python-workers ({}) must not exceed --workers ({n_workers})",
+            args.python_workers
+        );
+    }
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let python = args
+        .python
+        .clone()
+        .unwrap_or_else(|| repo.join(".tasker/venv/bin/python"));
+    let python_script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/chaos_worker.py");
+    if args.python_workers > 0 && !python.exists() {
+        bail!(
+            "{} not found: create the venv with deploy/local/python-env.sh (or pass --python)",
+            python.display()
+        );
+    }
+    for i in 0..n_workers {
+        // The last --python-workers slots run the Python twin of chaos-worker.
+        let is_python = i >= n_workers - args.python_workers;
+        // The URL and prefix go through the environment (never the command line).
+        let (program, first) = if is_python {
+            (python.clone(), vec![python_script.display().to_string()])
+        } else {
+            (worker_bin.clone(), Vec::new())
+        };
         let spec = Spec {
-            program: worker_bin.clone(),
-            args: vec![
-                "--record-dir".into(),
-                record_dir.display().to_string(),
-                "--concurrency".into(),
-                args.worker_concurrency.to_string(),
-                "--sleep-ms-max".into(),
-                args.handler_sleep_ms.to_string(),
-                "--fail-rate".into(),
-                args.fail_rate.to_string(),
-            ],
+            program,
+            args: first
+                .into_iter()
+                .chain(vec![
+                    "--record-dir".into(),
+                    record_dir.display().to_string(),
+                    "--concurrency".into(),
+                    args.worker_concurrency.to_string(),
+                    "--sleep-ms-max".into(),
+                    args.handler_sleep_ms.to_string(),
+                    "--fail-rate".into(),
+                    args.fail_rate.to_string(),
+                ])
+                .collect(),
             env: vec![
                 ("TASKER_AMQP_URL".into(), args.amqp_url.clone()),
                 ("TASKER_PREFIX".into(), prefix.clone()),
@@ -792,10 +832,16 @@ async fn run(
     let report = json!({
         // Names what ran, so that several runs in one log stay apart.
         "config": format!(
-            "chaos tasks={} duration_s={} orchestrator_kills={} worker_kills={} broker_restarts={} db_restarts={}",
+            "chaos tasks={} duration_s={} orchestrator_kills={} worker_kills={} broker_restarts={} db_restarts={}{}",
             args.tasks, args.duration_s, args.orchestrator_kills, args.worker_kills,
-            args.broker_restarts, args.db_restarts
+            args.broker_restarts, args.db_restarts,
+            if args.python_workers > 0 {
+                format!(" python_workers={}", args.python_workers)
+            } else {
+                String::new()
+            }
         ),
+        "python_workers": args.python_workers,
         "tasks": tasks,
         "completed": v.completed,
         "failed": v.failed,

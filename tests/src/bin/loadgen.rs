@@ -157,6 +157,10 @@ struct Args {
     /// The retention the prune workload gives the orchestrator it starts (TASKER_RETENTION_MS).
     #[arg(long, default_value_t = 60_000)]
     prune_retention_ms: u64,
+    /// The Python interpreter for the `python` workload, with `tasker_worker` installed (default:
+    /// the project's venv, `.tasker/venv/bin/python`, as deploy/local/python-env.sh makes it).
+    #[arg(long, env = "TASKER_LOADGEN_PYTHON")]
+    python: Option<PathBuf>,
     /// Steps each in-process worker runs at once.
     #[arg(long, default_value_t = 256)]
     worker_concurrency: usize,
@@ -178,6 +182,10 @@ enum Workload {
     Floor,
     Linear,
     Diamond,
+    /// Not in the default list: `linear` and `diamond` again with a Python worker (the
+    /// `tasker_worker` package, `tests/python/loadgen_worker.py`), compared with the Rust
+    /// worker's figures of the same run (`python-linear`, `python-diamond`).
+    Python,
     Fanout,
     Map,
     Submit,
@@ -236,6 +244,8 @@ async fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    // reqwest's rustls needs a process-wide crypto provider (ring).
+    tasker_tests::tasker_worker::client::tls::install_crypto_provider();
     let args = Args::parse();
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -300,7 +310,18 @@ async fn run(args: Args) -> Result<()> {
         }
     };
     print_header(&args, &deployment, &sizes, &selected, &run_id);
-    let bench = match Bench::start(&deployment, &run_id, args.worker_concurrency).await {
+    let python = args.python.clone().unwrap_or_else(|| {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tasker/venv/bin/python")
+    });
+    let bench = match Bench::start(
+        &deployment,
+        &run_id,
+        args.worker_concurrency,
+        bench::WorkerKind::Rust,
+        python,
+    )
+    .await
+    {
         Ok(b) => b,
         Err(e) => {
             deployment.finish(bench::ALL_QUEUES, args.keep).await;
@@ -379,6 +400,15 @@ async fn run_workloads(
                 let r = one(counted(b, one_row(workloads::diamond(b, "diamond", s)))).await?;
                 baseline_diamond = Some(r.clone());
                 push(rows, r);
+            }
+            Workload::Python => {
+                b.use_workers(bench::WorkerKind::Python).await?;
+                let ran =
+                    python_rows(b, s, baseline_linear.as_ref(), baseline_diamond.as_ref()).await;
+                b.use_workers(bench::WorkerKind::Rust).await?;
+                for r in ran? {
+                    push(rows, r);
+                }
             }
             Workload::Fanout => {
                 let r = one(counted(b, one_row(workloads::fanout(b, s)))).await?;
@@ -462,6 +492,66 @@ async fn run_workloads(
         }
     }
     Ok(())
+}
+
+/// Python worker targets, against the Rust worker's figures of the same run.
+const PYTHON_LINEAR_P50_RATIO: f64 = 1.5;
+const PYTHON_DIAMOND_RATE_RATIO: f64 = 0.6;
+
+/// `linear` and `diamond` with the Python worker (already started), each compared with the Rust
+/// worker's row of this run when there is one.
+async fn python_rows(
+    b: &Bench,
+    s: &Sizes,
+    rust_linear: Option<&Row>,
+    rust_diamond: Option<&Row>,
+) -> Result<Vec<Row>> {
+    let mut linear = one(counted(
+        b,
+        one_row(workloads::linear(
+            b,
+            "python-linear",
+            s.linear_runs,
+            s.linear_warmup,
+        )),
+    ))
+    .await?;
+    match rust_linear.and_then(|r| Some((r.p50_ms?, linear.p50_ms?))) {
+        Some((rust, py)) => {
+            let x = py / rust;
+            linear.note(format!(
+                "x{x:.2} p50 of the Rust worker's linear ({rust:.2} ms)"
+            ));
+            linear.target(
+                format!("p50<=x{PYTHON_LINEAR_P50_RATIO} of Rust"),
+                x <= PYTHON_LINEAR_P50_RATIO,
+            );
+        }
+        None => {
+            linear.note("no Rust linear in this run to compare with (add linear to --workloads)")
+        }
+    }
+    let mut diamond = one(counted(
+        b,
+        one_row(workloads::diamond(b, "python-diamond", s)),
+    ))
+    .await?;
+    match rust_diamond.and_then(|r| Some((r.steps_per_s?, diamond.steps_per_s?))) {
+        Some((rust, py)) => {
+            let x = py / rust;
+            diamond.note(format!(
+                "x{x:.2} steps/s of the Rust worker's diamond ({rust:.0})"
+            ));
+            diamond.target(
+                format!("steps/s>=x{PYTHON_DIAMOND_RATE_RATIO} of Rust"),
+                x >= PYTHON_DIAMOND_RATE_RATIO,
+            );
+        }
+        None => {
+            diamond.note("no Rust diamond in this run to compare with (add diamond to --workloads)")
+        }
+    }
+    Ok(vec![linear, diamond])
 }
 
 /// Runs a workload and notes which orchestrator counters (`/metrics`) that signal trouble or

@@ -67,21 +67,53 @@ impl Tracker {
     }
 }
 
-/// A running in-process worker.
-pub struct WorkerGuard {
-    stop: CancellationToken,
-    handle: JoinHandle<Result<(), tasker_worker::WorkerError>>,
+/// A running worker: in-process (Rust), or a Python process (`tests/python/loadgen_worker.py`).
+pub enum WorkerGuard {
+    InProcess {
+        stop: CancellationToken,
+        handle: JoinHandle<Result<(), tasker_worker::WorkerError>>,
+    },
+    Python(std::process::Child),
 }
 
 impl WorkerGuard {
     pub async fn stop(self) {
-        self.stop.cancel();
-        match self.handle.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => eprintln!("loadgen: worker failed: {e}"),
-            Err(e) => eprintln!("loadgen: worker panicked: {e}"),
+        match self {
+            WorkerGuard::InProcess { stop, handle } => {
+                stop.cancel();
+                match handle.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => eprintln!("loadgen: worker failed: {e}"),
+                    Err(e) => eprintln!("loadgen: worker panicked: {e}"),
+                }
+            }
+            WorkerGuard::Python(mut child) => {
+                // SIGTERM: a graceful stop; killed if it takes longer than its grace period.
+                let _ = std::process::Command::new("kill")
+                    .args(["-TERM", &child.id().to_string()])
+                    .status();
+                let waited = tokio::task::spawn_blocking(move || {
+                    let deadline = Instant::now() + Duration::from_secs(10);
+                    while Instant::now() < deadline {
+                        if let Ok(Some(_)) = child.try_wait() {
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    let _ = child.kill();
+                    let _ = child.wait();
+                });
+                let _ = waited.await;
+            }
         }
     }
+}
+
+/// Which SDK the workers of a workload use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum WorkerKind {
+    Rust,
+    Python,
 }
 
 /// Shape of a template: how many steps a task has.
@@ -107,11 +139,21 @@ pub struct Bench {
     events: JoinHandle<()>,
     events_connection: lapin::Connection,
     main_worker: Mutex<Option<WorkerGuard>>,
+    /// The SDK of the workers `start_worker` starts.
+    worker_kind: Mutex<WorkerKind>,
+    /// The Python interpreter (with `tasker_worker` installed) for Python workers.
+    python: std::path::PathBuf,
 }
 
 impl Bench {
     /// Connects, starts the lifecycle-event listener and the main worker (queue [`QUEUE`]).
-    pub async fn start(d: &Deployment, run_id: &str, worker_concurrency: usize) -> Result<Self> {
+    pub async fn start(
+        d: &Deployment,
+        run_id: &str,
+        worker_concurrency: usize,
+        worker_kind: WorkerKind,
+        python: std::path::PathBuf,
+    ) -> Result<Self> {
         let db = sqlx::postgres::PgPoolOptions::new()
             .max_connections(8)
             .connect(&d.database_url)
@@ -148,10 +190,12 @@ impl Bench {
             events,
             events_connection,
             main_worker: Mutex::new(None),
+            worker_kind: Mutex::new(worker_kind),
+            python,
         };
         // Registering a template declares its queue; a worker needs the queue to exist.
         bench.register(&linear_shape()).await?;
-        let w = bench.start_worker(QUEUE);
+        let w = bench.start_worker(QUEUE).await?;
         *bench.main_worker.lock().expect("lock") = Some(w);
         // What the orchestrator, Postgres and RabbitMQ burn with nothing to do (their poll loops,
         // and other users of the shared services): the background of every CPU column.
@@ -182,8 +226,25 @@ impl Bench {
         self.db.close().await;
     }
 
-    /// Runs a worker with a no-op handler on `queue`.
-    pub fn start_worker(&self, queue: &str) -> WorkerGuard {
+    /// The SDK the workers use from now on; the main worker is replaced by one of that kind.
+    pub async fn use_workers(&self, kind: WorkerKind) -> Result<()> {
+        *self.worker_kind.lock().expect("lock") = kind;
+        let old = self.main_worker.lock().expect("lock").take();
+        if let Some(w) = old {
+            w.stop().await;
+        }
+        let w = self.start_worker(QUEUE).await?;
+        *self.main_worker.lock().expect("lock") = Some(w);
+        Ok(())
+    }
+
+    /// Runs a worker with the no-op handlers on `queue`, of the current [`WorkerKind`]; returns
+    /// once it consumes.
+    pub async fn start_worker(&self, queue: &str) -> Result<WorkerGuard> {
+        let kind = *self.worker_kind.lock().expect("lock");
+        if kind == WorkerKind::Python {
+            return self.start_python_worker(queue).await;
+        }
         let worker = Worker::builder(self.amqp_url.clone())
             .prefix(self.names.prefix())
             .queue(queue)
@@ -200,7 +261,52 @@ impl Bench {
             .build();
         let stop = CancellationToken::new();
         let handle = tokio::spawn(worker.run(stop.clone()));
-        WorkerGuard { stop, handle }
+        Ok(WorkerGuard::InProcess { stop, handle })
+    }
+
+    async fn start_python_worker(&self, queue: &str) -> Result<WorkerGuard> {
+        use std::io::BufRead;
+        let script =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/loadgen_worker.py");
+        let mut child = std::process::Command::new(&self.python)
+            .arg(&script)
+            .args(["--queue", queue, "--prefix", self.names.prefix()])
+            .args(["--concurrency", &self.worker_concurrency.to_string()])
+            .args(["--name", &format!("loadgen-py-{}-{queue}", self.run_id)])
+            .env("TASKER_AMQP_URL", &self.amqp_url)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "cannot start {} (create the venv with deploy/local/python-env.sh, or pass --python)",
+                    self.python.display()
+                )
+            })?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        // Reads until `ready` (or the end: the process exited), on a blocking thread.
+        let (tx, rx) = oneshot::channel();
+        std::thread::spawn(move || {
+            let mut ready = false;
+            for line in std::io::BufReader::new(stdout).lines() {
+                match line {
+                    Ok(l) if l.trim() == "ready" => {
+                        ready = true;
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+            let _ = tx.send(ready);
+        });
+        match tokio::time::timeout(Duration::from_secs(30), rx).await {
+            Ok(Ok(true)) => Ok(WorkerGuard::Python(child)),
+            other => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("the Python worker on {queue} did not start (ready: {other:?})")
+            }
+        }
     }
 
     pub async fn register(&self, shape: &Shape) -> Result<()> {

@@ -779,7 +779,7 @@ pub async fn submit(b: &Bench, s: &Sizes) -> Result<Vec<Row>> {
     rows.push(row);
 
     // Now run them all and check.
-    let worker = b.start_worker(SUBMIT_QUEUE);
+    let worker = b.start_worker(SUBMIT_QUEUE).await?;
     let finished = b
         .wait_finished_in_db(&all_ids, Duration::from_secs(300))
         .await;
@@ -845,7 +845,7 @@ pub async fn inflight(b: &Bench, s: &Sizes) -> Result<Row> {
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let held_rss = meter.rss_so_far_mb();
-    let worker = b.start_worker(HOLD_QUEUE);
+    let worker = b.start_worker(HOLD_QUEUE).await?;
     let drain_start = Instant::now();
     let finished = b.wait_finished_in_db(&ids, Duration::from_secs(600)).await;
     let drain = drain_start.elapsed();
