@@ -5,6 +5,8 @@
 #
 #   deploy/demo.sh           # run the demo, then stop the orchestrator and worker
 #   deploy/demo.sh --keep    # leave them running until Ctrl-C (try the CLI / HTTP API meanwhile)
+#   deploy/demo.sh --python  # the Python example worker (examples/order-fulfilment/python) instead,
+#                            # in the project-local venv (deploy/local/python-env.sh); with --keep too
 #
 # Settings (environment): TASKER_HTTP_ADDR (default 127.0.0.1:8080), TASKER_DEMO_TIMEOUT (seconds
 # to wait for the task, default 120), TASKER_DEMO_READY_TIMEOUT (seconds to wait for /ready,
@@ -18,14 +20,17 @@ cd "$ROOT"
 STATE=${TASKER_STATE_DIR:-$ROOT/.tasker}
 LOGS=$STATE/logs
 KEEP=0
-case "${1:-}" in
-"") ;;
---keep) KEEP=1 ;;
-*)
-    echo "usage: $0 [--keep]" >&2
-    exit 2
-    ;;
-esac
+PYTHON=0
+for arg in "$@"; do
+    case "$arg" in
+    --keep) KEEP=1 ;;
+    --python) PYTHON=1 ;;
+    *)
+        echo "usage: $0 [--keep] [--python]" >&2
+        exit 2
+        ;;
+    esac
+done
 
 say() { printf '[demo] %s\n' "$*"; }
 die() {
@@ -66,6 +71,11 @@ BIN=$TARGET_DIR/debug
 for b in tasker order-worker; do
     [ -x "$BIN/$b" ] || die "$BIN/$b was not built"
 done
+
+if [ "$PYTHON" = 1 ]; then
+    say "preparing the Python SDK's venv (deploy/local/python-env.sh)"
+    VENV=$(bash "$ROOT/deploy/local/python-env.sh") || die "cannot prepare the Python venv"
+fi
 
 mkdir -p "$LOGS"
 ORCH_PID=
@@ -129,7 +139,12 @@ fi
 say "orchestrator ready"
 
 say "starting order-worker (log $LOGS/worker.log)"
-"$BIN/order-worker" </dev/null >"$LOGS/worker.log" 2>&1 &
+if [ "$PYTHON" = 1 ]; then
+    say "(the Python one: examples/order-fulfilment/python/worker.py)"
+    "$VENV/bin/python" "$ROOT/examples/order-fulfilment/python/worker.py" </dev/null >"$LOGS/worker.log" 2>&1 &
+else
+    "$BIN/order-worker" </dev/null >"$LOGS/worker.log" 2>&1 &
+fi
 WORKER_PID=$!
 sleep 1
 if ! kill -0 "$WORKER_PID" 2>/dev/null; then

@@ -8,6 +8,8 @@
 # TASKER_TEST_* URLs), then runs `cargo nextest run` when cargo-nextest is installed, otherwise
 # `cargo test`. Nextest does not run doc tests, so they run afterwards with `cargo test --doc`
 # (skipped when extra arguments narrow the run, or with TASKER_SKIP_DOCTESTS=1).
+# Then the Python SDK's tests (deploy/test-python.sh; not with extra arguments; TASKER_SKIP_PYTHON=1
+# skips them, except in CI).
 # The exit code is the tests' exit code.
 set -euo pipefail
 
@@ -31,6 +33,19 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
     say "cargo-nextest not installed; cargo test --workspace --all-features --no-fail-fast $*"
     cargo test --workspace --all-features --no-fail-fast "$@" || rc=$?
+fi
+
+# The Python SDK (worker-sdk/python): ruff, mypy --strict and pytest against the real services,
+# in the project-local venv .tasker/venv (deploy/test-python.sh). Skipped when extra arguments
+# narrow the run; TASKER_SKIP_PYTHON=1 skips it locally; in CI (CI set) skipping is refused.
+if [ $# -gt 0 ] && [ -z "${CI:-}" ]; then
+    say "extra arguments narrow the run: not running the Python SDK tests (deploy/test-python.sh)"
+elif [ "${TASKER_SKIP_PYTHON:-0}" = 1 ] && [ -z "${CI:-}" ]; then
+    say "skipping the Python SDK tests (TASKER_SKIP_PYTHON=1)"
+else
+    [ "${TASKER_SKIP_PYTHON:-0}" != 1 ] || say "TASKER_SKIP_PYTHON=1 is ignored in CI"
+    say "deploy/test-python.sh"
+    bash "$ROOT/deploy/test-python.sh" || { r=$?; [ "$rc" != 0 ] || rc=$r; }
 fi
 
 if [ "$rc" = 0 ]; then say "all tests passed"; else say "tests FAILED (exit $rc)"; fi
