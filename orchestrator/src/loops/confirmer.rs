@@ -77,6 +77,7 @@ async fn run(
                         attempt: p.attempt,
                         worker: None,
                         result: transition::unroutable(&p.queue, &text),
+                        duration_ms: None,
                     });
                 }
                 Ok(Delivered::Nacked) | Err(_) => {

@@ -128,5 +128,6 @@ fn undeliverable(
         attempt: a.attempt,
         worker: None,
         result: transition::undeliverable(error),
+        duration_ms: None,
     }
 }

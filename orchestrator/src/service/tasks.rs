@@ -127,7 +127,10 @@ pub async fn submit(
         }
     };
     if created.created {
-        Metrics::add(&shared.metrics.tasks_submitted_total, 1);
+        shared
+            .metrics
+            .counter("tasker_tasks_submitted_total", &[("namespace", &req.namespace)])
+            .increment(1);
         // Announced before its steps are dispatched, so that it usually precedes their news.
         if let Some(at) = created_at {
             let name = &template.template.name;
