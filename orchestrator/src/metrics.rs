@@ -64,10 +64,22 @@ counters! {
 /// Labelled metrics: name and help. Counters end in `_total`; histograms measure seconds unless
 /// named otherwise.
 const DESCRIBED: &[(&str, &str)] = &[
-    ("tasker_tasks_submitted_total", "Tasks created, per namespace."),
-    ("tasker_tasks_completed_total", "Tasks that completed, per namespace."),
-    ("tasker_tasks_failed_total", "Tasks that failed, per namespace."),
-    ("tasker_tasks_cancelled_total", "Tasks that were cancelled, per namespace."),
+    (
+        "tasker_tasks_submitted_total",
+        "Tasks created, per namespace.",
+    ),
+    (
+        "tasker_tasks_completed_total",
+        "Tasks that completed, per namespace.",
+    ),
+    (
+        "tasker_tasks_failed_total",
+        "Tasks that failed, per namespace.",
+    ),
+    (
+        "tasker_tasks_cancelled_total",
+        "Tasks that were cancelled, per namespace.",
+    ),
     (
         "tasker_results_applied_total",
         "Attempt outcomes applied, per namespace and outcome.",
@@ -113,10 +125,7 @@ const DESCRIBED: &[(&str, &str)] = &[
         "tasker_apply_batch_seconds",
         "One result batch applied: its transaction, commit included.",
     ),
-    (
-        "tasker_apply_batch_size",
-        "Results in one applied batch.",
-    ),
+    ("tasker_apply_batch_size", "Results in one applied batch."),
     (
         "tasker_publish_confirm_seconds",
         "A step message's publish until the broker confirmed it.",
@@ -299,7 +308,9 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("tasker_step_execution_seconds_bucket{namespace=\"shop\",le=\"0.025\"} 1"),
+            text.contains(
+                "tasker_step_execution_seconds_bucket{namespace=\"shop\",le=\"0.025\"} 1"
+            ),
             "{text}"
         );
         assert_eq!(sum_of(&text, "tasker_queue_ready_steps"), 7.0);
@@ -311,7 +322,8 @@ mod tests {
 
     #[test]
     fn sums_every_label_set_and_ignores_longer_names() {
-        let text = "# HELP x\nx_total{a=\"1\"} 2\nx_total{a=\"2\"} 3.5\nx_total_more 9\nx_total 1\n";
+        let text =
+            "# HELP x\nx_total{a=\"1\"} 2\nx_total{a=\"2\"} 3.5\nx_total_more 9\nx_total 1\n";
         assert_eq!(sum_of(text, "x_total"), 6.5);
     }
 }

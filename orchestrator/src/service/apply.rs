@@ -128,7 +128,10 @@ async fn apply_committed(
         shared.dispatch.note_room(&queue, bounded);
     }
     if !admitted.is_empty() {
-        Metrics::add(&shared.metrics.counters.steps_dispatched_total, admitted.len());
+        Metrics::add(
+            &shared.metrics.counters.steps_dispatched_total,
+            admitted.len(),
+        );
     }
     Ok((report, admitted, messages))
 }
@@ -246,7 +249,10 @@ async fn after_commit(shared: &Shared, report: &ApplyReport) {
     let m = &shared.metrics;
     record_outcomes(m, &report.outcomes);
     Metrics::add(&m.counters.results_stale_total, report.stale);
-    Metrics::add(&m.counters.results_applied_twice_total, report.applied_twice);
+    Metrics::add(
+        &m.counters.results_applied_twice_total,
+        report.applied_twice,
+    );
     if report.applied_twice > 0 {
         tracing::error!(
             count = report.applied_twice,

@@ -3,7 +3,6 @@
 //! too. Best effort: the database holds the truth, and waiters are told by NOTIFY.
 
 use super::Shared;
-use crate::metrics::Metrics;
 use crate::store::apply::FinishedTask;
 use crate::store::rfc3339;
 use chrono::{DateTime, Utc};

@@ -1,7 +1,6 @@
 //! Tasks: submit (HTTP and AMQP alike), cancel, retry, read.
 
 use super::{Result, ServiceError, Shared, events};
-use crate::metrics::Metrics;
 use crate::slots;
 use crate::store::tasks::{self, CreateOutcome, Created, NewTask};
 use crate::store::views::{self, ListFilter, TaskDetail, TaskSummaryRow};
@@ -129,7 +128,10 @@ pub async fn submit(
     if created.created {
         shared
             .metrics
-            .counter("tasker_tasks_submitted_total", &[("namespace", &req.namespace)])
+            .counter(
+                "tasker_tasks_submitted_total",
+                &[("namespace", &req.namespace)],
+            )
             .increment(1);
         // Announced before its steps are dispatched, so that it usually precedes their news.
         if let Some(at) = created_at {
