@@ -366,6 +366,27 @@ impl Publisher {
         Ok(link.channel.clone())
     }
 
+    /// Messages waiting in `queue` (a passive declare on a channel of its own: a queue that does
+    /// not exist closes that channel, not the publishing one).
+    pub async fn message_count(&self, queue: &str) -> Result<u32> {
+        let channel = {
+            let link = self.inner.link.read().await;
+            link.connection.create_channel().await?
+        };
+        let q = channel
+            .queue_declare(
+                queue.into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await;
+        let _ = channel.close(200, "done".into()).await;
+        Ok(q?.message_count())
+    }
+
     /// True while the publishing link is up (for `/ready`).
     pub fn is_connected(&self) -> bool {
         self.inner

@@ -74,6 +74,8 @@ pub struct Config {
     pub reconcile_quiet_ms: u64,
     /// Finished tasks (and their idempotency keys) are kept this long, then pruned.
     pub retention_ms: u64,
+    /// How often the gauges of `/metrics` are refreshed (one replica counts per interval).
+    pub metrics_interval_ms: u64,
 }
 
 impl Default for Config {
@@ -112,6 +114,7 @@ impl Default for Config {
             reconcile_interval_ms: 30_000,
             reconcile_quiet_ms: 10_000,
             retention_ms: 7 * 24 * 3600 * 1000,
+            metrics_interval_ms: 10_000,
         }
     }
 }
@@ -315,6 +318,8 @@ settings! {
         "How often the reconciler checks that every live task has a live owner (ms)",
     "TASKER_RECONCILE_QUIET_MS" => reconcile_quiet_ms (value):
         "Tasks changed more recently than this are left alone by the reconciler (ms)",
+    "TASKER_METRICS_INTERVAL_MS" => metrics_interval_ms (value):
+        "How often the gauges of /metrics are refreshed; one replica counts per interval (ms)",
     "TASKER_RETENTION_MS" => retention_ms (value):
         "Finished tasks (and their idempotency keys) are kept this long, then pruned (ms; default 7 days)",
 }

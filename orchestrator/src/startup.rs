@@ -4,7 +4,7 @@
 use crate::broker::Publisher;
 use crate::config::{Config, redact_url};
 use crate::error::{Error, Result};
-use crate::loops::{Confirmer, Dispatcher, FinishListener, Reconciler, Timers};
+use crate::loops::{Confirmer, Dispatcher, FinishListener, Gauges, Reconciler, Timers};
 use crate::metrics::Metrics;
 use crate::service::DispatchHandle;
 use crate::service::{Shared, templates};
@@ -262,6 +262,12 @@ impl App {
         );
         tracker.spawn(
             Reconciler {
+                shared: shared.clone(),
+            }
+            .run(shutdown.clone()),
+        );
+        tracker.spawn(
+            Gauges {
                 shared: shared.clone(),
             }
             .run(shutdown.clone()),

@@ -64,6 +64,9 @@ pub struct Finished {
     pub attempt: i32,
     pub worker: Option<String>,
     pub result: AttemptResult,
+    /// The handler's run time as the worker reported it (`duration_ms`); `None` for outcomes
+    /// the orchestrator decides (timeouts, dead letters). Informational: metrics only.
+    pub duration_ms: Option<u64>,
 }
 
 /// Settings the rules depend on.
@@ -1620,6 +1623,7 @@ mod tests {
             attempt: s.attempt,
             worker: Some("w1".into()),
             result,
+            duration_ms: None,
         }
     }
 

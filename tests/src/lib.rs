@@ -931,6 +931,33 @@ pub async fn delete_topology(amqp_url: &str, names: &Names, step_queues: &[Strin
         .context("deleting the broker topology")
 }
 
+/// The counters (`*_total`) of a Prometheus text exposition, each summed over its label sets:
+/// `tasker_tasks_completed_total{namespace="a"} 2` and `{namespace="b"} 3` give 5.
+pub fn counter_totals(text: &str) -> std::collections::BTreeMap<String, f64> {
+    let mut totals = std::collections::BTreeMap::new();
+    for l in text.lines().filter(|l| !l.starts_with('#')) {
+        let (series, value) = match l.rsplit_once('}') {
+            Some((series, rest)) => (series, rest),
+            None => match l.split_once(' ') {
+                Some(p) => p,
+                None => continue,
+            },
+        };
+        let name = series.split('{').next().unwrap_or(series).trim();
+        if !name.ends_with("_total") {
+            continue;
+        }
+        if let Some(v) = value
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+        {
+            *totals.entry(name.to_owned()).or_insert(0.0) += v;
+        }
+    }
+    totals
+}
+
 #[cfg(test)]
 mod tests {
     use super::replace_database;

@@ -34,10 +34,7 @@ async fn wait_until(h: &Harness, sql: &'static str) -> anyhow::Result<()> {
 }
 
 fn stale(h: &Harness) -> u64 {
-    h.shared(0)
-        .metrics
-        .results_stale_total
-        .load(Ordering::Relaxed)
+    h.shared(0).metrics.value("tasker_results_stale_total") as u64
 }
 
 async fn assert_applied_once(h: &Harness) -> anyhow::Result<()> {
@@ -50,8 +47,7 @@ async fn assert_applied_once(h: &Harness) -> anyhow::Result<()> {
     assert_eq!(
         h.shared(0)
             .metrics
-            .results_applied_twice_total
-            .load(Ordering::Relaxed),
+            .value("tasker_results_applied_twice_total") as u64,
         0
     );
     Ok(())

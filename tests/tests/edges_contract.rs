@@ -16,7 +16,6 @@ use lapin::types::{AMQPValue, FieldTable};
 use serde_json::json;
 use std::collections::HashMap;
 use std::io::Write;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tasker_orchestrator::broker::traceparent;
@@ -415,8 +414,8 @@ async fn stale_results_are_counted_and_logged() -> anyhow::Result<()> {
     assert!(line.contains("attempt 3"), "{line}");
     assert!(line.contains("stale=1"), "{line}");
     let metrics = h.shared(0).metrics.clone();
-    assert_eq!(metrics.results_stale_total.load(Ordering::Relaxed), 1);
-    assert_eq!(metrics.dead_lettered_total.load(Ordering::Relaxed), 0);
+    assert_eq!(metrics.value("tasker_results_stale_total") as u64, 1);
+    assert_eq!(metrics.value("tasker_dead_lettered_total") as u64, 0);
     assert!(!logs.lines().join("\n").contains("SECRET-OUTPUT"));
     h.finish().await;
     Ok(())

@@ -195,7 +195,7 @@ async fn lost_attempts_time_out_and_are_retried() -> anyhow::Result<()> {
         "{:?}",
         s.attempts[0].error
     );
-    assert!(h.shared(0).metrics.timeouts_total.load(Ordering::Relaxed) >= 2);
+    assert!(h.shared(0).metrics.value("tasker_timeouts_total") as u64 >= 2);
     h.finish().await;
     Ok(())
 }

@@ -13,10 +13,7 @@ use tasker_tests::tasker_worker::StepError;
 
 /// Results counted as stale by the first orchestrator so far.
 fn stale(h: &Harness) -> u64 {
-    h.shared(0)
-        .metrics
-        .results_stale_total
-        .load(Ordering::Relaxed)
+    h.shared(0).metrics.value("tasker_results_stale_total") as u64
 }
 
 async fn post(h: &Harness, path: &str) -> anyhow::Result<serde_json::Value> {
@@ -267,13 +264,7 @@ async fn attempt_admitted_but_never_published_is_relayed() -> anyhow::Result<()>
         task.steps[0].attempt, 1,
         "the relay republishes the same attempt"
     );
-    assert!(
-        h.shared(0)
-            .metrics
-            .outbox_relayed_total
-            .load(Ordering::Relaxed)
-            >= 1
-    );
+    assert!(h.shared(0).metrics.value("tasker_outbox_relayed_total") as u64 >= 1);
     // Confirmed entries are cleared in batches, within 50 ms.
     let mut left: i64 = -1;
     for _ in 0..50 {
@@ -372,10 +363,7 @@ async fn reconciler_repairs_a_task_without_a_live_owner() -> anyhow::Result<()> 
     let repaired = tasker_orchestrator::service::reconcile::reconcile(&h.shared(0)).await?;
     assert_eq!(repaired, 1);
     assert_eq!(
-        h.shared(0)
-            .metrics
-            .reconciler_repairs_total
-            .load(Ordering::Relaxed),
+        h.shared(0).metrics.value("tasker_reconciler_repairs_total") as u64,
         1
     );
     let task = h.wait(id).await?;

@@ -45,6 +45,7 @@ pub async fn run_consumer(shared: Shared, shutdown: CancellationToken) -> Result
                     attempt: i32::try_from(m.attempt).unwrap_or(i32::MAX),
                     worker: None,
                     result: transition::dead_step(&why),
+                    duration_ms: None,
                 };
                 (|| apply::apply_outcomes(&shared, vec![failed.clone()]))
                     .retry(outage_backoff())

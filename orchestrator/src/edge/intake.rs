@@ -104,7 +104,7 @@ async fn reject(shared: &Shared, d: &Delivery, reason: &str) {
         .await
     {
         Ok(broker::Delivered::Confirmed) => {
-            Metrics::add(&shared.metrics.dead_lettered_total, 1);
+            Metrics::add(&shared.metrics.counters.dead_lettered_total, 1);
             log_dead_letter(&REQUEST_DEAD_LETTERS, d, reason);
             let _ = d.acker.ack(BasicAckOptions::default()).await;
         }

@@ -209,6 +209,7 @@ pub fn to_finished(r: tasker_schemas::StepResult) -> Result<Finished, String> {
         attempt,
         worker: Some(r.worker),
         result,
+        duration_ms: Some(r.duration_ms),
     })
 }
 
@@ -348,7 +349,7 @@ async fn process(shared: &Shared, items: Vec<Item>, shutdown: &CancellationToken
             }
             Err(e) => {
                 tracing::warn!(error = %e, size = chunk.len(), "result batch failed; splitting it");
-                Metrics::add(&shared.metrics.batch_splits_total, 1);
+                Metrics::add(&shared.metrics.counters.batch_splits_total, 1);
                 let mut chunk = chunk;
                 let right = chunk.split_off(chunk.len() / 2);
                 queue.push(right);
@@ -443,7 +444,7 @@ async fn forward_dead(
             "dead-letter publish: {verdict:?}"
         )));
     }
-    Metrics::add(&shared.metrics.dead_lettered_total, 1);
+    Metrics::add(&shared.metrics.counters.dead_lettered_total, 1);
     log_dead_letter(kind, delivery, reason);
     Ok(())
 }

@@ -66,8 +66,13 @@ async fn run(
             break;
         }
         let mut unroutable = Vec::new();
+        let confirm_seconds = shared
+            .metrics
+            .histogram("tasker_publish_confirm_seconds", &[]);
         for p in buf.drain(..) {
-            match Publisher::settle(p.confirm).await {
+            let settled = Publisher::settle(p.confirm).await;
+            confirm_seconds.record(p.sent_at.elapsed().as_secs_f64());
+            match settled {
                 Ok(Delivered::Confirmed) => done.push(p.outbox_id),
                 Ok(Delivered::Unroutable(text)) => {
                     done.push(p.outbox_id);
@@ -77,6 +82,7 @@ async fn run(
                         attempt: p.attempt,
                         worker: None,
                         result: transition::unroutable(&p.queue, &text),
+                        duration_ms: None,
                     });
                 }
                 Ok(Delivered::Nacked) | Err(_) => {

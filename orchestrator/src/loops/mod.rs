@@ -8,16 +8,19 @@
 //! | [`Confirmer`] | publisher confirms | clears confirmed outbox entries in batches; fails unroutable attempts |
 //! | [`Timers`] | a retry scheduled; the next due time; the poll interval | promotes due retries, times out expired leases, relays stale outbox entries |
 //! | [`Reconciler`] | every `reconcile_interval_ms` | repairs tasks without a live owner, recounts slots, prunes |
+//! | [`Gauges`] | every `metrics_interval_ms` | sets the gauges of `/metrics` from the snapshot one replica computes |
 //! | [`FinishListener`] | PostgreSQL `NOTIFY tasker_task_finished` | tells local long-poll waiters |
 
 mod confirmer;
 mod dispatcher;
+mod gauges;
 mod listener;
 mod reconciler;
 mod timers;
 
 pub use confirmer::Confirmer;
 pub use dispatcher::Dispatcher;
+pub use gauges::Gauges;
 pub use listener::FinishListener;
 pub use reconciler::Reconciler;
 pub use timers::Timers;

@@ -25,7 +25,10 @@ pub async fn admit_queue(shared: &Shared, queue: &str) -> Result<()> {
         if d.admitted.is_empty() {
             return Ok(());
         }
-        Metrics::add(&shared.metrics.steps_dispatched_total, d.admitted.len());
+        Metrics::add(
+            &shared.metrics.counters.steps_dispatched_total,
+            d.admitted.len(),
+        );
         publish_and_settle(shared, &d.admitted, d.messages).await;
         if !d.full {
             return Ok(());

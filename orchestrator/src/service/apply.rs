@@ -36,6 +36,19 @@ pub struct ApplyReport {
     /// Attempts that failed and were scheduled again (wakes the timer).
     pub retries: usize,
     pub finished: Vec<FinishedTask>,
+    /// The applied outcomes, for the metrics.
+    pub outcomes: Vec<AppliedOutcome>,
+}
+
+/// One applied outcome, as the metrics see it.
+#[derive(Debug)]
+pub struct AppliedOutcome {
+    pub namespace: String,
+    pub outcome: &'static str,
+    /// Admitted (dispatched) to now.
+    pub end_to_end: Option<Duration>,
+    /// The handler's run time the worker reported.
+    pub execution: Option<Duration>,
 }
 
 /// Applies outcomes in one transaction (retried at once after a deadlock or serialization
@@ -95,6 +108,7 @@ async fn apply_committed(
         tx.commit().await?;
         Ok::<_, StoreError>((report, admitted))
     };
+    let began = std::time::Instant::now();
     let (report, (admitted, messages, bounded)) = once
         .retry(
             ExponentialBuilder::default()
@@ -102,14 +116,22 @@ async fn apply_committed(
                 .with_max_times(5),
         )
         .when(StoreError::is_conflict)
-        .notify(|_, _| Metrics::add(&shared.metrics.db_retries_total, 1))
+        .notify(|_, _| Metrics::add(&shared.metrics.counters.db_retries_total, 1))
         .await?;
+    let m = &shared.metrics;
+    m.histogram("tasker_apply_batch_seconds", &[])
+        .record(began.elapsed().as_secs_f64());
+    m.histogram("tasker_apply_batch_size", &[])
+        .record(batch.len() as f64);
     shared.dispatch.released(report.released.keys());
     for (queue, bounded) in bounded {
         shared.dispatch.note_room(&queue, bounded);
     }
     if !admitted.is_empty() {
-        Metrics::add(&shared.metrics.steps_dispatched_total, admitted.len());
+        Metrics::add(
+            &shared.metrics.counters.steps_dispatched_total,
+            admitted.len(),
+        );
     }
     Ok((report, admitted, messages))
 }
@@ -131,6 +153,17 @@ async fn apply_batch(
     });
     report.stale = plan.stale;
     report.applied = plan.changes.len();
+    let now = chrono::Utc::now();
+    report.outcomes = plan
+        .changes
+        .iter()
+        .map(|c| AppliedOutcome {
+            namespace: c.step.namespace.clone(),
+            outcome: c.outcome.as_str(),
+            end_to_end: c.step.dispatched_at.and_then(|d| (now - d).to_std().ok()),
+            execution: c.reported.duration_ms.map(Duration::from_millis),
+        })
+        .collect();
     report.retries = plan.retries;
     if plan.changes.is_empty() {
         return Ok(report);
@@ -214,9 +247,12 @@ async fn admit_ready(
 
 async fn after_commit(shared: &Shared, report: &ApplyReport) {
     let m = &shared.metrics;
-    Metrics::add(&m.results_applied_total, report.applied);
-    Metrics::add(&m.results_stale_total, report.stale);
-    Metrics::add(&m.results_applied_twice_total, report.applied_twice);
+    record_outcomes(m, &report.outcomes);
+    Metrics::add(&m.counters.results_stale_total, report.stale);
+    Metrics::add(
+        &m.counters.results_applied_twice_total,
+        report.applied_twice,
+    );
     if report.applied_twice > 0 {
         tracing::error!(
             count = report.applied_twice,
@@ -227,10 +263,47 @@ async fn after_commit(shared: &Shared, report: &ApplyReport) {
         shared.dispatch.wake(report.queued.iter().cloned());
     }
     if report.retries > 0 {
-        Metrics::add(&m.retries_scheduled_total, report.retries);
+        Metrics::add(&m.counters.retries_scheduled_total, report.retries);
         shared.timers.notify_one();
     }
     events::announce(shared, &report.finished).await;
+}
+
+/// Counts applied outcomes per namespace and outcome, and times their steps: end to end
+/// (admitted to applied), execution (as the worker reported it) and queue wait (the rest).
+fn record_outcomes(m: &Metrics, outcomes: &[AppliedOutcome]) {
+    let mut counts: HashMap<(&str, &str), u64> = HashMap::new();
+    for o in outcomes {
+        *counts.entry((&o.namespace, o.outcome)).or_default() += 1;
+    }
+    for ((namespace, outcome), n) in counts {
+        m.counter(
+            "tasker_results_applied_total",
+            &[("namespace", namespace), ("outcome", outcome)],
+        )
+        .increment(n);
+    }
+    let mut by_namespace: HashMap<&str, Vec<&AppliedOutcome>> = HashMap::new();
+    for o in outcomes {
+        by_namespace.entry(&o.namespace).or_default().push(o);
+    }
+    for (namespace, list) in by_namespace {
+        let labels = [("namespace", namespace)];
+        let e2e = m.histogram("tasker_step_end_to_end_seconds", &labels);
+        let exec = m.histogram("tasker_step_execution_seconds", &labels);
+        let wait = m.histogram("tasker_step_queue_wait_seconds", &labels);
+        for o in list {
+            if let Some(d) = o.end_to_end {
+                e2e.record(d.as_secs_f64());
+            }
+            if let Some(d) = o.execution {
+                exec.record(d.as_secs_f64());
+            }
+            if let (Some(total), Some(ran)) = (o.end_to_end, o.execution) {
+                wait.record(total.saturating_sub(ran).as_secs_f64());
+            }
+        }
+    }
 }
 
 /// Records that a worker started (or still runs) an attempt: its execution lease from now.

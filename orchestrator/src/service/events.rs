@@ -3,7 +3,6 @@
 //! too. Best effort: the database holds the truth, and waiters are told by NOTIFY.
 
 use super::Shared;
-use crate::metrics::Metrics;
 use crate::store::apply::FinishedTask;
 use crate::store::rfc3339;
 use chrono::{DateTime, Utc};
@@ -42,10 +41,23 @@ pub async fn announce(shared: &Shared, finished: &[FinishedTask]) {
         shared.timers.notify_one();
     }
     for f in finished {
-        match f.state {
-            TaskState::Completed => Metrics::add(&m.tasks_completed_total, 1),
-            TaskState::Failed => Metrics::add(&m.tasks_failed_total, 1),
-            _ => Metrics::add(&m.tasks_cancelled_total, 1),
+        let counter = match f.state {
+            TaskState::Completed => "tasker_tasks_completed_total",
+            TaskState::Failed => "tasker_tasks_failed_total",
+            _ => "tasker_tasks_cancelled_total",
+        };
+        m.counter(counter, &[("namespace", &f.namespace)])
+            .increment(1);
+        if let Ok(d) = (f.at - f.created_at).to_std() {
+            m.observe(
+                "tasker_task_duration_seconds",
+                &[
+                    ("namespace", &f.namespace),
+                    ("template", &f.template),
+                    ("state", f.state.as_str()),
+                ],
+                d,
+            );
         }
         let event = LifecycleEvent {
             task_id: f.task_id,

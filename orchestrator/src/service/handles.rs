@@ -140,4 +140,6 @@ pub struct Pending {
     pub attempt: i32,
     pub queue: String,
     pub confirm: PublisherConfirm,
+    /// When it was published (for `tasker_publish_confirm_seconds`).
+    pub sent_at: std::time::Instant,
 }

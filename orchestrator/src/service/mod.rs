@@ -13,6 +13,7 @@
 //! | [`tasks`] | submit, cancel, retry, read |
 //! | [`templates`] | registering and reading templates |
 //! | [`events`] | lifecycle events of finished tasks |
+//! | [`gauges`] | the gauges of `/metrics` |
 //! | [`timers`] | due retries, expired leases, the outbox relay |
 //! | [`reconcile`] | repairing tasks without a live owner, slot recounts, pruning |
 
@@ -20,6 +21,7 @@ pub mod admission;
 pub mod apply;
 pub mod dynamic;
 pub mod events;
+pub mod gauges;
 pub mod publish;
 pub mod reconcile;
 pub mod tasks;

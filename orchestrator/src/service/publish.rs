@@ -83,6 +83,7 @@ pub async fn publish_admitted(
                 continue;
             }
         };
+        let sent_at = std::time::Instant::now();
         match shared
             .publisher
             .send(
@@ -101,6 +102,7 @@ pub async fn publish_admitted(
                     attempt: a.attempt,
                     queue: m.queue,
                     confirm,
+                    sent_at,
                 };
                 if shared.confirms.send(pending).await.is_err() {
                     // Shutting down: the relay publishes the rest later.
@@ -128,5 +130,6 @@ fn undeliverable(
         attempt: a.attempt,
         worker: None,
         result: transition::undeliverable(error),
+        duration_ms: None,
     }
 }

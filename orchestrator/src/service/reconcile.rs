@@ -23,7 +23,7 @@ pub async fn reconcile(shared: &Shared) -> Result<usize> {
         tracing::warn!(%slot, recorded, counted, "reconciler corrected a slot's in-flight count");
     }
     Metrics::add(
-        &shared.metrics.reconciler_repairs_total,
+        &shared.metrics.counters.reconciler_repairs_total,
         ids.len() + slots.len(),
     );
     Ok(ids.len() + slots.len())
@@ -95,7 +95,7 @@ pub async fn prune(
     }
     if total > 0 {
         tracing::info!(tasks = total, "pruned finished tasks past retention");
-        Metrics::add(&shared.metrics.tasks_pruned_total, total as usize);
+        Metrics::add(&shared.metrics.counters.tasks_pruned_total, total as usize);
     }
     Ok(total)
 }

@@ -1,7 +1,6 @@
 //! Tasks: submit (HTTP and AMQP alike), cancel, retry, read.
 
 use super::{Result, ServiceError, Shared, events};
-use crate::metrics::Metrics;
 use crate::slots;
 use crate::store::tasks::{self, CreateOutcome, Created, NewTask};
 use crate::store::views::{self, ListFilter, TaskDetail, TaskSummaryRow};
@@ -127,7 +126,13 @@ pub async fn submit(
         }
     };
     if created.created {
-        Metrics::add(&shared.metrics.tasks_submitted_total, 1);
+        shared
+            .metrics
+            .counter(
+                "tasker_tasks_submitted_total",
+                &[("namespace", &req.namespace)],
+            )
+            .increment(1);
         // Announced before its steps are dispatched, so that it usually precedes their news.
         if let Some(at) = created_at {
             let name = &template.template.name;

@@ -30,7 +30,7 @@ pub async fn expire_leases(shared: &Shared) -> Result<()> {
     if expired.is_empty() {
         return Ok(());
     }
-    Metrics::add(&shared.metrics.timeouts_total, expired.len());
+    Metrics::add(&shared.metrics.counters.timeouts_total, expired.len());
     let batch = expired
         .into_iter()
         .map(|l| Finished {
@@ -44,6 +44,7 @@ pub async fn expire_leases(shared: &Shared) -> Result<()> {
                 l.queue_wait_timeout_ms,
                 l.execution_timeout_ms,
             ),
+            duration_ms: None,
         })
         .collect();
     apply_outcomes(shared, batch).await?;
@@ -66,7 +67,7 @@ pub async fn relay(shared: &Shared) -> Result<()> {
         entries = claimed.len(),
         "relaying outbox entries left behind"
     );
-    Metrics::add(&shared.metrics.outbox_relayed_total, claimed.len());
+    Metrics::add(&shared.metrics.counters.outbox_relayed_total, claimed.len());
     publish_and_settle(shared, &claimed, messages).await;
     Ok(())
 }
@@ -98,6 +99,7 @@ pub async fn settle_children(shared: &Shared) -> Result<()> {
                     c.output,
                     c.error.as_deref(),
                 ),
+                duration_ms: None,
             })
             .collect();
         apply_outcomes(shared, batch).await?;

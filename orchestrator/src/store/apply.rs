@@ -458,6 +458,8 @@ pub struct FinishedTask {
     pub state: TaskState,
     pub seq: i64,
     pub at: DateTime<Utc>,
+    /// When the task was created (its duration ends at `at`).
+    pub created_at: DateTime<Utc>,
     pub output: Option<Value>,
     pub error: Option<String>,
     /// A child workflow's task: the step that runs it.
@@ -517,7 +519,7 @@ pub async fn finalize(
              FROM unnest($1::uuid[], $2::text[]) AS d(id, state)
              WHERE t.id = d.id AND t.unfinished_steps = 0 AND t.state IN ('pending', 'running')
              RETURNING t.id, t.namespace, t.template_name, t.state, t.event_seq, t.finished_at,
-                       t.output, t.error, t.parent_step_id
+                       t.created_at, t.output, t.error, t.parent_step_id
          ), events AS (
              INSERT INTO task_events (task_id, seq, namespace, kind, detail)
              SELECT id, event_seq, namespace, state, jsonb_build_object('error', error) FROM fin
@@ -538,6 +540,7 @@ pub async fn finalize(
             state: r.get("state"),
             seq: r.get("event_seq"),
             at: r.get("finished_at"),
+            created_at: r.get("created_at"),
             output: r.get("output"),
             error: r.get("error"),
             parent_step: r.get("parent_step_id"),

@@ -12,6 +12,7 @@
 //! | [`reconcile`] | finding and repairing inconsistent tasks, slot recounts, pruning |
 //! | [`tasks`] | creating tasks (idempotent), cancel and retry writes, task history |
 //! | [`views`] | rows read for the API |
+//! | [`gauges`] | the counts behind the gauges of `/metrics`, and their shared snapshot |
 //! | [`templates`] | template versions |
 //!
 //! **Lock order.** Every transaction that changes a task's progress (results, timeouts,
@@ -24,6 +25,7 @@
 pub mod admission;
 pub mod apply;
 pub mod dynamic;
+pub mod gauges;
 pub mod outbox;
 pub mod reconcile;
 pub mod tasks;

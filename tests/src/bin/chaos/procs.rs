@@ -265,16 +265,10 @@ pub async fn scrape(http: &reqwest::Client, book: &MetricsBook, slot: &Slot) -> 
     let Ok(text) = res.text().await else {
         return false;
     };
-    let values: BTreeMap<String, u64> = text
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (name, value) = l.split_once(' ')?;
-            Some((
-                name.strip_prefix("tasker_")?.to_owned(),
-                value.trim().parse::<f64>().ok()? as u64,
-            ))
-        })
+    // Counters only, each summed over its labels (namespace, outcome).
+    let values: BTreeMap<String, u64> = tasker_tests::counter_totals(&text)
+        .into_iter()
+        .filter_map(|(name, v)| Some((name.strip_prefix("tasker_")?.to_owned(), v as u64)))
         .collect();
     if values.is_empty() {
         return false;

@@ -353,15 +353,7 @@ impl Bench {
             .text()
             .await
             .ok()?;
-        Some(
-            text.lines()
-                .filter(|l| !l.starts_with('#'))
-                .filter_map(|l| {
-                    let (name, value) = l.rsplit_once(' ')?;
-                    Some((name.to_owned(), value.parse().ok()?))
-                })
-                .collect(),
-        )
+        Some(tasker_tests::counter_totals(&text).into_iter().collect())
     }
 
     /// Refreshes the planner statistics of the whole database (invalidating cached plans).
