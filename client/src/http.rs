@@ -375,6 +375,11 @@ impl Client {
         self.send(request).await
     }
 
+    /// `GET /v1/workers`: the live workers (the worker registry), newest first.
+    pub async fn workers(&self) -> Result<tasker_schemas::api::WorkerList, ClientError> {
+        self.send(self.request(Method::GET, "/v1/workers")).await
+    }
+
     fn request(&self, method: Method, path: &str) -> RequestBuilder {
         let request = self
             .http

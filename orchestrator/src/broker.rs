@@ -161,6 +161,15 @@ pub async fn declare_topology(
         )
         .await?;
     }
+    // Workers announce themselves on results queue 0 (the worker registry).
+    ch.queue_bind(
+        names.results_queue(0).into(),
+        names.results_exchange().into(),
+        tasker_schemas::topology::WORKER_HEARTBEAT_ROUTING_KEY.into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
     Ok(())
 }
 
@@ -257,7 +266,13 @@ struct PublisherInner {
     delivery_limit: u32,
     step_queues: std::sync::Mutex<HashSet<String>>,
     link: RwLock<Link>,
+    /// Reconnect attempts of the current outage, and when one was last logged (an outage logs
+    /// a line every [`RECONNECT_LOG_EVERY`] at most, with the attempts held back since).
+    reconnects: std::sync::Mutex<(u64, Option<std::time::Instant>)>,
 }
+
+/// At most one "reconnecting" line per this interval during an outage.
+const RECONNECT_LOG_EVERY: Duration = Duration::from_secs(10);
 
 struct Link {
     connection: Connection,
@@ -298,6 +313,7 @@ impl Publisher {
                 delivery_limit,
                 step_queues: Default::default(),
                 link: RwLock::new(link),
+                reconnects: std::sync::Mutex::new((0, None)),
             }),
         })
     }
@@ -341,7 +357,21 @@ impl Publisher {
             ));
         };
         if !link.channel.status().connected() {
-            tracing::warn!("broker link lost; reconnecting");
+            {
+                let mut r = self
+                    .inner
+                    .reconnects
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                r.0 += 1;
+                if r.1.is_none_or(|at| at.elapsed() >= RECONNECT_LOG_EVERY) {
+                    tracing::warn!(
+                        attempts = r.0,
+                        "broker link lost; reconnecting (logged at most every 10 s)"
+                    );
+                    r.1 = Some(std::time::Instant::now());
+                }
+            }
             let queues = self
                 .inner
                 .step_queues
@@ -361,7 +391,14 @@ impl Publisher {
                 Ok(link) => link?,
                 Err(_) => return Err(BrokerError::Unavailable("reconnecting timed out".into())),
             };
-            tracing::info!("broker link re-established");
+            let (attempts, _) = std::mem::take(
+                &mut *self
+                    .inner
+                    .reconnects
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()),
+            );
+            tracing::info!(attempts, "broker link re-established");
         }
         Ok(link.channel.clone())
     }

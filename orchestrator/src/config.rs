@@ -76,6 +76,9 @@ pub struct Config {
     pub retention_ms: u64,
     /// How often the gauges of `/metrics` are refreshed (one replica counts per interval).
     pub metrics_interval_ms: u64,
+    /// OTLP/HTTP endpoint (base URL) traces are exported to; unset: `OTEL_EXPORTER_OTLP_ENDPOINT`,
+    /// and with neither, no traces (docs/observability.md).
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Default for Config {
@@ -115,6 +118,7 @@ impl Default for Config {
             reconcile_quiet_ms: 10_000,
             retention_ms: 7 * 24 * 3600 * 1000,
             metrics_interval_ms: 10_000,
+            otlp_endpoint: None,
         }
     }
 }
@@ -131,6 +135,10 @@ impl std::fmt::Debug for Config {
             .field("api_keys", &format_args!("[{} keys]", self.api_keys.len()))
             .field("result_shards", &self.result_shards)
             .field("max_in_flight_per_queue", &self.max_in_flight_per_queue)
+            .field(
+                "otlp_endpoint",
+                &self.otlp_endpoint.as_deref().map(redact_url),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -230,7 +238,8 @@ where
 }
 
 /// Defines [`SETTINGS`]: `VAR => field (kind): "help"`, where kind says how the text becomes the
-/// value: `value` (parsed with `FromStr`), `string`, `path` (optional) or `list` (comma-separated).
+/// value: `value` (parsed with `FromStr`), `string`, `path` (optional), `optional` (a string,
+/// unset when absent) or `list` (comma-separated).
 macro_rules! settings {
     ($($var:literal => $field:ident ($kind:ident): $help:literal,)*) => {
         /// Every `TASKER_*` variable the orchestrator reads, in the order `--help` shows them.
@@ -249,10 +258,12 @@ macro_rules! settings {
     (@show value, $e:expr) => { $e.to_string() };
     (@show string, $e:expr) => { $e.clone() };
     (@show path, $e:expr) => { $e.as_ref().map(|p| p.display().to_string()).unwrap_or_default() };
+    (@show optional, $e:expr) => { $e.clone().unwrap_or_default() };
     (@show list, $e:expr) => { $e.join(",") };
     (@set value, $var:literal, $f:expr, $v:ident) => { $f = parse($var, &$v)? };
     (@set string, $var:literal, $f:expr, $v:ident) => { $f = $v };
     (@set path, $var:literal, $f:expr, $v:ident) => { $f = Some(PathBuf::from($v)) };
+    (@set optional, $var:literal, $f:expr, $v:ident) => { $f = Some($v) };
     (@set list, $var:literal, $f:expr, $v:ident) => {
         $f = $v
             .split(',')
@@ -322,6 +333,8 @@ settings! {
         "How often the gauges of /metrics are refreshed; one replica counts per interval (ms)",
     "TASKER_RETENTION_MS" => retention_ms (value):
         "Finished tasks (and their idempotency keys) are kept this long, then pruned (ms; default 7 days)",
+    "TASKER_OTLP_ENDPOINT" => otlp_endpoint (optional):
+        "OTLP/HTTP base URL traces are exported to (unset: OTEL_EXPORTER_OTLP_ENDPOINT; neither: no traces)",
 }
 
 /// The settings as `tasker serve --help` shows them: every variable with its default.

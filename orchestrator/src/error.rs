@@ -30,6 +30,9 @@ pub enum Error {
     /// A certificate, key or CA file that cannot be read or used.
     #[error("TLS: {0}")]
     Tls(String),
+    /// The trace exporter cannot be built (an invalid OTLP endpoint).
+    #[error("traces: {0}")]
+    Telemetry(String),
 }
 
 impl Error {

@@ -35,6 +35,7 @@ pub mod service;
 pub mod slots;
 pub mod startup;
 pub mod store;
+pub mod telemetry;
 pub mod tls;
 pub mod transition;
 

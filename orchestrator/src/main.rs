@@ -58,6 +58,12 @@ enum Command {
     /// Templates: register template files, list the registered ones.
     #[command(subcommand)]
     Template(TemplateCommand),
+    /// List the live workers (the worker registry): queues, handlers, load, last seen.
+    Workers {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Submit a task; prints its id (and, with --wait, the finished task).
     Submit {
         /// Namespace of the template (e.g. shop).
@@ -175,13 +181,32 @@ enum TemplateCommand {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,sqlx=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| "info,sqlx=warn".into())
+    };
+    // TASKER_LOG_FORMAT=json: one JSON object per line (time, level, target, message, the
+    // event's fields — task_id, step_id, ... — and those of its spans).
+    match std::env::var("TASKER_LOG_FORMAT").as_deref() {
+        Ok("json") => tracing_subscriber::fmt()
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_env_filter(filter())
+            .with_writer(std::io::stderr)
+            .init(),
+        Ok("text") | Err(_) => tracing_subscriber::fmt()
+            .with_env_filter(filter())
+            .with_writer(std::io::stderr)
+            .init(),
+        Ok(other) => {
+            let _ = writeln!(
+                io::stderr(),
+                "Error: TASKER_LOG_FORMAT={other:?} is not a log format: text (the default) or json"
+            );
+            return ExitCode::FAILURE;
+        }
+    }
     let cli = Cli::parse();
     match run(&cli, &mut io::stdout()).await {
         Ok(code) => code,
@@ -275,6 +300,42 @@ async fn run(cli: &Cli, out: &mut impl Write) -> Result<ExitCode> {
                     } else {
                         "already registered (unchanged)"
                     }
+                )?;
+            }
+        }
+        Command::Workers { json } => {
+            let list = client()?.workers().await?;
+            if *json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&list)?)?;
+            } else {
+                let rows: Vec<Vec<String>> = list
+                    .workers
+                    .iter()
+                    .map(|w| {
+                        vec![
+                            w.name.clone(),
+                            w.host.clone(),
+                            format!("{} {}", w.sdk, w.sdk_version),
+                            w.queues.join(","),
+                            one_line(&w.handlers.join(","), 60),
+                            format!("{}/{}", w.in_flight, w.concurrency),
+                            w.last_seen.clone(),
+                        ]
+                    })
+                    .collect();
+                write_table(
+                    out,
+                    &[
+                        "WORKER",
+                        "HOST",
+                        "SDK",
+                        "QUEUES",
+                        "HANDLERS",
+                        "BUSY",
+                        "LAST SEEN",
+                    ],
+                    &[],
+                    &rows,
                 )?;
             }
         }

@@ -106,6 +106,14 @@ const DESCRIBED: &[(&str, &str)] = &[
     ),
     ("tasker_tasks_running", "Live tasks (pending or running)."),
     (
+        "tasker_workers_live",
+        "Workers that announced themselves within 3 of their intervals, per queue they consume.",
+    ),
+    (
+        "tasker_ready",
+        "1 while this replica reaches its database and its broker link is up, else 0.",
+    ),
+    (
         "tasker_step_queue_wait_seconds",
         "Admitted to started: the attempt's time in the broker and in the worker's prefetch.",
     ),

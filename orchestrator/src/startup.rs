@@ -179,6 +179,7 @@ impl App {
                 addr: config.http_addr,
                 source,
             })?;
+        let traces = crate::telemetry::Traces::from_config(&config).map_err(Error::Telemetry)?;
         let (finished, _) = broadcast::channel(4096);
         let (confirms, confirm_rx) = tokio::sync::mpsc::channel(16 * 1024);
         let shared = Shared {
@@ -193,6 +194,7 @@ impl App {
             confirms,
             timers: Arc::new(Notify::new()),
             finished,
+            traces,
         };
         let queues = templates::all_queues(&shared).await?;
         for q in &queues {
@@ -318,6 +320,7 @@ impl App {
         let _ = tokio::time::timeout(Duration::from_secs(2), confirmer).await;
         shared.publisher.close().await;
         shared.db.close().await;
+        shared.traces.shutdown().await;
         tracing::info!("stopped");
         Ok(())
     }

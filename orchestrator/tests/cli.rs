@@ -881,3 +881,36 @@ async fn migrate_names_a_missing_database_it_will_not_create_at_once() {
     assert!(!r.stderr.contains("not reachable yet"), "{}", r.stderr);
     assert!(r.took < Duration::from_secs(10), "took {:?}", r.took);
 }
+
+#[tokio::test]
+async fn log_lines_are_json_objects_when_asked() {
+    let (admin_url, _) = services();
+    let database = format!("tasker_cli_{}", unique());
+    let mut cmd = tasker();
+    cmd.env("TASKER_LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .env("TASKER_DATABASE_URL", with_database(&admin_url, &database))
+        .arg("migrate");
+    let r = run(cmd).await;
+    r.ok();
+    let lines: Vec<&str> = r.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty(), "migrate logs what it did");
+    for line in lines {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        assert!(v["timestamp"].is_string() && v["level"].is_string(), "{v}");
+        assert!(v["fields"]["message"].is_string(), "{v}");
+    }
+    drop_database(&database).await;
+
+    let mut bad = tasker();
+    bad.env("TASKER_LOG_FORMAT", "xml").arg("migrate");
+    let r = run(bad).await;
+    r.failed();
+    assert!(
+        r.stderr
+            .contains(r#"TASKER_LOG_FORMAT="xml" is not a log format: text (the default) or json"#),
+        "{}",
+        r.stderr
+    );
+}

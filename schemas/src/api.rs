@@ -78,6 +78,32 @@ pub struct TemplateView {
     pub template: Option<crate::Template>,
 }
 
+/// A live worker (`GET /v1/workers`), as its latest `worker_heartbeat` described it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkerView {
+    pub worker_id: crate::WorkerId,
+    /// Its name, as in results (`worker`).
+    pub name: String,
+    pub host: String,
+    pub sdk: String,
+    pub sdk_version: String,
+    pub queues: Vec<String>,
+    pub handlers: Vec<String>,
+    pub concurrency: u32,
+    pub in_flight: u32,
+    /// How often it announces itself; it is gone after 3 intervals without a word.
+    pub interval_ms: u64,
+    /// RFC 3339 UTC: its first and latest heartbeat.
+    pub first_seen: String,
+    pub last_seen: String,
+}
+
+/// `GET /v1/workers`: the live workers, newest first.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkerList {
+    pub workers: Vec<WorkerView>,
+}
+
 /// A task with its steps (`GET /v1/tasks/{id}`); lists have [`TaskSummary`] instead.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TaskView {

@@ -80,3 +80,7 @@ id_type!(
     /// The id a client gives an AMQP task request so a redelivery never creates a second task.
     RequestId
 );
+id_type!(
+    /// One worker process, chosen by the worker when it starts (its `worker_heartbeat`s).
+    WorkerId
+);

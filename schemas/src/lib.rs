@@ -28,11 +28,11 @@ pub mod template;
 pub mod topology;
 
 pub use data::{DataError, DataLimits};
-pub use ids::{MessageId, RequestId, StepId, TaskId};
+pub use ids::{MessageId, RequestId, StepId, TaskId, WorkerId};
 pub use message::{
     Cancel, DecodeError, EncodeError, Envelope, Failure, Heartbeat, Kind, LifecycleEvent, Outcome,
-    Payload, ResultBatch, Started, StepMessage, StepResult, TaskRequest, WorkerMessage, decode,
-    encode, encode_payload,
+    Payload, ResultBatch, Started, StepMessage, StepResult, TaskRequest, WorkerHeartbeat,
+    WorkerMessage, decode, encode, encode_payload,
 };
 pub use state::{AttemptOutcome, StepState, TaskState};
 pub use template::{

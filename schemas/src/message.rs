@@ -40,6 +40,7 @@ pub enum Kind {
     Heartbeat,
     Cancel,
     LifecycleEvent,
+    WorkerHeartbeat,
 }
 
 impl Kind {
@@ -53,6 +54,7 @@ impl Kind {
             Kind::Heartbeat => "heartbeat",
             Kind::Cancel => "cancel",
             Kind::LifecycleEvent => "lifecycle_event",
+            Kind::WorkerHeartbeat => "worker_heartbeat",
         }
     }
 }
@@ -173,7 +175,6 @@ pub const MAX_MESSAGE_DEPTH: usize = crate::data::MAX_DEPTH + 8;
 /// Reads exactly one MessagePack value: nesting is capped at [`MAX_MESSAGE_DEPTH`] (a deeply
 /// nested message must be an error, not a stack overflow), and trailing bytes are an error.
 fn from_slice<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
-    string_keys_only(bytes)?;
     let mut de = rmp_serde::Deserializer::new(std::io::Cursor::new(bytes));
     // rmp-serde fails when its counter reaches zero, so it allows one level less than it is given.
     de.set_max_depth(MAX_MESSAGE_DEPTH + 1);
@@ -294,7 +295,9 @@ pub fn decode<T: Payload>(bytes: &[u8]) -> Result<Envelope<T>, DecodeError> {
             expected: T::KIND.as_str().to_owned(),
         });
     }
-    from_slice(bytes).map_err(|error| DecodeError::InvalidPayload { kind, error })
+    string_keys_only(bytes)
+        .and_then(|()| from_slice(bytes))
+        .map_err(|error| DecodeError::InvalidPayload { kind, error })
 }
 
 /// A request to start a task, sent over AMQP to the task-request exchange.
@@ -503,6 +506,46 @@ impl Payload for LifecycleEvent {
     const KIND: Kind = Kind::LifecycleEvent;
 }
 
+/// A worker announcing itself to the registry: when it starts, every `interval_ms` while it
+/// runs, and with `stopping: true` when it shuts down gracefully. Sent to the results exchange
+/// with routing key [`crate::topology::WORKER_HEARTBEAT_ROUTING_KEY`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkerHeartbeat {
+    /// Chosen by the worker at start (a UUID); the same for every heartbeat of that process.
+    pub worker_id: crate::ids::WorkerId,
+    /// The worker's name (as in `result.worker`; at most 256 bytes).
+    pub worker: String,
+    /// Host name (at most 256 bytes).
+    #[serde(default)]
+    pub host: String,
+    /// Which SDK: `"rust"`, `"python"`, or another name (at most 64 bytes).
+    #[serde(default)]
+    pub sdk: String,
+    #[serde(default)]
+    pub sdk_version: String,
+    /// The step queues it consumes (template queue names, not AMQP queue names).
+    #[serde(default)]
+    pub queues: Vec<String>,
+    /// The handlers it runs.
+    #[serde(default)]
+    pub handlers: Vec<String>,
+    /// Steps it runs at once.
+    #[serde(default)]
+    pub concurrency: u32,
+    /// Steps running now.
+    #[serde(default)]
+    pub in_flight: u32,
+    /// How often it announces itself: it counts as gone after 3 intervals without a word.
+    pub interval_ms: u64,
+    /// A graceful shutdown: forget the worker now.
+    #[serde(default)]
+    pub stopping: bool,
+}
+
+impl Payload for WorkerHeartbeat {
+    const KIND: Kind = Kind::WorkerHeartbeat;
+}
+
 /// Anything a worker sends to the results exchange.
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
@@ -510,6 +553,7 @@ pub enum WorkerMessage {
     Results(Vec<StepResult>),
     Started(Started),
     Heartbeat(Heartbeat),
+    WorkerHeartbeat(WorkerHeartbeat),
 }
 
 impl WorkerMessage {
@@ -520,6 +564,7 @@ impl WorkerMessage {
             kind: kind.clone(),
             error,
         };
+        string_keys_only(bytes).map_err(bad)?;
         match kind.as_str() {
             "result" => {
                 let e: Envelope<StepResult> = from_slice(bytes).map_err(bad)?;
@@ -537,9 +582,13 @@ impl WorkerMessage {
                 let e: Envelope<Heartbeat> = from_slice(bytes).map_err(bad)?;
                 Ok((e.message_id, WorkerMessage::Heartbeat(e.payload)))
             }
+            "worker_heartbeat" => {
+                let e: Envelope<WorkerHeartbeat> = from_slice(bytes).map_err(bad)?;
+                Ok((e.message_id, WorkerMessage::WorkerHeartbeat(e.payload)))
+            }
             _ => Err(DecodeError::WrongKind {
                 found: kind.clone(),
-                expected: "result, result_batch, started or heartbeat".into(),
+                expected: "result, result_batch, started, heartbeat or worker_heartbeat".into(),
             }),
         }
     }

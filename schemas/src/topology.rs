@@ -90,6 +90,10 @@ impl Names {
 }
 
 /// Routing key of a result: `"{namespace}.{shard}"`.
+/// Routing key of a `worker_heartbeat` on the results exchange: bound to results queue 0 only
+/// (no namespace has a dot, and no shard is a word, so it collides with no result's key).
+pub const WORKER_HEARTBEAT_ROUTING_KEY: &str = "workers.heartbeat";
+
 pub fn result_routing_key(namespace: &str, shard: u16) -> String {
     format!("{namespace}.{shard}")
 }

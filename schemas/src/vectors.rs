@@ -271,11 +271,12 @@ fn decode_kind(kind: &str, bytes: &[u8]) -> Result<Value, DecodeError> {
         "heartbeat" => dec::<Heartbeat>(bytes),
         "cancel" => dec::<Cancel>(bytes),
         "lifecycle_event" => dec::<LifecycleEvent>(bytes),
+        "worker_heartbeat" => dec::<WorkerHeartbeat>(bytes),
         other => panic!("unknown kind {other:?} in the vectors"),
     }
 }
 
-const KINDS: [&str; 8] = [
+const KINDS: [&str; 9] = [
     "task_request",
     "step",
     "result",
@@ -284,6 +285,7 @@ const KINDS: [&str; 8] = [
     "heartbeat",
     "cancel",
     "lifecycle_event",
+    "worker_heartbeat",
 ];
 
 /// The bytes of each invalid vector, built from the valid ones as its description says.
@@ -552,6 +554,7 @@ fn valid_vectors_decode_and_encode() {
             "heartbeat" => check_valid::<Heartbeat>(v),
             "cancel" => check_valid::<Cancel>(v),
             "lifecycle_event" => check_valid::<LifecycleEvent>(v),
+            "worker_heartbeat" => check_valid::<WorkerHeartbeat>(v),
             other => panic!("unknown kind {other:?}"),
         }
     }
@@ -599,6 +602,14 @@ fn worker_messages_decode_from_the_vectors() {
                 assert_eq!(
                     got.unwrap(),
                     (id, WorkerMessage::Heartbeat(expected.payload))
+                );
+            }
+            "worker_heartbeat" => {
+                let expected: Envelope<WorkerHeartbeat> =
+                    serde_json::from_value(v.meaning()).unwrap();
+                assert_eq!(
+                    got.unwrap(),
+                    (id, WorkerMessage::WorkerHeartbeat(expected.payload))
                 );
             }
             _ => assert!(
@@ -1085,6 +1096,7 @@ fn kind_names_match_their_serde_names() {
         Kind::Heartbeat,
         Kind::Cancel,
         Kind::LifecycleEvent,
+        Kind::WorkerHeartbeat,
     ];
     for (kind, name) in kinds.into_iter().zip(KINDS) {
         assert_eq!(kind.as_str(), name);

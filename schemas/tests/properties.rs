@@ -87,6 +87,7 @@ fn required(kind: &str) -> &'static [&'static str] {
         "started" | "heartbeat" => &["task_id", "step_id", "attempt", "worker", "lease_ms"],
         "cancel" => &["task_id"],
         "lifecycle_event" => &["task_id", "namespace", "template", "seq", "state", "at"],
+        "worker_heartbeat" => &["worker_id", "worker", "interval_ms"],
         _ => &[],
     }
 }
@@ -102,6 +103,7 @@ fn decode_as(kind: &str, bytes: &[u8]) -> Result<(), DecodeError> {
         "heartbeat" => decode::<Heartbeat>(bytes).map(drop),
         "cancel" => decode::<Cancel>(bytes).map(drop),
         "lifecycle_event" => decode::<LifecycleEvent>(bytes).map(drop),
+        "worker_heartbeat" => decode::<tasker_schemas::WorkerHeartbeat>(bytes).map(drop),
         other => panic!("no decoder for {other}"),
     }
 }

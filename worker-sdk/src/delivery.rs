@@ -50,6 +50,9 @@ async fn handle(env: &SessionEnv, delivery: Delivery) {
         attempt = message.attempt,
         handler = %message.handler,
     );
+    // The handler's span continues the attempt's trace (its OpenTelemetry parent is the span
+    // of the step message's `traceparent`), when an OpenTelemetry layer is installed.
+    crate::telemetry::continue_trace(&span, traceparent_of(&delivery).as_ref());
     run_step(env, delivery, message).instrument(span).await
 }
 

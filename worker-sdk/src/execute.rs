@@ -27,7 +27,10 @@ pub(crate) async fn run_handler(
     };
     let step = ctx.step().to_owned();
     let cancel = ctx.cancellation_token().clone();
-    let mut task = AbortOnDropHandle::new(tokio::spawn(handler(ctx)));
+    // In the caller's span (the attempt's `step` span): the handler's own spans nest below it.
+    let mut task = AbortOnDropHandle::new(tokio::spawn(tracing::Instrument::in_current_span(
+        handler(ctx),
+    )));
     let joined = match tokio::time::timeout(Duration::from_millis(timeout_ms), &mut task).await {
         Ok(joined) => joined,
         Err(_) => {

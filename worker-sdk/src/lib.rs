@@ -113,7 +113,9 @@ pub mod context;
 mod delivery;
 mod execute;
 pub mod handler;
+mod registry;
 mod session;
+pub mod telemetry;
 pub mod worker;
 
 pub use context::StepContext;

@@ -58,6 +58,8 @@ pub(crate) struct Shared {
     pub(crate) long_steps: LongSteps,
     /// Tasks cancelled by an operator (from the cancel exchange).
     pub(crate) cancellations: crate::cancel::Cancellations,
+    /// What the worker announces to the registry.
+    pub(crate) identity: crate::registry::Identity,
 }
 
 impl Shared {
@@ -65,16 +67,16 @@ impl Shared {
         names: Names,
         worker: String,
         handlers: HashMap<String, DynHandler>,
-        concurrency: usize,
         limits: DataLimits,
         grace_period: Duration,
         long_steps: LongSteps,
+        identity: crate::registry::Identity,
     ) -> Self {
         Self {
             names,
             worker,
             handlers,
-            semaphore: Arc::new(Semaphore::new(concurrency)),
+            semaphore: Arc::new(Semaphore::new(identity.concurrency)),
             tracker: TaskTracker::new(),
             limits,
             grace_period,
@@ -83,6 +85,7 @@ impl Shared {
             publish_failures: AtomicU32::new(0),
             long_steps,
             cancellations: Default::default(),
+            identity,
         }
     }
 
@@ -316,6 +319,9 @@ impl Session {
             .iter()
             .map(|c| tokio::spawn(consume(c.queue.clone(), c.consumer.clone(), env.clone())))
             .collect();
+        let _announce = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
+            crate::registry::announce_loop(self.publisher.clone(), Arc::clone(shared)),
+        ));
         let cancel_loop = self.cancels.clone().map(|c| {
             tokio_util::task::AbortOnDropHandle::new(tokio::spawn(record_cancels(
                 c,
@@ -358,6 +364,19 @@ impl Session {
         }
         info!(worker = %shared.worker, "shutting down: stopped taking new steps");
         shared.drain().await;
+        // Leaving the registry at once (best effort: otherwise it forgets us after 3 intervals).
+        match tokio::time::timeout(
+            CONFIRM_WAIT,
+            crate::registry::announce(&self.publisher, shared, true),
+        )
+        .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                warn!(worker = %shared.worker, error = %e, "could not leave the worker registry")
+            }
+            Err(_) => warn!(worker = %shared.worker, "leaving the worker registry timed out"),
+        }
         match tokio::time::timeout(CONFIRM_WAIT, self.publisher.wait_for_confirms()).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {

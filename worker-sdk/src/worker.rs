@@ -136,6 +136,7 @@ pub struct WorkerBuilder {
     limits: DataLimits,
     long_steps: crate::session::LongSteps,
     amqp_ca: Option<AmqpCa>,
+    registry_interval: Duration,
 }
 
 /// CA certificates trusted for `amqps://` on top of the platform's roots.
@@ -195,6 +196,7 @@ impl WorkerBuilder {
                 heartbeat: DEFAULT_HEARTBEAT_INTERVAL,
             },
             amqp_ca: None,
+            registry_interval: crate::registry::DEFAULT_INTERVAL,
         }
     }
 
@@ -295,6 +297,13 @@ impl WorkerBuilder {
         self
     }
 
+    /// How often the worker announces itself to the worker registry (`worker_heartbeat`;
+    /// default 10 s, at least 100 ms). It counts as gone after 3 intervals without one.
+    pub fn registry_interval(mut self, every: Duration) -> Self {
+        self.registry_interval = every.max(Duration::from_millis(100));
+        self
+    }
+
     /// The worker's name, reported with every result (default `hostname-pid`; at most 256 bytes:
     /// the orchestrator refuses messages with a longer one, so `run` does too).
     pub fn name(mut self, name: impl Into<String>) -> Self {
@@ -363,6 +372,7 @@ impl WorkerBuilder {
             limits: self.limits,
             long_steps: self.long_steps,
             amqp_ca: self.amqp_ca,
+            registry_interval: self.registry_interval,
         }
     }
 }
@@ -380,6 +390,7 @@ pub struct Worker {
     limits: DataLimits,
     long_steps: crate::session::LongSteps,
     amqp_ca: Option<AmqpCa>,
+    registry_interval: Duration,
 }
 
 impl std::fmt::Debug for Worker {
@@ -485,10 +496,14 @@ impl Worker {
             self.names,
             self.name,
             self.handlers,
-            self.concurrency,
             self.limits,
             self.grace_period,
             self.long_steps,
+            crate::registry::Identity::new(
+                self.queues.clone(),
+                self.concurrency,
+                self.registry_interval,
+            ),
         ));
 
         let mut backoff = reconnect_backoff();

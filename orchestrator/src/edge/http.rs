@@ -64,6 +64,7 @@ pub fn router(shared: Shared) -> Router {
         .route("/tasks/{id}/cancel", post(cancel_task))
         .route("/tasks/{id}/retry", post(retry_task))
         .route("/tasks/{id}/steps/{step}/instances", get(list_instances))
+        .route("/workers", get(list_workers))
         .route_layer(middleware::from_fn_with_state(shared.clone(), authenticate))
         .method_not_allowed_fallback(method_not_allowed);
     Router::new()
@@ -389,6 +390,15 @@ async fn list_templates(
     Ok(Json(all.iter().map(|t| template_view(t, false)).collect()))
 }
 
+async fn list_workers(
+    State(shared): State<Shared>,
+) -> ApiResult<Json<tasker_schemas::api::WorkerList>> {
+    let workers = service::workers::live(&shared).await?;
+    Ok(Json(tasker_schemas::api::WorkerList {
+        workers: workers.into_iter().map(super::views::worker_view).collect(),
+    }))
+}
+
 async fn show_template(
     State(shared): State<Shared>,
     ApiPath((namespace, name)): ApiPath<(String, String)>,
@@ -400,9 +410,14 @@ async fn show_template(
 
 async fn submit_task(
     State(shared): State<Shared>,
+    headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<SubmitTask>,
 ) -> ApiResult<(StatusCode, Json<SubmitResponse>)> {
-    let created = service::tasks::submit(&shared, &req, None).await?;
+    // A W3C `traceparent` header: the task's trace continues the caller's.
+    let traceparent = headers
+        .get(tasker_schemas::message::HEADER_TRACEPARENT)
+        .and_then(|v| v.to_str().ok());
+    let created = service::tasks::submit_traced(&shared, &req, None, traceparent).await?;
     let status = if created.created {
         StatusCode::CREATED
     } else {

@@ -74,7 +74,18 @@ async fn handle_request(shared: &Shared, d: Delivery, shutdown: &CancellationTok
         priority: req.priority,
         task_id: req.task_id,
     };
-    let submitted = (|| tasks::submit(shared, &submit_req, Some(req.request_id)))
+    // The request's `traceparent` header: the task's trace continues it.
+    let traceparent = d
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(tasker_schemas::message::HEADER_TRACEPARENT))
+        .and_then(|v| match v {
+            lapin::types::AMQPValue::LongString(s) => Some(s.to_string()),
+            _ => None,
+        });
+    let (traceparent, request_id) = (traceparent.as_deref(), Some(req.request_id));
+    let submitted = (|| tasks::submit_traced(shared, &submit_req, request_id, traceparent))
         .retry(outage_backoff())
         // Pause this request rather than nack it: an outage must not burn deliveries.
         .when(|e: &ServiceError| e.is_retryable() && !shutdown.is_cancelled())

@@ -227,6 +227,8 @@ enum Work {
         worker: String,
         lease_ms: i64,
     },
+    /// A worker announcing itself (the registry).
+    Announce(Box<tasker_schemas::WorkerHeartbeat>),
     /// Undecodable: dead-letter with this reason.
     Bad(String),
 }
@@ -269,6 +271,12 @@ fn classify(delivery: Delivery) -> Item {
         }
         Ok((_, WorkerMessage::Started(s))) => lease(s.step_id, s.attempt, s.worker, s.lease_ms),
         Ok((_, WorkerMessage::Heartbeat(h))) => lease(h.step_id, h.attempt, h.worker, h.lease_ms),
+        Ok((_, WorkerMessage::WorkerHeartbeat(h))) => {
+            match worker_of(&h.worker).and_then(|()| crate::service::workers::check(&h)) {
+                Ok(()) => Work::Announce(Box::new(h)),
+                Err(reason) => Work::Bad(reason),
+            }
+        }
         Ok((_, other)) => Work::Bad(format!(
             "unsupported message on the results queue: {other:?}"
         )),
@@ -381,6 +389,7 @@ async fn apply_items(
                     worker,
                     lease_ms,
                 } => apply::record_started(shared, *step, *attempt, worker, *lease_ms).await?,
+                Work::Announce(h) => service::workers::record(shared, h).await?,
                 Work::Bad(_) => {}
             }
         }

@@ -66,6 +66,7 @@ pub fn task_view(d: TaskDetail) -> TaskView {
         steps,
         attempts,
         events,
+        live_handlers,
     } = d;
     let names: HashMap<Uuid, &str> = steps.iter().map(|s| (s.id, s.name.as_str())).collect();
     let mut by_step: HashMap<Uuid, Vec<AttemptView>> = HashMap::new();
@@ -118,7 +119,8 @@ pub fn task_view(d: TaskDetail) -> TaskView {
                 attempt: s.attempt as u32,
                 failures: s.failures as u32,
                 max_attempts: s.max_attempts as u32,
-                waiting_reason: waiting_reason(s, &steps, &names),
+                waiting_reason: waiting_reason(s, &steps, &names)
+                    .map(|r| r + &no_live_worker(s, live_handlers.as_ref())),
                 depends_on,
                 output: s.output.clone(),
                 error: s.error.clone(),
@@ -182,6 +184,33 @@ pub fn instance_list(rows: Vec<crate::store::dynamic::InstanceRow>, more: bool) 
     }
 }
 
+/// What the worker registry adds to why a queued, retrying or dispatched (not started) step
+/// waits: that
+/// no live worker runs its handler on its queue. Empty otherwise, or when no worker ever
+/// announced itself.
+fn no_live_worker(
+    s: &StepRow,
+    live: Option<&HashMap<String, std::collections::HashSet<String>>>,
+) -> String {
+    let waiting = matches!(s.state, StepState::Queued | StepState::Retrying)
+        || (s.state == StepState::Dispatched && s.started_at.is_none());
+    match live {
+        Some(live) if waiting && !live.get(&s.queue).is_some_and(|h| h.contains(&s.handler)) => {
+            format!(
+                "; no live worker runs handler {:?} on queue {:?} ({})",
+                s.handler,
+                s.queue,
+                if live.contains_key(&s.queue) {
+                    "the live workers on that queue lack it"
+                } else {
+                    "no live worker consumes that queue"
+                }
+            )
+        }
+        _ => String::new(),
+    }
+}
+
 /// "Why is this step not running?" in words, for every non-terminal state.
 fn waiting_reason(s: &StepRow, steps: &[StepRow], names: &HashMap<Uuid, &str>) -> Option<String> {
     match s.state {
@@ -229,5 +258,23 @@ fn waiting_reason(s: &StepRow, steps: &[StepRow], names: &HashMap<Uuid, &str>) -
             (None, None) => "delegated: reading the array from its parent's output".into(),
         }),
         _ => None,
+    }
+}
+
+/// A live worker of the registry.
+pub fn worker_view(w: crate::store::workers::WorkerRow) -> tasker_schemas::api::WorkerView {
+    tasker_schemas::api::WorkerView {
+        worker_id: tasker_schemas::WorkerId(w.worker_id),
+        name: w.name,
+        host: w.host,
+        sdk: w.sdk,
+        sdk_version: w.sdk_version,
+        queues: w.queues,
+        handlers: w.handlers,
+        concurrency: u32::try_from(w.concurrency).unwrap_or(0),
+        in_flight: u32::try_from(w.in_flight).unwrap_or(0),
+        interval_ms: u64::try_from(w.interval_ms).unwrap_or(0),
+        first_seen: rfc3339(w.first_seen),
+        last_seen: rfc3339(w.last_seen),
     }
 }

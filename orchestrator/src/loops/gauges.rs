@@ -15,6 +15,7 @@ impl Gauges {
         loop {
             if let Err(e) = gauges::refresh(&self.shared).await {
                 tracing::debug!(error = %e, "gauges not refreshed; will retry");
+                gauges::set_ready(&self.shared, false);
             }
             tokio::select! {
                 _ = shutdown.cancelled() => break,

@@ -40,11 +40,18 @@ pub struct ApplyReport {
     pub outcomes: Vec<AppliedOutcome>,
 }
 
-/// One applied outcome, as the metrics see it.
+/// One applied outcome, as the metrics (and the traces) see it.
 #[derive(Debug)]
 pub struct AppliedOutcome {
     pub namespace: String,
     pub outcome: &'static str,
+    /// The attempt, for its span (when traces are on).
+    pub task_id: Uuid,
+    pub step_id: Uuid,
+    pub step: String,
+    pub attempt: i32,
+    pub dispatched_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub applied_at: chrono::DateTime<chrono::Utc>,
     /// Admitted (dispatched) to now.
     pub end_to_end: Option<Duration>,
     /// The handler's run time the worker reported.
@@ -160,6 +167,12 @@ async fn apply_batch(
         .map(|c| AppliedOutcome {
             namespace: c.step.namespace.clone(),
             outcome: c.outcome.as_str(),
+            task_id: c.step.task_id,
+            step_id: c.step.id,
+            step: c.step.name.clone(),
+            attempt: c.step.attempt,
+            dispatched_at: c.step.dispatched_at,
+            applied_at: now,
             end_to_end: c.step.dispatched_at.and_then(|d| (now - d).to_std().ok()),
             execution: c.reported.duration_ms.map(Duration::from_millis),
         })
@@ -265,6 +278,23 @@ async fn after_commit(shared: &Shared, report: &ApplyReport) {
     if report.retries > 0 {
         Metrics::add(&m.counters.retries_scheduled_total, report.retries);
         shared.timers.notify_one();
+    }
+    if shared.traces.is_on() {
+        let attempts: Vec<crate::telemetry::Attempt> = report
+            .outcomes
+            .iter()
+            .map(|o| crate::telemetry::Attempt {
+                task_id: o.task_id,
+                step_id: o.step_id,
+                step: o.step.clone(),
+                namespace: o.namespace.clone(),
+                attempt: o.attempt,
+                outcome: o.outcome,
+                dispatched_at: o.dispatched_at,
+                ended_at: o.applied_at,
+            })
+            .collect();
+        shared.traces.record_attempts(&shared.db, &attempts).await;
     }
     events::announce(shared, &report.finished).await;
 }

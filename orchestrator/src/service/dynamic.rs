@@ -239,6 +239,8 @@ async fn start_child(
                     step_id: c.step_id,
                     depth,
                 }),
+                // A child workflow's task has a trace of its own.
+                trace_parent: None,
             };
             let Created {
                 task_id: child,

@@ -33,8 +33,9 @@ pub async fn announce_created(
     publish_event(shared, event).await;
 }
 
-/// Counts finished tasks and publishes their lifecycle events.
+/// Counts finished tasks, records their spans (traces on) and publishes their lifecycle events.
 pub async fn announce(shared: &Shared, finished: &[FinishedTask]) {
+    shared.traces.record_tasks(&shared.db, finished).await;
     let m = &shared.metrics;
     // A child workflow's task finished: the timers apply its end to its step.
     if finished.iter().any(|f| f.parent_step.is_some()) {

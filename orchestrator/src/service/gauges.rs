@@ -19,17 +19,40 @@ pub async fn refresh(shared: &Shared) -> Result<()> {
                 Vec::new()
             }
         };
+        // The registry: live workers per queue; rows of workers gone for 10 minutes go.
+        let mut per_queue: std::collections::BTreeMap<String, i64> = Default::default();
+        for w in crate::store::workers::live(&shared.db).await? {
+            for q in w.queues {
+                *per_queue.entry(q).or_default() += 1;
+            }
+        }
+        crate::store::workers::forget_gone(&shared.db, FORGET_AFTER_MS).await?;
         let snapshot = Snapshot {
             queues,
             tasks,
             dead_letters,
+            workers: per_queue.into_iter().collect(),
         };
         gauges::save(&shared.db, &snapshot).await?;
     }
     let s = gauges::load(&shared.db).await?;
     set(shared, &s);
+    set_ready(shared, shared.publisher.is_connected());
     shared.metrics.upkeep();
     Ok(())
+}
+
+/// Rows of workers gone this long (after their 3 intervals) are deleted.
+const FORGET_AFTER_MS: i64 = 10 * 60 * 1000;
+
+/// `tasker_ready`: 1 while this replica reaches its database (it just read the snapshot) and
+/// its broker link is up; 0 otherwise.
+pub fn set_ready(shared: &Shared, ready: bool) {
+    shared.metrics.set_gauges(
+        "tasker_ready",
+        &[],
+        &[(Vec::new(), if ready { 1.0 } else { 0.0 })],
+    );
 }
 
 fn set(shared: &Shared, s: &Snapshot) {
@@ -72,6 +95,14 @@ fn set(shared: &Shared, s: &Snapshot) {
                     t.running as f64,
                 )
             })
+            .collect::<Vec<_>>(),
+    );
+    m.set_gauges(
+        "tasker_workers_live",
+        &["queue"],
+        &s.workers
+            .iter()
+            .map(|(q, n)| (vec![q.clone()], *n as f64))
             .collect::<Vec<_>>(),
     );
     m.set_gauges(

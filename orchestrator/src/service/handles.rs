@@ -30,6 +30,8 @@ pub struct Shared {
     pub timers: Arc<Notify>,
     /// Ids of tasks that finished, on any replica (from Postgres NOTIFY).
     pub finished: broadcast::Sender<TaskId>,
+    /// The trace exporter (off unless an OTLP endpoint is configured).
+    pub traces: crate::telemetry::Traces,
 }
 
 /// Tells the dispatcher which queues may have admissible steps.

@@ -14,6 +14,7 @@
 //! | [`templates`] | registering and reading templates |
 //! | [`events`] | lifecycle events of finished tasks |
 //! | [`gauges`] | the gauges of `/metrics` |
+//! | [`workers`] | the worker registry |
 //! | [`timers`] | due retries, expired leases, the outbox relay |
 //! | [`reconcile`] | repairing tasks without a live owner, slot recounts, pruning |
 
@@ -27,6 +28,7 @@ pub mod reconcile;
 pub mod tasks;
 pub mod templates;
 pub mod timers;
+pub mod workers;
 
 mod handles;
 
@@ -35,6 +37,13 @@ pub use handles::{DispatchHandle, Pending, Shared};
 use crate::broker::BrokerError;
 use crate::store::StoreError;
 use tasker_schemas::{DataError, TaskId, TaskState, TemplateError};
+
+/// Refuses an argument that is not a valid name (1–128 of `A-Z a-z 0-9 _ -`): nothing by that
+/// name can exist, and PostgreSQL text cannot hold some of what is not (a NUL).
+pub(crate) fn name_arg(what: &str, name: &str) -> Result<()> {
+    tasker_schemas::template::validate_name(what, name)
+        .map_err(|e| ServiceError::InvalidRequest(e.to_string()))
+}
 
 /// What a service can fail with: the caller's mistakes (each its own variant) and the
 /// dependencies' faults ([`ServiceError::Store`], [`ServiceError::Broker`]), never mixed.

@@ -3,7 +3,7 @@
 //! message. If this process dies anywhere in between, the relay publishes the entry again.
 
 use super::{Pending, Shared};
-use crate::broker::{properties, traceparent, with_traceparent};
+use crate::broker::{properties, with_traceparent};
 use crate::store::outbox::{self, Admitted, MessageData};
 use crate::transition::{self, Finished};
 use serde_json::Value;
@@ -45,8 +45,14 @@ pub async fn publish_admitted(
             &m.namespace,
             shard_of(&m.task_id, shared.config.result_shards),
         );
-        // One trace per task; one span per attempt (the same again when the relay republishes).
-        let traceparent = traceparent(m.task_id, m.step_id, m.attempt as u32);
+        // One trace per task (continuing its submit request's, if any); one span per attempt
+        // (the same again when the relay republishes).
+        let traceparent = crate::telemetry::step_traceparent(
+            m.task_id,
+            m.trace_parent.as_deref(),
+            m.step_id,
+            m.attempt as u32,
+        );
         let envelope = Envelope::new(StepMessage {
             task_id: m.task_id,
             step_id: m.step_id,

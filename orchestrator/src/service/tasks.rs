@@ -24,18 +24,26 @@ fn no_nul(what: &str, text: &str) -> Result<()> {
     Ok(())
 }
 
-/// Refuses an argument that is not a valid name: nothing by that name can exist.
-pub(super) fn name_arg(what: &str, name: &str) -> Result<()> {
-    tasker_schemas::template::validate_name(what, name)
-        .map_err(|e| ServiceError::InvalidRequest(e.to_string()))
-}
-
 /// Validates and creates a task (or returns the existing one for an idempotent repeat).
 pub async fn submit(
     shared: &Shared,
     req: &SubmitTask,
     request_id: Option<RequestId>,
 ) -> Result<Created> {
+    submit_traced(shared, req, request_id, None).await
+}
+
+/// [`submit`] of a request that carried a W3C `traceparent`: the task's trace continues it (an
+/// invalid one is ignored: the trace starts at the task).
+pub async fn submit_traced(
+    shared: &Shared,
+    req: &SubmitTask,
+    request_id: Option<RequestId>,
+    traceparent: Option<&str>,
+) -> Result<Created> {
+    let trace_parent = traceparent
+        .and_then(crate::telemetry::TraceParent::parse)
+        .map(|t| t.to_header());
     // A bad namespace in a request is the request's fault, not a template's.
     tasker_schemas::template::validate_namespace(&req.namespace)
         .map_err(|e| ServiceError::InvalidRequest(e.to_string()))?;
@@ -73,6 +81,7 @@ pub async fn submit(
         priority: req.priority,
         task_id: req.task_id,
         parent: None,
+        trace_parent: trace_parent.as_deref(),
     };
     let mut tx = shared.db.begin().await?;
     let mut outcome = tasks::create(&mut tx, &new).await?;
@@ -290,9 +299,22 @@ pub async fn retry(shared: &Shared, id: TaskId) -> Result<()> {
 
 /// A task with its steps, attempts and history.
 pub async fn detail(shared: &Shared, id: TaskId) -> Result<TaskDetail> {
-    views::detail(&shared.db, id)
+    let mut d = views::detail(&shared.db, id)
         .await?
-        .ok_or(ServiceError::TaskNotFound(id))
+        .ok_or(ServiceError::TaskNotFound(id))?;
+    // Why a step waits may be that no live worker runs its handler.
+    let waits = d.steps.iter().any(|s| {
+        matches!(
+            s.state,
+            tasker_schemas::StepState::Queued
+                | tasker_schemas::StepState::Dispatched
+                | tasker_schemas::StepState::Retrying
+        )
+    });
+    if waits {
+        d.live_handlers = super::workers::live_handlers(shared).await?;
+    }
+    Ok(d)
 }
 
 /// A page of a mapped step's instances and whether more follow.
@@ -303,7 +325,7 @@ pub async fn instances(
     after: Option<i32>,
     limit: i64,
 ) -> Result<(Vec<crate::store::dynamic::InstanceRow>, bool)> {
-    name_arg("step", step)?;
+    super::name_arg("step", step)?;
     views::instances(&shared.db, id, step, after, limit)
         .await?
         .ok_or_else(|| ServiceError::StepNotFound {
@@ -322,10 +344,10 @@ pub async fn state(shared: &Shared, id: TaskId) -> Result<TaskState> {
 /// Tasks newest first: a page and whether more follow.
 pub async fn list(shared: &Shared, filter: &ListFilter) -> Result<(Vec<TaskSummaryRow>, bool)> {
     if let Some(n) = &filter.namespace {
-        name_arg("namespace", n)?;
+        super::name_arg("namespace", n)?;
     }
     if let Some(t) = &filter.template {
-        name_arg("template", t)?;
+        super::name_arg("template", t)?;
     }
     Ok(views::list(&shared.db, filter).await?)
 }

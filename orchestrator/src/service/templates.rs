@@ -51,8 +51,8 @@ pub async fn find(
     name: &str,
     version: Option<u32>,
 ) -> Result<StoredTemplate> {
-    super::tasks::name_arg("namespace", namespace)?;
-    super::tasks::name_arg("template", name)?;
+    super::name_arg("namespace", namespace)?;
+    super::name_arg("template", name)?;
     match shared
         .templates
         .find(&shared.db, namespace, name, version)
@@ -151,7 +151,7 @@ pub fn edit_distance(a: &str, b: &str) -> usize {
 /// Every registered template version (newest first per name), optionally of one namespace.
 pub async fn list(shared: &Shared, namespace: Option<&str>) -> Result<Vec<StoredTemplate>> {
     if let Some(n) = namespace {
-        super::tasks::name_arg("namespace", n)?;
+        super::name_arg("namespace", n)?;
     }
     Ok(templates::list(&shared.db, namespace).await?)
 }

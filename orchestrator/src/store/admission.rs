@@ -203,7 +203,7 @@ pub async fn admit_locked(
          )
          SELECT e.outbox_id, a.id, a.task_id, a.namespace, t.template_name, a.name, a.handler,
                 a.queue, a.attempt, a.state, a.execution_timeout_ms, a.map_index, a.map_item, a.failure,
-                z.bytes AS data_bytes,
+                t.trace_parent, z.bytes AS data_bytes,
                 CASE WHEN z.bytes <= $4 THEN t.context END AS context,
                 CASE WHEN z.bytes > $4 THEN NULL WHEN a.map_of IS NULL THEN
                     (SELECT coalesce(jsonb_object_agg(p.name, coalesce(p.output, 'null'::jsonb)), '{}'::jsonb)

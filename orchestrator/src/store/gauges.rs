@@ -35,6 +35,9 @@ pub struct Snapshot {
     pub tasks: Vec<TaskFigures>,
     /// Messages waiting per dead-letter queue.
     pub dead_letters: Vec<(String, i64)>,
+    /// Live workers per queue they consume (the registry).
+    #[serde(default)]
+    pub workers: Vec<(String, i64)>,
 }
 
 /// Takes this interval's turn to compute the snapshot: true for the one replica whose update

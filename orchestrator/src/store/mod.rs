@@ -12,6 +12,7 @@
 //! | [`reconcile`] | finding and repairing inconsistent tasks, slot recounts, pruning |
 //! | [`tasks`] | creating tasks (idempotent), cancel and retry writes, task history |
 //! | [`views`] | rows read for the API |
+//! | [`workers`] | the worker registry |
 //! | [`gauges`] | the counts behind the gauges of `/metrics`, and their shared snapshot |
 //! | [`templates`] | template versions |
 //!
@@ -32,6 +33,7 @@ pub mod tasks;
 pub mod templates;
 pub mod timers;
 pub mod views;
+pub mod workers;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 

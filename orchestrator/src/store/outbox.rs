@@ -40,11 +40,13 @@ pub struct MessageData {
     /// Over the limit the loader was given, `context` and `parent_outputs` are left empty: the
     /// message is refused before it is assembled.
     pub data_bytes: i64,
+    /// The task's submit `traceparent` (`tasks.trace_parent`): the trace its messages are in.
+    pub trace_parent: Option<String>,
 }
 
 impl MessageData {
     /// From a row with the step's columns (`map_index` and `map_item` among them),
-    /// `template_name`, `context` and `parent_outputs`.
+    /// `template_name`, `trace_parent`, `context` and `parent_outputs`.
     pub(super) fn from_row(r: &sqlx::postgres::PgRow) -> Self {
         let parent_outputs = match r.get::<Option<Value>, _>("parent_outputs") {
             Some(Value::Object(m)) => m,
@@ -67,6 +69,7 @@ impl MessageData {
             map_item: r.get("map_item"),
             failure: r.get("failure"),
             data_bytes: r.get("data_bytes"),
+            trace_parent: r.get("trace_parent"),
         }
     }
 }
@@ -82,7 +85,7 @@ pub async fn load_messages(
     let rows = sqlx::query(
         "SELECT s.id, s.task_id, s.namespace, t.template_name, s.name, s.handler, s.queue, s.attempt,
                 s.state, s.execution_timeout_ms, s.map_index, s.map_item, s.failure,
-                z.bytes AS data_bytes,
+                t.trace_parent, z.bytes AS data_bytes,
                 CASE WHEN z.bytes <= $2 THEN t.context END AS context,
                 CASE WHEN z.bytes > $2 THEN NULL WHEN s.map_of IS NULL THEN
                     (SELECT coalesce(jsonb_object_agg(p.name, coalesce(p.output, 'null'::jsonb)), '{}'::jsonb)

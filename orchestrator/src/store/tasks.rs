@@ -24,6 +24,8 @@ pub struct NewTask<'a> {
     pub task_id: Option<TaskId>,
     /// A child workflow's task: the step that runs it.
     pub parent: Option<ParentLink>,
+    /// The submit request's W3C `traceparent` (validated): the task's trace continues it.
+    pub trace_parent: Option<&'a str>,
 }
 
 /// The step a child workflow's task runs for.
@@ -134,9 +136,9 @@ pub async fn create(tx: &mut PgConnection, new: &NewTask<'_>) -> Result<CreateOu
              INSERT INTO tasks (id, namespace, template_id, template_name, template_version, state,
                                 priority, context, idempotency_key, request_id, request_hash,
                                 unfinished_steps, on_failure, parent_task_id, parent_step_id,
-                                depth)
+                                depth, trace_parent)
              VALUES ($1, $2, $3, $4, $5, $13, $6, $7, $8, $9, $10, $11, $15, $16, $17,
-                     coalesce($18, 0))
+                     coalesce($18, 0), $19)
              ON CONFLICT DO NOTHING
              RETURNING id
          ), task_steps AS (
@@ -178,6 +180,7 @@ pub async fn create(tx: &mut PgConnection, new: &NewTask<'_>) -> Result<CreateOu
     .bind(new.parent.map(|p| p.task_id))
     .bind(new.parent.map(|p| p.step_id))
     .bind(new.parent.map(|p| p.depth))
+    .bind(new.trace_parent)
     .fetch_optional(&mut *tx)
     .await?;
 

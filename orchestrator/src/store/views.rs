@@ -83,6 +83,9 @@ pub struct TaskDetail {
     pub steps: Vec<StepRow>,
     pub attempts: Vec<AttemptRow>,
     pub events: Vec<EventRow>,
+    /// The handlers live workers run, per queue (the worker registry); `None` when no worker
+    /// ever announced itself. Set by the service.
+    pub live_handlers: Option<std::collections::HashMap<String, std::collections::HashSet<String>>>,
 }
 
 /// The state of a task, or `None` if there is no such task.
@@ -135,6 +138,7 @@ pub async fn detail(db: &sqlx::PgPool, id: TaskId) -> Result<Option<TaskDetail>>
         steps,
         attempts,
         events,
+        live_handlers: None,
     }))
 }
 

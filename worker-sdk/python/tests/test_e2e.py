@@ -309,6 +309,41 @@ async def test_graceful_shutdown_finishes_the_running_step(tasker: TaskerTestEnv
     assert s["attempt"] == 1 and s["output"] == "done"
 
 
+async def test_the_worker_registry_lists_a_live_worker_until_it_stops(
+    tasker: TaskerTestEnv,
+) -> None:
+    _, queue, w = setup(tasker, [{"name": "s", "handler": "s"}], registry_interval=0.2)
+
+    @w.handler("s")
+    async def s(ctx: StepContext) -> None:
+        return None
+
+    client = tasker.async_client()
+    run = asyncio.ensure_future(w.run())
+    await w.wait_ready()
+    mine: list[dict[str, Any]] = []
+    for _ in range(100):
+        mine = [x for x in await client.workers() if x["worker_id"] == w.worker_id]
+        if mine:
+            break
+        await asyncio.sleep(0.05)
+    assert len(mine) == 1, mine
+    me = mine[0]
+    assert me["sdk"] == "python" and me["name"] == w.name
+    assert me["queues"] == [queue] and me["handlers"] == ["s"]
+    assert me["interval_ms"] == 200 and me["concurrency"] == w.concurrency
+    w.stop()  # a graceful stop leaves the registry at once
+    await asyncio.wait_for(run, 10)
+    gone = True
+    for _ in range(50):
+        gone = not [x for x in await client.workers() if x["worker_id"] == w.worker_id]
+        if gone:
+            break
+        await asyncio.sleep(0.05)
+    await client.aclose()
+    assert gone, "a stopped worker is no longer listed"
+
+
 async def test_grace_period_over_returns_the_step_to_its_queue(tasker: TaskerTestEnv) -> None:
     name, _, w = setup(tasker, [{"name": "stuck", "handler": "stuck"}], grace_period=0.3)
     started = asyncio.Event()

@@ -323,6 +323,11 @@ class Client:
             builtins.list[dict[str, Any]], self._request("GET", "/v1/templates", params=params)
         )
 
+    def workers(self) -> builtins.list[dict[str, Any]]:
+        """The live workers (the worker registry, `GET /v1/workers`), newest first."""
+        body = cast(dict[str, Any], self._request("GET", "/v1/workers"))
+        return cast(builtins.list[dict[str, Any]], body["workers"])
+
 
 class AsyncClient:
     """The orchestrator's HTTP API, for asyncio (same methods as [`Client`], awaited)."""
@@ -471,6 +476,11 @@ class AsyncClient:
         return cast(
             dict[str, Any], await self._request("POST", "/v1/templates", json=dict(template))
         )
+
+    async def workers(self) -> builtins.list[dict[str, Any]]:
+        """The live workers (the worker registry, `GET /v1/workers`), newest first."""
+        body = cast(dict[str, Any], await self._request("GET", "/v1/workers"))
+        return cast(builtins.list[dict[str, Any]], body["workers"])
 
 
 def task_request(

@@ -41,6 +41,7 @@ KINDS: Final = (
     "heartbeat",
     "cancel",
     "lifecycle_event",
+    "worker_heartbeat",
 )
 
 HEADER_PUBLISHED_MS: Final = "x-tasker-published-ms"
@@ -428,7 +429,23 @@ PAYLOADS: Final[Mapping[str, tuple[_Field, ...]]] = {
         _opt("output", _json),
         _opt("error", _str),
     ),
+    "worker_heartbeat": (
+        _f("worker_id", _uuid),
+        _f("worker", _str),
+        _opt("host", _str, ""),
+        _opt("sdk", _str, ""),
+        _opt("sdk_version", _str, ""),
+        _opt("queues", _str_list, list),
+        _opt("handlers", _str_list, list),
+        _opt("concurrency", _u32, 0),
+        _opt("in_flight", _u32, 0),
+        _f("interval_ms", _u64),
+        _opt("stopping", _bool, False),
+    ),
 }
+
+#: Routing key of a `worker_heartbeat` on the results exchange (the worker registry, §5).
+WORKER_HEARTBEAT_ROUTING_KEY: Final = "workers.heartbeat"
 
 
 # --- envelopes ------------------------------------------------------------------------------

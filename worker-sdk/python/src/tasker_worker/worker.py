@@ -17,6 +17,7 @@ import inspect
 import logging
 import random
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -150,6 +151,16 @@ def _published_ms(headers: dict[str, Any] | None) -> int | None:
     if isinstance(v, int):
         return v if v >= 0 else None
     return None
+
+
+#: Default interval between `worker_heartbeat`s; a worker counts as gone after 3 missed ones.
+DEFAULT_REGISTRY_INTERVAL = 10.0
+_SDK_VERSION = "0.1.0"
+
+
+@functools.lru_cache(maxsize=1)
+def _host_name() -> str:
+    return socket.gethostname().replace("\0", "")[:200]
 
 
 def _failed(message: str, retryable: bool) -> dict[str, Any]:
@@ -378,6 +389,7 @@ class Worker:
         max_output_bytes: int = wire.DEFAULT_MAX_OUTPUT_BYTES,
         reconnect_delay: tuple[float, float] = (0.1, 0.5),
         ca_cert: str | None = None,
+        registry_interval: float = DEFAULT_REGISTRY_INTERVAL,
     ) -> None:
         if isinstance(queues, str):  # a single queue name, not its characters
             queues = [queues]
@@ -399,6 +411,10 @@ class Worker:
         self.heartbeat_interval = max(0.01, heartbeat_interval)
         self.max_output_bytes = max_output_bytes
         self.reconnect_delay = reconnect_delay
+        #: How often the worker announces itself to the worker registry (`worker_heartbeat`).
+        self.registry_interval = max(0.1, registry_interval)
+        #: This process in the worker registry.
+        self.worker_id = wire.uuid7()
         self.stats = WorkerStats()
         self._handlers: dict[str, _HandlerEntry] = {}
         self._cancels = _Cancels()
@@ -663,11 +679,13 @@ class Worker:
         assert self._stop is not None
         stop_wait = asyncio.ensure_future(self._stop.wait())
         lost_wait = asyncio.ensure_future(session.lost.wait())
+        announce = asyncio.ensure_future(self._announce_loop(session))
         try:
             await asyncio.wait({stop_wait, lost_wait}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stop_wait.cancel()
             lost_wait.cancel()
+            announce.cancel()
         if session.lost.is_set() and not self._stop.is_set():
             # Closing the connection returns every unacknowledged message to its queue, so the
             # short steps still running here will run again: ask them to stop.
@@ -680,6 +698,49 @@ class Worker:
         await self._shutdown(session)
         return True
 
+    def _heartbeat(self, stopping: bool) -> dict[str, Any]:
+        free = self._sem._value if self._sem is not None else self.concurrency
+        return {
+            "worker_id": self.worker_id,
+            "worker": self.name,
+            "host": _host_name(),
+            "sdk": "python",
+            "sdk_version": _SDK_VERSION,
+            "queues": list(self.queues),
+            "handlers": sorted(self._handlers),
+            "concurrency": self.concurrency,
+            "in_flight": max(0, self.concurrency - free),
+            "interval_ms": int(self.registry_interval * 1000),
+            "stopping": stopping,
+        }
+
+    async def _announce(self, session: _Session, stopping: bool = False) -> None:
+        """Publishes one `worker_heartbeat` (the worker registry, CONTRACT §5), confirmed."""
+        message_id = wire.uuid7()
+        body = wire.encode("worker_heartbeat", self._heartbeat(stopping), message_id)
+        await _publish(
+            session.raw_publisher,
+            self.names.results_exchange,
+            wire.WORKER_HEARTBEAT_ROUTING_KEY,
+            body,
+            _properties("worker_heartbeat", message_id),
+        )
+
+    async def _announce_loop(self, session: _Session) -> None:
+        """Announces the worker now and every `registry_interval` while the session runs."""
+        warned = -60.0
+        while True:
+            try:
+                await self._announce(session)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                # An orchestrator older than the registry has no binding for it: once a minute.
+                if time.monotonic() - warned >= 60:
+                    log.warning("worker heartbeat not delivered: %r", e)
+                    warned = time.monotonic()
+            await asyncio.sleep(self.registry_interval)
+
     async def _shutdown(self, session: _Session) -> None:
         session.stopping = True
         for _channel, raw, queue_name, tag in session.consumers:
@@ -689,6 +750,11 @@ class Worker:
                 log.warning("cannot cancel the consumer of %s: %r", queue_name, e)
         log.info("worker %s shutting down: stopped taking new steps", self.name)
         await self._drain()
+        # Leave the worker registry at once (best effort: it forgets us after 3 intervals).
+        try:
+            await asyncio.wait_for(self._announce(session, stopping=True), CONFIRM_WAIT)
+        except Exception as e:
+            log.warning("could not leave the worker registry: %r", e)
         await session.results.close(CONFIRM_WAIT)
         for channel, _raw, _queue, _tag in session.consumers:
             with contextlib.suppress(Exception):
