@@ -958,6 +958,76 @@ pub fn counter_totals(text: &str) -> std::collections::BTreeMap<String, f64> {
     totals
 }
 
+/// Starts `tasker serve` from `bin` as a child process on a free port, with only the `TASKER_*`
+/// settings in `env` (none from this shell: no config file or API keys leak in), its output
+/// appended to `log`. Returns once `/ready` answers (at most 60 s), with the API URL; the child
+/// is killed when dropped. A start that fails says why with the end of the log.
+pub async fn spawn_serve(
+    bin: &std::path::Path,
+    env: &[(String, String)],
+    log: &std::path::Path,
+) -> Result<(tokio::process::Child, String)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("cannot open {}", log.display()))?;
+    let mut cmd = tokio::process::Command::new(bin);
+    cmd.arg("serve");
+    for (k, _) in std::env::vars() {
+        if k.starts_with("TASKER_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.envs(env.iter().map(|(k, v)| (k, v)))
+        .env("TASKER_HTTP_ADDR", format!("127.0.0.1:{port}"))
+        .stdin(std::process::Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .kill_on_drop(true);
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))?;
+    let tail = || {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    };
+    let http = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "the orchestrator exited at start ({status}); the end of its log ({}):\n{}",
+                log.display(),
+                tail()
+            );
+        }
+        if let Ok(r) = http
+            .get(format!("{url}/ready"))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            && r.status().is_success()
+        {
+            return Ok((child, url));
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill().await;
+            bail!(
+                "the orchestrator was not ready within 60 s; the end of its log ({}):\n{}",
+                log.display(),
+                tail()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::replace_database;

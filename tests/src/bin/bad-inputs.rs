@@ -58,7 +58,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::process::{ExitCode, Stdio};
+use std::process::ExitCode;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use tasker_schemas::api::{ErrorBody, SubmitResponse, SubmitTask};
@@ -1249,58 +1249,7 @@ struct Orch {
 
 impl Orch {
     async fn spawn(bin: &Path, env: Vec<(String, String)>, log: &Path) -> Result<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let url = format!("http://127.0.0.1:{port}");
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .with_context(|| format!("cannot open {}", log.display()))?;
-        let mut cmd = tokio::process::Command::new(bin);
-        cmd.arg("serve");
-        // Only what is set here: no config file or API keys from this shell.
-        for (k, _) in std::env::vars() {
-            if k.starts_with("TASKER_") {
-                cmd.env_remove(k);
-            }
-        }
-        cmd.envs(env.iter().map(|(k, v)| (k, v)))
-            .env("TASKER_HTTP_ADDR", format!("127.0.0.1:{port}"))
-            .stdin(Stdio::null())
-            .stdout(file.try_clone()?)
-            .stderr(file)
-            .kill_on_drop(true);
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {}", bin.display()))?;
-        let http = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = child.try_wait()? {
-                bail!(
-                    "the orchestrator exited at start ({status}); see {}",
-                    log.display()
-                );
-            }
-            if let Ok(r) = http
-                .get(format!("{url}/ready"))
-                .timeout(Duration::from_secs(2))
-                .send()
-                .await
-                && r.status().is_success()
-            {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "the orchestrator was not ready within 60 s; see {}",
-                    log.display()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let (child, url) = tasker_tests::spawn_serve(bin, &env, log).await?;
         Ok(Self {
             child,
             url,

@@ -5,10 +5,9 @@
 use anyhow::{Context, Result, bail};
 use sqlx::PgPool;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tasker_schemas::Names;
 use tasker_tests::replace_database;
 
@@ -247,61 +246,13 @@ async fn spawn_orchestrator(
     settings: &[(String, String)],
     log_path: &Path,
 ) -> Result<(tokio::process::Child, String)> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let api_url = format!("http://127.0.0.1:{port}");
-    let log = std::fs::File::create(log_path)
-        .with_context(|| format!("cannot create {}", log_path.display()))?;
-    let mut cmd = tokio::process::Command::new(bin);
-    cmd.arg("serve");
-    // Only what we set: no config file or API keys leaking in from this shell.
-    for (k, _) in std::env::vars() {
-        if k.starts_with("TASKER_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env("TASKER_DATABASE_URL", database_url)
-        .env("TASKER_AMQP_URL", amqp_url)
-        .env("TASKER_PREFIX", prefix)
-        .env("TASKER_HTTP_ADDR", format!("127.0.0.1:{port}"));
-    for (k, v) in settings {
-        cmd.env(k, v);
-    }
-    cmd.stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .kill_on_drop(true);
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("cannot start {}", bin.display()))?;
-    let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(status) = child.try_wait()? {
-            bail!(
-                "the orchestrator exited at start ({status}); its log:\n{}",
-                log_tail(log_path)
-            );
-        }
-        if let Ok(r) = http
-            .get(format!("{api_url}/ready"))
-            .timeout(Duration::from_secs(2))
-            .send()
-            .await
-            && r.status().is_success()
-        {
-            return Ok((child, api_url));
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill().await;
-            bail!(
-                "the orchestrator was not ready within 60 s; its log:\n{}",
-                log_tail(log_path)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let mut env: Vec<(String, String)> = vec![
+        ("TASKER_DATABASE_URL".into(), database_url.into()),
+        ("TASKER_AMQP_URL".into(), amqp_url.into()),
+        ("TASKER_PREFIX".into(), prefix.into()),
+    ];
+    env.extend(settings.iter().cloned());
+    tasker_tests::spawn_serve(bin, &env, log_path).await
 }
 
 fn log_tail(path: &Path) -> String {
