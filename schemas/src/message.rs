@@ -416,6 +416,11 @@ pub struct StepResult {
     #[serde(default)]
     pub duration_ms: u64,
     pub outcome: Outcome,
+    /// Since 1.1, in a `result_batch` entry: the W3C `traceparent` of the step message this
+    /// result answers (a batch mixes several attempts, so one AMQP header cannot carry them).
+    /// Left out when absent; a single `result` carries it in the AMQP header instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 impl Outcome {

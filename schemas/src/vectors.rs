@@ -1170,6 +1170,7 @@ fn sample_result(outcome: Outcome) -> StepResult {
         worker: "host-1:99".into(),
         duration_ms: u64::MAX,
         outcome,
+        traceparent: None,
     }
 }
 

@@ -118,6 +118,7 @@ async fn worker_dies_after_result_before_ack() -> anyhow::Result<()> {
         worker: "doomed".into(),
         duration_ms: 1,
         outcome: Outcome::succeeded(json!("first")),
+        traceparent: None,
     };
     ch.basic_publish(
         h.names().results_exchange().into(),
@@ -181,6 +182,7 @@ async fn result_committed_but_not_acked() -> anyhow::Result<()> {
             worker: "redelivery".into(),
             duration_ms: 1,
             outcome: Outcome::succeeded(json!("again")),
+            traceparent: None,
         };
         let conn = lapin::Connection::connect(&h.services.amqp_url, Default::default()).await?;
         let ch = conn.create_channel().await?;

@@ -401,6 +401,7 @@ async fn stale_results_are_counted_and_logged() -> anyhow::Result<()> {
         worker: "w".into(),
         duration_ms: 1,
         outcome: Outcome::succeeded(json!("SECRET-OUTPUT")),
+        traceparent: None,
     };
     let step = result.step_id.to_string();
     publish_raw(

@@ -114,6 +114,7 @@ async fn out_of_range_numbers_get_a_clear_error() -> anyhow::Result<()> {
         worker: "w".into(),
         duration_ms: 1,
         outcome: Outcome::succeeded(json!(1)),
+        traceparent: None,
     };
     let started = tasker_schemas::Started {
         task_id: TaskId::new(),
@@ -168,6 +169,7 @@ async fn duplicate_and_stale_results_are_ignored() -> anyhow::Result<()> {
         worker: "impostor".into(),
         duration_ms: 1,
         outcome: Outcome::succeeded(output),
+        traceparent: None,
     };
     let before = h.shared(0).metrics.value("tasker_results_stale_total") as u64;
     // A duplicate of the applied attempt, and a result for an attempt that never existed.
@@ -358,6 +360,7 @@ async fn an_overlong_worker_name_is_dead_lettered_with_the_limit() -> anyhow::Re
         worker: "w".repeat(300),
         duration_ms: 1,
         outcome: Outcome::succeeded(json!(1)),
+        traceparent: None,
     };
     let started = tasker_schemas::Started {
         task_id: TaskId::new(),

@@ -89,6 +89,15 @@ async fn run(channel: Channel, exchange: String, mut rx: mpsc::Receiver<Outgoing
             };
             match messages.iter_mut().find(fits) {
                 Some(m) => {
+                    // A batch carries each entry's traceparent in the entry (one AMQP header
+                    // cannot carry several): the first entry's too, once it has company.
+                    if m.single.is_some()
+                        && let Some(first) = m.results.first_mut()
+                    {
+                        first.traceparent = m.traceparent.as_ref().and_then(header_text);
+                    }
+                    let mut result = result;
+                    result.traceparent = o.traceparent.as_ref().and_then(header_text);
                     m.results.push(result);
                     m.single = None;
                     m.bytes += bytes.len();
@@ -190,11 +199,21 @@ mod tests {
             worker: "w".into(),
             duration_ms: 5,
             outcome: Outcome::succeeded(json!({"a": 1})),
+            traceparent: None,
         };
         let (checked, message_id, bytes) = checked(result.clone()).unwrap();
         assert_eq!(checked, result);
         let decoded = decode::<StepResult>(&bytes).unwrap();
         assert_eq!(decoded.payload, result);
         assert_eq!(decoded.message_id, message_id);
+    }
+}
+
+/// The text of a `traceparent` header value.
+fn header_text(v: &AMQPValue) -> Option<String> {
+    match v {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
     }
 }

@@ -173,6 +173,7 @@ async fn run_step(env: &SessionEnv, delivery: Delivery, message: StepMessage) {
         worker: shared.worker.clone(),
         duration_ms,
         outcome,
+        traceparent: None,
     };
     match delivery {
         Some(delivery) => report(env, delivery, result, &routing_key, ids.traceparent).await,

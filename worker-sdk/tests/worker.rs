@@ -759,8 +759,16 @@ async fn results_finishing_together_are_batched() -> Result<()> {
             }),
     );
     let steps: Vec<_> = (0..N).map(|_| b.step("together")).collect();
+    // Each step message with its own traceparent: a batch carries each in its entry.
+    let trace_of = |id: StepId| {
+        format!(
+            "00-{}-{}-01",
+            id.0.simple(),
+            &id.0.simple().to_string()[16..]
+        )
+    };
     for s in &steps {
-        b.publish_step(s).await?;
+        b.publish_step_traced(s, &trace_of(s.step_id)).await?;
     }
     let (mut messages, mut batches) = (0, 0);
     let mut seen: HashMap<StepId, Outcome> = HashMap::new();
@@ -782,6 +790,26 @@ async fn results_finishing_together_are_batched() -> Result<()> {
                 props.kind().as_ref().map(|k| k.as_str()),
                 Some(Kind::ResultBatch.as_str())
             );
+            for r in &results {
+                assert_eq!(
+                    r.traceparent,
+                    Some(trace_of(r.step_id)),
+                    "a batch entry's trace"
+                );
+            }
+        } else {
+            let header = props
+                .headers()
+                .as_ref()
+                .and_then(|h| h.inner().get("traceparent").cloned());
+            assert_eq!(
+                header,
+                Some(lapin::types::AMQPValue::LongString(
+                    trace_of(results[0].step_id).into()
+                )),
+                "a single result's trace is its header"
+            );
+            assert_eq!(results[0].traceparent, None);
         }
         for r in results {
             assert!(

@@ -243,7 +243,7 @@ pub async fn cancel(shared: &Shared, id: TaskId, reason: Option<String>) -> Resu
                 .send_event(&shared.names.cancel_exchange(), "", &bytes, props)
                 .await
             {
-                tracing::warn!(error = %e, "could not publish cancel message");
+                tracing::warn!(task_id = %task_id, error = %e, "could not publish cancel message");
             }
         }
         tracing::info!(task_id = %task_id, steps_cancelled = steps, "task cancel requested");

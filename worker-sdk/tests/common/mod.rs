@@ -235,8 +235,40 @@ impl Broker {
         self.publish_raw(&step.queue, &bytes).await
     }
 
+    /// Publishes a step message with a W3C `traceparent` header, confirmed.
+    pub async fn publish_step_traced(&self, step: &StepMessage, traceparent: &str) -> Result<()> {
+        let bytes = encode_payload(step.clone())?;
+        let mut headers = lapin::types::FieldTable::default();
+        headers.insert(
+            tasker_schemas::message::HEADER_TRACEPARENT.into(),
+            lapin::types::AMQPValue::LongString(traceparent.into()),
+        );
+        self.publish_with(
+            &step.queue,
+            &bytes,
+            BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_headers(headers),
+        )
+        .await
+    }
+
     /// Publishes bytes to the steps exchange, confirmed.
     pub async fn publish_raw(&self, queue: &str, bytes: &[u8]) -> Result<()> {
+        self.publish_with(
+            queue,
+            bytes,
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+    }
+
+    async fn publish_with(
+        &self,
+        queue: &str,
+        bytes: &[u8],
+        properties: BasicProperties,
+    ) -> Result<()> {
         let confirm = self
             .channel
             .basic_publish(
@@ -247,7 +279,7 @@ impl Broker {
                     ..Default::default()
                 },
                 bytes,
-                BasicProperties::default().with_delivery_mode(2),
+                properties,
             )
             .await?
             .await?;

@@ -362,6 +362,7 @@ _RESULT = (
     _f("worker", _str),
     _opt("duration_ms", _u64, 0),
     _f("outcome", _outcome),
+    _omit("traceparent", _str),
 )
 
 

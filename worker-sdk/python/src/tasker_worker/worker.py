@@ -167,6 +167,13 @@ def _failed(message: str, retryable: bool) -> dict[str, Any]:
     return {"status": "failed", "message": message, "retryable": retryable, "retry_after_ms": None}
 
 
+def _text(header: Any) -> str | None:
+    """A header value as text (AMQP long strings may arrive as bytes)."""
+    if isinstance(header, bytes):
+        return header.decode("utf-8", "replace")
+    return header if isinstance(header, str) else None
+
+
 def _properties(kind: str, message_id: str, traceparent: Any = None) -> Basic.Properties:
     """AMQP properties of what a worker publishes (CONTRACT §2)."""
     return Basic.Properties(
@@ -306,7 +313,14 @@ class _ResultPublisher:
             properties = _properties("result", o.message_id, o.traceparent)
         else:
             message_id = wire.uuid7()
-            body = wire.encode("result_batch", {"results": [o.payload for o in group]}, message_id)
+            # One AMQP header cannot carry several traces: each entry carries its own (§5).
+            entries = [
+                {**o.payload, "traceparent": _text(o.traceparent)}
+                if _text(o.traceparent) is not None
+                else o.payload
+                for o in group
+            ]
+            body = wire.encode("result_batch", {"results": entries}, message_id)
             properties = _properties("result_batch", message_id)
         try:
             await _publish(self._channel, self._exchange, group[0].routing_key, body, properties)
