@@ -184,6 +184,15 @@ async fn publish(
     publish_mandatory(channel, exchange, &m.routing_key, &bytes, properties).await
 }
 
+/// The text of a `traceparent` header value.
+fn header_text(v: &AMQPValue) -> Option<String> {
+    match v {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,14 +215,5 @@ mod tests {
         let decoded = decode::<StepResult>(&bytes).unwrap();
         assert_eq!(decoded.payload, result);
         assert_eq!(decoded.message_id, message_id);
-    }
-}
-
-/// The text of a `traceparent` header value.
-fn header_text(v: &AMQPValue) -> Option<String> {
-    match v {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
-        _ => None,
     }
 }
