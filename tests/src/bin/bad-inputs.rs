@@ -135,6 +135,7 @@ enum Edge {
     Health,
     Ready,
     Metrics,
+    Workers,
     NoRoute,
     Results,
     Intake,
@@ -142,7 +143,7 @@ enum Edge {
 }
 
 impl Edge {
-    const ALL: [Edge; 14] = [
+    const ALL: [Edge; 15] = [
         Edge::Tasks,
         Edge::Task,
         Edge::Cancel,
@@ -153,6 +154,7 @@ impl Edge {
         Edge::Health,
         Edge::Ready,
         Edge::Metrics,
+        Edge::Workers,
         Edge::NoRoute,
         Edge::Results,
         Edge::Intake,
@@ -171,6 +173,7 @@ impl Edge {
             Edge::Health => "http:/health",
             Edge::Ready => "http:/ready",
             Edge::Metrics => "http:/metrics",
+            Edge::Workers => "http:/v1/workers",
             Edge::NoRoute => "http:(no such path)",
             Edge::Results => "amqp:results",
             Edge::Intake => "amqp:task_requests",
@@ -188,7 +191,7 @@ impl Edge {
             Edge::Instances => 60,
             Edge::Templates => 150,
             Edge::Template => 60,
-            Edge::Health | Edge::Ready | Edge::Metrics => 15,
+            Edge::Health | Edge::Ready | Edge::Metrics | Edge::Workers => 15,
             Edge::NoRoute => 40,
             Edge::Results => 320,
             Edge::Intake => 200,
@@ -2244,11 +2247,12 @@ async fn generated_http(s: &mut Suite, done: TaskId, scale: f64) -> Result<()> {
     s.generated_http(Edge::Template, target(Edge::Template), template)
         .await?;
 
-    // /health, /ready, /metrics: every method they lack, with and without bodies.
+    // /health, /ready, /metrics, /v1/workers: every method they lack, with and without bodies.
     for (edge, path) in [
         (Edge::Health, "/health"),
         (Edge::Ready, "/ready"),
         (Edge::Metrics, "/metrics"),
+        (Edge::Workers, "/v1/workers"),
     ] {
         let strategy = (
             other_method(&["GET"]),
@@ -2880,6 +2884,15 @@ async fn hand_written_http(s: &mut Suite, done: TaskId) -> Result<()> {
     cases.push((Metrics, Req::new(Method::PUT, "/metrics").json("{}")));
     cases.push((Metrics, Req::new(Method::DELETE, "/metrics")));
     cases.push((Metrics, Req::new(Method::PATCH, "/metrics")));
+    // /v1/workers (the worker registry) is read-only.
+    cases.push((Workers, Req::post("/v1/workers")));
+    cases.push((
+        Workers,
+        Req::post("/v1/workers").json("{\"worker\": \"w\"}"),
+    ));
+    cases.push((Workers, Req::new(Method::PUT, "/v1/workers").json("{}")));
+    cases.push((Workers, Req::new(Method::DELETE, "/v1/workers")));
+    cases.push((Workers, Req::new(Method::PATCH, "/v1/workers").json("[]")));
     // No route
     cases.push((NoRoute, Req::get("/nope")));
     cases.push((NoRoute, Req::get("/v1/nope")));
