@@ -612,7 +612,8 @@ async fn finished_tasks_are_pruned_after_retention() -> anyhow::Result<()> {
         .bind(old.id.0)
         .execute(&h.db)
         .await?;
-    let pruned = tasker_orchestrator::store::reconcile::prune(&h.db, 7 * 24, 100).await?;
+    let pruned =
+        tasker_orchestrator::store::reconcile::prune(&h.db, 7 * 24 * 3_600_000, 100).await?;
     assert_eq!(pruned, 1);
     let count = |sql: &'static str| {
         let db = h.db.clone();
