@@ -958,6 +958,23 @@ pub fn counter_totals(text: &str) -> std::collections::BTreeMap<String, f64> {
     totals
 }
 
+/// Stops a child process gracefully: SIGTERM, then a kill if it has not exited within `grace`.
+/// Returns false when it had to be killed.
+pub async fn stop_child(child: &mut tokio::process::Child, grace: Duration) -> bool {
+    if let Some(pid) = child.id() {
+        let _ = tokio::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status()
+            .await;
+    }
+    if tokio::time::timeout(grace, child.wait()).await.is_err() {
+        let _ = child.kill().await;
+        return false;
+    }
+    true
+}
+
 /// Starts `tasker serve` from `bin` as a child process on a free port, with only the `TASKER_*`
 /// settings in `env` (none from this shell: no config file or API keys leak in), its output
 /// appended to `log`. Returns once `/ready` answers (at most 60 s), with the API URL; the child

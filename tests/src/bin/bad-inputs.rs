@@ -1283,19 +1283,7 @@ impl Orch {
 
     /// Stops it (SIGTERM, then kill after 15 s).
     async fn stop(&mut self) {
-        if let Some(pid) = self.child.id() {
-            let _ = tokio::process::Command::new("kill")
-                .arg("-TERM")
-                .arg(pid.to_string())
-                .status()
-                .await;
-        }
-        if tokio::time::timeout(Duration::from_secs(15), self.child.wait())
-            .await
-            .is_err()
-        {
-            let _ = self.child.kill().await;
-        }
+        tasker_tests::stop_child(&mut self.child, Duration::from_secs(15)).await;
     }
 
     /// Lines of its log that tell of a panic.

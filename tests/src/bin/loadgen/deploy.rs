@@ -171,19 +171,8 @@ impl Deployment {
         let Some(mut owned) = self.owned.take() else {
             return;
         };
-        if let Some(pid) = owned.child.id() {
-            let _ = tokio::process::Command::new("kill")
-                .arg("-TERM")
-                .arg(pid.to_string())
-                .status()
-                .await;
-        }
-        if tokio::time::timeout(Duration::from_secs(15), owned.child.wait())
-            .await
-            .is_err()
-        {
-            eprintln!("loadgen: the orchestrator did not stop within 15 s; killing it");
-            let _ = owned.child.kill().await;
+        if !tasker_tests::stop_child(&mut owned.child, Duration::from_secs(15)).await {
+            eprintln!("loadgen: the orchestrator did not stop within 15 s; killed it");
         }
         let step_queues: Vec<String> = step_queues.iter().map(|q| q.to_string()).collect();
         if let Err(e) = tasker_tests::delete_topology(
