@@ -26,6 +26,7 @@
 //! | how many instances of a mapped step are let in (max_parallel) | [`map_window`] |
 //! | when a mapped step finishes, and how (tolerate) | [`map_finished`] |
 //! | what a retried task runs again (never a decision's choice or a map's expansion) | [`retry_task`] |
+//! | a schedule's ticks (time zones, DST), which fire now (catch-up), its next tick | [`schedule`] |
 //!
 //! Attempt numbers only grow: admission is the only place that sets one (the current one plus
 //! one), and a report for any attempt other than the step's current dispatched one is stale.
@@ -34,6 +35,8 @@ use serde_json::Value;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use tasker_schemas::{AttemptOutcome, RetryPolicy, StepId, StepState, TaskId, TaskState};
 use uuid::Uuid;
+
+pub mod schedule;
 
 /// What an attempt reported (a worker's result, or what the orchestrator observed).
 #[derive(Debug, Clone, PartialEq)]

@@ -281,3 +281,130 @@ pub struct TaskList {
     /// Pass as `after` to get the next page; `null` on the last page.
     pub next: Option<TaskId>,
 }
+
+/// What a schedule does with the ticks it missed while no replica ran it (more than
+/// [`SCHEDULE_LATE_AFTER_MS`] late): `skip` none of them, `latest` the newest one only, `all`
+/// every one of them, at most [`MAX_CATCH_UP_TICKS`] (the newest; older ones are skipped).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CatchUp {
+    #[default]
+    Skip,
+    Latest,
+    All,
+}
+
+impl CatchUp {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CatchUp::Skip => "skip",
+            CatchUp::Latest => "latest",
+            CatchUp::All => "all",
+        }
+    }
+}
+
+impl std::fmt::Display for CatchUp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for CatchUp {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "skip" => Ok(CatchUp::Skip),
+            "latest" => Ok(CatchUp::Latest),
+            "all" => Ok(CatchUp::All),
+            other => Err(format!(
+                "unknown catch-up policy {other:?}: expected skip, latest or all"
+            )),
+        }
+    }
+}
+
+/// A tick later than this (ms) when its schedule is run counts as missed: the catch-up policy
+/// decides whether it fires. A tick less late always fires.
+pub const SCHEDULE_LATE_AFTER_MS: i64 = 10_000;
+
+/// Most missed ticks one catch-up fires (policy `all`).
+pub const MAX_CATCH_UP_TICKS: usize = 100;
+
+/// Longest cron expression (bytes).
+pub const MAX_CRON_LEN: usize = 128;
+
+/// Longest time zone name (bytes).
+pub const MAX_TIMEZONE_LEN: usize = 64;
+
+/// Most schedules in one `GET /v1/schedules` answer (`limit`).
+pub const MAX_SCHEDULE_PAGE: u32 = 500;
+
+/// `POST /v1/schedules`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSchedule {
+    pub namespace: String,
+    /// The template each tick submits a task of (its newest version at the tick).
+    pub template: String,
+    /// Unique within the namespace; the template's name when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// 5 fields (`minute hour day-of-month month day-of-week`) or 6 with seconds first.
+    pub cron: String,
+    /// An IANA time zone (`Europe/Paris`); `UTC` when absent.
+    #[serde(default = "utc")]
+    pub timezone: String,
+    /// The context of every task it creates.
+    #[serde(default = "empty_object")]
+    pub context: Value,
+    #[serde(default)]
+    pub catch_up: CatchUp,
+}
+
+fn utc() -> String {
+    "UTC".to_owned()
+}
+
+/// A schedule (`GET /v1/schedules/{id}` and the answers of create, pause, resume, delete).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ScheduleView {
+    pub id: uuid::Uuid,
+    pub namespace: String,
+    pub name: String,
+    pub template: String,
+    pub cron: String,
+    pub timezone: String,
+    pub context: Value,
+    pub catch_up: CatchUp,
+    pub paused: bool,
+    /// When the next task is due (RFC 3339); `null` while paused or when the expression has
+    /// no future time.
+    pub next_tick: Option<String>,
+    /// The newest tick that fired.
+    pub last_tick: Option<String>,
+    /// Why the last tick could not create its task (e.g. its template is gone); cleared by a
+    /// tick that did.
+    pub last_error: Option<String>,
+    pub created_at: String,
+    /// The next five ticks (RFC 3339, with their local time in `timezone`), only in
+    /// `GET /v1/schedules/{id}`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub next_runs: Vec<ScheduleRun>,
+}
+
+/// One future tick of a schedule.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ScheduleRun {
+    /// RFC 3339 UTC.
+    pub at: String,
+    /// The same instant in the schedule's time zone (RFC 3339 with offset).
+    pub local: String,
+}
+
+/// `GET /v1/schedules` answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ScheduleList {
+    pub schedules: Vec<ScheduleView>,
+}
