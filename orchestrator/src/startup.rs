@@ -4,7 +4,7 @@
 use crate::broker::Publisher;
 use crate::config::{Config, redact_url};
 use crate::error::{Error, Result};
-use crate::loops::{Confirmer, Dispatcher, FinishListener, Gauges, Reconciler, Timers};
+use crate::loops::{Confirmer, Dispatcher, FinishListener, Gauges, Reconciler, Schedules, Timers};
 use crate::metrics::Metrics;
 use crate::service::DispatchHandle;
 use crate::service::{Shared, templates};
@@ -193,6 +193,7 @@ impl App {
             dispatch: DispatchHandle::new(),
             confirms,
             timers: Arc::new(Notify::new()),
+            schedules: Arc::new(Notify::new()),
             finished,
             traces,
         };
@@ -258,6 +259,12 @@ impl App {
         );
         tracker.spawn(
             Timers {
+                shared: shared.clone(),
+            }
+            .run(shutdown.clone()),
+        );
+        tracker.spawn(
+            Schedules {
                 shared: shared.clone(),
             }
             .run(shutdown.clone()),

@@ -65,6 +65,10 @@ pub fn router(shared: Shared) -> Router {
         .route("/tasks/{id}/retry", post(retry_task))
         .route("/tasks/{id}/steps/{step}/instances", get(list_instances))
         .route("/workers", get(list_workers))
+        .route("/schedules", post(create_schedule).get(list_schedules))
+        .route("/schedules/{id}", get(show_schedule).delete(delete_schedule))
+        .route("/schedules/{id}/pause", post(pause_schedule))
+        .route("/schedules/{id}/resume", post(resume_schedule))
         .route_layer(middleware::from_fn_with_state(shared.clone(), authenticate))
         .method_not_allowed_fallback(method_not_allowed);
     Router::new()
@@ -150,6 +154,8 @@ impl From<ServiceError> for ApiError {
                 (StatusCode::BAD_REQUEST, "invalid_request")
             }
             ServiceError::InvalidState { .. } => (StatusCode::CONFLICT, "invalid_state"),
+            ServiceError::ScheduleNotFound(_) => (StatusCode::NOT_FOUND, "schedule_not_found"),
+            ServiceError::ScheduleConflict { .. } => (StatusCode::CONFLICT, "schedule_conflict"),
             e if e.is_retryable() => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
@@ -603,6 +609,87 @@ async fn list_tasks(
     };
     let (rows, more) = service::tasks::list(&shared, &filter).await?;
     Ok(Json(views::task_list(rows, more)))
+}
+
+fn parse_schedule_id(id: &str) -> Result<uuid::Uuid, ApiError> {
+    id.parse().map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("{id:?} is not a schedule id"),
+        )
+    })
+}
+
+/// Runs shown by `GET /v1/schedules/{id}`.
+const NEXT_RUNS: usize = 5;
+
+async fn create_schedule(
+    State(shared): State<Shared>,
+    ApiJson(req): ApiJson<tasker_schemas::api::CreateSchedule>,
+) -> ApiResult<(StatusCode, Json<tasker_schemas::api::ScheduleView>)> {
+    let row = service::schedules::create(&shared, &req).await?;
+    let (runs, tz) = service::schedules::next_runs(&shared, &row, NEXT_RUNS).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(views::schedule_view(row, &runs, tz)),
+    ))
+}
+
+#[derive(Deserialize)]
+struct ScheduleListQuery {
+    namespace: Option<String>,
+    limit: Option<u32>,
+}
+
+/// Schedules by namespace and name: `limit` 1 to [`tasker_schemas::api::MAX_SCHEDULE_PAGE`],
+/// default 100.
+async fn list_schedules(
+    State(shared): State<Shared>,
+    ApiQuery(q): ApiQuery<ScheduleListQuery>,
+) -> ApiResult<Json<tasker_schemas::api::ScheduleList>> {
+    let rows =
+        service::schedules::list(&shared, q.namespace.as_deref(), q.limit.unwrap_or(100)).await?;
+    Ok(Json(tasker_schemas::api::ScheduleList {
+        schedules: rows
+            .into_iter()
+            .map(|r| views::schedule_view(r, &[], None))
+            .collect(),
+    }))
+}
+
+async fn show_schedule(
+    State(shared): State<Shared>,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<Json<tasker_schemas::api::ScheduleView>> {
+    let row = service::schedules::get(&shared, parse_schedule_id(&id)?).await?;
+    let (runs, tz) = service::schedules::next_runs(&shared, &row, NEXT_RUNS).await?;
+    Ok(Json(views::schedule_view(row, &runs, tz)))
+}
+
+async fn pause_schedule(
+    State(shared): State<Shared>,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<Json<tasker_schemas::api::ScheduleView>> {
+    let row = service::schedules::pause(&shared, parse_schedule_id(&id)?).await?;
+    Ok(Json(views::schedule_view(row, &[], None)))
+}
+
+async fn resume_schedule(
+    State(shared): State<Shared>,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<Json<tasker_schemas::api::ScheduleView>> {
+    let row = service::schedules::resume(&shared, parse_schedule_id(&id)?).await?;
+    let (runs, tz) = service::schedules::next_runs(&shared, &row, NEXT_RUNS).await?;
+    Ok(Json(views::schedule_view(row, &runs, tz)))
+}
+
+async fn delete_schedule(
+    State(shared): State<Shared>,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<Json<tasker_schemas::api::ScheduleView>> {
+    let row = service::schedules::delete(&shared, parse_schedule_id(&id)?).await?;
+    Ok(Json(views::schedule_view(row, &[], None)))
 }
 
 async fn ready(State(shared): State<Shared>) -> Response {

@@ -278,3 +278,39 @@ pub fn worker_view(w: crate::store::workers::WorkerRow) -> tasker_schemas::api::
         last_seen: rfc3339(w.last_seen),
     }
 }
+
+/// A schedule, with its next runs when given (and the zone to show them in).
+pub fn schedule_view(
+    s: crate::store::schedules::ScheduleRow,
+    runs: &[chrono::DateTime<chrono::Utc>],
+    tz: Option<chrono_tz::Tz>,
+) -> tasker_schemas::api::ScheduleView {
+    use tasker_schemas::api::{ScheduleRun, ScheduleView};
+    ScheduleView {
+        id: s.id,
+        namespace: s.namespace,
+        name: s.name,
+        template: s.template_name,
+        cron: s.cron,
+        timezone: s.timezone,
+        context: s.context,
+        catch_up: s.catch_up.parse().unwrap_or_default(),
+        paused: s.paused,
+        next_tick: s.next_tick_at.map(rfc3339),
+        last_tick: s.last_tick_at.map(rfc3339),
+        last_error: s.last_error,
+        created_at: rfc3339(s.created_at),
+        next_runs: runs
+            .iter()
+            .map(|t| ScheduleRun {
+                at: rfc3339(*t),
+                local: match tz {
+                    Some(tz) => t
+                        .with_timezone(&tz)
+                        .to_rfc3339_opts(chrono::SecondsFormat::Secs, false),
+                    None => rfc3339(*t),
+                },
+            })
+            .collect(),
+    }
+}

@@ -28,6 +28,8 @@ pub struct Shared {
     pub confirms: mpsc::Sender<Pending>,
     /// Wakes the timer loop (a retry was scheduled).
     pub timers: Arc<Notify>,
+    /// Wakes the schedules loop (a schedule was created or resumed here).
+    pub schedules: Arc<Notify>,
     /// Ids of tasks that finished, on any replica (from Postgres NOTIFY).
     pub finished: broadcast::Sender<TaskId>,
     /// The trace exporter (off unless an OTLP endpoint is configured).

@@ -16,6 +16,7 @@
 //! | [`gauges`] | the gauges of `/metrics` |
 //! | [`workers`] | the worker registry |
 //! | [`timers`] | due retries, expired leases, the outbox relay |
+//! | [`schedules`] | schedules: create, pause, resume, delete, read; firing due ticks |
 //! | [`reconcile`] | repairing tasks without a live owner, slot recounts, pruning |
 
 pub mod admission;
@@ -25,6 +26,7 @@ pub mod events;
 pub mod gauges;
 pub mod publish;
 pub mod reconcile;
+pub mod schedules;
 pub mod tasks;
 pub mod templates;
 pub mod timers;
@@ -87,6 +89,10 @@ pub enum ServiceError {
     /// The caller sent something invalid (the text says what).
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    #[error("schedule {0} not found")]
+    ScheduleNotFound(uuid::Uuid),
+    #[error("a schedule named {name:?} already exists in namespace {namespace:?} (pass another name)")]
+    ScheduleConflict { namespace: String, name: String },
     #[error("task {task_id} is {state}: {action} is not possible")]
     InvalidState {
         task_id: TaskId,

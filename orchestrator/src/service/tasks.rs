@@ -84,7 +84,43 @@ pub async fn submit_traced(
         trace_parent: trace_parent.as_deref(),
     };
     let mut tx = shared.db.begin().await?;
-    let mut outcome = tasks::create(&mut tx, &new).await?;
+    let made = create_in(shared, &mut tx, &new).await?;
+    tx.commit().await?;
+    let created = match made.outcome {
+        CreateOutcome::Created(ref c) => c.clone(),
+        CreateOutcome::Conflict { task_id } => {
+            return Err(match &req.idempotency_key {
+                Some(key) => ServiceError::IdempotencyConflict {
+                    key: key.clone(),
+                    task_id,
+                },
+                None => ServiceError::TaskIdConflict(task_id),
+            });
+        }
+    };
+    after_create(shared, &req.namespace, &template.template.name, made).await;
+    Ok(created)
+}
+
+/// What [`create_in`] did, for [`after_create`] once its transaction committed.
+#[derive(Debug)]
+pub(crate) struct Made {
+    pub outcome: CreateOutcome,
+    /// When a new task was created: the transaction's time, its `created_at`.
+    created_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Tasks that finished in the creating transaction (a child workflow with nothing to run).
+    finished: Vec<crate::store::apply::FinishedTask>,
+}
+
+/// Creates a task in the caller's transaction (the request already validated): its steps, and
+/// the child workflows its root steps start. Nothing is announced or woken before the caller
+/// commits and calls [`after_create`]. Submits and schedule ticks both come here.
+pub(crate) async fn create_in(
+    shared: &Shared,
+    tx: &mut sqlx::PgConnection,
+    new: &NewTask<'_>,
+) -> Result<Made> {
+    let mut outcome = tasks::create(&mut *tx, new).await?;
     // When a new task was created: the transaction's time, which is its `created_at` (the
     // database clock), for its `running` event.
     let created_at = match &outcome {
@@ -106,10 +142,10 @@ pub async fn submit_traced(
         };
         let live = std::collections::HashMap::from([(c.task_id.0, TaskNow::default())]);
         let mut out = super::dynamic::Cascade::default();
-        super::dynamic::cascade(&mut tx, &shared.templates, &live, cause, &mut out).await?;
+        super::dynamic::cascade(&mut *tx, &shared.templates, &live, cause, &mut out).await?;
         c.queues.extend(std::mem::take(&mut out.queued));
         let (ended, queues) = super::dynamic::conclude(
-            &mut tx,
+            &mut *tx,
             &live,
             &mut out,
             Vec::new(),
@@ -118,41 +154,33 @@ pub async fn submit_traced(
         .await?;
         finished = ended;
         c.queues.extend(queues);
-        tx.commit().await?;
-    } else {
-        tx.commit().await?;
     }
-    let created = match outcome {
-        CreateOutcome::Created(c) => c,
-        CreateOutcome::Conflict { task_id } => {
-            return Err(match &req.idempotency_key {
-                Some(key) => ServiceError::IdempotencyConflict {
-                    key: key.clone(),
-                    task_id,
-                },
-                None => ServiceError::TaskIdConflict(task_id),
-            });
-        }
-    };
-    if created.created {
+    Ok(Made {
+        outcome,
+        created_at,
+        finished,
+    })
+}
+
+/// After the transaction of [`create_in`] committed: counts a new task, announces it and wakes
+/// the dispatcher for its queues, then announces the tasks that finished in it.
+pub(crate) async fn after_create(shared: &Shared, namespace: &str, template: &str, made: Made) {
+    if let CreateOutcome::Created(created) = &made.outcome
+        && created.created
+    {
         shared
             .metrics
-            .counter(
-                "tasker_tasks_submitted_total",
-                &[("namespace", &req.namespace)],
-            )
+            .counter("tasker_tasks_submitted_total", &[("namespace", namespace)])
             .increment(1);
         // Announced before its steps are dispatched, so that it usually precedes their news.
-        if let Some(at) = created_at {
-            let name = &template.template.name;
-            events::announce_created(shared, created.task_id, &req.namespace, name, at).await;
+        if let Some(at) = made.created_at {
+            events::announce_created(shared, created.task_id, namespace, template, at).await;
         }
         shared.dispatch.wake(created.queues.iter().cloned());
-        tracing::debug!(task_id = %created.task_id, template = %req.template, "task created");
+        tracing::debug!(task_id = %created.task_id, template = %template, "task created");
     }
     // Finishes decided in the creating transaction come after the `running` event.
-    events::announce(shared, &finished).await;
-    Ok(created)
+    events::announce(shared, &made.finished).await;
 }
 
 fn refused(task_id: TaskId, r: Refused) -> ServiceError {

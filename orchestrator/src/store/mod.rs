@@ -10,6 +10,7 @@
 //! | [`outbox`] | step message data, confirmed and stale outbox entries |
 //! | [`timers`] | due retries, expired leases, started/heartbeat leases |
 //! | [`reconcile`] | finding and repairing inconsistent tasks, slot recounts, pruning |
+//! | [`schedules`] | schedules, the claim of a due one, the unique (schedule, tick) key |
 //! | [`tasks`] | creating tasks (idempotent), cancel and retry writes, task history |
 //! | [`views`] | rows read for the API |
 //! | [`workers`] | the worker registry |
@@ -29,6 +30,7 @@ pub mod dynamic;
 pub mod gauges;
 pub mod outbox;
 pub mod reconcile;
+pub mod schedules;
 pub mod tasks;
 pub mod templates;
 pub mod timers;

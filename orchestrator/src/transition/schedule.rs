@@ -38,6 +38,15 @@ impl Spec {
     /// Parses `cron` (5 fields, or 6 with seconds first; `@daily` and the like) in `timezone`
     /// (an IANA name). Refuses an expression that has no tick after `now`.
     pub fn parse(cron: &str, timezone: &str, now: DateTime<Utc>) -> Result<Spec, String> {
+        let spec = Spec::read(cron, timezone)?;
+        if spec.next_after(now).is_none() {
+            return Err(format!("cron expression {cron:?} has no future time"));
+        }
+        Ok(spec)
+    }
+
+    /// [`Spec::parse`] without the check for a future tick (a stored schedule's).
+    pub fn read(cron: &str, timezone: &str) -> Result<Spec, String> {
         if cron.len() > MAX_CRON_LEN {
             return Err(format!(
                 "cron is {} bytes; at most {MAX_CRON_LEN} are allowed",
@@ -59,11 +68,7 @@ impl Spec {
             .build()
             .parse(cron)
             .map_err(|e| format!("invalid cron expression {cron:?}: {e}"))?;
-        let spec = Spec { cron: parsed, tz };
-        if spec.next_after(now).is_none() {
-            return Err(format!("cron expression {cron:?} has no future time"));
-        }
-        Ok(spec)
+        Ok(Spec { cron: parsed, tz })
     }
 
     pub fn timezone(&self) -> Tz {
