@@ -380,6 +380,66 @@ impl Client {
         self.send(self.request(Method::GET, "/v1/workers")).await
     }
 
+    /// `POST /v1/schedules`: a schedule that submits a task of a template at each tick of a
+    /// cron expression in a time zone. Answers with it and its next five runs.
+    pub async fn create_schedule(
+        &self,
+        schedule: &tasker_schemas::api::CreateSchedule,
+    ) -> Result<tasker_schemas::api::ScheduleView, ClientError> {
+        self.send(self.request(Method::POST, "/v1/schedules").json(schedule))
+            .await
+    }
+
+    /// `GET /v1/schedules[?namespace=]`: the schedules by namespace and name.
+    pub async fn schedules(
+        &self,
+        namespace: Option<&str>,
+    ) -> Result<tasker_schemas::api::ScheduleList, ClientError> {
+        let mut request = self.request(Method::GET, "/v1/schedules");
+        if let Some(namespace) = namespace {
+            request = request.query(&[("namespace", namespace)]);
+        }
+        self.send(request).await
+    }
+
+    /// `GET /v1/schedules/{id}`: a schedule with its next five runs.
+    pub async fn schedule(
+        &self,
+        id: uuid::Uuid,
+    ) -> Result<tasker_schemas::api::ScheduleView, ClientError> {
+        self.send(self.request(Method::GET, &format!("/v1/schedules/{id}")))
+            .await
+    }
+
+    /// `POST /v1/schedules/{id}/pause`: no tick fires until it is resumed.
+    pub async fn pause_schedule(
+        &self,
+        id: uuid::Uuid,
+    ) -> Result<tasker_schemas::api::ScheduleView, ClientError> {
+        self.send(self.request(Method::POST, &format!("/v1/schedules/{id}/pause")))
+            .await
+    }
+
+    /// `POST /v1/schedules/{id}/resume`: from its first tick after now (the ticks of the pause
+    /// do not fire).
+    pub async fn resume_schedule(
+        &self,
+        id: uuid::Uuid,
+    ) -> Result<tasker_schemas::api::ScheduleView, ClientError> {
+        self.send(self.request(Method::POST, &format!("/v1/schedules/{id}/resume")))
+            .await
+    }
+
+    /// `DELETE /v1/schedules/{id}`: deletes it (the tasks it created stay); answers with it as
+    /// it was.
+    pub async fn delete_schedule(
+        &self,
+        id: uuid::Uuid,
+    ) -> Result<tasker_schemas::api::ScheduleView, ClientError> {
+        self.send(self.request(Method::DELETE, &format!("/v1/schedules/{id}")))
+            .await
+    }
+
     fn request(&self, method: Method, path: &str) -> RequestBuilder {
         let request = self
             .http

@@ -58,6 +58,9 @@ enum Command {
     /// Templates: register template files, list the registered ones.
     #[command(subcommand)]
     Template(TemplateCommand),
+    /// Schedules: a task of a template at each tick of a cron expression in a time zone.
+    #[command(subcommand)]
+    Schedule(ScheduleCommand),
     /// List the live workers (the worker registry): queues, handlers, load, last seen.
     Workers {
         /// Print JSON instead of a table.
@@ -176,6 +179,67 @@ enum TemplateCommand {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ScheduleCommand {
+    /// Create a schedule; prints it with its next five runs.
+    Create {
+        /// NAMESPACE/TEMPLATE (e.g. shop/nightly_report).
+        template: String,
+        /// Cron expression: 5 fields (minute hour day-of-month month day-of-week), or 6 with
+        /// seconds first.
+        #[arg(long)]
+        cron: String,
+        /// IANA time zone the expression is read in (e.g. Europe/Paris).
+        #[arg(long, default_value = "UTC")]
+        timezone: String,
+        /// Context of every task it creates, as JSON.
+        #[arg(long, default_value = "{}")]
+        context: String,
+        /// Ticks missed while no orchestrator ran: skip (none), latest (the newest), all (up to
+        /// 100, the newest).
+        #[arg(long, default_value = "skip")]
+        catch_up: tasker_schemas::api::CatchUp,
+        /// Unique within the namespace (default: the template's name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List schedules (namespace, name, cron, time zone, next tick, paused).
+    List {
+        /// Only schedules of this namespace.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a schedule with its next five runs.
+    Show {
+        /// Schedule id (as printed by create or list).
+        id: uuid::Uuid,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pause a schedule: no tick fires until it is resumed.
+    Pause {
+        /// Schedule id.
+        id: uuid::Uuid,
+    },
+    /// Resume a paused schedule from its next tick (the ticks of the pause do not fire).
+    Resume {
+        /// Schedule id.
+        id: uuid::Uuid,
+    },
+    /// Delete a schedule (the tasks it created stay).
+    Delete {
+        /// Schedule id.
+        id: uuid::Uuid,
     },
 }
 
@@ -303,6 +367,7 @@ async fn run(cli: &Cli, out: &mut impl Write) -> Result<ExitCode> {
                 )?;
             }
         }
+        Command::Schedule(cmd) => return schedule_command(&client()?, cmd, out).await,
         Command::Workers { json } => {
             let list = client()?.workers().await?;
             if *json {
@@ -542,6 +607,128 @@ fn explain_startup(e: tasker_orchestrator::Error, database_url: &str) -> anyhow:
         )),
         _ => e.into(),
     }
+}
+
+async fn schedule_command(
+    client: &Client,
+    cmd: &ScheduleCommand,
+    out: &mut impl Write,
+) -> Result<ExitCode> {
+    match cmd {
+        ScheduleCommand::Create {
+            template,
+            cron,
+            timezone,
+            context,
+            catch_up,
+            name,
+            json,
+        } => {
+            let Some((namespace, template)) = template.split_once('/') else {
+                bail!("expected NAMESPACE/TEMPLATE (e.g. shop/nightly_report), got {template:?}");
+            };
+            let context: serde_json::Value =
+                serde_json::from_str(context).context("--context must be valid JSON")?;
+            let s = client
+                .create_schedule(&tasker_schemas::api::CreateSchedule {
+                    namespace: namespace.to_owned(),
+                    template: template.to_owned(),
+                    name: name.clone(),
+                    cron: cron.clone(),
+                    timezone: timezone.clone(),
+                    context,
+                    catch_up: *catch_up,
+                })
+                .await?;
+            print_schedule(out, &s, *json)?;
+        }
+        ScheduleCommand::List { namespace, json } => {
+            let list = client.schedules(namespace.as_deref()).await?;
+            if *json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&list)?)?;
+            } else {
+                let rows: Vec<Vec<String>> = list
+                    .schedules
+                    .iter()
+                    .map(|s| {
+                        vec![
+                            s.id.to_string(),
+                            s.namespace.clone(),
+                            s.name.clone(),
+                            s.template.clone(),
+                            s.cron.clone(),
+                            s.timezone.clone(),
+                            s.catch_up.to_string(),
+                            if s.paused { "paused" } else { "active" }.to_owned(),
+                            s.next_tick.clone().unwrap_or_else(|| "-".into()),
+                        ]
+                    })
+                    .collect();
+                write_table(
+                    out,
+                    &[
+                        "ID", "NAMESPACE", "NAME", "TEMPLATE", "CRON", "TIMEZONE", "CATCH-UP",
+                        "STATE", "NEXT TICK",
+                    ],
+                    &[],
+                    &rows,
+                )?;
+            }
+        }
+        ScheduleCommand::Show { id, json } => {
+            print_schedule(out, &client.schedule(*id).await?, *json)?;
+        }
+        ScheduleCommand::Pause { id } => {
+            let s = client.pause_schedule(*id).await?;
+            writeln!(out, "schedule {} paused", s.id)?;
+        }
+        ScheduleCommand::Resume { id } => {
+            let s = client.resume_schedule(*id).await?;
+            writeln!(
+                out,
+                "schedule {} resumed; next tick {}",
+                s.id,
+                s.next_tick.as_deref().unwrap_or("-")
+            )?;
+        }
+        ScheduleCommand::Delete { id } => {
+            let s = client.delete_schedule(*id).await?;
+            writeln!(out, "schedule {} deleted", s.id)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_schedule(
+    out: &mut impl Write,
+    s: &tasker_schemas::api::ScheduleView,
+    json: bool,
+) -> Result<()> {
+    if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(s)?)?;
+        return Ok(());
+    }
+    writeln!(out, "schedule  {}", s.id)?;
+    writeln!(out, "name      {}/{}", s.namespace, s.name)?;
+    writeln!(out, "template  {}", s.template)?;
+    writeln!(out, "cron      {}  ({})", s.cron, s.timezone)?;
+    writeln!(out, "catch-up  {}", s.catch_up)?;
+    writeln!(
+        out,
+        "state     {}",
+        if s.paused { "paused" } else { "active" }
+    )?;
+    writeln!(out, "last tick {}", s.last_tick.as_deref().unwrap_or("-"))?;
+    if let Some(e) = &s.last_error {
+        writeln!(out, "error     {}", one_line(e, 200))?;
+    }
+    if !s.next_runs.is_empty() {
+        writeln!(out, "next runs")?;
+        for r in &s.next_runs {
+            writeln!(out, "  {}  ({})", r.at, r.local)?;
+        }
+    }
+    Ok(())
 }
 
 /// Writes `rows` under `header`, each column as wide as its widest cell (the last one is not
