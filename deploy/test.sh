@@ -5,7 +5,7 @@
 #   deploy/test.sh -E 'test(foo)'  # extra arguments go to cargo nextest (or cargo test)
 #
 # Starts or reuses the services with deploy/local/services.sh up, loads .tasker/env (the
-# TASKER_TEST_* URLs), builds the binaries (the CLI is tested too), then runs `cargo nextest run` when cargo-nextest is installed, otherwise
+# TASKER_TEST_* URLs), then runs `cargo nextest run` when cargo-nextest is installed, otherwise
 # `cargo test`. Nextest does not run doc tests, so they run afterwards with `cargo test --doc`
 # (skipped when extra arguments narrow the run, or with TASKER_SKIP_DOCTESTS=1).
 # Then the Python SDK's tests (deploy/test-python.sh; not with extra arguments; TASKER_SKIP_PYTHON=1
@@ -21,11 +21,6 @@ bash "$ROOT/deploy/local/services.sh" up
 . "${TASKER_STATE_DIR:-$ROOT/.tasker}/env"
 
 say() { printf '[test] %s\n' "$*"; }
-
-# The binaries first: system tests run the `tasker` CLI (tests/tests/schedules.rs), and the same
-# build serves CI's later build-bins phase.
-say "cargo build --workspace --all-features --bins"
-cargo build --workspace --all-features --bins
 
 rc=0
 if cargo nextest --version >/dev/null 2>&1; then

@@ -667,8 +667,15 @@ async fn schedule_command(
                 write_table(
                     out,
                     &[
-                        "ID", "NAMESPACE", "NAME", "TEMPLATE", "CRON", "TIMEZONE", "CATCH-UP",
-                        "STATE", "NEXT TICK",
+                        "ID",
+                        "NAMESPACE",
+                        "NAME",
+                        "TEMPLATE",
+                        "CRON",
+                        "TIMEZONE",
+                        "CATCH-UP",
+                        "STATE",
+                        "NEXT TICK",
                     ],
                     &[],
                     &rows,

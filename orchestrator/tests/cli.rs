@@ -417,6 +417,7 @@ async fn a_closed_stdout_ends_every_command_quietly() {
         vec!["list"],
         vec!["show", id.as_str()],
         vec!["show", id.as_str(), "--json"],
+        vec!["schedule", "list"],
         vec!["--help"],
         vec!["serve", "--help"],
     ] {
@@ -913,4 +914,110 @@ async fn log_lines_are_json_objects_when_asked() {
         "{}",
         r.stderr
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schedule_commands_create_list_show_pause_resume_and_delete() {
+    let server = Server::start().await;
+    let file = server.file(
+        "report.yaml",
+        "namespace: cron\nname: report\nversion: 1\nsteps:\n  - { name: a, handler: a }\n",
+    );
+    server.run(&["template", "register", &file]).await.ok();
+    let created = server
+        .run(&[
+            "schedule",
+            "create",
+            "cron/report",
+            "--cron",
+            "30 2 * * *",
+            "--timezone",
+            "Europe/Paris",
+            "--context",
+            r#"{"k": 1}"#,
+            "--catch-up",
+            "all",
+            "--name",
+            "nightly",
+            "--json",
+        ])
+        .await;
+    let s: serde_json::Value = serde_json::from_str(&created.ok().stdout).expect("JSON");
+    assert_eq!(s["name"], "nightly");
+    assert_eq!(s["catch_up"], "all");
+    assert_eq!(s["context"], serde_json::json!({"k": 1}));
+    assert_eq!(s["next_runs"].as_array().map(Vec::len), Some(5));
+    let id = s["id"].as_str().expect("an id").to_owned();
+
+    // Text: the next five runs with their local times (02:30 in Paris, +01:00 or +02:00).
+    let shown = server.run(&["schedule", "show", &id]).await;
+    let out = &shown.ok().stdout;
+    assert!(out.contains("next runs"), "{out}");
+    assert_eq!(out.matches("T02:30:00+0").count(), 5, "{out}");
+    let listed = server.run(&["schedule", "list"]).await;
+    let out = &listed.ok().stdout;
+    assert!(
+        out.contains(&id) && out.contains("Europe/Paris") && out.contains("active"),
+        "{out}"
+    );
+
+    let paused = server.run(&["schedule", "pause", &id]).await;
+    assert!(paused.ok().stdout.contains("paused"), "{}", paused.stdout);
+    let listed = server.run(&["schedule", "list", "--json"]).await;
+    let list: serde_json::Value = serde_json::from_str(&listed.ok().stdout).expect("JSON");
+    assert_eq!(list["schedules"][0]["paused"], true);
+    assert_eq!(list["schedules"][0]["next_tick"], serde_json::Value::Null);
+    let resumed = server.run(&["schedule", "resume", &id]).await;
+    assert!(
+        resumed.ok().stdout.contains("resumed; next tick 20"),
+        "{}",
+        resumed.stdout
+    );
+    let deleted = server.run(&["schedule", "delete", &id]).await;
+    assert!(
+        deleted.ok().stdout.contains("deleted"),
+        "{}",
+        deleted.stdout
+    );
+
+    // Errors: exit status 1 with the server's or the parser's message.
+    let r = server.run(&["schedule", "show", &id]).await;
+    assert!(
+        r.failed().stderr.contains("schedule_not_found"),
+        "{}",
+        r.stderr
+    );
+    let r = server
+        .run(&["schedule", "create", "cron/report", "--cron", "0 25 * * *"])
+        .await;
+    assert!(
+        r.failed().stderr.contains("invalid cron expression"),
+        "{}",
+        r.stderr
+    );
+    let r = server
+        .run(&["schedule", "create", "report", "--cron", "0 2 * * *"])
+        .await;
+    assert!(
+        r.failed().stderr.contains("NAMESPACE/TEMPLATE"),
+        "{}",
+        r.stderr
+    );
+    let r = server
+        .run(&[
+            "schedule",
+            "create",
+            "cron/report",
+            "--cron",
+            "0 2 * * *",
+            "--catch-up",
+            "some",
+        ])
+        .await;
+    assert!(
+        r.failed().stderr.contains("skip, latest or all"),
+        "{}",
+        r.stderr
+    );
+    server.finish().await;
 }

@@ -1,16 +1,15 @@
 //! Schedules (docs/schedules.md): create, show (with the next five runs), list, pause, resume
-//! and delete over the HTTP API and the CLI, with clear errors for bad input; catch-up after
+//! and delete over the HTTP API (the CLI: `orchestrator/tests/cli.rs`), with clear errors for bad input; catch-up after
 //! downtime (simulated by moving a schedule's stored next tick into the past) for `skip`,
 //! `latest` and `all`; and two orchestrators racing on the same schedules creating exactly one
 //! task per tick. The DST rules are unit-tested with a fixed clock in
 //! `orchestrator/src/transition/schedule.rs`.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use chrono::{DateTime, Duration as TimeDelta, Timelike, Utc};
 use serde_json::{Value, json};
-use std::path::PathBuf;
 use std::time::Duration;
-use tasker_schemas::api::{CatchUp, CreateSchedule, ScheduleView};
+use tasker_schemas::api::{CatchUp, CreateSchedule};
 use tasker_schemas::{StepState, TaskState};
 use tasker_tests::Harness;
 use tasker_tests::tasker_worker::client::ClientError;
@@ -114,7 +113,10 @@ async fn schedules_over_the_api_create_show_pause_resume_delete_and_run_tasks() 
     let paused = client.pause_schedule(s.id).await?;
     assert!(paused.paused);
     assert_eq!(paused.next_tick, None);
-    assert!(client.pause_schedule(s.id).await?.paused, "pause is idempotent");
+    assert!(
+        client.pause_schedule(s.id).await?.paused,
+        "pause is idempotent"
+    );
     assert_eq!(client.schedule(s.id).await?.next_runs.len(), 5);
     let resumed = client.resume_schedule(s.id).await?;
     assert!(!resumed.paused);
@@ -150,7 +152,14 @@ async fn schedules_over_the_api_create_show_pause_resume_delete_and_run_tasks() 
     assert_eq!(task.output, Some(json!({"build": {"for": "sec"}})));
     assert_eq!(
         task.idempotency_key.as_deref(),
-        Some(format!("schedule:{}:{}", sec.id, tasker_orchestrator::store::rfc3339(tick)).as_str())
+        Some(
+            format!(
+                "schedule:{}:{}",
+                sec.id,
+                tasker_orchestrator::store::rfc3339(tick)
+            )
+            .as_str()
+        )
     );
     // Paused: nothing more fires.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -165,7 +174,10 @@ async fn schedules_over_the_api_create_show_pause_resume_delete_and_run_tasks() 
     assert_eq!((status, code.as_str()), (404, "schedule_not_found"));
     let (status, _, _) = api_error(client.delete_schedule(sec.id).await);
     assert_eq!(status, 404);
-    assert_eq!(h.client().task(tasker_schemas::TaskId(task_id)).await?.id.0, task_id);
+    assert_eq!(
+        h.client().task(tasker_schemas::TaskId(task_id)).await?.id.0,
+        task_id
+    );
     h.finish().await;
     Ok(())
 }
@@ -176,10 +188,30 @@ async fn bad_schedules_are_refused_with_clear_errors() -> Result<()> {
     h.register_yaml(TEMPLATE).await?;
     let client = h.client();
     let cases: Vec<(CreateSchedule, u16, &str, &str)> = vec![
-        (create("61 * * * *"), 400, "invalid_request", "invalid cron expression"),
-        (create("* * *"), 400, "invalid_request", "invalid cron expression"),
-        (create(&"* ".repeat(100)), 400, "invalid_request", "at most 128"),
-        (create("0 0 30 2 *"), 400, "invalid_request", "no future time"),
+        (
+            create("61 * * * *"),
+            400,
+            "invalid_request",
+            "invalid cron expression",
+        ),
+        (
+            create("* * *"),
+            400,
+            "invalid_request",
+            "invalid cron expression",
+        ),
+        (
+            create(&"* ".repeat(100)),
+            400,
+            "invalid_request",
+            "at most 128",
+        ),
+        (
+            create("0 0 30 2 *"),
+            400,
+            "invalid_request",
+            "no future time",
+        ),
         (
             CreateSchedule {
                 timezone: "Mars/Olympus".into(),
@@ -240,15 +272,24 @@ async fn bad_schedules_are_refused_with_clear_errors() -> Result<()> {
     let http = reqwest::Client::new();
     let base = format!("{}/v1/schedules", lock_url(&h));
     for (body, want) in [
-        (json!({"namespace": "cron", "template": "report", "cron": "0 2 * * *", "every": 1}), "every"),
-        (json!({"namespace": "cron", "template": "report", "cron": "0 2 * * *", "catch_up": "some"}), "catch_up"),
+        (
+            json!({"namespace": "cron", "template": "report", "cron": "0 2 * * *", "every": 1}),
+            "every",
+        ),
+        (
+            json!({"namespace": "cron", "template": "report", "cron": "0 2 * * *", "catch_up": "some"}),
+            "catch_up",
+        ),
         (json!({"namespace": "cron", "template": "report"}), "cron"),
     ] {
         let r = http.post(&base).json(&body).send().await?;
         assert_eq!(r.status(), 400);
         let v: Value = r.json().await?;
         assert_eq!(v["error"]["code"], "invalid_request");
-        assert!(v["error"]["message"].as_str().unwrap_or("").contains(want), "{v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap_or("").contains(want),
+            "{v}"
+        );
     }
     for path in ["/not-a-uuid", "/not-a-uuid/pause", "/not-a-uuid/resume"] {
         let r = if path == "/not-a-uuid" {
@@ -319,7 +360,8 @@ async fn catch_up_after_downtime_skip_latest_all() -> Result<()> {
         }
         assert_eq!(now.next_tick.as_deref().map(parse), Some(next), "{policy}");
         let ticks: Vec<DateTime<Utc>> = fired(&h, s.id).await?.iter().map(|t| t.0).collect();
-        let missed: Vec<DateTime<Utc>> = (1..=5).rev().map(|i| next - TimeDelta::hours(i)).collect();
+        let missed: Vec<DateTime<Utc>> =
+            (1..=5).rev().map(|i| next - TimeDelta::hours(i)).collect();
         match policy {
             CatchUp::Skip => assert!(ticks.is_empty(), "skip fired {ticks:?}"),
             CatchUp::Latest => assert_eq!(ticks, [missed[4]], "latest"),
@@ -331,7 +373,11 @@ async fn catch_up_after_downtime_skip_latest_all() -> Result<()> {
         .bind(s.id.to_string())
         .fetch_one(&h.db)
         .await?;
-        assert_eq!(tasks as usize, ticks.len(), "{policy}: one task per fired tick");
+        assert_eq!(
+            tasks as usize,
+            ticks.len(),
+            "{policy}: one task per fired tick"
+        );
         if !ticks.is_empty() {
             assert_eq!(now.last_tick.as_deref().map(parse), ticks.last().copied());
         }
@@ -374,7 +420,13 @@ async fn two_orchestrators_create_exactly_one_task_per_tick() -> Result<()> {
         assert!(ticks.len() >= 4, "{}: {} ticks", s.name, ticks.len());
         // Contiguous seconds: none missed, none twice (the key forbids it; the count proves it).
         for w in ticks.windows(2) {
-            assert_eq!(w[1].0 - w[0].0, TimeDelta::seconds(1), "{}: {:?}", s.name, w);
+            assert_eq!(
+                w[1].0 - w[0].0,
+                TimeDelta::seconds(1),
+                "{}: {:?}",
+                s.name,
+                w
+            );
         }
         let keys: Vec<(String, i64)> = sqlx::query_as(
             "SELECT idempotency_key, count(*) FROM tasks
@@ -396,94 +448,6 @@ async fn two_orchestrators_create_exactly_one_task_per_tick() -> Result<()> {
     // The backlog's 60 missed seconds all fired (oldest first), then it went on on time.
     let ticks = fired(&h, backlog.id).await?;
     assert!(ticks.len() >= 60, "{}", ticks.len());
-    h.finish().await;
-    Ok(())
-}
-
-/// The `tasker` binary (built next to the test binaries; built here when missing).
-fn tasker_bin() -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .context("no target directory")?
-        .to_owned();
-    let bin = dir.join(format!("tasker{}", std::env::consts::EXE_SUFFIX));
-    if !bin.is_file() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = std::process::Command::new(cargo)
-            .args(["build", "-p", "tasker-orchestrator", "--bin", "tasker"])
-            .status()?;
-        if !status.success() {
-            bail!("cargo build of the tasker binary failed");
-        }
-    }
-    Ok(bin)
-}
-
-/// Runs the CLI against `url`; returns (success, stdout, stderr).
-fn cli(url: &str, args: &[&str]) -> Result<(bool, String, String)> {
-    let out = std::process::Command::new(tasker_bin()?)
-        .env_remove("TASKER_API_KEY")
-        .env("TASKER_API_URL", url)
-        .args(args)
-        .output()?;
-    Ok((
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    ))
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_cli_creates_lists_shows_pauses_resumes_and_deletes() -> Result<()> {
-    let h = Harness::start().await?;
-    h.register_yaml(TEMPLATE).await?;
-    let url = lock_url(&h);
-    let (ok, out, err) = cli(
-        &url,
-        &[
-            "schedule", "create", "cron/report", "--cron", "30 2 * * *", "--timezone",
-            "Europe/Paris", "--context", r#"{"k": 1}"#, "--catch-up", "all", "--name",
-            "nightly", "--json",
-        ],
-    )?;
-    assert!(ok, "{err}");
-    let s: ScheduleView = serde_json::from_str(&out)?;
-    assert_eq!((s.name.as_str(), s.catch_up), ("nightly", CatchUp::All));
-    assert_eq!(s.context, json!({"k": 1}));
-    let id = s.id.to_string();
-
-    // Text: the next five runs, with local times.
-    let (ok, out, err) = cli(&url, &["schedule", "show", &id])?;
-    assert!(ok, "{err}");
-    assert!(out.contains("next runs"), "{out}");
-    assert_eq!(out.matches("T02:30:00+0").count(), 5, "{out}");
-    let (ok, out, _) = cli(&url, &["schedule", "list"])?;
-    assert!(ok && out.contains(&id) && out.contains("Europe/Paris") && out.contains("active"), "{out}");
-
-    let (ok, out, err) = cli(&url, &["schedule", "pause", &id])?;
-    assert!(ok && out.contains("paused"), "{out}{err}");
-    let (_, out, _) = cli(&url, &["schedule", "list", "--json"])?;
-    let list: Value = serde_json::from_str(&out)?;
-    assert_eq!(list["schedules"][0]["paused"], true);
-    let (ok, out, err) = cli(&url, &["schedule", "resume", &id])?;
-    assert!(ok && out.contains("resumed; next tick 20"), "{out}{err}");
-    let (ok, out, err) = cli(&url, &["schedule", "delete", &id])?;
-    assert!(ok && out.contains("deleted"), "{out}{err}");
-
-    // Errors: exit status 1 and the server's message.
-    let (ok, _, err) = cli(&url, &["schedule", "show", &id])?;
-    assert!(!ok && err.contains("schedule_not_found"), "{err}");
-    let (ok, _, err) = cli(&url, &["schedule", "create", "cron/report", "--cron", "0 25 * * *"])?;
-    assert!(!ok && err.contains("invalid cron expression"), "{err}");
-    let (ok, _, err) = cli(&url, &["schedule", "create", "report", "--cron", "0 2 * * *"])?;
-    assert!(!ok && err.contains("NAMESPACE/TEMPLATE"), "{err}");
-    let (ok, _, err) = cli(
-        &url,
-        &["schedule", "create", "cron/report", "--cron", "0 2 * * *", "--catch-up", "some"],
-    )?;
-    assert!(!ok && err.contains("skip, latest or all"), "{err}");
     h.finish().await;
     Ok(())
 }

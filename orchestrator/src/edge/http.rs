@@ -66,7 +66,10 @@ pub fn router(shared: Shared) -> Router {
         .route("/tasks/{id}/steps/{step}/instances", get(list_instances))
         .route("/workers", get(list_workers))
         .route("/schedules", post(create_schedule).get(list_schedules))
-        .route("/schedules/{id}", get(show_schedule).delete(delete_schedule))
+        .route(
+            "/schedules/{id}",
+            get(show_schedule).delete(delete_schedule),
+        )
         .route("/schedules/{id}/pause", post(pause_schedule))
         .route("/schedules/{id}/resume", post(resume_schedule))
         .route_layer(middleware::from_fn_with_state(shared.clone(), authenticate))

@@ -91,7 +91,9 @@ pub enum ServiceError {
     InvalidRequest(String),
     #[error("schedule {0} not found")]
     ScheduleNotFound(uuid::Uuid),
-    #[error("a schedule named {name:?} already exists in namespace {namespace:?} (pass another name)")]
+    #[error(
+        "a schedule named {name:?} already exists in namespace {namespace:?} (pass another name)"
+    )]
     ScheduleConflict { namespace: String, name: String },
     #[error("task {task_id} is {state}: {action} is not possible")]
     InvalidState {

@@ -40,8 +40,7 @@ pub async fn create(shared: &Shared, req: &CreateSchedule) -> Result<ScheduleRow
     no_nul("timezone", &req.timezone)?;
     tasker_schemas::data::check_value("context", &req.context, shared.config.max_context_bytes)?;
     let now = store::now(&shared.db).await?;
-    let spec =
-        Spec::parse(&req.cron, &req.timezone, now).map_err(ServiceError::InvalidRequest)?;
+    let spec = Spec::parse(&req.cron, &req.timezone, now).map_err(ServiceError::InvalidRequest)?;
     // The template must exist now (each tick takes its newest version then).
     super::templates::find(shared, &req.namespace, &req.template, None).await?;
     let next = spec.next_after(now);
@@ -209,23 +208,25 @@ async fn run_one(shared: &Shared) -> Result<Option<usize>> {
         );
         shared
             .metrics
-            .counter("tasker_schedule_ticks_skipped_total", &[("namespace", &row.namespace)])
+            .counter(
+                "tasker_schedule_ticks_skipped_total",
+                &[("namespace", &row.namespace)],
+            )
             .increment(plan.skipped);
     }
-    let template = match super::templates::find(shared, &row.namespace, &row.template_name, None)
-        .await
-    {
-        Ok(t) => t,
-        Err(e) if !e.is_internal() => {
-            // The template is gone: these ticks are lost, said on the schedule.
-            let why = format!("{} tick(s) created no task: {e}", plan.fire.len());
-            tracing::warn!(schedule = %row.id, error = %why, "schedule tick failed");
-            store::advance(&mut tx, row.id, plan.next_tick, None, Some(&why)).await?;
-            tx.commit().await?;
-            return Ok(Some(0));
-        }
-        Err(e) => return Err(e),
-    };
+    let template =
+        match super::templates::find(shared, &row.namespace, &row.template_name, None).await {
+            Ok(t) => t,
+            Err(e) if !e.is_internal() => {
+                // The template is gone: these ticks are lost, said on the schedule.
+                let why = format!("{} tick(s) created no task: {e}", plan.fire.len());
+                tracing::warn!(schedule = %row.id, error = %why, "schedule tick failed");
+                store::advance(&mut tx, row.id, plan.next_tick, None, Some(&why)).await?;
+                tx.commit().await?;
+                return Ok(Some(0));
+            }
+            Err(e) => return Err(e),
+        };
     let mut made = Vec::with_capacity(plan.fire.len());
     let mut last = None;
     let mut error = None;
@@ -277,7 +278,10 @@ async fn run_one(shared: &Shared) -> Result<Option<usize>> {
     if n > 0 {
         shared
             .metrics
-            .counter("tasker_schedule_ticks_total", &[("namespace", &row.namespace)])
+            .counter(
+                "tasker_schedule_ticks_total",
+                &[("namespace", &row.namespace)],
+            )
             .increment(n as u64);
         tracing::debug!(schedule = %row.id, tasks = n, "schedule ticks fired");
     }
@@ -298,8 +302,7 @@ pub async fn next_due(shared: &Shared, cap: Duration) -> Result<Duration> {
 pub async fn prune_ticks(shared: &Shared, batches: usize) -> Result<u64> {
     let mut n = 0;
     for _ in 0..batches {
-        let gone =
-            store::prune_ticks(&shared.db, shared.config.retention_ms as i64, 1_000).await?;
+        let gone = store::prune_ticks(&shared.db, shared.config.retention_ms as i64, 1_000).await?;
         n += gone;
         if gone < 1_000 {
             break;

@@ -55,11 +55,15 @@ pub async fn now(db: impl PgExecutor<'_>) -> Result<DateTime<Utc>> {
 
 /// Creates a schedule; `None` when its (namespace, name) is taken.
 pub async fn insert(db: impl PgExecutor<'_>, new: &NewSchedule<'_>) -> Result<Option<ScheduleRow>> {
-    const SQL: &str = concat!("INSERT INTO schedules (id, namespace, name, template_name, cron, timezone, context,
+    const SQL: &str = concat!(
+        "INSERT INTO schedules (id, namespace, name, template_name, cron, timezone, context,
                                 catch_up, next_tick_at)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
          ON CONFLICT (namespace, name) DO NOTHING
-         RETURNING ", columns!(), "");
+         RETURNING ",
+        columns!(),
+        ""
+    );
     Ok(sqlx::query_as(SQL)
         .bind(new.id)
         .bind(new.namespace)
@@ -77,10 +81,7 @@ pub async fn insert(db: impl PgExecutor<'_>, new: &NewSchedule<'_>) -> Result<Op
 /// One schedule.
 pub async fn get(db: impl PgExecutor<'_>, id: Uuid) -> Result<Option<ScheduleRow>> {
     const SQL: &str = concat!("SELECT ", columns!(), " FROM schedules WHERE id = $1");
-    Ok(sqlx::query_as(SQL)
-        .bind(id)
-        .fetch_optional(db)
-        .await?)
+    Ok(sqlx::query_as(SQL).bind(id).fetch_optional(db).await?)
 }
 
 /// Schedules by namespace and name, of one namespace or of all, at most `limit`.
@@ -89,8 +90,12 @@ pub async fn list(
     namespace: Option<&str>,
     limit: i64,
 ) -> Result<Vec<ScheduleRow>> {
-    const SQL: &str = concat!("SELECT ", columns!(), " FROM schedules WHERE ($1::text IS NULL OR namespace = $1)
-         ORDER BY namespace, name LIMIT $2");
+    const SQL: &str = concat!(
+        "SELECT ",
+        columns!(),
+        " FROM schedules WHERE ($1::text IS NULL OR namespace = $1)
+         ORDER BY namespace, name LIMIT $2"
+    );
     Ok(sqlx::query_as(SQL)
         .bind(namespace)
         .bind(limit)
@@ -100,16 +105,21 @@ pub async fn list(
 
 /// Pauses a schedule (no tick fires; its next tick is cleared). A paused one is unchanged.
 pub async fn pause(db: impl PgExecutor<'_>, id: Uuid) -> Result<Option<ScheduleRow>> {
-    const SQL: &str = concat!("WITH paused AS (
+    const SQL: &str = concat!(
+        "WITH paused AS (
              UPDATE schedules SET paused = true, next_tick_at = NULL, updated_at = now()
-             WHERE id = $1 AND NOT paused RETURNING ", columns!(), "
+             WHERE id = $1 AND NOT paused RETURNING ",
+        columns!(),
+        "
          )
-         SELECT ", columns!(), " FROM paused
-         UNION ALL SELECT ", columns!(), " FROM schedules WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM paused)");
-    Ok(sqlx::query_as(SQL)
-        .bind(id)
-        .fetch_optional(db)
-        .await?)
+         SELECT ",
+        columns!(),
+        " FROM paused
+         UNION ALL SELECT ",
+        columns!(),
+        " FROM schedules WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM paused)"
+    );
+    Ok(sqlx::query_as(SQL).bind(id).fetch_optional(db).await?)
 }
 
 /// Resumes a paused schedule at `next_tick_at` (the ticks of the pause do not fire). A running
@@ -119,12 +129,20 @@ pub async fn resume(
     id: Uuid,
     next_tick_at: Option<DateTime<Utc>>,
 ) -> Result<Option<ScheduleRow>> {
-    const SQL: &str = concat!("WITH resumed AS (
+    const SQL: &str = concat!(
+        "WITH resumed AS (
              UPDATE schedules SET paused = false, next_tick_at = $2, updated_at = now()
-             WHERE id = $1 AND paused RETURNING ", columns!(), "
+             WHERE id = $1 AND paused RETURNING ",
+        columns!(),
+        "
          )
-         SELECT ", columns!(), " FROM resumed
-         UNION ALL SELECT ", columns!(), " FROM schedules WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM resumed)");
+         SELECT ",
+        columns!(),
+        " FROM resumed
+         UNION ALL SELECT ",
+        columns!(),
+        " FROM schedules WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM resumed)"
+    );
     Ok(sqlx::query_as(SQL)
         .bind(id)
         .bind(next_tick_at)
@@ -134,23 +152,26 @@ pub async fn resume(
 
 /// Deletes a schedule and its tick records (its tasks stay).
 pub async fn delete(db: impl PgExecutor<'_>, id: Uuid) -> Result<Option<ScheduleRow>> {
-    const SQL: &str = concat!("DELETE FROM schedules WHERE id = $1 RETURNING ", columns!(), "");
-    Ok(sqlx::query_as(SQL)
-        .bind(id)
-        .fetch_optional(db)
-        .await?)
+    const SQL: &str = concat!(
+        "DELETE FROM schedules WHERE id = $1 RETURNING ",
+        columns!(),
+        ""
+    );
+    Ok(sqlx::query_as(SQL).bind(id).fetch_optional(db).await?)
 }
 
 /// Locks the due, unpaused schedule with the oldest next tick that no other transaction holds,
 /// with the database's time (the transaction's start).
 pub async fn claim_due(tx: &mut PgConnection) -> Result<Option<(ScheduleRow, DateTime<Utc>)>> {
-    const SQL: &str = concat!("SELECT ", columns!(), " FROM schedules
+    const SQL: &str = concat!(
+        "SELECT ",
+        columns!(),
+        " FROM schedules
          WHERE NOT paused AND next_tick_at <= now()
          ORDER BY next_tick_at LIMIT 1
-         FOR UPDATE SKIP LOCKED");
-    let row: Option<ScheduleRow> = sqlx::query_as(SQL)
-        .fetch_optional(&mut *tx)
-        .await?;
+         FOR UPDATE SKIP LOCKED"
+    );
+    let row: Option<ScheduleRow> = sqlx::query_as(SQL).fetch_optional(&mut *tx).await?;
     match row {
         Some(row) => Ok(Some((row, now(&mut *tx).await?))),
         None => Ok(None),

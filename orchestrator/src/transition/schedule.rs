@@ -60,7 +60,9 @@ impl Spec {
             ));
         }
         let tz: Tz = timezone.parse().map_err(|_| {
-            format!("unknown time zone {timezone:?}: expected an IANA name such as Europe/Paris or UTC")
+            format!(
+                "unknown time zone {timezone:?}: expected an IANA name such as Europe/Paris or UTC"
+            )
         })?;
         let parsed = CronParser::builder()
             .seconds(Seconds::Optional)
@@ -446,7 +448,12 @@ mod tests {
         assert_eq!(latest.skipped, 5);
         assert_eq!(latest.next_tick, Some(utc("2026-01-01T11:00:00Z")));
         let all = plan_ticks(&s, next, now, CatchUp::All, LATE);
-        assert_eq!(all.fire, (5..=10).map(|h| utc(&format!("2026-01-01T{h:02}:00:00Z"))).collect::<Vec<_>>());
+        assert_eq!(
+            all.fire,
+            (5..=10)
+                .map(|h| utc(&format!("2026-01-01T{h:02}:00:00Z")))
+                .collect::<Vec<_>>()
+        );
         assert_eq!(all.skipped, 0);
     }
 

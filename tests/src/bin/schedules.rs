@@ -162,9 +162,8 @@ async fn harness(args: &Args, h: &Harness, bin: &Path) -> Result<(serde_json::Va
     let kill_at = Duration::from_secs(args.kill_at_s.unwrap_or(args.duration_s / 2));
 
     // The kill lands 3 ms after a tick: the victim may be in the middle of firing it.
-    let kill_instant = first
-        + chrono::Duration::from_std(kill_at)?
-        + chrono::Duration::milliseconds(3);
+    let kill_instant =
+        first + chrono::Duration::from_std(kill_at)? + chrono::Duration::milliseconds(3);
     if let Ok(wait) = (kill_instant - Utc::now()).to_std() {
         tokio::time::sleep(wait).await;
     }
