@@ -140,9 +140,11 @@ async fn schedules_over_the_api_create_show_pause_resume_delete_and_run_tasks() 
     assert!(paused.last_tick.is_some());
     let (tick, task_id, created_at) = ticks[0];
     assert_eq!(tick.nanosecond(), 0, "ticks are whole seconds");
+    // Not before its tick; late only by the loop's wake-up (the harness binary holds it to 1 s
+    // at p99; a test sharing 2 cores with the whole suite gets more slack).
     let lateness = created_at - tick;
     assert!(
-        lateness >= TimeDelta::zero() && lateness < TimeDelta::seconds(1),
+        lateness >= TimeDelta::zero() && lateness < TimeDelta::seconds(5),
         "created {lateness} after its tick"
     );
     let task = h.wait(tasker_schemas::TaskId(task_id)).await?;

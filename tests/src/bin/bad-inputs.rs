@@ -137,13 +137,15 @@ enum Edge {
     Metrics,
     Workers,
     NoRoute,
+    Schedules,
+    Schedule,
     Results,
     Intake,
     DeadSteps,
 }
 
 impl Edge {
-    const ALL: [Edge; 15] = [
+    const ALL: [Edge; 17] = [
         Edge::Tasks,
         Edge::Task,
         Edge::Cancel,
@@ -155,6 +157,8 @@ impl Edge {
         Edge::Ready,
         Edge::Metrics,
         Edge::Workers,
+        Edge::Schedules,
+        Edge::Schedule,
         Edge::NoRoute,
         Edge::Results,
         Edge::Intake,
@@ -174,6 +178,8 @@ impl Edge {
             Edge::Ready => "http:/ready",
             Edge::Metrics => "http:/metrics",
             Edge::Workers => "http:/v1/workers",
+            Edge::Schedules => "http:/v1/schedules",
+            Edge::Schedule => "http:/v1/schedules/{id}[/pause|/resume]",
             Edge::NoRoute => "http:(no such path)",
             Edge::Results => "amqp:results",
             Edge::Intake => "amqp:task_requests",
@@ -192,6 +198,8 @@ impl Edge {
             Edge::Templates => 150,
             Edge::Template => 60,
             Edge::Health | Edge::Ready | Edge::Metrics | Edge::Workers => 15,
+            Edge::Schedules => 80,
+            Edge::Schedule => 40,
             Edge::NoRoute => 40,
             Edge::Results => 320,
             Edge::Intake => 200,
@@ -857,6 +865,12 @@ fn amqp_body(
 /// A valid `SubmitTask` body for the suite's workflow.
 fn submit_body(n: u64) -> Value {
     json!({"namespace": "badin", "template": "flow", "context": {"n": n, "tags": ["x"]}, "priority": 1})
+}
+
+/// A valid schedule of the suite's template (yearly: it never fires during the suite), to mutate.
+fn schedule_body() -> Value {
+    json!({"namespace": "badin", "template": "flow", "name": "badsched", "cron": "0 3 1 1 *",
+           "timezone": "Europe/Paris", "context": {"n": 1}, "catch_up": "latest"})
 }
 
 /// A valid template of a namespace of its own, to mutate.
@@ -2235,6 +2249,59 @@ async fn generated_http(s: &mut Suite, done: TaskId, scale: f64) -> Result<()> {
     s.generated_http(Edge::Template, target(Edge::Template), template)
         .await?;
 
+    // POST /v1/schedules (mutated valid schedules), GET /v1/schedules?query, other methods.
+    let creates = (
+        json_body(
+            schedule_body(),
+            &[
+                "cron", "timezone", "catch_up", "name", "context", "template",
+            ],
+        ),
+        content_type(),
+    )
+        .prop_map(|((body, what), ct)| {
+            Req::post("/v1/schedules")
+                .typed(ct.as_deref(), body)
+                .note(&what)
+        });
+    let lists = query(&["namespace", "limit"]).prop_map(|q| Req::get(format!("/v1/schedules?{q}")));
+    let others = other_method(&["GET", "POST"]).prop_map(|m| Req::new(m, "/v1/schedules"));
+    let schedules = prop_oneof![6 => creates, 2 => lists, 1 => others].boxed();
+    s.generated_http(Edge::Schedules, target(Edge::Schedules), schedules)
+        .await?;
+
+    // /v1/schedules/{id}, /pause, /resume: bad and unknown ids, bodies, other methods.
+    let schedule_ids = vec![
+        uuid::Uuid::now_v7().to_string(),
+        "not-a-schedule".to_owned(),
+    ];
+    let actions = (
+        segment(schedule_ids.clone()),
+        prop_oneof![Just(""), Just("/pause"), Just("/resume")],
+        prop::option::of(any_json()),
+    )
+        .prop_map(|(id, action, body)| {
+            let req = if action.is_empty() {
+                Req::get(format!("/v1/schedules/{id}"))
+            } else {
+                Req::post(format!("/v1/schedules/{id}{action}"))
+            };
+            match body {
+                Some(b) => req.json(b.to_string()),
+                None => req,
+            }
+        });
+    let others = (
+        other_method(&["GET", "DELETE"]),
+        segment(schedule_ids.clone()),
+    )
+        .prop_map(|(m, id)| Req::new(m, format!("/v1/schedules/{id}")));
+    let deletes = segment(schedule_ids)
+        .prop_map(|id| Req::new(Method::DELETE, format!("/v1/schedules/{id}")));
+    let schedule = prop_oneof![4 => actions, 1 => others, 1 => deletes].boxed();
+    s.generated_http(Edge::Schedule, target(Edge::Schedule), schedule)
+        .await?;
+
     // /health, /ready, /metrics, /v1/workers: every method they lack, with and without bodies.
     for (edge, path) in [
         (Edge::Health, "/health"),
@@ -2881,6 +2948,70 @@ async fn hand_written_http(s: &mut Suite, done: TaskId) -> Result<()> {
     cases.push((Workers, Req::new(Method::PUT, "/v1/workers").json("{}")));
     cases.push((Workers, Req::new(Method::DELETE, "/v1/workers")));
     cases.push((Workers, Req::new(Method::PATCH, "/v1/workers").json("[]")));
+    // /v1/schedules: every field wrong in turn, unknown ids, out-of-range lists, other methods.
+    let schedule = |extra: Value| {
+        let mut b = schedule_body();
+        for (k, v) in extra.as_object().cloned().unwrap_or_default() {
+            b[&k] = v;
+        }
+        b.to_string().into_bytes()
+    };
+    for (what, extra) in [
+        ("no cron", json!({"cron": null})),
+        ("cron with 4 fields", json!({"cron": "* * * *"})),
+        ("cron with 8 fields", json!({"cron": "* * * * * * * *"})),
+        ("minute 61", json!({"cron": "61 * * * *"})),
+        (
+            "cron too long",
+            json!({"cron": "1,".repeat(100) + "2 * * * *"}),
+        ),
+        ("cron that never fires", json!({"cron": "0 0 31 2 *"})),
+        ("cron with a NUL", json!({"cron": "0 3 1 1 *\u{0}"})),
+        ("cron a number", json!({"cron": 5})),
+        ("unknown time zone", json!({"timezone": "Mars/Olympus"})),
+        (
+            "time zone too long",
+            json!({"timezone": "Europe/".to_owned() + &"x".repeat(100)}),
+        ),
+        ("time zone with a NUL", json!({"timezone": "UTC\u{0}"})),
+        ("unknown catch-up", json!({"catch_up": "sometimes"})),
+        ("unknown template", json!({"template": "nope"})),
+        ("bad namespace", json!({"namespace": "bad ns"})),
+        ("bad name", json!({"name": "a/b"})),
+        ("empty name", json!({"name": ""})),
+        (
+            "context too large",
+            json!({"context": {"x": "y".repeat(300_000)}}),
+        ),
+        ("unknown field", json!({"every": "1s"})),
+    ] {
+        cases.push((
+            Schedules,
+            Req::post("/v1/schedules").json(schedule(extra)).note(what),
+        ));
+    }
+    cases.push((Schedules, Req::post("/v1/schedules")));
+    cases.push((Schedules, Req::post("/v1/schedules").json("[]")));
+    cases.push((Schedules, Req::get("/v1/schedules?limit=0")));
+    cases.push((Schedules, Req::get("/v1/schedules?limit=501")));
+    cases.push((Schedules, Req::get("/v1/schedules?limit=-1")));
+    cases.push((Schedules, Req::get("/v1/schedules?namespace=a%00b")));
+    cases.push((Schedules, Req::new(Method::PUT, "/v1/schedules").json("{}")));
+    cases.push((Schedules, Req::new(Method::DELETE, "/v1/schedules")));
+    let unknown_schedule = uuid::Uuid::now_v7();
+    for path in [
+        format!("/v1/schedules/{unknown_schedule}"),
+        format!("/v1/schedules/{v4}"),
+        "/v1/schedules/nope".to_owned(),
+        format!("/v1/schedules/{}", "9".repeat(1_000)),
+    ] {
+        cases.push((Schedule, Req::get(path.clone())));
+        cases.push((Schedule, Req::new(Method::DELETE, path.clone())));
+        cases.push((Schedule, Req::post(format!("{path}/pause"))));
+        cases.push((Schedule, Req::post(format!("{path}/resume"))));
+        cases.push((Schedule, Req::new(Method::PUT, path.clone()).json("{}")));
+        cases.push((Schedule, Req::get(format!("{path}/pause"))));
+    }
     // No route
     cases.push((NoRoute, Req::get("/nope")));
     cases.push((NoRoute, Req::get("/v1/nope")));
