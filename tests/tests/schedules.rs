@@ -453,3 +453,48 @@ async fn two_orchestrators_create_exactly_one_task_per_tick() -> Result<()> {
     h.finish().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tick_that_cannot_create_its_task_says_why_and_moves_on() -> Result<()> {
+    let h = Harness::start().await?;
+    h.register_yaml(TEMPLATE).await?;
+    let client = h.client();
+    let mut req = create("* * * * * *");
+    req.name = Some("orphan".into());
+    let s = client.create_schedule(&req).await?;
+    // The template goes away behind the orchestrator's back (no task refers to it yet).
+    client.pause_schedule(s.id).await?;
+    sqlx::query("DELETE FROM tasks WHERE namespace = 'cron'")
+        .execute(&h.db)
+        .await?;
+    sqlx::query("DELETE FROM schedule_ticks")
+        .execute(&h.db)
+        .await?;
+    sqlx::query("DELETE FROM templates WHERE namespace = 'cron'")
+        .execute(&h.db)
+        .await?;
+    client.resume_schedule(s.id).await?;
+    let mut now = client.schedule(s.id).await?;
+    for _ in 0..50 {
+        if now.last_error.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        now = client.schedule(s.id).await?;
+    }
+    let error = now.last_error.clone().context("no last_error")?;
+    assert!(
+        error.contains("created no task") && error.contains("not found"),
+        "{error}"
+    );
+    assert!(fired(&h, s.id).await?.is_empty());
+    // It keeps moving on (a next tick in the future), and holds up no other schedule.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let later = client.schedule(s.id).await?;
+    assert!(
+        parse(later.next_tick.as_deref().context("next")?)
+            > parse(now.next_tick.as_deref().context("next")?)
+    );
+    h.finish().await;
+    Ok(())
+}

@@ -227,45 +227,20 @@ async fn run_one(shared: &Shared) -> Result<Option<usize>> {
             }
             Err(e) => return Err(e),
         };
-    let mut made = Vec::with_capacity(plan.fire.len());
-    let mut last = None;
-    let mut error = None;
-    for &tick in &plan.fire {
-        let task_id = TaskId::new();
-        if !store::insert_tick(&mut tx, row.id, tick, task_id.0).await? {
-            continue; // fired before (the unique key)
+    let fired = fire(shared, &mut tx, &row, &template, &plan.fire).await;
+    let (made, last, error) = match fired {
+        Ok(done) => done,
+        Err(e) if e.is_retryable() => return Err(e),
+        Err(e) => {
+            // Not the database being down: this schedule's ticks cannot be created (and would
+            // not be next round). Give them up, say why, and go on with the other schedules.
+            tx.rollback().await?;
+            let why = format!("{} tick(s) created no task: {e}", plan.fire.len());
+            tracing::warn!(schedule = %row.id, error = %why, "schedule tick failed");
+            store::give_up_tick(&shared.db, row.id, due, plan.next_tick, &why).await?;
+            return Ok(Some(0));
         }
-        let key = tick_key(row.id, tick);
-        let new = NewTask {
-            namespace: &row.namespace,
-            template_id: template.id,
-            template: &template.template,
-            requested_version: None,
-            context: &row.context,
-            idempotency_key: Some(&key),
-            request_id: None,
-            priority: 0,
-            task_id: Some(task_id),
-            parent: None,
-            trace_parent: None,
-        };
-        let m = super::tasks::create_in(shared, &mut tx, &new).await?;
-        let holder = match &m.outcome {
-            CreateOutcome::Created(c) => c.task_id,
-            CreateOutcome::Conflict { task_id } => {
-                error = Some(format!(
-                    "the tick at {} created no task: its idempotency key {key:?} is held by task {task_id}",
-                    rfc3339(tick)
-                ));
-                *task_id
-            }
-        };
-        if holder != task_id {
-            store::set_tick_task(&mut tx, row.id, tick, holder.0).await?;
-        }
-        last = Some(tick);
-        made.push(m);
-    }
+    };
     store::advance(&mut tx, row.id, plan.next_tick, last, error.as_deref()).await?;
     tx.commit().await?;
     let n = made
@@ -286,6 +261,64 @@ async fn run_one(shared: &Shared) -> Result<Option<usize>> {
         tracing::debug!(schedule = %row.id, tasks = n, "schedule ticks fired");
     }
     Ok(Some(n))
+}
+
+/// What [`fire`] did: the tasks to announce, the newest tick that fired, and an error to record.
+type Fired = (
+    Vec<super::tasks::Made>,
+    Option<DateTime<Utc>>,
+    Option<String>,
+);
+
+/// In the claiming transaction: per tick, its row under the unique (schedule, tick) key, then
+/// its task through the submit path.
+async fn fire(
+    shared: &Shared,
+    tx: &mut sqlx::PgConnection,
+    row: &ScheduleRow,
+    template: &crate::store::templates::StoredTemplate,
+    ticks: &[DateTime<Utc>],
+) -> Result<Fired> {
+    let mut made = Vec::with_capacity(ticks.len());
+    let mut last = None;
+    let mut error = None;
+    for &tick in ticks {
+        let task_id = TaskId::new();
+        if !store::insert_tick(&mut *tx, row.id, tick, task_id.0).await? {
+            continue; // fired before (the unique key)
+        }
+        let key = tick_key(row.id, tick);
+        let new = NewTask {
+            namespace: &row.namespace,
+            template_id: template.id,
+            template: &template.template,
+            requested_version: None,
+            context: &row.context,
+            idempotency_key: Some(&key),
+            request_id: None,
+            priority: 0,
+            task_id: Some(task_id),
+            parent: None,
+            trace_parent: None,
+        };
+        let m = super::tasks::create_in(shared, &mut *tx, &new).await?;
+        let holder = match &m.outcome {
+            CreateOutcome::Created(c) => c.task_id,
+            CreateOutcome::Conflict { task_id } => {
+                error = Some(format!(
+                    "the tick at {} created no task: its idempotency key {key:?} is held by task {task_id}",
+                    rfc3339(tick)
+                ));
+                *task_id
+            }
+        };
+        if holder != task_id {
+            store::set_tick_task(&mut *tx, row.id, tick, holder.0).await?;
+        }
+        last = Some(tick);
+        made.push(m);
+    }
+    Ok((made, last, error))
 }
 
 /// How long until the next tick of any unpaused schedule, at most `cap` (a schedule created or

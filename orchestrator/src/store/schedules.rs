@@ -199,7 +199,7 @@ pub async fn insert_tick(
 }
 
 /// Moves a claimed schedule on: its next tick, the newest tick that fired (kept when none
-/// did) and the error of this round (`None` clears it).
+/// did) and the error of this round (`None` clears it when a tick fired, else keeps it).
 pub async fn advance(
     tx: &mut PgConnection,
     id: Uuid,
@@ -209,7 +209,9 @@ pub async fn advance(
 ) -> Result<()> {
     sqlx::query(
         "UPDATE schedules SET next_tick_at = $2, last_tick_at = coalesce($3, last_tick_at),
-                              last_error = $4, updated_at = now()
+                              last_error = CASE WHEN $4::text IS NOT NULL OR $3::timestamptz IS NOT NULL
+                                                THEN $4 ELSE last_error END,
+                              updated_at = now()
          WHERE id = $1",
     )
     .bind(id)
@@ -262,4 +264,28 @@ pub async fn set_tick_task(
         .execute(&mut *tx)
         .await?;
     Ok(())
+}
+
+/// Moves a schedule whose tick could not be fired on to `next_tick_at`, with the reason, unless
+/// another transaction moved it already (its next tick is no longer `due`). Its due ticks are
+/// lost: a schedule that fails for good must not hold up the others.
+pub async fn give_up_tick(
+    db: impl PgExecutor<'_>,
+    id: Uuid,
+    due: DateTime<Utc>,
+    next_tick_at: Option<DateTime<Utc>>,
+    error: &str,
+) -> Result<bool> {
+    Ok(sqlx::query(
+        "UPDATE schedules SET next_tick_at = $3, last_error = $4, updated_at = now()
+         WHERE id = $1 AND next_tick_at = $2 AND NOT paused",
+    )
+    .bind(id)
+    .bind(due)
+    .bind(next_tick_at)
+    .bind(error)
+    .execute(db)
+    .await?
+    .rows_affected()
+        == 1)
 }
