@@ -26,6 +26,11 @@
 //! | how many instances of a mapped step are let in (max_parallel) | [`map_window`] |
 //! | when a mapped step finishes, and how (tolerate) | [`map_finished`] |
 //! | what a retried task runs again (never a decision's choice or a map's expansion) | [`retry_task`] |
+//! | a timed step starts: when a sleep wakes, a signal wait times out, a kept signal is taken | [`wait_start`] |
+//! | a timed step wakes: `woke_at`, the signal's payload, the timeout's default or failure | [`wake`] |
+//! | a signal is recorded, repeated (no-op) or refused (finished task, name nobody waits for) | [`accept_signal`] |
+//! | a delayed start: when the task starts (`run_at`, `delay`) | [`start_at`] |
+//! | a task deadline: which one applies, and the cancel it causes | [`deadline_ms`], [`deadline_exceeded`] |
 //!
 //! Attempt numbers only grow: admission is the only place that sets one (the current one plus
 //! one), and a report for any attempt other than the step's current dispatched one is stale.
@@ -108,6 +113,9 @@ pub struct StepNow {
     pub failure_handler: bool,
     /// A child-workflow step: its attempt runs as a child task while it is `delegated`.
     pub workflow: bool,
+    /// A timed step (`sleep`, `sleep_until`, `wait_for`): its attempt is the wait, while it is
+    /// `delegated`; the timers report how it ended ([`wake`]).
+    pub timed: bool,
     /// How long it may wait for a worker; also the bound on a streak of `handler_missing`.
     pub queue_wait_timeout_ms: i64,
     /// The streak of `handler_missing` re-offers it is in, if any.
@@ -296,7 +304,7 @@ pub fn plan_batch<'a>(
             continue;
         };
         let running = step.state == StepState::Dispatched
-            || (step.state == StepState::Delegated && step.workflow);
+            || (step.state == StepState::Delegated && (step.workflow || step.timed));
         if step.task_id != f.task_id.0 || !running || step.attempt != f.attempt {
             plan.stale += 1;
             continue;
@@ -551,6 +559,9 @@ pub fn retry_delay_ms(
 pub struct Move {
     pub from: &'static [StepState],
     pub to: StepState,
+    /// Timed steps still waiting (`delegated` with a due time: a sleep, a signal wait) move
+    /// too: they have not started anything a worker runs.
+    pub timed_waits: bool,
 }
 
 /// Admission: a queued step gets the next attempt number, a lease of queue wait plus execution
@@ -559,18 +570,21 @@ pub struct Move {
 pub const ADMIT: Move = Move {
     from: &[StepState::Queued],
     to: StepState::Dispatched,
+    timed_waits: false,
 };
 
 /// A waiting step whose last unfinished parent succeeded is ready.
 pub const PARENTS_DONE: Move = Move {
     from: &[StepState::Waiting],
     to: StepState::Queued,
+    timed_waits: false,
 };
 
 /// A retry whose due time came is ready again.
 pub const PROMOTE_RETRY: Move = Move {
     from: &[StepState::Retrying],
     to: StepState::Queued,
+    timed_waits: false,
 };
 
 /// What a halted task does with the steps it has not started: a failing task skips them (cause
@@ -584,6 +598,7 @@ pub fn halt(cancel_requested: bool) -> Move {
         } else {
             StepState::Skipped
         },
+        timed_waits: true,
     }
 }
 
@@ -591,6 +606,7 @@ pub fn halt(cancel_requested: bool) -> Move {
 pub const DELEGATE: Move = Move {
     from: &[StepState::Waiting],
     to: StepState::Delegated,
+    timed_waits: false,
 };
 
 /// A step of a task's graph (mapped steps' instances apart), as [`propagate_skips`] sees it.
@@ -826,21 +842,31 @@ pub fn child_context(
     };
     let mut out = serde_json::Map::new();
     for (key, path) in mapping {
-        let mut parts = path.split('.');
-        let root = parts.next().unwrap_or_default();
-        let mut at = match (root, item) {
-            ("item", Some((item, _))) => Some(item),
-            _ => parent_outputs.get(root),
+        let at = match (path.split('.').next(), item) {
+            (Some("item"), Some((item, _))) => {
+                let wrapped = serde_json::json!({ "item": item });
+                value_at(&wrapped, path).cloned()
+            }
+            _ => value_at(parent_outputs, path).cloned(),
         };
-        for part in parts {
-            at = at.and_then(|v| match v {
-                Value::Array(a) => part.parse::<usize>().ok().and_then(|i| a.get(i)),
-                other => other.get(part),
-            });
-        }
-        out.insert(key.clone(), at.cloned().unwrap_or(Value::Null));
+        out.insert(key.clone(), at.unwrap_or(Value::Null));
     }
     Value::Object(out)
+}
+
+/// The value at a template path (`<parent>.<key>.<key>`, a segment of digits indexing an
+/// array: the syntax of `map.over`, `workflow.context` and `sleep_until`) in the parents'
+/// outputs by name; `None` when nothing is there.
+pub fn value_at<'v>(parent_outputs: &'v Value, path: &str) -> Option<&'v Value> {
+    let mut parts = path.split('.');
+    let mut at = parent_outputs.get(parts.next().unwrap_or_default());
+    for part in parts {
+        at = at.and_then(|v| match v {
+            Value::Array(a) => part.parse::<usize>().ok().and_then(|i| a.get(i)),
+            other => other.get(part),
+        });
+    }
+    at
 }
 
 /// What a child task's end comes to for its step: its output, or a failure — retryable (the
@@ -946,6 +972,7 @@ pub fn retry_task(state: TaskState) -> Result<Move, Refused> {
     Ok(Move {
         from: StepState::RETRYABLE,
         to: StepState::Waiting,
+        timed_waits: false,
     })
 }
 
@@ -1021,6 +1048,179 @@ pub fn unroutable(queue: &str, broker_text: &str) -> AttemptResult {
     }
 }
 
+/// Largest delayed start, `sleep`, signal timeout and deadline: 7 days.
+pub const MAX_WAIT_MS: u64 = tasker_schemas::template::MAX_DURATION_MS;
+
+/// How a timed step starts when it becomes ready (`now`: the database's clock).
+#[derive(Debug, Clone, PartialEq)]
+pub enum WaitStart {
+    /// It wakes at this time (a past time: at once).
+    Until(chrono::DateTime<chrono::Utc>),
+    /// It fails (permanently) with this error: `sleep_until` found no time.
+    Fail(String),
+}
+
+/// When a timed step wakes, from the moment it became ready: a `sleep` after its duration; a
+/// `sleep_until` at the RFC 3339 time found at its path (`found`: the value there, `None` when
+/// nothing is; a past time wakes at once); a `wait_for` at its timeout, or at once when a kept
+/// signal of its name was taken for it (`signal_taken`).
+pub fn wait_start(
+    wait: &tasker_schemas::Wait,
+    now: chrono::DateTime<chrono::Utc>,
+    found: Option<&Value>,
+    signal_taken: bool,
+) -> WaitStart {
+    use tasker_schemas::Wait;
+    let after = |ms: u64| now + chrono::Duration::milliseconds(ms.min(MAX_WAIT_MS) as i64);
+    match wait {
+        Wait::Sleep { ms } => WaitStart::Until(after(*ms)),
+        Wait::SleepUntil { path } => match found {
+            None | Some(Value::Null) => WaitStart::Fail(format!(
+                "sleep_until {path:?}: the parent's output has no time at that path"
+            )),
+            Some(Value::String(text)) => match chrono::DateTime::parse_from_rfc3339(text) {
+                Ok(at) => WaitStart::Until(at.with_timezone(&chrono::Utc)),
+                Err(e) => WaitStart::Fail(format!(
+                    "sleep_until {path:?}: {text:?} is not an RFC 3339 time ({e})"
+                )),
+            },
+            Some(other) => WaitStart::Fail(format!(
+                "sleep_until {path:?} found {}, not an RFC 3339 time",
+                json_kind(other)
+            )),
+        },
+        Wait::Signal { timeout_ms, .. } => WaitStart::Until(if signal_taken {
+            now
+        } else {
+            after(*timeout_ms)
+        }),
+    }
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// What a timed step's wait came to when it woke (`now`: the database's clock): a taken signal
+/// succeeds with its payload (the step's output is the payload itself); a sleep succeeds with
+/// `{"woke_at": "<RFC 3339>"}`; a signal wait that timed out succeeds with its `default`, or
+/// fails permanently naming the signal and the timeout.
+pub fn wake(
+    wait: &tasker_schemas::Wait,
+    now: chrono::DateTime<chrono::Utc>,
+    signal: Option<Value>,
+) -> AttemptResult {
+    use tasker_schemas::Wait;
+    let succeed = |output| AttemptResult::Succeeded {
+        output,
+        branches: None,
+    };
+    if let Some(payload) = signal {
+        return succeed(payload);
+    }
+    match wait {
+        Wait::Sleep { .. } | Wait::SleepUntil { .. } => succeed(serde_json::json!({
+            "woke_at": now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        })),
+        Wait::Signal {
+            default: Some(default),
+            ..
+        } if !default.is_null() => succeed(default.clone()),
+        Wait::Signal {
+            name, timeout_ms, ..
+        } => AttemptResult::Failed {
+            error: format!("timed out: no signal {name:?} within {timeout_ms} ms"),
+            retryable: false,
+            retry_after_ms: None,
+        },
+    }
+}
+
+/// A signal sent to a task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SignalAccept {
+    /// Record it (a waiting step of its name takes the oldest kept one).
+    Record,
+    /// The same (task, name, signal_id) was recorded before: nothing changes, the first
+    /// answer is returned.
+    Repeat,
+}
+
+/// Whether a signal is taken: a repeat of a recorded `signal_id` is a no-op whatever the task's
+/// state; otherwise the task must be live and its template must have a `wait_for` step for the
+/// name (`waited_for`). The refusal says why.
+pub fn accept_signal(
+    task: TaskId,
+    state: TaskState,
+    name: &str,
+    waited_for: bool,
+    repeat: bool,
+) -> Result<SignalAccept, String> {
+    if repeat {
+        return Ok(SignalAccept::Repeat);
+    }
+    if !state.is_live() {
+        return Err(format!("task {task} is {state}: it takes no more signals"));
+    }
+    if !waited_for {
+        return Err(format!(
+            "no step of task {task} waits for signal {name:?} (wait_for.signal)"
+        ));
+    }
+    Ok(SignalAccept::Record)
+}
+
+/// A delayed start (`now`: the database's clock): `run_at` or `delay_ms`, not both. `None`:
+/// start now (no delay, or a time already past); otherwise the task is created `pending` and
+/// starts at the time returned. At most [`MAX_WAIT_MS`] ahead.
+pub fn start_at(
+    run_at: Option<chrono::DateTime<chrono::Utc>>,
+    delay_ms: Option<u64>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>, String> {
+    let at = match (run_at, delay_ms) {
+        (Some(_), Some(_)) => return Err("give run_at or delay, not both".into()),
+        (None, None) => return Ok(None),
+        (Some(at), None) => at,
+        (None, Some(ms)) => {
+            if ms > MAX_WAIT_MS {
+                return Err(format!("delay must be at most 7 days ({MAX_WAIT_MS} ms)"));
+            }
+            now + chrono::Duration::milliseconds(ms as i64)
+        }
+    };
+    if at > now + chrono::Duration::milliseconds(MAX_WAIT_MS as i64) {
+        return Err(format!(
+            "run_at must be at most 7 days ahead ({MAX_WAIT_MS} ms)"
+        ));
+    }
+    Ok((at > now).then_some(at))
+}
+
+/// The deadline a task gets: the submit's when it gave one, else its template's. Refused when
+/// zero or over [`MAX_WAIT_MS`].
+pub fn deadline_ms(submitted: Option<u64>, template: Option<u64>) -> Result<Option<u64>, String> {
+    match submitted.or(template) {
+        Some(ms) if ms == 0 || ms > MAX_WAIT_MS => Err(format!(
+            "deadline must be between 1 ms and 7 days, got {ms} ms"
+        )),
+        other => Ok(other),
+    }
+}
+
+/// A live task whose deadline passed is cancelled ([`cancel_task`]) with this reason, so its
+/// error reads `cancelled: deadline exceeded (…)`.
+pub fn deadline_exceeded(deadline_ms: i64) -> String {
+    format!("deadline exceeded ({deadline_ms} ms after the task started)")
+}
+
 /// How many queued steps one admission takes, given the in-flight bound and the batch size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Admission {
@@ -1076,6 +1276,7 @@ mod tests {
             instance_of: None,
             failure_handler: false,
             workflow: false,
+            timed: false,
             queue_wait_timeout_ms: 60_000,
             missing: None,
         }
@@ -1977,7 +2178,8 @@ mod tests {
             halt(false),
             Move {
                 from: &[StepState::Waiting, StepState::Queued, StepState::Retrying],
-                to: StepState::Skipped
+                to: StepState::Skipped,
+                timed_waits: true,
             }
         );
         assert_eq!(halt(true).to, StepState::Cancelled);

@@ -605,6 +605,9 @@ impl Harness {
                 idempotency_key: None,
                 priority: 0,
                 task_id: None,
+                run_at: None,
+                delay: None,
+                deadline: None,
             })
             .await?;
         Ok(r.task_id)

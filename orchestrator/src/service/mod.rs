@@ -16,6 +16,7 @@
 //! | [`gauges`] | the gauges of `/metrics` |
 //! | [`workers`] | the worker registry |
 //! | [`timers`] | due retries, expired leases, the outbox relay |
+//! | [`waits`] | timed steps waking, signals, delayed starts, task deadlines |
 //! | [`reconcile`] | repairing tasks without a live owner, slot recounts, pruning |
 
 pub mod admission;
@@ -28,6 +29,7 @@ pub mod reconcile;
 pub mod tasks;
 pub mod templates;
 pub mod timers;
+pub mod waits;
 pub mod workers;
 
 mod handles;
@@ -87,6 +89,9 @@ pub enum ServiceError {
     /// The caller sent something invalid (the text says what).
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// A signal to a finished task, or of a name no step of the task waits for.
+    #[error("{0}")]
+    SignalRefused(String),
     #[error("task {task_id} is {state}: {action} is not possible")]
     InvalidState {
         task_id: TaskId,

@@ -68,8 +68,26 @@ pub async fn submit_traced(
         )));
     }
     tasker_schemas::data::check_value("context", &req.context, shared.config.max_context_bytes)?;
+    let run_at = match &req.run_at {
+        None => None,
+        Some(text) => Some(
+            chrono::DateTime::parse_from_rfc3339(text)
+                .map_err(|e| {
+                    ServiceError::InvalidRequest(format!(
+                        "run_at {:?} is not an RFC 3339 time ({e})",
+                        text.chars().take(64).collect::<String>()
+                    ))
+                })?
+                .with_timezone(&chrono::Utc),
+        ),
+    };
     let template =
         super::templates::find(shared, &req.namespace, &req.template, req.version).await?;
+    let deadline_ms = transition::deadline_ms(
+        req.deadline.map(|d| d.0),
+        template.template.deadline.map(|d| d.0),
+    )
+    .map_err(ServiceError::InvalidRequest)?;
     let new = NewTask {
         namespace: &req.namespace,
         template_id: template.id,
@@ -82,8 +100,19 @@ pub async fn submit_traced(
         task_id: req.task_id,
         parent: None,
         trace_parent: trace_parent.as_deref(),
+        start_at: None,
+        deadline_ms,
     };
+    let mut new = new;
     let mut tx = shared.db.begin().await?;
+    // A delayed start is decided against the database's clock.
+    if run_at.is_some() || req.delay.is_some() {
+        let now = sqlx::query_scalar::<_, chrono::DateTime<chrono::Utc>>("SELECT now()")
+            .fetch_one(&mut *tx)
+            .await?;
+        new.start_at = transition::start_at(run_at, req.delay.map(|d| d.0), now)
+            .map_err(ServiceError::InvalidRequest)?;
+    }
     let mut outcome = tasks::create(&mut tx, &new).await?;
     // When a new task was created: the transaction's time, which is its `created_at` (the
     // database clock), for its `running` event.
@@ -142,8 +171,9 @@ pub async fn submit_traced(
                 &[("namespace", &req.namespace)],
             )
             .increment(1);
-        // Announced before its steps are dispatched, so that it usually precedes their news.
-        if let Some(at) = created_at {
+        // Announced before its steps are dispatched, so that it usually precedes their news (a
+        // delayed task is announced when it starts).
+        if let Some(at) = created_at.filter(|_| new.start_at.is_none()) {
             let name = &template.template.name;
             events::announce_created(shared, created.task_id, &req.namespace, name, at).await;
         }

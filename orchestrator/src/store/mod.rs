@@ -9,6 +9,7 @@
 //! | [`apply`] | the locking read of a batch, its set-wise write, halting, finishing tasks |
 //! | [`outbox`] | step message data, confirmed and stale outbox entries |
 //! | [`timers`] | due retries, expired leases, started/heartbeat leases |
+//! | [`waits`] | timed steps (start, wake), signals, delayed starts, deadlines |
 //! | [`reconcile`] | finding and repairing inconsistent tasks, slot recounts, pruning |
 //! | [`tasks`] | creating tasks (idempotent), cancel and retry writes, task history |
 //! | [`views`] | rows read for the API |
@@ -33,6 +34,7 @@ pub mod tasks;
 pub mod templates;
 pub mod timers;
 pub mod views;
+pub mod waits;
 pub mod workers;
 
 use chrono::{DateTime, SecondsFormat, Utc};

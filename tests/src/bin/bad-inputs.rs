@@ -1460,6 +1460,9 @@ impl Suite {
                 idempotency_key: None,
                 priority: 0,
                 task_id: Some(id),
+                run_at: None,
+                delay_ms: None,
+                deadline_ms: None,
             })?;
             let props = BasicProperties::default()
                 .with_delivery_mode(2)
