@@ -1852,6 +1852,232 @@ mod tests {
         plan_batch(batch, steps, &live(t), &POLICY, &mut || 0.5)
     }
 
+    fn t(text: &str) -> chrono::DateTime<chrono::Utc> {
+        chrono::DateTime::parse_from_rfc3339(text)
+            .unwrap()
+            .with_timezone(&chrono::Utc)
+    }
+
+    #[test]
+    fn a_timed_step_wakes_after_its_sleep_at_its_time_or_at_its_timeout() {
+        use tasker_schemas::Wait;
+        let now = t("2026-12-02T10:00:00Z");
+        let sleep = Wait::Sleep { ms: 600_000 };
+        assert_eq!(
+            wait_start(&sleep, now, None, false),
+            WaitStart::Until(t("2026-12-02T10:10:00Z"))
+        );
+        let until = Wait::SleepUntil {
+            path: "a.at".into(),
+        };
+        // A future time, and a past one (due at once: the timers wake what is due).
+        for at in ["2026-12-03T08:00:00+01:00", "2000-01-01T00:00:00Z"] {
+            assert_eq!(
+                wait_start(&until, now, Some(&json!(at)), false),
+                WaitStart::Until(t(at))
+            );
+        }
+        for (found, says) in [
+            (None, "has no time at that path"),
+            (Some(json!(null)), "has no time at that path"),
+            (Some(json!(42)), "found a number, not an RFC 3339 time"),
+            (
+                Some(json!("tomorrow")),
+                "\"tomorrow\" is not an RFC 3339 time",
+            ),
+        ] {
+            let WaitStart::Fail(error) = wait_start(&until, now, found.as_ref(), false) else {
+                panic!("{found:?} must fail");
+            };
+            assert!(error.starts_with("sleep_until \"a.at\""), "{error}");
+            assert!(error.contains(says), "{error}");
+        }
+        let signal = Wait::Signal {
+            name: "approval".into(),
+            timeout_ms: 3_600_000,
+            default: None,
+        };
+        // The timeout starts when the step is ready; a kept signal taken wakes it at once.
+        assert_eq!(
+            wait_start(&signal, now, None, false),
+            WaitStart::Until(t("2026-12-02T11:00:00Z"))
+        );
+        assert_eq!(wait_start(&signal, now, None, true), WaitStart::Until(now));
+        // Bounded even if a stored duration is not.
+        assert_eq!(
+            wait_start(&Wait::Sleep { ms: u64::MAX }, now, None, false),
+            WaitStart::Until(now + chrono::Duration::milliseconds(MAX_WAIT_MS as i64))
+        );
+    }
+
+    #[test]
+    fn a_woken_step_succeeds_with_woke_at_a_payload_or_its_default_or_fails_on_timeout() {
+        use tasker_schemas::Wait;
+        let now = t("2026-12-02T10:00:00.250Z");
+        let ok = |output: Value| AttemptResult::Succeeded {
+            output,
+            branches: None,
+        };
+        assert_eq!(
+            wake(&Wait::Sleep { ms: 1 }, now, None),
+            ok(json!({"woke_at": "2026-12-02T10:00:00.250Z"}))
+        );
+        let signal = |default: Option<Value>| Wait::Signal {
+            name: "approval".into(),
+            timeout_ms: 400,
+            default,
+        };
+        // The step's output is the payload itself, whatever it is (null included).
+        assert_eq!(
+            wake(&signal(None), now, Some(json!({"ok": true}))),
+            ok(json!({"ok": true}))
+        );
+        assert_eq!(wake(&signal(None), now, Some(Value::Null)), ok(Value::Null));
+        assert_eq!(
+            wake(&signal(Some(json!({"approved": false}))), now, None),
+            ok(json!({"approved": false}))
+        );
+        for no_default in [None, Some(Value::Null)] {
+            assert_eq!(
+                wake(&signal(no_default), now, None),
+                AttemptResult::Failed {
+                    error: "timed out: no signal \"approval\" within 400 ms".into(),
+                    retryable: false,
+                    retry_after_ms: None,
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn a_woken_timed_step_is_applied_like_a_result_and_a_stale_wake_is_not() {
+        let mut s = step(1, 0, 3, &[2]);
+        s.state = StepState::Delegated;
+        s.timed = true;
+        let st = steps(vec![s.clone()]);
+        let woke = ok_output(json!({"woke_at": "x"}));
+        let batch = [report(&s, woke.clone())];
+        let p = plan(&batch, &st, TaskNow::default());
+        assert_eq!(p.changes[0].to, StepState::Succeeded);
+        assert_eq!(p.children.get(&Uuid::from_u128(102)), Some(&1));
+        // A timeout without a default is permanent: fail fast.
+        let timed_out = AttemptResult::Failed {
+            error: "timed out".into(),
+            retryable: false,
+            retry_after_ms: None,
+        };
+        let batch = [report(&s, timed_out)];
+        let p = plan(&batch, &st, TaskNow::default());
+        assert_eq!(p.changes[0].to, StepState::Failed);
+        assert!(p.failing.contains_key(&task()));
+        // Another attempt, or a delegated step that is no timed step: stale.
+        let mut old = report(&s, woke.clone());
+        old.attempt -= 1;
+        assert_eq!(plan(&[old], &st, TaskNow::default()).stale, 1);
+        let mut mapped = s.clone();
+        mapped.timed = false;
+        let st = steps(vec![mapped.clone()]);
+        assert_eq!(
+            plan(&[report(&mapped, woke)], &st, TaskNow::default()).stale,
+            1
+        );
+        // A halt moves timed steps still waiting too.
+        assert!(halt(true).timed_waits && halt(false).timed_waits);
+        assert!(!PARENTS_DONE.timed_waits && !retry_task(TaskState::Failed).unwrap().timed_waits);
+    }
+
+    fn ok_output(output: Value) -> AttemptResult {
+        AttemptResult::Succeeded {
+            output,
+            branches: None,
+        }
+    }
+
+    #[test]
+    fn signals_are_recorded_repeated_or_refused() {
+        let id = TaskId(Uuid::from_u128(7));
+        assert_eq!(
+            accept_signal(id, TaskState::Running, "approval", true, false),
+            Ok(SignalAccept::Record)
+        );
+        // Kept for a step not reached yet, in a task not started yet.
+        assert_eq!(
+            accept_signal(id, TaskState::Pending, "approval", true, false),
+            Ok(SignalAccept::Record)
+        );
+        // A repeat is answered whatever the task's state.
+        for state in TaskState::ALL {
+            assert_eq!(
+                accept_signal(id, *state, "approval", false, true),
+                Ok(SignalAccept::Repeat)
+            );
+        }
+        for state in [
+            TaskState::Completed,
+            TaskState::Failed,
+            TaskState::Cancelled,
+        ] {
+            let e = accept_signal(id, state, "approval", true, false).unwrap_err();
+            assert_eq!(e, format!("task {id} is {state}: it takes no more signals"));
+        }
+        let e = accept_signal(id, TaskState::Running, "nope", false, false).unwrap_err();
+        assert!(e.contains("waits for signal \"nope\""), "{e}");
+    }
+
+    #[test]
+    fn a_delayed_start_is_bounded_and_a_past_time_starts_now() {
+        let now = t("2026-12-02T10:00:00Z");
+        assert_eq!(start_at(None, None, now), Ok(None));
+        assert_eq!(
+            start_at(Some(t("2026-12-01T00:00:00Z")), None, now),
+            Ok(None)
+        );
+        assert_eq!(start_at(Some(now), None, now), Ok(None));
+        assert_eq!(
+            start_at(Some(t("2026-12-02T12:00:00Z")), None, now),
+            Ok(Some(t("2026-12-02T12:00:00Z")))
+        );
+        assert_eq!(
+            start_at(None, Some(90_000), now),
+            Ok(Some(t("2026-12-02T10:01:30Z")))
+        );
+        assert!(
+            start_at(Some(now), Some(1), now)
+                .unwrap_err()
+                .contains("not both")
+        );
+        assert!(start_at(None, Some(MAX_WAIT_MS + 1), now).is_err());
+        assert!(start_at(Some(t("2026-12-20T10:00:00Z")), None, now).is_err());
+    }
+
+    #[test]
+    fn a_submits_deadline_wins_over_its_templates_and_says_what_happened() {
+        assert_eq!(deadline_ms(None, None), Ok(None));
+        assert_eq!(deadline_ms(None, Some(3_600_000)), Ok(Some(3_600_000)));
+        assert_eq!(deadline_ms(Some(60_000), Some(3_600_000)), Ok(Some(60_000)));
+        assert!(deadline_ms(Some(0), None).is_err());
+        assert!(deadline_ms(Some(MAX_WAIT_MS + 1), None).is_err());
+        let Ok(Cancel::Cancel(plan)) =
+            cancel_task(TaskState::Running, false, Some(&deadline_exceeded(1_000)))
+        else {
+            panic!("a live task is cancelled");
+        };
+        assert_eq!(
+            plan.error,
+            "cancelled: deadline exceeded (1000 ms after the task started)"
+        );
+        assert!(plan.halt.timed_waits);
+    }
+
+    #[test]
+    fn a_template_path_finds_keys_and_array_indexes() {
+        let outputs = json!({"a": {"list": [{"at": "x"}], "n": 1}});
+        assert_eq!(value_at(&outputs, "a.list.0.at"), Some(&json!("x")));
+        assert_eq!(value_at(&outputs, "a"), outputs.get("a"));
+        assert_eq!(value_at(&outputs, "a.list.1.at"), None);
+        assert_eq!(value_at(&outputs, "b.n"), None);
+    }
+
     #[test]
     fn success_keeps_the_output_and_releases_the_children() {
         let st = steps(vec![step(1, 0, 3, &[2, 3])]);

@@ -1036,6 +1036,73 @@ mod tests {
     }
 
     #[test]
+    fn sleeps_and_signal_waits_are_checked() {
+        let yaml = "namespace: n\nname: t\nversion: 1\ndeadline: 1h\nsteps:\n  - { name: a, handler: h }\n  - { name: nap, depends_on: [a], sleep: 10m }\n  - { name: until, depends_on: [a], sleep_until: a.resume.0.at }\n  - name: approve\n    depends_on: [nap]\n    wait_for: { signal: approval, timeout: 72h, default: { approved: false } }\n";
+        let t: Template = serde_saphyr::from_str(yaml).unwrap();
+        assert_eq!(t.validate(), Ok(()));
+        assert_eq!(t.deadline, Some(Millis(3_600_000)));
+        assert_eq!(t.steps[1].wait(), Some(Wait::Sleep { ms: 600_000 }));
+        assert_eq!(
+            t.steps[3].wait(),
+            Some(Wait::Signal {
+                name: "approval".into(),
+                timeout_ms: 72 * 3_600_000,
+                default: Some(serde_json::json!({"approved": false})),
+            })
+        );
+        assert!(t.steps[2].has_no_handler() && !t.steps[0].has_no_handler());
+        for (change, expected) in [
+            (
+                Box::new(|s: &mut StepTemplate| s.handler = "h".into())
+                    as Box<dyn Fn(&mut StepTemplate)>,
+                "leave out handler",
+            ),
+            (
+                Box::new(|s: &mut StepTemplate| s.sleep = Some(Millis(1))),
+                "at most one of sleep, sleep_until and wait_for",
+            ),
+            (
+                Box::new(|s: &mut StepTemplate| s.sleep_until = Some("other.at".into())),
+                "with a parent in depends_on",
+            ),
+            (
+                Box::new(|s: &mut StepTemplate| s.sleep_until = Some("a..at".into())),
+                "with a parent in depends_on",
+            ),
+        ] {
+            let mut bad = t.clone();
+            change(&mut bad.steps[2]);
+            let err = bad.validate().unwrap_err().to_string();
+            assert!(err.contains(expected), "{err}");
+        }
+        let mut bad = t.clone();
+        bad.steps[1].sleep = Some(Millis(MAX_DURATION_MS + 1));
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("sleep must be at most 7 days")
+        );
+        let mut bad = t.clone();
+        bad.steps[3].wait_for.as_mut().unwrap().timeout = Millis(0);
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("wait_for.timeout")
+        );
+        let mut bad = t.clone();
+        bad.steps[3].wait_for.as_mut().unwrap().signal = "has space".into();
+        assert!(bad.validate().is_err());
+        let mut bad = t.clone();
+        bad.deadline = Some(Millis(0));
+        assert_eq!(
+            bad.validate(),
+            Err(TemplateError::InvalidDeadline { ms: 0 })
+        );
+    }
+
+    #[test]
     fn on_failure_is_checked_and_its_name_reserved() {
         let yaml = "namespace: n\nname: t\nversion: 1\nsteps: [{ name: a, handler: h }]\non_failure: { handler: refund, queue: q }\n";
         let t: Template = serde_saphyr::from_str(yaml).unwrap();

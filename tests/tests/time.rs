@@ -128,7 +128,11 @@ async fn sleeps_wake_after_their_time_and_a_past_time_at_once() -> anyhow::Resul
     assert_eq!(task.state, TaskState::Completed, "{:?}", task.error);
     let step = |name: &str| task.steps.iter().find(|s| s.name == name).unwrap();
     let began = |name: &str| at(&step(name).attempts[0].dispatched_at);
-    let woke = |name: &str| at(step(name).output.as_ref().unwrap()["woke_at"].as_str().unwrap());
+    let woke = |name: &str| {
+        at(step(name).output.as_ref().unwrap()["woke_at"]
+            .as_str()
+            .unwrap())
+    };
     // A sleep wakes after its duration (no sooner), counted from when it became ready.
     let slept = ms_between(began("nap"), woke("nap"));
     assert!((1_200..5_000).contains(&slept), "nap slept {slept} ms");
@@ -187,8 +191,18 @@ async fn a_sleep_and_kept_signals_survive_an_orchestrator_kill() -> anyhow::Resu
     h.start_orchestrator().await?;
     let task = h.wait_for(id, Duration::from_secs(20)).await?;
     assert_eq!(task.state, TaskState::Completed, "{:?}", task.error);
+    // The new replica woke the sleep and applied the signal.
+    let applied = h.shared(0).metrics.value("tasker_results_applied_total");
+    assert!(
+        applied >= 2.0,
+        "the new orchestrator applied {applied} outcomes"
+    );
     let approve = task.steps.iter().find(|s| s.name == "approve").unwrap();
-    assert_eq!(approve.output, Some(json!({"by": "ana"})), "the oldest signal");
+    assert_eq!(
+        approve.output,
+        Some(json!({"by": "ana"})),
+        "the oldest signal"
+    );
     let nap = task.steps.iter().find(|s| s.name == "nap").unwrap();
     let slept = ms_between(
         at(&nap.attempts[0].dispatched_at),
@@ -233,17 +247,22 @@ steps:
 ";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn signals_are_deduplicated_refused_when_nobody_waits_and_time_out() -> anyhow::Result<()>
-{
+async fn signals_are_deduplicated_refused_when_nobody_waits_and_time_out() -> anyhow::Result<()> {
     let h = Harness::start().await?;
     for t in [APPROVAL, TIMEOUTS, DEFAULTS] {
         h.register_yaml(t).await?;
     }
-    h.spawn_worker(h.worker().handler_fn("echo", |_| async move { Ok(json!("ok")) }))
-        .await?;
+    h.spawn_worker(
+        h.worker()
+            .handler_fn("echo", |_| async move { Ok(json!("ok")) }),
+    )
+    .await?;
     let id = h.submit("time", "approval", json!({})).await?;
     let why = until_step(&h, id, "approve", StepState::Delegated).await?;
-    assert!(why.starts_with("waiting for signal approval (until 20"), "{why}");
+    assert!(
+        why.starts_with("waiting for signal approval (until 20"),
+        "{why}"
+    );
 
     // A name no step waits for: 409.
     let (status, body) = signal(&h, id, "nope", "x", json!(1)).await?;
@@ -327,8 +346,11 @@ async fn signals_are_deduplicated_refused_when_nobody_waits_and_time_out() -> an
 async fn a_delayed_task_is_pending_until_its_time() -> anyhow::Result<()> {
     let h = Harness::start().await?;
     h.register_yaml(APPROVAL).await?;
-    h.spawn_worker(h.worker().handler_fn("echo", |_| async move { Ok(json!("ok")) }))
-        .await?;
+    h.spawn_worker(
+        h.worker()
+            .handler_fn("echo", |_| async move { Ok(json!("ok")) }),
+    )
+    .await?;
     let r = h
         .client()
         .submit(&SubmitTask {
@@ -428,7 +450,10 @@ async fn a_deadline_cancels_a_running_task_and_its_running_step() -> anyhow::Res
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(told.load(Ordering::SeqCst), "the running step was not told to stop");
+    assert!(
+        told.load(Ordering::SeqCst),
+        "the running step was not told to stop"
+    );
 
     // A submit's deadline overrides the template's.
     let r = h
