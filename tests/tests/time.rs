@@ -351,13 +351,16 @@ async fn a_delayed_task_is_pending_until_its_time() -> anyhow::Result<()> {
             .handler_fn("echo", |_| async move { Ok(json!("ok")) }),
     )
     .await?;
-    let r = h
-        .client()
-        .submit(&SubmitTask {
-            delay: Some(Millis(1_200)),
-            ..submit("approval")
-        })
-        .await?;
+    let delayed = SubmitTask {
+        delay: Some(Millis(1_200)),
+        idempotency_key: Some("delayed-1".into()),
+        ..submit("approval")
+    };
+    let r = h.client().submit(&delayed).await?;
+    // The same request again is a repeat, though "1.2 s from now" is later now.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let again = h.client().submit(&delayed).await?;
+    assert_eq!((again.task_id, again.created), (r.task_id, false));
     let task = h.client().task(r.task_id).await?;
     assert_eq!(task.state, TaskState::Pending);
     let start = at(task.start_at.as_deref().expect("start_at"));

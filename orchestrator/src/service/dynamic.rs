@@ -245,6 +245,7 @@ async fn start_child(
                 trace_parent: None,
                 start_at: None,
                 deadline_ms: found.template.deadline.map(|d| d.0),
+                start_request: None,
             };
             let Created {
                 task_id: child,

@@ -102,6 +102,11 @@ pub async fn submit_traced(
         trace_parent: trace_parent.as_deref(),
         start_at: None,
         deadline_ms,
+        start_request: match (&req.run_at, req.delay) {
+            (Some(at), _) => Some(format!("run_at {at}")),
+            (None, Some(d)) => Some(format!("delay {}", d.0)),
+            (None, None) => None,
+        },
     };
     let mut new = new;
     let mut tx = shared.db.begin().await?;

@@ -31,6 +31,9 @@ pub struct NewTask<'a> {
     pub start_at: Option<chrono::DateTime<chrono::Utc>>,
     /// [`crate::transition::deadline_ms`]: cancelled when still live this long after its start.
     pub deadline_ms: Option<u64>,
+    /// The delayed start as the client asked for it (`run_at` or `delay`), for the idempotency
+    /// digest: a repeat of `delay: 10m` is the same request, though its start time differs.
+    pub start_request: Option<String>,
 }
 
 /// The step a child workflow's task runs for.
@@ -79,8 +82,8 @@ impl NewTask<'_> {
         });
         // Fields added later count only when given, so earlier requests keep their digest.
         let mut body = body;
-        if let Some(at) = self.start_at {
-            body["start_at"] = json!(at.timestamp_millis());
+        if let Some(asked) = &self.start_request {
+            body["start"] = json!(asked);
         }
         if let Some(ms) = self.deadline_ms {
             body["deadline_ms"] = json!(ms);

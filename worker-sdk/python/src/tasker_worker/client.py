@@ -337,7 +337,9 @@ class Client:
     def retry(self, task_id: str) -> TaskView:
         return cast(TaskView, self._request("POST", f"/v1/tasks/{task_id}/retry"))
 
-    def signal(self, task_id: str, name: str, signal_id: str, payload: Any = None) -> dict[str, Any]:
+    def signal(
+        self, task_id: str, name: str, signal_id: str, payload: Any = None
+    ) -> dict[str, Any]:
         """Sends signal `name` to a task (what its `wait_for` steps wait for). A repeat of
         `signal_id` is a no-op answering the first (`created` False); a finished task or a
         name no step waits for raises `ClientError` 409 `signal_refused`."""
@@ -604,6 +606,9 @@ async def submit_amqp(
     priority: int = 0,
     task_id: str | None = None,
     ca_cert: str | None = None,
+    run_at: str | None = None,
+    delay_ms: int | None = None,
+    deadline_ms: int | None = None,
 ) -> str:
     """Submits a task over AMQP (a confirmed, mandatory `task_request` to `{prefix}.tasks`) and
     returns its id (chosen here when not given: there is no reply). An invalid request is
@@ -618,6 +623,9 @@ async def submit_amqp(
             idempotency_key=idempotency_key,
             priority=priority,
             task_id=task_id,
+            run_at=run_at,
+            delay_ms=delay_ms,
+            deadline_ms=deadline_ms,
         )
 
 
@@ -656,6 +664,9 @@ class AmqpSubmitter:
         idempotency_key: str | None = None,
         priority: int = 0,
         task_id: str | None = None,
+        run_at: str | None = None,
+        delay_ms: int | None = None,
+        deadline_ms: int | None = None,
     ) -> str:
         from .worker import _properties, _publish
 
@@ -668,6 +679,9 @@ class AmqpSubmitter:
             idempotency_key=idempotency_key,
             priority=priority,
             task_id=task_id,
+            run_at=run_at,
+            delay_ms=delay_ms,
+            deadline_ms=deadline_ms,
         )
         message_id = wire.uuid7()
         body = wire.encode("task_request", payload, message_id)
