@@ -45,6 +45,9 @@ pub fn task_request(
         idempotency_key: None,
         priority: 0,
         task_id: None,
+        run_at: None,
+        delay_ms: None,
+        deadline_ms: None,
     }
 }
 
@@ -78,6 +81,35 @@ pub async fn publish_task_request(
         channel,
         &names.tasks_exchange(),
         &request.namespace,
+        &bytes,
+        properties,
+    )
+    .await?;
+    Ok(envelope.message_id)
+}
+
+/// Publishes a `signal` to task `signal.task_id` (to the task-request exchange; routing key:
+/// `namespace`, the task's) and waits for the broker's confirm. The orchestrator records it like
+/// `POST /v1/tasks/{id}/signals/{name}`; a refused signal is dead-lettered with the reason.
+pub async fn publish_signal(
+    channel: &Channel,
+    names: &Names,
+    namespace: &str,
+    signal: &tasker_schemas::Signal,
+) -> Result<MessageId, PublishError> {
+    let envelope = Envelope {
+        kind: Kind::Signal,
+        schema_version: SCHEMA_VERSION.to_owned(),
+        message_id: MessageId::new(),
+        payload: signal,
+    };
+    let bytes = encode(&envelope)?;
+    let properties =
+        message_properties(envelope.message_id).with_type(Kind::Signal.as_str().into());
+    publish_confirmed(
+        channel,
+        &names.tasks_exchange(),
+        namespace,
         &bytes,
         properties,
     )

@@ -18,6 +18,9 @@
 //!         idempotency_key: Some("order-o-1".into()),
 //!         priority: 0,
 //!         task_id: None,
+//!         run_at: None,
+//!         delay: None,
+//!         deadline: None,
 //!     })
 //!     .await?;
 //! let task = client.wait(submitted.task_id, Duration::from_secs(60)).await?;
@@ -287,6 +290,27 @@ impl Client {
         let body = serde_json::json!({ "reason": reason });
         self.send(
             self.request(Method::POST, &format!("/v1/tasks/{id}/cancel"))
+                .json(&body),
+        )
+        .await
+    }
+
+    /// `POST /v1/tasks/{id}/signals/{name}`: sends a signal with a payload. `created` is false
+    /// for a repeat of the same `signal_id` (the answer is the first signal's); a finished task
+    /// or a name no step of the task waits for is a 409 `signal_refused`.
+    pub async fn signal(
+        &self,
+        id: TaskId,
+        name: &str,
+        signal_id: &str,
+        payload: serde_json::Value,
+    ) -> Result<tasker_schemas::api::SignalResponse, ClientError> {
+        let body = tasker_schemas::api::SendSignal {
+            signal_id: signal_id.to_owned(),
+            payload,
+        };
+        self.send(
+            self.request(Method::POST, &format!("/v1/tasks/{id}/signals/{name}"))
                 .json(&body),
         )
         .await

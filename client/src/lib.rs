@@ -31,6 +31,9 @@
 //!             idempotency_key: Some("order-o-1".into()),
 //!             priority: 0,
 //!             task_id: None,
+//!             run_at: None,
+//!             delay: None,
+//!             deadline: None,
 //!         })
 //!         .await?;
 //!     let task = client.wait(submitted.task_id, Duration::from_secs(60)).await?;

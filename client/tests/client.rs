@@ -218,6 +218,9 @@ fn submission(key: Option<&str>) -> SubmitTask {
         idempotency_key: key.map(Into::into),
         priority: 0,
         task_id: None,
+        run_at: None,
+        delay: None,
+        deadline: None,
     }
 }
 

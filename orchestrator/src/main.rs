@@ -85,12 +85,35 @@ enum Command {
         /// Higher runs first when a queue is at its in-flight limit.
         #[arg(long, default_value_t = 0)]
         priority: i16,
+        /// Delayed start at an RFC 3339 time (the task is `pending` until then).
+        #[arg(long, conflicts_with = "delay")]
+        run_at: Option<String>,
+        /// Delayed start after a duration (e.g. 10m, 30s, 1h).
+        #[arg(long)]
+        delay: Option<String>,
+        /// Cancel the task if still live this long after it started (e.g. 1h).
+        #[arg(long)]
+        deadline: Option<String>,
         /// Wait for the task to finish and print it (exit status 1 unless it completed).
         #[arg(long)]
         wait: bool,
         /// How long --wait waits, in seconds.
         #[arg(long, default_value_t = 120)]
         timeout: u64,
+    },
+    /// Send a signal to a task (what its `wait_for` steps wait for).
+    Signal {
+        /// Task id.
+        #[arg(value_name = "TASK_ID")]
+        task: TaskId,
+        /// The signal's name (e.g. approval).
+        name: String,
+        /// The signal id: sending the same id again is a no-op (default: a fresh one).
+        #[arg(long = "id", value_name = "ID")]
+        signal_id: Option<String>,
+        /// The payload as JSON (the output of the step that takes it).
+        #[arg(long, default_value = "null")]
+        payload: String,
     },
     /// Show a task with its steps and their failed attempts.
     Show {
@@ -444,11 +467,20 @@ async fn run(cli: &Cli, out: &mut impl Write) -> Result<ExitCode> {
             version,
             idempotency_key,
             priority,
+            run_at,
+            delay,
+            deadline,
             wait,
             timeout,
         } => {
             let context: serde_json::Value =
                 serde_json::from_str(context).context("--context must be valid JSON")?;
+            let duration = |what: &str, v: &Option<String>| {
+                v.as_deref()
+                    .map(tasker_schemas::template::parse_duration)
+                    .transpose()
+                    .map_err(|e| anyhow::anyhow!("--{what}: {e}"))
+            };
             let client = client()?;
             let r = client
                 .submit(&SubmitTask {
@@ -459,6 +491,9 @@ async fn run(cli: &Cli, out: &mut impl Write) -> Result<ExitCode> {
                     idempotency_key: idempotency_key.clone(),
                     priority: *priority,
                     task_id: None,
+                    run_at: run_at.clone(),
+                    delay: duration("delay", delay)?,
+                    deadline: duration("deadline", deadline)?,
                 })
                 .await?;
             writeln!(out, "{}", r.task_id)?;
@@ -529,6 +564,33 @@ async fn run(cli: &Cli, out: &mut impl Write) -> Result<ExitCode> {
                     writeln!(out, "more: --after {}", last.index)?;
                 }
             }
+        }
+        Command::Signal {
+            task,
+            name,
+            signal_id,
+            payload,
+        } => {
+            let payload: serde_json::Value =
+                serde_json::from_str(payload).context("--payload must be valid JSON")?;
+            let signal_id = signal_id
+                .clone()
+                .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+            let r = client()?.signal(*task, name, &signal_id, payload).await?;
+            writeln!(
+                out,
+                "signal {} {} ({}){}",
+                r.name,
+                r.signal_id,
+                if r.created {
+                    "recorded"
+                } else {
+                    "repeat: already recorded"
+                },
+                r.consumed_by
+                    .map(|s| format!(", taken by step {s}"))
+                    .unwrap_or_else(|| ", kept until a step waits for it".into())
+            )?;
         }
         Command::Cancel { id, reason } => {
             let task = client()?.cancel(*id, reason.as_deref()).await?;

@@ -27,6 +27,11 @@
 //! | when a mapped step finishes, and how (tolerate) | [`map_finished`] |
 //! | what a retried task runs again (never a decision's choice or a map's expansion) | [`retry_task`] |
 //! | a schedule's ticks (time zones, DST), which fire now (catch-up), its next tick | [`schedule`] |
+//! | a timed step starts: when a sleep wakes, a signal wait times out, a kept signal is taken | [`wait_start`] |
+//! | a timed step wakes: `woke_at`, the signal's payload, the timeout's default or failure | [`wake`] |
+//! | a signal is recorded, repeated (no-op) or refused (finished task, name nobody waits for) | [`accept_signal`] |
+//! | a delayed start: when the task starts (`run_at`, `delay`) | [`start_at`] |
+//! | a task deadline: which one applies, and the cancel it causes | [`deadline_ms`], [`deadline_exceeded`] |
 //!
 //! Attempt numbers only grow: admission is the only place that sets one (the current one plus
 //! one), and a report for any attempt other than the step's current dispatched one is stale.
@@ -111,6 +116,9 @@ pub struct StepNow {
     pub failure_handler: bool,
     /// A child-workflow step: its attempt runs as a child task while it is `delegated`.
     pub workflow: bool,
+    /// A timed step (`sleep`, `sleep_until`, `wait_for`): its attempt is the wait, while it is
+    /// `delegated`; the timers report how it ended ([`wake`]).
+    pub timed: bool,
     /// How long it may wait for a worker; also the bound on a streak of `handler_missing`.
     pub queue_wait_timeout_ms: i64,
     /// The streak of `handler_missing` re-offers it is in, if any.
@@ -299,7 +307,7 @@ pub fn plan_batch<'a>(
             continue;
         };
         let running = step.state == StepState::Dispatched
-            || (step.state == StepState::Delegated && step.workflow);
+            || (step.state == StepState::Delegated && (step.workflow || step.timed));
         if step.task_id != f.task_id.0 || !running || step.attempt != f.attempt {
             plan.stale += 1;
             continue;
@@ -554,6 +562,9 @@ pub fn retry_delay_ms(
 pub struct Move {
     pub from: &'static [StepState],
     pub to: StepState,
+    /// Timed steps still waiting (`delegated` with a due time: a sleep, a signal wait) move
+    /// too: they have not started anything a worker runs.
+    pub timed_waits: bool,
 }
 
 /// Admission: a queued step gets the next attempt number, a lease of queue wait plus execution
@@ -562,18 +573,21 @@ pub struct Move {
 pub const ADMIT: Move = Move {
     from: &[StepState::Queued],
     to: StepState::Dispatched,
+    timed_waits: false,
 };
 
 /// A waiting step whose last unfinished parent succeeded is ready.
 pub const PARENTS_DONE: Move = Move {
     from: &[StepState::Waiting],
     to: StepState::Queued,
+    timed_waits: false,
 };
 
 /// A retry whose due time came is ready again.
 pub const PROMOTE_RETRY: Move = Move {
     from: &[StepState::Retrying],
     to: StepState::Queued,
+    timed_waits: false,
 };
 
 /// What a halted task does with the steps it has not started: a failing task skips them (cause
@@ -587,6 +601,7 @@ pub fn halt(cancel_requested: bool) -> Move {
         } else {
             StepState::Skipped
         },
+        timed_waits: true,
     }
 }
 
@@ -594,6 +609,7 @@ pub fn halt(cancel_requested: bool) -> Move {
 pub const DELEGATE: Move = Move {
     from: &[StepState::Waiting],
     to: StepState::Delegated,
+    timed_waits: false,
 };
 
 /// A step of a task's graph (mapped steps' instances apart), as [`propagate_skips`] sees it.
@@ -829,21 +845,31 @@ pub fn child_context(
     };
     let mut out = serde_json::Map::new();
     for (key, path) in mapping {
-        let mut parts = path.split('.');
-        let root = parts.next().unwrap_or_default();
-        let mut at = match (root, item) {
-            ("item", Some((item, _))) => Some(item),
-            _ => parent_outputs.get(root),
+        let at = match (path.split('.').next(), item) {
+            (Some("item"), Some((item, _))) => {
+                let wrapped = serde_json::json!({ "item": item });
+                value_at(&wrapped, path).cloned()
+            }
+            _ => value_at(parent_outputs, path).cloned(),
         };
-        for part in parts {
-            at = at.and_then(|v| match v {
-                Value::Array(a) => part.parse::<usize>().ok().and_then(|i| a.get(i)),
-                other => other.get(part),
-            });
-        }
-        out.insert(key.clone(), at.cloned().unwrap_or(Value::Null));
+        out.insert(key.clone(), at.unwrap_or(Value::Null));
     }
     Value::Object(out)
+}
+
+/// The value at a template path (`<parent>.<key>.<key>`, a segment of digits indexing an
+/// array: the syntax of `map.over`, `workflow.context` and `sleep_until`) in the parents'
+/// outputs by name; `None` when nothing is there.
+pub fn value_at<'v>(parent_outputs: &'v Value, path: &str) -> Option<&'v Value> {
+    let mut parts = path.split('.');
+    let mut at = parent_outputs.get(parts.next().unwrap_or_default());
+    for part in parts {
+        at = at.and_then(|v| match v {
+            Value::Array(a) => part.parse::<usize>().ok().and_then(|i| a.get(i)),
+            other => other.get(part),
+        });
+    }
+    at
 }
 
 /// What a child task's end comes to for its step: its output, or a failure — retryable (the
@@ -949,6 +975,7 @@ pub fn retry_task(state: TaskState) -> Result<Move, Refused> {
     Ok(Move {
         from: StepState::RETRYABLE,
         to: StepState::Waiting,
+        timed_waits: false,
     })
 }
 
@@ -1024,6 +1051,179 @@ pub fn unroutable(queue: &str, broker_text: &str) -> AttemptResult {
     }
 }
 
+/// Largest delayed start, `sleep`, signal timeout and deadline: 7 days.
+pub const MAX_WAIT_MS: u64 = tasker_schemas::template::MAX_DURATION_MS;
+
+/// How a timed step starts when it becomes ready (`now`: the database's clock).
+#[derive(Debug, Clone, PartialEq)]
+pub enum WaitStart {
+    /// It wakes at this time (a past time: at once).
+    Until(chrono::DateTime<chrono::Utc>),
+    /// It fails (permanently) with this error: `sleep_until` found no time.
+    Fail(String),
+}
+
+/// When a timed step wakes, from the moment it became ready: a `sleep` after its duration; a
+/// `sleep_until` at the RFC 3339 time found at its path (`found`: the value there, `None` when
+/// nothing is; a past time wakes at once); a `wait_for` at its timeout, or at once when a kept
+/// signal of its name was taken for it (`signal_taken`).
+pub fn wait_start(
+    wait: &tasker_schemas::Wait,
+    now: chrono::DateTime<chrono::Utc>,
+    found: Option<&Value>,
+    signal_taken: bool,
+) -> WaitStart {
+    use tasker_schemas::Wait;
+    let after = |ms: u64| now + chrono::Duration::milliseconds(ms.min(MAX_WAIT_MS) as i64);
+    match wait {
+        Wait::Sleep { ms } => WaitStart::Until(after(*ms)),
+        Wait::SleepUntil { path } => match found {
+            None | Some(Value::Null) => WaitStart::Fail(format!(
+                "sleep_until {path:?}: the parent's output has no time at that path"
+            )),
+            Some(Value::String(text)) => match chrono::DateTime::parse_from_rfc3339(text) {
+                Ok(at) => WaitStart::Until(at.with_timezone(&chrono::Utc)),
+                Err(e) => WaitStart::Fail(format!(
+                    "sleep_until {path:?}: {text:?} is not an RFC 3339 time ({e})"
+                )),
+            },
+            Some(other) => WaitStart::Fail(format!(
+                "sleep_until {path:?} found {}, not an RFC 3339 time",
+                json_kind(other)
+            )),
+        },
+        Wait::Signal { timeout_ms, .. } => WaitStart::Until(if signal_taken {
+            now
+        } else {
+            after(*timeout_ms)
+        }),
+    }
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// What a timed step's wait came to when it woke (`now`: the database's clock): a taken signal
+/// succeeds with its payload (the step's output is the payload itself); a sleep succeeds with
+/// `{"woke_at": "<RFC 3339>"}`; a signal wait that timed out succeeds with its `default`, or
+/// fails permanently naming the signal and the timeout.
+pub fn wake(
+    wait: &tasker_schemas::Wait,
+    now: chrono::DateTime<chrono::Utc>,
+    signal: Option<Value>,
+) -> AttemptResult {
+    use tasker_schemas::Wait;
+    let succeed = |output| AttemptResult::Succeeded {
+        output,
+        branches: None,
+    };
+    if let Some(payload) = signal {
+        return succeed(payload);
+    }
+    match wait {
+        Wait::Sleep { .. } | Wait::SleepUntil { .. } => succeed(serde_json::json!({
+            "woke_at": now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        })),
+        Wait::Signal {
+            default: Some(default),
+            ..
+        } if !default.is_null() => succeed(default.clone()),
+        Wait::Signal {
+            name, timeout_ms, ..
+        } => AttemptResult::Failed {
+            error: format!("timed out: no signal {name:?} within {timeout_ms} ms"),
+            retryable: false,
+            retry_after_ms: None,
+        },
+    }
+}
+
+/// A signal sent to a task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SignalAccept {
+    /// Record it (a waiting step of its name takes the oldest kept one).
+    Record,
+    /// The same (task, name, signal_id) was recorded before: nothing changes, the first
+    /// answer is returned.
+    Repeat,
+}
+
+/// Whether a signal is taken: a repeat of a recorded `signal_id` is a no-op whatever the task's
+/// state; otherwise the task must be live and its template must have a `wait_for` step for the
+/// name (`waited_for`). The refusal says why.
+pub fn accept_signal(
+    task: TaskId,
+    state: TaskState,
+    name: &str,
+    waited_for: bool,
+    repeat: bool,
+) -> Result<SignalAccept, String> {
+    if repeat {
+        return Ok(SignalAccept::Repeat);
+    }
+    if !state.is_live() {
+        return Err(format!("task {task} is {state}: it takes no more signals"));
+    }
+    if !waited_for {
+        return Err(format!(
+            "no step of task {task} waits for signal {name:?} (wait_for.signal)"
+        ));
+    }
+    Ok(SignalAccept::Record)
+}
+
+/// A delayed start (`now`: the database's clock): `run_at` or `delay_ms`, not both. `None`:
+/// start now (no delay, or a time already past); otherwise the task is created `pending` and
+/// starts at the time returned. At most [`MAX_WAIT_MS`] ahead.
+pub fn start_at(
+    run_at: Option<chrono::DateTime<chrono::Utc>>,
+    delay_ms: Option<u64>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>, String> {
+    let at = match (run_at, delay_ms) {
+        (Some(_), Some(_)) => return Err("give run_at or delay, not both".into()),
+        (None, None) => return Ok(None),
+        (Some(at), None) => at,
+        (None, Some(ms)) => {
+            if ms > MAX_WAIT_MS {
+                return Err(format!("delay must be at most 7 days ({MAX_WAIT_MS} ms)"));
+            }
+            now + chrono::Duration::milliseconds(ms as i64)
+        }
+    };
+    if at > now + chrono::Duration::milliseconds(MAX_WAIT_MS as i64) {
+        return Err(format!(
+            "run_at must be at most 7 days ahead ({MAX_WAIT_MS} ms)"
+        ));
+    }
+    Ok((at > now).then_some(at))
+}
+
+/// The deadline a task gets: the submit's when it gave one, else its template's. Refused when
+/// zero or over [`MAX_WAIT_MS`].
+pub fn deadline_ms(submitted: Option<u64>, template: Option<u64>) -> Result<Option<u64>, String> {
+    match submitted.or(template) {
+        Some(ms) if ms == 0 || ms > MAX_WAIT_MS => Err(format!(
+            "deadline must be between 1 ms and 7 days, got {ms} ms"
+        )),
+        other => Ok(other),
+    }
+}
+
+/// A live task whose deadline passed is cancelled ([`cancel_task`]) with this reason, so its
+/// error reads `cancelled: deadline exceeded (…)`.
+pub fn deadline_exceeded(deadline_ms: i64) -> String {
+    format!("deadline exceeded ({deadline_ms} ms after the task started)")
+}
+
 /// How many queued steps one admission takes, given the in-flight bound and the batch size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Admission {
@@ -1079,6 +1279,7 @@ mod tests {
             instance_of: None,
             failure_handler: false,
             workflow: false,
+            timed: false,
             queue_wait_timeout_ms: 60_000,
             missing: None,
         }
@@ -1654,6 +1855,232 @@ mod tests {
         plan_batch(batch, steps, &live(t), &POLICY, &mut || 0.5)
     }
 
+    fn t(text: &str) -> chrono::DateTime<chrono::Utc> {
+        chrono::DateTime::parse_from_rfc3339(text)
+            .unwrap()
+            .with_timezone(&chrono::Utc)
+    }
+
+    #[test]
+    fn a_timed_step_wakes_after_its_sleep_at_its_time_or_at_its_timeout() {
+        use tasker_schemas::Wait;
+        let now = t("2026-12-02T10:00:00Z");
+        let sleep = Wait::Sleep { ms: 600_000 };
+        assert_eq!(
+            wait_start(&sleep, now, None, false),
+            WaitStart::Until(t("2026-12-02T10:10:00Z"))
+        );
+        let until = Wait::SleepUntil {
+            path: "a.at".into(),
+        };
+        // A future time, and a past one (due at once: the timers wake what is due).
+        for at in ["2026-12-03T08:00:00+01:00", "2000-01-01T00:00:00Z"] {
+            assert_eq!(
+                wait_start(&until, now, Some(&json!(at)), false),
+                WaitStart::Until(t(at))
+            );
+        }
+        for (found, says) in [
+            (None, "has no time at that path"),
+            (Some(json!(null)), "has no time at that path"),
+            (Some(json!(42)), "found a number, not an RFC 3339 time"),
+            (
+                Some(json!("tomorrow")),
+                "\"tomorrow\" is not an RFC 3339 time",
+            ),
+        ] {
+            let WaitStart::Fail(error) = wait_start(&until, now, found.as_ref(), false) else {
+                panic!("{found:?} must fail");
+            };
+            assert!(error.starts_with("sleep_until \"a.at\""), "{error}");
+            assert!(error.contains(says), "{error}");
+        }
+        let signal = Wait::Signal {
+            name: "approval".into(),
+            timeout_ms: 3_600_000,
+            default: None,
+        };
+        // The timeout starts when the step is ready; a kept signal taken wakes it at once.
+        assert_eq!(
+            wait_start(&signal, now, None, false),
+            WaitStart::Until(t("2026-12-02T11:00:00Z"))
+        );
+        assert_eq!(wait_start(&signal, now, None, true), WaitStart::Until(now));
+        // Bounded even if a stored duration is not.
+        assert_eq!(
+            wait_start(&Wait::Sleep { ms: u64::MAX }, now, None, false),
+            WaitStart::Until(now + chrono::Duration::milliseconds(MAX_WAIT_MS as i64))
+        );
+    }
+
+    #[test]
+    fn a_woken_step_succeeds_with_woke_at_a_payload_or_its_default_or_fails_on_timeout() {
+        use tasker_schemas::Wait;
+        let now = t("2026-12-02T10:00:00.250Z");
+        let ok = |output: Value| AttemptResult::Succeeded {
+            output,
+            branches: None,
+        };
+        assert_eq!(
+            wake(&Wait::Sleep { ms: 1 }, now, None),
+            ok(json!({"woke_at": "2026-12-02T10:00:00.250Z"}))
+        );
+        let signal = |default: Option<Value>| Wait::Signal {
+            name: "approval".into(),
+            timeout_ms: 400,
+            default,
+        };
+        // The step's output is the payload itself, whatever it is (null included).
+        assert_eq!(
+            wake(&signal(None), now, Some(json!({"ok": true}))),
+            ok(json!({"ok": true}))
+        );
+        assert_eq!(wake(&signal(None), now, Some(Value::Null)), ok(Value::Null));
+        assert_eq!(
+            wake(&signal(Some(json!({"approved": false}))), now, None),
+            ok(json!({"approved": false}))
+        );
+        for no_default in [None, Some(Value::Null)] {
+            assert_eq!(
+                wake(&signal(no_default), now, None),
+                AttemptResult::Failed {
+                    error: "timed out: no signal \"approval\" within 400 ms".into(),
+                    retryable: false,
+                    retry_after_ms: None,
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn a_woken_timed_step_is_applied_like_a_result_and_a_stale_wake_is_not() {
+        let mut s = step(1, 0, 3, &[2]);
+        s.state = StepState::Delegated;
+        s.timed = true;
+        let st = steps(vec![s.clone()]);
+        let woke = ok_output(json!({"woke_at": "x"}));
+        let batch = [report(&s, woke.clone())];
+        let p = plan(&batch, &st, TaskNow::default());
+        assert_eq!(p.changes[0].to, StepState::Succeeded);
+        assert_eq!(p.children.get(&Uuid::from_u128(102)), Some(&1));
+        // A timeout without a default is permanent: fail fast.
+        let timed_out = AttemptResult::Failed {
+            error: "timed out".into(),
+            retryable: false,
+            retry_after_ms: None,
+        };
+        let batch = [report(&s, timed_out)];
+        let p = plan(&batch, &st, TaskNow::default());
+        assert_eq!(p.changes[0].to, StepState::Failed);
+        assert!(p.failing.contains_key(&task()));
+        // Another attempt, or a delegated step that is no timed step: stale.
+        let mut old = report(&s, woke.clone());
+        old.attempt -= 1;
+        assert_eq!(plan(&[old], &st, TaskNow::default()).stale, 1);
+        let mut mapped = s.clone();
+        mapped.timed = false;
+        let st = steps(vec![mapped.clone()]);
+        assert_eq!(
+            plan(&[report(&mapped, woke)], &st, TaskNow::default()).stale,
+            1
+        );
+        // A halt moves timed steps still waiting too.
+        assert!(halt(true).timed_waits && halt(false).timed_waits);
+        assert!(!PARENTS_DONE.timed_waits && !retry_task(TaskState::Failed).unwrap().timed_waits);
+    }
+
+    fn ok_output(output: Value) -> AttemptResult {
+        AttemptResult::Succeeded {
+            output,
+            branches: None,
+        }
+    }
+
+    #[test]
+    fn signals_are_recorded_repeated_or_refused() {
+        let id = TaskId(Uuid::from_u128(7));
+        assert_eq!(
+            accept_signal(id, TaskState::Running, "approval", true, false),
+            Ok(SignalAccept::Record)
+        );
+        // Kept for a step not reached yet, in a task not started yet.
+        assert_eq!(
+            accept_signal(id, TaskState::Pending, "approval", true, false),
+            Ok(SignalAccept::Record)
+        );
+        // A repeat is answered whatever the task's state.
+        for state in TaskState::ALL {
+            assert_eq!(
+                accept_signal(id, *state, "approval", false, true),
+                Ok(SignalAccept::Repeat)
+            );
+        }
+        for state in [
+            TaskState::Completed,
+            TaskState::Failed,
+            TaskState::Cancelled,
+        ] {
+            let e = accept_signal(id, state, "approval", true, false).unwrap_err();
+            assert_eq!(e, format!("task {id} is {state}: it takes no more signals"));
+        }
+        let e = accept_signal(id, TaskState::Running, "nope", false, false).unwrap_err();
+        assert!(e.contains("waits for signal \"nope\""), "{e}");
+    }
+
+    #[test]
+    fn a_delayed_start_is_bounded_and_a_past_time_starts_now() {
+        let now = t("2026-12-02T10:00:00Z");
+        assert_eq!(start_at(None, None, now), Ok(None));
+        assert_eq!(
+            start_at(Some(t("2026-12-01T00:00:00Z")), None, now),
+            Ok(None)
+        );
+        assert_eq!(start_at(Some(now), None, now), Ok(None));
+        assert_eq!(
+            start_at(Some(t("2026-12-02T12:00:00Z")), None, now),
+            Ok(Some(t("2026-12-02T12:00:00Z")))
+        );
+        assert_eq!(
+            start_at(None, Some(90_000), now),
+            Ok(Some(t("2026-12-02T10:01:30Z")))
+        );
+        assert!(
+            start_at(Some(now), Some(1), now)
+                .unwrap_err()
+                .contains("not both")
+        );
+        assert!(start_at(None, Some(MAX_WAIT_MS + 1), now).is_err());
+        assert!(start_at(Some(t("2026-12-20T10:00:00Z")), None, now).is_err());
+    }
+
+    #[test]
+    fn a_submits_deadline_wins_over_its_templates_and_says_what_happened() {
+        assert_eq!(deadline_ms(None, None), Ok(None));
+        assert_eq!(deadline_ms(None, Some(3_600_000)), Ok(Some(3_600_000)));
+        assert_eq!(deadline_ms(Some(60_000), Some(3_600_000)), Ok(Some(60_000)));
+        assert!(deadline_ms(Some(0), None).is_err());
+        assert!(deadline_ms(Some(MAX_WAIT_MS + 1), None).is_err());
+        let Ok(Cancel::Cancel(plan)) =
+            cancel_task(TaskState::Running, false, Some(&deadline_exceeded(1_000)))
+        else {
+            panic!("a live task is cancelled");
+        };
+        assert_eq!(
+            plan.error,
+            "cancelled: deadline exceeded (1000 ms after the task started)"
+        );
+        assert!(plan.halt.timed_waits);
+    }
+
+    #[test]
+    fn a_template_path_finds_keys_and_array_indexes() {
+        let outputs = json!({"a": {"list": [{"at": "x"}], "n": 1}});
+        assert_eq!(value_at(&outputs, "a.list.0.at"), Some(&json!("x")));
+        assert_eq!(value_at(&outputs, "a"), outputs.get("a"));
+        assert_eq!(value_at(&outputs, "a.list.1.at"), None);
+        assert_eq!(value_at(&outputs, "b.n"), None);
+    }
+
     #[test]
     fn success_keeps_the_output_and_releases_the_children() {
         let st = steps(vec![step(1, 0, 3, &[2, 3])]);
@@ -1980,7 +2407,8 @@ mod tests {
             halt(false),
             Move {
                 from: &[StepState::Waiting, StepState::Queued, StepState::Retrying],
-                to: StepState::Skipped
+                to: StepState::Skipped,
+                timed_waits: true,
             }
         );
         assert_eq!(halt(true).to, StepState::Cancelled);

@@ -25,6 +25,42 @@ pub struct SubmitTask {
     /// A client-chosen task id (UUIDv7).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task_id: Option<TaskId>,
+    /// Delayed start: an RFC 3339 time; the task is created `pending` and starts then (a past
+    /// time starts it at once). Not with `delay`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_at: Option<String>,
+    /// Delayed start: a duration from now (`"10m"`, or milliseconds). Not with `run_at`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<crate::Millis>,
+    /// Cancel the task (`deadline exceeded`) if it is still live this long after it started;
+    /// overrides the template's `deadline`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<crate::Millis>,
+}
+
+/// Body of `POST /v1/tasks/{id}/signals/{name}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendSignal {
+    /// Chosen by the sender: a repeat with the same id is a no-op returning the first answer.
+    pub signal_id: String,
+    #[serde(default)]
+    pub payload: Value,
+}
+
+/// Answer to a signal: 201 when recorded, 200 for a repeat of the same `signal_id` (the first
+/// signal's fields).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SignalResponse {
+    pub task_id: TaskId,
+    pub name: String,
+    pub signal_id: String,
+    /// False for a repeat.
+    pub created: bool,
+    /// RFC 3339 UTC: when the first copy was received.
+    pub received_at: String,
+    /// The step that took it, once one has (`null` while it is kept for a later step).
+    pub consumed_by: Option<String>,
 }
 
 fn empty_object() -> Value {
@@ -127,6 +163,12 @@ pub struct TaskView {
     /// A child workflow's task: the task and step it runs for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<ParentView>,
+    /// A delayed task (`run_at`, `delay`): when it starts (RFC 3339 UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_at: Option<String>,
+    /// A task with a deadline: when it is cancelled if still live (RFC 3339 UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_at: Option<String>,
 }
 
 /// The step a child workflow's task runs for.

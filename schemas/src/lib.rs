@@ -31,13 +31,13 @@ pub use data::{DataError, DataLimits};
 pub use ids::{MessageId, RequestId, StepId, TaskId, WorkerId};
 pub use message::{
     Cancel, DecodeError, EncodeError, Envelope, Failure, Heartbeat, Kind, LifecycleEvent, Outcome,
-    Payload, ResultBatch, Started, StepMessage, StepResult, TaskRequest, WorkerHeartbeat,
+    Payload, ResultBatch, Signal, Started, StepMessage, StepResult, TaskRequest, WorkerHeartbeat,
     WorkerMessage, decode, encode, encode_payload,
 };
 pub use state::{AttemptOutcome, StepState, TaskState};
 pub use template::{
     FailureHandler, Join, MapSpec, Millis, RetryPolicy, StepTemplate, Template, TemplateError,
-    WorkflowRef,
+    Wait, WaitFor, WorkflowRef,
 };
 pub use topology::Names;
 

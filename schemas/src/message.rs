@@ -41,6 +41,7 @@ pub enum Kind {
     Cancel,
     LifecycleEvent,
     WorkerHeartbeat,
+    Signal,
 }
 
 impl Kind {
@@ -55,6 +56,7 @@ impl Kind {
             Kind::Cancel => "cancel",
             Kind::LifecycleEvent => "lifecycle_event",
             Kind::WorkerHeartbeat => "worker_heartbeat",
+            Kind::Signal => "signal",
         }
     }
 }
@@ -319,6 +321,15 @@ pub struct TaskRequest {
     /// A client-chosen task id (UUIDv7).
     #[serde(default)]
     pub task_id: Option<TaskId>,
+    /// Delayed start at an RFC 3339 time (not with `delay_ms`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_at: Option<String>,
+    /// Delayed start this many milliseconds from now (not with `run_at`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay_ms: Option<u64>,
+    /// Cancel the task if still live this many milliseconds after it started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
 }
 
 fn empty_object() -> Value {
@@ -327,6 +338,23 @@ fn empty_object() -> Value {
 
 impl Payload for TaskRequest {
     const KIND: Kind = Kind::TaskRequest;
+}
+
+/// A signal to a task, sent over AMQP to the task-request exchange (routing key: the task's
+/// namespace), handled like `POST /v1/tasks/{id}/signals/{name}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Signal {
+    pub task_id: TaskId,
+    /// The signal's name (what a `wait_for` step waits for).
+    pub name: String,
+    /// Chosen by the sender: unique per (task, name); a repeat is a no-op.
+    pub signal_id: String,
+    #[serde(default)]
+    pub payload: Value,
+}
+
+impl Payload for Signal {
+    const KIND: Kind = Kind::Signal;
 }
 
 /// One attempt of one step, published to the steps exchange with the step's queue as routing key.

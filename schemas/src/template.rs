@@ -205,6 +205,57 @@ pub struct StepTemplate {
     /// Run another workflow as this step: a child task, whose output or error is this step's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workflow: Option<WorkflowRef>,
+    /// A durable sleep: the step waits this long once ready, with no handler, then succeeds
+    /// with `{"woke_at": "<RFC 3339>"}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sleep: Option<Millis>,
+    /// A durable sleep until a time: `<parent>.<path>` to an RFC 3339 time in a parent's
+    /// output (the path syntax of `map.over`). A past time wakes at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sleep_until: Option<String>,
+    /// Wait for a signal sent to the task (`POST /v1/tasks/{id}/signals/{name}`), with a timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_for: Option<WaitFor>,
+}
+
+/// `wait_for:` on a step: the signal it waits for and for how long.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WaitFor {
+    /// The signal's name (a name: 1-128 of `A-Z a-z 0-9 _ -`).
+    pub signal: String,
+    /// How long the step waits once it is ready (at most 7 days).
+    pub timeout: Millis,
+    /// The step's output when the timeout passes; absent (or `null`): the step fails instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<serde_json::Value>,
+}
+
+/// What a timed step (no handler, never queued) waits for, as stored with the step
+/// (`steps.wait`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Wait {
+    /// `sleep:` — wakes `ms` after the step became ready.
+    Sleep { ms: u64 },
+    /// `sleep_until:` — wakes at the time found at `<parent>.<path>`.
+    SleepUntil { path: String },
+    /// `wait_for:` — takes the oldest unconsumed signal `name`, or times out.
+    Signal {
+        name: String,
+        timeout_ms: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        default: Option<serde_json::Value>,
+    },
+}
+
+impl Wait {
+    /// The parent's name and the path into its output, for `sleep_until`.
+    pub fn source(path: &str) -> (&str, Vec<&str>) {
+        let mut parts = path.split('.');
+        let parent = parts.next().unwrap_or_default();
+        (parent, parts.collect())
+    }
 }
 
 /// Deepest nesting of child workflows (a task's child is at depth 1).
@@ -292,6 +343,26 @@ impl StepTemplate {
     pub fn queue(&self) -> &str {
         self.queue.as_deref().unwrap_or(DEFAULT_QUEUE)
     }
+
+    /// What the step waits for when it is a timed step (`sleep`, `sleep_until`, `wait_for`).
+    pub fn wait(&self) -> Option<Wait> {
+        if let Some(ms) = self.sleep {
+            return Some(Wait::Sleep { ms: ms.0 });
+        }
+        if let Some(path) = &self.sleep_until {
+            return Some(Wait::SleepUntil { path: path.clone() });
+        }
+        self.wait_for.as_ref().map(|w| Wait::Signal {
+            name: w.signal.clone(),
+            timeout_ms: w.timeout.0,
+            default: w.default.clone(),
+        })
+    }
+
+    /// A step that runs no handler: a child workflow or a timed step.
+    pub fn has_no_handler(&self) -> bool {
+        self.workflow.is_some() || self.wait().is_some()
+    }
 }
 
 /// A workflow template: immutable once registered under (namespace, name, version).
@@ -309,6 +380,10 @@ pub struct Template {
     /// succeeded (`parent_outputs`); its result is recorded and the task stays failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_failure: Option<FailureHandler>,
+    /// A task of this template still live this long after it started is cancelled
+    /// (`deadline exceeded`); a submit's `deadline` takes precedence. At most 7 days.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<Millis>,
 }
 
 /// The name of the step an `on_failure` handler runs as (no template step may use it).
@@ -346,6 +421,9 @@ impl FailureHandler {
             join: Join::All,
             map: None,
             workflow: None,
+            sleep: None,
+            sleep_until: None,
+            wait_for: None,
         }
     }
 }
@@ -385,6 +463,8 @@ pub enum TemplateError {
     /// A problem with `decides`, `join` or `map`.
     #[error("step {step:?}: {problem}")]
     InvalidFlow { step: String, problem: String },
+    #[error("deadline must be between 1 ms and 7 days, got {ms} ms")]
+    InvalidDeadline { ms: u64 },
 }
 
 fn valid_name(s: &str) -> bool {
@@ -478,7 +558,7 @@ impl Template {
             validate_policy(&step)?;
         }
         for step in &self.steps {
-            if step.workflow.is_none() || !step.handler.is_empty() {
+            if !step.has_no_handler() || !step.handler.is_empty() {
                 check_name(&format!("handler of step {:?}", step.name), &step.handler)?;
             }
             if let Some(q) = &step.queue {
@@ -516,6 +596,11 @@ impl Template {
         }
         if let Some(cycle) = self.find_cycle(&index) {
             return Err(TemplateError::Cycle { cycle });
+        }
+        if let Some(d) = self.deadline
+            && (d.0 == 0 || d.0 > MAX_DURATION_MS)
+        {
+            return Err(TemplateError::InvalidDeadline { ms: d.0 });
         }
         Ok(())
     }
@@ -622,6 +707,7 @@ impl Template {
         if step.join == Join::Any && step.depends_on.is_empty() {
             return Err(bad("join: any needs at least one parent".into()));
         }
+        self.validate_wait(step)?;
         if let Some(w) = &step.workflow {
             if !step.handler.is_empty() {
                 return Err(bad(
@@ -714,6 +800,68 @@ impl Template {
     }
 }
 
+impl Template {
+    /// `sleep`, `sleep_until` and `wait_for` of one step: at most one, no handler, no map,
+    /// decides or workflow; a path into a parent; durations within 7 days.
+    fn validate_wait(&self, step: &StepTemplate) -> Result<(), TemplateError> {
+        let bad = |problem: String| TemplateError::InvalidFlow {
+            step: step.name.clone(),
+            problem,
+        };
+        let kinds = [
+            step.sleep.is_some(),
+            step.sleep_until.is_some(),
+            step.wait_for.is_some(),
+        ]
+        .iter()
+        .filter(|k| **k)
+        .count();
+        if kinds == 0 {
+            return Ok(());
+        }
+        if kinds > 1 {
+            return Err(bad(
+                "a step has at most one of sleep, sleep_until and wait_for".into(),
+            ));
+        }
+        if !step.handler.is_empty() {
+            return Err(bad(
+                "a sleep or wait_for step runs no handler: leave out handler".into(),
+            ));
+        }
+        if step.map.is_some() || step.workflow.is_some() || !step.decides.is_empty() {
+            return Err(bad(
+                "a sleep or wait_for step may not have map, workflow or decides".into(),
+            ));
+        }
+        if let Some(ms) = step.sleep
+            && ms.0 > MAX_DURATION_MS
+        {
+            return Err(bad("sleep must be at most 7 days".into()));
+        }
+        if let Some(path) = &step.sleep_until {
+            let (parent, rest) = Wait::source(path);
+            if !step.depends_on.iter().any(|d| d == parent)
+                || rest.len() > MAX_PATH_SEGMENTS
+                || rest.iter().any(|p| p.is_empty() || p.len() > MAX_NAME_LEN)
+            {
+                return Err(bad(format!(
+                    "sleep_until {path:?} must be <parent>.<path> with a parent in depends_on (at most {MAX_PATH_SEGMENTS} non-empty keys)"
+                )));
+            }
+        }
+        if let Some(w) = &step.wait_for {
+            check_name("wait_for.signal", &w.signal)?;
+            if w.timeout.0 == 0 || w.timeout.0 > MAX_DURATION_MS {
+                return Err(bad(
+                    "wait_for.timeout must be between 1 ms and 7 days".into()
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 fn validate_policy(step: &StepTemplate) -> Result<(), TemplateError> {
     let bad = |problem: String| TemplateError::InvalidPolicy {
         step: step.name.clone(),
@@ -780,6 +928,9 @@ mod tests {
             join: Join::All,
             map: None,
             workflow: None,
+            sleep: None,
+            sleep_until: None,
+            wait_for: None,
         }
     }
 
@@ -885,6 +1036,73 @@ mod tests {
     }
 
     #[test]
+    fn sleeps_and_signal_waits_are_checked() {
+        let yaml = "namespace: n\nname: t\nversion: 1\ndeadline: 1h\nsteps:\n  - { name: a, handler: h }\n  - { name: nap, depends_on: [a], sleep: 10m }\n  - { name: until, depends_on: [a], sleep_until: a.resume.0.at }\n  - name: approve\n    depends_on: [nap]\n    wait_for: { signal: approval, timeout: 72h, default: { approved: false } }\n";
+        let t: Template = serde_saphyr::from_str(yaml).unwrap();
+        assert_eq!(t.validate(), Ok(()));
+        assert_eq!(t.deadline, Some(Millis(3_600_000)));
+        assert_eq!(t.steps[1].wait(), Some(Wait::Sleep { ms: 600_000 }));
+        assert_eq!(
+            t.steps[3].wait(),
+            Some(Wait::Signal {
+                name: "approval".into(),
+                timeout_ms: 72 * 3_600_000,
+                default: Some(serde_json::json!({"approved": false})),
+            })
+        );
+        assert!(t.steps[2].has_no_handler() && !t.steps[0].has_no_handler());
+        for (change, expected) in [
+            (
+                Box::new(|s: &mut StepTemplate| s.handler = "h".into())
+                    as Box<dyn Fn(&mut StepTemplate)>,
+                "leave out handler",
+            ),
+            (
+                Box::new(|s: &mut StepTemplate| s.sleep = Some(Millis(1))),
+                "at most one of sleep, sleep_until and wait_for",
+            ),
+            (
+                Box::new(|s: &mut StepTemplate| s.sleep_until = Some("other.at".into())),
+                "with a parent in depends_on",
+            ),
+            (
+                Box::new(|s: &mut StepTemplate| s.sleep_until = Some("a..at".into())),
+                "with a parent in depends_on",
+            ),
+        ] {
+            let mut bad = t.clone();
+            change(&mut bad.steps[2]);
+            let err = bad.validate().unwrap_err().to_string();
+            assert!(err.contains(expected), "{err}");
+        }
+        let mut bad = t.clone();
+        bad.steps[1].sleep = Some(Millis(MAX_DURATION_MS + 1));
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("sleep must be at most 7 days")
+        );
+        let mut bad = t.clone();
+        bad.steps[3].wait_for.as_mut().unwrap().timeout = Millis(0);
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("wait_for.timeout")
+        );
+        let mut bad = t.clone();
+        bad.steps[3].wait_for.as_mut().unwrap().signal = "has space".into();
+        assert!(bad.validate().is_err());
+        let mut bad = t.clone();
+        bad.deadline = Some(Millis(0));
+        assert_eq!(
+            bad.validate(),
+            Err(TemplateError::InvalidDeadline { ms: 0 })
+        );
+    }
+
+    #[test]
     fn on_failure_is_checked_and_its_name_reserved() {
         let yaml = "namespace: n\nname: t\nversion: 1\nsteps: [{ name: a, handler: h }]\non_failure: { handler: refund, queue: q }\n";
         let t: Template = serde_saphyr::from_str(yaml).unwrap();
@@ -922,6 +1140,7 @@ mod tests {
             description: None,
             steps,
             on_failure: None,
+            deadline: None,
         }
     }
 

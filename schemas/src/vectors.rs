@@ -272,11 +272,12 @@ fn decode_kind(kind: &str, bytes: &[u8]) -> Result<Value, DecodeError> {
         "cancel" => dec::<Cancel>(bytes),
         "lifecycle_event" => dec::<LifecycleEvent>(bytes),
         "worker_heartbeat" => dec::<WorkerHeartbeat>(bytes),
+        "signal" => dec::<Signal>(bytes),
         other => panic!("unknown kind {other:?} in the vectors"),
     }
 }
 
-const KINDS: [&str; 9] = [
+const KINDS: [&str; 10] = [
     "task_request",
     "step",
     "result",
@@ -286,6 +287,7 @@ const KINDS: [&str; 9] = [
     "cancel",
     "lifecycle_event",
     "worker_heartbeat",
+    "signal",
 ];
 
 /// The bytes of each invalid vector, built from the valid ones as its description says.
@@ -555,6 +557,7 @@ fn valid_vectors_decode_and_encode() {
             "cancel" => check_valid::<Cancel>(v),
             "lifecycle_event" => check_valid::<LifecycleEvent>(v),
             "worker_heartbeat" => check_valid::<WorkerHeartbeat>(v),
+            "signal" => check_valid::<Signal>(v),
             other => panic!("unknown kind {other:?}"),
         }
     }
@@ -1097,6 +1100,7 @@ fn kind_names_match_their_serde_names() {
         Kind::Cancel,
         Kind::LifecycleEvent,
         Kind::WorkerHeartbeat,
+        Kind::Signal,
     ];
     for (kind, name) in kinds.into_iter().zip(KINDS) {
         assert_eq!(kind.as_str(), name);
@@ -1185,6 +1189,9 @@ fn round_trip_task_request() {
         idempotency_key: Some("k".into()),
         priority: i16::MIN,
         task_id: Some(TaskId::new()),
+        run_at: Some("2026-12-24T06:00:00Z".into()),
+        delay_ms: Some(u64::MAX),
+        deadline_ms: Some(3_600_000),
     });
     round_trip(TaskRequest {
         request_id: RequestId::new(),
@@ -1195,6 +1202,19 @@ fn round_trip_task_request() {
         idempotency_key: None,
         priority: 0,
         task_id: None,
+        run_at: None,
+        delay_ms: None,
+        deadline_ms: None,
+    });
+}
+
+#[test]
+fn round_trip_signal() {
+    round_trip(Signal {
+        task_id: TaskId::new(),
+        name: "approval".into(),
+        signal_id: "s-1".into(),
+        payload: json!({"approved": true, "n": [1, 2.5, null]}),
     });
 }
 

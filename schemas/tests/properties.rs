@@ -88,6 +88,7 @@ fn required(kind: &str) -> &'static [&'static str] {
         "cancel" => &["task_id"],
         "lifecycle_event" => &["task_id", "namespace", "template", "seq", "state", "at"],
         "worker_heartbeat" => &["worker_id", "worker", "interval_ms"],
+        "signal" => &["task_id", "name", "signal_id"],
         _ => &[],
     }
 }
@@ -104,6 +105,7 @@ fn decode_as(kind: &str, bytes: &[u8]) -> Result<(), DecodeError> {
         "cancel" => decode::<Cancel>(bytes).map(drop),
         "lifecycle_event" => decode::<LifecycleEvent>(bytes).map(drop),
         "worker_heartbeat" => decode::<tasker_schemas::WorkerHeartbeat>(bytes).map(drop),
+        "signal" => decode::<tasker_schemas::Signal>(bytes).map(drop),
         other => panic!("no decoder for {other}"),
     }
 }

@@ -162,9 +162,12 @@ impl Orchestrator {
         let _ = self.handle.await;
     }
 
-    /// Stops it abruptly (no drain), as close to a crash as a task can get.
+    /// Stops it abruptly (no drain), as close to a crash as a task can get: its main task is
+    /// aborted, and its loops (spawned tasks that an abort alone would leave running) are told
+    /// to stop without being waited for.
     pub fn kill(self) {
         self.handle.abort();
+        self.shutdown.cancel();
     }
 }
 
@@ -605,6 +608,9 @@ impl Harness {
                 idempotency_key: None,
                 priority: 0,
                 task_id: None,
+                run_at: None,
+                delay: None,
+                deadline: None,
             })
             .await?;
         Ok(r.task_id)

@@ -25,6 +25,9 @@ fn stuck(context: Value) -> SubmitTask {
         idempotency_key: None,
         priority: 0,
         task_id: None,
+        run_at: None,
+        delay: None,
+        deadline: None,
     }
 }
 

@@ -18,6 +18,9 @@ fn submit(key: Option<&str>, context: serde_json::Value) -> SubmitTask {
         idempotency_key: key.map(String::from),
         priority: 0,
         task_id: None,
+        run_at: None,
+        delay: None,
+        deadline: None,
     }
 }
 

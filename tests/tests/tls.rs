@@ -84,6 +84,9 @@ fn hello() -> SubmitTask {
         idempotency_key: None,
         priority: 0,
         task_id: None,
+        run_at: None,
+        delay: None,
+        deadline: None,
     }
 }
 

@@ -152,6 +152,9 @@ steps:
             idempotency_key: None,
             priority: 0,
             task_id: None,
+            run_at: None,
+            delay: None,
+            deadline: None,
         })
         .send()
         .await?

@@ -97,13 +97,13 @@ where
     let handlers: Vec<H> = handler_names.into_iter().collect();
     let consumed = |queue: &str| queues.iter().any(|q| q.as_ref() == queue);
     let has = |handler: &str| handlers.iter().any(|h| h.as_ref() == handler);
-    // A child-workflow step runs no handler; a template's on_failure handler is a step too.
+    // A child-workflow or timed (sleep, wait_for) step runs no handler; a template's on_failure handler is a step too.
     let failure_handler = template.on_failure.as_ref().map(|h| h.as_step());
     let mut missing: Vec<String> = template
         .steps
         .iter()
         .chain(failure_handler.as_ref())
-        .filter(|s| s.workflow.is_none() && consumed(s.queue()) && !has(&s.handler))
+        .filter(|s| !s.has_no_handler() && consumed(s.queue()) && !has(&s.handler))
         .map(|s| s.handler.clone())
         .collect();
     if missing.is_empty() {

@@ -63,6 +63,7 @@ pub fn router(shared: Shared) -> Router {
         .route("/tasks/{id}", get(show_task))
         .route("/tasks/{id}/cancel", post(cancel_task))
         .route("/tasks/{id}/retry", post(retry_task))
+        .route("/tasks/{id}/signals/{name}", post(send_signal))
         .route("/tasks/{id}/steps/{step}/instances", get(list_instances))
         .route("/workers", get(list_workers))
         .route("/schedules", post(create_schedule).get(list_schedules))
@@ -159,6 +160,7 @@ impl From<ServiceError> for ApiError {
             ServiceError::InvalidState { .. } => (StatusCode::CONFLICT, "invalid_state"),
             ServiceError::ScheduleNotFound(_) => (StatusCode::NOT_FOUND, "schedule_not_found"),
             ServiceError::ScheduleConflict { .. } => (StatusCode::CONFLICT, "schedule_conflict"),
+            ServiceError::SignalRefused(_) => (StatusCode::CONFLICT, "signal_refused"),
             e if e.is_retryable() => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
@@ -531,6 +533,23 @@ async fn retry_task(
     Ok(Json(views::task_view(
         service::tasks::detail(&shared, id).await?,
     )))
+}
+
+/// Sends a signal to a task: 201 when recorded, 200 for a repeat of the same `signal_id` (the
+/// first signal's answer), 409 for a finished task or a name no step waits for.
+async fn send_signal(
+    State(shared): State<Shared>,
+    ApiPath((id, name)): ApiPath<(String, String)>,
+    ApiJson(body): ApiJson<tasker_schemas::api::SendSignal>,
+) -> ApiResult<(StatusCode, Json<tasker_schemas::api::SignalResponse>)> {
+    let id = parse_task_id(&id)?;
+    let answer = service::waits::send(&shared, id, &name, &body).await?;
+    let status = if answer.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(answer)))
 }
 
 #[derive(Deserialize)]

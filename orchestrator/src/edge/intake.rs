@@ -61,6 +61,12 @@ async fn handle_request(shared: &Shared, d: Delivery, shutdown: &CancellationTok
     ) {
         return reject(shared, &d, &reason).await;
     }
+    // Signals travel the same queue (message kind `signal`).
+    if tasker_schemas::message::peek_kind(&d.data).ok().as_deref()
+        == Some(tasker_schemas::Kind::Signal.as_str())
+    {
+        return handle_signal(shared, d, shutdown).await;
+    }
     let req = match decode::<TaskRequest>(&d.data) {
         Ok(env) => env.payload,
         Err(e) => return reject(shared, &d, &e.to_string()).await,
@@ -73,6 +79,9 @@ async fn handle_request(shared: &Shared, d: Delivery, shutdown: &CancellationTok
         idempotency_key: req.idempotency_key,
         priority: req.priority,
         task_id: req.task_id,
+        run_at: req.run_at,
+        delay: req.delay_ms.map(tasker_schemas::Millis),
+        deadline: req.deadline_ms.map(tasker_schemas::Millis),
     };
     // The request's `traceparent` header: the task's trace continues it.
     let traceparent = d
@@ -97,6 +106,32 @@ async fn handle_request(shared: &Shared, d: Delivery, shutdown: &CancellationTok
             let _ = d.acker.ack(BasicAckOptions::default()).await;
         }
         // Shutting down: leave it unacked; it is redelivered to another consumer.
+        Err(e) if e.is_retryable() => {}
+        Err(e) => reject(shared, &d, &e.to_string()).await,
+    }
+}
+
+/// A `signal` message: recorded like `POST /v1/tasks/{id}/signals/{name}` (a repeat is a
+/// no-op), acked after the commit; a refused one (unknown task, finished task, a name no step
+/// waits for, bad fields) is dead-lettered with the reason.
+async fn handle_signal(shared: &Shared, d: Delivery, shutdown: &CancellationToken) {
+    let signal = match decode::<tasker_schemas::Signal>(&d.data) {
+        Ok(env) => env.payload,
+        Err(e) => return reject(shared, &d, &e.to_string()).await,
+    };
+    let body = tasker_schemas::api::SendSignal {
+        signal_id: signal.signal_id,
+        payload: signal.payload,
+    };
+    let sent = (|| crate::service::waits::send(shared, signal.task_id, &signal.name, &body))
+        .retry(outage_backoff())
+        .when(|e: &ServiceError| e.is_retryable() && !shutdown.is_cancelled())
+        .notify(|e, _| tracing::warn!(error = %e, "database unavailable; retrying signal"))
+        .await;
+    match sent {
+        Ok(_) => {
+            let _ = d.acker.ack(BasicAckOptions::default()).await;
+        }
         Err(e) if e.is_retryable() => {}
         Err(e) => reject(shared, &d, &e.to_string()).await,
     }

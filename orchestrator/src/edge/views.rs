@@ -30,6 +30,8 @@ fn task_only(t: TaskRow, steps: Vec<StepView>, events: Vec<TaskEventView>) -> Ta
             task_id: TaskId(task_id),
             step: t.parent_step.unwrap_or_default(),
         }),
+        start_at: t.start_at.map(rfc3339),
+        deadline_at: t.deadline_at.map(rfc3339),
     }
 }
 
@@ -69,6 +71,10 @@ pub fn task_view(d: TaskDetail) -> TaskView {
         live_handlers,
     } = d;
     let names: HashMap<Uuid, &str> = steps.iter().map(|s| (s.id, s.name.as_str())).collect();
+    // A delayed task: every step waits for its start.
+    let pending_until = task
+        .start_at
+        .filter(|_| task.state == tasker_schemas::TaskState::Pending);
     let mut by_step: HashMap<Uuid, Vec<AttemptView>> = HashMap::new();
     for a in attempts {
         by_step.entry(a.step_id).or_default().push(AttemptView {
@@ -119,7 +125,7 @@ pub fn task_view(d: TaskDetail) -> TaskView {
                 attempt: s.attempt as u32,
                 failures: s.failures as u32,
                 max_attempts: s.max_attempts as u32,
-                waiting_reason: waiting_reason(s, &steps, &names)
+                waiting_reason: waiting_reason(s, &steps, &names, pending_until)
                     .map(|r| r + &no_live_worker(s, live_handlers.as_ref())),
                 depends_on,
                 output: s.output.clone(),
@@ -212,7 +218,28 @@ fn no_live_worker(
 }
 
 /// "Why is this step not running?" in words, for every non-terminal state.
-fn waiting_reason(s: &StepRow, steps: &[StepRow], names: &HashMap<Uuid, &str>) -> Option<String> {
+fn waiting_reason(
+    s: &StepRow,
+    steps: &[StepRow],
+    names: &HashMap<Uuid, &str>,
+    pending_until: Option<chrono::DateTime<chrono::Utc>>,
+) -> Option<String> {
+    if let (StepState::Waiting, Some(at)) = (s.state, pending_until) {
+        return Some(format!("task starts at {}", rfc3339(at)));
+    }
+    let wait = s
+        .wait
+        .as_ref()
+        .and_then(|w| serde_json::from_value::<tasker_schemas::Wait>(w.clone()).ok());
+    if let (StepState::Delegated, Some(wait)) = (s.state, wait) {
+        let until = s.wake_at.map(rfc3339).unwrap_or_default();
+        return Some(match wait {
+            tasker_schemas::Wait::Signal { name, .. } => {
+                format!("waiting for signal {name} (until {until})")
+            }
+            _ => format!("sleeping until {until}"),
+        });
+    }
     match s.state {
         StepState::Waiting => {
             let open: Vec<&str> = steps

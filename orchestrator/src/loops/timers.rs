@@ -2,7 +2,9 @@ use crate::service::{Shared, timers};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-/// Promotes due retries, times out expired leases and relays outbox entries left behind.
+/// Promotes due retries, times out expired leases, relays outbox entries left behind, settles
+/// child workflows, wakes timed steps (sleeps, signal waits), starts delayed tasks and cancels
+/// tasks past their deadline.
 pub struct Timers {
     pub shared: Shared,
 }
@@ -35,5 +37,8 @@ async fn tick(shared: &Shared, poll: Duration) -> crate::service::Result<Duratio
     timers::expire_leases(shared).await?;
     timers::relay(shared).await?;
     timers::settle_children(shared).await?;
+    crate::service::waits::wake_due(shared).await?;
+    crate::service::waits::start_due(shared).await?;
+    crate::service::waits::expire_deadlines(shared).await?;
     timers::next_due(shared, poll).await
 }

@@ -109,6 +109,8 @@ pub async fn cascade(
                 ends.push(end);
             }
         }
+        // Timed steps start: their due time, or a kept signal taken.
+        ends.extend(start_waits(tx, &started).await?);
         started.clear();
         touched.sort_unstable();
         touched.dedup();
@@ -241,6 +243,9 @@ async fn start_child(
                 }),
                 // A child workflow's task has a trace of its own.
                 trace_parent: None,
+                start_at: None,
+                deadline_ms: found.template.deadline.map(|d| d.0),
+                start_request: None,
             };
             let Created {
                 task_id: child,
@@ -298,6 +303,50 @@ async fn start_child(
             Ok(None)
         }
     }
+}
+
+/// Starts timed steps that were just delegated ([`transition::wait_start`]): each begins an
+/// attempt and gets its due time (a signal wait first takes the oldest kept signal of its name,
+/// and then wakes at once). Returns how those that cannot start end (a `sleep_until` that
+/// found no time).
+async fn start_waits(tx: &mut PgConnection, started: &[Uuid]) -> db::Result<Vec<MapEnd>> {
+    let mut ends = Vec::new();
+    for w in crate::store::waits::read_waits_to_start(tx, started).await? {
+        let Some(wait) = &w.wait else {
+            ends.push(MapEnd {
+                id: w.step_id,
+                state: StepState::Failed,
+                error: Some(format!("unreadable wait of step {:?}", w.name)),
+                skip: None,
+            });
+            continue;
+        };
+        let found = match wait {
+            tasker_schemas::Wait::SleepUntil { path } => {
+                transition::value_at(&w.parent_outputs, path)
+            }
+            _ => None,
+        };
+        let attempt = crate::store::waits::begin_attempt(tx, w.step_id).await?;
+        let taken = match wait {
+            tasker_schemas::Wait::Signal { name, .. } => {
+                crate::store::waits::take_signal(tx, w.task_id, name, w.step_id, attempt).await?
+            }
+            _ => false,
+        };
+        match transition::wait_start(wait, w.now, found, taken) {
+            transition::WaitStart::Until(at) => {
+                crate::store::waits::set_wake(tx, w.step_id, at).await?;
+            }
+            transition::WaitStart::Fail(error) => ends.push(MapEnd {
+                id: w.step_id,
+                state: StepState::Failed,
+                error: Some(error),
+                skip: None,
+            }),
+        }
+    }
+    Ok(ends)
 }
 
 /// The state a halted task gives what has not started, or `None` while it is not halted.

@@ -17,6 +17,7 @@
 //! | [`workers`] | the worker registry |
 //! | [`timers`] | due retries, expired leases, the outbox relay |
 //! | [`schedules`] | schedules: create, pause, resume, delete, read; firing due ticks |
+//! | [`waits`] | timed steps waking, signals, delayed starts, task deadlines |
 //! | [`reconcile`] | repairing tasks without a live owner, slot recounts, pruning |
 
 pub mod admission;
@@ -30,6 +31,7 @@ pub mod schedules;
 pub mod tasks;
 pub mod templates;
 pub mod timers;
+pub mod waits;
 pub mod workers;
 
 mod handles;
@@ -95,6 +97,9 @@ pub enum ServiceError {
         "a schedule named {name:?} already exists in namespace {namespace:?} (pass another name)"
     )]
     ScheduleConflict { namespace: String, name: String },
+    /// A signal to a finished task, or of a name no step of the task waits for.
+    #[error("{0}")]
+    SignalRefused(String),
     #[error("task {task_id} is {state}: {action} is not possible")]
     InvalidState {
         task_id: TaskId,

@@ -300,6 +300,11 @@ async fn fire(
             task_id: Some(task_id),
             parent: None,
             trace_parent: None,
+            start_at: None,
+            // The template's deadline, if it has one.
+            deadline_ms: crate::transition::deadline_ms(None, template.template.deadline.map(|d| d.0))
+                .map_err(ServiceError::InvalidRequest)?,
+            start_request: None,
         };
         let m = super::tasks::create_in(shared, &mut *tx, &new).await?;
         let holder = match &m.outcome {

@@ -68,8 +68,26 @@ pub async fn submit_traced(
         )));
     }
     tasker_schemas::data::check_value("context", &req.context, shared.config.max_context_bytes)?;
+    let run_at = match &req.run_at {
+        None => None,
+        Some(text) => Some(
+            chrono::DateTime::parse_from_rfc3339(text)
+                .map_err(|e| {
+                    ServiceError::InvalidRequest(format!(
+                        "run_at {:?} is not an RFC 3339 time ({e})",
+                        text.chars().take(64).collect::<String>()
+                    ))
+                })?
+                .with_timezone(&chrono::Utc),
+        ),
+    };
     let template =
         super::templates::find(shared, &req.namespace, &req.template, req.version).await?;
+    let deadline_ms = transition::deadline_ms(
+        req.deadline.map(|d| d.0),
+        template.template.deadline.map(|d| d.0),
+    )
+    .map_err(ServiceError::InvalidRequest)?;
     let new = NewTask {
         namespace: &req.namespace,
         template_id: template.id,
@@ -82,8 +100,24 @@ pub async fn submit_traced(
         task_id: req.task_id,
         parent: None,
         trace_parent: trace_parent.as_deref(),
+        start_at: None,
+        deadline_ms,
+        start_request: match (&req.run_at, req.delay) {
+            (Some(at), _) => Some(format!("run_at {at}")),
+            (None, Some(d)) => Some(format!("delay {}", d.0)),
+            (None, None) => None,
+        },
     };
+    let mut new = new;
     let mut tx = shared.db.begin().await?;
+    // A delayed start is decided against the database's clock.
+    if run_at.is_some() || req.delay.is_some() {
+        let now = sqlx::query_scalar::<_, chrono::DateTime<chrono::Utc>>("SELECT now()")
+            .fetch_one(&mut *tx)
+            .await?;
+        new.start_at = transition::start_at(run_at, req.delay.map(|d| d.0), now)
+            .map_err(ServiceError::InvalidRequest)?;
+    }
     let made = create_in(shared, &mut tx, &new).await?;
     tx.commit().await?;
     let created = match made.outcome {
@@ -110,6 +144,8 @@ pub(crate) struct Made {
     created_at: Option<chrono::DateTime<chrono::Utc>>,
     /// Tasks that finished in the creating transaction (a child workflow with nothing to run).
     finished: Vec<crate::store::apply::FinishedTask>,
+    /// The task starts later (`run_at`/`delay`): announced when it starts, not now.
+    delayed: bool,
 }
 
 /// Creates a task in the caller's transaction (the request already validated): its steps, and
@@ -159,6 +195,7 @@ pub(crate) async fn create_in(
         outcome,
         created_at,
         finished,
+        delayed: new.start_at.is_some(),
     })
 }
 
@@ -172,8 +209,9 @@ pub(crate) async fn after_create(shared: &Shared, namespace: &str, template: &st
             .metrics
             .counter("tasker_tasks_submitted_total", &[("namespace", namespace)])
             .increment(1);
-        // Announced before its steps are dispatched, so that it usually precedes their news.
-        if let Some(at) = made.created_at {
+        // Announced before its steps are dispatched, so that it usually precedes their news (a
+        // delayed task is announced when it starts).
+        if let Some(at) = made.created_at.filter(|_| !made.delayed) {
             events::announce_created(shared, created.task_id, namespace, template, at).await;
         }
         shared.dispatch.wake(created.queues.iter().cloned());

@@ -27,7 +27,7 @@ pub async fn register(shared: &Shared, template: &Template) -> Result<Registered
     let mut queues: Vec<&str> = template
         .steps
         .iter()
-        .filter(|s| s.workflow.is_none())
+        .filter(|s| !s.has_no_handler())
         .map(|s| s.queue())
         .chain(template.on_failure.as_ref().map(|h| {
             h.queue

@@ -72,9 +72,14 @@ pub async fn relay(shared: &Shared) -> Result<()> {
     Ok(())
 }
 
-/// How long until the next retry is due, at most `cap`.
+/// How long until the next retry, timed step, delayed start or deadline is due, at most `cap`.
 pub async fn next_due(shared: &Shared, cap: Duration) -> Result<Duration> {
-    let next = timers::next_retry_in_ms(&shared.db).await?;
+    let retry = timers::next_retry_in_ms(&shared.db).await?;
+    let wait = crate::store::waits::next_due_in_ms(&shared.db).await?;
+    let next = match (retry, wait) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
     Ok(next.map_or(cap, |ms| Duration::from_millis(ms.max(1) as u64).min(cap)))
 }
 

@@ -66,6 +66,7 @@ struct StepRow {
     map_failed: Option<i32>,
     failure_handler: bool,
     workflow: bool,
+    timed: bool,
     queue_wait_timeout_ms: i64,
     missing_attempt: Option<i32>,
     missing_workers: Option<Vec<String>>,
@@ -83,7 +84,7 @@ pub async fn read_steps(tx: &mut PgConnection, ids: &[Uuid]) -> Result<HashMap<U
                      FROM unnest(s.child_ids) WITH ORDINALITY AS k(id, n)
                      JOIN steps c ON c.id = k.id) END AS child_names,
                 s.map_of, m.map_tolerate, m.map_failed, s.failure_handler,
-                s.workflow IS NOT NULL AS workflow, s.queue_wait_timeout_ms, s.missing_attempt,
+                s.workflow IS NOT NULL AS workflow, s.wait IS NOT NULL AS timed, s.queue_wait_timeout_ms, s.missing_attempt,
                 s.missing_workers,
                 (extract(epoch FROM now() - s.missing_since) * 1000)::bigint AS missing_for_ms
          FROM steps s LEFT JOIN steps m ON m.id = s.map_of
@@ -119,6 +120,7 @@ pub async fn read_steps(tx: &mut PgConnection, ids: &[Uuid]) -> Result<HashMap<U
                     }),
                     failure_handler: s.failure_handler,
                     workflow: s.workflow,
+                    timed: s.timed,
                     queue_wait_timeout_ms: s.queue_wait_timeout_ms,
                     missing: s.missing_attempt.map(|first_attempt| MissingStreak {
                         first_attempt,
@@ -223,7 +225,7 @@ pub async fn write(
              SET state = u.state, failures = u.failures, output = u.output, error = u.error,
                  next_attempt_at = CASE WHEN u.delay_ms IS NULL THEN NULL
                                         ELSE now() + u.delay_ms * interval '1 millisecond' END,
-                 lease_expires_at = NULL,
+                 lease_expires_at = NULL, wake_at = NULL,
                  missing_since = CASE WHEN u.missing_from IS NULL THEN NULL
                                       ELSE coalesce(s.missing_since, now()) END,
                  missing_attempt = u.missing_from,
@@ -235,8 +237,9 @@ pub async fn write(
                   AS u(id, attempt, state, failures, output, error, delay_ms, missing_from, workers)
              WHERE s.id = u.id AND s.attempt = u.attempt
                AND (s.state IS NOT DISTINCT FROM 'dispatched'
-                    OR (s.state IS NOT DISTINCT FROM 'delegated' AND s.workflow IS NOT NULL))
-             RETURNING s.queue, s.workflow IS NULL AS held_slot
+                    OR (s.state IS NOT DISTINCT FROM 'delegated'
+                        AND (s.workflow IS NOT NULL OR s.wait IS NOT NULL)))
+             RETURNING s.queue, s.workflow IS NULL AND s.wait IS NULL AS held_slot
          ), history AS (
              INSERT INTO attempts (step_id, attempt, task_id, namespace, outcome, dispatched_at,
                                    started_at, worker, error)
@@ -262,7 +265,7 @@ pub async fn write(
              UPDATE steps s
              SET pending_parents = s.pending_parents - k.n,
                  state = CASE WHEN s.pending_parents - k.n > 0 THEN s.state
-                              WHEN s.map_over IS NULL AND s.workflow IS NULL THEN $17
+                              WHEN s.map_over IS NULL AND s.workflow IS NULL AND s.wait IS NULL THEN $17
                               ELSE $21 END,
                  queued_at = CASE WHEN s.pending_parents - k.n = 0 THEN now() ELSE s.queued_at END,
                  updated_at = now()
@@ -370,10 +373,11 @@ pub async fn halt_steps(
     // counted by their mapped step afterwards (`store::dynamic::recount_maps`). A failing
     // task's `on_failure` step is the one step a halt leaves to run.
     let rows = sqlx::query(
-        "UPDATE steps SET state = $3, next_attempt_at = NULL, updated_at = now(),
+        "UPDATE steps SET state = $3, next_attempt_at = NULL, wake_at = NULL, updated_at = now(),
                           skip_cause = CASE WHEN $3 = $4 THEN $5 END,
                           skip_reason = CASE WHEN $3 = $4 THEN $6 END
-         WHERE task_id = ANY($1) AND state = ANY($2) AND NOT failure_handler
+         WHERE task_id = ANY($1) AND NOT failure_handler
+           AND (state = ANY($2) OR ($7 AND state = 'delegated' AND wait IS NOT NULL))
          RETURNING task_id",
     )
     .bind(tasks)
@@ -382,6 +386,7 @@ pub async fn halt_steps(
     .bind(StepState::Skipped)
     .bind(SkipCause::Halted.as_str())
     .bind("its task failed")
+    .bind(m.timed_waits)
     .fetch_all(&mut *tx)
     .await?;
     let mut moved: HashMap<Uuid, i32> = HashMap::new();

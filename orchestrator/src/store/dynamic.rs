@@ -94,6 +94,7 @@ pub async fn write_propagation(tx: &mut PgConnection, p: &Propagation) -> Result
         let rows = sqlx::query(
             "UPDATE steps s SET pending_parents = 0,
                                 state = CASE WHEN s.map_over IS NULL AND s.workflow IS NULL
+                                                  AND s.wait IS NULL
                                              THEN $2 ELSE $3 END,
                                 queued_at = now(), updated_at = now()
              WHERE s.id = ANY($1) AND s.state = 'waiting'

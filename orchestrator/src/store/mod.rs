@@ -9,6 +9,7 @@
 //! | [`apply`] | the locking read of a batch, its set-wise write, halting, finishing tasks |
 //! | [`outbox`] | step message data, confirmed and stale outbox entries |
 //! | [`timers`] | due retries, expired leases, started/heartbeat leases |
+//! | [`waits`] | timed steps (start, wake), signals, delayed starts, deadlines |
 //! | [`reconcile`] | finding and repairing inconsistent tasks, slot recounts, pruning |
 //! | [`schedules`] | schedules, the claim of a due one, the unique (schedule, tick) key |
 //! | [`tasks`] | creating tasks (idempotent), cancel and retry writes, task history |
@@ -35,6 +36,7 @@ pub mod tasks;
 pub mod templates;
 pub mod timers;
 pub mod views;
+pub mod waits;
 pub mod workers;
 
 use chrono::{DateTime, SecondsFormat, Utc};

@@ -27,7 +27,8 @@ pub async fn find_inconsistent(
                                                        AND NOT (s.join_any AND p.state = 'skipped')))
                 OR EXISTS (SELECT 1 FROM steps s WHERE s.task_id = t.id
                            AND ((s.state = 'retrying' AND s.next_attempt_at IS NULL)
-                             OR (s.state = 'dispatched' AND s.lease_expires_at IS NULL)))
+                             OR (s.state = 'dispatched' AND s.lease_expires_at IS NULL)
+                             OR (s.state = 'delegated' AND s.wait IS NOT NULL AND s.wake_at IS NULL)))
                 OR ((t.failing OR t.cancel_requested)
                     AND EXISTS (SELECT 1 FROM steps s WHERE s.task_id = t.id
                                 AND s.state IN ('waiting', 'queued', 'retrying')
@@ -59,10 +60,13 @@ pub async fn lock_live_task(tx: &mut PgConnection, id: Uuid) -> Result<Option<Ta
 /// so the timer loop owns them again.
 pub async fn restore_due_times(tx: &mut PgConnection, task: Uuid) -> Result<()> {
     sqlx::query(
-        "UPDATE steps SET next_attempt_at = coalesce(next_attempt_at, now()),
+        "UPDATE steps SET next_attempt_at = CASE WHEN state = 'retrying'
+                                                 THEN coalesce(next_attempt_at, now()) END,
                           lease_expires_at = CASE WHEN state = 'dispatched'
-                                                  THEN coalesce(lease_expires_at, now()) END
-         WHERE task_id = $1 AND state IN ('retrying', 'dispatched')",
+                                                  THEN coalesce(lease_expires_at, now()) END,
+                          wake_at = CASE WHEN state = 'delegated' THEN coalesce(wake_at, now()) END
+         WHERE task_id = $1
+           AND (state IN ('retrying', 'dispatched') OR (state = 'delegated' AND wait IS NOT NULL))",
     )
     .bind(task)
     .execute(&mut *tx)
@@ -86,11 +90,14 @@ pub async fn readmit_waiting(
                            WHERE p.id = ANY(s.parent_ids) AND p.state <> 'succeeded'
                              AND NOT (s.join_any AND p.state = 'skipped'))::int AS n
              FROM steps s WHERE s.task_id = $1 AND s.state = 'waiting' AND s.map_of IS NULL
+               -- A pending task (delayed start) starts nothing before its time.
+               AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.id = $1 AND t.state = 'pending')
          )
          UPDATE steps s
          SET pending_parents = c.n,
              state = CASE WHEN c.n > 0 THEN s.state
-                          WHEN s.map_over IS NULL AND s.workflow IS NULL THEN $2 ELSE $3 END,
+                          WHEN s.map_over IS NULL AND s.workflow IS NULL AND s.wait IS NULL THEN $2
+                          ELSE $3 END,
              queued_at = CASE WHEN c.n = 0 THEN now() END,
              updated_at = now()
          FROM counted c WHERE s.id = c.id

@@ -26,6 +26,14 @@ pub struct NewTask<'a> {
     pub parent: Option<ParentLink>,
     /// The submit request's W3C `traceparent` (validated): the task's trace continues it.
     pub trace_parent: Option<&'a str>,
+    /// Delayed start ([`crate::transition::start_at`]): the task is created `pending`, every
+    /// step `waiting`, and starts at this time.
+    pub start_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// [`crate::transition::deadline_ms`]: cancelled when still live this long after its start.
+    pub deadline_ms: Option<u64>,
+    /// The delayed start as the client asked for it (`run_at` or `delay`), for the idempotency
+    /// digest: a repeat of `delay: 10m` is the same request, though its start time differs.
+    pub start_request: Option<String>,
 }
 
 /// The step a child workflow's task runs for.
@@ -56,7 +64,8 @@ pub struct Created {
     pub created: bool,
     /// Queues that got admissible (root) steps.
     pub queues: Vec<String>,
-    /// Root steps that run a child workflow: delegated, their children still to start.
+    /// Root steps that run a child workflow or wait (sleep, wait_for): delegated, still to
+    /// start.
     pub delegated: Vec<Uuid>,
 }
 
@@ -71,6 +80,14 @@ impl NewTask<'_> {
             "priority": self.priority,
             "task_id": self.task_id,
         });
+        // Fields added later count only when given, so earlier requests keep their digest.
+        let mut body = body;
+        if let Some(asked) = &self.start_request {
+            body["start"] = json!(asked);
+        }
+        if let Some(ms) = self.deadline_ms {
+            body["deadline_ms"] = json!(ms);
+        }
         hex::encode(Sha256::digest(body.to_string().as_bytes()))
     }
 }
@@ -93,14 +110,15 @@ pub async fn create(tx: &mut PgConnection, new: &NewTask<'_>) -> Result<CreateOu
     let mut queues = Vec::new();
     let mut delegated = Vec::new();
     for (position, step) in template.steps.iter().enumerate() {
-        let root = step.depends_on.is_empty();
-        let state = match (root, &step.workflow) {
+        // A delayed task starts nothing yet: its roots wait for its start.
+        let root = step.depends_on.is_empty() && new.start_at.is_none();
+        let state = match (root, step.has_no_handler()) {
             (false, _) => StepState::Waiting,
-            (true, Some(_)) => {
+            (true, true) => {
                 delegated.push(ids[step.name.as_str()]);
                 crate::transition::DELEGATE.to
             }
-            (true, None) => {
+            (true, false) => {
                 if !queues.iter().any(|q| q == step.queue()) {
                     queues.push(step.queue().to_owned());
                 }
@@ -128,6 +146,7 @@ pub async fn create(tx: &mut PgConnection, new: &NewTask<'_>) -> Result<CreateOu
             "map_max_items": step.map.as_ref().map(|m| m.max_items),
             "map_tolerate": step.map.as_ref().map(|m| m.tolerate),
             "workflow": step.workflow.as_ref().map(|w| json!(w)),
+            "wait": step.wait().map(|w| json!(w)),
         }));
     }
     // One statement: the task and all its steps (none if the task already exists).
@@ -136,9 +155,10 @@ pub async fn create(tx: &mut PgConnection, new: &NewTask<'_>) -> Result<CreateOu
              INSERT INTO tasks (id, namespace, template_id, template_name, template_version, state,
                                 priority, context, idempotency_key, request_id, request_hash,
                                 unfinished_steps, on_failure, parent_task_id, parent_step_id,
-                                depth, trace_parent)
+                                depth, trace_parent, start_at, deadline_ms, deadline_at)
              VALUES ($1, $2, $3, $4, $5, $13, $6, $7, $8, $9, $10, $11, $15, $16, $17,
-                     coalesce($18, 0), $19)
+                     coalesce($18, 0), $19, $20, $21,
+                     coalesce($20, now()) + $21 * interval '1 millisecond')
              ON CONFLICT DO NOTHING
              RETURNING id
          ), task_steps AS (
@@ -146,19 +166,19 @@ pub async fn create(tx: &mut PgConnection, new: &NewTask<'_>) -> Result<CreateOu
                                 priority, max_attempts, retry_policy, queue_wait_timeout_ms,
                                 execution_timeout_ms, pending_parents, parent_ids, child_ids, queued_at,
                                 decides, join_any, map_over, map_max_parallel, map_max_items,
-                                map_tolerate, workflow)
+                                map_tolerate, workflow, wait)
              SELECT x.id, task.id, $2, x.name, x.position, x.handler, x.queue, x.state, $6,
                     x.max_attempts, x.retry_policy, x.queue_wait_timeout_ms, x.execution_timeout_ms,
                     x.pending_parents, x.parent_ids, x.child_ids,
                     CASE WHEN x.state = $14 THEN now() END,
                     x.decides, coalesce(x.join_any, false), x.map_over, x.map_max_parallel,
-                    x.map_max_items, x.map_tolerate, x.workflow
+                    x.map_max_items, x.map_tolerate, x.workflow, x.wait
              FROM task, jsonb_to_recordset($12) AS x(id uuid, name text, position int, handler text,
                   queue text, state text, max_attempts int, retry_policy jsonb,
                   queue_wait_timeout_ms bigint, execution_timeout_ms bigint, pending_parents int,
                   parent_ids uuid[], child_ids uuid[], decides text[], join_any boolean,
                   map_over text[], map_max_parallel int, map_max_items int, map_tolerate int,
-                  workflow jsonb)
+                  workflow jsonb, wait jsonb)
          )
          SELECT id FROM task",
     )
@@ -174,13 +194,19 @@ pub async fn create(tx: &mut PgConnection, new: &NewTask<'_>) -> Result<CreateOu
     .bind(&hash)
     .bind(template.steps.len() as i32)
     .bind(Value::Array(rows))
-    .bind(TaskState::Running)
+    .bind(if new.start_at.is_some() {
+        TaskState::Pending
+    } else {
+        TaskState::Running
+    })
     .bind(StepState::Queued)
     .bind(template.on_failure.as_ref().map(|h| json!(h)))
     .bind(new.parent.map(|p| p.task_id))
     .bind(new.parent.map(|p| p.step_id))
     .bind(new.parent.map(|p| p.depth))
     .bind(new.trace_parent)
+    .bind(new.start_at)
+    .bind(new.deadline_ms.map(|ms| ms.min(i64::MAX as u64) as i64))
     .fetch_optional(&mut *tx)
     .await?;
 
@@ -287,17 +313,20 @@ pub async fn cancel(
              FROM steps
              WHERE task_id = $1
                AND (state = ANY($2)
-                    OR ($4 AND state IS NOT DISTINCT FROM 'dispatched' AND started_at IS NULL))
+                    OR ($4 AND state IS NOT DISTINCT FROM 'dispatched' AND started_at IS NULL)
+                    OR ($7 AND state IS NOT DISTINCT FROM 'delegated' AND wait IS NOT NULL))
              FOR UPDATE
          ), moved AS (
              UPDATE steps s SET state = $3, next_attempt_at = NULL, lease_expires_at = NULL,
-                                updated_at = now()
+                                wake_at = NULL, updated_at = now()
              FROM target WHERE s.id = target.id
              RETURNING s.id
          ), history AS (
              INSERT INTO attempts (step_id, attempt, task_id, namespace, outcome, dispatched_at, error)
-             SELECT id, attempt, task_id, namespace, $5, dispatched_at, $6 FROM target
-             WHERE was = 'dispatched'
+             SELECT id, attempt, task_id, namespace, $5, dispatched_at,
+                    CASE WHEN was = 'dispatched' THEN $6 ELSE $8 END
+             FROM target
+             WHERE was = 'dispatched' OR (was = 'delegated' AND attempt > 0)
              ON CONFLICT (step_id, attempt) DO NOTHING
          )
          SELECT was = 'dispatched' AS dispatched, queue, count(*) AS n
@@ -309,6 +338,8 @@ pub async fn cancel(
     .bind(plan.dispatched_unstarted)
     .bind(plan.outcome)
     .bind("cancelled before a worker reported it started")
+    .bind(plan.halt.timed_waits)
+    .bind("cancelled while it waited (sleep or wait_for)")
     .fetch_all(&mut *tx)
     .await?;
     let mut done = Cancelled::default();

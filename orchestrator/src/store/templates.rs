@@ -150,7 +150,7 @@ pub async fn all_queues(db: impl PgExecutor<'_>) -> Result<Vec<String>> {
     Ok(sqlx::query_scalar(
         "SELECT coalesce(s->>'queue', $1)
          FROM templates, jsonb_array_elements(content->'steps') AS s
-         WHERE NOT s ? 'workflow'
+         WHERE NOT (s ? 'workflow' OR s ? 'sleep' OR s ? 'sleep_until' OR s ? 'wait_for')
          UNION
          SELECT coalesce(content->'on_failure'->>'queue', $1) FROM templates
          WHERE content ? 'on_failure'",

@@ -24,6 +24,8 @@ pub struct TaskRow {
     pub finished_at: Option<DateTime<Utc>>,
     pub parent_task_id: Option<Uuid>,
     pub parent_step: Option<String>,
+    pub start_at: Option<DateTime<Utc>>,
+    pub deadline_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -51,6 +53,9 @@ pub struct StepRow {
     pub map_total: Option<i32>,
     pub map_counts: Option<Value>,
     pub child_task_id: Option<Uuid>,
+    /// A timed step: what it waits for (`tasker_schemas::Wait`) and when it wakes.
+    pub wait: Option<Value>,
+    pub wake_at: Option<DateTime<Utc>>,
 }
 
 /// A finished attempt.
@@ -101,7 +106,8 @@ pub async fn detail(db: &sqlx::PgPool, id: TaskId) -> Result<Option<TaskDetail>>
     let task: Option<TaskRow> = sqlx::query_as(
         "SELECT t.id, t.namespace, t.template_name, t.template_version, t.state, t.priority,
                 t.context, t.output, t.error, t.idempotency_key, t.created_at, t.finished_at,
-                t.parent_task_id, (SELECT p.name FROM steps p WHERE p.id = t.parent_step_id) AS parent_step
+                t.parent_task_id, (SELECT p.name FROM steps p WHERE p.id = t.parent_step_id) AS parent_step,
+                t.start_at, t.deadline_at
          FROM tasks t WHERE t.id = $1",
     )
     .bind(id.0)
@@ -114,7 +120,7 @@ pub async fn detail(db: &sqlx::PgPool, id: TaskId) -> Result<Option<TaskDetail>>
         "SELECT s.id, s.name, s.handler, s.queue, s.state, s.attempt, s.failures, s.max_attempts,
                 s.parent_ids, s.output, s.error, s.pending_parents, s.queued_at, s.dispatched_at,
                 s.started_at, s.worker, s.lease_expires_at, s.next_attempt_at, s.skip_reason,
-                s.map_total, s.child_task_id,
+                s.map_total, s.child_task_id, s.wait, s.wake_at,
                 CASE WHEN s.map_over IS NOT NULL THEN
                     (SELECT coalesce(jsonb_object_agg(c.state, c.n), '{}'::jsonb)
                      FROM (SELECT i.state, count(*) AS n FROM steps i WHERE i.map_of = s.id

@@ -129,6 +129,7 @@ enum Edge {
     Task,
     Cancel,
     Retry,
+    Signals,
     Instances,
     Templates,
     Template,
@@ -145,11 +146,12 @@ enum Edge {
 }
 
 impl Edge {
-    const ALL: [Edge; 17] = [
+    const ALL: [Edge; 18] = [
         Edge::Tasks,
         Edge::Task,
         Edge::Cancel,
         Edge::Retry,
+        Edge::Signals,
         Edge::Instances,
         Edge::Templates,
         Edge::Template,
@@ -171,6 +173,7 @@ impl Edge {
             Edge::Task => "http:/v1/tasks/{id}",
             Edge::Cancel => "http:/v1/tasks/{id}/cancel",
             Edge::Retry => "http:/v1/tasks/{id}/retry",
+            Edge::Signals => "http:/v1/tasks/{id}/signals/{name}",
             Edge::Instances => "http:/v1/tasks/{id}/steps/{step}/instances",
             Edge::Templates => "http:/v1/templates",
             Edge::Template => "http:/v1/templates/{namespace}/{name}",
@@ -194,6 +197,7 @@ impl Edge {
             Edge::Task => 80,
             Edge::Cancel => 60,
             Edge::Retry => 40,
+            Edge::Signals => 60,
             Edge::Instances => 60,
             Edge::Templates => 150,
             Edge::Template => 60,
@@ -1474,6 +1478,9 @@ impl Suite {
                 idempotency_key: None,
                 priority: 0,
                 task_id: Some(id),
+                run_at: None,
+                delay_ms: None,
+                deadline_ms: None,
             })?;
             let props = BasicProperties::default()
                 .with_delivery_mode(2)
@@ -2189,6 +2196,42 @@ async fn generated_http(s: &mut Suite, done: TaskId, scale: f64) -> Result<()> {
     s.generated_http(Edge::Retry, target(Edge::Retry), retry)
         .await?;
 
+    // POST /v1/tasks/{id}/signals/{name}: bad ids and names, bad bodies and content types
+    // (never a live task: no signal is recorded).
+    let names = vec![
+        "approval".to_owned(),
+        "has space".to_owned(),
+        "x".repeat(200),
+        "%00".to_owned(),
+    ];
+    let signals = (
+        segment(ids.clone()),
+        segment(names.clone()),
+        prop::option::of((
+            json_body(
+                json!({"signal_id": "s-1", "payload": {"ok": true}}),
+                &["signal_id", "payload"],
+            ),
+            content_type(),
+        )),
+    )
+        .prop_map(|(id, name, body)| {
+            let req = Req::post(format!("/v1/tasks/{id}/signals/{name}"));
+            match body {
+                Some(((b, what), ct)) => req.typed(ct.as_deref(), b).note(&what),
+                None => req,
+            }
+        });
+    let others = (
+        other_method(&["POST"]),
+        segment(ids.clone()),
+        segment(names),
+    )
+        .prop_map(|(m, id, name)| Req::new(m, format!("/v1/tasks/{id}/signals/{name}")));
+    let signal = prop_oneof![4 => signals, 1 => others].boxed();
+    s.generated_http(Edge::Signals, target(Edge::Signals), signal)
+        .await?;
+
     // GET /v1/tasks/{id}/steps/{step}/instances.
     let steps = vec!["a".to_owned(), "b".to_owned(), "nope".to_owned()];
     let lists = (
@@ -2783,6 +2826,70 @@ async fn hand_written_http(s: &mut Suite, done: TaskId) -> Result<()> {
     cases.push((
         Retry,
         Req::new(Method::DELETE, format!("/v1/tasks/{done}/retry")),
+    ));
+    // POST /v1/tasks/{id}/signals/{name}
+    let ok_signal = "{\"signal_id\": \"s-1\", \"payload\": {\"ok\": true}}";
+    cases.push((
+        Signals,
+        Req::post("/v1/tasks/not-a-task/signals/approval").json(ok_signal),
+    ));
+    cases.push((
+        Signals,
+        Req::post(format!("/v1/tasks/{}/signals/approval", random())).json(ok_signal),
+    ));
+    cases.push((
+        Signals,
+        Req::post(format!("/v1/tasks/{done}/signals/approval"))
+            .json(ok_signal)
+            .note("a completed task"),
+    ));
+    cases.push((
+        Signals,
+        Req::post(format!("/v1/tasks/{done}/signals/approval")).note("no body"),
+    ));
+    cases.push((
+        Signals,
+        Req::post(format!("/v1/tasks/{done}/signals/approval"))
+            .json("{\"payload\": 1}")
+            .note("no signal_id"),
+    ));
+    cases.push((
+        Signals,
+        Req::post(format!("/v1/tasks/{done}/signals/approval"))
+            .json(format!("{{\"signal_id\": \"{}\"}}", "s".repeat(300)))
+            .note("a signal_id over 256 bytes"),
+    ));
+    cases.push((
+        Signals,
+        Req::post(format!("/v1/tasks/{done}/signals/approval"))
+            .json("{\"signal_id\": \"a\\u0000b\"}")
+            .note("a NUL in signal_id"),
+    ));
+    cases.push((
+        Signals,
+        Req::post(format!("/v1/tasks/{done}/signals/approval"))
+            .json("{\"signal_id\": \"s\", \"payload\": 1, \"extra\": true}")
+            .note("an unknown field"),
+    ));
+    cases.push((
+        Signals,
+        Req::post(format!("/v1/tasks/{done}/signals/has%20space")).json(ok_signal),
+    ));
+    cases.push((
+        Signals,
+        Req::post(format!("/v1/tasks/{done}/signals/{}", "n".repeat(3_000))).json(ok_signal),
+    ));
+    cases.push((
+        Signals,
+        Req::post(format!("/v1/tasks/{done}/signals/approval")).typed(Some("text/plain"), "yes"),
+    ));
+    cases.push((
+        Signals,
+        Req::get(format!("/v1/tasks/{done}/signals/approval")),
+    ));
+    cases.push((
+        Signals,
+        Req::new(Method::DELETE, format!("/v1/tasks/{done}/signals/approval")),
     ));
     // GET /v1/tasks/{id}/steps/{step}/instances
     cases.push((

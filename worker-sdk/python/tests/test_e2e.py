@@ -637,6 +637,54 @@ async def test_submit_over_amqp(tasker: TaskerTestEnv) -> None:
     assert task["state"] == "completed" and task["output"] == {"echo": {"via": "amqp"}}
 
 
+async def test_delayed_start_signals_and_deadline_through_the_clients(
+    tasker: TaskerTestEnv,
+) -> None:
+    name, _, w = setup(
+        tasker,
+        [
+            {"name": "approve", "wait_for": {"signal": "approval", "timeout": "20s"}},
+            {"name": "done", "handler": "done", "depends_on": ["approve"]},
+        ],
+    )
+
+    @w.handler("done")
+    async def done(ctx: StepContext) -> Any:
+        return ctx.parent_outputs["approve"]
+
+    client = tasker.client
+    task_id = client.submit(NS, name, {}, delay="1s", deadline="30s")
+    task = client.get(task_id)
+    assert task["state"] == "pending" and task["start_at"] and task["deadline_at"]
+    # Kept until the step is reached; a repeat answers the first.
+    sent = client.signal(task_id, "approval", "s-1", {"ok": True})
+    assert sent["created"] and sent["consumed_by"] is None
+    assert not client.signal(task_id, "approval", "s-1", {"ok": False})["created"]
+    with pytest.raises(ClientError) as refused:
+        client.signal(task_id, "nope", "s-2", 1)
+    assert refused.value.status == 409 and refused.value.code == "signal_refused"
+    async with tasker.running(w):
+        task = await tasker.wait(task_id)
+    assert task["state"] == "completed" and task["output"] == {"done": {"ok": True}}
+    # Over AMQP: a delayed task_request.
+    amqp_id = wire.uuid7()
+    await submit_amqp(
+        tasker.amqp_url, NS, name, prefix=tasker.prefix, task_id=amqp_id, delay_ms=60_000
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            view = client.get(amqp_id)
+            break
+        except ClientError:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+    assert view["state"] == "pending"
+    async with AsyncClient(tasker.http_url) as aclient:
+        await aclient.signal(amqp_id, "approval", "a-1", "yes")
+        assert (await aclient.cancel(amqp_id))["state"] == "cancelled"
+
+
 async def test_tls_worker_and_amqp_submit_with_a_private_ca(tasker: TaskerTestEnv) -> None:
     """Over the broker's TLS listener (deploy/local/services.sh up writes its URL and CA to
     .tasker/env): the worker and the AMQP submit trust the test CA."""

@@ -548,6 +548,9 @@ impl Submitter {
                 idempotency_key: None,
                 priority: 0,
                 task_id: Some(id),
+                run_at: None,
+                delay: None,
+                deadline: None,
             })
             .await
             .with_context(|| format!("submitting a {template} task failed"))?;

@@ -123,6 +123,9 @@ def _submit_body(
     idempotency_key: str | None,
     priority: int,
     task_id: str | None,
+    run_at: str | None = None,
+    delay: str | int | None = None,
+    deadline: str | int | None = None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
         "namespace": namespace,
@@ -136,7 +139,18 @@ def _submit_body(
         body["idempotency_key"] = idempotency_key
     if task_id is not None:
         body["task_id"] = task_id
+    # Delayed start (`run_at`: RFC 3339, or `delay`: "10m" / milliseconds) and deadline.
+    if run_at is not None:
+        body["run_at"] = run_at
+    if delay is not None:
+        body["delay"] = delay
+    if deadline is not None:
+        body["deadline"] = deadline
     return body
+
+
+def _signal_body(signal_id: str, payload: Any) -> dict[str, Any]:
+    return {"signal_id": signal_id, "payload": payload}
 
 
 def _list_params(
@@ -228,11 +242,23 @@ class Client:
         idempotency_key: str | None = None,
         priority: int = 0,
         task_id: str | None = None,
+        run_at: str | None = None,
+        delay: str | int | None = None,
+        deadline: str | int | None = None,
     ) -> Submitted:
         """Submits a task: `{"task_id", "created"}` (`created` is False for a repeat of the
         same request under the same idempotency key)."""
         body = _submit_body(
-            namespace, template, context, version, idempotency_key, priority, task_id
+            namespace,
+            template,
+            context,
+            version,
+            idempotency_key,
+            priority,
+            task_id,
+            run_at,
+            delay,
+            deadline,
         )
         return cast(Submitted, self._request("POST", "/v1/tasks", json=body))
 
@@ -246,8 +272,12 @@ class Client:
         idempotency_key: str | None = None,
         priority: int = 0,
         task_id: str | None = None,
+        run_at: str | None = None,
+        delay: str | int | None = None,
+        deadline: str | int | None = None,
     ) -> str:
-        """Submits a task and returns its id."""
+        """Submits a task and returns its id (`run_at`/`delay`: a delayed start, the task is
+        `pending` until then; `deadline`: cancelled if still live that long after it started)."""
         return self.submit_task(
             namespace,
             template,
@@ -256,6 +286,9 @@ class Client:
             idempotency_key=idempotency_key,
             priority=priority,
             task_id=task_id,
+            run_at=run_at,
+            delay=delay,
+            deadline=deadline,
         )["task_id"]
 
     def get(self, task_id: str, *, wait_ms: int | None = None) -> TaskView:
@@ -303,6 +336,21 @@ class Client:
 
     def retry(self, task_id: str) -> TaskView:
         return cast(TaskView, self._request("POST", f"/v1/tasks/{task_id}/retry"))
+
+    def signal(
+        self, task_id: str, name: str, signal_id: str, payload: Any = None
+    ) -> dict[str, Any]:
+        """Sends signal `name` to a task (what its `wait_for` steps wait for). A repeat of
+        `signal_id` is a no-op answering the first (`created` False); a finished task or a
+        name no step waits for raises `ClientError` 409 `signal_refused`."""
+        return cast(
+            dict[str, Any],
+            self._request(
+                "POST",
+                f"/v1/tasks/{task_id}/signals/{name}",
+                json=_signal_body(signal_id, payload),
+            ),
+        )
 
     def instances(
         self, task_id: str, step: str, *, after: int | None = None, limit: int | None = None
@@ -390,9 +438,21 @@ class AsyncClient:
         idempotency_key: str | None = None,
         priority: int = 0,
         task_id: str | None = None,
+        run_at: str | None = None,
+        delay: str | int | None = None,
+        deadline: str | int | None = None,
     ) -> Submitted:
         body = _submit_body(
-            namespace, template, context, version, idempotency_key, priority, task_id
+            namespace,
+            template,
+            context,
+            version,
+            idempotency_key,
+            priority,
+            task_id,
+            run_at,
+            delay,
+            deadline,
         )
         return cast(Submitted, await self._request("POST", "/v1/tasks", json=body))
 
@@ -406,6 +466,9 @@ class AsyncClient:
         idempotency_key: str | None = None,
         priority: int = 0,
         task_id: str | None = None,
+        run_at: str | None = None,
+        delay: str | int | None = None,
+        deadline: str | int | None = None,
     ) -> str:
         submitted = await self.submit_task(
             namespace,
@@ -415,6 +478,9 @@ class AsyncClient:
             idempotency_key=idempotency_key,
             priority=priority,
             task_id=task_id,
+            run_at=run_at,
+            delay=delay,
+            deadline=deadline,
         )
         return submitted["task_id"]
 
@@ -461,6 +527,19 @@ class AsyncClient:
     async def retry(self, task_id: str) -> TaskView:
         return cast(TaskView, await self._request("POST", f"/v1/tasks/{task_id}/retry"))
 
+    async def signal(
+        self, task_id: str, name: str, signal_id: str, payload: Any = None
+    ) -> dict[str, Any]:
+        """Sends signal `name` to a task (see `Client.signal`)."""
+        return cast(
+            dict[str, Any],
+            await self._request(
+                "POST",
+                f"/v1/tasks/{task_id}/signals/{name}",
+                json=_signal_body(signal_id, payload),
+            ),
+        )
+
     async def instances(
         self, task_id: str, step: str, *, after: int | None = None, limit: int | None = None
     ) -> dict[str, Any]:
@@ -493,9 +572,12 @@ def task_request(
     priority: int = 0,
     task_id: str | None = None,
     request_id: str | None = None,
+    run_at: str | None = None,
+    delay_ms: int | None = None,
+    deadline_ms: int | None = None,
 ) -> dict[str, Any]:
     """A `task_request` payload in wire order (§5)."""
-    return {
+    payload: dict[str, Any] = {
         "request_id": request_id or wire.uuid7(),
         "namespace": namespace,
         "template": template,
@@ -505,6 +587,11 @@ def task_request(
         "priority": priority,
         "task_id": task_id,
     }
+    # Optional fields are left out when not given.
+    for key, value in (("run_at", run_at), ("delay_ms", delay_ms), ("deadline_ms", deadline_ms)):
+        if value is not None:
+            payload[key] = value
+    return payload
 
 
 async def submit_amqp(
@@ -519,6 +606,9 @@ async def submit_amqp(
     priority: int = 0,
     task_id: str | None = None,
     ca_cert: str | None = None,
+    run_at: str | None = None,
+    delay_ms: int | None = None,
+    deadline_ms: int | None = None,
 ) -> str:
     """Submits a task over AMQP (a confirmed, mandatory `task_request` to `{prefix}.tasks`) and
     returns its id (chosen here when not given: there is no reply). An invalid request is
@@ -533,6 +623,9 @@ async def submit_amqp(
             idempotency_key=idempotency_key,
             priority=priority,
             task_id=task_id,
+            run_at=run_at,
+            delay_ms=delay_ms,
+            deadline_ms=deadline_ms,
         )
 
 
@@ -571,6 +664,9 @@ class AmqpSubmitter:
         idempotency_key: str | None = None,
         priority: int = 0,
         task_id: str | None = None,
+        run_at: str | None = None,
+        delay_ms: int | None = None,
+        deadline_ms: int | None = None,
     ) -> str:
         from .worker import _properties, _publish
 
@@ -583,6 +679,9 @@ class AmqpSubmitter:
             idempotency_key=idempotency_key,
             priority=priority,
             task_id=task_id,
+            run_at=run_at,
+            delay_ms=delay_ms,
+            deadline_ms=deadline_ms,
         )
         message_id = wire.uuid7()
         body = wire.encode("task_request", payload, message_id)

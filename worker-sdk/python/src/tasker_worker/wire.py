@@ -42,6 +42,7 @@ KINDS: Final = (
     "cancel",
     "lifecycle_event",
     "worker_heartbeat",
+    "signal",
 )
 
 HEADER_PUBLISHED_MS: Final = "x-tasker-published-ms"
@@ -396,6 +397,9 @@ PAYLOADS: Final[Mapping[str, tuple[_Field, ...]]] = {
         _opt("idempotency_key", _str),
         _opt("priority", _i16, 0),
         _opt("task_id", _uuid),
+        _omit("run_at", _str),
+        _omit("delay_ms", _u64),
+        _omit("deadline_ms", _u64),
     ),
     "step": (
         _f("task_id", _uuid),
@@ -442,6 +446,12 @@ PAYLOADS: Final[Mapping[str, tuple[_Field, ...]]] = {
         _opt("in_flight", _u32, 0),
         _f("interval_ms", _u64),
         _opt("stopping", _bool, False),
+    ),
+    "signal": (
+        _f("task_id", _uuid),
+        _f("name", _str),
+        _f("signal_id", _str),
+        _opt("payload", _json),
     ),
 }
 
