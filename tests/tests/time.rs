@@ -323,6 +323,15 @@ async fn signals_are_deduplicated_refused_when_nobody_waits_and_time_out() -> an
     publish_signal(&channel, &h.names(), "time", &message).await?;
     let task = h.wait_for(id, Duration::from_secs(20)).await?;
     assert_eq!(task.steps[0].output, Some(json!({"via": "amqp"})));
+    // A refused signal message (here: to a finished task) is dead-lettered with the reason.
+    let refused = tasker_schemas::Signal {
+        name: "nope".into(),
+        signal_id: "amqp-2".into(),
+        ..message
+    };
+    publish_signal(&channel, &h.names(), "time", &refused).await?;
+    let (_, reason) = h.next_dead_letter(Duration::from_secs(10)).await?;
+    assert!(reason.contains("it takes no more signals"), "{reason}");
     let _ = conn.close(200, "done".into()).await;
 
     // Timeouts: a failure that says so, or the declared default.

@@ -51,7 +51,7 @@ pub async fn wake_due(shared: &Shared) -> Result<()> {
 
 /// Records a signal sent to a task ([`transition::accept_signal`]) and, if a step of the task
 /// waits for that name, gives it the oldest kept signal (it wakes at once). A repeat of a
-/// `signal_id` is a no-op answering the first signal. `Ok((answer, created))`.
+/// `signal_id` is a no-op answering the first signal (`created` false).
 pub async fn send(
     shared: &Shared,
     task: TaskId,
