@@ -10,7 +10,7 @@
 //!   [`slots`]: the in-flight counters and their lock order;
 //! - [`store`]: SQL split by concern, guards only; [`broker`]: topology and confirmed publishing;
 //! - [`service`]: apply, admission, publish, tasks, templates, timers, reconcile;
-//! - [`edge`]: the HTTP API and the AMQP consumers; [`loops`]: the long-lived loops;
+//! - [`edge`]: the HTTP API and the AMQP consumers; [`console`]: the web console under `/ui`; [`loops`]: the long-lived loops;
 //! - [`config`]: settings from a file and `TASKER_*` variables; [`tls`]: certificates; [`metrics`];
 //! - [`startup`]: [`App::build`] and [`App::run_until_stopped`].
 //!
@@ -27,6 +27,7 @@
 
 pub mod broker;
 pub mod config;
+pub mod console;
 pub mod edge;
 pub mod error;
 pub mod loops;

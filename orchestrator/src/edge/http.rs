@@ -69,6 +69,7 @@ pub fn router(shared: Shared) -> Router {
         .method_not_allowed_fallback(method_not_allowed);
     Router::new()
         .nest("/v1", v1)
+        .nest("/ui", crate::console::router())
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))

@@ -12,7 +12,7 @@ pub mod dead_steps;
 pub mod http;
 pub mod intake;
 pub mod results;
-mod views;
+pub(crate) mod views;
 
 use backon::ExponentialBuilder;
 use std::time::Duration;

@@ -12,6 +12,7 @@
 //! | [`reconcile`] | finding and repairing inconsistent tasks, slot recounts, pruning |
 //! | [`tasks`] | creating tasks (idempotent), cancel and retry writes, task history |
 //! | [`views`] | rows read for the API |
+//! | [`console`] | the console's reads: task search, live counts, node states, sessions |
 //! | [`workers`] | the worker registry |
 //! | [`gauges`] | the counts behind the gauges of `/metrics`, and their shared snapshot |
 //! | [`templates`] | template versions |
@@ -25,6 +26,7 @@
 
 pub mod admission;
 pub mod apply;
+pub mod console;
 pub mod dynamic;
 pub mod gauges;
 pub mod outbox;
