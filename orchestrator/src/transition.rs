@@ -28,6 +28,7 @@
 //! | what a retried task runs again (never a decision's choice or a map's expansion) | [`retry_task`] |
 //! | operator actions on a step: retry it, rerun from it, mark it succeeded | [`plan_step_action`] |
 //! | a bulk action goes ahead only within the count the operator confirmed | [`bulk_allowed`] |
+//! | replaying a dead step message retries its step if its task still needs it | [`dead_step_replay`] |
 //!
 //! Attempt numbers only grow: admission is the only place that sets one (the current one plus
 //! one), and a report for any attempt other than the step's current dispatched one is stale.
@@ -1295,6 +1296,30 @@ pub fn plan_step_action(
     })
 }
 
+/// What replaying a dead step message does: republishing the old message would be stale (its
+/// attempt was already recorded as failed by the dead step consumer), so the step itself is
+/// retried ([`plan_step_action`], [`StepAction::Retry`]) if its task still needs it: the step
+/// is `failed`. Otherwise nothing is needed and the dead letter is only removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeadStepReplay {
+    /// Retry the step (its task runs again if it had failed).
+    RetryStep,
+    /// Nothing to replay: the words say why.
+    NotNeeded(String),
+}
+
+/// [`DeadStepReplay`] for a step in `step` state (`None`: the task or the step is gone).
+pub fn dead_step_replay(task: Option<TaskState>, step: Option<StepState>) -> DeadStepReplay {
+    match (task, step) {
+        (None, _) => DeadStepReplay::NotNeeded("its task no longer exists".into()),
+        (Some(_), None) => DeadStepReplay::NotNeeded("its step no longer exists".into()),
+        (Some(_), Some(StepState::Failed)) => DeadStepReplay::RetryStep,
+        (Some(t), Some(s)) => DeadStepReplay::NotNeeded(format!(
+            "its step is {s} (task {t}): it moved on after its dead attempt"
+        )),
+    }
+}
+
 /// Most tasks one bulk action (cancel, retry) acts on; a filter matching more is refused
 /// (narrow it, e.g. by time range).
 pub const MAX_BULK_TASKS: u64 = 10_000;
@@ -1598,6 +1623,33 @@ mod operate_tests {
         )
         .unwrap_err();
         assert!(e.0.contains("on_failure handler"), "{}", e.0);
+    }
+
+    #[test]
+    fn a_dead_step_is_replayed_as_a_retry_only_while_its_step_is_failed() {
+        assert_eq!(
+            dead_step_replay(Some(TaskState::Failed), Some(StepState::Failed)),
+            DeadStepReplay::RetryStep
+        );
+        for s in [
+            StepState::Succeeded,
+            StepState::Retrying,
+            StepState::Queued,
+            StepState::Cancelled,
+        ] {
+            assert!(matches!(
+                dead_step_replay(Some(TaskState::Running), Some(s)),
+                DeadStepReplay::NotNeeded(_)
+            ));
+        }
+        assert_eq!(
+            dead_step_replay(None, None),
+            DeadStepReplay::NotNeeded("its task no longer exists".into())
+        );
+        assert!(matches!(
+            dead_step_replay(Some(TaskState::Completed), None),
+            DeadStepReplay::NotNeeded(_)
+        ));
     }
 
     #[test]

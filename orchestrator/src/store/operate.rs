@@ -247,3 +247,22 @@ pub async fn count_tasks(db: impl PgExecutor<'_>, f: &BulkSelect, limit: i64) ->
     .await?;
     Ok(n.max(0) as u64)
 }
+
+/// A task's state and its step `step`'s (mapped steps' instances apart; `None` when there is no
+/// such step); `None` when there is no such task.
+pub async fn step_state(
+    db: impl PgExecutor<'_>,
+    task: TaskId,
+    step: &str,
+) -> Result<Option<(TaskState, Option<StepState>)>> {
+    Ok(sqlx::query_as(
+        "SELECT t.state, (SELECT s.state FROM steps s
+                          WHERE s.task_id = t.id AND s.name = $2 AND s.map_of IS NULL
+                            AND NOT s.failure_handler)
+         FROM tasks t WHERE t.id = $1",
+    )
+    .bind(task.0)
+    .bind(step)
+    .fetch_optional(db)
+    .await?)
+}
