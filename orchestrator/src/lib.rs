@@ -7,6 +7,7 @@
 //!
 //! Modules (`ARCHITECTURE.md` at the repository root walks through them):
 //! - [`transition`]: every rule that decides a step's or task's fate, pure and unit-tested;
+//!   [`auth`]: who may do what (roles, namespace scopes), pure and unit-tested;
 //!   [`slots`]: the in-flight counters and their lock order;
 //! - [`store`]: SQL split by concern, guards only; [`broker`]: topology and confirmed publishing;
 //! - [`service`]: apply, admission, publish, tasks, templates, timers, reconcile;
@@ -25,6 +26,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod console;

@@ -144,3 +144,34 @@ pub struct DeadLetterOutcomeView {
 pub struct DeadLetterOutcomes {
     pub outcomes: Vec<DeadLetterOutcomeView>,
 }
+
+/// A MessagePack envelope as JSON (for showing a dead letter), `None` when the bytes are not a
+/// readable envelope.
+pub fn envelope_json(bytes: &[u8]) -> Option<Value> {
+    crate::message::peek_kind(bytes).ok()?;
+    rmp_serde::from_slice(bytes).ok()
+}
+
+/// `GET /v1/dead-letters` query: filters (all optional) and the page.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetterQuery {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Dead letters whose reason contains this text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Received at or after (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+    /// Received before (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before_time: Option<String>,
+    /// Keyset: the previous page's `next_before`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<i64>,
+    /// 1 to 500, default 50.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<i64>,
+}

@@ -136,14 +136,11 @@ pub async fn act(
         let who = &viewer.who;
         match (action.as_str(), step) {
             ("cancel", _) => {
+                // Who cancelled is in the audit log and the task's history.
                 let reason = f.reason.filter(|r| !r.trim().is_empty());
-                let reason = Some(match reason {
-                    Some(r) => format!("{r} (by {})", who.actor),
-                    None => format!("cancelled from the console by {}", who.actor),
-                });
-                service::tasks::cancel(&shared, id, reason).await?
+                service::tasks::cancel(&shared, who, id, reason).await?
             }
-            ("retry", _) => service::tasks::retry(&shared, id).await?,
+            ("retry", _) => service::tasks::retry(&shared, who, id).await?,
             ("retry-step", Some(s)) => operate::retry_step(&shared, who, id, s).await?,
             ("rerun-from", Some(s)) => operate::rerun_from(&shared, who, id, s).await?,
             ("mark-succeeded", Some(s)) => {

@@ -14,7 +14,9 @@
 use super::pages::{attempt_sub, map_sub};
 use super::{PageError, Viewer};
 use crate::service::Shared;
+use crate::edge::http::Activity;
 use axum::Extension;
+use axum::extract::ConnectInfo;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -86,6 +88,9 @@ struct Live {
     first: bool,
     ended: bool,
     _permit: OwnedSemaphorePermit,
+    /// Marks the connection busy while the stream lasts, so the idle timeout (which counts
+    /// from the end of a handler) does not close it.
+    _busy: Option<crate::edge::http::Busy>,
 }
 
 /// The next event of a stream, or `None` when it ends.
@@ -141,6 +146,7 @@ pub async fn events(
     State(shared): State<Shared>,
     viewer: Viewer,
     Extension(streams): Extension<Streams>,
+    connection: Option<Extension<ConnectInfo<Activity>>>,
     Path(id): Path<String>,
 ) -> Response {
     let id: TaskId = match id.parse() {
@@ -167,6 +173,7 @@ pub async fn events(
         first: true,
         ended: false,
         _permit: permit,
+        _busy: connection.map(|Extension(ConnectInfo(a))| a.busy()),
     };
     // After the last `nodes` of a finished task, one `end` event.
     let events = stream::unfold((live, false), |(live, sent_end)| async move {

@@ -9,12 +9,14 @@
 //! | [`actions`] | confirmation pages and the POSTs that act (cancel, retry, …) |
 //! | [`live`] | the task page's server-sent events |
 //! | [`dag`] | the DAG's layout and SVG (pure) |
+//! | [`dead_letters`] | the dead letters: browse, show, replay, discard |
 //!
 //! HTML comes from `maud` (compile-time templates, escaped by default); the CSS and the small
 //! script are embedded in the binary. No CDN, no Node.
 
 pub mod actions;
 pub mod dag;
+pub mod dead_letters;
 pub mod live;
 pub mod pages;
 pub mod session;
@@ -52,6 +54,9 @@ pub fn router() -> Router<Shared> {
         .route("/workers", get(pages::workers))
         .route("/templates", get(pages::templates))
         .route("/templates/{namespace}/{name}", get(pages::template))
+        .route("/dead-letters", get(dead_letters::list))
+        .route("/dead-letters/act", post(dead_letters::act))
+        .route("/dead-letters/{id}", get(dead_letters::show))
         .layer(axum::Extension(live::Streams::new(live::MAX_STREAMS)))
 }
 
@@ -187,11 +192,14 @@ impl From<ServiceError> for PageError {
         let status = match &e {
             ServiceError::TaskNotFound(_)
             | ServiceError::StepNotFound { .. }
-            | ServiceError::TemplateNotFound { .. } => StatusCode::NOT_FOUND,
+            | ServiceError::TemplateNotFound { .. }
+            | ServiceError::DeadLetterNotFound(_) => StatusCode::NOT_FOUND,
             ServiceError::InvalidState { .. }
             | ServiceError::TemplateConflict { .. }
             | ServiceError::IdempotencyConflict { .. }
-            | ServiceError::TaskIdConflict(_) => StatusCode::CONFLICT,
+            | ServiceError::TaskIdConflict(_)
+            | ServiceError::ActionRefused { .. }
+            | ServiceError::BulkRefused { .. } => StatusCode::CONFLICT,
             ServiceError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ServiceError::Forbidden(_) => StatusCode::FORBIDDEN,
             e if e.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,

@@ -24,6 +24,8 @@ pub const MAX_CONTEXT_RANGE_MS: i64 = 7 * 24 * 3600 * 1000;
 /// Default and largest page of the tasks list.
 const PAGE: i64 = 50;
 const MAX_PAGE: i64 = 200;
+/// Most index scans one task search merges; past it, one plain query.
+const MAX_BRANCHES: usize = 64;
 
 /// The tasks page's query string (empty fields are absent).
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -287,6 +289,31 @@ async fn tasks_page(shared: &Shared, viewer: &Viewer, q: &TasksQuery) -> PageRes
     if search.idempotency_key.is_some() && search.namespace.is_none() {
         search.namespace_in = Some(namespaces.clone());
     }
+    // A template, or a state within a namespace: one index scan per (namespace, template,
+    // state), merged (store::console::search).
+    if search.task_id.is_none()
+        && search.idempotency_key.is_none()
+        && (search.template.is_some() || (search.state.is_some() && search.namespace.is_some()))
+    {
+        let states: Vec<TaskState> = match search.state {
+            Some(s) => vec![s],
+            None => TaskState::ALL.to_vec(),
+        };
+        let combos: Vec<(String, String, TaskState)> =
+            crate::store::console::template_names(&shared.db)
+                .await?
+                .into_iter()
+                .filter(|(ns, t)| {
+                    viewer.who.sees(ns)
+                        && search.namespace.as_ref().is_none_or(|n| n == ns)
+                        && search.template.as_ref().is_none_or(|x| x == t)
+                })
+                .flat_map(|(ns, t)| states.iter().map(move |s| (ns.clone(), t.clone(), *s)))
+                .collect();
+        if combos.len() <= MAX_BRANCHES {
+            search.branches = Some(combos);
+        }
+    }
     let (rows, more) = crate::store::console::search(&shared.db, &search).await?;
     let counts = crate::store::console::live_counts(
         &shared.db,
@@ -359,10 +386,13 @@ fn parse_id(id: &str) -> PageResult<TaskId> {
 
 /// The task, if the viewer may see its namespace (404 otherwise: no hint it exists).
 pub async fn visible_task(shared: &Shared, viewer: &Viewer, id: TaskId) -> PageResult<TaskView> {
-    let d = service::tasks::detail(shared, id).await?;
-    if !viewer.who.sees(&d.task.namespace) {
-        return Err(PageError::not_found(format!("task {id} not found")));
-    }
+    // A task outside the viewer's namespaces is "not found": no hint that it exists.
+    let d = match service::tasks::detail(shared, &viewer.who, id).await {
+        Err(crate::service::ServiceError::Forbidden(_)) => {
+            return Err(PageError::not_found(format!("task {id} not found")));
+        }
+        d => d?,
+    };
     Ok(crate::edge::views::task_view(d))
 }
 
@@ -804,7 +834,7 @@ pub async fn workers(State(shared): State<Shared>, viewer: Viewer) -> Response {
 /// `GET /ui/templates`: every registered template version the viewer may see.
 pub async fn templates(State(shared): State<Shared>, viewer: Viewer) -> Response {
     let run = async {
-        let all = service::templates::list(&shared, None).await?;
+        let all = service::templates::list(&shared, &viewer.who, None).await?;
         let body = html! {
             h1 { "Templates" }
             table #templates .list {
@@ -879,7 +909,7 @@ pub async fn template(
             return Err(PageError::not_found(format!("template {namespace}/{name} not found")));
         }
         let t = service::templates::find(&shared, &namespace, &name, q.version).await?;
-        let versions: Vec<u32> = service::templates::list(&shared, Some(&namespace))
+        let versions: Vec<u32> = service::templates::list(&shared, &viewer.who, Some(&namespace))
             .await?
             .iter()
             .filter(|v| v.template.name == name)

@@ -8,7 +8,11 @@ use super::outage_backoff;
 use crate::Result;
 use crate::broker::BrokerError;
 use crate::service::{ServiceError, Shared, dead_letters};
-use crate::store::dead_letters::NewDeadLetter;
+use crate::service::dead_letters::DeadLetterOutcome;
+use crate::store::dead_letters::{DeadLetterFull, DeadLetterRow, NewDeadLetter};
+use tasker_schemas::operate::{
+    DeadLetterList, DeadLetterOutcomeView, DeadLetterOutcomes, DeadLetterView,
+};
 use backon::Retryable;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
@@ -208,6 +212,66 @@ fn describe(names: &Names, d: &Delivery, max_body: usize) -> NewDeadLetter {
         namespace,
         task_id,
         step: step.filter(|s| !s.contains('\0')),
+    }
+}
+
+/// A dead letter's API body (without its body).
+pub fn view(r: DeadLetterRow) -> DeadLetterView {
+    DeadLetterView {
+        id: r.id,
+        received_at: crate::store::rfc3339(r.received_at),
+        kind: r.kind,
+        reason: r.reason,
+        exchange: r.exchange,
+        routing_key: r.routing_key,
+        message_id: r.message_id,
+        headers: r.headers,
+        body_bytes: i64::from(r.body_bytes),
+        namespace: r.namespace,
+        task_id: r.task_id.map(tasker_schemas::TaskId),
+        step: r.step,
+        body: None,
+        body_hex: None,
+    }
+}
+
+/// A page of dead letters.
+pub fn list_view(rows: Vec<DeadLetterRow>, more: bool) -> DeadLetterList {
+    let next_before = if more { rows.last().map(|r| r.id) } else { None };
+    DeadLetterList {
+        dead_letters: rows.into_iter().map(view).collect(),
+        next_before,
+    }
+}
+
+/// Most body bytes shown in hex.
+const MAX_HEX_BODY: usize = 64 * 1024;
+
+/// One dead letter with its body: as JSON when it is a readable MessagePack envelope, else in
+/// hex (its first 64 KiB).
+pub fn full_view(d: DeadLetterFull) -> DeadLetterView {
+    let json = tasker_schemas::operate::envelope_json(&d.body);
+    let mut v = view(d.row);
+    if json.is_some() {
+        v.body = json;
+    } else {
+        v.body_hex = Some(hex::encode(&d.body[..d.body.len().min(MAX_HEX_BODY)]));
+    }
+    v
+}
+
+/// The outcomes of a replay or discard.
+pub fn outcomes_view(out: Vec<DeadLetterOutcome>) -> DeadLetterOutcomes {
+    DeadLetterOutcomes {
+        outcomes: out
+            .into_iter()
+            .map(|o| DeadLetterOutcomeView {
+                id: o.id,
+                outcome: o.outcome.to_owned(),
+                task_id: o.task_id,
+                message: o.message,
+            })
+            .collect(),
     }
 }
 

@@ -85,7 +85,10 @@ async fn handle_request(shared: &Shared, d: Delivery, shutdown: &CancellationTok
             _ => None,
         });
     let (traceparent, request_id) = (traceparent.as_deref(), Some(req.request_id));
-    let submitted = (|| tasks::submit_traced(shared, &submit_req, request_id, traceparent))
+    // Over AMQP the broker's permissions (and, with broker identity on, the publisher's
+    // `user_id`) guard the namespace; the orchestrator submits on the request's behalf.
+    let amqp = crate::auth::Principal::system("amqp");
+    let submitted = (|| tasks::submit_traced(shared, &amqp, &submit_req, request_id, traceparent))
         .retry(outage_backoff())
         // Pause this request rather than nack it: an outage must not burn deliveries.
         .when(|e: &ServiceError| e.is_retryable() && !shutdown.is_cancelled())

@@ -30,6 +30,7 @@ fn task_only(t: TaskRow, steps: Vec<StepView>, events: Vec<TaskEventView>) -> Ta
             task_id: TaskId(task_id),
             step: t.parent_step.unwrap_or_default(),
         }),
+        purged_at: t.purged_at.map(rfc3339),
     }
 }
 
@@ -276,5 +277,44 @@ pub fn worker_view(w: crate::store::workers::WorkerRow) -> tasker_schemas::api::
         interval_ms: u64::try_from(w.interval_ms).unwrap_or(0),
         first_seen: rfc3339(w.first_seen),
         last_seen: rfc3339(w.last_seen),
+    }
+}
+
+/// An API key as listed: `["*"]` for every namespace.
+pub fn key_view(k: crate::store::keys::KeyRow) -> tasker_schemas::api::KeyView {
+    tasker_schemas::api::KeyView {
+        id: k.id,
+        name: k.name,
+        role: k.role,
+        namespaces: k
+            .namespaces
+            .unwrap_or_else(|| vec![crate::auth::EVERY_NAMESPACE.to_owned()]),
+        created_at: rfc3339(k.created_at),
+        created_by: k.created_by,
+        revoked_at: k.revoked_at.map(rfc3339),
+        revoked_by: k.revoked_by,
+    }
+}
+
+pub fn audit_entry(a: crate::store::audit::AuditRow) -> tasker_schemas::api::AuditEntry {
+    tasker_schemas::api::AuditEntry {
+        id: a.id,
+        at: rfc3339(a.at),
+        actor: a.actor,
+        key_id: a.key_id,
+        action: a.action,
+        namespace: a.namespace,
+        task_id: a.task_id.map(TaskId),
+        detail: a.detail,
+    }
+}
+
+pub fn namespace_view(
+    n: crate::store::namespaces::NamespaceRow,
+) -> tasker_schemas::api::NamespaceView {
+    tasker_schemas::api::NamespaceView {
+        namespace: n.namespace,
+        retention_ms: n.retention_ms.map(|m| m.max(0) as u64),
+        updated_at: rfc3339(n.updated_at),
     }
 }

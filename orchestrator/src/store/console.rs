@@ -38,33 +38,72 @@ pub struct TaskSearch {
     /// Keyset: ids below this one (the last of the previous page).
     pub after: Option<Uuid>,
     pub limit: i64,
+    /// Search as one scan per (namespace, template, state) of the `tasks_template` index,
+    /// merged (see [`search`]); `Some(empty)` matches nothing.
+    pub branches: Option<Vec<(String, String, TaskState)>>,
 }
 
 /// Tasks newest first matching `f`: a page and whether more follow.
+///
+/// With [`TaskSearch::branches`], one index range scan of `tasks_template` per
+/// (namespace, template, state), each newest first and limited, merged: a rare combination
+/// (the failed tasks of one template) costs what it finds, not a scan of everything newer.
 pub async fn search(
     db: impl PgExecutor<'_>,
     f: &TaskSearch,
 ) -> Result<(Vec<TaskSummaryRow>, bool)> {
     let limit = f.limit.clamp(1, super::views::MAX_LIST_PAGE);
-    let mut q = QueryBuilder::<Postgres>::new(
+    let mut q = QueryBuilder::<Postgres>::new("");
+    match &f.branches {
+        Some(branches) if !branches.is_empty() => {
+            q.push("SELECT * FROM (");
+            for (i, (ns, template, state)) in branches.iter().enumerate() {
+                if i > 0 {
+                    q.push(" UNION ALL ");
+                }
+                q.push("(");
+                push_select(&mut q, f);
+                q.push(" AND namespace = ")
+                    .push_bind(ns)
+                    .push(" AND template_name = ")
+                    .push_bind(template)
+                    .push(" AND state = ")
+                    .push_bind(*state);
+                q.push(" ORDER BY id DESC LIMIT ").push_bind(limit + 1).push(")");
+            }
+            q.push(") b");
+        }
+        Some(_) => return Ok((Vec::new(), false)),
+        None => push_select(&mut q, f),
+    }
+    q.push(" ORDER BY id DESC LIMIT ").push_bind(limit + 1);
+    let mut rows: Vec<TaskSummaryRow> = q.build_query_as().fetch_all(db).await?;
+    let more = rows.len() as i64 > limit;
+    rows.truncate(limit as usize);
+    Ok((rows, more))
+}
+
+/// `SELECT … FROM tasks WHERE` the filters of `f`.
+fn push_select(q: &mut QueryBuilder<Postgres>, f: &TaskSearch) {
+    q.push(
         "SELECT id, namespace, template_name, template_version, state, priority, error,
                 idempotency_key, created_at, finished_at, parent_task_id
          FROM tasks WHERE true",
     );
     if let Some(scope) = &f.scope {
-        q.push(" AND namespace = ANY(").push_bind(scope).push(")");
+        q.push(" AND namespace = ANY(").push_bind(scope.clone()).push(")");
     }
     if let Some(list) = &f.namespace_in {
-        q.push(" AND namespace = ANY(").push_bind(list).push(")");
+        q.push(" AND namespace = ANY(").push_bind(list.clone()).push(")");
     }
     if let Some(n) = &f.namespace {
-        q.push(" AND namespace = ").push_bind(n);
+        q.push(" AND namespace = ").push_bind(n.clone());
     }
     if let Some(s) = f.state {
         q.push(" AND state = ").push_bind(s);
     }
     if let Some(t) = &f.template {
-        q.push(" AND template_name = ").push_bind(t);
+        q.push(" AND template_name = ").push_bind(t.clone());
     }
     if let Some(id) = f.id_from {
         q.push(" AND id >= ").push_bind(id);
@@ -73,25 +112,29 @@ pub async fn search(
         q.push(" AND id <= ").push_bind(id);
     }
     if let Some(k) = &f.idempotency_key {
-        q.push(" AND idempotency_key = ").push_bind(k);
+        q.push(" AND idempotency_key = ").push_bind(k.clone());
     }
     if let Some(id) = f.task_id {
         q.push(" AND id = ").push_bind(id);
     }
     if let Some((field, value)) = &f.context {
         q.push(" AND context ->> ")
-            .push_bind(field)
+            .push_bind(field.clone())
             .push(" = ")
-            .push_bind(value);
+            .push_bind(value.clone());
     }
     if let Some(after) = f.after {
         q.push(" AND id < ").push_bind(after);
     }
-    q.push(" ORDER BY id DESC LIMIT ").push_bind(limit + 1);
-    let mut rows: Vec<TaskSummaryRow> = q.build_query_as().fetch_all(db).await?;
-    let more = rows.len() as i64 > limit;
-    rows.truncate(limit as usize);
-    Ok((rows, more))
+}
+
+/// The (namespace, template name) pairs templates are registered under, sorted.
+pub async fn template_names(db: impl PgExecutor<'_>) -> Result<Vec<(String, String)>> {
+    Ok(sqlx::query_as(
+        "SELECT DISTINCT namespace, name FROM templates ORDER BY namespace, name",
+    )
+    .fetch_all(db)
+    .await?)
 }
 
 /// Exact counts of live tasks (`pending`, `running`) by state, within the scope and the
