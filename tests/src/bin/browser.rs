@@ -154,6 +154,13 @@ async fn run(args: Args) -> Result<bool> {
     });
     std::fs::create_dir_all(&shots)
         .with_context(|| format!("cannot create {}", shots.display()))?;
+    let shots = shots.canonicalize()?;
+    // Screenshots of failures from an earlier run would mislead.
+    for entry in std::fs::read_dir(&shots)?.flatten() {
+        if entry.file_name().to_string_lossy().starts_with("failed-") {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 
     let h = Harness::start().await?;
     let outcome = suite(&args, &h, &chromium, &chromedriver, &tasker, &shots).await;
@@ -698,9 +705,8 @@ impl World<'_> {
 /// A row of the task list (`data-id` is the task id).
 const TASK_ROWS: &str = "#tasks tr.task[data-id]";
 
-/// A row of the dead-letter list, and its replay action.
+/// A row of the dead-letter list.
 const DEAD_LETTER_ROWS: &str = "#dead-letters tr.dead-letter";
-const DEAD_LETTER_REPLAY: &str = "[id^=action-replay], a.replay, button[value=replay]";
 
 /// The state of a DAG node (`<g id="node-{step}" class="node st-{state}">`).
 async fn node_state(web: &Web, step: &str) -> Result<String> {
@@ -1017,13 +1023,20 @@ async fn replay_dead_letter(w: &World<'_>) -> Result<()> {
         "namespace: console\nname: {name}\nversion: 1\nsteps:\n  - {{ name: only, handler: work, queue: console_browser }}\n"
     ))
     .await?;
-    row.find(Locator::Css(DEAD_LETTER_REPLAY))
+    // Its page, then replay (confirmed).
+    row.find(Locator::Css("a[href^='/ui/dead-letters/']"))
         .await
-        .context("no replay action on the dead letter's row")?
+        .context("no link to the dead letter's page")?
         .click()
         .await?;
-    w.web.find("#confirm-form").await?;
-    w.web.find("#confirm").await?.click().await?;
+    let reason = w.web.find("#dl-reason-text").await?.text().await?;
+    if reason.trim().is_empty() {
+        bail!("the dead letter's page shows no reason");
+    }
+    w.web.screenshot("dead-letter").await?;
+    act(&w.web, "#dl-replay").await?;
+    let outcome = w.web.find("#dl-outcomes td.outcome").await?.text().await?;
+    w.web.screenshot("dead-letter-replayed").await?;
     let found: Option<TaskId> = {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -1041,9 +1054,9 @@ async fn replay_dead_letter(w: &World<'_>) -> Result<()> {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     };
-    let id = found.ok_or_else(|| anyhow!("no task of {name} after the replay"))?;
+    let id = found
+        .ok_or_else(|| anyhow!("no task of {name} after the replay (outcome {outcome:?})"))?;
     w.wait_state(id, TaskState::Completed).await?;
-    w.web.screenshot("dead-letter-replayed").await?;
     Ok(())
 }
 
@@ -1079,6 +1092,10 @@ async fn publish_task_request(h: &Harness, request: &tasker_schemas::TaskRequest
 }
 
 async fn pages(w: &World<'_>) -> Result<()> {
+    // A step in flight on the suite's queue, for the queues page.
+    let gate = format!("pages-{}", uuid::Uuid::now_v7().simple());
+    let held = w.submit("gated", json!({"gate": gate})).await?;
+    w.wait_step(held, "gate", "dispatched").await?;
     for (path, shot, table, expect) in [
         ("/ui/queues", "queues", "#queues", QUEUE),
         ("/ui/workers", "workers", "#workers", WORKER),
@@ -1099,6 +1116,8 @@ async fn pages(w: &World<'_>) -> Result<()> {
         bail!("the diamond template's DAG does not have 4 nodes");
     }
     w.web.screenshot("template").await?;
+    w.gates.release(&gate);
+    w.wait_state(held, TaskState::Completed).await?;
     Ok(())
 }
 
@@ -1147,6 +1166,30 @@ async fn read_key(w: &World<'_>) -> Result<()> {
         .await?;
     if w.web.has("#confirm").await? {
         bail!("a read key gets the cancel confirmation");
+    }
+    // Nor a dead letter: one is listed, without actions.
+    publish_task_request(
+        w.h,
+        &tasker_schemas::TaskRequest {
+            request_id: tasker_schemas::RequestId::new(),
+            namespace: NAMESPACE.into(),
+            template: "never-registered".into(),
+            version: None,
+            context: json!({}),
+            idempotency_key: None,
+            priority: 0,
+            task_id: None,
+        },
+    )
+    .await?;
+    w.web
+        .until("a dead letter listed for the read key", || async {
+            w.web.open("/ui/dead-letters").await?;
+            w.web.has(DEAD_LETTER_ROWS).await
+        })
+        .await?;
+    if w.web.has("#dl-replay, #dl-discard, #dl-bulk input[type=checkbox]").await? {
+        bail!("a read key sees dead-letter actions");
     }
     w.gates.release(&gate);
     w.wait_state(id, TaskState::Completed).await?;
