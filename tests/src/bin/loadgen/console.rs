@@ -213,7 +213,7 @@ pub async fn console(b: &Bench, s: &ConsoleSizes) -> Result<Vec<Row>> {
     if dead_letters {
         pages.push((
             "dead-letters",
-            "<table",
+            "id=\"dl-filters\"",
             Box::new(|_, _| "/dead-letters".into()),
         ));
     }
