@@ -7,7 +7,7 @@
 
 use anyhow::{Context, bail};
 use reqwest::StatusCode;
-use reqwest::header::{COOKIE, LOCATION, SET_COOKIE};
+use reqwest::header::{CONTENT_TYPE, COOKIE, LOCATION, SET_COOKIE};
 use serde_json::json;
 use std::time::Duration;
 use tasker_orchestrator::auth::{Principal, Role};
@@ -63,11 +63,30 @@ async fn get(base: &str, path: &str, cookie: &str) -> anyhow::Result<Page> {
 }
 
 async fn post(base: &str, path: &str, cookie: &str, form: &[(&str, &str)]) -> anyhow::Result<Page> {
-    let mut req = http().post(format!("{base}{path}")).form(form);
+    let body: Vec<String> = form
+        .iter()
+        .map(|(k, v)| format!("{}={}", urlencode(k), urlencode(v)))
+        .collect();
+    let mut req = http()
+        .post(format!("{base}{path}"))
+        .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .body(body.join("&"));
     if !cookie.is_empty() {
         req = req.header(COOKIE, cookie);
     }
     page(req.send().await?).await
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }
 
 async fn page(r: reqwest::Response) -> anyhow::Result<Page> {

@@ -128,11 +128,12 @@ fn csrf_cookie(shared: &Shared, headers: &HeaderMap) -> (String, Option<String>)
 
 /// Where a signed-out reader is sent: the sign-in page, back to `path` after.
 fn to_login(parts: &Parts) -> Response {
-    let next = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/ui/tasks");
+    // Inside the console's router the path has lost its `/ui` prefix (it is nested there).
+    let next = match parts.uri.path_and_query().map(|p| p.as_str()) {
+        Some(p) if p.starts_with("/ui/") => p.to_owned(),
+        Some(p) => format!("/ui{p}"),
+        None => "/ui/tasks".to_owned(),
+    };
     let mut url = String::from("/ui/login?next=");
     for b in next.bytes() {
         if b.is_ascii_alphanumeric() || b"/-_.~".contains(&b) {
