@@ -37,6 +37,9 @@ pub struct Config {
     pub audit_retention_ms: u64,
     /// Most rows of the `dead_letters` table; the oldest are deleted beyond it.
     pub dead_letter_max_rows: u64,
+    /// Whether this orchestrator moves `{prefix}.dead_letters` into the `dead_letters` table
+    /// (off: the queue keeps its messages, for tools that read it directly).
+    pub dead_letter_reader: bool,
     /// Connections in the Postgres pool.
     pub db_pool_size: u32,
     /// Number of result queues (shards).
@@ -128,6 +131,7 @@ impl Default for Config {
             protect_metrics: false,
             audit_retention_ms: 400 * 24 * 3600 * 1000,
             dead_letter_max_rows: 100_000,
+            dead_letter_reader: true,
             metrics_interval_ms: 10_000,
             otlp_endpoint: None,
         }
@@ -307,6 +311,8 @@ settings! {
         "Audit log entries are kept this long, then pruned (ms; default 400 days)",
     "TASKER_DEAD_LETTER_MAX_ROWS" => dead_letter_max_rows (value):
         "Most dead letters kept in the dead_letters table; the oldest are deleted beyond it",
+    "TASKER_DEAD_LETTER_READER" => dead_letter_reader (value):
+        "Move the dead-letter queue into the dead_letters table: true or false (false: the queue keeps its messages for tools that read it)",
     "TASKER_DB_POOL_SIZE" => db_pool_size (value): "Connections in the PostgreSQL pool",
     "TASKER_RESULT_SHARDS" => result_shards (value): "Number of result queues (shards)",
     "TASKER_RESULT_PREFETCH" => result_prefetch (value):

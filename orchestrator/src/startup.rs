@@ -302,12 +302,14 @@ impl App {
             shutdown.clone(),
             move |stop| crate::edge::dead_steps::run_consumer(s.clone(), stop),
         ));
-        let s = shared.clone();
-        tracker.spawn(supervise(
-            "dead-letter reader",
-            shutdown.clone(),
-            move |stop| crate::edge::dead_letters::run_consumer(s.clone(), stop),
-        ));
+        if shared.config.dead_letter_reader {
+            let s = shared.clone();
+            tracker.spawn(supervise(
+                "dead-letter reader",
+                shutdown.clone(),
+                move |stop| crate::edge::dead_letters::run_consumer(s.clone(), stop),
+            ));
+        }
         let s = shared.clone();
         tracker.spawn(supervise(
             "finish listener",

@@ -415,6 +415,9 @@ impl Harness {
             relay_after_ms: 1_000,
             handler_missing_delay_ms: 200,
             shutdown_grace_ms: 3_000,
+            // Tests read the dead-letter queue itself; tests of the dead_letters table turn the
+            // reader on.
+            dead_letter_reader: false,
             ..Config::default()
         };
         (self.configure)(&mut c);
