@@ -709,11 +709,14 @@ pub async fn step_output(
 
 /// Results applied per (namespace, outcome) by this replica: the totals and when read, kept to
 /// turn the next reading into a rate.
-static LAST_RATES: std::sync::Mutex<Option<(std::time::Instant, BTreeMap<(String, String), f64>)>> =
+/// Figures per (namespace, outcome).
+type PerOutcome = BTreeMap<(String, String), f64>;
+
+static LAST_RATES: std::sync::Mutex<Option<(std::time::Instant, PerOutcome)>> =
     std::sync::Mutex::new(None);
 
 /// `name{namespace="a",outcome="b"} 12` lines of a Prometheus text, summed per label pair.
-pub fn counter_by(text: &str, name: &str) -> BTreeMap<(String, String), f64> {
+pub fn counter_by(text: &str, name: &str) -> PerOutcome {
     let mut out = BTreeMap::new();
     for line in text.lines() {
         let Some(rest) = line.strip_prefix(name) else { continue };
@@ -741,7 +744,7 @@ pub async fn queues(State(shared): State<Shared>, viewer: Viewer) -> Response {
         let consumers: HashMap<&str, i64> =
             snap.workers.iter().map(|(q, n)| (q.as_str(), *n)).collect();
         let totals = counter_by(&shared.metrics.render(), "tasker_results_applied_total");
-        let rates: Option<(f64, BTreeMap<(String, String), f64>)> = {
+        let rates: Option<(f64, PerOutcome)> = {
             let mut last = LAST_RATES.lock().unwrap_or_else(|e| e.into_inner());
             let now = std::time::Instant::now();
             let out = last.as_ref().map(|(at, prev)| {
