@@ -399,3 +399,116 @@ async fn sign_in_sessions_roles_and_revocation() -> anyhow::Result<()> {
     h.finish().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn step_actions_mapped_nodes_templates_and_dead_letters_from_the_pages() -> anyhow::Result<()> {
+    use tasker_tests::tasker_worker::StepError;
+    let h = Harness::start().await?;
+    let b = base(&h);
+    let admin = Principal::anonymous();
+    let shared = h.shared(0);
+    let flaky: Template = serde_json::from_value(json!({
+        "namespace": "cons", "name": "flaky", "version": 1,
+        "steps": [
+            { "name": "first", "handler": "boom", "retry": { "max_attempts": 1 } },
+            { "name": "second", "handler": "ok", "depends_on": ["first"] }
+        ]
+    }))?;
+    let mapped: Template = serde_json::from_value(json!({
+        "namespace": "cons", "name": "mapped", "version": 1,
+        "steps": [
+            { "name": "list", "handler": "list" },
+            { "name": "each", "handler": "ok", "depends_on": ["list"], "map": { "over": "list.items" } }
+        ]
+    }))?;
+    service::templates::register(&shared, &admin, &flaky).await?;
+    service::templates::register(&shared, &admin, &mapped).await?;
+    h.spawn_worker(
+        h.worker()
+            .handler_fn("boom", |_ctx| async move { Err(StepError::permanent("no such order")) })
+            .handler_fn("ok", |_ctx| async move { Ok(json!({"ok": true})) })
+            .handler_fn("list", |_ctx| async move { Ok(json!({"items": [1, 2, 3]})) }),
+    )
+    .await?;
+
+    // A failed step: its actions are offered; "mark succeeded" with an output finishes the task.
+    let id = submit(&h, &admin, "cons", "flaky", json!({})).await?;
+    assert_eq!(h.wait(id).await?.state, TaskState::Failed);
+    let p = get(&b, &format!("/ui/tasks/{id}"), "").await?;
+    assert!(p.body.contains(r#"id="node-first" class="node st-failed""#), "{}", p.body);
+    assert!(p.body.contains(r#"id="node-second" class="node st-skipped""#));
+    for button in ["action-retry", "action-retry-step-first", "action-mark-succeeded-first", "action-rerun-from-first"] {
+        assert!(p.body.contains(&format!("id=\"{button}\"")), "{button}");
+    }
+    assert!(p.body.contains("no such order"), "the error is shown");
+    let confirm = get(&b, &format!("/ui/tasks/{id}/actions/mark-succeeded?step=first"), "").await?;
+    assert!(confirm.body.contains("id=\"output\""));
+    let token = confirm.csrf()?;
+    let cookie = format!("tasker_csrf={}", confirm.cookie("tasker_csrf").context("cookie")?);
+    let path = format!("/ui/tasks/{id}/actions/mark-succeeded");
+    let p = post(&b, &path, &cookie, &[("csrf", &token), ("step", "first"), ("output", "not json")]).await?;
+    assert_eq!(p.status, StatusCode::BAD_REQUEST);
+    assert!(p.body.contains("not JSON"));
+    let p = post(&b, &path, &cookie, &[("csrf", &token), ("step", "first"), ("output", r#"{"manual": 1}"#)]).await?;
+    assert_eq!(p.status, StatusCode::SEE_OTHER, "{}", p.body);
+    assert_eq!(h.wait(id).await?.state, TaskState::Completed);
+    let p = get(&b, &format!("/ui/tasks/{id}"), "").await?;
+    assert!(p.body.contains(r#"id="node-first" class="node st-succeeded""#));
+    assert!(p.body.contains("&quot;manual&quot;: 1"));
+    assert!(p.body.contains(r#"class="actor">anonymous"#), "who acted, in the history: {}", p.body);
+    // A step action the state does not allow is refused, with the reason.
+    let p = post(&b, &format!("/ui/tasks/{id}/actions/retry-step"), &cookie, &[("csrf", &token), ("step", "first")]).await?;
+    assert_eq!(p.status, StatusCode::CONFLICT, "{}", p.body);
+
+    // A mapped step is one node with its instances' counts.
+    let id = submit(&h, &admin, "cons", "mapped", json!({})).await?;
+    assert_eq!(h.wait(id).await?.state, TaskState::Completed);
+    let p = get(&b, &format!("/ui/tasks/{id}"), "").await?;
+    assert_eq!(p.body.matches("id=\"node-each\"").count(), 1);
+    assert!(p.body.contains("map 3✓ 0▶ 0✗ / 3"), "{}", p.body);
+
+    // A template's picture.
+    let p = get(&b, "/ui/templates/cons/flaky?version=1", "").await?;
+    assert_eq!(p.status, StatusCode::OK);
+    assert!(p.body.contains(r#"id="node-first" class="node""#) && p.body.contains(r#"id="edge-first-second""#));
+    let p = get(&b, "/ui/templates/cons/nothing", "").await?;
+    assert_eq!(p.status, StatusCode::NOT_FOUND);
+
+    // Dead letters: listed, filtered, shown, discarded after a confirmation.
+    service::dead_letters::record(
+        &shared,
+        &tasker_orchestrator::store::dead_letters::NewDeadLetter {
+            kind: "task_request",
+            reason: "unreadable task request: expected value".into(),
+            exchange: "t.tasks".into(),
+            routing_key: "cons".into(),
+            message_id: Some("console-test-1".into()),
+            headers: json!({"x-tasker-reason": "unreadable"}),
+            body: b"{not json".to_vec(),
+            body_bytes: 9,
+            namespace: Some("cons".into()),
+            task_id: None,
+            step: None,
+        },
+    )
+    .await?;
+    let p = get(&b, "/ui/dead-letters", "").await?;
+    assert_eq!(p.status, StatusCode::OK);
+    let at = p.body.find("class=\"dead-letter\" id=\"dl-").context("a dead letter row")?;
+    let rest = &p.body[at + "class=\"dead-letter\" id=\"dl-".len()..];
+    let dl = rest[..rest.find('"').unwrap()].to_owned();
+    let p = get(&b, "/ui/dead-letters?kind=step", "").await?;
+    assert!(p.body.contains("id=\"no-dead-letters\""));
+    let p = get(&b, &format!("/ui/dead-letters/{dl}"), "").await?;
+    assert!(p.body.contains("unreadable task request") && p.body.contains("{not json"));
+    let token = p.csrf()?;
+    let cookie = format!("tasker_csrf={}", p.cookie("tasker_csrf").map(str::to_owned).unwrap_or_else(|| token.clone()));
+    let p = post(&b, "/ui/dead-letters/act", &cookie, &[("csrf", &token), ("action", "discard"), ("id", &dl)]).await?;
+    assert!(p.body.contains(r#"<strong id="dl-count">1</strong>"#), "{}", p.body);
+    let p = post(&b, "/ui/dead-letters/act", &cookie, &[("csrf", &token), ("action", "discard"), ("id", &dl), ("confirmed", "yes")]).await?;
+    assert!(p.body.contains(r#"<td class="outcome">discarded</td>"#), "{}", p.body);
+    let p = get(&b, "/ui/dead-letters", "").await?;
+    assert!(p.body.contains("id=\"no-dead-letters\""));
+    h.finish().await;
+    Ok(())
+}
