@@ -135,7 +135,13 @@ impl Page {
     }
 }
 
-async fn submit(h: &Harness, who: &Principal, ns: &str, template: &str, context: serde_json::Value) -> anyhow::Result<TaskId> {
+async fn submit(
+    h: &Harness,
+    who: &Principal,
+    ns: &str,
+    template: &str,
+    context: serde_json::Value,
+) -> anyhow::Result<TaskId> {
     let req = SubmitTask {
         namespace: ns.into(),
         template: template.into(),
@@ -145,7 +151,9 @@ async fn submit(h: &Harness, who: &Principal, ns: &str, template: &str, context:
         priority: 0,
         task_id: None,
     };
-    Ok(service::tasks::submit(&h.shared(0), who, &req, None).await?.task_id)
+    Ok(service::tasks::submit(&h.shared(0), who, &req, None)
+        .await?
+        .task_id)
 }
 
 async fn state_of(h: &Harness, id: TaskId) -> anyhow::Result<TaskState> {
@@ -164,18 +172,34 @@ async fn pages_filters_dag_live_updates_and_csrf_without_keys() -> anyhow::Resul
     let shared = h.shared(0);
     service::templates::register(&shared, &admin, &chain("cons")).await?;
     service::templates::register(&shared, &admin, &stuck("cons")).await?;
-    h.spawn_worker(h.worker().handler_fn("ok", |_ctx| async move { Ok(json!({"done": true})) }))
-        .await?;
+    h.spawn_worker(
+        h.worker()
+            .handler_fn("ok", |_ctx| async move { Ok(json!({"done": true})) }),
+    )
+    .await?;
     let mut done = Vec::new();
     for i in 0..3 {
-        let id = submit(&h, &admin, "cons", "chain", json!({"order": format!("o-{i}")})).await?;
+        let id = submit(
+            &h,
+            &admin,
+            "cons",
+            "chain",
+            json!({"order": format!("o-{i}")}),
+        )
+        .await?;
         h.wait(id).await?;
         done.push(id);
     }
     let live = submit(&h, &admin, "cons", "stuck", json!({"order": "o-live"})).await?;
 
     // Every page answers.
-    for path in ["/ui/tasks", "/ui/queues", "/ui/workers", "/ui/templates", "/ui/templates/cons/chain"] {
+    for path in [
+        "/ui/tasks",
+        "/ui/queues",
+        "/ui/workers",
+        "/ui/templates",
+        "/ui/templates/cons/chain",
+    ] {
         let p = get(&b, path, "").await?;
         assert_eq!(p.status, StatusCode::OK, "{path}: {}", p.body);
     }
@@ -188,8 +212,17 @@ async fn pages_filters_dag_live_updates_and_csrf_without_keys() -> anyhow::Resul
     // The list: newest first, with exact live counts.
     let p = get(&b, "/ui/tasks", "").await?;
     let pos = |id: &TaskId| p.body.find(&format!("id=\"task-{id}\""));
-    assert!(pos(&done[2]) < pos(&done[0]) && pos(&done[0]).is_some(), "{}", p.body);
-    assert!(p.body.contains(r#"<span id="count-running">running <strong>1</strong>"#), "{}", p.body);
+    assert!(
+        pos(&done[2]) < pos(&done[0]) && pos(&done[0]).is_some(),
+        "{}",
+        p.body
+    );
+    assert!(
+        p.body
+            .contains(r#"<span id="count-running">running <strong>1</strong>"#),
+        "{}",
+        p.body
+    );
     // Filters.
     let p = get(&b, "/ui/tasks?state=completed", "").await?;
     assert!(done.iter().all(|id| p.body.contains(&id.to_string())));
@@ -202,18 +235,31 @@ async fn pages_filters_dag_live_updates_and_csrf_without_keys() -> anyhow::Resul
     let p = get(&b, "/ui/tasks?field=order&value=o-1", "").await?;
     assert_eq!(p.status, StatusCode::BAD_REQUEST);
     assert!(p.body.contains("needs a time range"), "{}", p.body);
-    let p = get(&b, "/ui/tasks?field=order&value=o-1&from=2020-01-01T00:00", "").await?;
+    let p = get(
+        &b,
+        "/ui/tasks?field=order&value=o-1&from=2020-01-01T00:00",
+        "",
+    )
+    .await?;
     assert_eq!(p.status, StatusCode::BAD_REQUEST);
     assert!(p.body.contains("at most 7 days"), "{}", p.body);
     let from = (chrono::Utc::now() - chrono::Duration::hours(1)).format("%Y-%m-%dT%H:%M");
-    let p = get(&b, &format!("/ui/tasks?field=order&value=o-1&from={from}"), "").await?;
+    let p = get(
+        &b,
+        &format!("/ui/tasks?field=order&value=o-1&from={from}"),
+        "",
+    )
+    .await?;
     assert_eq!(p.status, StatusCode::OK, "{}", p.body);
     assert_eq!(p.body.matches("class=\"task\"").count(), 1, "{}", p.body);
     assert!(p.body.contains(&done[1].to_string()));
     // Keyset pages: 2, then the rest through the `next` link.
     let p = get(&b, "/ui/tasks?limit=2", "").await?;
     assert_eq!(p.body.matches("class=\"task\"").count(), 2);
-    let at = p.body.find(r#"id="next" rel="next" href=""#).context("a next link")?;
+    let at = p
+        .body
+        .find(r#"id="next" rel="next" href=""#)
+        .context("a next link")?;
     let rest = &p.body[at + r#"id="next" rel="next" href=""#.len()..];
     let next = rest[..rest.find('"').unwrap()].replace("&amp;", "&");
     let p2 = get(&b, &next, "").await?;
@@ -224,10 +270,17 @@ async fn pages_filters_dag_live_updates_and_csrf_without_keys() -> anyhow::Resul
     let p = get(&b, &format!("/ui/tasks/{}", done[0]), "").await?;
     assert_eq!(p.status, StatusCode::OK);
     assert!(p.body.contains("<svg class=\"dag\""));
-    assert!(p.body.contains(r#"id="node-a" class="node st-succeeded""#), "{}", p.body);
+    assert!(
+        p.body.contains(r#"id="node-a" class="node st-succeeded""#),
+        "{}",
+        p.body
+    );
     assert!(p.body.contains(r#"id="node-b" class="node st-succeeded""#));
     assert!(p.body.contains(r#"id="edge-a-b""#));
-    assert!(p.body.contains("&quot;done&quot;: true"), "the output, pretty");
+    assert!(
+        p.body.contains("&quot;done&quot;: true"),
+        "the output, pretty"
+    );
     let p = get(&b, &format!("/ui/tasks/{live}"), "").await?;
     assert!(p.body.contains(r#"id="node-wait" class="node st-"#));
     assert!(p.body.contains("Why waiting"), "{}", p.body);
@@ -249,19 +302,20 @@ async fn pages_filters_dag_live_updates_and_csrf_without_keys() -> anyhow::Resul
             .starts_with("text/event-stream")
     );
     let mut seen = String::new();
-    let read_until = async |sse: &mut reqwest::Response, seen: &mut String, what: &str| -> anyhow::Result<()> {
-        tokio::time::timeout(Duration::from_secs(10), async {
-            while !seen.contains(what) {
-                match sse.chunk().await? {
-                    Some(c) => seen.push_str(&String::from_utf8_lossy(&c)),
-                    None => bail!("the stream ended before {what:?}: {seen}"),
+    let read_until =
+        async |sse: &mut reqwest::Response, seen: &mut String, what: &str| -> anyhow::Result<()> {
+            tokio::time::timeout(Duration::from_secs(10), async {
+                while !seen.contains(what) {
+                    match sse.chunk().await? {
+                        Some(c) => seen.push_str(&String::from_utf8_lossy(&c)),
+                        None => bail!("the stream ended before {what:?}: {seen}"),
+                    }
                 }
-            }
-            Ok(())
-        })
-        .await
-        .with_context(|| format!("no {what:?} within 10 s: {seen}"))?
-    };
+                Ok(())
+            })
+            .await
+            .with_context(|| format!("no {what:?} within 10 s: {seen}"))?
+        };
     read_until(&mut sse, &mut seen, r#""name":"wait""#).await?;
     assert!(seen.contains("event: nodes"), "{seen}");
 
@@ -269,7 +323,10 @@ async fn pages_filters_dag_live_updates_and_csrf_without_keys() -> anyhow::Resul
     // cookie, authentication being off).
     let confirm = get(&b, &format!("/ui/tasks/{live}/actions/cancel"), "").await?;
     assert_eq!(confirm.status, StatusCode::OK);
-    let csrf_cookie = confirm.cookie("tasker_csrf").context("a CSRF cookie")?.to_owned();
+    let csrf_cookie = confirm
+        .cookie("tasker_csrf")
+        .context("a CSRF cookie")?
+        .to_owned();
     let token = confirm.csrf()?;
     assert_eq!(token, csrf_cookie);
     let cookie = format!("tasker_csrf={csrf_cookie}");
@@ -277,9 +334,19 @@ async fn pages_filters_dag_live_updates_and_csrf_without_keys() -> anyhow::Resul
     let p = post(&b, &path, &cookie, &[("csrf", "forged")]).await?;
     assert_eq!(p.status, StatusCode::FORBIDDEN);
     let p = post(&b, &path, "", &[("csrf", &token)]).await?;
-    assert_eq!(p.status, StatusCode::FORBIDDEN, "a token without its cookie");
+    assert_eq!(
+        p.status,
+        StatusCode::FORBIDDEN,
+        "a token without its cookie"
+    );
     assert_eq!(state_of(&h, live).await?, TaskState::Running);
-    let p = post(&b, &path, &cookie, &[("csrf", &token), ("reason", "from the test")]).await?;
+    let p = post(
+        &b,
+        &path,
+        &cookie,
+        &[("csrf", &token), ("reason", "from the test")],
+    )
+    .await?;
     assert_eq!(p.status, StatusCode::SEE_OTHER, "{}", p.body);
     assert_eq!(state_of(&h, live).await?, TaskState::Cancelled);
     read_until(&mut sse, &mut seen, r#""state":"cancelled""#).await?;
@@ -287,11 +354,24 @@ async fn pages_filters_dag_live_updates_and_csrf_without_keys() -> anyhow::Resul
 
     // Bulk: the count first, then the action on exactly that many.
     let live2 = submit(&h, &admin, "cons", "stuck", json!({})).await?;
-    let form = [("csrf", token.as_str()), ("action", "cancel"), ("state", "running"), ("namespace", "cons")];
+    let form = [
+        ("csrf", token.as_str()),
+        ("action", "cancel"),
+        ("state", "running"),
+        ("namespace", "cons"),
+    ];
     let p = post(&b, "/ui/tasks/bulk", &cookie, &form).await?;
     assert_eq!(p.status, StatusCode::OK, "{}", p.body);
-    assert!(p.body.contains(r#"<p id="bulk-count"><strong>1</strong>"#), "{}", p.body);
-    assert_eq!(state_of(&h, live2).await?, TaskState::Running, "nothing before the confirmation");
+    assert!(
+        p.body.contains(r#"<p id="bulk-count"><strong>1</strong>"#),
+        "{}",
+        p.body
+    );
+    assert_eq!(
+        state_of(&h, live2).await?,
+        TaskState::Running,
+        "nothing before the confirmation"
+    );
     let mut confirmed = form.to_vec();
     confirmed.push(("expected", "1"));
     let p = post(&b, "/ui/tasks/bulk", &cookie, &confirmed).await?;
@@ -311,16 +391,39 @@ async fn sign_in_sessions_roles_and_revocation() -> anyhow::Result<()> {
     service::templates::register(&shared, &boot, &stuck("other")).await?;
     let mine = submit(&h, &boot, "cons", "stuck", json!({})).await?;
     let theirs = submit(&h, &boot, "other", "stuck", json!({})).await?;
-    let reader = service::keys::create(&shared, &boot, "reader", Role::Read, Some(vec!["cons".into()])).await?;
-    let operator = service::keys::create(&shared, &boot, "operator", Role::Operate, Some(vec!["cons".into()])).await?;
+    let reader = service::keys::create(
+        &shared,
+        &boot,
+        "reader",
+        Role::Read,
+        Some(vec!["cons".into()]),
+    )
+    .await?;
+    let operator = service::keys::create(
+        &shared,
+        &boot,
+        "operator",
+        Role::Operate,
+        Some(vec!["cons".into()]),
+    )
+    .await?;
 
     // Signed out: every page goes to the sign-in, which comes back after.
     let p = get(&b, "/ui/tasks?state=running", "").await?;
     assert_eq!(p.status, StatusCode::SEE_OTHER);
-    assert_eq!(p.location.as_deref(), Some("/ui/login?next=/ui/tasks%3Fstate%3Drunning"));
+    assert_eq!(
+        p.location.as_deref(),
+        Some("/ui/login?next=/ui/tasks%3Fstate%3Drunning")
+    );
     let p = get(&b, &format!("/ui/tasks/{mine}/events"), "").await?;
     assert_eq!(p.status, StatusCode::SEE_OTHER);
-    let p = post(&b, &format!("/ui/tasks/{mine}/actions/cancel"), "", &[("csrf", "x")]).await?;
+    let p = post(
+        &b,
+        &format!("/ui/tasks/{mine}/actions/cancel"),
+        "",
+        &[("csrf", "x")],
+    )
+    .await?;
     assert_eq!(p.status, StatusCode::SEE_OTHER);
     assert_eq!(state_of(&h, mine).await?, TaskState::Running);
     let p = get(&b, "/ui/tasks/bogus", "tasker_session=forged").await?;
@@ -330,22 +433,51 @@ async fn sign_in_sessions_roles_and_revocation() -> anyhow::Result<()> {
         let form = get(&b, "/ui/login?next=/ui/tasks", "").await?;
         assert_eq!(form.status, StatusCode::OK);
         assert!(form.body.contains("id=\"login-form\""));
-        let csrf = form.cookie("tasker_csrf").context("a CSRF cookie")?.to_owned();
-        post(&b, "/ui/login", &format!("tasker_csrf={csrf}"), &[("key", key), ("csrf", &csrf), ("next", "/ui/tasks")]).await
+        let csrf = form
+            .cookie("tasker_csrf")
+            .context("a CSRF cookie")?
+            .to_owned();
+        post(
+            &b,
+            "/ui/login",
+            &format!("tasker_csrf={csrf}"),
+            &[("key", key), ("csrf", &csrf), ("next", "/ui/tasks")],
+        )
+        .await
     };
     let p = sign_in("tsk_wrong").await?;
     assert_eq!(p.status, StatusCode::SEE_OTHER);
-    assert!(p.location.as_deref().unwrap_or("").starts_with("/ui/login?error=key"));
+    assert!(
+        p.location
+            .as_deref()
+            .unwrap_or("")
+            .starts_with("/ui/login?error=key")
+    );
     assert!(p.cookie("tasker_session").is_none());
     // The sign-in form refuses a post without its CSRF cookie.
-    let p = post(&b, "/ui/login", "", &[("key", &reader.token), ("csrf", "x")]).await?;
+    let p = post(
+        &b,
+        "/ui/login",
+        "",
+        &[("key", &reader.token), ("csrf", "x")],
+    )
+    .await?;
     assert!(p.cookie("tasker_session").is_none());
 
     let p = sign_in(&reader.token).await?;
     assert_eq!(p.status, StatusCode::SEE_OTHER, "{}", p.body);
     assert_eq!(p.location.as_deref(), Some("/ui/tasks"));
-    let (_, session, attrs) = p.cookies.iter().find(|(k, _, _)| k == "tasker_session").context("a session cookie")?;
-    assert!(attrs.contains("HttpOnly") && attrs.contains("SameSite=Strict") && attrs.contains("Path=/ui"), "{attrs}");
+    let (_, session, attrs) = p
+        .cookies
+        .iter()
+        .find(|(k, _, _)| k == "tasker_session")
+        .context("a session cookie")?;
+    assert!(
+        attrs.contains("HttpOnly")
+            && attrs.contains("SameSite=Strict")
+            && attrs.contains("Path=/ui"),
+        "{attrs}"
+    );
     let reader_cookie = format!("tasker_session={session}");
     // The key itself is not stored, only hashes.
     let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM console_sessions WHERE position(convert_to($1, 'UTF8') in key_hash) > 0")
@@ -362,9 +494,18 @@ async fn sign_in_sessions_roles_and_revocation() -> anyhow::Result<()> {
     assert!(!p.body.contains("id=\"bulk\""));
     let p = get(&b, &format!("/ui/tasks/{mine}"), &reader_cookie).await?;
     assert_eq!(p.status, StatusCode::OK);
-    assert!(!p.body.contains("id=\"action-cancel\""), "no buttons for read");
+    assert!(
+        !p.body.contains("id=\"action-cancel\""),
+        "no buttons for read"
+    );
     let read_csrf = p.csrf()?;
-    let p = post(&b, &format!("/ui/tasks/{mine}/actions/cancel"), &reader_cookie, &[("csrf", &read_csrf)]).await?;
+    let p = post(
+        &b,
+        &format!("/ui/tasks/{mine}/actions/cancel"),
+        &reader_cookie,
+        &[("csrf", &read_csrf)],
+    )
+    .await?;
     assert_eq!(p.status, StatusCode::FORBIDDEN, "{}", p.body);
     assert_eq!(state_of(&h, mine).await?, TaskState::Running);
     let p = get(&b, &format!("/ui/tasks/{theirs}"), &reader_cookie).await?;
@@ -372,7 +513,11 @@ async fn sign_in_sessions_roles_and_revocation() -> anyhow::Result<()> {
 
     // An operate key: the buttons, and the action with its session's token only.
     let p = sign_in(&operator.token).await?;
-    let (_, session, _) = p.cookies.iter().find(|(k, _, _)| k == "tasker_session").context("a session cookie")?;
+    let (_, session, _) = p
+        .cookies
+        .iter()
+        .find(|(k, _, _)| k == "tasker_session")
+        .context("a session cookie")?;
     let op_cookie = format!("tasker_session={session}");
     let p = get(&b, &format!("/ui/tasks/{mine}"), &op_cookie).await?;
     assert!(p.body.contains("id=\"action-cancel\""));
@@ -401,7 +546,8 @@ async fn sign_in_sessions_roles_and_revocation() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn step_actions_mapped_nodes_templates_and_dead_letters_from_the_pages() -> anyhow::Result<()> {
+async fn step_actions_mapped_nodes_templates_and_dead_letters_from_the_pages() -> anyhow::Result<()>
+{
     use tasker_tests::tasker_worker::StepError;
     let h = Harness::start().await?;
     let b = base(&h);
@@ -425,9 +571,14 @@ async fn step_actions_mapped_nodes_templates_and_dead_letters_from_the_pages() -
     service::templates::register(&shared, &admin, &mapped).await?;
     h.spawn_worker(
         h.worker()
-            .handler_fn("boom", |_ctx| async move { Err(StepError::permanent("no such order")) })
+            .handler_fn("boom", |_ctx| async move {
+                Err(StepError::permanent("no such order"))
+            })
             .handler_fn("ok", |_ctx| async move { Ok(json!({"ok": true})) })
-            .handler_fn("list", |_ctx| async move { Ok(json!({"items": [1, 2, 3]})) }),
+            .handler_fn(
+                "list",
+                |_ctx| async move { Ok(json!({"items": [1, 2, 3]})) },
+            ),
     )
     .await?;
 
@@ -435,29 +586,78 @@ async fn step_actions_mapped_nodes_templates_and_dead_letters_from_the_pages() -
     let id = submit(&h, &admin, "cons", "flaky", json!({})).await?;
     assert_eq!(h.wait(id).await?.state, TaskState::Failed);
     let p = get(&b, &format!("/ui/tasks/{id}"), "").await?;
-    assert!(p.body.contains(r#"id="node-first" class="node st-failed""#), "{}", p.body);
-    assert!(p.body.contains(r#"id="node-second" class="node st-skipped""#));
-    for button in ["action-retry", "action-retry-step-first", "action-mark-succeeded-first", "action-rerun-from-first"] {
+    assert!(
+        p.body.contains(r#"id="node-first" class="node st-failed""#),
+        "{}",
+        p.body
+    );
+    assert!(
+        p.body
+            .contains(r#"id="node-second" class="node st-skipped""#)
+    );
+    for button in [
+        "action-retry",
+        "action-retry-step-first",
+        "action-mark-succeeded-first",
+        "action-rerun-from-first",
+    ] {
         assert!(p.body.contains(&format!("id=\"{button}\"")), "{button}");
     }
     assert!(p.body.contains("no such order"), "the error is shown");
-    let confirm = get(&b, &format!("/ui/tasks/{id}/actions/mark-succeeded?step=first"), "").await?;
+    let confirm = get(
+        &b,
+        &format!("/ui/tasks/{id}/actions/mark-succeeded?step=first"),
+        "",
+    )
+    .await?;
     assert!(confirm.body.contains("id=\"output\""));
     let token = confirm.csrf()?;
-    let cookie = format!("tasker_csrf={}", confirm.cookie("tasker_csrf").context("cookie")?);
+    let cookie = format!(
+        "tasker_csrf={}",
+        confirm.cookie("tasker_csrf").context("cookie")?
+    );
     let path = format!("/ui/tasks/{id}/actions/mark-succeeded");
-    let p = post(&b, &path, &cookie, &[("csrf", &token), ("step", "first"), ("output", "not json")]).await?;
+    let p = post(
+        &b,
+        &path,
+        &cookie,
+        &[("csrf", &token), ("step", "first"), ("output", "not json")],
+    )
+    .await?;
     assert_eq!(p.status, StatusCode::BAD_REQUEST);
     assert!(p.body.contains("not JSON"));
-    let p = post(&b, &path, &cookie, &[("csrf", &token), ("step", "first"), ("output", r#"{"manual": 1}"#)]).await?;
+    let p = post(
+        &b,
+        &path,
+        &cookie,
+        &[
+            ("csrf", &token),
+            ("step", "first"),
+            ("output", r#"{"manual": 1}"#),
+        ],
+    )
+    .await?;
     assert_eq!(p.status, StatusCode::SEE_OTHER, "{}", p.body);
     assert_eq!(h.wait(id).await?.state, TaskState::Completed);
     let p = get(&b, &format!("/ui/tasks/{id}"), "").await?;
-    assert!(p.body.contains(r#"id="node-first" class="node st-succeeded""#));
+    assert!(
+        p.body
+            .contains(r#"id="node-first" class="node st-succeeded""#)
+    );
     assert!(p.body.contains("&quot;manual&quot;: 1"));
-    assert!(p.body.contains(r#"class="actor">anonymous"#), "who acted, in the history: {}", p.body);
+    assert!(
+        p.body.contains(r#"class="actor">anonymous"#),
+        "who acted, in the history: {}",
+        p.body
+    );
     // A step action the state does not allow is refused, with the reason.
-    let p = post(&b, &format!("/ui/tasks/{id}/actions/retry-step"), &cookie, &[("csrf", &token), ("step", "first")]).await?;
+    let p = post(
+        &b,
+        &format!("/ui/tasks/{id}/actions/retry-step"),
+        &cookie,
+        &[("csrf", &token), ("step", "first")],
+    )
+    .await?;
     assert_eq!(p.status, StatusCode::CONFLICT, "{}", p.body);
 
     // A mapped step is one node with its instances' counts.
@@ -470,7 +670,10 @@ async fn step_actions_mapped_nodes_templates_and_dead_letters_from_the_pages() -
     // A template's picture.
     let p = get(&b, "/ui/templates/cons/flaky?version=1", "").await?;
     assert_eq!(p.status, StatusCode::OK);
-    assert!(p.body.contains(r#"id="node-first" class="node""#) && p.body.contains(r#"id="edge-first-second""#));
+    assert!(
+        p.body.contains(r#"id="node-first" class="node""#)
+            && p.body.contains(r#"id="edge-first-second""#)
+    );
     let p = get(&b, "/ui/templates/cons/nothing", "").await?;
     assert_eq!(p.status, StatusCode::NOT_FOUND);
 
@@ -494,7 +697,10 @@ async fn step_actions_mapped_nodes_templates_and_dead_letters_from_the_pages() -
     .await?;
     let p = get(&b, "/ui/dead-letters", "").await?;
     assert_eq!(p.status, StatusCode::OK);
-    let at = p.body.find("class=\"dead-letter\" id=\"dl-").context("a dead letter row")?;
+    let at = p
+        .body
+        .find("class=\"dead-letter\" id=\"dl-")
+        .context("a dead letter row")?;
     let rest = &p.body[at + "class=\"dead-letter\" id=\"dl-".len()..];
     let dl = rest[..rest.find('"').unwrap()].to_owned();
     let p = get(&b, "/ui/dead-letters?kind=step", "").await?;
@@ -502,11 +708,41 @@ async fn step_actions_mapped_nodes_templates_and_dead_letters_from_the_pages() -
     let p = get(&b, &format!("/ui/dead-letters/{dl}"), "").await?;
     assert!(p.body.contains("unreadable task request") && p.body.contains("{not json"));
     let token = p.csrf()?;
-    let cookie = format!("tasker_csrf={}", p.cookie("tasker_csrf").map(str::to_owned).unwrap_or_else(|| token.clone()));
-    let p = post(&b, "/ui/dead-letters/act", &cookie, &[("csrf", &token), ("action", "discard"), ("id", &dl)]).await?;
-    assert!(p.body.contains(r#"<strong id="dl-count">1</strong>"#), "{}", p.body);
-    let p = post(&b, "/ui/dead-letters/act", &cookie, &[("csrf", &token), ("action", "discard"), ("id", &dl), ("confirmed", "yes")]).await?;
-    assert!(p.body.contains(r#"<td class="outcome">discarded</td>"#), "{}", p.body);
+    let cookie = format!(
+        "tasker_csrf={}",
+        p.cookie("tasker_csrf")
+            .map(str::to_owned)
+            .unwrap_or_else(|| token.clone())
+    );
+    let p = post(
+        &b,
+        "/ui/dead-letters/act",
+        &cookie,
+        &[("csrf", &token), ("action", "discard"), ("id", &dl)],
+    )
+    .await?;
+    assert!(
+        p.body.contains(r#"<strong id="dl-count">1</strong>"#),
+        "{}",
+        p.body
+    );
+    let p = post(
+        &b,
+        "/ui/dead-letters/act",
+        &cookie,
+        &[
+            ("csrf", &token),
+            ("action", "discard"),
+            ("id", &dl),
+            ("confirmed", "yes"),
+        ],
+    )
+    .await?;
+    assert!(
+        p.body.contains(r#"<td class="outcome">discarded</td>"#),
+        "{}",
+        p.body
+    );
     let p = get(&b, "/ui/dead-letters", "").await?;
     assert!(p.body.contains("id=\"no-dead-letters\""));
     h.finish().await;

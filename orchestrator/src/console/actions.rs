@@ -127,7 +127,8 @@ pub async fn act(
     let run = async {
         viewer.check_csrf(&f.csrf)?;
         let id = parse_id(&id)?;
-        describe(&action, None).ok_or_else(|| PageError::not_found(format!("no action {action:?}")))?;
+        describe(&action, None)
+            .ok_or_else(|| PageError::not_found(format!("no action {action:?}")))?;
         let step = f.step.as_deref().filter(|s| !s.is_empty());
         if needs_step(&action) && step.is_none() {
             return Err(PageError::bad_request("which step? (the form lacks it)"));
@@ -172,8 +173,17 @@ pub struct BulkForm {
 }
 
 fn bulk_filter(q: &TasksQuery) -> PageResult<BulkFilter> {
-    let given = |s: &Option<String>| s.as_deref().map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned);
-    if given(&q.key).is_some() || given(&q.task).is_some() || given(&q.field).is_some() || given(&q.value).is_some() {
+    let given = |s: &Option<String>| {
+        s.as_deref()
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+    };
+    if given(&q.key).is_some()
+        || given(&q.task).is_some()
+        || given(&q.field).is_some()
+        || given(&q.value).is_some()
+    {
         return Err(PageError::bad_request(
             "bulk actions filter by state, namespace, template and time range only: clear the other filters",
         ));
@@ -188,7 +198,10 @@ fn bulk_filter(q: &TasksQuery) -> PageResult<BulkFilter> {
     };
     Ok(BulkFilter {
         state: match given(&q.state) {
-            Some(s) => Some(s.parse::<TaskState>().map_err(|e| PageError::bad_request(e.to_string()))?),
+            Some(s) => Some(
+                s.parse::<TaskState>()
+                    .map_err(|e| PageError::bad_request(e.to_string()))?,
+            ),
             None => None,
         },
         namespace: given(&q.namespace),
@@ -200,7 +213,11 @@ fn bulk_filter(q: &TasksQuery) -> PageResult<BulkFilter> {
 }
 
 /// `POST /ui/tasks/bulk`: first the count (a confirmation form carrying it), then the action.
-pub async fn bulk(State(shared): State<Shared>, viewer: Viewer, Form(f): Form<BulkForm>) -> Response {
+pub async fn bulk(
+    State(shared): State<Shared>,
+    viewer: Viewer,
+    Form(f): Form<BulkForm>,
+) -> Response {
     let run = async {
         viewer.check_csrf(&f.csrf)?;
         let filter = bulk_filter(&f.filter)?;
@@ -219,7 +236,10 @@ pub async fn bulk(State(shared): State<Shared>, viewer: Viewer, Form(f): Form<Bu
             filter.created_before.map_or("now".into(), super::time),
         );
         let expected = match f.expected.as_deref().filter(|e| !e.is_empty()) {
-            Some(e) => Some(e.parse::<u64>().map_err(|_| PageError::bad_request("expected: not a count"))?),
+            Some(e) => Some(
+                e.parse::<u64>()
+                    .map_err(|_| PageError::bad_request("expected: not a count"))?,
+            ),
             None => None,
         };
         let Some(expected) = expected else {

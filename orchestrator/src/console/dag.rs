@@ -94,8 +94,14 @@ fn at(pos: (usize, usize)) -> (f64, f64) {
 /// The SVG picture of `nodes`.
 pub fn svg(nodes: &[Node]) -> Markup {
     let pos = layout(nodes);
-    let width = pos.iter().map(|p| at(*p).0 + W + PAD).fold(2.0 * PAD, f64::max);
-    let height = pos.iter().map(|p| at(*p).1 + H + PAD).fold(2.0 * PAD, f64::max);
+    let width = pos
+        .iter()
+        .map(|p| at(*p).0 + W + PAD)
+        .fold(2.0 * PAD, f64::max);
+    let height = pos
+        .iter()
+        .map(|p| at(*p).1 + H + PAD)
+        .fold(2.0 * PAD, f64::max);
     html! {
         svg.dag xmlns="http://www.w3.org/2000/svg" role="img" aria-label="workflow graph"
             width=(width) height=(height) viewBox={"0 0 " (width) " " (height)} {
@@ -205,7 +211,10 @@ mod tests {
         nodes[0].state = "succeeded".into();
         nodes[1].href = Some("/ui/tasks/abc".into());
         let out = svg(&nodes).into_string();
-        assert!(out.contains(r#"id="node-fetch" class="node st-succeeded""#), "{out}");
+        assert!(
+            out.contains(r#"id="node-fetch" class="node st-succeeded""#),
+            "{out}"
+        );
         assert!(out.contains(r#"id="node-ship&lt;x&gt;""#), "{out}");
         assert!(out.contains(r#"<a href="/ui/tasks/abc">"#), "{out}");
         assert!(out.contains(r#"id="edge-fetch-ship&lt;x&gt;""#), "{out}");

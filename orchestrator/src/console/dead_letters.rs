@@ -4,8 +4,8 @@
 use super::pages::{encode, parse_time};
 use super::{PageError, PageResult, Viewer, badge, json_block, layout, time};
 use crate::auth::Role;
-use crate::service::dead_letters::{self as service, KINDS};
 use crate::service::Shared;
+use crate::service::dead_letters::{self as service, KINDS};
 use crate::store::dead_letters::DeadLetterFilter;
 use axum::Form;
 use axum::extract::{Path, Query, State};
@@ -72,7 +72,13 @@ pub async fn list(
         let v = |s: &Option<String>| s.clone().unwrap_or_default();
         let next = rows.last().filter(|_| more).map(|last| {
             let mut qs = String::new();
-            for (k, val) in [("kind", &q.kind), ("namespace", &q.namespace), ("reason", &q.reason), ("from", &q.from), ("to", &q.to)] {
+            for (k, val) in [
+                ("kind", &q.kind),
+                ("namespace", &q.namespace),
+                ("reason", &q.reason),
+                ("from", &q.from),
+                ("to", &q.to),
+            ] {
                 if let Some(val) = given(val) {
                     qs.push_str(&format!("{k}={}&", encode(&val)));
                 }
@@ -181,7 +187,12 @@ pub async fn show(
                 None => pre.json { (super::dag::truncate(&String::from_utf8_lossy(&d.body), 4096)) },
             }
         };
-        Ok::<_, PageError>(layout(&viewer, &format!("Dead letter {id}"), "/ui/dead-letters", body))
+        Ok::<_, PageError>(layout(
+            &viewer,
+            &format!("Dead letter {id}"),
+            "/ui/dead-letters",
+            body,
+        ))
     };
     match run.await {
         Ok(r) => r,
@@ -197,7 +208,12 @@ pub async fn act(
     Form(pairs): Form<Vec<(String, String)>>,
 ) -> Response {
     let run = async {
-        let field = |k: &str| pairs.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+        let field = |k: &str| {
+            pairs
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.as_str())
+        };
         viewer.check_csrf(field("csrf").unwrap_or(""))?;
         let action = field("action").unwrap_or("");
         if !matches!(action, "replay" | "discard") {

@@ -13,8 +13,8 @@
 
 use super::pages::{attempt_sub, map_sub};
 use super::{PageError, Viewer};
-use crate::service::Shared;
 use crate::edge::http::Activity;
+use crate::service::Shared;
 use axum::Extension;
 use axum::extract::ConnectInfo;
 use axum::extract::{Path, State};
@@ -128,10 +128,7 @@ async fn next(mut s: Live) -> Option<(Result<Event, std::convert::Infallible>, L
         };
         let update = Update {
             state: state.as_str(),
-            steps: rows
-                .iter()
-                .map(node_update)
-                .collect(),
+            steps: rows.iter().map(node_update).collect(),
         };
         s.last = Some(print);
         // A finished task: this is the last picture; `end` follows.
@@ -181,7 +178,10 @@ pub async fn events(
             return None;
         }
         if live.ended {
-            return Some((Ok(Event::default().event("end").data("finished")), (live, true)));
+            return Some((
+                Ok(Event::default().event("end").data("finished")),
+                (live, true),
+            ));
         }
         next(live).await.map(|(ev, l)| (ev, (l, false)))
     });

@@ -2,9 +2,7 @@
 //! task's or step's whole JSON values, queues, workers, templates.
 
 use super::dag::{self, Node};
-use super::{
-    PageError, PageResult, Viewer, badge, duration, json_block, layout, time, time_text,
-};
+use super::{PageError, PageResult, Viewer, badge, duration, json_block, layout, time, time_text};
 use crate::auth::Role;
 use crate::service::{self, Shared};
 use crate::store::console::TaskSearch;
@@ -53,7 +51,12 @@ pub fn parse_time(s: &str) -> Option<DateTime<Utc>> {
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
         return Some(t.with_timezone(&Utc));
     }
-    for f in ["%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M"] {
+    for f in [
+        "%Y-%m-%dT%H:%M:%S",
+        "%Y-%m-%dT%H:%M",
+        "%Y-%m-%d %H:%M:%S",
+        "%Y-%m-%d %H:%M",
+    ] {
         if let Ok(t) = NaiveDateTime::parse_from_str(s, f) {
             return Some(t.and_utc());
         }
@@ -98,11 +101,17 @@ pub fn search_of(
         }
     }
     let from = match given(&q.from) {
-        Some(f) => Some(parse_time(f).ok_or_else(|| format!("from: {f:?} is not a time (YYYY-MM-DDTHH:MM, UTC)"))?),
+        Some(f) => Some(
+            parse_time(f)
+                .ok_or_else(|| format!("from: {f:?} is not a time (YYYY-MM-DDTHH:MM, UTC)"))?,
+        ),
         None => None,
     };
     let to = match given(&q.to) {
-        Some(t) => Some(parse_time(t).ok_or_else(|| format!("to: {t:?} is not a time (YYYY-MM-DDTHH:MM, UTC)"))?),
+        Some(t) => Some(
+            parse_time(t)
+                .ok_or_else(|| format!("to: {t:?} is not a time (YYYY-MM-DDTHH:MM, UTC)"))?,
+        ),
         None => None,
     };
     if let (Some(f), Some(t)) = (from, to)
@@ -148,8 +157,14 @@ pub fn search_of(
                 ));
             }
             s.id_to = Some(id_bound(to, true));
-            if field.len() > 128 || value.len() > 1024 || field.contains('\0') || value.contains('\0') {
-                return Err("context field (128 bytes) or value (1024 bytes) too long, or has a NUL".into());
+            if field.len() > 128
+                || value.len() > 1024
+                || field.contains('\0')
+                || value.contains('\0')
+            {
+                return Err(
+                    "context field (128 bytes) or value (1024 bytes) too long, or has a NUL".into(),
+                );
             }
             s.context = Some((field.to_owned(), value.to_owned()));
         }
@@ -322,12 +337,7 @@ async fn tasks_page(shared: &Shared, viewer: &Viewer, q: &TasksQuery) -> PageRes
         search.template.as_deref(),
     )
     .await?;
-    let count_of = |st: TaskState| {
-        counts
-            .iter()
-            .find(|(s, _)| *s == st)
-            .map_or(0, |(_, n)| *n)
-    };
+    let count_of = |st: TaskState| counts.iter().find(|(s, _)| *s == st).map_or(0, |(_, n)| *n);
     let may_operate = viewer.who.has_role(Role::Operate);
     let body = html! {
         h1 { "Tasks" }
@@ -415,7 +425,12 @@ pub fn task_nodes(task: &TaskView) -> Vec<Node> {
                 .collect(),
             state: s.state.as_str().to_owned(),
             sub: node_sub(s),
-            href: s.child_task_id.map(|c| format!("/ui/tasks/{c}")),
+            // A child workflow's node opens the child task; any other jumps to its step's
+            // details below (so the graph is keyboard-usable: Tab to a node, Enter).
+            href: Some(match s.child_task_id {
+                Some(c) => format!("/ui/tasks/{c}"),
+                None => format!("#step-{}", s.name),
+            }),
             title: format!(
                 "{} ({}): {}{}",
                 s.name,
@@ -719,10 +734,18 @@ static LAST_RATES: std::sync::Mutex<Option<(std::time::Instant, PerOutcome)>> =
 pub fn counter_by(text: &str, name: &str) -> PerOutcome {
     let mut out = BTreeMap::new();
     for line in text.lines() {
-        let Some(rest) = line.strip_prefix(name) else { continue };
-        let Some(rest) = rest.strip_prefix('{') else { continue };
-        let Some((labels, value)) = rest.split_once("} ") else { continue };
-        let Ok(v) = value.trim().parse::<f64>() else { continue };
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let Some(rest) = rest.strip_prefix('{') else {
+            continue;
+        };
+        let Some((labels, value)) = rest.split_once("} ") else {
+            continue;
+        };
+        let Ok(v) = value.trim().parse::<f64>() else {
+            continue;
+        };
         let label = |k: &str| {
             labels
                 .split(',')
@@ -731,7 +754,8 @@ pub fn counter_by(text: &str, name: &str) -> PerOutcome {
                 .map(|(_, v)| v.trim_matches('"').to_owned())
                 .unwrap_or_default()
         };
-        *out.entry((label("namespace"), label("outcome"))).or_default() += v;
+        *out.entry((label("namespace"), label("outcome")))
+            .or_default() += v;
     }
     out
 }
@@ -751,11 +775,19 @@ pub async fn queues(State(shared): State<Shared>, viewer: Viewer) -> Response {
                 let secs = now.duration_since(*at).as_secs_f64().max(0.001);
                 let per_min = totals
                     .iter()
-                    .map(|(k, v)| (k.clone(), (v - prev.get(k).copied().unwrap_or(0.0)) / secs * 60.0))
+                    .map(|(k, v)| {
+                        (
+                            k.clone(),
+                            (v - prev.get(k).copied().unwrap_or(0.0)) / secs * 60.0,
+                        )
+                    })
                     .collect();
                 (secs, per_min)
             });
-            if last.as_ref().is_none_or(|(at, _)| now.duration_since(*at).as_secs() >= 10) {
+            if last
+                .as_ref()
+                .is_none_or(|(at, _)| now.duration_since(*at).as_secs() >= 10)
+            {
                 *last = Some((now, totals.clone()));
             }
             out
@@ -909,7 +941,9 @@ pub async fn template(
 ) -> Response {
     let run = async {
         if !viewer.who.sees(&namespace) {
-            return Err(PageError::not_found(format!("template {namespace}/{name} not found")));
+            return Err(PageError::not_found(format!(
+                "template {namespace}/{name} not found"
+            )));
         }
         let t = service::templates::find(&shared, &namespace, &name, q.version).await?;
         let versions: Vec<u32> = service::templates::list(&shared, &viewer.who, Some(&namespace))
@@ -933,7 +967,12 @@ pub async fn template(
             @if let Some(f) = &t.template.on_failure { p { "On failure: handler " code { (f.handler) } } }
             details { summary { "Definition" } (json_block(&yaml, "#")) }
         };
-        Ok(layout(&viewer, &format!("Template {namespace}/{name}"), "/ui/templates", body))
+        Ok(layout(
+            &viewer,
+            &format!("Template {namespace}/{name}"),
+            "/ui/templates",
+            body,
+        ))
     };
     match run.await {
         Ok(r) => r,
@@ -992,7 +1031,11 @@ mod tests {
         assert!(search_of(&x, None, now).is_err());
         let mut x = q();
         x.task = Some("nope".into());
-        assert!(search_of(&x, None, now).unwrap_err().contains("not a task id"));
+        assert!(
+            search_of(&x, None, now)
+                .unwrap_err()
+                .contains("not a task id")
+        );
         let mut x = q();
         x.from = Some("2026-12-02".into());
         x.to = Some("2026-12-01".into());
@@ -1022,7 +1065,10 @@ mod tests {
         let mut x = q();
         x.state = Some("failed".into());
         x.value = Some("a b&c".into());
-        assert_eq!(query_with_after(&x, "X"), "state=failed&value=a%20b%26c&after=X");
+        assert_eq!(
+            query_with_after(&x, "X"),
+            "state=failed&value=a%20b%26c&after=X"
+        );
     }
 
     #[test]

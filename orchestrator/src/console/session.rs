@@ -276,7 +276,9 @@ pub async fn login(
     let retry = |error: &str| {
         Redirect::to(&format!(
             "/ui/login?error={error}&next={}",
-            next.replace('%', "%25").replace('&', "%26").replace('#', "%23")
+            next.replace('%', "%25")
+                .replace('&', "%26")
+                .replace('#', "%23")
         ))
         .into_response()
     };
@@ -306,9 +308,12 @@ pub async fn login(
             }
             tracing::info!(actor = %who.actor, "console sign-in");
             let mut r = Redirect::to(&next).into_response();
-            if let Ok(v) =
-                HeaderValue::from_str(&set_cookie(&shared, SESSION_COOKIE, &id, SESSION_TTL_MS / 1000))
-            {
+            if let Ok(v) = HeaderValue::from_str(&set_cookie(
+                &shared,
+                SESSION_COOKIE,
+                &id,
+                SESSION_TTL_MS / 1000,
+            )) {
                 r.headers_mut().append(header::SET_COOKIE, v);
             }
             r
@@ -352,7 +357,10 @@ mod tests {
 
     #[test]
     fn only_console_paths_are_destinations() {
-        assert_eq!(safe_next(Some("/ui/tasks?state=failed")), "/ui/tasks?state=failed");
+        assert_eq!(
+            safe_next(Some("/ui/tasks?state=failed")),
+            "/ui/tasks?state=failed"
+        );
         assert_eq!(safe_next(Some("https://evil.example/")), "/ui/tasks");
         assert_eq!(safe_next(Some("//evil.example/ui/")), "/ui/tasks");
         assert_eq!(safe_next(Some("/ui//evil.example")), "/ui/tasks");
@@ -362,7 +370,10 @@ mod tests {
     #[test]
     fn cookies_are_read_by_name() {
         let mut h = HeaderMap::new();
-        h.insert(header::COOKIE, HeaderValue::from_static("a=1; tasker_session=abc; b=2"));
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; tasker_session=abc; b=2"),
+        );
         assert_eq!(cookie(&h, SESSION_COOKIE), Some("abc"));
         assert_eq!(cookie(&h, CSRF_COOKIE), None);
     }

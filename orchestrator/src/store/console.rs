@@ -69,7 +69,9 @@ pub async fn search(
                     .push_bind(template)
                     .push(" AND state = ")
                     .push_bind(*state);
-                q.push(" ORDER BY id DESC LIMIT ").push_bind(limit + 1).push(")");
+                q.push(" ORDER BY id DESC LIMIT ")
+                    .push_bind(limit + 1)
+                    .push(")");
             }
             q.push(") b");
         }
@@ -91,10 +93,14 @@ fn push_select(q: &mut QueryBuilder<Postgres>, f: &TaskSearch) {
          FROM tasks WHERE true",
     );
     if let Some(scope) = &f.scope {
-        q.push(" AND namespace = ANY(").push_bind(scope.clone()).push(")");
+        q.push(" AND namespace = ANY(")
+            .push_bind(scope.clone())
+            .push(")");
     }
     if let Some(list) = &f.namespace_in {
-        q.push(" AND namespace = ANY(").push_bind(list.clone()).push(")");
+        q.push(" AND namespace = ANY(")
+            .push_bind(list.clone())
+            .push(")");
     }
     if let Some(n) = &f.namespace {
         q.push(" AND namespace = ").push_bind(n.clone());
@@ -130,11 +136,11 @@ fn push_select(q: &mut QueryBuilder<Postgres>, f: &TaskSearch) {
 
 /// The (namespace, template name) pairs templates are registered under, sorted.
 pub async fn template_names(db: impl PgExecutor<'_>) -> Result<Vec<(String, String)>> {
-    Ok(sqlx::query_as(
-        "SELECT DISTINCT namespace, name FROM templates ORDER BY namespace, name",
+    Ok(
+        sqlx::query_as("SELECT DISTINCT namespace, name FROM templates ORDER BY namespace, name")
+            .fetch_all(db)
+            .await?,
     )
-    .fetch_all(db)
-    .await?)
 }
 
 /// Exact counts of live tasks (`pending`, `running`) by state, within the scope and the
@@ -198,10 +204,7 @@ pub struct NodeRow {
 }
 
 /// A task's state and its (top-level) steps' states; `None` for no such task.
-pub async fn nodes(
-    db: &sqlx::PgPool,
-    task: Uuid,
-) -> Result<Option<(TaskState, Vec<NodeRow>)>> {
+pub async fn nodes(db: &sqlx::PgPool, task: Uuid) -> Result<Option<(TaskState, Vec<NodeRow>)>> {
     let state: Option<TaskState> = sqlx::query_scalar("SELECT state FROM tasks WHERE id = $1")
         .bind(task)
         .fetch_optional(db)
@@ -308,8 +311,10 @@ pub async fn delete_session(db: impl PgExecutor<'_>, id_hash: &[u8]) -> Result<(
 
 /// A task's namespace (to check who may see it); `None` for no such task.
 pub async fn task_namespace(db: impl PgExecutor<'_>, task: Uuid) -> Result<Option<String>> {
-    Ok(sqlx::query_scalar("SELECT namespace FROM tasks WHERE id = $1")
-        .bind(task)
-        .fetch_optional(db)
-        .await?)
+    Ok(
+        sqlx::query_scalar("SELECT namespace FROM tasks WHERE id = $1")
+            .bind(task)
+            .fetch_optional(db)
+            .await?,
+    )
 }
