@@ -169,6 +169,9 @@ struct Args {
     /// Requests per page type of the console workload (smoke: 20).
     #[arg(long)]
     console_requests: Option<usize>,
+    /// Most seconds the console workload spends on one page type (fewer requests when slow).
+    #[arg(long, default_value_t = 120)]
+    console_page_secs: u64,
     /// Length of the prune workload (diamonds against a short retention), in seconds.
     #[arg(long)]
     prune_secs: Option<u64>,
@@ -241,6 +244,7 @@ impl Args {
                 .console_requests
                 .unwrap_or(if smoke { 20 } else { 200 })
                 .max(1),
+            page_budget: std::time::Duration::from_secs(self.console_page_secs),
         }
     }
 

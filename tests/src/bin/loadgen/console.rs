@@ -43,6 +43,9 @@ pub struct ConsoleSizes {
     pub running: usize,
     pub map_items: usize,
     pub requests: usize,
+    /// Most time spent on one page type: a slow page stops early (fewer samples, said in
+    /// its note) instead of holding the run for hours.
+    pub page_budget: Duration,
 }
 
 /// Distinct `customer` values of the seeded tasks (about finished / 10,000 tasks each).
@@ -136,10 +139,13 @@ pub async fn console(b: &Bench, s: &ConsoleSizes) -> Result<Vec<Row>> {
         .timeout(Duration::from_secs(30))
         .build()?;
     let base = format!("{}/ui", b.client.base_url().trim_end_matches('/'));
-    // A time range for the context filter: the last 7 days, less a minute of margin.
-    let from = (b.db_now().await? - chrono::Duration::days(7) + chrono::Duration::minutes(1))
-        .format("%Y-%m-%dT%H:%M")
-        .to_string();
+    // A time range for the context filter: the last 7 days less two minutes (taken at each
+    // request: the range must stay within 7 days however long the run takes).
+    let from = || {
+        (chrono::Utc::now() - chrono::Duration::days(7) + chrono::Duration::minutes(2))
+            .format("%Y-%m-%dT%H:%M")
+            .to_string()
+    };
     let dead_letters = http
         .get(format!("{base}/dead-letters"))
         .send()
@@ -171,7 +177,7 @@ pub async fn console(b: &Bench, s: &ConsoleSizes) -> Result<Vec<Row>> {
                 } else {
                     format!("c{}", rng.random_range(0..CUSTOMERS))
                 };
-                format!("/tasks?from={from}&field=customer&value={value}")
+                format!("/tasks?from={}&field=customer&value={value}", from())
             }),
         ),
         (
@@ -223,6 +229,9 @@ pub async fn console(b: &Bench, s: &ConsoleSizes) -> Result<Vec<Row>> {
         let started = Instant::now();
         let mut bytes = 0usize;
         for i in 0..s.requests {
+            if i > 0 && started.elapsed() > s.page_budget {
+                break;
+            }
             let path = pick(i, &mut rand::rng());
             let t = Instant::now();
             let resp = http
@@ -240,18 +249,25 @@ pub async fn console(b: &Bench, s: &ConsoleSizes) -> Result<Vec<Row>> {
             bytes += body.len();
         }
         let wall = started.elapsed();
+        let done = samples.len();
         let mut row = Row::new(format!("console-{page}"), "req/s").latencies(&samples);
-        row.tasks = s.requests as u64;
+        row.tasks = done as u64;
         row.wall_s = wall.as_secs_f64();
-        row.steps_per_s = Some(s.requests as f64 / wall.as_secs_f64());
+        row.steps_per_s = Some(done as f64 / wall.as_secs_f64());
         row.tasks_seeded = Some(s.finished);
         row.note(format!(
-            "{} requests one at a time, {:.0} KB per page on average; {} finished + {} running tasks",
-            s.requests,
-            bytes as f64 / s.requests.max(1) as f64 / 1024.0,
+            "{done} requests one at a time, {:.0} KB per page on average; {} finished + {} running tasks",
+            bytes as f64 / done.max(1) as f64 / 1024.0,
             s.finished,
             s.running
         ));
+        if done < s.requests {
+            row.note(format!(
+                "STOPPED after {done} of {} requests: the page budget of {} s ran out",
+                s.requests,
+                s.page_budget.as_secs()
+            ));
+        }
         if *page == "task-map" {
             row.note(format!("a mapped step of {} instances", s.map_items));
         }
@@ -264,6 +280,11 @@ pub async fn console(b: &Bench, s: &ConsoleSizes) -> Result<Vec<Row>> {
             ));
         }
         meter.fill(&mut row, 0);
+        eprintln!(
+            "loadgen: console-{page}: {done} requests, p50 {:.1} ms, p95 {:.1} ms",
+            row.p50_ms.unwrap_or(f64::NAN),
+            row.p95_ms.unwrap_or(f64::NAN)
+        );
         rows.push(row);
     }
     if !dead_letters {
