@@ -12,8 +12,14 @@
 //! - `retry_step`: a failed step retried from the page runs again and the task completes;
 //! - `replay_dead_letter`: a dead-lettered task request replayed from the dead-letter page
 //!   becomes a task;
-//! - `read_key`: a `read` key sees tasks but no action buttons;
-//! - `pages`: the queues, workers and templates pages render.
+//! - `pages`: the queues (with a step in flight), workers and templates pages, and a template's
+//!   DAG;
+//! - `read_key`: a `read` key sees tasks and dead letters but no action (and cannot open one).
+//!
+//! The driver is `fantoccini` (WebDriver over plain HTTP on loopback) with Debian's
+//! `chromium-driver`: far lighter to build than a DevTools client (`chromiumoxide` generates the
+//! whole protocol), and the WebDriver calls the suite needs (find, click, type, run a script,
+//! screenshot, cookies) are all there.
 //!
 //! A screenshot of each page is written under `target/console-screenshots/` (and one of the
 //! page where a test failed). It prints one JSON line on stdout: `{"config": "browser",
@@ -957,10 +963,17 @@ async fn cancel(w: &World<'_>) -> Result<()> {
     if state != TaskState::Cancelled {
         bail!("the page says cancelled, the API says {state:?}");
     }
-    // Who acted is in the history.
-    let history = w.web.find("#history").await?.text().await?;
-    if !history.contains("bootstrap") && !history.contains("cancel") {
-        bail!("the history does not show the cancel: {history:?}");
+    // Who acted is in the history (after a reload: the audit entry is not pushed live).
+    w.web.client.refresh().await?;
+    let mut audit = Vec::new();
+    for row in w.web.all("#history tr.audit").await? {
+        audit.push(row.text().await?);
+    }
+    if !audit
+        .iter()
+        .any(|a| a.contains("cancel") && a.contains("bootstrap"))
+    {
+        bail!("the history has no cancel by the bootstrap key: {audit:?}");
     }
     w.web.screenshot("task-cancelled").await?;
     Ok(())
