@@ -459,10 +459,7 @@ impl Web {
                 Ok(c) => break c,
                 Err(e) => {
                     if let Some(status) = driver.try_wait()? {
-                        bail!(
-                            "chromedriver exited ({status}): {e}; log {}",
-                            log.display()
-                        );
+                        bail!("chromedriver exited ({status}): {e}; log {}", log.display());
                     }
                     if Instant::now() > deadline {
                         let _ = driver.kill().await;
@@ -618,8 +615,7 @@ impl World<'_> {
                 Some(json!({"namespace": NAMESPACE, "template": template, "context": context})),
             )
             .await?;
-        serde_json::from_value(v["task_id"].clone())
-            .with_context(|| format!("submit answered {v}"))
+        serde_json::from_value(v["task_id"].clone()).with_context(|| format!("submit answered {v}"))
     }
 
     async fn state(&self, id: TaskId) -> Result<TaskState> {
@@ -667,9 +663,7 @@ impl World<'_> {
     async fn sign_in_with(&self, key: &str) -> Result<()> {
         let web = &self.web;
         web.open("/ui/login").await?;
-        let input = web
-            .find("#login-form input[name=key]")
-            .await?;
+        let input = web.find("#login-form input[name=key]").await?;
         input.clear().await?;
         input.send_keys(key).await?;
         web.find("#login-form button[type=submit]")
@@ -795,7 +789,10 @@ async fn sign_in(w: &World<'_>) -> Result<()> {
         .await?;
     for c in &cookies {
         if visible.as_str().unwrap_or("").contains(c.name()) {
-            bail!("cookie {} is readable from scripts (not HttpOnly)", c.name());
+            bail!(
+                "cookie {} is readable from scripts (not HttpOnly)",
+                c.name()
+            );
         }
     }
     let role = w.web.find("#role").await?.text().await?;
@@ -880,7 +877,9 @@ async fn filter_list(w: &World<'_>) -> Result<()> {
     let region = format!("r-{}", uuid::Uuid::now_v7().simple());
     let mut ours = Vec::new();
     for i in 0..3 {
-        let id = w.submit("diamond", json!({"region": region, "n": i})).await?;
+        let id = w
+            .submit("diamond", json!({"region": region, "n": i}))
+            .await?;
         ours.push(id.to_string());
     }
     let other = w
@@ -1067,8 +1066,8 @@ async fn replay_dead_letter(w: &World<'_>) -> Result<()> {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     };
-    let id = found
-        .ok_or_else(|| anyhow!("no task of {name} after the replay (outcome {outcome:?})"))?;
+    let id =
+        found.ok_or_else(|| anyhow!("no task of {name} after the replay (outcome {outcome:?})"))?;
     w.wait_state(id, TaskState::Completed).await?;
     Ok(())
 }
@@ -1144,7 +1143,11 @@ async fn read_key(w: &World<'_>) -> Result<()> {
     let failed = w.submit("flaky", json!({"case": "read"})).await?;
     w.wait_state(failed, TaskState::Failed).await?;
     // Sign out, then in with the read key.
-    w.web.find("#logout button[type=submit]").await?.click().await?;
+    w.web
+        .find("#logout button[type=submit]")
+        .await?
+        .click()
+        .await?;
     w.web
         .until("the sign-in page after signing out", || async {
             Ok(w.web.client.current_url().await?.path() == "/ui/login")
@@ -1201,7 +1204,10 @@ async fn read_key(w: &World<'_>) -> Result<()> {
             w.web.has(DEAD_LETTER_ROWS).await
         })
         .await?;
-    if w.web.has("#dl-replay, #dl-discard, #dl-bulk input[type=checkbox]").await? {
+    if w.web
+        .has("#dl-replay, #dl-discard, #dl-bulk input[type=checkbox]")
+        .await?
+    {
         bail!("a read key sees dead-letter actions");
     }
     w.gates.release(&gate);

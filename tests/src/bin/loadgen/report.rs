@@ -116,8 +116,8 @@ fn rate(v: Option<f64>) -> String {
 /// The readable table.
 pub fn table(rows: &[Row]) -> String {
     let header = [
-        "workload", "tasks", "steps", "wall_s", "rate", "unit", "p50", "p90", "p95", "p99", "max(ms)",
-        "rss_mb", "cpu_s", "pg_cpu", "mq_cpu", "lg_cpu", "target", "note",
+        "workload", "tasks", "steps", "wall_s", "rate", "unit", "p50", "p90", "p95", "p99",
+        "max(ms)", "rss_mb", "cpu_s", "pg_cpu", "mq_cpu", "lg_cpu", "target", "note",
     ];
     let mut cells: Vec<Vec<String>> = vec![header.iter().map(|s| (*s).to_owned()).collect()];
     for r in rows {
