@@ -6,9 +6,7 @@ use clap::{Args, Subcommand};
 use std::io::{self, BufRead, Write};
 use tasker_client::Client;
 use tasker_schemas::TaskState;
-use tasker_schemas::operate::{
-    BulkAction, BulkFilterBody, DeadLetterOutcomes, DeadLetterQuery,
-};
+use tasker_schemas::operate::{BulkAction, BulkFilterBody, DeadLetterOutcomes, DeadLetterQuery};
 
 /// The task filter of a bulk action (the task list's filters).
 #[derive(Args, Clone)]
@@ -137,7 +135,11 @@ fn print_outcomes(out: &mut impl Write, o: &DeadLetterOutcomes) -> Result<bool> 
     for r in &o.outcomes {
         all &= r.outcome != "refused";
         let task = r.task_id.map(|t| format!(" task {t}")).unwrap_or_default();
-        let msg = r.message.as_deref().map(|m| format!(": {m}")).unwrap_or_default();
+        let msg = r
+            .message
+            .as_deref()
+            .map(|m| format!(": {m}"))
+            .unwrap_or_default();
         writeln!(out, "{} {}{task}{msg}", r.id, r.outcome)?;
     }
     Ok(all)
@@ -189,7 +191,14 @@ pub async fn dead_letters(
                     .collect();
                 super::write_table(
                     out,
-                    &["ID", "RECEIVED", "KIND", "NAMESPACE", "ROUTING KEY", "REASON"],
+                    &[
+                        "ID",
+                        "RECEIVED",
+                        "KIND",
+                        "NAMESPACE",
+                        "ROUTING KEY",
+                        "REASON",
+                    ],
                     &[0],
                     &rows,
                 )?;

@@ -1523,7 +1523,11 @@ mod operate_tests {
             "a",
         )
         .unwrap_err();
-        assert!(e.0.contains("\"b\"") && e.0.contains("dispatched"), "{}", e.0);
+        assert!(
+            e.0.contains("\"b\"") && e.0.contains("dispatched"),
+            "{}",
+            e.0
+        );
         let e = plan_step_action(
             StepAction::Rerun,
             TaskState::Running,

@@ -74,7 +74,11 @@ async fn a_poison_task_request_is_recorded_and_replayed_through_submit() -> anyh
     assert_eq!(d.exchange, h.names().tasks_exchange());
     assert_eq!(d.namespace.as_deref(), Some("dl"));
     assert_eq!(d.task_id, Some(task_id));
-    assert!(d.headers.get("x-tasker-reason").is_some(), "{:?}", d.headers);
+    assert!(
+        d.headers.get("x-tasker-reason").is_some(),
+        "{:?}",
+        d.headers
+    );
     // Nothing is left in the queue: the table has it.
     assert_eq!(
         h.shared(0)
@@ -91,10 +95,20 @@ async fn a_poison_task_request_is_recorded_and_replayed_through_submit() -> anyh
     let out = c.dead_letter_action(false, &[d.id]).await?;
     assert_eq!(out.outcomes[0].outcome, "refused", "{out:?}");
     assert!(
-        out.outcomes[0].message.as_deref().unwrap_or("").contains("not found"),
+        out.outcomes[0]
+            .message
+            .as_deref()
+            .unwrap_or("")
+            .contains("not found"),
         "{out:?}"
     );
-    assert_eq!(c.dead_letters(&kind("task_request")).await?.dead_letters.len(), 1);
+    assert_eq!(
+        c.dead_letters(&kind("task_request"))
+            .await?
+            .dead_letters
+            .len(),
+        1
+    );
 
     // Once it is registered, the replay submits it: same task id and idempotency key.
     h.register_yaml(
@@ -107,7 +121,12 @@ async fn a_poison_task_request_is_recorded_and_replayed_through_submit() -> anyh
     let t = h.wait_submitted(task_id, Duration::from_secs(20)).await?;
     assert_eq!(t.state, TaskState::Completed);
     assert_eq!(t.idempotency_key.as_deref(), Some("order-7"));
-    assert!(c.dead_letters(&kind("task_request")).await?.dead_letters.is_empty());
+    assert!(
+        c.dead_letters(&kind("task_request"))
+            .await?
+            .dead_letters
+            .is_empty()
+    );
     let audit: Vec<String> = sqlx::query_scalar(
         "SELECT action FROM audit_log WHERE action LIKE 'dead_letter.%' ORDER BY id",
     )
@@ -217,16 +236,27 @@ async fn unreadable_dead_letters_are_bounded_filtered_paged_and_discarded() -> a
         .collect();
     assert_eq!(ids, ["m5", "m4", "m3"], "at most 3 rows, the newest");
     let d = &page.dead_letters[0];
-    assert_eq!((d.kind.as_str(), d.namespace.as_deref()), ("result", Some("dl")));
+    assert_eq!(
+        (d.kind.as_str(), d.namespace.as_deref()),
+        ("result", Some("dl"))
+    );
     assert_eq!(d.routing_key, "dl.0");
     assert_eq!(d.body_bytes, "not msgpack 5".len() as i64);
     let shown = c.dead_letter(d.id).await?;
     assert_eq!(shown.body, None);
-    let hex: String = "not msgpack 5".bytes().map(|b| format!("{b:02x}")).collect();
+    let hex: String = "not msgpack 5"
+        .bytes()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     assert_eq!(shown.body_hex.as_deref(), Some(hex.as_str()));
 
     // Filters and keyset pages.
-    assert!(c.dead_letters(&kind("task_request")).await?.dead_letters.is_empty());
+    assert!(
+        c.dead_letters(&kind("task_request"))
+            .await?
+            .dead_letters
+            .is_empty()
+    );
     let by_reason = DeadLetterQuery {
         reason: Some(d.reason[..d.reason.len().min(12)].to_owned()),
         ..Default::default()

@@ -115,7 +115,10 @@ async fn retry_step_rerun_and_mark_succeeded_move_states_and_run_the_task_again(
     // Retry the failed step: the task runs again, c (skipped by the failure) runs too, a not.
     k.broken.store(false, Ordering::SeqCst);
     let t = c.retry_step(id, "b").await?;
-    assert!(t.state.is_live() || t.state == TaskState::Completed, "{t:#?}");
+    assert!(
+        t.state.is_live() || t.state == TaskState::Completed,
+        "{t:#?}"
+    );
     let t = h.wait(id).await?;
     assert_eq!(t.state, TaskState::Completed, "{t:#?}");
     assert_eq!(step(&t, "b").attempt, 2, "attempt numbers only grow");
@@ -129,7 +132,10 @@ async fn retry_step_rerun_and_mark_succeeded_move_states_and_run_the_task_again(
     assert_eq!(t.state, TaskState::Completed, "{t:#?}");
     assert_eq!(step(&t, "b").attempt, 3);
     assert_eq!(step(&t, "c").output, Some(json!(2)));
-    assert_eq!((k.a.load(Ordering::SeqCst), k.c.load(Ordering::SeqCst)), (1, 2));
+    assert_eq!(
+        (k.a.load(Ordering::SeqCst), k.c.load(Ordering::SeqCst)),
+        (1, 2)
+    );
     assert_eq!(step(&t, "a").output, Some(json!(1)));
     // Rerun from the last step only.
     c.rerun(id, "c").await?;
@@ -138,7 +144,10 @@ async fn retry_step_rerun_and_mark_succeeded_move_states_and_run_the_task_again(
     assert_eq!(step(&t, "b").attempt, 3, "b is upstream of c: not rerun");
     assert_eq!(k.c.load(Ordering::SeqCst), 3);
     let kinds: Vec<&str> = t.events.iter().map(|e| e.kind.as_str()).collect();
-    assert!(kinds.contains(&"step_retried") && kinds.contains(&"rerun"), "{kinds:?}");
+    assert!(
+        kinds.contains(&"step_retried") && kinds.contains(&"rerun"),
+        "{kinds:?}"
+    );
     assert_eq!(
         audit_actions(&h, id).await?,
         ["step.retry", "step.rerun", "step.rerun"]
@@ -148,8 +157,7 @@ async fn retry_step_rerun_and_mark_succeeded_move_states_and_run_the_task_again(
     k.broken.store(true, Ordering::SeqCst);
     let failed = h.run("ops", "chain", json!({})).await?;
     assert_eq!(failed.state, TaskState::Failed);
-    let (status, _, message) =
-        api_error(c.mark_succeeded(failed.id, "a", json!({})).await);
+    let (status, _, message) = api_error(c.mark_succeeded(failed.id, "a", json!({})).await);
     assert_eq!(status, 409, "{message}");
     c.mark_succeeded(failed.id, "b", json!({"manual": true}))
         .await?;
@@ -159,10 +167,7 @@ async fn retry_step_rerun_and_mark_succeeded_move_states_and_run_the_task_again(
     assert_eq!(step(&t, "b").output, Some(json!({"manual": true})));
     assert_eq!(step(&t, "c").state, StepState::Succeeded);
     assert_eq!(k.c.load(Ordering::SeqCst), 4);
-    assert_eq!(
-        audit_actions(&h, failed.id).await?,
-        ["step.mark_succeeded"]
-    );
+    assert_eq!(audit_actions(&h, failed.id).await?, ["step.mark_succeeded"]);
     // A rerun refused while nothing is finished to rerun: a running task's waiting step.
     h.finish().await;
     Ok(())
@@ -190,7 +195,8 @@ async fn bulk_cancel_and_retry_act_on_the_confirmed_count_only() -> anyhow::Resu
     assert_eq!((count.count, count.max), (3, 10_000));
     // Another task arrives after the operator saw 3: the action is refused.
     ids.push(c.submit(&stuck_task()).await?.task_id);
-    let (status, code, message) = api_error(c.bulk(false, &BulkAction::new(filter.clone(), 3)).await);
+    let (status, code, message) =
+        api_error(c.bulk(false, &BulkAction::new(filter.clone(), 3)).await);
     assert_eq!((status, code.as_str()), (409, "bulk_refused"), "{message}");
     assert!(message.contains("4 tasks match now"), "{message}");
     for id in &ids {

@@ -7,12 +7,9 @@
 use super::outage_backoff;
 use crate::Result;
 use crate::broker::BrokerError;
-use crate::service::{ServiceError, Shared, dead_letters};
 use crate::service::dead_letters::DeadLetterOutcome;
+use crate::service::{ServiceError, Shared, dead_letters};
 use crate::store::dead_letters::{DeadLetterFull, DeadLetterRow, NewDeadLetter};
-use tasker_schemas::operate::{
-    DeadLetterList, DeadLetterOutcomeView, DeadLetterOutcomes, DeadLetterView,
-};
 use backon::Retryable;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
@@ -20,6 +17,9 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::{Map, Value, json};
 use tasker_schemas::message::HEADER_DEAD_LETTER_REASON;
+use tasker_schemas::operate::{
+    DeadLetterList, DeadLetterOutcomeView, DeadLetterOutcomes, DeadLetterView,
+};
 use tasker_schemas::{Names, StepMessage, TaskRequest, decode};
 use tokio_util::sync::CancellationToken;
 
@@ -237,7 +237,11 @@ pub fn view(r: DeadLetterRow) -> DeadLetterView {
 
 /// A page of dead letters.
 pub fn list_view(rows: Vec<DeadLetterRow>, more: bool) -> DeadLetterList {
-    let next_before = if more { rows.last().map(|r| r.id) } else { None };
+    let next_before = if more {
+        rows.last().map(|r| r.id)
+    } else {
+        None
+    };
     DeadLetterList {
         dead_letters: rows.into_iter().map(view).collect(),
         next_before,
@@ -282,7 +286,10 @@ mod tests {
     #[test]
     fn a_dead_letter_is_classified_by_envelope_then_death_queue_then_routing_key() {
         let n = Names::new("t");
-        assert_eq!(classify(&n, Some("task_request"), None, "x"), "task_request");
+        assert_eq!(
+            classify(&n, Some("task_request"), None, "x"),
+            "task_request"
+        );
         assert_eq!(classify(&n, Some("step"), None, "q"), "step");
         assert_eq!(classify(&n, Some("result_batch"), None, "shop.0"), "result");
         assert_eq!(classify(&n, Some("cancel"), None, ""), "other");
@@ -290,7 +297,10 @@ mod tests {
             classify(&n, None, Some("t.task_requests"), "shop"),
             "task_request"
         );
-        assert_eq!(classify(&n, None, Some("t.step.payments"), "payments"), "step");
+        assert_eq!(
+            classify(&n, None, Some("t.step.payments"), "payments"),
+            "step"
+        );
         assert_eq!(classify(&n, None, Some("t.results.3"), "shop.3"), "result");
         assert_eq!(classify(&n, None, None, "shop.0"), "result");
         assert_eq!(classify(&n, None, None, "shop"), "other");

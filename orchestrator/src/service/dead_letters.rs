@@ -163,7 +163,10 @@ async fn replay_one(shared: &Shared, who: &Principal, id: i64) -> Result<DeadLet
     if !may_operate(who, ns.as_deref()) {
         return Ok(DeadLetterOutcome::refused(
             id,
-            format!("{} may not replay it: the operate role is needed", who.actor),
+            format!(
+                "{} may not replay it: the operate role is needed",
+                who.actor
+            ),
         ));
     }
     if d.row.body_bytes as usize > d.body.len() {
@@ -283,7 +286,10 @@ pub async fn discard(
         if !may_operate(who, ns) {
             out.push(DeadLetterOutcome::refused(
                 id,
-                format!("{} may not discard it: the operate role is needed", who.actor),
+                format!(
+                    "{} may not discard it: the operate role is needed",
+                    who.actor
+                ),
             ));
             continue;
         }

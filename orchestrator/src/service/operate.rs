@@ -136,12 +136,13 @@ async fn step_action(
         failing: task.failing,
         cancel_requested: task.cancel_requested,
     };
-    let plan = transition::plan_step_action(action, task.state, now, &steps, step).map_err(
-        |r| ServiceError::ActionRefused {
-            task_id: id,
-            message: r.0,
-        },
-    )?;
+    let plan =
+        transition::plan_step_action(action, task.state, now, &steps, step).map_err(|r| {
+            ServiceError::ActionRefused {
+                task_id: id,
+                message: r.0,
+            }
+        })?;
     let written = store::write_plan(&mut tx, id, &plan, output.as_ref()).await?;
     let mut queues = written.queues;
     let resumed = crate::store::dynamic::recount_maps(&mut tx, &[id.0]).await?;
@@ -286,8 +287,7 @@ async fn bulk(
     for id in ids {
         let r = match action {
             BulkAction::Cancel => {
-                super::tasks::cancel(shared, who, id, Some("bulk cancel".into()))
-                    .await
+                super::tasks::cancel(shared, who, id, Some("bulk cancel".into())).await
             }
             BulkAction::Retry => super::tasks::retry(shared, who, id).await,
         };
