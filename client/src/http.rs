@@ -464,6 +464,156 @@ impl Client {
             .await
     }
 
+    /// `POST /v1/tasks/{id}/purge`: erases a finished task's context and outputs, keeping its
+    /// states and history (role `admin`).
+    pub async fn purge(&self, id: TaskId) -> Result<TaskView, ClientError> {
+        self.send(self.request(Method::POST, &format!("/v1/tasks/{id}/purge")))
+            .await
+    }
+
+    /// `POST /v1/keys`: a new API key with `role` over `namespaces` (`["*"]` = every
+    /// namespace). The answer holds the key itself, shown this once.
+    pub async fn create_key(
+        &self,
+        key: &tasker_schemas::api::CreateKey,
+    ) -> Result<tasker_schemas::api::CreatedKey, ClientError> {
+        self.send(self.request(Method::POST, "/v1/keys").json(key))
+            .await
+    }
+
+    /// `GET /v1/keys[?revoked=true]`: the keys (never the keys themselves), newest first.
+    pub async fn keys(&self, revoked: bool) -> Result<tasker_schemas::api::KeyList, ClientError> {
+        self.send(
+            self.request(Method::GET, "/v1/keys")
+                .query(&[("revoked", revoked)]),
+        )
+        .await
+    }
+
+    /// `POST /v1/keys/{id}/revoke`: the key is refused from then on.
+    pub async fn revoke_key(
+        &self,
+        id: uuid::Uuid,
+    ) -> Result<tasker_schemas::api::KeyView, ClientError> {
+        self.send(self.request(Method::POST, &format!("/v1/keys/{id}/revoke")))
+            .await
+    }
+
+    /// `GET /v1/audit`: the audit log, newest first, filtered.
+    pub async fn audit(
+        &self,
+        filter: &AuditQuery,
+    ) -> Result<tasker_schemas::api::AuditList, ClientError> {
+        self.send(self.request(Method::GET, "/v1/audit").query(filter))
+            .await
+    }
+
+    /// `GET /v1/namespaces`: the namespaces with settings.
+    pub async fn namespaces(&self) -> Result<tasker_schemas::api::NamespaceList, ClientError> {
+        self.send(self.request(Method::GET, "/v1/namespaces")).await
+    }
+
+    /// `PUT /v1/namespaces/{namespace}`: sets (or with `None` clears) its retention.
+    pub async fn set_retention(
+        &self,
+        namespace: &str,
+        retention_ms: Option<u64>,
+    ) -> Result<tasker_schemas::api::NamespaceView, ClientError> {
+        let body = tasker_schemas::api::SetNamespace { retention_ms };
+        self.send(
+            self.request(Method::PUT, &format!("/v1/namespaces/{namespace}"))
+                .json(&body),
+        )
+        .await
+    }
+
+    /// `POST /v1/tasks/{id}/steps/{step}/retry`: retries one failed step (role `operate`).
+    pub async fn retry_step(&self, id: TaskId, step: &str) -> Result<TaskView, ClientError> {
+        self.send(self.request(Method::POST, &format!("/v1/tasks/{id}/steps/{step}/retry")))
+            .await
+    }
+
+    /// `POST /v1/tasks/{id}/steps/{step}/rerun`: reruns from a step (it and everything that
+    /// depends on it).
+    pub async fn rerun(&self, id: TaskId, step: &str) -> Result<TaskView, ClientError> {
+        self.send(self.request(Method::POST, &format!("/v1/tasks/{id}/steps/{step}/rerun")))
+            .await
+    }
+
+    /// `POST /v1/tasks/{id}/steps/{step}/succeed`: marks a failed step succeeded with `output`.
+    pub async fn mark_succeeded(
+        &self,
+        id: TaskId,
+        step: &str,
+        output: serde_json::Value,
+    ) -> Result<TaskView, ClientError> {
+        let body = tasker_schemas::operate::SucceedStep { output };
+        self.send(
+            self.request(Method::POST, &format!("/v1/tasks/{id}/steps/{step}/succeed"))
+                .json(&body),
+        )
+        .await
+    }
+
+    /// `POST /v1/tasks/bulk/count`: how many tasks a filter matches.
+    pub async fn bulk_count(
+        &self,
+        filter: &tasker_schemas::operate::BulkFilterBody,
+    ) -> Result<tasker_schemas::operate::BulkCount, ClientError> {
+        self.send(self.request(Method::POST, "/v1/tasks/bulk/count").json(filter))
+            .await
+    }
+
+    /// `POST /v1/tasks/bulk/cancel` (`retry: false`) or `/retry`: acts on the tasks a filter
+    /// matches, refused when more match than `expected_count`.
+    pub async fn bulk(
+        &self,
+        retry: bool,
+        action: &tasker_schemas::operate::BulkAction,
+    ) -> Result<tasker_schemas::operate::BulkOutcomeView, ClientError> {
+        let path = if retry {
+            "/v1/tasks/bulk/retry"
+        } else {
+            "/v1/tasks/bulk/cancel"
+        };
+        self.send(self.request(Method::POST, path).json(action))
+            .await
+    }
+
+    /// `GET /v1/dead-letters`: a page of dead letters, newest first.
+    pub async fn dead_letters(
+        &self,
+        query: &tasker_schemas::operate::DeadLetterQuery,
+    ) -> Result<tasker_schemas::operate::DeadLetterList, ClientError> {
+        self.send(self.request(Method::GET, "/v1/dead-letters").query(query))
+            .await
+    }
+
+    /// `GET /v1/dead-letters/{id}`: one dead letter with its body.
+    pub async fn dead_letter(
+        &self,
+        id: i64,
+    ) -> Result<tasker_schemas::operate::DeadLetterView, ClientError> {
+        self.send(self.request(Method::GET, &format!("/v1/dead-letters/{id}")))
+            .await
+    }
+
+    /// `POST /v1/dead-letters/replay` (`discard: false`) or `/discard`.
+    pub async fn dead_letter_action(
+        &self,
+        discard: bool,
+        ids: &[i64],
+    ) -> Result<tasker_schemas::operate::DeadLetterOutcomes, ClientError> {
+        let path = if discard {
+            "/v1/dead-letters/discard"
+        } else {
+            "/v1/dead-letters/replay"
+        };
+        let body = tasker_schemas::operate::DeadLetterIds { ids: ids.to_vec() };
+        self.send(self.request(Method::POST, path).json(&body))
+            .await
+    }
+
     fn request(&self, method: Method, path: &str) -> RequestBuilder {
         let request = self
             .http
@@ -573,4 +723,19 @@ mod tests {
             serde_json::json!({"state": "running", "limit": 10})
         );
     }
+}
+
+/// Filters of [`Client::audit`] (all optional; `limit` 1 to 500, default 100).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct AuditQuery {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<TaskId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub before: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<i64>,
 }

@@ -60,7 +60,7 @@ pub mod http;
 pub mod publish;
 pub mod tls;
 
-pub use http::{Client, ClientBuilder, ClientError, ListTasks};
+pub use http::{AuditQuery, Client, ClientBuilder, ClientError, ListTasks};
 pub use publish::PublishError;
 
 /// The wire contract (ids, HTTP bodies, templates), re-exported so users need not depend on it

@@ -27,8 +27,19 @@ pub struct Config {
     pub prefix: String,
     /// Directory of `*.yaml` templates registered at start.
     pub templates_dir: Option<PathBuf>,
-    /// Bearer tokens accepted by the HTTP API; empty = no authentication (local use).
+    /// Bootstrap admin keys (bearer tokens with role `admin` over every namespace). When set,
+    /// every `/v1` request needs a key (these, or keys created with `tasker keys create`); empty
+    /// = no authentication (local use).
     pub api_keys: Vec<String>,
+    /// With authentication on, `/metrics` and `/ready` need a key too (any role).
+    pub protect_metrics: bool,
+    /// Audit log entries are kept this long, then pruned.
+    pub audit_retention_ms: u64,
+    /// Most rows of the `dead_letters` table; the oldest are deleted beyond it.
+    pub dead_letter_max_rows: u64,
+    /// Whether this orchestrator moves `{prefix}.dead_letters` into the `dead_letters` table
+    /// (off: the queue keeps its messages, for tools that read it directly).
+    pub dead_letter_reader: bool,
     /// Connections in the Postgres pool.
     pub db_pool_size: u32,
     /// Number of result queues (shards).
@@ -117,6 +128,10 @@ impl Default for Config {
             reconcile_interval_ms: 30_000,
             reconcile_quiet_ms: 10_000,
             retention_ms: 7 * 24 * 3600 * 1000,
+            protect_metrics: false,
+            audit_retention_ms: 400 * 24 * 3600 * 1000,
+            dead_letter_max_rows: 100_000,
+            dead_letter_reader: true,
             metrics_interval_ms: 10_000,
             otlp_endpoint: None,
         }
@@ -289,7 +304,15 @@ settings! {
     "TASKER_TEMPLATES_DIR" => templates_dir (path):
         "Directory of *.yaml, *.yml and *.json templates registered on start",
     "TASKER_API_KEYS" => api_keys (list):
-        "Comma-separated bearer tokens; when set, /v1 requires one (unset: no authentication)",
+        "Comma-separated bootstrap admin keys; when set, /v1 requires a key: one of these or one made with `tasker keys create` (unset: no authentication)",
+    "TASKER_PROTECT_METRICS" => protect_metrics (value):
+        "With keys set, /metrics and /ready need a key too (any role): true or false",
+    "TASKER_AUDIT_RETENTION_MS" => audit_retention_ms (value):
+        "Audit log entries are kept this long, then pruned (ms; default 400 days)",
+    "TASKER_DEAD_LETTER_MAX_ROWS" => dead_letter_max_rows (value):
+        "Most dead letters kept in the dead_letters table; the oldest are deleted beyond it",
+    "TASKER_DEAD_LETTER_READER" => dead_letter_reader (value):
+        "Move the dead-letter queue into the dead_letters table: true or false (false: the queue keeps its messages for tools that read it)",
     "TASKER_DB_POOL_SIZE" => db_pool_size (value): "Connections in the PostgreSQL pool",
     "TASKER_RESULT_SHARDS" => result_shards (value): "Number of result queues (shards)",
     "TASKER_RESULT_PREFETCH" => result_prefetch (value):
@@ -438,6 +461,11 @@ impl Config {
     pub fn http_request_timeout(&self) -> Option<Duration> {
         (self.http_request_timeout_ms > 0)
             .then(|| Duration::from_millis(self.http_request_timeout_ms))
+    }
+
+    /// Whether `/v1` requires a key: bootstrap keys are configured.
+    pub fn auth_enabled(&self) -> bool {
+        !self.api_keys.is_empty()
     }
 
     /// [`Config::http_idle_timeout_ms`] (`None`: no limit).

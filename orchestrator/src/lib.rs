@@ -7,10 +7,11 @@
 //!
 //! Modules (`ARCHITECTURE.md` at the repository root walks through them):
 //! - [`transition`]: every rule that decides a step's or task's fate, pure and unit-tested;
+//!   [`auth`]: who may do what (roles, namespace scopes), pure and unit-tested;
 //!   [`slots`]: the in-flight counters and their lock order;
 //! - [`store`]: SQL split by concern, guards only; [`broker`]: topology and confirmed publishing;
 //! - [`service`]: apply, admission, publish, tasks, templates, timers, reconcile;
-//! - [`edge`]: the HTTP API and the AMQP consumers; [`loops`]: the long-lived loops;
+//! - [`edge`]: the HTTP API and the AMQP consumers; [`console`]: the web console under `/ui`; [`loops`]: the long-lived loops;
 //! - [`config`]: settings from a file and `TASKER_*` variables; [`tls`]: certificates; [`metrics`];
 //! - [`startup`]: [`App::build`] and [`App::run_until_stopped`].
 //!
@@ -25,8 +26,10 @@
 //! # Ok(()) }
 //! ```
 
+pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod console;
 pub mod edge;
 pub mod error;
 pub mod loops;

@@ -12,6 +12,8 @@ use tasker_schemas::api::{MAX_TASK_PAGE, SubmitTask, TaskView};
 use tasker_schemas::{StepState, TaskId, TaskState};
 use tokio_util::sync::CancellationToken;
 
+mod cli_ops;
+
 #[derive(Parser)]
 #[command(
     name = "tasker",
@@ -184,6 +186,112 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// API keys: create (the key is printed once), list, revoke (role admin).
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// The audit log: who cancelled, retried, purged, registered templates, changed keys.
+    Audit {
+        /// Only entries about this task.
+        #[arg(long, value_name = "TASK_ID")]
+        task: Option<TaskId>,
+        /// Only entries of this namespace.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Only this action (e.g. task.cancel, key.create).
+        #[arg(long)]
+        action: Option<String>,
+        /// Most entries to print (1 to 500).
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Erase a finished task's context and outputs, keeping its states and history (role admin).
+    Purge {
+        /// Task id.
+        id: TaskId,
+    },
+    /// Per-namespace settings: list them, or set a namespace's retention.
+    #[command(subcommand)]
+    Namespaces(NamespacesCommand),
+    /// Retry one failed step of a task (role operate); the task runs again if it had failed.
+    RetryStep {
+        /// Task id.
+        id: TaskId,
+        /// Step name.
+        step: String,
+    },
+    /// Rerun a task from a step: it and every step that depends on it run again from scratch.
+    Rerun {
+        /// Task id.
+        id: TaskId,
+        /// Step name.
+        step: String,
+    },
+    /// Mark a failed step succeeded with an output; the steps after it proceed.
+    MarkSucceeded {
+        /// Task id.
+        id: TaskId,
+        /// Step name.
+        step: String,
+        /// The step's output (JSON).
+        #[arg(long, default_value = "null")]
+        output: String,
+    },
+    /// Cancel or retry every task a filter matches (the count is shown first).
+    #[command(subcommand)]
+    Bulk(cli_ops::BulkCommand),
+    /// Dead letters: list, show, replay, discard.
+    #[command(subcommand)]
+    DeadLetters(cli_ops::DeadLetterCommand),
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create a key; prints it once (it is stored hashed and cannot be shown again).
+    Create {
+        /// A namespace the key may act in (repeat for several); `*` for every namespace.
+        #[arg(long = "namespace", required = true, value_name = "NAMESPACE")]
+        namespaces: Vec<String>,
+        /// read, submit, operate or admin (each includes the ones before).
+        #[arg(long)]
+        role: String,
+        /// A label, shown in listings and the audit log.
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// List the keys (ids, names, roles, namespaces; never the keys themselves).
+    List {
+        /// Include revoked keys.
+        #[arg(long)]
+        revoked: bool,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a key: it is refused from then on.
+    Revoke {
+        /// The key's id (from `tasker keys list`).
+        id: uuid::Uuid,
+    },
+}
+
+#[derive(Subcommand)]
+enum NamespacesCommand {
+    /// List the namespaces that have settings.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set how long a namespace's finished tasks are kept (overrides TASKER_RETENTION_MS).
+    SetRetention {
+        /// Namespace.
+        namespace: String,
+        /// A duration: 500ms, 30s, 10m, 12h, 30d; `default` clears the override.
+        retention: String,
     },
 }
 
@@ -391,6 +499,165 @@ async fn run(cli: &Cli, out: &mut impl Write) -> Result<ExitCode> {
             }
         }
         Command::Schedule(cmd) => return schedule_command(&client()?, cmd, out).await,
+        Command::Keys(KeysCommand::Create {
+            namespaces,
+            role,
+            name,
+        }) => {
+            let created = client()?
+                .create_key(&tasker_schemas::api::CreateKey {
+                    name: name.clone(),
+                    role: role.clone(),
+                    namespaces: namespaces.clone(),
+                })
+                .await?;
+            writeln!(out, "{}", created.token)?;
+            writeln!(
+                io::stderr(),
+                "key {} ({} in {}): shown once, store it now",
+                created.key.id,
+                created.key.role,
+                created.key.namespaces.join(",")
+            )?;
+        }
+        Command::Keys(KeysCommand::List { revoked, json }) => {
+            let list = client()?.keys(*revoked).await?;
+            if *json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&list)?)?;
+            } else {
+                let rows: Vec<Vec<String>> = list
+                    .keys
+                    .iter()
+                    .map(|k| {
+                        vec![
+                            k.id.to_string(),
+                            k.name.clone(),
+                            k.role.clone(),
+                            k.namespaces.join(","),
+                            k.created_by.clone(),
+                            k.created_at.clone(),
+                            k.revoked_at.clone().unwrap_or_default(),
+                        ]
+                    })
+                    .collect();
+                write_table(
+                    out,
+                    &[
+                        "ID",
+                        "NAME",
+                        "ROLE",
+                        "NAMESPACES",
+                        "CREATED BY",
+                        "CREATED",
+                        "REVOKED",
+                    ],
+                    &[],
+                    &rows,
+                )?;
+            }
+        }
+        Command::Keys(KeysCommand::Revoke { id }) => {
+            let k = client()?.revoke_key(*id).await?;
+            writeln!(out, "revoked key {} ({})", k.id, k.role)?;
+        }
+        Command::Audit {
+            task,
+            namespace,
+            action,
+            limit,
+            json,
+        } => {
+            let list = client()?
+                .audit(&tasker_client::AuditQuery {
+                    task_id: *task,
+                    namespace: namespace.clone(),
+                    action: action.clone(),
+                    before: None,
+                    limit: Some(*limit),
+                })
+                .await?;
+            if *json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&list)?)?;
+            } else {
+                let rows: Vec<Vec<String>> = list
+                    .entries
+                    .iter()
+                    .map(|e| {
+                        vec![
+                            e.at.clone(),
+                            e.actor.clone(),
+                            e.action.clone(),
+                            e.namespace.clone().unwrap_or_default(),
+                            e.task_id.map(|t| t.to_string()).unwrap_or_default(),
+                            one_line(&e.detail.to_string(), 60),
+                        ]
+                    })
+                    .collect();
+                write_table(
+                    out,
+                    &["AT", "ACTOR", "ACTION", "NAMESPACE", "TASK", "DETAIL"],
+                    &[],
+                    &rows,
+                )?;
+            }
+        }
+        Command::Purge { id } => {
+            let task = client()?.purge(*id).await?;
+            writeln!(
+                out,
+                "purged task {} ({}): context and outputs erased at {}",
+                task.id,
+                task.state,
+                task.purged_at.as_deref().unwrap_or("?")
+            )?;
+        }
+        Command::Namespaces(NamespacesCommand::List { json }) => {
+            let list = client()?.namespaces().await?;
+            if *json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&list)?)?;
+            } else {
+                let rows: Vec<Vec<String>> = list
+                    .namespaces
+                    .iter()
+                    .map(|n| {
+                        vec![
+                            n.namespace.clone(),
+                            n.retention_ms
+                                .map_or("default".into(), |ms| format!("{ms} ms")),
+                            n.updated_at.clone(),
+                        ]
+                    })
+                    .collect();
+                write_table(out, &["NAMESPACE", "RETENTION", "UPDATED"], &[], &rows)?;
+            }
+        }
+        Command::Namespaces(NamespacesCommand::SetRetention {
+            namespace,
+            retention,
+        }) => {
+            let ms = if retention == "default" {
+                None
+            } else if let Some(days) = retention.strip_suffix('d') {
+                let days: u64 = days
+                    .parse()
+                    .with_context(|| format!("retention {retention:?}: expected e.g. 30d"))?;
+                Some(days.saturating_mul(24 * 3600 * 1000))
+            } else {
+                Some(
+                    tasker_schemas::template::parse_duration(retention)
+                        .map_err(|e| anyhow::anyhow!("retention: {e}"))?
+                        .0,
+                )
+            };
+            let n = client()?.set_retention(namespace, ms).await?;
+            writeln!(
+                out,
+                "{}: retention {}",
+                n.namespace,
+                n.retention_ms
+                    .map_or("default".into(), |ms| format!("{ms} ms"))
+            )?;
+        }
         Command::Workers { json } => {
             let list = client()?.workers().await?;
             if *json {
@@ -648,6 +915,24 @@ async fn run(cli: &Cli, out: &mut impl Write) -> Result<ExitCode> {
                 if let Some(next) = page.next {
                     writeln!(out, "(more: --after {next})")?;
                 }
+            }
+        }
+        Command::RetryStep { id, step } => {
+            print_task(out, &client()?.retry_step(*id, step).await?)?;
+        }
+        Command::Rerun { id, step } => {
+            print_task(out, &client()?.rerun(*id, step).await?)?;
+        }
+        Command::MarkSucceeded { id, step, output } => {
+            let output: serde_json::Value =
+                serde_json::from_str(output).context("--output must be JSON")?;
+            print_task(out, &client()?.mark_succeeded(*id, step, output).await?)?;
+        }
+        Command::Bulk(cmd) => cli_ops::bulk(&client()?, cmd, out).await?,
+        Command::DeadLetters(cmd) => {
+            if !cli_ops::dead_letters(&client()?, cmd, out).await? {
+                out.flush()?;
+                return Ok(ExitCode::FAILURE);
             }
         }
     }

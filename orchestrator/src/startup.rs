@@ -179,6 +179,14 @@ impl App {
                 addr: config.http_addr,
                 source,
             })?;
+        if !config.auth_enabled() && !config.http_addr.ip().is_loopback() {
+            tracing::warn!(
+                addr = %config.http_addr,
+                "the HTTP API listens beyond loopback without API keys: anyone who can reach it \
+                 can submit, cancel and register templates; set TASKER_API_KEYS (a bootstrap \
+                 admin key) and create scoped keys with `tasker keys create`"
+            );
+        }
         let traces = crate::telemetry::Traces::from_config(&config).map_err(Error::Telemetry)?;
         let (finished, _) = broadcast::channel(4096);
         let (confirms, confirm_rx) = tokio::sync::mpsc::channel(16 * 1024);
@@ -301,6 +309,14 @@ impl App {
             shutdown.clone(),
             move |stop| crate::edge::dead_steps::run_consumer(s.clone(), stop),
         ));
+        if shared.config.dead_letter_reader {
+            let s = shared.clone();
+            tracker.spawn(supervise(
+                "dead-letter reader",
+                shutdown.clone(),
+                move |stop| crate::edge::dead_letters::run_consumer(s.clone(), stop),
+            ));
+        }
         let s = shared.clone();
         tracker.spawn(supervise(
             "finish listener",
@@ -384,7 +400,12 @@ async fn load_templates_dir(shared: &Shared, dir: &Path) -> Result<()> {
     paths.sort();
     for path in paths {
         let template = templates::read_template_file(&path).map_err(Error::Templates)?;
-        let outcome = templates::register(shared, &template).await?;
+        let outcome = templates::register(
+            shared,
+            &crate::auth::Principal::system("templates_dir"),
+            &template,
+        )
+        .await?;
         tracing::info!(path = %path.display(), name = %template.name, version = template.version, ?outcome, "template loaded");
     }
     Ok(())

@@ -32,6 +32,9 @@
 //! | a signal is recorded, repeated (no-op) or refused (finished task, name nobody waits for) | [`accept_signal`] |
 //! | a delayed start: when the task starts (`run_at`, `delay`) | [`start_at`] |
 //! | a task deadline: which one applies, and the cancel it causes | [`deadline_ms`], [`deadline_exceeded`] |
+//! | operator actions on a step: retry it, rerun from it, mark it succeeded | [`plan_step_action`] |
+//! | a bulk action goes ahead only within the count the operator confirmed | [`bulk_allowed`] |
+//! | replaying a dead step message retries its step if its task still needs it | [`dead_step_replay`] |
 //!
 //! Attempt numbers only grow: admission is the only place that sets one (the current one plus
 //! one), and a report for any attempt other than the step's current dispatched one is stale.
@@ -979,6 +982,30 @@ pub fn retry_task(state: TaskState) -> Result<Move, Refused> {
     })
 }
 
+/// A purged task (its context and outputs erased) never runs again: retrying it, or rerunning
+/// any of its steps, is refused.
+pub fn may_run_again(state: TaskState, purged: bool) -> Result<(), Refused> {
+    if purged {
+        return Err(Refused {
+            state,
+            action: "running again after a purge (its context and outputs are erased)",
+        });
+    }
+    Ok(())
+}
+
+/// Purging a task (erasing its context and outputs, keeping states and history): only a
+/// finished one; a live task still needs its data.
+pub fn purge_task(state: TaskState) -> Result<(), Refused> {
+    if state.is_live() {
+        return Err(Refused {
+            state,
+            action: "purge",
+        });
+    }
+    Ok(())
+}
+
 /// A task about to finish `failed` runs its template's `on_failure` handler first, if it has
 /// one that has not run for this failure (the store knows): its step counts as unfinished, and
 /// the task finishes `failed` once it has run, whatever its result. Nothing else runs one.
@@ -1240,6 +1267,608 @@ pub fn admission(max_in_flight: i64, in_flight: i64, limit: i64) -> Admission {
     Admission {
         take: room.min(limit).max(0),
         bound_limits: room <= limit,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operator actions on one step (console, API, CLI): retry a failed step, rerun from a step, mark
+// a failed step succeeded; and the guard of bulk actions.
+// ---------------------------------------------------------------------------------------------
+
+/// A step of a task as an operator action sees it (mapped steps' instances apart: they are
+/// addressed through their mapped step).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpStep {
+    pub id: Uuid,
+    pub name: String,
+    pub state: StepState,
+    pub skip_cause: Option<SkipCause>,
+    pub child_ids: Vec<Uuid>,
+    /// A mapped step (`map:`).
+    pub mapped: bool,
+    /// A decision step (`decides:`).
+    pub decision: bool,
+    /// The task's `on_failure` handler step.
+    pub failure_handler: bool,
+}
+
+impl OpStep {
+    /// Stopped by its task's halt (skipped because the task failed, or cancelled): it runs
+    /// again when the task does.
+    fn halt_stopped(&self) -> bool {
+        self.state == StepState::Cancelled
+            || (self.state == StepState::Skipped && self.skip_cause == Some(SkipCause::Halted))
+    }
+}
+
+/// An operator action on one step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepAction {
+    /// Retry one failed step.
+    Retry,
+    /// Rerun from a step: it and everything that depends on it, transitively.
+    Rerun,
+    /// Mark a failed step succeeded with a given output.
+    MarkSucceeded,
+}
+
+impl StepAction {
+    /// The action's name in the audit log (and in refusals).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            StepAction::Retry => "step.retry",
+            StepAction::Rerun => "step.rerun",
+            StepAction::MarkSucceeded => "step.mark_succeeded",
+        }
+    }
+
+    /// The kind of the entry in the task's history.
+    pub const fn event(self) -> &'static str {
+        match self {
+            StepAction::Retry => "step_retried",
+            StepAction::Rerun => "rerun",
+            StepAction::MarkSucceeded => "step_marked_succeeded",
+        }
+    }
+}
+
+/// What an operator action on a step writes (the task runs again, un-halted, in any case).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StepActionPlan {
+    /// Steps that wait again as on a task retry: failures reset, attempt numbers kept, a mapped
+    /// step maps again over its failed, skipped and cancelled instances, a child-workflow step
+    /// retries the same child. The retried step and every step the task's halt stopped
+    /// (cancelled, or skipped because the task failed).
+    pub again: Vec<Uuid>,
+    /// Steps that wait again from scratch (rerun): outputs and errors dropped, a mapped step's
+    /// instances deleted (it expands again from its parent's new output), a child-workflow step
+    /// starts a new child task (the old one is left as it is), a decision decides again (the
+    /// branches it did not choose are among these steps and wait again).
+    pub fresh: Vec<Uuid>,
+    /// The step that succeeds with the operator's output (mark succeeded).
+    pub succeed: Option<Uuid>,
+}
+
+/// Why an operator action is refused, in words for the operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActionRefused(pub String);
+
+/// Decides an operator action on the step named `target` of a task in `state` (with its flags
+/// `task`, read under its lock), given its steps.
+///
+/// Rules (every action):
+/// - a task being cancelled (cancel requested, still running) is refused: it is about to end;
+/// - a task whose `on_failure` handler is running is refused: it is about to fail;
+/// - the step must exist (a mapped step's instances are not addressed on their own, nor is the
+///   `on_failure` handler);
+/// - no other step may stay failed: the task would still fail (refused, naming them: retry the
+///   task, or rerun from an earlier step);
+/// - the task runs again un-halted: every step its halt stopped (cancelled, or skipped because
+///   the task failed) waits again; steps a decision did not choose stay skipped (unless a rerun
+///   reaches them); the `on_failure` handler runs again if the task fails again.
+///
+/// Per action:
+/// - **retry** (`retry_step`): only a `failed` step. It waits again with its failures reset
+///   (as a task retry does: a mapped step maps again over its failed instances, a
+///   child-workflow step retries the same child task).
+/// - **rerun**: a finished step (succeeded, failed, cancelled, or skipped because its task
+///   failed) with no step downstream of it in flight (queued, dispatched, retrying, or running
+///   a child/its instances): it and every step that depends on it, transitively, wait again
+///   from scratch ([`StepActionPlan::fresh`]). A step a decision did not choose (or skipped
+///   because its parent was) is refused: rerun the decision. A step still waiting has nothing
+///   to rerun.
+/// - **mark succeeded**: only a `failed` step that is not a decision (a decision's success must
+///   name its branches: retry it instead). It succeeds with the operator's output and its
+///   children proceed.
+pub fn plan_step_action(
+    action: StepAction,
+    state: TaskState,
+    task: TaskNow,
+    steps: &[OpStep],
+    target: &str,
+) -> Result<StepActionPlan, ActionRefused> {
+    if state.is_live() && task.cancel_requested {
+        return Err(ActionRefused(format!(
+            "the task is being cancelled: {} is not possible",
+            action.as_str()
+        )));
+    }
+    if let Some(h) = steps
+        .iter()
+        .find(|s| s.failure_handler && !s.state.is_terminal())
+    {
+        return Err(ActionRefused(format!(
+            "the task's on_failure handler ({}) is {}: wait for the task to fail",
+            h.name, h.state
+        )));
+    }
+    let Some(t) = steps
+        .iter()
+        .find(|s| s.name == target && !s.failure_handler)
+    else {
+        return Err(ActionRefused(format!("the task has no step {target:?}")));
+    };
+    let mut fresh: Vec<Uuid> = Vec::new();
+    match action {
+        StepAction::Retry | StepAction::MarkSucceeded => {
+            if t.state != StepState::Failed {
+                return Err(ActionRefused(format!(
+                    "step {target:?} is {}: only a failed step can be {}",
+                    t.state,
+                    if action == StepAction::Retry {
+                        "retried"
+                    } else {
+                        "marked succeeded"
+                    }
+                )));
+            }
+            if action == StepAction::MarkSucceeded && t.decision {
+                return Err(ActionRefused(format!(
+                    "step {target:?} is a decision: its success must name its branches; retry it instead"
+                )));
+            }
+        }
+        StepAction::Rerun => {
+            match t.state {
+                StepState::Succeeded | StepState::Failed | StepState::Cancelled => {}
+                StepState::Skipped if t.skip_cause == Some(SkipCause::Halted) => {}
+                StepState::Skipped => {
+                    return Err(ActionRefused(format!(
+                        "step {target:?} was skipped by a decision (or after a skipped parent): rerun the decision instead"
+                    )));
+                }
+                s => {
+                    return Err(ActionRefused(format!(
+                        "step {target:?} is {s}: only a finished step can be rerun"
+                    )));
+                }
+            }
+            let by_id: HashMap<Uuid, &OpStep> = steps.iter().map(|s| (s.id, s)).collect();
+            let mut seen: std::collections::HashSet<Uuid> = Default::default();
+            let mut work = vec![t.id];
+            while let Some(id) = work.pop() {
+                if !seen.insert(id) {
+                    continue;
+                }
+                let Some(s) = by_id.get(&id) else { continue };
+                if s.id != t.id && !matches!(s.state, StepState::Waiting) && !s.state.is_terminal()
+                {
+                    return Err(ActionRefused(format!(
+                        "step {:?}, downstream of {target:?}, is {}: wait for it to finish (or cancel the task) before rerunning",
+                        s.name, s.state
+                    )));
+                }
+                fresh.push(id);
+                work.extend(s.child_ids.iter().copied());
+            }
+            fresh.sort();
+        }
+    }
+    let in_fresh = |id: &Uuid| fresh.binary_search(id).is_ok();
+    let still_failed: Vec<&str> = steps
+        .iter()
+        .filter(|s| {
+            s.state == StepState::Failed && !s.failure_handler && s.id != t.id && !in_fresh(&s.id)
+        })
+        .map(|s| s.name.as_str())
+        .collect();
+    if !still_failed.is_empty() {
+        return Err(ActionRefused(format!(
+            "other failed steps would still fail the task ({}): retry the task, or rerun from an earlier step",
+            still_failed.join(", ")
+        )));
+    }
+    let mut again: Vec<Uuid> = steps
+        .iter()
+        .filter(|s| !s.failure_handler && !in_fresh(&s.id) && s.halt_stopped())
+        .map(|s| s.id)
+        .collect();
+    let succeed = match action {
+        StepAction::Retry => {
+            again.push(t.id);
+            None
+        }
+        StepAction::MarkSucceeded => Some(t.id),
+        StepAction::Rerun => None,
+    };
+    again.sort();
+    Ok(StepActionPlan {
+        again,
+        fresh,
+        succeed,
+    })
+}
+
+/// What replaying a dead step message does: republishing the old message would be stale (its
+/// attempt was already recorded as failed by the dead step consumer), so the step itself is
+/// retried ([`plan_step_action`], [`StepAction::Retry`]) if its task still needs it: the step
+/// is `failed`. Otherwise nothing is needed and the dead letter is only removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeadStepReplay {
+    /// Retry the step (its task runs again if it had failed).
+    RetryStep,
+    /// Nothing to replay: the words say why.
+    NotNeeded(String),
+}
+
+/// [`DeadStepReplay`] for a step in `step` state (`None`: the task or the step is gone).
+pub fn dead_step_replay(task: Option<TaskState>, step: Option<StepState>) -> DeadStepReplay {
+    match (task, step) {
+        (None, _) => DeadStepReplay::NotNeeded("its task no longer exists".into()),
+        (Some(_), None) => DeadStepReplay::NotNeeded("its step no longer exists".into()),
+        (Some(_), Some(StepState::Failed)) => DeadStepReplay::RetryStep,
+        (Some(t), Some(s)) => DeadStepReplay::NotNeeded(format!(
+            "its step is {s} (task {t}): it moved on after its dead attempt"
+        )),
+    }
+}
+
+/// Most tasks one bulk action (cancel, retry) acts on; a filter matching more is refused
+/// (narrow it, e.g. by time range).
+pub const MAX_BULK_TASKS: u64 = 10_000;
+
+/// Whether a bulk action may go ahead: `seen` is the count the operator was shown (and
+/// confirmed), `now` the count matching the filter now (counted up to [`MAX_BULK_TASKS`] + 1).
+/// Rule: refused when more tasks match now than the operator saw (the filter caught tasks the
+/// operator did not confirm), or when more than [`MAX_BULK_TASKS`] match; fewer is fine (some
+/// finished or were acted on meanwhile): the action applies to those that match now.
+pub fn bulk_allowed(seen: u64, now: u64) -> Result<(), ActionRefused> {
+    if now > MAX_BULK_TASKS {
+        return Err(ActionRefused(format!(
+            "more than {MAX_BULK_TASKS} tasks match; narrow the filter (e.g. by time range)"
+        )));
+    }
+    if now > seen {
+        return Err(ActionRefused(format!(
+            "{now} tasks match now, more than the {seen} confirmed; count again and confirm the new number"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod operate_tests {
+    use super::*;
+
+    fn s(n: u128, name: &str, state: StepState, children: &[u128]) -> OpStep {
+        OpStep {
+            id: Uuid::from_u128(n),
+            name: name.into(),
+            state,
+            skip_cause: None,
+            child_ids: children.iter().map(|c| Uuid::from_u128(*c)).collect(),
+            mapped: false,
+            decision: false,
+            failure_handler: false,
+        }
+    }
+
+    fn halted(mut st: OpStep) -> OpStep {
+        st.skip_cause = Some(SkipCause::Halted);
+        st
+    }
+
+    fn ids(list: &[u128]) -> Vec<Uuid> {
+        list.iter().map(|n| Uuid::from_u128(*n)).collect()
+    }
+
+    /// a → b → c, d independent; b failed, c skipped by the halt, d cancelled.
+    fn failed_task() -> Vec<OpStep> {
+        vec![
+            s(1, "a", StepState::Succeeded, &[2]),
+            s(2, "b", StepState::Failed, &[3]),
+            halted(s(3, "c", StepState::Skipped, &[])),
+            s(4, "d", StepState::Cancelled, &[]),
+        ]
+    }
+
+    #[test]
+    fn retrying_a_failed_step_revives_what_the_halt_stopped() {
+        let plan = plan_step_action(
+            StepAction::Retry,
+            TaskState::Failed,
+            TaskNow::default(),
+            &failed_task(),
+            "b",
+        )
+        .unwrap();
+        assert_eq!(plan.again, ids(&[2, 3, 4]));
+        assert!(plan.fresh.is_empty());
+        assert_eq!(plan.succeed, None);
+        // Only a failed step.
+        let e = plan_step_action(
+            StepAction::Retry,
+            TaskState::Failed,
+            TaskNow::default(),
+            &failed_task(),
+            "a",
+        )
+        .unwrap_err();
+        assert!(e.0.contains("only a failed step"), "{}", e.0);
+    }
+
+    #[test]
+    fn another_failed_step_or_a_cancelling_task_refuses() {
+        let mut steps = failed_task();
+        steps[3].state = StepState::Failed;
+        let e = plan_step_action(
+            StepAction::Retry,
+            TaskState::Failed,
+            TaskNow::default(),
+            &steps,
+            "b",
+        )
+        .unwrap_err();
+        assert!(e.0.contains("(d)"), "{}", e.0);
+        let cancelling = TaskNow {
+            failing: false,
+            cancel_requested: true,
+        };
+        let e = plan_step_action(
+            StepAction::Retry,
+            TaskState::Running,
+            cancelling,
+            &failed_task(),
+            "b",
+        )
+        .unwrap_err();
+        assert!(e.0.contains("being cancelled"));
+        // A cancelled task (finished) may be acted on.
+        assert!(
+            plan_step_action(
+                StepAction::Retry,
+                TaskState::Cancelled,
+                cancelling,
+                &failed_task(),
+                "b"
+            )
+            .is_ok()
+        );
+        let e = plan_step_action(
+            StepAction::Retry,
+            TaskState::Failed,
+            TaskNow::default(),
+            &failed_task(),
+            "zz",
+        )
+        .unwrap_err();
+        assert!(e.0.contains("no step \"zz\""));
+    }
+
+    #[test]
+    fn rerun_resets_the_step_and_everything_downstream_from_scratch() {
+        // a → b → c, a → d; all succeeded; a task that completed.
+        let steps = vec![
+            s(1, "a", StepState::Succeeded, &[2, 4]),
+            s(2, "b", StepState::Succeeded, &[3]),
+            s(3, "c", StepState::Succeeded, &[]),
+            s(4, "d", StepState::Succeeded, &[]),
+            s(5, "e", StepState::Succeeded, &[]),
+        ];
+        let plan = plan_step_action(
+            StepAction::Rerun,
+            TaskState::Completed,
+            TaskNow::default(),
+            &steps,
+            "b",
+        )
+        .unwrap();
+        assert_eq!(plan.fresh, ids(&[2, 3]));
+        assert!(plan.again.is_empty());
+        let plan = plan_step_action(
+            StepAction::Rerun,
+            TaskState::Completed,
+            TaskNow::default(),
+            &steps,
+            "a",
+        )
+        .unwrap();
+        assert_eq!(plan.fresh, ids(&[1, 2, 3, 4]));
+    }
+
+    #[test]
+    fn rerun_from_a_failed_task_covers_its_failure_and_revives_the_rest() {
+        // Rerun from a (upstream of the failed b): b is in the rerun, d waits again.
+        let plan = plan_step_action(
+            StepAction::Rerun,
+            TaskState::Failed,
+            TaskNow::default(),
+            &failed_task(),
+            "a",
+        )
+        .unwrap();
+        assert_eq!(plan.fresh, ids(&[1, 2, 3]));
+        assert_eq!(plan.again, ids(&[4]));
+        // Rerun from d leaves b failed: refused.
+        let e = plan_step_action(
+            StepAction::Rerun,
+            TaskState::Failed,
+            TaskNow::default(),
+            &failed_task(),
+            "d",
+        )
+        .unwrap_err();
+        assert!(e.0.contains("(b)"), "{}", e.0);
+    }
+
+    #[test]
+    fn rerun_refuses_live_downstream_steps_and_unchosen_branches() {
+        let mut steps = vec![
+            s(1, "a", StepState::Succeeded, &[2]),
+            s(2, "b", StepState::Dispatched, &[]),
+            s(3, "c", StepState::Waiting, &[]),
+        ];
+        let e = plan_step_action(
+            StepAction::Rerun,
+            TaskState::Running,
+            TaskNow::default(),
+            &steps,
+            "a",
+        )
+        .unwrap_err();
+        assert!(
+            e.0.contains("\"b\"") && e.0.contains("dispatched"),
+            "{}",
+            e.0
+        );
+        let e = plan_step_action(
+            StepAction::Rerun,
+            TaskState::Running,
+            TaskNow::default(),
+            &steps,
+            "c",
+        )
+        .unwrap_err();
+        assert!(e.0.contains("only a finished step"));
+        steps[1].state = StepState::Skipped;
+        steps[1].skip_cause = Some(SkipCause::NotChosen);
+        let e = plan_step_action(
+            StepAction::Rerun,
+            TaskState::Completed,
+            TaskNow::default(),
+            &steps,
+            "b",
+        )
+        .unwrap_err();
+        assert!(e.0.contains("rerun the decision"));
+        // Rerunning the decision itself resets the unchosen branch too.
+        steps[0].decision = true;
+        let plan = plan_step_action(
+            StepAction::Rerun,
+            TaskState::Completed,
+            TaskNow::default(),
+            &steps,
+            "a",
+        )
+        .unwrap();
+        assert_eq!(plan.fresh, ids(&[1, 2]));
+    }
+
+    #[test]
+    fn mark_succeeded_takes_a_failed_step_that_is_not_a_decision() {
+        let plan = plan_step_action(
+            StepAction::MarkSucceeded,
+            TaskState::Failed,
+            TaskNow::default(),
+            &failed_task(),
+            "b",
+        )
+        .unwrap();
+        assert_eq!(plan.succeed, Some(Uuid::from_u128(2)));
+        assert_eq!(plan.again, ids(&[3, 4]));
+        let mut steps = failed_task();
+        steps[1].decision = true;
+        let e = plan_step_action(
+            StepAction::MarkSucceeded,
+            TaskState::Failed,
+            TaskNow::default(),
+            &steps,
+            "b",
+        )
+        .unwrap_err();
+        assert!(e.0.contains("decision"));
+        // A running, failing task (its halt under way) may be acted on.
+        let failing = TaskNow {
+            failing: true,
+            cancel_requested: false,
+        };
+        assert!(
+            plan_step_action(
+                StepAction::MarkSucceeded,
+                TaskState::Running,
+                failing,
+                &failed_task(),
+                "b"
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn the_failure_handler_is_neither_a_target_nor_a_blocker() {
+        let mut steps = failed_task();
+        let mut h = s(9, "b", StepState::Failed, &[]);
+        h.failure_handler = true;
+        steps.insert(0, h);
+        let plan = plan_step_action(
+            StepAction::Retry,
+            TaskState::Failed,
+            TaskNow::default(),
+            &steps,
+            "b",
+        )
+        .unwrap();
+        assert_eq!(plan.again, ids(&[2, 3, 4]));
+        // While it runs, nothing can be done.
+        steps[0].state = StepState::Dispatched;
+        let e = plan_step_action(
+            StepAction::Retry,
+            TaskState::Running,
+            TaskNow::default(),
+            &steps,
+            "b",
+        )
+        .unwrap_err();
+        assert!(e.0.contains("on_failure handler"), "{}", e.0);
+    }
+
+    #[test]
+    fn a_dead_step_is_replayed_as_a_retry_only_while_its_step_is_failed() {
+        assert_eq!(
+            dead_step_replay(Some(TaskState::Failed), Some(StepState::Failed)),
+            DeadStepReplay::RetryStep
+        );
+        for s in [
+            StepState::Succeeded,
+            StepState::Retrying,
+            StepState::Queued,
+            StepState::Cancelled,
+        ] {
+            assert!(matches!(
+                dead_step_replay(Some(TaskState::Running), Some(s)),
+                DeadStepReplay::NotNeeded(_)
+            ));
+        }
+        assert_eq!(
+            dead_step_replay(None, None),
+            DeadStepReplay::NotNeeded("its task no longer exists".into())
+        );
+        assert!(matches!(
+            dead_step_replay(Some(TaskState::Completed), None),
+            DeadStepReplay::NotNeeded(_)
+        ));
+    }
+
+    #[test]
+    fn a_bulk_action_refuses_more_than_was_confirmed_or_the_cap() {
+        assert!(bulk_allowed(10, 10).is_ok());
+        assert!(bulk_allowed(10, 7).is_ok());
+        assert!(bulk_allowed(0, 0).is_ok());
+        let e = bulk_allowed(10, 11).unwrap_err();
+        assert!(e.0.contains("11 tasks match now"), "{}", e.0);
+        assert!(bulk_allowed(MAX_BULK_TASKS, MAX_BULK_TASKS).is_ok());
+        let e = bulk_allowed(MAX_BULK_TASKS + 5, MAX_BULK_TASKS + 1).unwrap_err();
+        assert!(e.0.contains("narrow the filter"));
     }
 }
 
@@ -2510,5 +3139,27 @@ mod tests {
             "{e}"
         );
         assert!(task_output_refused(i64::MAX, usize::MAX).is_none());
+    }
+}
+
+#[cfg(test)]
+mod tenancy_tests {
+    use super::*;
+
+    #[test]
+    fn only_finished_tasks_are_purged() {
+        for state in [TaskState::Pending, TaskState::Running] {
+            assert_eq!(purge_task(state).unwrap_err().action, "purge");
+        }
+        for state in [TaskState::Completed, TaskState::Failed, TaskState::Cancelled] {
+            assert!(purge_task(state).is_ok());
+        }
+    }
+
+    #[test]
+    fn purged_tasks_never_run_again() {
+        assert!(may_run_again(TaskState::Failed, false).is_ok());
+        let r = may_run_again(TaskState::Failed, true).unwrap_err();
+        assert!(r.action.contains("purge"));
     }
 }

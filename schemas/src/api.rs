@@ -169,6 +169,9 @@ pub struct TaskView {
     /// A task with a deadline: when it is cancelled if still live (RFC 3339 UTC).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_at: Option<String>,
+    /// When the task's context and outputs were erased (`tasker purge`); absent if never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purged_at: Option<String>,
 }
 
 /// The step a child workflow's task runs for.
@@ -449,4 +452,105 @@ pub struct ScheduleRun {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ScheduleList {
     pub schedules: Vec<ScheduleView>,
+}
+
+/// `POST /v1/keys`: a new API key. `namespaces` lists the namespaces it may act in, or is
+/// `["*"]` for every namespace; `role` is `read`, `submit`, `operate` or `admin`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateKey {
+    #[serde(default)]
+    pub name: String,
+    pub role: String,
+    pub namespaces: Vec<String>,
+}
+
+/// An API key as listed (never the key itself).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyView {
+    pub id: uuid::Uuid,
+    pub name: String,
+    pub role: String,
+    /// `["*"]` = every namespace.
+    pub namespaces: Vec<String>,
+    pub created_at: String,
+    pub created_by: String,
+    pub revoked_at: Option<String>,
+    pub revoked_by: Option<String>,
+}
+
+/// The answer to `POST /v1/keys`: the key (`token`) is shown here once and never again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreatedKey {
+    pub key: KeyView,
+    pub token: String,
+}
+
+/// `GET /v1/keys`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyList {
+    pub keys: Vec<KeyView>,
+}
+
+/// One entry of the audit log: who (`actor`, `key_id`) did which `action` when, on what.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub id: i64,
+    pub at: String,
+    pub actor: String,
+    pub key_id: Option<uuid::Uuid>,
+    /// `task.cancel`, `task.retry`, `task.purge`, `template.register`, `key.create`,
+    /// `key.revoke`, `namespace.retention`, and the console's actions.
+    pub action: String,
+    pub namespace: Option<String>,
+    pub task_id: Option<TaskId>,
+    pub detail: Value,
+}
+
+/// `GET /v1/audit`: newest first; `next_before` pages on (`?before=`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuditList {
+    pub entries: Vec<AuditEntry>,
+    pub next_before: Option<i64>,
+}
+
+/// A namespace's settings (`GET /v1/namespaces`, `PUT /v1/namespaces/{namespace}`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamespaceView {
+    pub namespace: String,
+    /// Finished tasks of this namespace are kept this long (ms); `null` = the global retention.
+    pub retention_ms: Option<u64>,
+    pub updated_at: String,
+}
+
+/// `PUT /v1/namespaces/{namespace}`: `retention_ms` null clears the override.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetNamespace {
+    pub retention_ms: Option<u64>,
+}
+
+/// `GET /v1/namespaces`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamespaceList {
+    pub namespaces: Vec<NamespaceView>,
+}
+
+/// A task request over AMQP asks for what a `POST /v1/tasks` body asks for (its `request_id`
+/// aside).
+impl From<crate::TaskRequest> for SubmitTask {
+    fn from(req: crate::TaskRequest) -> Self {
+        SubmitTask {
+            namespace: req.namespace,
+            template: req.template,
+            version: req.version,
+            context: req.context,
+            idempotency_key: req.idempotency_key,
+            priority: req.priority,
+            task_id: req.task_id,
+            run_at: req.run_at,
+            delay: req.delay_ms.map(crate::Millis),
+            deadline: req.deadline_ms.map(crate::Millis),
+        }
+    }
 }

@@ -23,6 +23,7 @@ pub mod api;
 pub mod data;
 pub mod ids;
 pub mod message;
+pub mod operate;
 pub mod state;
 pub mod template;
 pub mod topology;

@@ -418,6 +418,9 @@ impl Harness {
             relay_after_ms: 1_000,
             handler_missing_delay_ms: 200,
             shutdown_grace_ms: 3_000,
+            // Tests read the dead-letter queue itself; tests of the dead_letters table turn the
+            // reader on.
+            dead_letter_reader: false,
             ..Config::default()
         };
         (self.configure)(&mut c);
@@ -433,14 +436,20 @@ impl Harness {
     /// config has a certificate: the harness's [`Orchestrator::client`] then trusts only the
     /// platform's CAs, so build a client with [`Client::builder`] and the test's CA).
     pub async fn start_orchestrator_with(&self, config: Config) -> Result<String> {
+        let config_keys = config.api_keys.clone();
         let app = App::build(config).await?;
         let http_url = app.http_url();
         let shared = app.shared().clone();
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(app.run_until_stopped(shutdown.clone()));
+        // With keys configured, the harness's client uses the first (a bootstrap admin key).
+        let client = match config_keys.first() {
+            Some(key) => Client::builder(&http_url).api_key(key.clone()).build()?,
+            None => Client::new(&http_url),
+        };
         let o = Orchestrator {
             shared,
-            client: Client::new(&http_url),
+            client,
             http_url: http_url.clone(),
             shutdown,
             handle,
@@ -452,6 +461,11 @@ impl Harness {
     /// Removes the orchestrator `index` from the harness (to stop or kill it).
     pub fn take_orchestrator(&self, index: usize) -> Orchestrator {
         lock(&self.orchestrators).remove(index)
+    }
+
+    /// The HTTP URL of orchestrator `index`.
+    pub fn http_url(&self, index: usize) -> String {
+        lock(&self.orchestrators)[index].http_url.clone()
     }
 
     /// A client for the first orchestrator.

@@ -18,6 +18,7 @@
 //! and a failed handshake is logged at debug level and the connection dropped.
 
 use super::views;
+use crate::auth::{Principal, Role};
 use crate::service::{self, ServiceError, Shared};
 use crate::store::{self, templates::Registered, views::ListFilter};
 use axum::extract::connect_info::{ConnectInfo, Connected};
@@ -73,13 +74,37 @@ pub fn router(shared: Shared) -> Router {
         )
         .route("/schedules/{id}/pause", post(pause_schedule))
         .route("/schedules/{id}/resume", post(resume_schedule))
+        .route("/tasks/{id}/steps/{step}/retry", post(retry_step))
+        .route("/tasks/{id}/steps/{step}/rerun", post(rerun_step))
+        .route("/tasks/{id}/steps/{step}/succeed", post(succeed_step))
+        .route("/tasks/bulk/count", post(bulk_count))
+        .route("/tasks/bulk/cancel", post(bulk_cancel))
+        .route("/tasks/bulk/retry", post(bulk_retry))
+        .route("/dead-letters", get(list_dead_letters))
+        .route("/dead-letters/replay", post(replay_dead_letters))
+        .route("/dead-letters/discard", post(discard_dead_letters))
+        .route("/dead-letters/{id}", get(show_dead_letter))
+        .route("/tasks/{id}/purge", post(purge_task))
+        .route("/keys", post(create_key).get(list_keys))
+        .route("/keys/{id}/revoke", post(revoke_key))
+        .route("/audit", get(list_audit))
+        .route("/namespaces", get(list_namespaces))
+        .route("/namespaces/{namespace}", axum::routing::put(set_namespace))
         .route_layer(middleware::from_fn_with_state(shared.clone(), authenticate))
         .method_not_allowed_fallback(method_not_allowed);
     Router::new()
         .nest("/v1", v1)
+        .nest("/ui", crate::console::router())
         .route("/health", get(|| async { "ok" }))
-        .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
+        .merge(
+            Router::new()
+                .route("/ready", get(ready))
+                .route("/metrics", get(metrics))
+                .route_layer(middleware::from_fn_with_state(
+                    shared.clone(),
+                    protect_metrics,
+                )),
+        )
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .layer(Extension(long_polls))
@@ -157,10 +182,16 @@ impl From<ServiceError> for ApiError {
             ServiceError::Data(_) | ServiceError::InvalidRequest(_) => {
                 (StatusCode::BAD_REQUEST, "invalid_request")
             }
-            ServiceError::InvalidState { .. } => (StatusCode::CONFLICT, "invalid_state"),
             ServiceError::ScheduleNotFound(_) => (StatusCode::NOT_FOUND, "schedule_not_found"),
             ServiceError::ScheduleConflict { .. } => (StatusCode::CONFLICT, "schedule_conflict"),
             ServiceError::SignalRefused(_) => (StatusCode::CONFLICT, "signal_refused"),
+            ServiceError::InvalidState { .. } | ServiceError::ActionRefused { .. } => {
+                (StatusCode::CONFLICT, "invalid_state")
+            }
+            ServiceError::BulkRefused { .. } => (StatusCode::CONFLICT, "bulk_refused"),
+            ServiceError::DeadLetterNotFound(_) => (StatusCode::NOT_FOUND, "dead_letter_not_found"),
+            ServiceError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ServiceError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             e if e.is_retryable() => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
@@ -322,43 +353,61 @@ fn long_poll_wait(req: &Request) -> Duration {
 
 type ApiResult<T> = Result<T, ApiError>;
 
-async fn authenticate(State(shared): State<Shared>, req: Request, next: Next) -> Response {
-    if shared.config.api_keys.is_empty() {
-        return next.run(req).await;
-    }
-    let token = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match token {
-        Some(t)
-            if shared
-                .config
-                .api_keys
-                .iter()
-                .any(|k| constant_time_eq(k.as_bytes(), t.as_bytes())) =>
-        {
+/// Puts the request's [`Principal`] on it: with authentication off, [`Principal::anonymous`];
+/// otherwise the bearer key's (401 without a known, unrevoked key).
+async fn authenticate(State(shared): State<Shared>, mut req: Request, next: Next) -> Response {
+    match principal_of(&shared, req.headers()).await {
+        Ok(who) => {
+            req.extensions_mut().insert(who);
             next.run(req).await
         }
-        _ => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "a valid bearer token is required",
-        )
-        .into_response(),
+        Err(e) => ApiError::from(e).into_response(),
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// `/metrics` and `/ready` need a key (any role) when `TASKER_PROTECT_METRICS` is on.
+async fn protect_metrics(State(shared): State<Shared>, req: Request, next: Next) -> Response {
+    if shared.config.protect_metrics {
+        if let Err(e) = principal_of(&shared, req.headers()).await {
+            return ApiError::from(e).into_response();
+        }
+    }
+    next.run(req).await
 }
+
+/// Who sent a request, from its `Authorization: Bearer <key>` header.
+pub async fn principal_of(
+    shared: &Shared,
+    headers: &axum::http::HeaderMap,
+) -> Result<Principal, ServiceError> {
+    if !shared.config.auth_enabled() {
+        return Ok(Principal::anonymous());
+    }
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| {
+            ServiceError::Unauthorized(
+                "an API key is required: send `Authorization: Bearer <key>`".into(),
+            )
+        })?;
+    if token.len() > MAX_TOKEN_LEN {
+        return Err(ServiceError::Unauthorized("unknown API key".into()));
+    }
+    service::keys::authenticate(shared, token).await
+}
+
+/// Longer bearer tokens are refused without a lookup.
+const MAX_TOKEN_LEN: usize = 512;
 
 async fn register_template(
     State(shared): State<Shared>,
+    Extension(who): Extension<Principal>,
     ApiJson(template): ApiJson<Template>,
 ) -> ApiResult<(StatusCode, Json<RegisterResponse>)> {
-    let outcome = service::templates::register(&shared, &template).await?;
+    let outcome = service::templates::register(&shared, &who, &template).await?;
     let status = if outcome == Registered::Created {
         StatusCode::CREATED
     } else {
@@ -395,9 +444,10 @@ fn template_view(t: &store::templates::StoredTemplate, full: bool) -> TemplateVi
 
 async fn list_templates(
     State(shared): State<Shared>,
+    Extension(who): Extension<Principal>,
     ApiQuery(q): ApiQuery<TemplateQuery>,
 ) -> ApiResult<Json<Vec<TemplateView>>> {
-    let all = service::templates::list(&shared, q.namespace.as_deref()).await?;
+    let all = service::templates::list(&shared, &who, q.namespace.as_deref()).await?;
     Ok(Json(all.iter().map(|t| template_view(t, false)).collect()))
 }
 
@@ -412,15 +462,19 @@ async fn list_workers(
 
 async fn show_template(
     State(shared): State<Shared>,
+    Extension(who): Extension<Principal>,
     ApiPath((namespace, name)): ApiPath<(String, String)>,
     ApiQuery(q): ApiQuery<TemplateQuery>,
 ) -> ApiResult<Json<TemplateView>> {
+    service::name_arg("namespace", &namespace)?;
+    service::keys::require(&who, Role::Read, &namespace, "read templates")?;
     let t = service::templates::find(&shared, &namespace, &name, q.version).await?;
     Ok(Json(template_view(&t, true)))
 }
 
 async fn submit_task(
     State(shared): State<Shared>,
+    Extension(who): Extension<Principal>,
     headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<SubmitTask>,
 ) -> ApiResult<(StatusCode, Json<SubmitResponse>)> {
@@ -428,7 +482,7 @@ async fn submit_task(
     let traceparent = headers
         .get(tasker_schemas::message::HEADER_TRACEPARENT)
         .and_then(|v| v.to_str().ok());
-    let created = service::tasks::submit_traced(&shared, &req, None, traceparent).await?;
+    let created = service::tasks::submit_traced(&shared, &who, &req, None, traceparent).await?;
     let status = if created.created {
         StatusCode::CREATED
     } else {
@@ -458,11 +512,14 @@ struct LongPolls(Arc<Semaphore>);
 
 async fn show_task(
     State(shared): State<Shared>,
+    Extension(who): Extension<Principal>,
     Extension(long_polls): Extension<LongPolls>,
     ApiPath(id): ApiPath<String>,
     ApiQuery(q): ApiQuery<ShowQuery>,
 ) -> ApiResult<Json<tasker_schemas::api::TaskView>> {
     let id = parse_task_id(&id)?;
+    // Refused before any wait: a key outside the task's namespace learns nothing by waiting.
+    service::tasks::authorize(&shared, &who, id, Role::Read, "read tasks").await?;
     let wait = Duration::from_millis(q.wait_ms.unwrap_or(0)).min(MAX_WAIT);
     // Over the cap, a long-poll answers at once with the task as it is (which the contract
     // allows: a caller asks again until the task is finished).
@@ -492,7 +549,7 @@ async fn show_task(
         }
     }
     Ok(Json(views::task_view(
-        service::tasks::detail(&shared, id).await?,
+        service::tasks::detail(&shared, &who, id).await?,
     )))
 }
 
@@ -513,25 +570,27 @@ struct CancelBody {
 
 async fn cancel_task(
     State(shared): State<Shared>,
+    Extension(who): Extension<Principal>,
     ApiPath(id): ApiPath<String>,
     body: Option<ApiJson<CancelBody>>,
 ) -> ApiResult<Json<tasker_schemas::api::TaskView>> {
     let id = parse_task_id(&id)?;
     let reason = body.and_then(|ApiJson(b)| b.reason);
-    service::tasks::cancel(&shared, id, reason).await?;
+    service::tasks::cancel(&shared, &who, id, reason).await?;
     Ok(Json(views::task_view(
-        service::tasks::detail(&shared, id).await?,
+        service::tasks::detail(&shared, &who, id).await?,
     )))
 }
 
 async fn retry_task(
     State(shared): State<Shared>,
+    Extension(who): Extension<Principal>,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<tasker_schemas::api::TaskView>> {
     let id = parse_task_id(&id)?;
-    service::tasks::retry(&shared, id).await?;
+    service::tasks::retry(&shared, &who, id).await?;
     Ok(Json(views::task_view(
-        service::tasks::detail(&shared, id).await?,
+        service::tasks::detail(&shared, &who, id).await?,
     )))
 }
 
@@ -566,6 +625,7 @@ const MAX_INSTANCES_PAGE: i64 = 500;
 /// message.
 async fn list_instances(
     State(shared): State<Shared>,
+    Extension(who): Extension<Principal>,
     ApiPath((id, step)): ApiPath<(String, String)>,
     ApiQuery(q): ApiQuery<InstancesQuery>,
 ) -> ApiResult<Json<tasker_schemas::api::InstanceList>> {
@@ -579,7 +639,7 @@ async fn list_instances(
         ));
     }
     let after = q.after.map(|a| a.min(i32::MAX as u32) as i32);
-    let (rows, more) = service::tasks::instances(&shared, id, &step, after, limit).await?;
+    let (rows, more) = service::tasks::instances(&shared, &who, id, &step, after, limit).await?;
     Ok(Json(views::instance_list(rows, more)))
 }
 
@@ -596,6 +656,7 @@ struct ListQuery {
 /// [`MAX_TASK_PAGE`], default 50.
 async fn list_tasks(
     State(shared): State<Shared>,
+    Extension(who): Extension<Principal>,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> ApiResult<Json<tasker_schemas::api::TaskList>> {
     let limit = q.limit.unwrap_or(50);
@@ -624,12 +685,13 @@ async fn list_tasks(
     };
     let filter = ListFilter {
         namespace: q.namespace,
+        scope: None,
         state,
         template: q.template,
         after,
         limit,
     };
-    let (rows, more) = service::tasks::list(&shared, &filter).await?;
+    let (rows, more) = service::tasks::list(&shared, &who, &filter).await?;
     Ok(Json(views::task_list(rows, more)))
 }
 
@@ -714,6 +776,332 @@ async fn delete_schedule(
     Ok(Json(views::schedule_view(row, &[], None)))
 }
 
+async fn purge_task(
+    State(shared): State<Shared>,
+    Extension(who): Extension<Principal>,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<Json<tasker_schemas::api::TaskView>> {
+    let id = parse_task_id(&id)?;
+    service::tasks::purge(&shared, &who, id).await?;
+    Ok(Json(views::task_view(
+        service::tasks::detail(&shared, &who, id).await?,
+    )))
+}
+
+async fn create_key(
+    State(shared): State<Shared>,
+    Extension(who): Extension<Principal>,
+    ApiJson(req): ApiJson<tasker_schemas::api::CreateKey>,
+) -> ApiResult<(StatusCode, Json<tasker_schemas::api::CreatedKey>)> {
+    let role = Role::parse(&req.role).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!(
+                "role {:?} is not one of read, submit, operate, admin",
+                req.role
+            ),
+        )
+    })?;
+    let namespaces = if req.namespaces.iter().any(|n| n == crate::auth::EVERY_NAMESPACE) {
+        if req.namespaces.len() > 1 {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "namespaces is either [\"*\"] (every namespace) or a list of namespaces, not both",
+            ));
+        }
+        None
+    } else {
+        Some(req.namespaces)
+    };
+    let created = service::keys::create(&shared, &who, &req.name, role, namespaces).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(tasker_schemas::api::CreatedKey {
+            key: views::key_view(created.key),
+            token: created.token,
+        }),
+    ))
+}
+
+#[derive(Deserialize)]
+struct KeysQuery {
+    #[serde(default)]
+    revoked: bool,
+}
+
+async fn list_keys(
+    State(shared): State<Shared>,
+    Extension(who): Extension<Principal>,
+    ApiQuery(q): ApiQuery<KeysQuery>,
+) -> ApiResult<Json<tasker_schemas::api::KeyList>> {
+    let keys = service::keys::list(&shared, &who, q.revoked).await?;
+    Ok(Json(tasker_schemas::api::KeyList {
+        keys: keys.into_iter().map(views::key_view).collect(),
+    }))
+}
+
+async fn revoke_key(
+    State(shared): State<Shared>,
+    Extension(who): Extension<Principal>,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<Json<tasker_schemas::api::KeyView>> {
+    let id: uuid::Uuid = id.parse().map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("{id:?} is not a key id"),
+        )
+    })?;
+    let key = service::keys::revoke(&shared, &who, id).await?;
+    Ok(Json(views::key_view(key)))
+}
+
+#[derive(Deserialize)]
+struct AuditQuery {
+    task_id: Option<String>,
+    namespace: Option<String>,
+    action: Option<String>,
+    before: Option<i64>,
+    limit: Option<i64>,
+}
+
+async fn list_audit(
+    State(shared): State<Shared>,
+    Extension(who): Extension<Principal>,
+    ApiQuery(q): ApiQuery<AuditQuery>,
+) -> ApiResult<Json<tasker_schemas::api::AuditList>> {
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=service::audit::MAX_AUDIT_PAGE).contains(&limit) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!(
+                "limit={limit} is out of range: 1 to {}",
+                service::audit::MAX_AUDIT_PAGE
+            ),
+        ));
+    }
+    let task_id = q.task_id.as_deref().map(parse_task_id).transpose()?;
+    if let Some(n) = &q.namespace {
+        service::name_arg("namespace", n)?;
+    }
+    if let Some(a) = &q.action {
+        if a.len() > 64 || a.contains('\0') {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "action is at most 64 bytes, without NUL",
+            ));
+        }
+    }
+    let filter = store::audit::AuditFilter {
+        task_id: task_id.map(|t| t.0),
+        namespace: q.namespace,
+        scope: None,
+        action: q.action,
+        before: q.before,
+        limit,
+    };
+    let rows = service::audit::list(&shared, &who, filter).await?;
+    let next_before = (rows.len() as i64 == limit).then(|| rows.last().map(|r| r.id)).flatten();
+    Ok(Json(tasker_schemas::api::AuditList {
+        entries: rows.into_iter().map(views::audit_entry).collect(),
+        next_before,
+    }))
+}
+
+async fn list_namespaces(
+    State(shared): State<Shared>,
+    Extension(who): Extension<Principal>,
+) -> ApiResult<Json<tasker_schemas::api::NamespaceList>> {
+    let rows = service::namespaces::list(&shared, &who).await?;
+    Ok(Json(tasker_schemas::api::NamespaceList {
+        namespaces: rows.into_iter().map(views::namespace_view).collect(),
+    }))
+}
+
+async fn set_namespace(
+    State(shared): State<Shared>,
+    Extension(who): Extension<Principal>,
+    ApiPath(namespace): ApiPath<String>,
+    ApiJson(req): ApiJson<tasker_schemas::api::SetNamespace>,
+) -> ApiResult<Json<tasker_schemas::api::NamespaceView>> {
+    let row = service::namespaces::set_retention(&shared, &who, &namespace, req.retention_ms).await?;
+    Ok(Json(views::namespace_view(row)))
+}
+
+// --- Operator actions and dead letters (service::operate, service::dead_letters) -------------
+
+fn parse_time(what: &str, t: Option<&str>) -> Result<Option<chrono::DateTime<chrono::Utc>>, ApiError> {
+    t.map(|t| {
+        chrono::DateTime::parse_from_rfc3339(t)
+            .map(|t| t.with_timezone(&chrono::Utc))
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    format!("{what}={t:?} is not an RFC 3339 time"),
+                )
+            })
+    })
+    .transpose()
+}
+
+fn bulk_filter(
+    b: &tasker_schemas::operate::BulkFilterBody,
+) -> Result<service::operate::BulkFilter, ApiError> {
+    Ok(service::operate::BulkFilter {
+        state: b.state,
+        namespace: b.namespace.clone(),
+        template: b.template.clone(),
+        created_after: parse_time("created_after", b.created_after.as_deref())?,
+        created_before: parse_time("created_before", b.created_before.as_deref())?,
+    })
+}
+
+/// `POST /v1/tasks/{id}/steps/{step}/retry`: retry one failed step.
+async fn retry_step(
+    State(shared): State<Shared>,
+    Extension(who): Extension<Principal>,
+    ApiPath((id, step)): ApiPath<(String, String)>,
+) -> ApiResult<Json<tasker_schemas::api::TaskView>> {
+    let id = parse_task_id(&id)?;
+    service::operate::retry_step(&shared, &who, id, &step).await?;
+    Ok(Json(views::task_view(
+        service::tasks::detail(&shared, &who, id).await?,
+    )))
+}
+
+/// `POST /v1/tasks/{id}/steps/{step}/rerun`: rerun from a step.
+async fn rerun_step(
+    State(shared): State<Shared>,
+    Extension(who): Extension<Principal>,
+    ApiPath((id, step)): ApiPath<(String, String)>,
+) -> ApiResult<Json<tasker_schemas::api::TaskView>> {
+    let id = parse_task_id(&id)?;
+    service::operate::rerun_from(&shared, &who, id, &step).await?;
+    Ok(Json(views::task_view(
+        service::tasks::detail(&shared, &who, id).await?,
+    )))
+}
+
+/// `POST /v1/tasks/{id}/steps/{step}/succeed` with `{"output": …}`: mark a failed step
+/// succeeded.
+async fn succeed_step(
+    State(shared): State<Shared>,
+    Extension(who): Extension<Principal>,
+    ApiPath((id, step)): ApiPath<(String, String)>,
+    ApiJson(body): ApiJson<tasker_schemas::operate::SucceedStep>,
+) -> ApiResult<Json<tasker_schemas::api::TaskView>> {
+    let id = parse_task_id(&id)?;
+    service::operate::mark_succeeded(&shared, &who, id, &step, body.output).await?;
+    Ok(Json(views::task_view(
+        service::tasks::detail(&shared, &who, id).await?,
+    )))
+}
+
+/// `POST /v1/tasks/bulk/count`: how many tasks a filter matches (up to the cap + 1).
+async fn bulk_count(
+    State(shared): State<Shared>,
+    Extension(who): Extension<Principal>,
+    ApiJson(body): ApiJson<tasker_schemas::operate::BulkFilterBody>,
+) -> ApiResult<Json<tasker_schemas::operate::BulkCount>> {
+    let count = service::operate::bulk_count(&shared, &who, &bulk_filter(&body)?).await?;
+    Ok(Json(tasker_schemas::operate::BulkCount {
+        count,
+        max: service::operate::MAX_BULK_TASKS,
+    }))
+}
+
+async fn bulk_act(
+    shared: &Shared,
+    who: &Principal,
+    body: &tasker_schemas::operate::BulkAction,
+    retry: bool,
+) -> ApiResult<Json<tasker_schemas::operate::BulkOutcomeView>> {
+    let filter = bulk_filter(&body.filter())?;
+    let out = if retry {
+        service::operate::bulk_retry(shared, who, &filter, body.expected_count).await?
+    } else {
+        service::operate::bulk_cancel(shared, who, &filter, body.expected_count).await?
+    };
+    Ok(Json(tasker_schemas::operate::BulkOutcomeView {
+        matched: out.matched,
+        acted: out.acted,
+        skipped: out.skipped,
+    }))
+}
+
+/// `POST /v1/tasks/bulk/cancel` with the filter and `expected_count`.
+async fn bulk_cancel(
+    State(shared): State<Shared>,
+    Extension(who): Extension<Principal>,
+    ApiJson(body): ApiJson<tasker_schemas::operate::BulkAction>,
+) -> ApiResult<Json<tasker_schemas::operate::BulkOutcomeView>> {
+    bulk_act(&shared, &who, &body, false).await
+}
+
+/// `POST /v1/tasks/bulk/retry` with the filter and `expected_count`.
+async fn bulk_retry(
+    State(shared): State<Shared>,
+    Extension(who): Extension<Principal>,
+    ApiJson(body): ApiJson<tasker_schemas::operate::BulkAction>,
+) -> ApiResult<Json<tasker_schemas::operate::BulkOutcomeView>> {
+    bulk_act(&shared, &who, &body, true).await
+}
+
+/// `GET /v1/dead-letters`: newest first, filtered, a page at a time.
+async fn list_dead_letters(
+    State(shared): State<Shared>,
+    Extension(who): Extension<Principal>,
+    ApiQuery(q): ApiQuery<tasker_schemas::operate::DeadLetterQuery>,
+) -> ApiResult<Json<tasker_schemas::operate::DeadLetterList>> {
+    let filter = store::dead_letters::DeadLetterFilter {
+        kind: q.kind,
+        namespace: q.namespace,
+        reason: q.reason,
+        received_after: parse_time("after", q.after.as_deref())?,
+        received_before: parse_time("before_time", q.before_time.as_deref())?,
+        before_id: q.before,
+        scope: None,
+        limit: q.limit.unwrap_or(50),
+    };
+    let (rows, more) = service::dead_letters::list(&shared, &who, filter).await?;
+    Ok(Json(super::dead_letters::list_view(rows, more)))
+}
+
+/// `GET /v1/dead-letters/{id}`: one dead letter with its body.
+async fn show_dead_letter(
+    State(shared): State<Shared>,
+    Extension(who): Extension<Principal>,
+    ApiPath(id): ApiPath<i64>,
+) -> ApiResult<Json<tasker_schemas::operate::DeadLetterView>> {
+    let d = service::dead_letters::show(&shared, &who, id).await?;
+    Ok(Json(super::dead_letters::full_view(d)))
+}
+
+/// `POST /v1/dead-letters/replay` with `{"ids": [...]}`.
+async fn replay_dead_letters(
+    State(shared): State<Shared>,
+    Extension(who): Extension<Principal>,
+    ApiJson(body): ApiJson<tasker_schemas::operate::DeadLetterIds>,
+) -> ApiResult<Json<tasker_schemas::operate::DeadLetterOutcomes>> {
+    let out = service::dead_letters::replay(&shared, &who, &body.ids).await?;
+    Ok(Json(super::dead_letters::outcomes_view(out)))
+}
+
+/// `POST /v1/dead-letters/discard` with `{"ids": [...]}`.
+async fn discard_dead_letters(
+    State(shared): State<Shared>,
+    Extension(who): Extension<Principal>,
+    ApiJson(body): ApiJson<tasker_schemas::operate::DeadLetterIds>,
+) -> ApiResult<Json<tasker_schemas::operate::DeadLetterOutcomes>> {
+    let out = service::dead_letters::discard(&shared, &who, &body.ids).await?;
+    Ok(Json(super::dead_letters::outcomes_view(out)))
+}
+
 async fn ready(State(shared): State<Shared>) -> Response {
     let db = service::database_reachable(&shared, Duration::from_secs(2)).await;
     let broker = shared.publisher.is_connected();
@@ -758,7 +1146,7 @@ impl Activity {
     }
 
     /// Marks a request in flight until the guard drops.
-    fn busy(&self) -> Busy {
+    pub(crate) fn busy(&self) -> Busy {
         self.state().in_flight += 1;
         Busy(self.clone())
     }
@@ -770,7 +1158,7 @@ impl Activity {
     }
 }
 
-struct Busy(Activity);
+pub(crate) struct Busy(Activity);
 
 impl Drop for Busy {
     fn drop(&mut self) {

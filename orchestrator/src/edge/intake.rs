@@ -71,18 +71,8 @@ async fn handle_request(shared: &Shared, d: Delivery, shutdown: &CancellationTok
         Ok(env) => env.payload,
         Err(e) => return reject(shared, &d, &e.to_string()).await,
     };
-    let submit_req = SubmitTask {
-        namespace: req.namespace,
-        template: req.template,
-        version: req.version,
-        context: req.context,
-        idempotency_key: req.idempotency_key,
-        priority: req.priority,
-        task_id: req.task_id,
-        run_at: req.run_at,
-        delay: req.delay_ms.map(tasker_schemas::Millis),
-        deadline: req.deadline_ms.map(tasker_schemas::Millis),
-    };
+    let request_id = req.request_id;
+    let submit_req = SubmitTask::from(req);
     // The request's `traceparent` header: the task's trace continues it.
     let traceparent = d
         .properties
@@ -93,8 +83,11 @@ async fn handle_request(shared: &Shared, d: Delivery, shutdown: &CancellationTok
             lapin::types::AMQPValue::LongString(s) => Some(s.to_string()),
             _ => None,
         });
-    let (traceparent, request_id) = (traceparent.as_deref(), Some(req.request_id));
-    let submitted = (|| tasks::submit_traced(shared, &submit_req, request_id, traceparent))
+    let (traceparent, request_id) = (traceparent.as_deref(), Some(request_id));
+    // Over AMQP the broker's permissions (and, with broker identity on, the publisher's
+    // `user_id`) guard the namespace; the orchestrator submits on the request's behalf.
+    let amqp = crate::auth::Principal::system("amqp");
+    let submitted = (|| tasks::submit_traced(shared, &amqp, &submit_req, request_id, traceparent))
         .retry(outage_backoff())
         // Pause this request rather than nack it: an outage must not burn deliveries.
         .when(|e: &ServiceError| e.is_retryable() && !shutdown.is_cancelled())
@@ -102,7 +95,7 @@ async fn handle_request(shared: &Shared, d: Delivery, shutdown: &CancellationTok
         .await;
     match submitted {
         Ok(created) => {
-            tracing::debug!(task_id = %created.task_id, request_id = %req.request_id, "task request applied");
+            tracing::debug!(task_id = %created.task_id, request_id = ?request_id, "task request applied");
             let _ = d.acker.ack(BasicAckOptions::default()).await;
         }
         // Shutting down: leave it unacked; it is redelivered to another consumer.

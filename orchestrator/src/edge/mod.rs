@@ -7,12 +7,14 @@
 //! | [`results`] | the results consumer (worker results, `started`, heartbeats) |
 //! | [`intake`] | the task request consumer (tasks submitted over AMQP) |
 //! | [`dead_steps`] | step messages the broker dead-lettered |
+//! | [`dead_letters`] | the dead-letter queue, recorded into the `dead_letters` table |
 
+pub mod dead_letters;
 pub mod dead_steps;
 pub mod http;
 pub mod intake;
 pub mod results;
-mod views;
+pub(crate) mod views;
 
 use backon::ExponentialBuilder;
 use std::time::Duration;

@@ -32,6 +32,7 @@ fn task_only(t: TaskRow, steps: Vec<StepView>, events: Vec<TaskEventView>) -> Ta
         }),
         start_at: t.start_at.map(rfc3339),
         deadline_at: t.deadline_at.map(rfc3339),
+        purged_at: t.purged_at.map(rfc3339),
     }
 }
 
@@ -339,5 +340,44 @@ pub fn schedule_view(
                 },
             })
             .collect(),
+    }
+}
+
+/// An API key as listed: `["*"]` for every namespace.
+pub fn key_view(k: crate::store::keys::KeyRow) -> tasker_schemas::api::KeyView {
+    tasker_schemas::api::KeyView {
+        id: k.id,
+        name: k.name,
+        role: k.role,
+        namespaces: k
+            .namespaces
+            .unwrap_or_else(|| vec![crate::auth::EVERY_NAMESPACE.to_owned()]),
+        created_at: rfc3339(k.created_at),
+        created_by: k.created_by,
+        revoked_at: k.revoked_at.map(rfc3339),
+        revoked_by: k.revoked_by,
+    }
+}
+
+pub fn audit_entry(a: crate::store::audit::AuditRow) -> tasker_schemas::api::AuditEntry {
+    tasker_schemas::api::AuditEntry {
+        id: a.id,
+        at: rfc3339(a.at),
+        actor: a.actor,
+        key_id: a.key_id,
+        action: a.action,
+        namespace: a.namespace,
+        task_id: a.task_id.map(TaskId),
+        detail: a.detail,
+    }
+}
+
+pub fn namespace_view(
+    n: crate::store::namespaces::NamespaceRow,
+) -> tasker_schemas::api::NamespaceView {
+    tasker_schemas::api::NamespaceView {
+        namespace: n.namespace,
+        retention_ms: n.retention_ms.map(|m| m.max(0) as u64),
+        updated_at: rfc3339(n.updated_at),
     }
 }

@@ -15,6 +15,9 @@
 //! | [`events`] | lifecycle events of finished tasks |
 //! | [`gauges`] | the gauges of `/metrics` |
 //! | [`workers`] | the worker registry |
+//! | [`keys`] | API keys: authenticating a token, creating, listing, revoking keys |
+//! | [`audit`] | the audit log of operator actions |
+//! | [`namespaces`] | per-namespace settings (retention) |
 //! | [`timers`] | due retries, expired leases, the outbox relay |
 //! | [`schedules`] | schedules: create, pause, resume, delete, read; firing due ticks |
 //! | [`waits`] | timed steps waking, signals, delayed starts, task deadlines |
@@ -22,9 +25,14 @@
 
 pub mod admission;
 pub mod apply;
+pub mod audit;
 pub mod dynamic;
 pub mod events;
 pub mod gauges;
+pub mod keys;
+pub mod namespaces;
+pub mod dead_letters;
+pub mod operate;
 pub mod publish;
 pub mod reconcile;
 pub mod schedules;
@@ -100,6 +108,20 @@ pub enum ServiceError {
     /// A signal to a finished task, or of a name no step of the task waits for.
     #[error("{0}")]
     SignalRefused(String),
+    /// No key, or an unknown or revoked one (401).
+    #[error("{0}")]
+    Unauthorized(String),
+    /// A valid key outside its role or namespaces (403).
+    #[error("{0}")]
+    Forbidden(String),
+    /// An operator action the task's or step's state does not allow (the text says why).
+    #[error("task {task_id}: {message}")]
+    ActionRefused { task_id: TaskId, message: String },
+    #[error("dead letter {0} not found")]
+    DeadLetterNotFound(i64),
+    /// A bulk action whose filter matches more tasks than were confirmed, or too many.
+    #[error("{message}")]
+    BulkRefused { message: String, matched: u64 },
     #[error("task {task_id} is {state}: {action} is not possible")]
     InvalidState {
         task_id: TaskId,

@@ -93,6 +93,11 @@ pub async fn prune(
             break;
         }
     }
+    // The audit log keeps its own retention (TASKER_AUDIT_RETENTION_MS), one batch a round.
+    let audit = super::audit::prune(shared, batch).await?;
+    if audit > 0 {
+        tracing::info!(entries = audit, "pruned audit log entries past retention");
+    }
     if total > 0 {
         tracing::info!(tasks = total, "pruned finished tasks past retention");
         Metrics::add(&shared.metrics.counters.tasks_pruned_total, total as usize);

@@ -1,6 +1,7 @@
 //! Tasks: submit (HTTP and AMQP alike), cancel, retry, read.
 
-use super::{Result, ServiceError, Shared, events};
+use super::{Result, ServiceError, Shared, audit, events, keys};
+use crate::auth::{Principal, Role};
 use crate::slots;
 use crate::store::tasks::{self, CreateOutcome, Created, NewTask};
 use crate::store::views::{self, ListFilter, TaskDetail, TaskSummaryRow};
@@ -25,18 +26,21 @@ fn no_nul(what: &str, text: &str) -> Result<()> {
 }
 
 /// Validates and creates a task (or returns the existing one for an idempotent repeat).
+/// Needs role `submit` in the task's namespace.
 pub async fn submit(
     shared: &Shared,
+    who: &Principal,
     req: &SubmitTask,
     request_id: Option<RequestId>,
 ) -> Result<Created> {
-    submit_traced(shared, req, request_id, None).await
+    submit_traced(shared, who, req, request_id, None).await
 }
 
 /// [`submit`] of a request that carried a W3C `traceparent`: the task's trace continues it (an
 /// invalid one is ignored: the trace starts at the task).
 pub async fn submit_traced(
     shared: &Shared,
+    who: &Principal,
     req: &SubmitTask,
     request_id: Option<RequestId>,
     traceparent: Option<&str>,
@@ -47,6 +51,7 @@ pub async fn submit_traced(
     // A bad namespace in a request is the request's fault, not a template's.
     tasker_schemas::template::validate_namespace(&req.namespace)
         .map_err(|e| ServiceError::InvalidRequest(e.to_string()))?;
+    keys::require(who, Role::Submit, &req.namespace, "submit tasks")?;
     if req.template.is_empty() {
         return Err(ServiceError::InvalidRequest(
             "template must not be empty".into(),
@@ -234,7 +239,13 @@ fn refused(task_id: TaskId, r: Refused) -> ServiceError {
 /// cancelled at once, its slot released; a later result for it is stale. Steps a worker
 /// reported started may still report (recorded, advancing nothing). The task finishes at once
 /// when nothing is left running. Workers are told. A repeated cancel is a no-op.
-pub async fn cancel(shared: &Shared, id: TaskId, reason: Option<String>) -> Result<()> {
+/// Needs role `operate` in the task's namespace; recorded in the audit log.
+pub async fn cancel(
+    shared: &Shared,
+    who: &Principal,
+    id: TaskId,
+    reason: Option<String>,
+) -> Result<()> {
     if let Some(r) = &reason {
         if r.len() > MAX_CANCEL_REASON_LEN {
             return Err(ServiceError::InvalidRequest(format!(
@@ -244,6 +255,7 @@ pub async fn cancel(shared: &Shared, id: TaskId, reason: Option<String>) -> Resu
         }
         no_nul("reason", r)?;
     }
+    let namespace = authorize(shared, who, id, Role::Operate, "cancel tasks").await?;
     let mut tx = shared.db.begin().await?;
     let task = tasks::lock(&mut tx, id)
         .await?
@@ -254,6 +266,15 @@ pub async fn cancel(shared: &Shared, id: TaskId, reason: Option<String>) -> Resu
         Cancel::Cancel(plan) => plan,
         Cancel::AlreadyCancelled => return Ok(()),
     };
+    audit::record(
+        &mut tx,
+        who,
+        "task.cancel",
+        Some(&namespace),
+        Some(id),
+        serde_json::json!({ "reason": reason }),
+    )
+    .await?;
     // The task, then its child workflows' tasks (and theirs), in this one transaction.
     let mut released: std::collections::HashMap<String, i64> = Default::default();
     let mut finished = Vec::new();
@@ -320,13 +341,19 @@ pub async fn cancel(shared: &Shared, id: TaskId, reason: Option<String>) -> Resu
 
 /// Retries a failed or cancelled task ([`transition::retry_task`]); a task with no step to run
 /// again completes at once.
-pub async fn retry(shared: &Shared, id: TaskId) -> Result<()> {
+/// Needs role `operate` in the task's namespace; recorded in the audit log. A purged task
+/// cannot run again (its context is gone).
+pub async fn retry(shared: &Shared, who: &Principal, id: TaskId) -> Result<()> {
+    let namespace = authorize(shared, who, id, Role::Operate, "retry tasks").await?;
     let mut tx = shared.db.begin().await?;
-    let state = tasks::lock(&mut tx, id)
+    let locked = tasks::lock(&mut tx, id)
         .await?
-        .ok_or(ServiceError::TaskNotFound(id))?
-        .state;
+        .ok_or(ServiceError::TaskNotFound(id))?;
+    let state = locked.state;
+    transition::may_run_again(state, locked.purged).map_err(|r| refused(id, r))?;
     let reset = transition::retry_task(state).map_err(|r| refused(id, r))?;
+    audit::record(&mut tx, who, "task.retry", Some(&namespace), Some(id), serde_json::json!({}))
+        .await?;
     let (mut queues, started) = tasks::retry(&mut tx, id, state, reset).await?;
     // Mapped steps map again: counted afresh from their instances, they let them in.
     let resumed = crate::store::dynamic::recount_maps(&mut tx, &[id.0]).await?;
@@ -363,11 +390,28 @@ pub async fn retry(shared: &Shared, id: TaskId) -> Result<()> {
     Ok(())
 }
 
-/// A task with its steps, attempts and history.
-pub async fn detail(shared: &Shared, id: TaskId) -> Result<TaskDetail> {
+/// The namespace of task `id` if `who` may do what needs `role` there (`what` names it in the
+/// refusal): 404 for no such task, 403 outside the key's role or namespaces.
+pub async fn authorize(
+    shared: &Shared,
+    who: &Principal,
+    id: TaskId,
+    role: Role,
+    what: &str,
+) -> Result<String> {
+    let namespace = views::namespace(&shared.db, id)
+        .await?
+        .ok_or(ServiceError::TaskNotFound(id))?;
+    keys::require(who, role, &namespace, what)?;
+    Ok(namespace)
+}
+
+/// A task with its steps, attempts and history. Needs role `read` in its namespace.
+pub async fn detail(shared: &Shared, who: &Principal, id: TaskId) -> Result<TaskDetail> {
     let mut d = views::detail(&shared.db, id)
         .await?
         .ok_or(ServiceError::TaskNotFound(id))?;
+    keys::require(who, Role::Read, &d.task.namespace, "read tasks")?;
     // Why a step waits may be that no live worker runs its handler.
     let waits = d.steps.iter().any(|s| {
         matches!(
@@ -386,12 +430,14 @@ pub async fn detail(shared: &Shared, id: TaskId) -> Result<TaskDetail> {
 /// A page of a mapped step's instances and whether more follow.
 pub async fn instances(
     shared: &Shared,
+    who: &Principal,
     id: TaskId,
     step: &str,
     after: Option<i32>,
     limit: i64,
 ) -> Result<(Vec<crate::store::dynamic::InstanceRow>, bool)> {
     super::name_arg("step", step)?;
+    authorize(shared, who, id, Role::Read, "read tasks").await?;
     views::instances(&shared.db, id, step, after, limit)
         .await?
         .ok_or_else(|| ServiceError::StepNotFound {
@@ -407,13 +453,49 @@ pub async fn state(shared: &Shared, id: TaskId) -> Result<TaskState> {
         .ok_or(ServiceError::TaskNotFound(id))
 }
 
-/// Tasks newest first: a page and whether more follow.
-pub async fn list(shared: &Shared, filter: &ListFilter) -> Result<(Vec<TaskSummaryRow>, bool)> {
+/// Tasks newest first: a page and whether more follow. A namespace-scoped key sees only its
+/// namespaces' tasks (naming another namespace is refused).
+pub async fn list(
+    shared: &Shared,
+    who: &Principal,
+    filter: &ListFilter,
+) -> Result<(Vec<TaskSummaryRow>, bool)> {
     if let Some(n) = &filter.namespace {
         super::name_arg("namespace", n)?;
+        keys::require(who, Role::Read, n, "list tasks")?;
     }
+    let scoped;
+    let filter = match who.scope() {
+        Some(scope) if filter.scope.is_none() => {
+            scoped = ListFilter {
+                scope: Some(scope.to_vec()),
+                ..filter.clone()
+            };
+            &scoped
+        }
+        _ => filter,
+    };
     if let Some(t) = &filter.template {
         super::name_arg("template", t)?;
     }
     Ok(views::list(&shared.db, filter).await?)
+}
+
+/// Erases a finished task's context and outputs (its steps' outputs, mapped elements and
+/// failure inputs), keeping its states, errors, attempts and history; `purged_at` records when.
+/// Needs role `admin` in the task's namespace; recorded in the audit log. Purging again is a
+/// no-op. A purged task cannot be retried.
+pub async fn purge(shared: &Shared, who: &Principal, id: TaskId) -> Result<()> {
+    let namespace = authorize(shared, who, id, Role::Admin, "purge tasks").await?;
+    let mut tx = shared.db.begin().await?;
+    let locked = tasks::lock(&mut tx, id)
+        .await?
+        .ok_or(ServiceError::TaskNotFound(id))?;
+    transition::purge_task(locked.state).map_err(|r| refused(id, r))?;
+    tasks::purge(&mut tx, id).await?;
+    audit::record(&mut tx, who, "task.purge", Some(&namespace), Some(id), serde_json::json!({}))
+        .await?;
+    tx.commit().await?;
+    tracing::info!(task_id = %id, by = %who.actor, "task purged");
+    Ok(())
 }

@@ -1,15 +1,30 @@
 //! Templates: validating, storing and declaring the queues of a template; reading them.
 
-use super::{Result, ServiceError, Shared};
+use super::{Result, ServiceError, Shared, audit, keys};
+use crate::auth::{Principal, Role};
 use crate::store::templates::{self, Registered, StoredTemplate};
 use std::path::Path;
 use tasker_schemas::Template;
 
 /// Validates, stores and declares the queues of a template. Same content again is a no-op;
-/// different content under the same version is a conflict.
-pub async fn register(shared: &Shared, template: &Template) -> Result<Registered> {
+/// different content under the same version is a conflict. Needs role `admin` in the template's
+/// namespace; a new version is recorded in the audit log.
+pub async fn register(shared: &Shared, who: &Principal, template: &Template) -> Result<Registered> {
     template.validate()?;
+    keys::require(who, Role::Admin, &template.namespace, "register templates")?;
     let outcome = templates::register(&shared.db, template).await?;
+    if outcome == Registered::Created {
+        let mut conn = shared.db.acquire().await?;
+        audit::record(
+            &mut conn,
+            who,
+            "template.register",
+            Some(&template.namespace),
+            None,
+            serde_json::json!({ "name": template.name, "version": template.version }),
+        )
+        .await?;
+    }
     if outcome == Registered::Conflict {
         let newest = shared
             .templates
@@ -148,12 +163,20 @@ pub fn edit_distance(a: &str, b: &str) -> usize {
     previous[b.len()]
 }
 
-/// Every registered template version (newest first per name), optionally of one namespace.
-pub async fn list(shared: &Shared, namespace: Option<&str>) -> Result<Vec<StoredTemplate>> {
+/// Every registered template version (newest first per name), optionally of one namespace;
+/// only the namespaces `who` may read.
+pub async fn list(
+    shared: &Shared,
+    who: &Principal,
+    namespace: Option<&str>,
+) -> Result<Vec<StoredTemplate>> {
     if let Some(n) = namespace {
         super::name_arg("namespace", n)?;
+        keys::require(who, Role::Read, n, "list templates")?;
     }
-    Ok(templates::list(&shared.db, namespace).await?)
+    let mut all = templates::list(&shared.db, namespace).await?;
+    all.retain(|t| who.sees(&t.template.namespace));
+    Ok(all)
 }
 
 /// Every queue named by any registered template.

@@ -158,7 +158,8 @@ pub async fn start_due(shared: &Shared) -> Result<()> {
 pub async fn expire_deadlines(shared: &Shared) -> Result<()> {
     for (id, ms) in waits::due_deadlines(&shared.db, 100).await? {
         let reason = transition::deadline_exceeded(ms);
-        match super::tasks::cancel(shared, TaskId(id), Some(reason)).await {
+        let system = crate::auth::Principal::system("deadline");
+        match super::tasks::cancel(shared, &system, TaskId(id), Some(reason)).await {
             Ok(()) => tracing::info!(task_id = %id, "task deadline exceeded: cancelled"),
             // Finished meanwhile: nothing to do.
             Err(ServiceError::InvalidState { .. }) | Err(ServiceError::TaskNotFound(_)) => {}

@@ -14,9 +14,11 @@
 //! | [`schedules`] | schedules, the claim of a due one, the unique (schedule, tick) key |
 //! | [`tasks`] | creating tasks (idempotent), cancel and retry writes, task history |
 //! | [`views`] | rows read for the API |
+//! | [`console`] | the console's reads: task search, live counts, node states, sessions |
 //! | [`workers`] | the worker registry |
 //! | [`gauges`] | the counts behind the gauges of `/metrics`, and their shared snapshot |
 //! | [`templates`] | template versions |
+//! | [`keys`] | API keys (hashed), [`audit`] the audit log, [`namespaces`] per-namespace settings |
 //!
 //! **Lock order.** Every transaction that changes a task's progress (results, timeouts,
 //! fail-fast, cancel, retry, repair) locks task rows first, in id order, then slot rows in
@@ -27,8 +29,14 @@
 
 pub mod admission;
 pub mod apply;
+pub mod audit;
+pub mod console;
 pub mod dynamic;
 pub mod gauges;
+pub mod keys;
+pub mod namespaces;
+pub mod dead_letters;
+pub mod operate;
 pub mod outbox;
 pub mod reconcile;
 pub mod schedules;

@@ -251,18 +251,24 @@ pub async fn create(tx: &mut PgConnection, new: &NewTask<'_>) -> Result<CreateOu
 pub struct Locked {
     pub state: TaskState,
     pub cancel_requested: bool,
+    /// Its context and outputs were erased (`tasker purge`).
+    pub purged: bool,
 }
 
 /// Locks a task row and returns its state, or `None` when there is no such task.
 pub async fn lock(tx: &mut PgConnection, id: TaskId) -> Result<Option<Locked>> {
     Ok(
-        sqlx::query("SELECT state, cancel_requested FROM tasks WHERE id = $1 FOR UPDATE")
+        sqlx::query(
+            "SELECT state, cancel_requested, purged_at IS NOT NULL AS purged
+             FROM tasks WHERE id = $1 FOR UPDATE",
+        )
             .bind(id.0)
             .fetch_optional(&mut *tx)
             .await?
             .map(|r| Locked {
                 state: r.get("state"),
                 cancel_requested: r.get("cancel_requested"),
+                purged: r.get("purged"),
             }),
     )
 }
@@ -426,4 +432,28 @@ pub async fn retry(
     )
     .await?;
     Ok(ready)
+}
+
+/// Erases a finished task's payloads (context, output, its steps' outputs, mapped elements and
+/// failure inputs) and stamps `purged_at`; states, errors, attempts and history stay. Only a
+/// finished task is touched (the caller, holding the task lock, refused a live one); returns
+/// whether it was.
+pub async fn purge(tx: &mut PgConnection, id: TaskId) -> Result<bool> {
+    let purged: bool = sqlx::query_scalar(
+        "WITH t AS (
+             UPDATE tasks SET context = '{}'::jsonb, output = NULL,
+                              purged_at = coalesce(purged_at, now()), updated_at = now()
+             WHERE id = $1 AND state IN ('completed', 'failed', 'cancelled')
+             RETURNING id
+         ), s AS (
+             UPDATE steps SET output = NULL, map_item = NULL, failure = NULL
+             WHERE task_id IN (SELECT id FROM t)
+               AND (output IS NOT NULL OR map_item IS NOT NULL OR failure IS NOT NULL)
+         )
+         SELECT EXISTS (SELECT 1 FROM t)",
+    )
+    .bind(id.0)
+    .fetch_one(&mut *tx)
+    .await?;
+    Ok(purged)
 }

@@ -26,6 +26,7 @@ pub struct TaskRow {
     pub parent_step: Option<String>,
     pub start_at: Option<DateTime<Utc>>,
     pub deadline_at: Option<DateTime<Utc>>,
+    pub purged_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -94,6 +95,14 @@ pub struct TaskDetail {
 }
 
 /// The state of a task, or `None` if there is no such task.
+/// A task's namespace (it never changes), or `None` when there is no such task.
+pub async fn namespace(db: impl PgExecutor<'_>, id: TaskId) -> Result<Option<String>> {
+    Ok(sqlx::query_scalar("SELECT namespace FROM tasks WHERE id = $1")
+        .bind(id.0)
+        .fetch_optional(db)
+        .await?)
+}
+
 pub async fn state(db: impl PgExecutor<'_>, id: TaskId) -> Result<Option<TaskState>> {
     Ok(sqlx::query_scalar("SELECT state FROM tasks WHERE id = $1")
         .bind(id.0)
@@ -107,7 +116,7 @@ pub async fn detail(db: &sqlx::PgPool, id: TaskId) -> Result<Option<TaskDetail>>
         "SELECT t.id, t.namespace, t.template_name, t.template_version, t.state, t.priority,
                 t.context, t.output, t.error, t.idempotency_key, t.created_at, t.finished_at,
                 t.parent_task_id, (SELECT p.name FROM steps p WHERE p.id = t.parent_step_id) AS parent_step,
-                t.start_at, t.deadline_at
+                t.start_at, t.deadline_at, t.purged_at
          FROM tasks t WHERE t.id = $1",
     )
     .bind(id.0)
@@ -196,6 +205,8 @@ pub async fn events(db: impl PgExecutor<'_>, id: TaskId) -> Result<Vec<EventRow>
 #[derive(Debug, Default, Clone)]
 pub struct ListFilter {
     pub namespace: Option<String>,
+    /// Only these namespaces (a namespace-scoped key's view); `None` = every namespace.
+    pub scope: Option<Vec<String>>,
     pub state: Option<TaskState>,
     pub template: Option<String>,
     /// Page after this id (ids are time-ordered, newest first).
@@ -234,6 +245,7 @@ pub async fn list(db: impl PgExecutor<'_>, f: &ListFilter) -> Result<(Vec<TaskSu
            AND ($2::text IS NULL OR state = $2)
            AND ($3::text IS NULL OR template_name = $3)
            AND ($4::uuid IS NULL OR id < $4)
+           AND ($6::text[] IS NULL OR namespace = ANY($6))
          ORDER BY id DESC LIMIT $5",
     )
     .bind(&f.namespace)
@@ -241,6 +253,7 @@ pub async fn list(db: impl PgExecutor<'_>, f: &ListFilter) -> Result<(Vec<TaskSu
     .bind(&f.template)
     .bind(f.after.map(|a| a.0))
     .bind(limit + 1)
+    .bind(&f.scope)
     .fetch_all(db)
     .await?;
     let more = rows.len() as i64 > limit;

@@ -137,6 +137,7 @@ enum Edge {
     Ready,
     Metrics,
     Workers,
+    Access,
     NoRoute,
     Schedules,
     Schedule,
@@ -146,7 +147,7 @@ enum Edge {
 }
 
 impl Edge {
-    const ALL: [Edge; 18] = [
+    const ALL: [Edge; 19] = [
         Edge::Tasks,
         Edge::Task,
         Edge::Cancel,
@@ -161,6 +162,7 @@ impl Edge {
         Edge::Workers,
         Edge::Schedules,
         Edge::Schedule,
+        Edge::Access,
         Edge::NoRoute,
         Edge::Results,
         Edge::Intake,
@@ -183,6 +185,7 @@ impl Edge {
             Edge::Workers => "http:/v1/workers",
             Edge::Schedules => "http:/v1/schedules",
             Edge::Schedule => "http:/v1/schedules/{id}[/pause|/resume]",
+            Edge::Access => "http:/v1/keys|audit|namespaces, /v1/tasks/{id}/purge",
             Edge::NoRoute => "http:(no such path)",
             Edge::Results => "amqp:results",
             Edge::Intake => "amqp:task_requests",
@@ -204,6 +207,7 @@ impl Edge {
             Edge::Health | Edge::Ready | Edge::Metrics | Edge::Workers => 15,
             Edge::Schedules => 80,
             Edge::Schedule => 40,
+            Edge::Access => 120,
             Edge::NoRoute => 40,
             Edge::Results => 320,
             Edge::Intake => 200,
@@ -1762,6 +1766,8 @@ async fn suite(
         ("TASKER_HANDLER_MISSING_DELAY_MS", "200"),
         ("TASKER_SHUTDOWN_GRACE_MS", "3000"),
         ("TASKER_DB_POOL_SIZE", "8"),
+        // This suite reads the dead-letter queue itself.
+        ("TASKER_DEAD_LETTER_READER", "false"),
         ("NO_COLOR", "1"),
         ("RUST_LOG", "warn,sqlx=error"),
     ]
@@ -2370,6 +2376,31 @@ async fn generated_http(s: &mut Suite, done: TaskId, scale: f64) -> Result<()> {
             .boxed();
         s.generated_http(edge, target(edge), strategy).await?;
     }
+
+    // Keys, audit, namespace settings, purge: arbitrary bodies, queries and ids.
+    let access = prop_oneof![
+        (any_json(), prop::option::of(any_json()))
+            .prop_map(|(role, ns)| {
+                let body = match ns {
+                    Some(ns) => json!({"role": role, "namespaces": ns}),
+                    None => json!({"role": role}),
+                };
+                Req::post("/v1/keys").json(body.to_string())
+            }),
+        "[a-z0-9%-]{0,40}".prop_map(|id| Req::post(format!("/v1/keys/{id}/revoke"))),
+        query(&["task_id", "namespace", "action", "before", "limit"])
+            .prop_map(|q| Req::get(format!("/v1/audit?{q}"))),
+        (segment(vec!["badin".into()]), any_json()).prop_map(|(ns, b)| {
+            Req::new(Method::PUT, format!("/v1/namespaces/{ns}")).json(
+                json!({ "retention_ms": b }).to_string(),
+            )
+        }),
+        "[a-z0-9-]{0,40}".prop_map(|id| Req::post(format!("/v1/tasks/{id}/purge"))),
+        other_method(&["GET", "POST"]).prop_map(|m| Req::new(m, "/v1/keys")),
+    ]
+    .boxed();
+    s.generated_http(Edge::Access, target(Edge::Access), access)
+        .await?;
 
     // Paths without a route.
     let unknown = prop_oneof![
@@ -3119,6 +3150,59 @@ async fn hand_written_http(s: &mut Suite, done: TaskId) -> Result<()> {
         cases.push((Schedule, Req::new(Method::PUT, path.clone()).json("{}")));
         cases.push((Schedule, Req::get(format!("{path}/pause"))));
     }
+    // Keys, audit, namespaces, purge.
+    for body in [
+        "{}",
+        "{\"role\": \"root\", \"namespaces\": [\"a\"]}",
+        "{\"role\": \"read\", \"namespaces\": []}",
+        "{\"role\": \"read\", \"namespaces\": [\"*\", \"a\"]}",
+        "{\"role\": \"read\", \"namespaces\": [\"a.b\"]}",
+        "{\"role\": \"read\", \"namespaces\": [\"a\\u0000\"]}",
+        "{\"role\": \"read\", \"namespaces\": [\"a\"], \"extra\": 1}",
+        "{\"role\": 5, \"namespaces\": \"a\"}",
+    ] {
+        cases.push((Access, Req::post("/v1/keys").json(body)));
+    }
+    let long_name = format!(
+        "{{\"role\": \"read\", \"namespaces\": [\"a\"], \"name\": \"{}\"}}",
+        "n".repeat(200)
+    );
+    cases.push((Access, Req::post("/v1/keys").json(long_name)));
+    let many = (0..101).map(|i| format!("\"n{i}\"")).collect::<Vec<_>>().join(",");
+    cases.push((
+        Access,
+        Req::post("/v1/keys").json(format!("{{\"role\": \"read\", \"namespaces\": [{many}]}}")),
+    ));
+    cases.push((Access, Req::post("/v1/keys/not-a-uuid/revoke")));
+    cases.push((
+        Access,
+        Req::post(format!("/v1/keys/{}/revoke", uuid::Uuid::now_v7())),
+    ));
+    cases.push((Access, Req::new(Method::DELETE, "/v1/keys")));
+    cases.push((Access, Req::get("/v1/keys?revoked=maybe")));
+    cases.push((Access, Req::get("/v1/audit?limit=0")));
+    cases.push((Access, Req::get("/v1/audit?limit=100000")));
+    cases.push((Access, Req::get("/v1/audit?task_id=nope")));
+    cases.push((Access, Req::get("/v1/audit?before=x")));
+    cases.push((Access, Req::get("/v1/audit?namespace=a%00b")));
+    cases.push((Access, Req::get(format!("/v1/audit?action={}", "a".repeat(100)))));
+    cases.push((Access, Req::new(Method::PUT, "/v1/namespaces/badin").json("{\"retention_ms\": 0}")));
+    cases.push((Access, Req::new(Method::PUT, "/v1/namespaces/badin").json("{\"retention_ms\": -5}")));
+    cases.push((
+        Access,
+        Req::new(Method::PUT, "/v1/namespaces/badin").json("{\"retention_ms\": 1e30}"),
+    ));
+    cases.push((
+        Access,
+        Req::new(Method::PUT, "/v1/namespaces/badin")
+            .json("{\"retention_ms\": 99999999999999999}"),
+    ));
+    cases.push((Access, Req::new(Method::PUT, "/v1/namespaces/a.b").json("{\"retention_ms\": 5}")));
+    cases.push((Access, Req::new(Method::PUT, "/v1/namespaces/badin").json("[]")));
+    cases.push((Access, Req::post("/v1/namespaces/badin").json("{}")));
+    cases.push((Access, Req::post(format!("/v1/tasks/{}/purge", TaskId::new()))));
+    cases.push((Access, Req::post("/v1/tasks/x/purge")));
+    cases.push((Access, Req::get(format!("/v1/tasks/{done}/purge"))));
     // No route
     cases.push((NoRoute, Req::get("/nope")));
     cases.push((NoRoute, Req::get("/v1/nope")));

@@ -25,7 +25,8 @@
 //! then that deployment's database (used to verify tasks and count steps), `--prefix` its queue
 //! prefix, and `--orchestrator-pid` (optional) the process to measure. The loadgen registers
 //! templates in namespace `loadgen` with their own queues (`loadgen`, `loadgen_submit`,
-//! `loadgen_hold`) and runs its own workers; it refuses `history` there (that seeds a million rows).
+//! `loadgen_hold`) and runs its own workers; it refuses `history` and `console` there (they seed
+//! a million rows).
 //!
 //! Workers run inside the loadgen (`tasker_worker::Worker`, `--worker-concurrency`, default 256),
 //! so on one machine the loadgen's own CPU competes with the orchestrator: the table shows the
@@ -47,7 +48,10 @@
 //! whose output is an array of N elements → a mapped step, one no-op instance per element, at
 //! most `--map-parallel` at once → a final step; one task at a time, wall time and instances/s;
 //! `map-1x{N}x1`), `submit` (HTTP and AMQP, one at a time and concurrently), `inflight` (10,000 tasks held in flight, memory),
-//! `history` (linear and diamond again after seeding 1,000,000 finished tasks by SQL), and, only
+//! `history` (linear and diamond again after seeding 1,000,000 finished tasks by SQL), `console`
+//! (the console's pages under `/ui`, each page type 200 times, p50/p95 per page, after seeding
+//! 1,000,000 finished tasks by SQL, 10,000 running ones and a task with a 10,000-instance map;
+//! `--console-tasks N`; see `loadgen/console.rs`), and, only
 //! when asked for and alone, `prune` (diamonds for `--prune-secs`, default 600, against an
 //! orchestrator that keeps finished tasks `--prune-retention-ms`, default one minute; the rows
 //! of `tasks`, `steps`, `attempts`, `task_events` and `outbox` are sampled every 30 s and must stay
@@ -55,6 +59,8 @@
 
 #[path = "loadgen/bench.rs"]
 mod bench;
+#[path = "loadgen/console.rs"]
+mod console;
 #[path = "loadgen/deploy.rs"]
 mod deploy;
 #[path = "loadgen/report.rs"]
@@ -82,7 +88,7 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "floor,linear,diamond,fanout,map,submit,inflight,history"
+        default_value = "floor,linear,diamond,fanout,map,submit,inflight,history,console"
     )]
     workloads: Vec<Workload>,
     /// Print one JSON object per workload on stdout (the table goes to stderr).
@@ -151,6 +157,21 @@ struct Args {
     /// Finished tasks seeded before the history workload.
     #[arg(long)]
     history_tasks: Option<u64>,
+    /// Finished tasks seeded by SQL before the console workload (smoke: 2,000).
+    #[arg(long)]
+    console_tasks: Option<u64>,
+    /// Running tasks (held on a queue without a worker) during the console workload (smoke: 200).
+    #[arg(long)]
+    console_running: Option<usize>,
+    /// Instances of the console workload's mapped step (smoke: 1,000).
+    #[arg(long)]
+    console_map_items: Option<usize>,
+    /// Requests per page type of the console workload (smoke: 20).
+    #[arg(long)]
+    console_requests: Option<usize>,
+    /// Most seconds the console workload spends on one page type (fewer requests when slow).
+    #[arg(long, default_value_t = 120)]
+    console_page_secs: u64,
     /// Length of the prune workload (diamonds against a short retention), in seconds.
     #[arg(long)]
     prune_secs: Option<u64>,
@@ -191,6 +212,9 @@ enum Workload {
     Submit,
     Inflight,
     History,
+    /// The console's pages (`/ui`) after seeding `--console-tasks` finished tasks by SQL, with
+    /// running tasks and a large mapped step: p50/p95 per page type (`console-<page>`).
+    Console,
     /// Not in the default list: runs alone, for `--prune-secs` (default 600), against an
     /// orchestrator keeping finished tasks `--prune-retention-ms` (default one minute).
     Prune,
@@ -204,6 +228,26 @@ fn parse_key_value(s: &str) -> Result<(String, String), String> {
 }
 
 impl Args {
+    fn console_sizes(&self) -> console::ConsoleSizes {
+        let smoke = self.smoke;
+        console::ConsoleSizes {
+            finished: self
+                .console_tasks
+                .unwrap_or(if smoke { 2_000 } else { 1_000_000 }),
+            running: self
+                .console_running
+                .unwrap_or(if smoke { 200 } else { 10_000 }),
+            map_items: self
+                .console_map_items
+                .unwrap_or(if smoke { 1_000 } else { 10_000 }),
+            requests: self
+                .console_requests
+                .unwrap_or(if smoke { 20 } else { 200 })
+                .max(1),
+            page_budget: std::time::Duration::from_secs(self.console_page_secs),
+        }
+    }
+
     fn sizes(&self) -> Sizes {
         fn pick<T>(smoke: bool, full: T, small: T) -> T {
             if smoke { small } else { full }
@@ -284,6 +328,12 @@ async fn run(args: Args) -> Result<()> {
     }
     let mut deployment = match &args.api_url {
         Some(api) => {
+            if selected.contains(&Workload::Console) {
+                bail!(
+                    "console seeds {} tasks into the database; it runs only on a database the loadgen creates (drop --api-url or the workload)",
+                    args.console_sizes().finished
+                );
+            }
             if selected.contains(&Workload::History) {
                 bail!(
                     "history seeds {} rows into the database; it runs only on a database the loadgen creates (drop --api-url or the workload)",
@@ -370,7 +420,7 @@ async fn run_workloads(
     let analyze = args.api_url.is_none() && !args.no_analyze;
     for w in selected {
         eprintln!("loadgen: running {w:?}");
-        if analyze && *w != Workload::Floor && *w != Workload::History {
+        if analyze && !matches!(w, Workload::Floor | Workload::History | Workload::Console) {
             b.analyze().await?;
         }
         match w {
@@ -434,6 +484,11 @@ async fn run_workloads(
                 ))
                 .await?;
                 push(rows, r);
+            }
+            Workload::Console => {
+                for r in counted(b, console::console(b, &args.console_sizes())).await? {
+                    push(rows, r);
+                }
             }
             Workload::History => {
                 let seed = workloads::seed_history(b, s.history_tasks).await?;

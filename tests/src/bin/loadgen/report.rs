@@ -15,6 +15,7 @@ pub struct Row {
     pub rate_unit: &'static str,
     pub p50_ms: Option<f64>,
     pub p90_ms: Option<f64>,
+    pub p95_ms: Option<f64>,
     pub p99_ms: Option<f64>,
     pub max_ms: Option<f64>,
     /// Largest resident size of the orchestrator sampled during this workload.
@@ -29,6 +30,9 @@ pub struct Row {
     /// `prune`: the tables' row counts over the run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tables: Option<Vec<crate::workloads::TableRows>>,
+    /// `console-*`: the finished tasks seeded before the pages were requested.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tasks_seeded: Option<u64>,
 }
 
 impl Row {
@@ -44,6 +48,7 @@ impl Row {
         if let Some(p) = Percentiles::of(samples) {
             self.p50_ms = Some(p.p50);
             self.p90_ms = Some(p.p90);
+            self.p95_ms = Some(p.p95);
             self.p99_ms = Some(p.p99);
             self.max_ms = Some(p.max);
         }
@@ -68,6 +73,7 @@ impl Row {
 pub struct Percentiles {
     pub p50: f64,
     pub p90: f64,
+    pub p95: f64,
     pub p99: f64,
     pub max: f64,
 }
@@ -82,6 +88,7 @@ impl Percentiles {
         Some(Self {
             p50: nearest_rank(&ms, 50.0),
             p90: nearest_rank(&ms, 90.0),
+            p95: nearest_rank(&ms, 95.0),
             p99: nearest_rank(&ms, 99.0),
             max: ms[ms.len() - 1],
         })
@@ -109,8 +116,8 @@ fn rate(v: Option<f64>) -> String {
 /// The readable table.
 pub fn table(rows: &[Row]) -> String {
     let header = [
-        "workload", "tasks", "steps", "wall_s", "rate", "unit", "p50", "p90", "p99", "max(ms)",
-        "rss_mb", "cpu_s", "pg_cpu", "mq_cpu", "lg_cpu", "target", "note",
+        "workload", "tasks", "steps", "wall_s", "rate", "unit", "p50", "p90", "p95", "p99",
+        "max(ms)", "rss_mb", "cpu_s", "pg_cpu", "mq_cpu", "lg_cpu", "target", "note",
     ];
     let mut cells: Vec<Vec<String>> = vec![header.iter().map(|s| (*s).to_owned()).collect()];
     for r in rows {
@@ -128,6 +135,7 @@ pub fn table(rows: &[Row]) -> String {
             r.rate_unit.to_owned(),
             num(r.p50_ms, 2),
             num(r.p90_ms, 2),
+            num(r.p95_ms, 2),
             num(r.p99_ms, 2),
             num(r.max_ms, 2),
             num(r.orchestrator_rss_mb, 1),
@@ -155,7 +163,7 @@ pub fn table(rows: &[Row]) -> String {
         for (c, cell) in row.iter().enumerate() {
             if c == columns - 1 {
                 line.push_str(cell);
-            } else if c == 0 || c == 5 || c == 15 {
+            } else if c == 0 || c == 5 || c == 16 {
                 line.push_str(&format!("{cell:<w$} | ", w = widths[c]));
             } else {
                 line.push_str(&format!("{cell:>w$} | ", w = widths[c]));
@@ -179,7 +187,10 @@ mod tests {
     fn nearest_rank_percentiles() {
         let samples: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
         let p = Percentiles::of(&samples).unwrap();
-        assert_eq!((p.p50, p.p90, p.p99, p.max), (50.0, 90.0, 99.0, 100.0));
+        assert_eq!(
+            (p.p50, p.p90, p.p95, p.p99, p.max),
+            (50.0, 90.0, 95.0, 99.0, 100.0)
+        );
         let one = Percentiles::of(&[Duration::from_millis(7)]).unwrap();
         assert_eq!((one.p50, one.p99), (7.0, 7.0));
         assert!(Percentiles::of(&[]).is_none());

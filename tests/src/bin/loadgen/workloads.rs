@@ -884,6 +884,30 @@ pub async fn inflight(b: &Bench, s: &Sizes) -> Result<Row> {
 /// Seeds `n` finished 4-step tasks (completed, steps succeeded, one attempt each) by SQL, with
 /// time-ordered ids older than anything the orchestrator will create, then VACUUM ANALYZE.
 pub async fn seed_history(b: &Bench, n: u64) -> Result<Row> {
+    seed_finished(
+        b,
+        n,
+        &Seeding {
+            label: "history",
+            context: "jsonb_build_object('seeded', i)",
+            spacing_ms: 10,
+        },
+    )
+    .await
+}
+
+/// How [`seed_finished`] seeds: its row's label, the SQL expression of task `i`'s context (a
+/// constant of the loadgen, never input), and the time between two tasks' creation.
+pub struct Seeding {
+    pub label: &'static str,
+    pub context: &'static str,
+    pub spacing_ms: u64,
+}
+
+/// Seeds `n` completed `linear4` tasks (steps and attempts included) by SQL, the newest an hour
+/// ago, then VACUUM ANALYZE (and CHECKPOINT when allowed). The row is `{label}-seed`.
+pub async fn seed_finished(b: &Bench, n: u64, seeding: &Seeding) -> Result<Row> {
+    let label = seeding.label;
     let shape: Shape = bench::linear_shape();
     let template_id: uuid::Uuid = sqlx::query_scalar(
         "SELECT id FROM templates WHERE namespace = $1 AND name = $2 AND version = $3",
@@ -925,19 +949,23 @@ pub async fn seed_history(b: &Bench, n: u64) -> Result<Row> {
             .await?;
     let chunk = 50_000u64;
     let steps = step_names.len() as i32;
-    // Task i was created at origin - (n - i) * 10 ms.
-    const SERIES: &str =
-        "WITH g AS (SELECT i, $3::timestamptz - ($4::bigint - i) * interval '10 ms' AS ts
-                                      FROM generate_series($1::bigint, $2::bigint - 1) AS i)";
+    // Task i was created at origin - (n - i) * spacing.
+    let series = format!(
+        "WITH g AS (SELECT i, $3::timestamptz - ($4::bigint - i) * interval '{} ms' AS ts
+                                      FROM generate_series($1::bigint, $2::bigint - 1) AS i)",
+        seeding.spacing_ms
+    );
+    let series = series.as_str();
     let mut lo = 0;
     while lo < n {
         let hi = (lo + chunk).min(n);
         let mut tx = conn.begin().await?;
+        let context = seeding.context;
         sqlx::query(sqlx::AssertSqlSafe(format!(
-            "{SERIES}
+            "{series}
              INSERT INTO tasks (id, namespace, template_id, template_name, template_version, state, priority, context,
                                 output, request_hash, unfinished_steps, event_seq, created_at, updated_at, finished_at)
-             SELECT pg_temp.lg_uuid(ts, 't' || i), $5, $6, $7, $8, 'completed', 0, jsonb_build_object('seeded', i),
+             SELECT pg_temp.lg_uuid(ts, 't' || i), $5, $6, $7, $8, 'completed', 0, {context},
                     $9, md5(i::text), 0, 2, ts, ts + $10 * interval '1 ms', ts + $10 * interval '1 ms'
              FROM g"
         )))
@@ -954,7 +982,7 @@ pub async fn seed_history(b: &Bench, n: u64) -> Result<Row> {
         .execute(&mut *tx)
         .await?;
         sqlx::query(sqlx::AssertSqlSafe(format!(
-            "{SERIES}
+            "{series}
              INSERT INTO steps (id, task_id, namespace, name, position, handler, queue, state, priority, attempt, failures,
                                 max_attempts, retry_policy, queue_wait_timeout_ms, execution_timeout_ms, pending_parents,
                                 parent_ids, child_ids, queued_at, dispatched_at, worker, output, updated_at)
@@ -978,7 +1006,7 @@ pub async fn seed_history(b: &Bench, n: u64) -> Result<Row> {
         .execute(&mut *tx)
         .await?;
         sqlx::query(sqlx::AssertSqlSafe(format!(
-            "{SERIES}
+            "{series}
              INSERT INTO attempts (step_id, attempt, task_id, namespace, outcome, dispatched_at, started_at, finished_at, worker)
              SELECT pg_temp.lg_uuid(g.ts, 's' || g.i || '.' || p), 1, pg_temp.lg_uuid(g.ts, 't' || g.i), $5, 'succeeded',
                     g.ts + p * interval '1 ms', g.ts + p * interval '1 ms', g.ts + (p + 1) * interval '1 ms', 'seeded'
@@ -995,7 +1023,7 @@ pub async fn seed_history(b: &Bench, n: u64) -> Result<Row> {
         tx.commit().await?;
         lo = hi;
         eprintln!(
-            "loadgen: history: {lo} of {n} finished tasks seeded ({:.0} s)",
+            "loadgen: {label}: {lo} of {n} finished tasks seeded ({:.0} s)",
             start.elapsed().as_secs_f64()
         );
     }
@@ -1015,7 +1043,7 @@ pub async fn seed_history(b: &Bench, n: u64) -> Result<Row> {
     .fetch_one(&mut conn)
     .await?;
     let _ = conn.close().await;
-    let mut row = Row::new("history-seed", "steps/s");
+    let mut row = Row::new(format!("{label}-seed"), "steps/s");
     row.tasks = n;
     row.steps = n * shape.steps;
     row.wall_s = secs(wall);
