@@ -29,6 +29,7 @@ pub mod broker;
 pub mod config;
 pub mod edge;
 pub mod error;
+pub mod identity;
 pub mod loops;
 pub mod metrics;
 pub mod service;

@@ -3,7 +3,7 @@
 //! shutdown, so `GET /v1/workers` and `tasker workers` list it and the orchestrator can say when
 //! no live worker runs a waiting step's handler.
 
-use crate::publish::{PublishError, message_properties, publish_confirmed};
+use crate::publish::{PublishError, message_properties, publish_confirmed, with_user_id};
 use crate::session::Shared;
 use lapin::Channel;
 use std::time::Duration;
@@ -85,7 +85,11 @@ pub(crate) async fn announce(
         &shared.names.results_exchange(),
         WORKER_HEARTBEAT_ROUTING_KEY,
         &bytes,
-        message_properties(envelope.message_id).with_type(Kind::WorkerHeartbeat.as_str().into()),
+        with_user_id(
+            message_properties(envelope.message_id)
+                .with_type(Kind::WorkerHeartbeat.as_str().into()),
+            &shared.user_id,
+        ),
     )
     .await
 }

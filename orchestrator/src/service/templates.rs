@@ -23,8 +23,9 @@ pub async fn register(shared: &Shared, template: &Template) -> Result<Registered
             next_version: newest.max(template.version).saturating_add(1),
         });
     }
-    // Every queue a step may be sent to (the on_failure handler's included).
-    let mut queues: Vec<&str> = template
+    // Every queue a step may be sent to (the on_failure handler's included), in the template's
+    // namespace: `{namespace}.{queue}` keys.
+    let mut queues: Vec<String> = template
         .steps
         .iter()
         .filter(|s| s.workflow.is_none())
@@ -34,13 +35,14 @@ pub async fn register(shared: &Shared, template: &Template) -> Result<Registered
                 .as_deref()
                 .unwrap_or(tasker_schemas::template::DEFAULT_QUEUE)
         }))
+        .map(|q| tasker_schemas::topology::step_routing_key(&template.namespace, q))
         .collect();
     queues.sort_unstable();
     queues.dedup();
     for q in &queues {
         shared.publisher.declare_step_queue(q).await?;
     }
-    shared.dispatch.know(queues.iter().map(|q| q.to_string()));
+    shared.dispatch.know(queues);
     Ok(outcome)
 }
 
