@@ -1058,27 +1058,6 @@ pub async fn spawn_serve(
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::replace_database;
-
-    #[test]
-    fn replaces_the_database_of_a_url() {
-        assert_eq!(
-            replace_database("postgres://u:p@h:5432/postgres", "x").unwrap(),
-            "postgres://u:p@h:5432/x"
-        );
-        assert_eq!(
-            replace_database("postgres://h/db?sslmode=disable", "x").unwrap(),
-            "postgres://h/x?sslmode=disable"
-        );
-        assert_eq!(
-            replace_database("postgres://h", "x").unwrap(),
-            "postgres://h/x"
-        );
-    }
-}
-
 /// Where the test broker's `rabbitmqctl` is: `TASKER_TEST_RABBITMQCTL` (written to
 /// `.tasker/env` by `deploy/local/services.sh up`: its `rabbitmqctl` passthrough), split on
 /// spaces. `Ok(None)` when it is not set (the caller skips), an error when it is not set and
@@ -1162,4 +1141,25 @@ pub fn create_broker_user(
         rabbitmqctl(ctl, &args)?;
     }
     Ok(created)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::replace_database;
+
+    #[test]
+    fn replaces_the_database_of_a_url() {
+        assert_eq!(
+            replace_database("postgres://u:p@h:5432/postgres", "x").unwrap(),
+            "postgres://u:p@h:5432/x"
+        );
+        assert_eq!(
+            replace_database("postgres://h/db?sslmode=disable", "x").unwrap(),
+            "postgres://h/x?sslmode=disable"
+        );
+        assert_eq!(
+            replace_database("postgres://h", "x").unwrap(),
+            "postgres://h/x"
+        );
+    }
 }

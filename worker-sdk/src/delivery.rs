@@ -261,7 +261,7 @@ async fn publish_lease<M: LeaseMessage>(
     let bytes = encode(&envelope)?;
     let mut properties = with_user_id(
         message_properties(envelope.message_id).with_type(M::KIND.as_str().into()),
-        &env.shared.user_id,
+        &env.shared.identity.user_id,
     );
     if let Some(trace) = &ids.traceparent {
         let mut headers = lapin::types::FieldTable::default();
@@ -351,7 +351,7 @@ async fn dead_letter(env: &SessionEnv, delivery: Delivery, reason: String) {
     );
     let properties = with_user_id(
         dead_letter_properties(&delivery.properties, &reason),
-        &env.shared.user_id,
+        &env.shared.identity.user_id,
     );
     let published = publish_confirmed(
         &env.publisher,

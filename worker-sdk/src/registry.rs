@@ -22,6 +22,8 @@ pub(crate) struct Identity {
     pub(crate) queues: Vec<String>,
     pub(crate) concurrency: usize,
     pub(crate) interval: Duration,
+    /// The user of the worker's AMQP URL: the `user_id` property of everything it publishes.
+    pub(crate) user_id: String,
 }
 
 impl Identity {
@@ -32,7 +34,14 @@ impl Identity {
             queues,
             concurrency,
             interval,
+            user_id: String::new(),
         }
+    }
+
+    /// The same, publishing as `user_id`.
+    pub(crate) fn with_user_id(mut self, user_id: String) -> Self {
+        self.user_id = user_id;
+        self
     }
 }
 
@@ -88,7 +97,7 @@ pub(crate) async fn announce(
         with_user_id(
             message_properties(envelope.message_id)
                 .with_type(Kind::WorkerHeartbeat.as_str().into()),
-            &shared.user_id,
+            &shared.identity.user_id,
         ),
     )
     .await

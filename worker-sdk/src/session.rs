@@ -58,10 +58,8 @@ pub(crate) struct Shared {
     pub(crate) long_steps: LongSteps,
     /// Tasks cancelled by an operator (from the cancel exchange).
     pub(crate) cancellations: crate::cancel::Cancellations,
-    /// What the worker announces to the registry.
+    /// What the worker announces to the registry, and the user it publishes as.
     pub(crate) identity: crate::registry::Identity,
-    /// The user of the worker's AMQP URL: the `user_id` property of everything it publishes.
-    pub(crate) user_id: String,
 }
 
 impl Shared {
@@ -73,7 +71,6 @@ impl Shared {
         grace_period: Duration,
         long_steps: LongSteps,
         identity: crate::registry::Identity,
-        user_id: String,
     ) -> Self {
         Self {
             names,
@@ -89,7 +86,6 @@ impl Shared {
             long_steps,
             cancellations: Default::default(),
             identity,
-            user_id,
         }
     }
 
@@ -330,7 +326,7 @@ impl Session {
             results: crate::batch::ResultSender::start(
                 self.publisher.clone(),
                 shared.names.results_exchange(),
-                shared.user_id.clone(),
+                shared.identity.user_id.clone(),
             ),
             handler_cancel: shared.abort.child_token(),
             stop: CancellationToken::new(),

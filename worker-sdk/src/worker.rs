@@ -565,8 +565,8 @@ impl Worker {
                 self.queues.clone(),
                 self.concurrency,
                 self.registry_interval,
-            ),
-            user_id,
+            )
+            .with_user_id(user_id),
         ));
 
         let mut backoff = reconnect_backoff();
