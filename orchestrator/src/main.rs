@@ -774,83 +774,6 @@ async fn wait_for_signal() {
     ctrl_c.await.unwrap_or(());
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use clap::CommandFactory;
-
-    /// Every argument of every (sub)command, with the path of commands leading to it.
-    fn all_args(cmd: &clap::Command, path: &str, out: &mut Vec<(String, clap::Arg)>) {
-        for arg in cmd.get_arguments() {
-            out.push((path.to_owned(), arg.clone()));
-        }
-        for sub in cmd.get_subcommands() {
-            all_args(sub, &format!("{path} {}", sub.get_name()), out);
-        }
-    }
-
-    #[test]
-    fn every_flag_and_argument_has_help() {
-        let mut cmd = Cli::command();
-        cmd.build();
-        cmd.clone().debug_assert();
-        let mut args = Vec::new();
-        all_args(&cmd, "tasker", &mut args);
-        let subcommands: Vec<_> = cmd.get_subcommands().map(|s| s.get_name()).collect();
-        assert!(subcommands.len() >= 8, "{subcommands:?}");
-        let missing: Vec<String> = args
-            .iter()
-            .filter(|(_, a)| !matches!(a.get_id().as_str(), "help" | "version"))
-            .filter(|(_, a)| a.get_help().is_none())
-            .map(|(path, a)| format!("{path}: {}", a.get_id()))
-            .collect();
-        assert!(missing.is_empty(), "arguments without help: {missing:?}");
-        for sub in cmd.get_subcommands() {
-            assert!(sub.get_about().is_some(), "{} has no about", sub.get_name());
-        }
-    }
-
-    #[test]
-    fn tables_are_as_wide_as_their_widest_cell() {
-        let mut out = Vec::new();
-        write_table(
-            &mut out,
-            &["A", "NUMBER", "LAST"],
-            &[1],
-            &[
-                vec!["a-rather-long-value".into(), "7".into(), "x".into()],
-                vec!["b".into(), "1234567".into(), "y y".into()],
-            ],
-        )
-        .unwrap();
-        assert_eq!(
-            String::from_utf8(out).unwrap(),
-            "A                     NUMBER  LAST\n\
-             a-rather-long-value        7  x\n\
-             b                    1234567  y y\n"
-        );
-    }
-
-    #[test]
-    fn errors_are_shown_on_one_line_and_cut() {
-        assert_eq!(one_line("short", 10), "short");
-        assert_eq!(
-            one_line("line one\n  line two\r\n", 100),
-            "line one line two"
-        );
-        assert_eq!(one_line("abcdefghijkl", 6), "abcde…");
-        assert_eq!(one_line("ééééé", 5), "ééééé");
-        assert_eq!(one_line(&"x".repeat(1000), 160).chars().count(), 160);
-    }
-
-    #[test]
-    fn a_closed_stdout_is_recognised() {
-        let e = anyhow::Error::new(io::Error::from(io::ErrorKind::BrokenPipe)).context("writing");
-        assert!(is_broken_pipe(&e));
-        assert!(!is_broken_pipe(&anyhow::anyhow!("other")));
-    }
-}
-
 /// The arguments of `tasker broker-permissions`.
 struct BrokerPermissions<'a> {
     namespace: &'a str,
@@ -959,4 +882,81 @@ fn broker_permissions(out: &mut impl Write, a: &BrokerPermissions<'_>) -> Result
         a.namespace
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every argument of every (sub)command, with the path of commands leading to it.
+    fn all_args(cmd: &clap::Command, path: &str, out: &mut Vec<(String, clap::Arg)>) {
+        for arg in cmd.get_arguments() {
+            out.push((path.to_owned(), arg.clone()));
+        }
+        for sub in cmd.get_subcommands() {
+            all_args(sub, &format!("{path} {}", sub.get_name()), out);
+        }
+    }
+
+    #[test]
+    fn every_flag_and_argument_has_help() {
+        let mut cmd = Cli::command();
+        cmd.build();
+        cmd.clone().debug_assert();
+        let mut args = Vec::new();
+        all_args(&cmd, "tasker", &mut args);
+        let subcommands: Vec<_> = cmd.get_subcommands().map(|s| s.get_name()).collect();
+        assert!(subcommands.len() >= 8, "{subcommands:?}");
+        let missing: Vec<String> = args
+            .iter()
+            .filter(|(_, a)| !matches!(a.get_id().as_str(), "help" | "version"))
+            .filter(|(_, a)| a.get_help().is_none())
+            .map(|(path, a)| format!("{path}: {}", a.get_id()))
+            .collect();
+        assert!(missing.is_empty(), "arguments without help: {missing:?}");
+        for sub in cmd.get_subcommands() {
+            assert!(sub.get_about().is_some(), "{} has no about", sub.get_name());
+        }
+    }
+
+    #[test]
+    fn tables_are_as_wide_as_their_widest_cell() {
+        let mut out = Vec::new();
+        write_table(
+            &mut out,
+            &["A", "NUMBER", "LAST"],
+            &[1],
+            &[
+                vec!["a-rather-long-value".into(), "7".into(), "x".into()],
+                vec!["b".into(), "1234567".into(), "y y".into()],
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "A                     NUMBER  LAST\n\
+             a-rather-long-value        7  x\n\
+             b                    1234567  y y\n"
+        );
+    }
+
+    #[test]
+    fn errors_are_shown_on_one_line_and_cut() {
+        assert_eq!(one_line("short", 10), "short");
+        assert_eq!(
+            one_line("line one\n  line two\r\n", 100),
+            "line one line two"
+        );
+        assert_eq!(one_line("abcdefghijkl", 6), "abcde…");
+        assert_eq!(one_line("ééééé", 5), "ééééé");
+        assert_eq!(one_line(&"x".repeat(1000), 160).chars().count(), 160);
+    }
+
+    #[test]
+    fn a_closed_stdout_is_recognised() {
+        let e = anyhow::Error::new(io::Error::from(io::ErrorKind::BrokenPipe)).context("writing");
+        assert!(is_broken_pipe(&e));
+        assert!(!is_broken_pipe(&anyhow::anyhow!("other")));
+    }
 }
