@@ -72,7 +72,9 @@ async def main() -> None:
         results_x = await ch.declare_exchange(n.results_exchange, "topic", durable=True)
         await ch.declare_exchange(n.dead_letter_exchange, "fanout", durable=True)
         await ch.declare_exchange(n.cancel_exchange, "fanout", durable=True)
-        sq = await ch.declare_queue(n.step_queue("bench", "default"), durable=True, arguments=quorum)
+        sq = await ch.declare_queue(
+            n.step_queue("bench", "default"), durable=True, arguments=quorum
+        )
         await sq.bind(steps_x, "bench.default")
         rq = await ch.declare_queue(n.results_queue(0), durable=True, arguments=quorum)
         await rq.bind(results_x, "*.0")

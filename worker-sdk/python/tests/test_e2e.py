@@ -656,7 +656,9 @@ async def test_tls_worker_and_amqp_submit_with_a_private_ca(tasker: TaskerTestEn
         task = await tasker.wait(task_id)
     assert task["state"] == "completed" and task["output"] == {"hi": "over tls"}
     # Without the CA the broker's certificate is refused.
-    untrusted = Worker(amqps, [queue], namespaces=NS, prefix=tasker.prefix, reconnect_delay=(0.05, 0.05))
+    untrusted = Worker(
+        amqps, [queue], namespaces=NS, prefix=tasker.prefix, reconnect_delay=(0.05, 0.05)
+    )
     run = asyncio.ensure_future(untrusted.run())
     await asyncio.sleep(1.0)
     assert untrusted.stats.sessions == 0

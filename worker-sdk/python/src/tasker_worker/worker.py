@@ -386,7 +386,10 @@ class Worker:
 
     ```python
     worker = Worker(
-        "amqp://guest:guest@127.0.0.1:5672/%2f", queues=["default"], namespaces="shop", concurrency=32
+        "amqp://guest:guest@127.0.0.1:5672/%2f",
+        queues=["default"],
+        namespaces="shop",
+        concurrency=32,
     )
 
     @worker.handler("charge_payment")
