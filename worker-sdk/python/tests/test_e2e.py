@@ -258,7 +258,7 @@ async def test_malformed_step_messages_are_dead_lettered(tasker: TaskerTestEnv) 
         marker = wire.uuid7()
         await steps.publish(
             aio_pika.Message(b"\x01\x02 not msgpack", message_id=marker, headers={"x-test": 1}),
-            routing_key=queue,
+            routing_key=wire.step_routing_key(NS, queue),
             mandatory=True,
         )
         async with tasker.running(w):
@@ -277,7 +277,7 @@ async def test_malformed_step_messages_are_dead_lettered(tasker: TaskerTestEnv) 
                 await m.ack()
         assert found is not None, "the dead letter did not arrive"
         assert found.body == b"\x01\x02 not msgpack"
-        assert found.routing_key == queue
+        assert found.routing_key == wire.step_routing_key(NS, queue)
         headers = found.headers or {}
         reason = headers[wire.HEADER_REASON]
         assert isinstance(reason, str) and "not a MessagePack envelope" in reason
