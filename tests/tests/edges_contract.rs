@@ -329,7 +329,10 @@ async fn orchestrator_dead_letters_keep_the_routing_key_and_are_logged() -> anyh
     drop(consumer);
     conn.close(200, "done".into()).await?;
     let dl = next_dead_letter(&h, Duration::from_secs(10)).await?;
-    assert_eq!(dl.routing_key, "q", "the step message's routing key");
+    assert_eq!(
+        dl.routing_key, "t.q",
+        "the step message's routing key: namespace.queue"
+    );
     assert_eq!(dl.reason(), "step attempt failed: rejected");
     let message = decode::<StepMessage>(&dl.body)?.payload;
     assert_eq!(message.task_id, id);

@@ -162,10 +162,11 @@ async fn in_flight_bound_holds_and_released_slots_admit_the_backlog() -> anyhow:
         3,
         "the bound is 3 and 20 steps were ready"
     );
-    let in_flight: i64 =
-        sqlx::query_scalar("SELECT in_flight FROM slots WHERE scope = 'queue' AND key = 'narrow'")
-            .fetch_one(&h.db)
-            .await?;
+    let in_flight: i64 = sqlx::query_scalar(
+        "SELECT in_flight FROM slots WHERE scope = 'queue' AND key = 't.narrow'",
+    )
+    .fetch_one(&h.db)
+    .await?;
     assert_eq!(in_flight, 0);
     let pool = h.db.clone();
     assert!(

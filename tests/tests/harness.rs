@@ -147,7 +147,7 @@ async fn spawn_worker_fails_with_the_workers_start_up_error() -> anyhow::Result<
     let text = format!("{err:#}");
     assert!(
         text.contains(&format!(
-            "queue {}.step.nowhere does not exist; register a template that uses it first",
+            "queue {}.step.t.nowhere does not exist; register a template that uses it first",
             h.prefix
         )),
         "{text}"

@@ -103,10 +103,11 @@ async fn cancel_finishes_unstarted_steps_at_once_and_their_late_results_are_stal
     assert_eq!(view["state"], "cancelled", "{view:#}");
     assert_eq!(view["steps"][0]["state"], "cancelled");
     assert_eq!(view["steps"][0]["attempts"][0]["outcome"], "cancelled");
-    let in_flight: i64 =
-        sqlx::query_scalar("SELECT in_flight FROM slots WHERE scope = 'queue' AND key = 'nobody'")
-            .fetch_one(&h.db)
-            .await?;
+    let in_flight: i64 = sqlx::query_scalar(
+        "SELECT in_flight FROM slots WHERE scope = 'queue' AND key = 't.nobody'",
+    )
+    .fetch_one(&h.db)
+    .await?;
     assert_eq!(
         in_flight, 0,
         "the slot of the cancelled attempt is released"
@@ -391,15 +392,16 @@ async fn reconciler_corrects_a_drifted_in_flight_count() -> anyhow::Result<()> {
         h.run("t", "one", json!({})).await?.state,
         TaskState::Completed
     );
-    sqlx::query("UPDATE slots SET in_flight = 7 WHERE scope = 'queue' AND key = 'default'")
+    sqlx::query("UPDATE slots SET in_flight = 7 WHERE scope = 'queue' AND key = 't.default'")
         .execute(&h.db)
         .await?;
     let repaired = tasker_orchestrator::service::reconcile::reconcile(&h.shared(0)).await?;
     assert_eq!(repaired, 1);
-    let in_flight: i64 =
-        sqlx::query_scalar("SELECT in_flight FROM slots WHERE scope = 'queue' AND key = 'default'")
-            .fetch_one(&h.db)
-            .await?;
+    let in_flight: i64 = sqlx::query_scalar(
+        "SELECT in_flight FROM slots WHERE scope = 'queue' AND key = 't.default'",
+    )
+    .fetch_one(&h.db)
+    .await?;
     assert_eq!(in_flight, 0);
     // With the count right again, tasks still run.
     assert_eq!(
