@@ -518,7 +518,7 @@ async fn a_missing_queue_is_a_clear_error() -> Result<()> {
     assert_eq!(
         err.to_string(),
         format!(
-            "queue {}.step.nope does not exist; register a template that uses it first",
+            "queue {}.step.shop.nope does not exist; register a template that uses it first",
             b.names.prefix()
         )
     );
