@@ -68,6 +68,19 @@ pub async fn publish_task_request(
     names: &Names,
     request: &TaskRequest,
 ) -> Result<MessageId, PublishError> {
+    publish_task_request_as(channel, names, request, None).await
+}
+
+/// [`publish_task_request`] with the AMQP `user_id` property set to `user_id` (the user the
+/// channel's connection logged in as: the broker refuses any other; see
+/// [`crate::publish::amqp_user`]). A deployment with broker identity on dead-letters a task
+/// request whose `user_id` is not the user of its namespace.
+pub async fn publish_task_request_as(
+    channel: &Channel,
+    names: &Names,
+    request: &TaskRequest,
+    user_id: Option<&str>,
+) -> Result<MessageId, PublishError> {
     let envelope = Envelope {
         kind: Kind::TaskRequest,
         schema_version: SCHEMA_VERSION.to_owned(),
@@ -75,8 +88,11 @@ pub async fn publish_task_request(
         payload: request,
     };
     let bytes = encode(&envelope)?;
-    let properties =
+    let mut properties =
         message_properties(envelope.message_id).with_type(Kind::TaskRequest.as_str().into());
+    if let Some(user) = user_id {
+        properties = crate::publish::with_user_id(properties, user);
+    }
     publish_confirmed(
         channel,
         &names.tasks_exchange(),

@@ -71,6 +71,20 @@ pub fn message_properties(message_id: MessageId) -> BasicProperties {
         .with_message_id(ShortString::from(message_id.to_string()))
 }
 
+/// Sets the AMQP `user_id` property: the broker refuses a publish whose `user_id` is not the
+/// connection's user, so the receiver knows who sent it (broker identity, CONTRACT.md §1).
+pub fn with_user_id(properties: BasicProperties, user_id: &str) -> BasicProperties {
+    properties.with_user_id(ShortString::from(user_id))
+}
+
+/// The user an AMQP URL connects as (`guest` when the URL names none, as the AMQP client
+/// assumes), or `None` for a URL that does not parse.
+pub fn amqp_user(url: &str) -> Option<String> {
+    url.parse::<lapin::uri::AMQPUri>()
+        .ok()
+        .map(|uri| uri.authority.userinfo.username)
+}
+
 /// Publishes with `mandatory` set and waits for the broker's confirm. `Ok` means the broker
 /// acknowledged the message and routed it to at least one queue.
 #[doc(hidden)]

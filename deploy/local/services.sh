@@ -8,6 +8,7 @@
 #   deploy/local/services.sh reset    # down, then delete the project-local data
 #   deploy/local/services.sh restart-broker [PAUSE_S]  # stop_app, pause, start_app (fault tests)
 #   deploy/local/services.sh restart-db [fast|immediate]  # pg_ctl restart (fault tests)
+#   deploy/local/services.sh rabbitmqctl ARGS...  # rabbitmqctl against the broker in use (users)
 #
 # `up` reuses a PostgreSQL that already answers on 127.0.0.1:$TASKER_PG_PORT as user `postgres`
 # without a password, and a RabbitMQ that already answers AMQP on 127.0.0.1:$TASKER_AMQP_PORT.
@@ -687,6 +688,8 @@ export TASKER_AMQP_URL='amqp://guest:guest@$HOST:$AMQP_PORT/%2f'
 # Admin URL: tests create (and drop) their own databases from it.
 export TASKER_TEST_DATABASE_URL='postgres://postgres@$HOST:$PG_PORT/postgres'
 export TASKER_TEST_AMQP_URL='amqp://guest:guest@$HOST:$AMQP_PORT/%2f'
+# rabbitmqctl for the broker above (tests create per-namespace broker users with it).
+export TASKER_TEST_RABBITMQCTL='env TASKER_STATE_DIR=$STATE TASKER_PG_PORT=$PG_PORT TASKER_AMQP_PORT=$AMQP_PORT TASKER_AMQPS_PORT=$AMQPS_PORT bash $ROOT/deploy/local/services.sh rabbitmqctl'
 EOF
     if [ -n "$PG_TLS_OK$RMQ_TLS_OK" ]; then
         cat >>"$tmp" <<EOF
@@ -782,6 +785,16 @@ cmd_restart_db() {
     say "postgres: back"
 }
 
+# rabbitmqctl against the broker in use: the project-local node when it runs, else the
+# system's CLI (a reused broker). Tests create broker users with it (tests/tests/broker_identity.rs).
+cmd_rabbitmqctl() {
+    if rmq_local_pid >/dev/null; then
+        rmqctl_local "$@"
+    else
+        rmqctl_system "$@" || die "rabbitmqctl: no project-local node runs and the system's rabbitmqctl failed"
+    fi
+}
+
 usage() {
     awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"
 }
@@ -794,6 +807,10 @@ env) cmd_env ;;
 reset) cmd_reset ;;
 restart-broker) cmd_restart_broker "${2:-3}" ;;
 restart-db) cmd_restart_db "${2:-fast}" ;;
+rabbitmqctl)
+    shift
+    cmd_rabbitmqctl "$@"
+    ;;
 -h | --help | help) usage ;;
 *)
     usage >&2

@@ -11,7 +11,10 @@ use lapin::{Confirmation, PublisherConfirm};
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
-use tasker_schemas::message::{CONTENT_TYPE, HEADER_DEAD_LETTER_REASON, HEADER_TRACEPARENT};
+use tasker_schemas::message::{
+    CONTENT_TYPE, HEADER_DEAD_LETTER_REASON, HEADER_ORIGINAL_USER_ID, HEADER_TRACEPARENT,
+};
+use tasker_schemas::topology::split_step_routing_key;
 use tasker_schemas::{MessageId, Names, StepId, TaskId};
 use tokio::sync::RwLock;
 
@@ -173,14 +176,21 @@ pub async fn declare_topology(
     Ok(())
 }
 
-/// Declares the queue behind a template queue name and binds it to the steps exchange.
+/// Declares the queue of a template queue of one namespace (`key` is
+/// [`tasker_schemas::topology::step_routing_key`], `{namespace}.{queue}`) and binds it to the
+/// steps exchange with that key.
 pub async fn declare_step_queue(
     ch: &Channel,
     names: &Names,
-    queue: &str,
+    key: &str,
     delivery_limit: u32,
 ) -> Result<()> {
-    let amqp_queue = names.step_queue(queue);
+    let Some((namespace, queue)) = split_step_routing_key(key) else {
+        return Err(BrokerError::Unavailable(format!(
+            "{key:?} is not a namespace and a queue"
+        )));
+    };
+    let amqp_queue = names.step_queue(namespace, queue);
     ch.queue_declare(
         amqp_queue.as_str().into(),
         QueueDeclareOptions {
@@ -193,7 +203,7 @@ pub async fn declare_step_queue(
     ch.queue_bind(
         amqp_queue.into(),
         names.steps_exchange().into(),
-        queue.into(),
+        key.into(),
         QueueBindOptions::default(),
         FieldTable::default(),
     )
@@ -433,7 +443,7 @@ impl Publisher {
             .unwrap_or(false)
     }
 
-    /// Declares a step queue now and after every reconnect.
+    /// Declares a step queue (`{namespace}.{queue}`) now and after every reconnect.
     pub async fn declare_step_queue(&self, queue: &str) -> Result<()> {
         let ch = self.channel().await?;
         declare_step_queue(&ch, &self.inner.names, queue, self.inner.delivery_limit).await?;
@@ -540,14 +550,69 @@ impl Publisher {
             HEADER_DEAD_LETTER_REASON.into(),
             AMQPValue::LongString(LongString::from(reason)),
         );
-        props = props.with_headers(headers).with_delivery_mode(2);
+        // The broker refuses a `user_id` other than this connection's user: the original's
+        // (a worker's) travels in a header instead.
+        if let Some(user) = props.user_id() {
+            headers.insert(
+                HEADER_ORIGINAL_USER_ID.into(),
+                AMQPValue::LongString(LongString::from(user.as_str())),
+            );
+        }
+        props = without_user_id(&props)
+            .with_headers(headers)
+            .with_delivery_mode(2);
         self.publish(&names.dead_letter_exchange(), routing_key, payload, props)
             .await
     }
 }
 
-/// Deletes every queue and exchange of a prefix (best effort): the orchestrator's own, and the step
-/// queues named in `step_queues` plus `default`, and 16 result shards. For tests and tools that
+/// A message's properties without its `user_id` (every other property kept).
+pub fn without_user_id(p: &BasicProperties) -> BasicProperties {
+    let mut out = BasicProperties::default();
+    if let Some(v) = p.content_type() {
+        out = out.with_content_type(v.clone());
+    }
+    if let Some(v) = p.content_encoding() {
+        out = out.with_content_encoding(v.clone());
+    }
+    if let Some(v) = p.headers() {
+        out = out.with_headers(v.clone());
+    }
+    if let Some(v) = p.delivery_mode() {
+        out = out.with_delivery_mode(*v);
+    }
+    if let Some(v) = p.priority() {
+        out = out.with_priority(*v);
+    }
+    if let Some(v) = p.correlation_id() {
+        out = out.with_correlation_id(v.clone());
+    }
+    if let Some(v) = p.reply_to() {
+        out = out.with_reply_to(v.clone());
+    }
+    if let Some(v) = p.expiration() {
+        out = out.with_expiration(v.clone());
+    }
+    if let Some(v) = p.message_id() {
+        out = out.with_message_id(v.clone());
+    }
+    if let Some(v) = p.timestamp() {
+        out = out.with_timestamp(*v);
+    }
+    if let Some(v) = p.kind() {
+        out = out.with_type(v.clone());
+    }
+    if let Some(v) = p.app_id() {
+        out = out.with_app_id(v.clone());
+    }
+    if let Some(v) = p.cluster_id() {
+        out = out.with_cluster_id(v.clone());
+    }
+    out
+}
+
+/// Deletes every queue and exchange of a prefix (best effort): the orchestrator's own, the step
+/// queues named in `step_queues` (`{namespace}.{queue}` keys), and 16 result shards. For tests and tools that
 /// give each run its own prefix.
 pub async fn delete_topology(amqp_url: &str, names: &Names, step_queues: &[String]) -> Result<()> {
     use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
@@ -556,10 +621,14 @@ pub async fn delete_topology(amqp_url: &str, names: &Names, step_queues: &[Strin
         names.task_requests_queue(),
         names.dead_letter_queue(),
         names.step_dead_letter_queue(),
-        names.step_queue("default"),
     ];
     queues.extend((0..16).map(|shard| names.results_queue(shard)));
-    queues.extend(step_queues.iter().map(|q| names.step_queue(q)));
+    queues.extend(
+        step_queues
+            .iter()
+            .filter_map(|k| split_step_routing_key(k))
+            .map(|(ns, q)| names.step_queue(ns, q)),
+    );
     for q in queues {
         // A failed delete closes its channel: a fresh one each time.
         let ch = conn.create_channel().await?;
@@ -630,6 +699,18 @@ mod tests {
                 .get(HEADER_TRACEPARENT),
             Some(&AMQPValue::LongString(LongString::from(t.as_str())))
         );
+    }
+
+    #[test]
+    fn without_user_id_keeps_every_other_property() {
+        let p = properties(MessageId::new())
+            .with_user_id("tasker-shop".into())
+            .with_type("result".into())
+            .with_priority(3)
+            .with_app_id("w".into());
+        let q = without_user_id(&p);
+        assert_eq!(q.user_id(), &None);
+        assert_eq!(q.clone().with_user_id("tasker-shop".into()), p);
     }
 
     /// A broker that accepts the connection and then says nothing must not hang us.

@@ -90,6 +90,12 @@ pub struct Config {
     /// OTLP/HTTP endpoint (base URL) traces are exported to; unset: `OTEL_EXPORTER_OTLP_ENDPOINT`,
     /// and with neither, no traces (docs/observability.md).
     pub otlp_endpoint: Option<String>,
+    /// Broker identity: apply a worker message, or accept a task request, only when its AMQP
+    /// `user_id` is the user of the namespace concerned ([`crate::identity`]); otherwise
+    /// dead-letter it with the reason.
+    pub broker_identity: bool,
+    /// The RabbitMQ user of a namespace: `{namespace}` is replaced by the namespace.
+    pub broker_user_format: String,
 }
 
 impl Default for Config {
@@ -134,6 +140,8 @@ impl Default for Config {
             dead_letter_reader: true,
             metrics_interval_ms: 10_000,
             otlp_endpoint: None,
+            broker_identity: false,
+            broker_user_format: crate::identity::DEFAULT_USER_FORMAT.into(),
         }
     }
 }
@@ -322,7 +330,7 @@ settings! {
     "TASKER_DISPATCH_BATCH_SIZE" => dispatch_batch_size (value):
         "Most steps admitted in one dispatch transaction",
     "TASKER_MAX_IN_FLIGHT_PER_QUEUE" => max_in_flight_per_queue (value):
-        "Most dispatched, unfinished steps per queue; the rest wait in PostgreSQL by priority",
+        "Most dispatched, unfinished steps per queue of a namespace; the rest wait in PostgreSQL by priority",
     "TASKER_DELIVERY_LIMIT" => delivery_limit (value):
         "Deliveries of one message before the broker dead-letters it",
     "TASKER_RELAY_AFTER_MS" => relay_after_ms (value):
@@ -356,6 +364,10 @@ settings! {
         "How often the gauges of /metrics are refreshed; one replica counts per interval (ms)",
     "TASKER_RETENTION_MS" => retention_ms (value):
         "Finished tasks (and their idempotency keys) are kept this long, then pruned (ms; default 7 days)",
+    "TASKER_BROKER_IDENTITY" => broker_identity (value):
+        "true: a worker message or task request is applied only if its AMQP user_id is the user of its namespace, else dead-lettered (docs/operations.md)",
+    "TASKER_BROKER_USER_FORMAT" => broker_user_format (string):
+        "The RabbitMQ user of a namespace, {namespace} replaced (broker identity; `tasker broker-permissions`)",
     "TASKER_OTLP_ENDPOINT" => otlp_endpoint (optional):
         "OTLP/HTTP base URL traces are exported to (unset: OTEL_EXPORTER_OTLP_ENDPOINT; neither: no traces)",
 }
@@ -401,7 +413,18 @@ impl Config {
 
     /// Checks the settings that must fit together (today: the HTTP certificate and key).
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.broker_identity()?;
         self.http_tls().map(|_| ())
+    }
+
+    /// The user naming rule when broker identity is on; `None` when it is off.
+    pub fn broker_identity(&self) -> Result<Option<crate::identity::UserFormat>, ConfigError> {
+        if !self.broker_identity {
+            return Ok(None);
+        }
+        crate::identity::UserFormat::parse(&self.broker_user_format)
+            .map(Some)
+            .map_err(|e| ConfigError::Invalid(format!("TASKER_BROKER_USER_FORMAT: {e}")))
     }
 
     /// The HTTP API's certificate and key files, when it serves HTTPS: both set, or neither.

@@ -32,6 +32,7 @@ pub mod config;
 pub mod console;
 pub mod edge;
 pub mod error;
+pub mod identity;
 pub mod loops;
 pub mod metrics;
 pub mod service;

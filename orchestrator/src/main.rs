@@ -63,6 +63,37 @@ enum Command {
     /// Schedules: a task of a template at each tick of a cron expression in a time zone.
     #[command(subcommand)]
     Schedule(ScheduleCommand),
+    /// Print (or with --apply run) the rabbitmqctl lines that create the broker user of a
+    /// namespace: it may consume only that namespace's step queues and publish only its results
+    /// and task requests (broker identity; docs/operations.md).
+    BrokerPermissions {
+        /// The namespace (e.g. shop).
+        #[arg(long)]
+        namespace: String,
+        /// Exchange and queue name prefix of the deployment.
+        #[arg(long, env = "TASKER_PREFIX", default_value = "tasker")]
+        prefix: String,
+        /// The user naming rule ({namespace} is replaced), as the orchestrator's setting.
+        #[arg(
+            long,
+            env = "TASKER_BROKER_USER_FORMAT",
+            default_value = "tasker-{namespace}"
+        )]
+        user_format: String,
+        /// RabbitMQ virtual host.
+        #[arg(long, default_value = "/")]
+        vhost: String,
+        /// Environment variable holding the new user's password (never printed); with --apply
+        /// and the variable unset, the password is asked for on the terminal.
+        #[arg(long, default_value = "TASKER_BROKER_PASSWORD")]
+        password_env: String,
+        /// Run the lines with rabbitmqctl instead of printing them.
+        #[arg(long)]
+        apply: bool,
+        /// The rabbitmqctl command (split on spaces), for --apply.
+        #[arg(long, env = "TASKER_RABBITMQCTL", default_value = "rabbitmqctl")]
+        rabbitmqctl: String,
+    },
     /// List the live workers (the worker registry): queues, handlers, load, last seen.
     Workers {
         /// Print JSON instead of a table.
@@ -656,6 +687,28 @@ async fn run(cli: &Cli, out: &mut impl Write) -> Result<ExitCode> {
                 n.namespace,
                 n.retention_ms
                     .map_or("default".into(), |ms| format!("{ms} ms"))
+            )?;
+        }
+        Command::BrokerPermissions {
+            namespace,
+            prefix,
+            user_format,
+            vhost,
+            password_env,
+            apply,
+            rabbitmqctl,
+        } => {
+            broker_permissions(
+                out,
+                &BrokerPermissions {
+                    namespace,
+                    prefix,
+                    user_format,
+                    vhost,
+                    password_env,
+                    apply: *apply,
+                    rabbitmqctl,
+                },
             )?;
         }
         Command::Workers { json } => {
@@ -1260,6 +1313,116 @@ async fn wait_for_signal() {
     }
     #[cfg(not(unix))]
     ctrl_c.await.unwrap_or(());
+}
+
+/// The arguments of `tasker broker-permissions`.
+struct BrokerPermissions<'a> {
+    namespace: &'a str,
+    prefix: &'a str,
+    user_format: &'a str,
+    vhost: &'a str,
+    password_env: &'a str,
+    apply: bool,
+    rabbitmqctl: &'a str,
+}
+
+/// `tasker broker-permissions`: prints the rabbitmqctl lines of a namespace's broker user, or
+/// runs them. The password never reaches the output.
+fn broker_permissions(out: &mut impl Write, a: &BrokerPermissions<'_>) -> Result<()> {
+    use tasker_orchestrator::identity::{self, UserFormat};
+    tasker_schemas::template::validate_namespace(a.namespace)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let user = UserFormat::parse(a.user_format)
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .user_of(a.namespace);
+    let names = tasker_schemas::Names::new(a.prefix);
+    let commands = identity::permission_commands(&names, a.namespace, &user, a.vhost);
+    if !a.apply {
+        writeln!(
+            out,
+            "# Broker user of namespace {} (prefix {}); the password comes from ${}.",
+            a.namespace, a.prefix, a.password_env
+        )?;
+        writeln!(out, "{}", identity::add_user_line(&user, a.password_env))?;
+        for c in &commands {
+            let words: Vec<String> = c.iter().map(|w| identity::shell_quote(w)).collect();
+            writeln!(out, "rabbitmqctl {}", words.join(" "))?;
+        }
+        return Ok(());
+    }
+    let password = match std::env::var(a.password_env) {
+        Ok(p) if !p.is_empty() => p,
+        _ => {
+            eprint!("password for broker user {user}: ");
+            io::stderr().flush()?;
+            let mut line = String::new();
+            io::stdin().read_line(&mut line)?;
+            line.trim_end_matches(['\r', '\n']).to_owned()
+        }
+    };
+    if password.is_empty() {
+        bail!("no password: set {} or type one", a.password_env);
+    }
+    let ctl: Vec<&str> = a.rabbitmqctl.split_whitespace().collect();
+    let Some((program, base)) = ctl.split_first() else {
+        bail!("--rabbitmqctl is empty");
+    };
+    let run = |args: &[&str], shown: &str| -> Result<std::process::Output> {
+        let output = std::process::Command::new(program)
+            .args(base)
+            .args(args)
+            .output()
+            .with_context(|| format!("cannot run {}", a.rabbitmqctl))?;
+        writeln!(
+            io::stderr(),
+            "rabbitmqctl {shown}: {}",
+            if output.status.success() {
+                "ok"
+            } else {
+                "failed"
+            }
+        )?;
+        Ok(output)
+    };
+    let added = run(
+        &["add_user", &user, &password],
+        &format!("add_user {user} ***"),
+    )?;
+    if !added.status.success() {
+        let text = String::from_utf8_lossy(&added.stderr).to_string()
+            + &String::from_utf8_lossy(&added.stdout);
+        if !text.contains("already exists") && !text.contains("user_already_exists") {
+            bail!(
+                "rabbitmqctl add_user {user} failed: {}",
+                text.replace(&password, "***")
+            );
+        }
+        let changed = run(
+            &["change_password", &user, &password],
+            &format!("change_password {user} ***"),
+        )?;
+        if !changed.status.success() {
+            bail!("rabbitmqctl change_password {user} failed");
+        }
+    }
+    for c in &commands {
+        let args: Vec<&str> = c.iter().map(String::as_str).collect();
+        let output = run(&args, &c.join(" "))?;
+        if !output.status.success() {
+            bail!(
+                "rabbitmqctl {} failed: {}{}",
+                c.join(" "),
+                String::from_utf8_lossy(&output.stderr),
+                String::from_utf8_lossy(&output.stdout)
+            );
+        }
+    }
+    writeln!(
+        out,
+        "broker user {user} of namespace {} is ready",
+        a.namespace
+    )?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -190,7 +190,15 @@ impl App {
         let traces = crate::telemetry::Traces::from_config(&config).map_err(Error::Telemetry)?;
         let (finished, _) = broadcast::channel(4096);
         let (confirms, confirm_rx) = tokio::sync::mpsc::channel(16 * 1024);
+        let identity = config.broker_identity()?.map(Arc::new);
+        if identity.is_some() {
+            tracing::info!(
+                user_format = %config.broker_user_format,
+                "broker identity on: worker messages and task requests are checked against their namespace's broker user"
+            );
+        }
         let shared = Shared {
+            identity,
             db,
             config: Arc::new(config),
             names,

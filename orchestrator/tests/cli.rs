@@ -274,9 +274,17 @@ impl Drop for Server {
 
 /// Deletes the topology of a prefix and a database (best effort).
 async fn cleanup(amqp_url: &str, prefix: &str, database: &str) {
-    let _ =
-        tasker_orchestrator::broker::delete_topology(amqp_url, &Names::new(prefix.to_owned()), &[])
-            .await;
+    // The step queues of the namespaces these tests register templates in.
+    let queues: Vec<String> = ["cli", "s", "shop", "tl", "a_namespace_longer_than_twelve"]
+        .iter()
+        .map(|ns| format!("{ns}.default"))
+        .collect();
+    let _ = tasker_orchestrator::broker::delete_topology(
+        amqp_url,
+        &Names::new(prefix.to_owned()),
+        &queues,
+    )
+    .await;
     drop_database(database).await;
 }
 

@@ -18,6 +18,9 @@ pub const SCHEMA_VERSION: &str = "1.1";
 
 /// AMQP header naming why a message was dead-lettered.
 pub const HEADER_DEAD_LETTER_REASON: &str = "x-tasker-reason";
+/// AMQP header of a dead letter the orchestrator forwards: the original message's `user_id`
+/// (the broker refuses a publish whose `user_id` is not the publisher's own user).
+pub const HEADER_ORIGINAL_USER_ID: &str = "x-tasker-user-id";
 /// AMQP header with the time the orchestrator published a message (Unix milliseconds): a
 /// worker refuses a cancelled task's steps published before its cancel, and runs those
 /// published after it (a retry of the task).

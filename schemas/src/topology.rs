@@ -37,14 +37,27 @@ impl Names {
         format!("{}.task_requests", self.prefix)
     }
 
-    /// Direct exchange for step messages (routing key: the step's queue name).
+    /// Direct exchange for step messages (routing key: [`step_routing_key`],
+    /// `{namespace}.{queue}`).
     pub fn steps_exchange(&self) -> String {
         format!("{}.steps", self.prefix)
     }
 
-    /// The AMQP queue behind a template queue name.
-    pub fn step_queue(&self, queue: &str) -> String {
-        format!("{}.step.{}", self.prefix, queue)
+    /// The AMQP queue behind a template queue name of a namespace:
+    /// `{prefix}.step.{namespace}.{queue}`. Each namespace has its own step queues, so a worker
+    /// (and its broker user) of one namespace never receives another namespace's steps.
+    pub fn step_queue(&self, namespace: &str, queue: &str) -> String {
+        format!("{}.step.{}.{}", self.prefix, namespace, queue)
+    }
+
+    /// The name pattern of every step queue of a namespace, as a regular expression (RabbitMQ
+    /// permissions): `^{prefix}\.step\.{namespace}\.`.
+    pub fn step_queue_pattern(&self, namespace: &str) -> String {
+        format!(
+            "^{}\\.step\\.{}\\.",
+            regex_escape(&self.prefix),
+            regex_escape(namespace)
+        )
     }
 
     /// Topic exchange for results, started and heartbeat messages (routing key: `namespace.shard`).
@@ -89,11 +102,35 @@ impl Names {
     }
 }
 
-/// Routing key of a result: `"{namespace}.{shard}"`.
+/// Escapes the characters a regular expression gives a meaning to (for RabbitMQ permission
+/// patterns built from names).
+pub fn regex_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if "\\.^$|?*+()[]{}".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Routing key of a step message on the steps exchange, and the orchestrator's key of a step
+/// queue (its slot, its dispatch): `"{namespace}.{queue}"`. Neither name holds a dot.
+pub fn step_routing_key(namespace: &str, queue: &str) -> String {
+    format!("{namespace}.{queue}")
+}
+
+/// The namespace and queue of a [`step_routing_key`] (split at the first dot).
+pub fn split_step_routing_key(key: &str) -> Option<(&str, &str)> {
+    key.split_once('.')
+}
+
 /// Routing key of a `worker_heartbeat` on the results exchange: bound to results queue 0 only
 /// (no namespace has a dot, and no shard is a word, so it collides with no result's key).
 pub const WORKER_HEARTBEAT_ROUTING_KEY: &str = "workers.heartbeat";
 
+/// Routing key of a result: `"{namespace}.{shard}"`.
 pub fn result_routing_key(namespace: &str, shard: u16) -> String {
     format!("{namespace}.{shard}")
 }

@@ -1118,7 +1118,22 @@ fn names_match_the_contract() {
     assert_eq!(n.tasks_exchange(), "tasker.tasks");
     assert_eq!(n.task_requests_queue(), "tasker.task_requests");
     assert_eq!(n.steps_exchange(), "tasker.steps");
-    assert_eq!(n.step_queue("payments"), "tasker.step.payments");
+    assert_eq!(
+        n.step_queue("shop", "payments"),
+        "tasker.step.shop.payments"
+    );
+    assert_eq!(
+        topology::step_routing_key("shop", "payments"),
+        "shop.payments"
+    );
+    assert_eq!(
+        topology::split_step_routing_key("shop.payments"),
+        Some(("shop", "payments"))
+    );
+    assert_eq!(
+        Names::new("p.1").step_queue_pattern("shop"),
+        "^p\\.1\\.step\\.shop\\."
+    );
     assert_eq!(n.results_exchange(), "tasker.results");
     assert_eq!(n.results_queue(3), "tasker.results.3");
     assert_eq!(n.events_exchange(), "tasker.events");

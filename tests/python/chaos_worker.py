@@ -52,6 +52,7 @@ def build(args: argparse.Namespace) -> Worker:
     worker = Worker(
         args.amqp_url,
         queues=["default"],
+        namespaces=args.namespace,
         concurrency=args.concurrency,
         prefix=args.prefix,
         name=args.name or f"chaos-worker-py-{run.pid}",
@@ -98,6 +99,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description="Python worker for the Tasker fault-injection harness")
     p.add_argument("--amqp-url", default=os.environ.get("TASKER_AMQP_URL"))
     p.add_argument("--prefix", default=os.environ.get("TASKER_PREFIX"))
+    p.add_argument("--namespace", default=os.environ.get("TASKER_NAMESPACE", "chaos"))
     p.add_argument("--record-dir", required=True)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--sleep-ms-max", type=int, default=10)

@@ -21,6 +21,7 @@ async def serve(args: argparse.Namespace) -> None:
     worker = Worker(
         url,
         queues=[args.queue],
+        namespaces=args.namespace,
         concurrency=args.concurrency,
         prefix=args.prefix,
         name=args.name,
@@ -47,6 +48,7 @@ async def serve(args: argparse.Namespace) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description="Python no-op worker for the Tasker load generator")
     p.add_argument("--queue", required=True)
+    p.add_argument("--namespace", default="loadgen")
     p.add_argument("--prefix", required=True)
     p.add_argument("--concurrency", type=int, default=256)
     p.add_argument("--name", default=None)

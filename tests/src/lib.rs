@@ -22,7 +22,7 @@
 //! steps:
 //!   - { name: greet, handler: greet }
 //! "#).await?;
-//! h.spawn_worker(h.worker().handler_fn("greet", |ctx| async move {
+//! h.spawn_worker(h.worker("demo").handler_fn("greet", |ctx| async move {
 //!     Ok(json!({ "hello": ctx.input::<serde_json::Value>()?["name"] }))
 //! })).await?;
 //! let task = h.run("demo", "hello", json!({"name": "Ada"})).await?;
@@ -205,6 +205,7 @@ pub const KEEP_ENV: &str = "TASKER_TEST_KEEP";
 /// What the harness knows about a worker it started, for the hints of [`TaskNotFinished`].
 struct WorkerInfo {
     name: String,
+    namespaces: Vec<String>,
     queues: Vec<String>,
     handlers: Vec<String>,
     /// `None` while it runs; how it ended otherwise.
@@ -483,10 +484,12 @@ impl Harness {
         Names::new(self.prefix.clone())
     }
 
-    /// A worker builder pointed at this harness's broker and prefix (queue `default`, no handlers).
-    pub fn worker(&self) -> WorkerBuilder {
+    /// A worker builder pointed at this harness's broker and prefix, serving `namespace` (queue
+    /// `default`, no handlers; add namespaces with `.namespace(..)`).
+    pub fn worker(&self, namespace: &str) -> WorkerBuilder {
         tasker_worker::Worker::builder(self.services.amqp_url.clone())
             .prefix(self.prefix.clone())
+            .namespace(namespace)
             .grace_period(Duration::from_secs(5))
     }
 
@@ -545,6 +548,11 @@ impl Harness {
         }
         let name = worker.name().to_owned();
         let queues: Vec<String> = worker.queue_names().into_iter().map(Into::into).collect();
+        let namespaces: Vec<String> = worker
+            .namespace_names()
+            .into_iter()
+            .map(Into::into)
+            .collect();
         let handlers: Vec<String> = worker.handler_names().into_iter().map(Into::into).collect();
         let ended = Arc::new(Mutex::new(None));
         let shutdown = CancellationToken::new();
@@ -583,6 +591,7 @@ impl Harness {
         }
         lock(&self.worker_info).push(WorkerInfo {
             name,
+            namespaces,
             queues,
             handlers,
             ended,
@@ -679,7 +688,7 @@ impl Harness {
             seen.push((&s.queue, &s.handler));
             let on_queue: Vec<&WorkerInfo> = infos
                 .iter()
-                .filter(|w| w.queues.contains(&s.queue))
+                .filter(|w| w.namespaces.contains(&task.namespace) && w.queues.contains(&s.queue))
                 .collect();
             let running: Vec<&&WorkerInfo> =
                 on_queue.iter().filter(|w| w.ended().is_none()).collect();
@@ -805,7 +814,11 @@ impl Harness {
     fn known_queues(&self) -> Vec<String> {
         lock(&self.templates)
             .iter()
-            .flat_map(|t| t.steps.iter().map(|s| s.queue().to_owned()))
+            .flat_map(|t| {
+                t.steps
+                    .iter()
+                    .map(|s| tasker_schemas::topology::step_routing_key(&t.namespace, s.queue()))
+            })
             .collect()
     }
 }
@@ -1063,6 +1076,91 @@ pub async fn spawn_serve(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Where the test broker's `rabbitmqctl` is: `TASKER_TEST_RABBITMQCTL` (written to
+/// `.tasker/env` by `deploy/local/services.sh up`: its `rabbitmqctl` passthrough), split on
+/// spaces. `Ok(None)` when it is not set (the caller skips), an error when it is not set and
+/// `CI` is: tests that create broker users must not skip there.
+pub fn rabbitmqctl_command() -> Result<Option<Vec<String>>> {
+    match std::env::var("TASKER_TEST_RABBITMQCTL") {
+        Ok(v) if !v.trim().is_empty() => Ok(Some(v.split_whitespace().map(String::from).collect())),
+        _ => {
+            let why = "TASKER_TEST_RABBITMQCTL not set: run deploy/local/services.sh up, then . .tasker/env";
+            if std::env::var_os("CI").is_some() {
+                bail!("{why} (required when CI is set)");
+            }
+            eprintln!("SKIPPED (broker users): {why}");
+            Ok(None)
+        }
+    }
+}
+
+/// Runs `rabbitmqctl args` with the command of [`rabbitmqctl_command`]; fails with its output
+/// when it fails.
+pub fn rabbitmqctl(ctl: &[String], args: &[&str]) -> Result<String> {
+    let (program, base) = ctl.split_first().context("empty rabbitmqctl command")?;
+    let output = std::process::Command::new(program)
+        .args(base)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {}", ctl.join(" ")))?;
+    let text = String::from_utf8_lossy(&output.stdout).to_string()
+        + &String::from_utf8_lossy(&output.stderr);
+    if !output.status.success() {
+        bail!("rabbitmqctl {} failed: {text}", args.first().unwrap_or(&""));
+    }
+    Ok(text)
+}
+
+/// A broker user of one namespace, created by [`create_broker_user`]; deleted when dropped.
+pub struct BrokerUser {
+    pub user: String,
+    /// `amqp_url` with this user's name and password.
+    pub url: String,
+    ctl: Vec<String>,
+}
+
+impl Drop for BrokerUser {
+    fn drop(&mut self) {
+        let _ = rabbitmqctl(&self.ctl, &["delete_user", &self.user]);
+    }
+}
+
+/// Creates the broker user of `namespace` (named by `user_format`, as the orchestrator's
+/// `broker_user_format`) with a random password and exactly the permissions `tasker
+/// broker-permissions` gives it ([`tasker_orchestrator::identity::permission_commands`]), on
+/// the virtual host of `amqp_url`.
+pub fn create_broker_user(
+    ctl: &[String],
+    amqp_url: &str,
+    names: &Names,
+    namespace: &str,
+    user_format: &str,
+) -> Result<BrokerUser> {
+    use tasker_orchestrator::identity::{UserFormat, permission_commands};
+    let user = UserFormat::parse(user_format)
+        .map_err(|e| anyhow!(e))?
+        .user_of(namespace);
+    let password = Uuid::now_v7().simple().to_string();
+    let uri: lapin::uri::AMQPUri = amqp_url.parse().map_err(|e: String| anyhow!(e))?;
+    let vhost = uri.vhost.clone();
+    let (scheme, rest) = amqp_url.split_once("://").context("AMQP URL without ://")?;
+    let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    let url = format!("{scheme}://{user}:{password}@{host}");
+    // Delete a leftover of an earlier run first; created, it is deleted on drop.
+    let _ = rabbitmqctl(ctl, &["delete_user", &user]);
+    rabbitmqctl(ctl, &["add_user", &user, &password])?;
+    let created = BrokerUser {
+        user: user.clone(),
+        url,
+        ctl: ctl.to_vec(),
+    };
+    for c in permission_commands(names, namespace, &user, &vhost) {
+        let args: Vec<&str> = c.iter().map(String::as_str).collect();
+        rabbitmqctl(ctl, &args)?;
+    }
+    Ok(created)
 }
 
 #[cfg(test)]

@@ -42,7 +42,7 @@ fn worker(
     h: &Harness,
     box_failures: Arc<AtomicUsize>,
 ) -> tasker_tests::tasker_worker::WorkerBuilder {
-    h.worker()
+    h.worker("t")
         .concurrency(16)
         .handler_fn("validate", |ctx| async move {
             Ok(json!({ "order": ctx.input::<Value>()?["order"].clone() }))

@@ -176,7 +176,7 @@ async fn pages_filters_dag_live_updates_and_csrf_without_keys() -> anyhow::Resul
     service::templates::register(&shared, &admin, &chain("cons")).await?;
     service::templates::register(&shared, &admin, &stuck("cons")).await?;
     h.spawn_worker(
-        h.worker()
+        h.worker("cons")
             .handler_fn("ok", |_ctx| async move { Ok(json!({"done": true})) }),
     )
     .await?;
@@ -573,7 +573,7 @@ async fn step_actions_mapped_nodes_templates_and_dead_letters_from_the_pages() -
     service::templates::register(&shared, &admin, &flaky).await?;
     service::templates::register(&shared, &admin, &mapped).await?;
     h.spawn_worker(
-        h.worker()
+        h.worker("cons")
             .handler_fn("boom", |_ctx| async move {
                 Err(StepError::permanent("no such order"))
             })

@@ -15,7 +15,7 @@ const ONE: &str = "namespace: t\nname: one\nversion: 1\nsteps:\n  - { name: s, h
 async fn counting_worker(h: &Harness) -> anyhow::Result<Arc<AtomicUsize>> {
     let runs = Arc::new(AtomicUsize::new(0));
     let r = runs.clone();
-    h.spawn_worker(h.worker().queue("q").handler_fn("echo", move |ctx| {
+    h.spawn_worker(h.worker("t").queue("q").handler_fn("echo", move |ctx| {
         r.fetch_add(1, Ordering::SeqCst);
         async move { Ok(json!(ctx.step())) }
     }))
@@ -103,7 +103,7 @@ async fn worker_dies_after_result_before_ack() -> anyhow::Result<()> {
     ch.confirm_select(Default::default()).await?;
     let mut consumer = ch
         .basic_consume(
-            h.names().step_queue("q").as_str().into(),
+            h.names().step_queue("t", "q").as_str().into(),
             "doomed".into(),
             Default::default(),
             Default::default(),
@@ -219,7 +219,7 @@ async fn lose_published_steps(h: &Harness, n: u32) -> anyhow::Result<()> {
     let ch = conn.create_channel().await?;
     let purged = ch
         .queue_purge(
-            h.names().step_queue("q").as_str().into(),
+            h.names().step_queue("t", "q").as_str().into(),
             Default::default(),
         )
         .await?;
@@ -258,7 +258,7 @@ steps:
     let decided = Arc::new(AtomicUsize::new(0));
     let d = decided.clone();
     h.spawn_worker(
-        h.worker()
+        h.worker("t")
             .queue("d")
             .decision_fn("route", move |_ctx| {
                 d.fetch_add(1, Ordering::SeqCst);
@@ -284,7 +284,7 @@ steps:
     lose_published_steps(&h, 5).await?;
     let runs = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let r = runs.clone();
-    h.spawn_worker(h.worker().queue("q").handler_fn("each", move |ctx| {
+    h.spawn_worker(h.worker("t").queue("q").handler_fn("each", move |ctx| {
         r.lock()
             .unwrap()
             .push(format!("{}:{:?}", ctx.step(), ctx.index()));

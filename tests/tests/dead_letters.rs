@@ -52,7 +52,7 @@ async fn a_poison_task_request_is_recorded_and_replayed_through_submit() -> anyh
     )
     .await?;
     h.spawn_worker(
-        h.worker()
+        h.worker("dl")
             .handler_fn("echo", |ctx| async move { Ok(ctx.context().clone()) }),
     )
     .await?;
@@ -150,7 +150,7 @@ async fn a_dead_step_is_recorded_and_replayed_as_a_retry_of_its_step() -> anyhow
     // A consumer rejects the step message: the broker dead-letters it.
     let conn = lapin::Connection::connect(&h.services.amqp_url, Default::default()).await?;
     let ch = conn.create_channel().await?;
-    let queue = h.names().step_queue("dq");
+    let queue = h.names().step_queue("dl", "dq");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         if let Some(m) = ch
@@ -173,7 +173,7 @@ async fn a_dead_step_is_recorded_and_replayed_as_a_retry_of_its_step() -> anyhow
     })
     .await?;
     let d = &page.dead_letters[0];
-    assert_eq!(d.routing_key, "dq");
+    assert_eq!(d.routing_key, "dl.dq");
     assert!(d.reason.contains("step attempt failed"), "{}", d.reason);
     assert_eq!((d.task_id, d.step.as_deref()), (Some(id), Some("s")));
     assert_eq!(d.headers["x-first-death-queue"], json!(queue));
@@ -181,7 +181,7 @@ async fn a_dead_step_is_recorded_and_replayed_as_a_retry_of_its_step() -> anyhow
 
     // Replay: the step is retried (the old message is not republished); a worker runs it.
     h.spawn_worker(
-        h.worker()
+        h.worker("dl")
             .queue("dq")
             .handler_fn("h", |_| async { Ok(json!("second time")) }),
     )

@@ -38,7 +38,7 @@ steps:
 ";
 
 fn shipping_worker(h: &Harness) -> tasker_tests::tasker_worker::WorkerBuilder {
-    h.worker()
+    h.worker("t")
         .concurrency(16)
         .decision_fn("route", |ctx| async move {
             let choose: Vec<String> =
@@ -138,7 +138,7 @@ async fn branches_from_a_step_that_decides_nothing_fail_it() -> anyhow::Result<(
         "namespace: t\nname: nodecide\nversion: 1\nsteps:\n  - { name: a, handler: chooser }\n  - { name: b, handler: chooser, depends_on: [a] }\n",
     )
     .await?;
-    h.spawn_worker(h.worker().decision_fn("chooser", |_ctx| async move {
+    h.spawn_worker(h.worker("t").decision_fn("chooser", |_ctx| async move {
         Ok(Decision::choose(["b"]).output(json!(1)))
     }))
     .await?;
@@ -169,7 +169,7 @@ steps:
 }
 
 fn map_worker(h: &Harness) -> tasker_tests::tasker_worker::WorkerBuilder {
-    h.worker()
+    h.worker("t")
         .concurrency(64)
         .handler_fn("list", |ctx| async move {
             let input = ctx.input::<Value>()?;
@@ -359,7 +359,7 @@ steps:
     let runs = Arc::new(std::sync::Mutex::new(HashMap::<u32, usize>::new()));
     let (r, l, n) = (routed.clone(), listed.clone(), runs.clone());
     h.spawn_worker(
-        h.worker()
+        h.worker("t")
             .concurrency(8)
             .decision_fn("route", move |_ctx| {
                 let r = r.clone();
@@ -482,7 +482,7 @@ on_failure: { handler: refund, retry: { max_attempts: 2, initial_delay: 10ms } }
     let refunds = Arc::new(AtomicUsize::new(0));
     let r = refunds.clone();
     h.spawn_worker(
-        h.worker()
+        h.worker("t")
             .handler_fn(
                 "ok",
                 |ctx| async move { Ok(json!({"charged": ctx.step()})) },

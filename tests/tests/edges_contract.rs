@@ -316,7 +316,7 @@ async fn orchestrator_dead_letters_keep_the_routing_key_and_are_logged() -> anyh
     let ch = conn.create_channel().await?;
     let mut consumer = ch
         .basic_consume(
-            h.names().step_queue("q").as_str().into(),
+            h.names().step_queue("t", "q").as_str().into(),
             "rejecting".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
@@ -329,7 +329,10 @@ async fn orchestrator_dead_letters_keep_the_routing_key_and_are_logged() -> anyh
     drop(consumer);
     conn.close(200, "done".into()).await?;
     let dl = next_dead_letter(&h, Duration::from_secs(10)).await?;
-    assert_eq!(dl.routing_key, "q", "the step message's routing key");
+    assert_eq!(
+        dl.routing_key, "t.q",
+        "the step message's routing key: namespace.queue"
+    );
     assert_eq!(dl.reason(), "step attempt failed: rejected");
     let message = decode::<StepMessage>(&dl.body)?.payload;
     assert_eq!(message.task_id, id);
@@ -437,7 +440,7 @@ async fn step_messages_carry_a_traceparent_shared_by_the_task() -> anyhow::Resul
     let ch = conn.create_channel().await?;
     let mut consumer = ch
         .basic_consume(
-            h.names().step_queue("q").as_str().into(),
+            h.names().step_queue("t", "q").as_str().into(),
             "inspector".into(),
             BasicConsumeOptions {
                 no_ack: true,
@@ -483,7 +486,7 @@ async fn workers_copy_the_traceparent_onto_what_they_report() -> anyhow::Result<
     .await?;
     let (_conn, mut reports) = tap(&h, &h.names().results_exchange(), "#").await?;
     h.spawn_worker(
-        h.worker()
+        h.worker("t")
             .queue("q")
             // Steps over 1 s are long: `started`, heartbeats, then the result.
             .long_steps(Duration::from_secs(1), Duration::from_millis(100))
@@ -547,13 +550,19 @@ async fn lifecycle_events_announce_running_then_the_finish() -> anyhow::Result<(
     let h = Harness::start().await?;
     h.register_yaml(ONE).await?;
     let (_conn, mut events) = tap(&h, &h.names().events_exchange(), "t.task.*").await?;
-    h.spawn_worker(h.worker().queue("q").handler_fn("echo", |ctx| async move {
-        // `fail_once` fails for good on its first attempt; its retry runs attempt 2.
-        if ctx.input::<serde_json::Value>()?["fail_once"] == json!(true) && ctx.attempt() == 1 {
-            return Err(StepError::permanent("first run fails"));
-        }
-        Ok(json!("done"))
-    }))
+    h.spawn_worker(
+        h.worker("t")
+            .queue("q")
+            .handler_fn("echo", |ctx| async move {
+                // `fail_once` fails for good on its first attempt; its retry runs attempt 2.
+                if ctx.input::<serde_json::Value>()?["fail_once"] == json!(true)
+                    && ctx.attempt() == 1
+                {
+                    return Err(StepError::permanent("first run fails"));
+                }
+                Ok(json!("done"))
+            }),
+    )
     .await?;
     let ok = h.run("t", "one", json!({})).await?;
     assert_eq!(ok.state, TaskState::Completed);

@@ -22,7 +22,7 @@ async fn fails_twice_then_succeeds_with_backoff() -> anyhow::Result<()> {
     .await?;
     let calls = Arc::new(AtomicUsize::new(0));
     let c = calls.clone();
-    h.spawn_worker(h.worker().handler_fn("flaky", move |ctx| {
+    h.spawn_worker(h.worker("t").handler_fn("flaky", move |ctx| {
         let c = c.clone();
         async move {
             c.fetch_add(1, Ordering::SeqCst);
@@ -67,7 +67,7 @@ async fn permanent_failure_fails_fast_and_skips_dependants() -> anyhow::Result<(
     )
     .await?;
     h.spawn_worker(
-        h.worker()
+        h.worker("t")
             .handler_fn("ok", |_| async { Ok(json!("ok")) })
             .handler_fn("bad", |_| async {
                 Err(StepError::permanent("card declined"))
@@ -109,7 +109,7 @@ async fn exhausted_retries_fail_the_task() -> anyhow::Result<()> {
         "namespace: t\nname: never\nversion: 1\nsteps:\n  - name: s\n    handler: never\n    retry: { max_attempts: 3, initial_delay: 20ms, max_delay: 50ms }\n  - { name: next, handler: never, depends_on: [s] }\n",
     )
     .await?;
-    h.spawn_worker(h.worker().handler_fn("never", |_| async {
+    h.spawn_worker(h.worker("t").handler_fn("never", |_| async {
         Err(StepError::retryable("still broken"))
     }))
     .await?;
@@ -141,7 +141,7 @@ async fn missing_handler_is_rescheduled_without_spending_attempts() -> anyhow::R
     // An old worker without the handler (a rolling deploy): unchecked, it lacks one on purpose.
     let old = h
         .start_worker_unchecked(
-            h.worker()
+            h.worker("t")
                 .name("old-worker")
                 .handler_fn("other", |_| async { Ok(json!(null)) }),
         )
@@ -161,7 +161,7 @@ async fn missing_handler_is_rescheduled_without_spending_attempts() -> anyhow::R
     );
     old.stop().await?;
     h.spawn_worker(
-        h.worker()
+        h.worker("t")
             .handler_fn("ghost", |_| async { Ok(json!("boo")) }),
     )
     .await?;
@@ -207,7 +207,7 @@ async fn worker_timeout_counts_as_a_retryable_failure() -> anyhow::Result<()> {
         "namespace: t\nname: slow\nversion: 1\nsteps:\n  - name: s\n    handler: slow\n    execution_timeout: 300ms\n    retry: { max_attempts: 2, initial_delay: 10ms, max_delay: 10ms }\n",
     )
     .await?;
-    h.spawn_worker(h.worker().handler_fn("slow", |ctx| async move {
+    h.spawn_worker(h.worker("t").handler_fn("slow", |ctx| async move {
         if ctx.attempt() == 1 {
             tokio::time::sleep(Duration::from_secs(5)).await;
         }
@@ -243,7 +243,7 @@ async fn next_retry_is_none_without_retries_and_the_due_time_with_one() -> anyho
         "namespace: t\nname: slow-retry\nversion: 1\nsteps:\n  - name: s\n    handler: fails\n    retry: { max_attempts: 2, initial_delay: 60s, jitter: 0.0 }\n",
     )
     .await?;
-    h.spawn_worker(h.worker().handler_fn("fails", |_ctx| async move {
+    h.spawn_worker(h.worker("t").handler_fn("fails", |_ctx| async move {
         Err::<serde_json::Value, _>(StepError::retryable("not yet"))
     }))
     .await?;
@@ -275,7 +275,7 @@ async fn a_missing_handler_fails_the_step_after_its_queue_wait_timeout() -> anyh
     )
     .await?;
     h.spawn_worker_unchecked(
-        h.worker()
+        h.worker("t")
             .name("lonely-worker")
             .handler_fn("other", |_| async { Ok(json!(null)) }),
     )
@@ -311,7 +311,7 @@ async fn long_error_texts_are_cut_and_long_cancel_reasons_refused() -> anyhow::R
         "namespace: t\nname: wordy\nversion: 1\nsteps:\n  - { name: s, handler: wordy, retry: { max_attempts: 1 } }\n  - { name: after, handler: wordy, depends_on: [s], queue: nobody }\n",
     )
     .await?;
-    h.spawn_worker(h.worker().handler_fn("wordy", |_| async {
+    h.spawn_worker(h.worker("t").handler_fn("wordy", |_| async {
         Err::<serde_json::Value, _>(StepError::permanent("x".repeat(100_000)))
     }))
     .await?;
@@ -358,7 +358,7 @@ async fn a_cancelled_task_retried_runs_on_the_workers_that_saw_the_cancel() -> a
     .await?;
     let calls = Arc::new(AtomicUsize::new(0));
     let c = calls.clone();
-    h.spawn_worker(h.worker().handler_fn("slow", move |ctx| {
+    h.spawn_worker(h.worker("t").handler_fn("slow", move |ctx| {
         let c = c.clone();
         async move {
             // The first call runs until its task is cancelled; the later ones return at once.

@@ -5,7 +5,7 @@ use tasker_schemas::{StepState, TaskState};
 use tasker_tests::Harness;
 
 fn echo_worker(h: &Harness) -> tasker_tests::tasker_worker::WorkerBuilder {
-    h.worker()
+    h.worker("t")
         .concurrency(32)
         .handler_fn("echo", |ctx| async move {
             let parents: Vec<String> = ctx.parent_outputs().keys().cloned().collect();
@@ -58,7 +58,7 @@ async fn diamond_joins_both_parents_outputs() -> anyhow::Result<()> {
     )
     .await?;
     h.spawn_worker(
-        h.worker()
+        h.worker("t")
             .handler_fn("num", |ctx| async move {
                 Ok(json!(ctx.input::<Value>()?["start"].as_i64().unwrap_or(0)))
             })
@@ -140,7 +140,7 @@ async fn in_flight_bound_holds_and_released_slots_admit_the_backlog() -> anyhow:
     let (running, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let (r, m) = (running.clone(), most.clone());
     h.spawn_worker(
-        h.worker()
+        h.worker("t")
             .queue("narrow")
             .concurrency(16)
             .handler_fn("slow", move |_| {
@@ -162,10 +162,11 @@ async fn in_flight_bound_holds_and_released_slots_admit_the_backlog() -> anyhow:
         3,
         "the bound is 3 and 20 steps were ready"
     );
-    let in_flight: i64 =
-        sqlx::query_scalar("SELECT in_flight FROM slots WHERE scope = 'queue' AND key = 'narrow'")
-            .fetch_one(&h.db)
-            .await?;
+    let in_flight: i64 = sqlx::query_scalar(
+        "SELECT in_flight FROM slots WHERE scope = 'queue' AND key = 't.narrow'",
+    )
+    .fetch_one(&h.db)
+    .await?;
     assert_eq!(in_flight, 0);
     let pool = h.db.clone();
     assert!(

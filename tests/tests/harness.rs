@@ -38,7 +38,7 @@ async fn a_task_stuck_on_a_missing_handler_fails_the_wait_with_its_steps_and_why
     h.register_yaml(STUCK).await?;
     // A worker on the right queue without `ghost`: every attempt is refused as handler_missing.
     h.spawn_worker_unchecked(
-        h.worker()
+        h.worker("t")
             .name("half-worker")
             .handler_fn("store", |_| async { Ok(json!("stored")) }),
     )
@@ -94,7 +94,7 @@ async fn a_wait_timeout_names_a_step_held_by_a_slow_worker_and_a_queue_nobody_co
     let (taken_tx, taken_rx) = tokio::sync::oneshot::channel::<()>();
     let taken_tx = std::sync::Mutex::new(Some(taken_tx));
     h.spawn_worker(
-        h.worker()
+        h.worker("t")
             .name("sleeper")
             .grace_period(Duration::from_millis(100))
             .handler_fn("sleep", move |ctx| {
@@ -137,7 +137,7 @@ async fn spawn_worker_fails_with_the_workers_start_up_error() -> anyhow::Result<
     let started = Instant::now();
     let err = h
         .spawn_worker(
-            h.worker()
+            h.worker("t")
                 .queue("nowhere")
                 .handler_fn("x", |_| async { Ok(json!(null)) }),
         )
@@ -147,7 +147,7 @@ async fn spawn_worker_fails_with_the_workers_start_up_error() -> anyhow::Result<
     let text = format!("{err:#}");
     assert!(
         text.contains(&format!(
-            "queue {}.step.nowhere does not exist; register a template that uses it first",
+            "queue {}.step.t.nowhere does not exist; register a template that uses it first",
             h.prefix
         )),
         "{text}"
@@ -161,7 +161,7 @@ async fn spawn_worker_fails_with_the_workers_start_up_error() -> anyhow::Result<
     );
     // start_worker and the unchecked variants report it the same way.
     let err = h
-        .start_worker_unchecked(h.worker().queue("nowhere"))
+        .start_worker_unchecked(h.worker("t").queue("nowhere"))
         .await
         .err()
         .expect("a start-up error");
@@ -175,7 +175,7 @@ async fn spawn_worker_fails_with_the_workers_start_up_error() -> anyhow::Result<
     )
     .await?;
     h.spawn_worker(
-        h.worker()
+        h.worker("t")
             .queue("nowhere")
             .handler_fn("x", |_| async { Ok(json!("here")) }),
     )
@@ -195,7 +195,7 @@ async fn spawn_worker_refuses_a_worker_lacking_handlers_unless_unchecked() -> an
     .await?;
     let resize = |_| async { Ok(json!("resized")) };
     let err = h
-        .spawn_worker(h.worker().handler_fn("resize", resize))
+        .spawn_worker(h.worker("media").handler_fn("resize", resize))
         .await
         .unwrap_err();
     let text = err.to_string();
@@ -213,7 +213,7 @@ async fn spawn_worker_refuses_a_worker_lacking_handlers_unless_unchecked() -> an
     assert_eq!(lacks.missing[0].handlers, ["publish"]);
     // `render` is on `gpu`, which that worker does not consume; a gpu worker lacks it.
     let err = h
-        .start_worker(h.worker().queue("gpu"))
+        .start_worker(h.worker("media").queue("gpu"))
         .await
         .err()
         .expect("refused");
@@ -224,17 +224,17 @@ async fn spawn_worker_refuses_a_worker_lacking_handlers_unless_unchecked() -> an
         "{err}"
     );
     // The opt-out runs it anyway.
-    h.spawn_worker_unchecked(h.worker().handler_fn("resize", resize))
+    h.spawn_worker_unchecked(h.worker("media").handler_fn("resize", resize))
         .await?;
     // Complete workers pass.
     h.spawn_worker(
-        h.worker()
+        h.worker("media")
             .handler_fn("resize", resize)
             .handler_fn("publish", |_| async { Ok(json!("published")) }),
     )
     .await?;
     h.spawn_worker(
-        h.worker()
+        h.worker("media")
             .queue("gpu")
             .handler_fn("render", |_| async { Ok(json!("rendered")) }),
     )
@@ -292,7 +292,7 @@ async fn a_harness_dropped_without_finish_deletes_its_database_and_queues() -> a
     )
     .await?;
     h.spawn_worker(
-        h.worker()
+        h.worker("t")
             .queue("own")
             .handler_fn("echo", |_| async { Ok(json!(1)) }),
     )
@@ -303,10 +303,10 @@ async fn a_harness_dropped_without_finish_deletes_its_database_and_queues() -> a
     );
     let (name, names) = (h.database_name.clone(), h.names());
     assert!(database_exists(&admin, &name).await?);
-    assert!(queue_exists(&services.amqp_url, &names.step_queue("own")).await?);
+    assert!(queue_exists(&services.amqp_url, &names.step_queue("t", "own")).await?);
     drop(h);
     assert_database_goes_away(&admin, &name).await?;
-    assert!(!queue_exists(&services.amqp_url, &names.step_queue("own")).await?);
+    assert!(!queue_exists(&services.amqp_url, &names.step_queue("t", "own")).await?);
     assert!(!queue_exists(&services.amqp_url, &names.task_requests_queue()).await?);
     admin.close().await;
     Ok(())

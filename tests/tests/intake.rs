@@ -211,7 +211,7 @@ async fn submit_over_amqp_once_even_when_redelivered() -> anyhow::Result<()> {
     let h = Harness::start().await?;
     h.register_yaml(TEMPLATE).await?;
     h.spawn_worker(
-        h.worker()
+        h.worker("t")
             .handler_fn("echo", |ctx| async move { Ok(ctx.context().clone()) }),
     )
     .await?;

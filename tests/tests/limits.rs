@@ -40,7 +40,7 @@ on_failure: { handler: compensate }
     )
     .await?;
     h.spawn_worker(
-        h.worker()
+        h.worker("t")
             .handler_fn("sized", |ctx| async move {
                 // Each leaf's output is within the step limit; together they are not (when asked).
                 let n = ctx.context()["leaf_bytes"].as_u64().unwrap_or(10) as usize;
@@ -104,7 +104,7 @@ steps:
     let consumed = Arc::new(AtomicUsize::new(0));
     let c = consumed.clone();
     h.spawn_worker(
-        h.worker()
+        h.worker("t")
             .handler_fn("produce", |ctx| async move {
                 let n = ctx.context()["bytes"].as_u64().unwrap_or(10) as usize;
                 Ok::<_, StepError>(json!({"data": blob(n)}))

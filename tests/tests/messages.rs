@@ -66,7 +66,7 @@ async fn malformed_result_is_dead_lettered_and_work_goes_on() -> anyhow::Result<
     let (_, reason) = h.next_dead_letter(Duration::from_secs(10)).await?;
     assert!(reason.contains("major version 2"), "{reason}");
     // The orchestrator still works.
-    h.spawn_worker(h.worker().handler_fn("echo", |_| async { Ok(json!(1)) }))
+    h.spawn_worker(h.worker("t").handler_fn("echo", |_| async { Ok(json!(1)) }))
         .await?;
     let task = h.run("t", "one", json!({})).await?;
     assert_eq!(task.state, TaskState::Completed);
@@ -155,7 +155,7 @@ async fn duplicate_and_stale_results_are_ignored() -> anyhow::Result<()> {
     )
     .await?;
     h.spawn_worker(
-        h.worker()
+        h.worker("t")
             .handler_fn("echo", |ctx| async move { Ok(json!(ctx.step())) }),
     )
     .await?;
@@ -216,7 +216,7 @@ async fn join_is_admitted_once_when_parents_finish_together_on_two_replicas() ->
     let joins = Arc::new(AtomicUsize::new(0));
     let (b2, j2) = (barriers.clone(), joins.clone());
     h.spawn_worker(
-        h.worker()
+        h.worker("t")
             .concurrency(64)
             .handler_fn("go", |_| async { Ok(json!(null)) })
             .handler_fn("sync", move |ctx| {
@@ -278,7 +278,7 @@ async fn worker_shuts_down_gracefully_mid_step() -> anyhow::Result<()> {
     let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
     let started_tx = Arc::new(Mutex::new(Some(started_tx)));
     let worker = h
-        .start_worker(h.worker().handler_fn("slow", move |_| {
+        .start_worker(h.worker("t").handler_fn("slow", move |_| {
             let tx = started_tx.lock().unwrap().take();
             async move {
                 if let Some(tx) = tx {

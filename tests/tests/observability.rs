@@ -108,7 +108,7 @@ steps:
     // A retry waiting for its backoff, and a dead letter.
     let flaky = h.submit("obs", "flaky", json!({})).await?;
     h.spawn_worker(
-        h.worker()
+        h.worker("obs")
             .queue("default")
             .queue("slow")
             .handler_fn("ok", |_ctx| async move { Ok(json!({"ok": true})) })

@@ -43,7 +43,7 @@ async fn chain_worker(h: &Harness) -> anyhow::Result<Counters> {
     };
     let (a, c, broken) = (k.a.clone(), k.c.clone(), k.broken.clone());
     h.spawn_worker(
-        h.worker()
+        h.worker("ops")
             .handler_fn("count_a", move |_| {
                 let a = a.clone();
                 async move { Ok(json!(a.fetch_add(1, Ordering::SeqCst) + 1)) }

@@ -30,7 +30,7 @@ const LONG_THEN_NEXT: &str = "namespace: t\nname: c\nversion: 1\nsteps:\n  - { n
 
 /// A worker whose `slow` handler takes `ms` and reports steps over 1 s as started.
 fn long_worker(h: &Harness, ms: u64) -> tasker_tests::tasker_worker::WorkerBuilder {
-    h.worker()
+    h.worker("t")
         .long_steps(Duration::from_secs(1), Duration::from_millis(100))
         .handler_fn("slow", move |_| async move {
             tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -103,10 +103,11 @@ async fn cancel_finishes_unstarted_steps_at_once_and_their_late_results_are_stal
     assert_eq!(view["state"], "cancelled", "{view:#}");
     assert_eq!(view["steps"][0]["state"], "cancelled");
     assert_eq!(view["steps"][0]["attempts"][0]["outcome"], "cancelled");
-    let in_flight: i64 =
-        sqlx::query_scalar("SELECT in_flight FROM slots WHERE scope = 'queue' AND key = 'nobody'")
-            .fetch_one(&h.db)
-            .await?;
+    let in_flight: i64 = sqlx::query_scalar(
+        "SELECT in_flight FROM slots WHERE scope = 'queue' AND key = 't.nobody'",
+    )
+    .fetch_one(&h.db)
+    .await?;
     assert_eq!(
         in_flight, 0,
         "the slot of the cancelled attempt is released"
@@ -114,7 +115,7 @@ async fn cancel_finishes_unstarted_steps_at_once_and_their_late_results_are_stal
     // A worker that starts now never heard the cancel: it runs the step, and the result is stale.
     let before = stale(&h);
     h.spawn_worker(
-        h.worker()
+        h.worker("t")
             .queue("nobody")
             .handler_fn("h", |_| async { Ok(json!("late")) }),
     )
@@ -174,7 +175,7 @@ async fn retry_reruns_failed_steps_with_higher_attempts() -> anyhow::Result<()> 
     let fixed = Arc::new(AtomicBool::new(false));
     let f = fixed.clone();
     h.spawn_worker(
-        h.worker()
+        h.worker("t")
             .handler_fn("ok", |ctx| async move { Ok(json!(ctx.attempt())) })
             .handler_fn("fragile", move |_| {
                 let ok = f.load(Ordering::SeqCst);
@@ -243,7 +244,7 @@ async fn attempt_admitted_but_never_published_is_relayed() -> anyhow::Result<()>
     let ch = conn.create_channel().await?;
     let purged = ch
         .queue_purge(
-            h.names().step_queue("q1").as_str().into(),
+            h.names().step_queue("t", "q1").as_str().into(),
             Default::default(),
         )
         .await?;
@@ -253,7 +254,7 @@ async fn attempt_admitted_but_never_published_is_relayed() -> anyhow::Result<()>
         .execute(&h.db)
         .await?;
     h.spawn_worker(
-        h.worker()
+        h.worker("t")
             .queue("q1")
             .handler_fn("echo", |_| async { Ok(json!("relayed")) }),
     )
@@ -294,7 +295,7 @@ async fn dead_step_messages_become_failed_attempts() -> anyhow::Result<()> {
     let ch = conn.create_channel().await?;
     let mut consumer = ch
         .basic_consume(
-            h.names().step_queue("poison").as_str().into(),
+            h.names().step_queue("t", "poison").as_str().into(),
             "broken".into(),
             Default::default(),
             Default::default(),
@@ -345,7 +346,7 @@ async fn reconciler_repairs_a_task_without_a_live_owner() -> anyhow::Result<()> 
         "namespace: t\nname: two\nversion: 1\nsteps:\n  - { name: a, handler: echo }\n  - { name: b, handler: echo, depends_on: [a] }\n",
     )
     .await?;
-    h.spawn_worker(h.worker().handler_fn("echo", |_| async { Ok(json!(1)) }))
+    h.spawn_worker(h.worker("t").handler_fn("echo", |_| async { Ok(json!(1)) }))
         .await?;
     let done = h.run("t", "two", json!({})).await?;
     assert_eq!(done.state, TaskState::Completed);
@@ -385,21 +386,22 @@ async fn reconciler_corrects_a_drifted_in_flight_count() -> anyhow::Result<()> {
         "namespace: t\nname: one\nversion: 1\nsteps:\n  - { name: a, handler: echo }\n",
     )
     .await?;
-    h.spawn_worker(h.worker().handler_fn("echo", |_| async { Ok(json!(1)) }))
+    h.spawn_worker(h.worker("t").handler_fn("echo", |_| async { Ok(json!(1)) }))
         .await?;
     assert_eq!(
         h.run("t", "one", json!({})).await?.state,
         TaskState::Completed
     );
-    sqlx::query("UPDATE slots SET in_flight = 7 WHERE scope = 'queue' AND key = 'default'")
+    sqlx::query("UPDATE slots SET in_flight = 7 WHERE scope = 'queue' AND key = 't.default'")
         .execute(&h.db)
         .await?;
     let repaired = tasker_orchestrator::service::reconcile::reconcile(&h.shared(0)).await?;
     assert_eq!(repaired, 1);
-    let in_flight: i64 =
-        sqlx::query_scalar("SELECT in_flight FROM slots WHERE scope = 'queue' AND key = 'default'")
-            .fetch_one(&h.db)
-            .await?;
+    let in_flight: i64 = sqlx::query_scalar(
+        "SELECT in_flight FROM slots WHERE scope = 'queue' AND key = 't.default'",
+    )
+    .fetch_one(&h.db)
+    .await?;
     assert_eq!(in_flight, 0);
     // With the count right again, tasks still run.
     assert_eq!(
@@ -420,7 +422,7 @@ async fn long_steps_ack_early_and_keep_a_lease_alive() -> anyhow::Result<()> {
     let (running_tx, running_rx) = tokio::sync::oneshot::channel::<()>();
     let running_tx = Arc::new(std::sync::Mutex::new(Some(running_tx)));
     h.spawn_worker(
-        h.worker()
+        h.worker("t")
             .queue("long")
             // Anything over 1 s is "long" here; leases of 3 x 250 ms, renewed every 250 ms (a
             // busy machine can delay a heartbeat by more than 100 ms).
@@ -446,7 +448,7 @@ async fn long_steps_ack_early_and_keep_a_lease_alive() -> anyhow::Result<()> {
     let ch = conn.create_channel().await?;
     let q = ch
         .queue_declare(
-            h.names().step_queue("long").as_str().into(),
+            h.names().step_queue("t", "long").as_str().into(),
             lapin::options::QueueDeclareOptions {
                 passive: true,
                 ..Default::default()
@@ -486,7 +488,7 @@ async fn running_handlers_observe_cancellation_and_queued_steps_are_refused() ->
     .await?;
     let ran = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let r = ran.clone();
-    h.spawn_worker(h.worker().concurrency(1).handler_fn("wait", move |ctx| {
+    h.spawn_worker(h.worker("t").concurrency(1).handler_fn("wait", move |ctx| {
         r.fetch_add(1, Ordering::SeqCst);
         async move {
             tokio::select! {
@@ -551,7 +553,7 @@ async fn one_pruning_round_catches_up_in_batches() -> anyhow::Result<()> {
         "namespace: t\nname: one\nversion: 1\nsteps:\n  - { name: s, handler: echo }\n",
     )
     .await?;
-    h.spawn_worker(h.worker().handler_fn("echo", |_| async { Ok(json!(1)) }))
+    h.spawn_worker(h.worker("t").handler_fn("echo", |_| async { Ok(json!(1)) }))
         .await?;
     let done = h.run("t", "one", json!({})).await?;
     // 2,500 finished tasks past retention (copies of a finished one, with a step each).
@@ -604,7 +606,7 @@ async fn finished_tasks_are_pruned_after_retention() -> anyhow::Result<()> {
         "namespace: t\nname: one\nversion: 1\nsteps:\n  - { name: s, handler: echo }\n",
     )
     .await?;
-    h.spawn_worker(h.worker().handler_fn("echo", |_| async { Ok(json!(1)) }))
+    h.spawn_worker(h.worker("t").handler_fn("echo", |_| async { Ok(json!(1)) }))
         .await?;
     let old = h.run("t", "one", json!({"n": 1})).await?;
     let recent = h.run("t", "one", json!({"n": 2})).await?;

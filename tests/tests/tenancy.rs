@@ -229,7 +229,7 @@ async fn purge_erases_payloads_and_keeps_states_and_history() -> anyhow::Result<
     let h = Harness::start().await?;
     h.register_yaml(&template("shop", "order")).await?;
     h.register_yaml(&stuck("shop")).await?;
-    h.spawn_worker(h.worker().handler_fn("echo", |ctx| async move {
+    h.spawn_worker(h.worker("shop").handler_fn("echo", |ctx| async move {
         Ok(json!({"email": ctx.context()["who"], "step": ctx.step()}))
     }))
     .await?;
@@ -285,7 +285,7 @@ async fn a_namespace_retention_overrides_the_global_one() -> anyhow::Result<()> 
         h.register_yaml(&template(ns, "order")).await?;
     }
     h.spawn_worker(
-        h.worker()
+        h.worker("short").namespace("long")
             .handler_fn("echo", |_ctx| async move { Ok(json!({"ok": true})) }),
     )
     .await?;

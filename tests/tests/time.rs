@@ -103,7 +103,7 @@ steps:
 ";
 
 fn stamping_worker(h: &Harness) -> tasker_tests::tasker_worker::WorkerBuilder {
-    h.worker()
+    h.worker("time")
         .handler_fn("stamp", |_| async move {
             let resume = Utc::now() + chrono::Duration::milliseconds(800);
             Ok(json!({ "times": {
@@ -253,7 +253,7 @@ async fn signals_are_deduplicated_refused_when_nobody_waits_and_time_out() -> an
         h.register_yaml(t).await?;
     }
     h.spawn_worker(
-        h.worker()
+        h.worker("time")
             .handler_fn("echo", |_| async move { Ok(json!("ok")) }),
     )
     .await?;
@@ -356,7 +356,7 @@ async fn a_delayed_task_is_pending_until_its_time() -> anyhow::Result<()> {
     let h = Harness::start().await?;
     h.register_yaml(APPROVAL).await?;
     h.spawn_worker(
-        h.worker()
+        h.worker("time")
             .handler_fn("echo", |_| async move { Ok(json!("ok")) }),
     )
     .await?;
@@ -431,7 +431,7 @@ async fn a_deadline_cancels_a_running_task_and_its_running_step() -> anyhow::Res
     h.register_yaml(DEADLINE).await?;
     let told = Arc::new(AtomicBool::new(false));
     let flag = told.clone();
-    h.spawn_worker(h.worker().handler_fn("slow", move |ctx| {
+    h.spawn_worker(h.worker("time").handler_fn("slow", move |ctx| {
         let flag = flag.clone();
         async move {
             tokio::select! {

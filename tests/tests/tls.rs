@@ -105,7 +105,7 @@ async fn the_api_serves_https_to_clients_that_trust_its_ca() -> Result<()> {
     let template = tasker_orchestrator::service::templates::parse_template(TEMPLATE)
         .map_err(anyhow::Error::msg)?;
     assert!(client.register_template(&template).await?.created);
-    h.spawn_worker(h.worker().handler_fn("greet", |ctx| async move {
+    h.spawn_worker(h.worker("tls").handler_fn("greet", |ctx| async move {
         Ok(json!({ "hello": ctx.input::<serde_json::Value>()?["name"] }))
     }))
     .await?;
@@ -216,6 +216,7 @@ async fn unusable_tls_settings_fail_the_start_and_name_the_file() -> Result<()> 
         .unwrap_err();
     assert!(chain(err).contains("missing.pem"));
     let err = Worker::builder("amqps://localhost:1/%2f")
+        .namespace("tls")
         .amqp_ca_cert(&certs.key)
         .build()
         .run(Default::default())
@@ -313,6 +314,7 @@ async fn a_task_runs_over_amqps_and_verify_full_postgres() -> Result<()> {
     h.spawn_worker(
         Worker::builder(tls.amqps_url.clone())
             .prefix(h.prefix.clone())
+            .namespace("tls")
             .amqp_ca_cert(&tls.ca)
             .grace_period(Duration::from_secs(5))
             .handler_fn("greet", |ctx| async move {

@@ -128,7 +128,7 @@ steps:
     )
     .await?;
     h.spawn_worker(
-        h.worker()
+        h.worker("tr")
             .handler_fn("flaky", |ctx| async move {
                 if ctx.attempt() == 1 {
                     Err(StepError::retryable("first attempt fails"))

@@ -46,7 +46,7 @@ async fn workers_are_listed_while_live_and_forgotten_when_gone() -> anyhow::Resu
     // A worker that stops gracefully: listed, then gone at once.
     let polite = h
         .start_worker(
-            h.worker()
+            h.worker("reg")
                 .name("polite")
                 .concurrency(3)
                 .registry_interval(Duration::from_millis(200))
@@ -80,7 +80,7 @@ async fn workers_are_listed_while_live_and_forgotten_when_gone() -> anyhow::Resu
 
     // A worker that dies (no goodbye): forgotten after 3 missed intervals (600 ms here).
     let worker = h
-        .worker()
+        .worker("reg")
         .name("doomed")
         .registry_interval(Duration::from_millis(200))
         .handler_fn("known", |_ctx| async move { Ok(json!({})) })
@@ -107,7 +107,7 @@ async fn a_step_whose_handler_no_live_worker_runs_says_so() -> anyhow::Result<()
     h.register_yaml(TEMPLATE).await?;
     // A live worker on the queue, without the handler the step needs.
     h.spawn_worker_unchecked(
-        h.worker()
+        h.worker("reg")
             .name("other")
             .registry_interval(Duration::from_millis(200))
             .handler_fn("something_else", |_ctx| async move { Ok(json!({})) }),

@@ -31,9 +31,10 @@ pub(crate) struct ResultSender(mpsc::Sender<Outgoing>);
 
 impl ResultSender {
     /// Starts the publisher task; it ends when every sender is gone.
-    pub(crate) fn start(channel: Channel, exchange: String) -> Self {
+    /// `user_id` is the `user_id` property of every result message (the connection's user).
+    pub(crate) fn start(channel: Channel, exchange: String, user_id: String) -> Self {
         let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
-        tokio::spawn(run(channel, exchange, rx));
+        tokio::spawn(run(channel, exchange, user_id, rx));
         Self(tx)
     }
 
@@ -70,7 +71,12 @@ struct Message {
     waiting: Vec<oneshot::Sender<Result<(), PublishError>>>,
 }
 
-async fn run(channel: Channel, exchange: String, mut rx: mpsc::Receiver<Outgoing>) {
+async fn run(
+    channel: Channel,
+    exchange: String,
+    user_id: String,
+    mut rx: mpsc::Receiver<Outgoing>,
+) {
     let mut buf = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut buf, MAX_BATCH).await > 0 {
         let mut messages: Vec<Message> = Vec::new();
@@ -117,7 +123,7 @@ async fn run(channel: Channel, exchange: String, mut rx: mpsc::Receiver<Outgoing
         // Publish everything, then await the confirms (pipelined).
         let mut sent = Vec::with_capacity(messages.len());
         for m in messages {
-            let confirm = publish(&channel, &exchange, &m).await;
+            let confirm = publish(&channel, &exchange, &user_id, &m).await;
             sent.push((m, confirm));
         }
         for (m, confirm) in sent {
@@ -163,6 +169,7 @@ fn checked(result: StepResult) -> Result<(StepResult, MessageId, Vec<u8>), Publi
 async fn publish(
     channel: &Channel,
     exchange: &str,
+    user_id: &str,
     m: &Message,
 ) -> Result<lapin::PublisherConfirm, PublishError> {
     let (kind, message_id, bytes) = match &m.single {
@@ -174,8 +181,10 @@ async fn publish(
             (Kind::ResultBatch, envelope.message_id, encode(&envelope)?)
         }
     };
-    let mut properties: BasicProperties =
-        message_properties(message_id).with_type(kind.as_str().into());
+    let mut properties: BasicProperties = crate::publish::with_user_id(
+        message_properties(message_id).with_type(kind.as_str().into()),
+        user_id,
+    );
     if let Some(trace) = &m.traceparent {
         let mut headers = FieldTable::default();
         headers.insert(HEADER_TRACEPARENT.into(), trace.clone());

@@ -6,7 +6,7 @@
 
 use crate::context::StepContext;
 use crate::execute::{outcome_status, run_handler};
-use crate::publish::{PublishError, message_properties, publish_confirmed};
+use crate::publish::{PublishError, message_properties, publish_confirmed, with_user_id};
 use crate::session::SessionEnv;
 use backon::{ExponentialBuilder, Retryable};
 use lapin::BasicProperties;
@@ -259,7 +259,10 @@ async fn publish_lease<M: LeaseMessage>(
 ) -> Result<(), PublishError> {
     let envelope = Envelope::new(M::new(ids, lease_ms));
     let bytes = encode(&envelope)?;
-    let mut properties = message_properties(envelope.message_id).with_type(M::KIND.as_str().into());
+    let mut properties = with_user_id(
+        message_properties(envelope.message_id).with_type(M::KIND.as_str().into()),
+        &env.shared.identity.user_id,
+    );
     if let Some(trace) = &ids.traceparent {
         let mut headers = lapin::types::FieldTable::default();
         headers.insert(HEADER_TRACEPARENT.into(), trace.clone());
@@ -346,7 +349,10 @@ async fn dead_letter(env: &SessionEnv, delivery: Delivery, reason: String) {
         %reason,
         "dead-lettering a step message that cannot be read"
     );
-    let properties = dead_letter_properties(&delivery.properties, &reason);
+    let properties = with_user_id(
+        dead_letter_properties(&delivery.properties, &reason),
+        &env.shared.identity.user_id,
+    );
     let published = publish_confirmed(
         &env.publisher,
         &env.shared.names.dead_letter_exchange(),

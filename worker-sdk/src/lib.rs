@@ -34,6 +34,7 @@
 //! #[tokio::main]
 //! async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //!     Worker::builder("amqp://guest:guest@127.0.0.1:5672/%2f")
+//!         .namespace("shop")
 //!         .queue("default")
 //!         .concurrency(32)
 //!         .handler_fn("validate_order", |ctx| async move {
@@ -79,6 +80,7 @@
 //! }
 //!
 //! let worker = Worker::builder("amqp://guest:guest@127.0.0.1:5672/%2f")
+//!     .namespace("shop")
 //!     .decision_fn("pick_shipping", |ctx| async move {
 //!         let order: serde_json::Value = ctx.input()?;
 //!         Ok(if order["express"] == true {

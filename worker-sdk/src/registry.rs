@@ -3,7 +3,7 @@
 //! shutdown, so `GET /v1/workers` and `tasker workers` list it and the orchestrator can say when
 //! no live worker runs a waiting step's handler.
 
-use crate::publish::{PublishError, message_properties, publish_confirmed};
+use crate::publish::{PublishError, message_properties, publish_confirmed, with_user_id};
 use crate::session::Shared;
 use lapin::Channel;
 use std::time::Duration;
@@ -22,6 +22,8 @@ pub(crate) struct Identity {
     pub(crate) queues: Vec<String>,
     pub(crate) concurrency: usize,
     pub(crate) interval: Duration,
+    /// The user of the worker's AMQP URL: the `user_id` property of everything it publishes.
+    pub(crate) user_id: String,
 }
 
 impl Identity {
@@ -32,7 +34,14 @@ impl Identity {
             queues,
             concurrency,
             interval,
+            user_id: String::new(),
         }
+    }
+
+    /// The same, publishing as `user_id`.
+    pub(crate) fn with_user_id(mut self, user_id: String) -> Self {
+        self.user_id = user_id;
+        self
     }
 }
 
@@ -85,7 +94,11 @@ pub(crate) async fn announce(
         &shared.names.results_exchange(),
         WORKER_HEARTBEAT_ROUTING_KEY,
         &bytes,
-        message_properties(envelope.message_id).with_type(Kind::WorkerHeartbeat.as_str().into()),
+        with_user_id(
+            message_properties(envelope.message_id)
+                .with_type(Kind::WorkerHeartbeat.as_str().into()),
+            &shared.identity.user_id,
+        ),
     )
     .await
 }

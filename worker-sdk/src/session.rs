@@ -58,7 +58,7 @@ pub(crate) struct Shared {
     pub(crate) long_steps: LongSteps,
     /// Tasks cancelled by an operator (from the cancel exchange).
     pub(crate) cancellations: crate::cancel::Cancellations,
-    /// What the worker announces to the registry.
+    /// What the worker announces to the registry, and the user it publishes as.
     pub(crate) identity: crate::registry::Identity,
 }
 
@@ -126,6 +126,8 @@ impl Shared {
 pub(crate) enum SessionError {
     #[error("queue {0} does not exist; register a template that uses it first")]
     QueueMissing(String),
+    #[error("the broker refused access to queue {queue}: {reason}")]
+    AccessRefused { queue: String, reason: String },
     #[error("AMQP error: {0}")]
     Amqp(#[from] lapin::Error),
     #[error("connecting timed out after {0:?}")]
@@ -191,6 +193,25 @@ fn is_not_found(error: &lapin::Error) -> bool {
     matches!(error.kind(), ErrorKind::ProtocolError(e) if *e.kind() == AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND))
 }
 
+fn is_access_refused(error: &lapin::Error) -> bool {
+    matches!(error.kind(), ErrorKind::ProtocolError(e) if *e.kind() == AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED))
+}
+
+/// A queue's refusal as a [`SessionError`]: missing, access refused (another namespace's
+/// broker user), or another broker error.
+fn queue_error(queue: &str, e: lapin::Error) -> SessionError {
+    if is_not_found(&e) {
+        SessionError::QueueMissing(queue.to_owned())
+    } else if is_access_refused(&e) {
+        SessionError::AccessRefused {
+            queue: queue.to_owned(),
+            reason: e.to_string(),
+        }
+    } else {
+        e.into()
+    }
+}
+
 impl Session {
     /// Connects, checks that every step queue exists, and starts consuming. `queues` holds
     /// (template queue name, AMQP queue name) pairs.
@@ -247,11 +268,7 @@ impl Session {
                 .queue_declare(queue.as_str().into(), passive, FieldTable::default())
                 .await
             {
-                return Err(if is_not_found(&e) {
-                    SessionError::QueueMissing(queue.clone())
-                } else {
-                    e.into()
-                });
+                return Err(queue_error(queue, e));
             }
         }
         let _ = check.close(200, "queues checked".into()).await;
@@ -277,7 +294,8 @@ impl Session {
                     BasicConsumeOptions::default(),
                     FieldTable::default(),
                 )
-                .await?;
+                .await
+                .map_err(|e| queue_error(queue, e))?;
             consumers.push(QueueConsumer {
                 queue: queue.clone(),
                 channel,
@@ -308,6 +326,7 @@ impl Session {
             results: crate::batch::ResultSender::start(
                 self.publisher.clone(),
                 shared.names.results_exchange(),
+                shared.identity.user_id.clone(),
             ),
             handler_cancel: shared.abort.child_token(),
             stop: CancellationToken::new(),

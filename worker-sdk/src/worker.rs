@@ -39,6 +39,10 @@ pub enum WorkerError {
     InvalidUrl(String),
     #[error("queue {queue} does not exist; register a template that uses it first")]
     QueueMissing { queue: String },
+    /// The broker refused the worker's user access to a step queue (broker identity: the user
+    /// of another namespace).
+    #[error("the broker refused access to queue {queue}: {reason}")]
+    AccessRefused { queue: String, reason: String },
     #[error("invalid worker configuration: {0}")]
     Config(String),
 }
@@ -75,6 +79,7 @@ pub struct MissingHandlers {
 ///     ],
 /// })).unwrap();
 /// let worker = Worker::builder("amqp://localhost")
+///     .namespace("media")
 ///     .handler_fn("resize", |_| async { Ok(serde_json::json!(null)) });
 /// let err = check_handlers(&template, worker.queue_names(), worker.handler_names()).unwrap_err();
 /// assert_eq!(
@@ -127,6 +132,7 @@ pub const MAX_WORKER_NAME_LEN: usize = 256;
 pub struct WorkerBuilder {
     amqp_url: String,
     prefix: String,
+    namespaces: Vec<String>,
     queues: Vec<String>,
     handlers: HashMap<String, DynHandler>,
     concurrency: usize,
@@ -169,6 +175,7 @@ impl std::fmt::Debug for WorkerBuilder {
         handlers.sort();
         f.debug_struct("WorkerBuilder")
             .field("prefix", &self.prefix)
+            .field("namespaces", &self.namespaces)
             .field("queues", &self.queues)
             .field("handlers", &handlers)
             .field("concurrency", &self.concurrency)
@@ -184,6 +191,7 @@ impl WorkerBuilder {
         Self {
             amqp_url,
             prefix: DEFAULT_PREFIX.to_owned(),
+            namespaces: Vec::new(),
             queues: Vec::new(),
             handlers: HashMap::new(),
             concurrency: DEFAULT_CONCURRENCY,
@@ -217,8 +225,32 @@ impl WorkerBuilder {
         self
     }
 
-    /// Consume the template queue `queue` (the name used in templates, e.g. `default`). Call it
-    /// once per queue; without any call the worker consumes `default`.
+    /// Serve the namespace `namespace` (the templates' `namespace`). Required: call it once per
+    /// namespace. Step queues belong to a namespace (`{prefix}.step.{namespace}.{queue}`), and
+    /// the worker consumes every [`queue`](Self::queue) of every namespace given (each must
+    /// exist). With broker identity on, the worker's AMQP user must be the user of each of
+    /// its namespaces (so in practice a worker serves one namespace).
+    ///
+    /// ```
+    /// use tasker_worker::Worker;
+    ///
+    /// let worker = Worker::builder("amqp://tasker-shop:secret@localhost")
+    ///     .namespace("shop")
+    ///     .queue("payments");
+    /// assert_eq!(worker.namespace_names(), ["shop"]);
+    /// assert_eq!(worker.queue_names(), ["payments"]);
+    /// ```
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        let namespace = namespace.into();
+        if !self.namespaces.contains(&namespace) {
+            self.namespaces.push(namespace);
+        }
+        self
+    }
+
+    /// Consume the template queue `queue` (the name used in templates, e.g. `default`) in each
+    /// of the worker's [namespaces](Self::namespace). Call it once per queue; without any call
+    /// the worker consumes `default`.
     pub fn queue(mut self, queue: impl Into<String>) -> Self {
         let queue = queue.into();
         if !self.queues.contains(&queue) {
@@ -347,9 +379,17 @@ impl WorkerBuilder {
         }
     }
 
-    /// [`check_handlers`] for this worker: fails if a step of `template` on one of its queues
-    /// names a handler it does not have.
+    /// The namespaces the worker serves, in the order given.
+    pub fn namespace_names(&self) -> Vec<&str> {
+        self.namespaces.iter().map(String::as_str).collect()
+    }
+
+    /// [`check_handlers`] for this worker: fails if a step of `template`, in one of its
+    /// namespaces and on one of its queues, names a handler it does not have.
     pub fn check_template(&self, template: &Template) -> Result<(), MissingHandlers> {
+        if !self.namespaces.contains(&template.namespace) {
+            return Ok(());
+        }
         check_handlers(template, self.queue_names(), self.handler_names())
     }
 
@@ -363,6 +403,7 @@ impl WorkerBuilder {
         Worker {
             amqp_url: self.amqp_url,
             names: Names::new(self.prefix),
+            namespaces: self.namespaces,
             queues: self.queues,
             handlers: self.handlers,
             concurrency: self.concurrency,
@@ -381,6 +422,7 @@ impl WorkerBuilder {
 pub struct Worker {
     amqp_url: String,
     names: Names,
+    namespaces: Vec<String>,
     queues: Vec<String>,
     handlers: HashMap<String, DynHandler>,
     concurrency: usize,
@@ -398,6 +440,7 @@ impl std::fmt::Debug for Worker {
         f.debug_struct("Worker")
             .field("name", &self.name)
             .field("prefix", &self.names.prefix())
+            .field("namespaces", &self.namespaces)
             .field("queues", &self.queues)
             .field("concurrency", &self.concurrency)
             .field("prefetch", &self.prefetch)
@@ -427,8 +470,16 @@ impl Worker {
         self.queues.iter().map(String::as_str).collect()
     }
 
-    /// [`check_handlers`] for this worker.
+    /// The namespaces this worker serves.
+    pub fn namespace_names(&self) -> Vec<&str> {
+        self.namespaces.iter().map(String::as_str).collect()
+    }
+
+    /// [`check_handlers`] for this worker (templates of its namespaces only).
     pub fn check_template(&self, template: &Template) -> Result<(), MissingHandlers> {
+        if !self.namespaces.contains(&template.namespace) {
+            return Ok(());
+        }
         check_handlers(template, self.queue_names(), self.handler_names())
     }
 
@@ -460,18 +511,28 @@ impl Worker {
                 self.name.len()
             )));
         }
+        if self.namespaces.is_empty() {
+            return Err(WorkerError::Config(
+                "no namespace: name the namespace(s) the worker serves with .namespace(..)".into(),
+            ));
+        }
+        let user_id = tasker_client::publish::amqp_user(&self.amqp_url).unwrap_or_default();
+        // Every (namespace, queue): its `{namespace}.{queue}` key and its AMQP queue.
         let queues = self
-            .queues
+            .namespaces
             .iter()
-            .map(|q| {
-                let amqp = self.names.step_queue(q);
+            .flat_map(|ns| self.queues.iter().map(move |q| (ns, q)))
+            .map(|(ns, q)| {
+                let amqp = self.names.step_queue(ns, q);
                 ShortString::try_new(amqp.clone())
-                    .map(|_| (q.clone(), amqp))
+                    .map(|_| {
+                        (
+                            tasker_schemas::topology::step_routing_key(ns, q),
+                            amqp.clone(),
+                        )
+                    })
                     .map_err(|_| {
-                        WorkerError::Config(format!(
-                            "queue name {:?} is longer than 255 bytes",
-                            self.names.step_queue(q)
-                        ))
+                        WorkerError::Config(format!("queue name {amqp:?} is longer than 255 bytes"))
                     })
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -483,6 +544,7 @@ impl Worker {
         info!(
             worker = %self.name,
             prefix = self.names.prefix(),
+            namespaces = ?self.namespaces,
             queues = ?self.queues,
             handlers = ?handler_names,
             concurrency = self.concurrency,
@@ -503,7 +565,8 @@ impl Worker {
                 self.queues.clone(),
                 self.concurrency,
                 self.registry_interval,
-            ),
+            )
+            .with_user_id(user_id),
         ));
 
         let mut backoff = reconnect_backoff();
@@ -532,6 +595,9 @@ impl Worker {
                 }
                 Err(SessionError::QueueMissing(queue)) if !connected_once => {
                     return Err(WorkerError::QueueMissing { queue });
+                }
+                Err(SessionError::AccessRefused { queue, reason }) if !connected_once => {
+                    return Err(WorkerError::AccessRefused { queue, reason });
                 }
                 Err(e) => {
                     warn!(worker = %shared.worker, error = %e, "cannot open a broker session; retrying")
@@ -760,6 +826,7 @@ mod tests {
     fn builder_and_worker_report_their_handlers_and_queues() {
         let noop = |_| async { Ok(serde_json::json!(null)) };
         let b = Worker::builder("amqp://localhost")
+            .namespace("media")
             .handler_fn("resize", noop)
             .handler_fn("archive", noop)
             .handler_fn("resize", noop);
@@ -778,13 +845,39 @@ mod tests {
         assert_eq!(w.handler_names(), ["archive", "resize"]);
         assert_eq!(w.queue_names(), ["gpu", "mail"]);
         assert_eq!(w.check_template(&t), Ok(()));
-        let w = Worker::builder("amqp://localhost").build();
+        let w = Worker::builder("amqp://localhost")
+            .namespace("media")
+            .build();
         assert!(w.handler_names().is_empty());
         assert_eq!(w.queue_names(), ["default"]);
+        assert_eq!(w.namespace_names(), ["media"]);
         assert_eq!(
             w.check_template(&t).unwrap_err().handlers,
             ["publish", "resize"]
         );
+        // A template of a namespace the worker does not serve is not its business.
+        let other = Worker::builder("amqp://localhost")
+            .namespace("shop")
+            .build();
+        assert_eq!(other.check_template(&t), Ok(()));
+    }
+
+    #[tokio::test]
+    async fn a_worker_without_a_namespace_is_refused_before_connecting() {
+        let err = Worker::builder("amqp://127.0.0.1:1")
+            .build()
+            .run(CancellationToken::new())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, WorkerError::Config(m) if m.contains("namespace")),
+            "{err}"
+        );
+        let b = Worker::builder("amqp://localhost")
+            .namespace("shop")
+            .namespace("billing")
+            .namespace("shop");
+        assert_eq!(b.namespace_names(), ["shop", "billing"]);
     }
 
     #[tokio::test]
@@ -804,6 +897,7 @@ mod tests {
     #[tokio::test]
     async fn an_overlong_name_is_refused_before_connecting() {
         let err = Worker::builder("amqp://127.0.0.1:1")
+            .namespace("shop")
             .name("w".repeat(MAX_WORKER_NAME_LEN + 1))
             .build()
             .run_with_ready(CancellationToken::new(), || {})

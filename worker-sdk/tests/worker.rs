@@ -4,7 +4,7 @@
 mod common;
 
 use anyhow::{Result, bail};
-use common::{Broker, Proxy, broker, start, upstream_of};
+use common::{Broker, NAMESPACE, Proxy, broker, start, upstream_of};
 use lapin::types::AMQPValue;
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -452,7 +452,10 @@ async fn shutdown_finishes_short_steps_and_returns_long_ones_to_the_queue() -> R
         .await?;
     let mut back = Vec::new();
     while let Some((bytes, _)) = b
-        .take(&b.names.step_queue("default"), Duration::from_millis(500))
+        .take(
+            &b.names.step_queue(NAMESPACE, "default"),
+            Duration::from_millis(500),
+        )
         .await?
     {
         back.push(
@@ -515,7 +518,7 @@ async fn a_missing_queue_is_a_clear_error() -> Result<()> {
     assert_eq!(
         err.to_string(),
         format!(
-            "queue {}.step.nope does not exist; register a template that uses it first",
+            "queue {}.step.shop.nope does not exist; register a template that uses it first",
             b.names.prefix()
         )
     );
@@ -529,6 +532,7 @@ async fn the_worker_reconnects_after_the_connection_drops() -> Result<()> {
     let worker = start(
         Worker::builder(proxy.url_for(&b.url)?)
             .prefix(b.names.prefix())
+            .namespace(NAMESPACE)
             .name("test-worker")
             .handler_fn("echo", |ctx| async move { Ok(ctx.context().clone()) }),
     );
@@ -580,7 +584,8 @@ async fn the_worker_resubscribes_when_its_queue_comes_back() -> Result<()> {
     b.expect_result().await?;
 
     // Deleting the queue cancels the consumer; the worker retries until the queue exists again.
-    b.delete_queue(&b.names.step_queue("default")).await?;
+    b.delete_queue(&b.names.step_queue(NAMESPACE, "default"))
+        .await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     b.declare_step_queue("default").await?;
     let mut step = b.step("echo");

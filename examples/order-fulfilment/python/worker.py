@@ -204,9 +204,10 @@ HANDLERS = {
 
 
 def build_worker(amqp_url: str, prefix: str = "tasker", **kwargs: Any) -> Worker:
-    """A worker on queue `default` with every handler of the workflow registered. The handlers
-    are plain functions (quick, CPU only): they run in the worker's thread pool."""
-    worker = Worker(amqp_url, ["default"], prefix=prefix, **kwargs)
+    """A worker on queue `default` of namespace `shop` with every handler of the workflow
+    registered. The handlers are plain functions (quick, CPU only): they run in the worker's
+    thread pool."""
+    worker = Worker(amqp_url, ["default"], namespaces="shop", prefix=prefix, **kwargs)
     for name, fn in HANDLERS.items():
         worker.add_handler(name, fn)
     return worker

@@ -178,6 +178,7 @@ pub struct Shipment {
 pub fn worker(amqp_url: &str, prefix: &str) -> WorkerBuilder {
     tasker_worker::Worker::builder(amqp_url)
         .prefix(prefix)
+        .namespace("shop")
         .queue("default")
         .handler(steps::VALIDATE_ORDER, validate_order)
         .handler(steps::CHARGE_PAYMENT, charge_payment)

@@ -71,6 +71,13 @@ async fn handle_request(shared: &Shared, d: Delivery, shutdown: &CancellationTok
         Ok(env) => env.payload,
         Err(e) => return reject(shared, &d, &e.to_string()).await,
     };
+    // Broker identity: only the namespace's own user may submit to it.
+    if let Some(identity) = &shared.identity {
+        let user = d.properties.user_id().as_ref().map(|u| u.as_str());
+        if let Some(reason) = identity.refusal(user, &req.namespace) {
+            return reject(shared, &d, &reason).await;
+        }
+    }
     let request_id = req.request_id;
     let submit_req = SubmitTask::from(req);
     // The request's `traceparent` header: the task's trace continues it.

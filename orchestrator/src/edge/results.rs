@@ -329,6 +329,14 @@ async fn process(shared: &Shared, items: Vec<Item>, shutdown: &CancellationToken
     let Some(last) = items.last().map(|i| i.delivery.acker.clone()) else {
         return Ok(());
     };
+    let items = match &shared.identity {
+        Some(identity) => match check_identity(shared, identity, items, shutdown).await? {
+            Some(items) => items,
+            // The database is unreachable at shutdown: leave the batch unacked.
+            None => return Ok(()),
+        },
+        None => items,
+    };
     let mut good = Vec::with_capacity(items.len());
     for item in items {
         match &item.work {
@@ -369,6 +377,90 @@ async fn process(shared: &Shared, items: Vec<Item>, shutdown: &CancellationToken
         .await
         .map_err(BrokerError::from)?;
     Ok(())
+}
+
+/// Broker identity: keeps what the delivery's `user_id` may speak for. A result of a step of
+/// another namespace is refused: a message of only such results, or a `started` or `heartbeat`
+/// of such a step, becomes [`Work::Bad`] (dead-lettered by the caller); a batch with some is dead-lettered whole (a
+/// copy, the reason naming the refused steps) and its other results are applied. Results of
+/// unknown steps pass (they are dropped as stale). One query per batch reads the steps'
+/// namespaces; `None` when the database stayed unreachable until shutdown.
+async fn check_identity(
+    shared: &Shared,
+    identity: &crate::identity::UserFormat,
+    mut items: Vec<Item>,
+    shutdown: &CancellationToken,
+) -> Result<Option<Vec<Item>>> {
+    let steps: Vec<uuid::Uuid> = items
+        .iter()
+        .flat_map(|i| match &i.work {
+            Work::Results(r) => r.iter().map(|f| f.step_id.0).collect::<Vec<_>>(),
+            Work::Started { step, .. } => vec![step.0],
+            _ => Vec::new(),
+        })
+        .collect();
+    let namespaces = if steps.is_empty() {
+        Default::default()
+    } else {
+        let read = || apply::step_namespaces(shared, &steps);
+        match read
+            .retry(outage_backoff())
+            .when(|e: &ServiceError| e.is_retryable() && !shutdown.is_cancelled())
+            .await
+        {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read step namespaces; leaving a result batch unacked");
+                return Ok(None);
+            }
+        }
+    };
+    for item in &mut items {
+        let user = item
+            .delivery
+            .properties
+            .user_id()
+            .as_ref()
+            .map(|u| u.as_str().to_owned());
+        let refusal = |step: &uuid::Uuid| -> Option<String> {
+            identity.refusal(user.as_deref(), namespaces.get(step)?)
+        };
+        match &mut item.work {
+            Work::Results(results) => {
+                let mut refused: Vec<String> = Vec::new();
+                let mut reason = None;
+                results.retain(|f| match refusal(&f.step_id.0) {
+                    Some(r) => {
+                        refused.push(f.step_id.to_string());
+                        reason.get_or_insert(r);
+                        false
+                    }
+                    None => true,
+                });
+                if let Some(reason) = reason {
+                    if results.is_empty() {
+                        item.work = Work::Bad(reason);
+                    } else {
+                        let reason = format!(
+                            "{reason}; refused the results of steps [{}], applied the other {}",
+                            refused.join(", "),
+                            results.len()
+                        );
+                        forward_dead(shared, &item.delivery, &reason, &RESULT_DEAD_LETTERS).await?;
+                    }
+                }
+            }
+            Work::Started { step, .. } => {
+                if let Some(reason) = refusal(&step.0) {
+                    item.work = Work::Bad(reason);
+                }
+            }
+            // A `worker_heartbeat` names no namespace: the broker's topic permission limits it to
+            // `workers.heartbeat`, and it changes no step.
+            Work::Announce(_) | Work::Bad(_) => {}
+        }
+    }
+    Ok(Some(items))
 }
 
 /// Applies one chunk; retries while the database is unreachable (pausing the consumer), and

@@ -348,3 +348,12 @@ pub async fn record_started(
     store::timers::record_started(&shared.db, step, attempt, worker, lease_ms).await?;
     Ok(())
 }
+
+/// The namespace of each existing step of `steps` (for the broker identity check of worker
+/// messages).
+pub async fn step_namespaces(
+    shared: &Shared,
+    steps: &[uuid::Uuid],
+) -> Result<std::collections::HashMap<uuid::Uuid, String>> {
+    Ok(store::apply::step_namespaces(&shared.db, steps).await?)
+}

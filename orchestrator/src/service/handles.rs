@@ -34,6 +34,8 @@ pub struct Shared {
     pub finished: broadcast::Sender<TaskId>,
     /// The trace exporter (off unless an OTLP endpoint is configured).
     pub traces: crate::telemetry::Traces,
+    /// The user naming rule when broker identity is on (`TASKER_BROKER_IDENTITY`).
+    pub identity: Option<Arc<crate::identity::UserFormat>>,
 }
 
 /// Tells the dispatcher which queues may have admissible steps.

@@ -53,6 +53,8 @@ pub async fn publish_admitted(
             m.step_id,
             m.attempt as u32,
         );
+        // The step queue of the step's namespace.
+        let step_key = tasker_schemas::topology::step_routing_key(&m.namespace, &m.queue);
         let envelope = Envelope::new(StepMessage {
             task_id: m.task_id,
             step_id: m.step_id,
@@ -94,7 +96,7 @@ pub async fn publish_admitted(
             .publisher
             .send(
                 &shared.names.steps_exchange(),
-                &m.queue,
+                &step_key,
                 &bytes,
                 with_traceparent(properties(message_id), &traceparent),
             )

@@ -38,8 +38,9 @@ pub async fn register(shared: &Shared, who: &Principal, template: &Template) -> 
             next_version: newest.max(template.version).saturating_add(1),
         });
     }
-    // Every queue a step may be sent to (the on_failure handler's included).
-    let mut queues: Vec<&str> = template
+    // Every queue a step may be sent to (the on_failure handler's included), in the template's
+    // namespace: `{namespace}.{queue}` keys.
+    let mut queues: Vec<String> = template
         .steps
         .iter()
         .filter(|s| !s.has_no_handler())
@@ -49,13 +50,14 @@ pub async fn register(shared: &Shared, who: &Principal, template: &Template) -> 
                 .as_deref()
                 .unwrap_or(tasker_schemas::template::DEFAULT_QUEUE)
         }))
+        .map(|q| tasker_schemas::topology::step_routing_key(&template.namespace, q))
         .collect();
     queues.sort_unstable();
     queues.dedup();
     for q in &queues {
         shared.publisher.declare_step_queue(q).await?;
     }
-    shared.dispatch.know(queues.iter().map(|q| q.to_string()));
+    shared.dispatch.know(queues);
     Ok(outcome)
 }
 

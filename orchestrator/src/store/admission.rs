@@ -47,7 +47,9 @@ pub async fn lock_slots(
     let created = sqlx::query(
         "INSERT INTO slots (scope, key, in_flight)
          SELECT 'queue', q.queue,
-                (SELECT count(*) FROM steps s WHERE s.queue = q.queue AND s.state = 'dispatched')
+                (SELECT count(*) FROM steps s
+                 WHERE s.namespace = split_part(q.queue, '.', 1)
+                   AND s.queue = split_part(q.queue, '.', 2) AND s.state = 'dispatched')
          FROM unnest($1::text[]) AS q(queue)
          ON CONFLICT (scope, key) DO NOTHING
          RETURNING key, in_flight",
@@ -150,7 +152,7 @@ pub struct Dispatched {
     pub full: bool,
 }
 
-/// Admits queued steps of `queue` as [`Admission`] allows (the queue's slot already locked by
+/// Admits queued steps of `queue` (a `{namespace}.{queue}` key) as [`Admission`] allows (the queue's slot already locked by
 /// [`lock_slots`]), highest priority first. In the caller's transaction: the [`ADMIT`]
 /// transition (a new attempt number, the lease), an outbox entry per step, and the slot's count.
 /// Returns the admitted attempts with everything their step messages need — but not the data
@@ -175,7 +177,8 @@ pub async fn admit_locked(
     let rows = sqlx::query(
         "WITH picked AS (
              SELECT id FROM steps
-             WHERE queue = $1 AND state = 'queued'
+             WHERE namespace = split_part($1, '.', 1) AND queue = split_part($1, '.', 2)
+               AND state = 'queued'
              ORDER BY priority DESC, queued_at, id
              LIMIT $2
              FOR UPDATE SKIP LOCKED

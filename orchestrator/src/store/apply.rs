@@ -239,7 +239,8 @@ pub async fn write(
                AND (s.state IS NOT DISTINCT FROM 'dispatched'
                     OR (s.state IS NOT DISTINCT FROM 'delegated'
                         AND (s.workflow IS NOT NULL OR s.wait IS NOT NULL)))
-             RETURNING s.queue, s.workflow IS NULL AND s.wait IS NULL AS held_slot
+             RETURNING s.namespace || '.' || s.queue AS queue,
+                       s.workflow IS NULL AND s.wait IS NULL AS held_slot
          ), history AS (
              INSERT INTO attempts (step_id, attempt, task_id, namespace, outcome, dispatched_at,
                                    started_at, worker, error)
@@ -271,7 +272,7 @@ pub async fn write(
                  updated_at = now()
              FROM unnest($15::uuid[], $16::int[]) AS k(id, n)
              WHERE s.id = k.id AND s.state IS NOT DISTINCT FROM 'waiting'
-             RETURNING s.id, s.queue, s.state
+             RETURNING s.id, s.namespace || '.' || s.queue AS queue, s.state
          ), counted AS (
              UPDATE tasks t
              SET unfinished_steps = t.unfinished_steps - d.n,
@@ -434,7 +435,7 @@ pub async fn start_failure_handlers(
                          ORDER BY s.updated_at LIMIT 1),
                         jsonb_build_object('step', '', 'error', coalesce(t.error, '')))
              FROM t
-             RETURNING task_id, queue
+             RETURNING task_id, namespace || '.' || queue AS queue
          ), counted AS (
              UPDATE tasks SET unfinished_steps = unfinished_steps + 1, updated_at = now()
              WHERE id IN (SELECT task_id FROM created)
@@ -550,5 +551,21 @@ pub async fn finalize(
             error: r.get("error"),
             parent_step: r.get("parent_step_id"),
         })
+        .collect())
+}
+
+/// The namespace of each of `steps` that exists (broker identity checks a worker message
+/// against its step's namespace).
+pub async fn step_namespaces(
+    db: impl sqlx::PgExecutor<'_>,
+    steps: &[Uuid],
+) -> Result<HashMap<Uuid, String>> {
+    let rows = sqlx::query("SELECT id, namespace FROM steps WHERE id = ANY($1)")
+        .bind(steps)
+        .fetch_all(db)
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get::<Uuid, _>("id"), r.get::<String, _>("namespace")))
         .collect())
 }

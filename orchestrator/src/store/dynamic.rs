@@ -98,7 +98,7 @@ pub async fn write_propagation(tx: &mut PgConnection, p: &Propagation) -> Result
                                              THEN $2 ELSE $3 END,
                                 queued_at = now(), updated_at = now()
              WHERE s.id = ANY($1) AND s.state = 'waiting'
-             RETURNING s.id, s.queue, s.state",
+             RETURNING s.id, s.namespace || '.' || s.queue AS queue, s.state",
         )
         .bind(&p.ready)
         .bind(PARENTS_DONE.to)
@@ -195,7 +195,8 @@ pub async fn count_instances(
                             map_live = greatest(s.map_live - d.n, 0), updated_at = now()
          FROM unnest($1::uuid[], $2::int[], $3::int[]) AS d(id, n, failed)
          WHERE s.id = d.id
-         RETURNING s.id, s.task_id, s.name, s.queue, s.child_ids, s.map_max_parallel,
+         RETURNING s.id, s.task_id, s.name, s.namespace || '.' || s.queue AS queue, s.child_ids,
+                   s.map_max_parallel,
                    s.map_tolerate, s.map_total, s.map_created, s.map_live, s.map_waiting,
                    s.map_done, s.map_failed, s.state",
     )
@@ -217,6 +218,7 @@ pub struct MapRow {
     pub id: Uuid,
     pub task_id: Uuid,
     pub name: String,
+    /// The queue key of its instances, `{namespace}.{queue}`.
     pub queue: String,
     pub child_ids: Vec<Uuid>,
     pub now: MapNow,
@@ -248,7 +250,7 @@ pub async fn read_maps(tx: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<MapRow
         return Ok(Vec::new());
     }
     let rows = sqlx::query(
-        "SELECT id, task_id, name, queue, child_ids, map_max_parallel, map_tolerate, map_total,
+        "SELECT id, task_id, name, namespace || '.' || queue AS queue, child_ids, map_max_parallel, map_tolerate, map_total,
                 map_created, map_live, map_waiting, map_done, map_failed
          FROM steps WHERE id = ANY($1) AND state = 'delegated' ORDER BY id",
     )
@@ -275,7 +277,8 @@ pub async fn recount_maps(tx: &mut PgConnection, tasks: &[Uuid]) -> Result<Vec<M
          UPDATE steps s SET map_live = c.live, map_waiting = c.waiting, map_done = c.done,
                             map_failed = c.failed, updated_at = now()
          FROM counted c WHERE s.id = c.id
-         RETURNING s.id, s.task_id, s.name, s.queue, s.child_ids, s.map_max_parallel,
+         RETURNING s.id, s.task_id, s.name, s.namespace || '.' || s.queue AS queue, s.child_ids,
+                   s.map_max_parallel,
                    s.map_tolerate, s.map_total, s.map_created, s.map_live, s.map_waiting,
                    s.map_done, s.map_failed",
     )

@@ -101,7 +101,7 @@ pub async fn readmit_waiting(
              queued_at = CASE WHEN c.n = 0 THEN now() END,
              updated_at = now()
          FROM counted c WHERE s.id = c.id
-         RETURNING s.id, s.queue, s.state",
+         RETURNING s.id, s.namespace || '.' || s.queue AS queue, s.state",
     )
     .bind(task)
     .bind(PARENTS_DONE.to)
@@ -152,7 +152,9 @@ pub async fn recount_slots(db: &sqlx::PgPool) -> Result<Vec<(SlotKey, i64, i64)>
         .fetch_optional(&mut *tx)
         .await?;
         let counted: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM steps WHERE queue = $1 AND state = 'dispatched'",
+            "SELECT count(*) FROM steps
+             WHERE namespace = split_part($1, '.', 1) AND queue = split_part($1, '.', 2)
+               AND state = 'dispatched'",
         )
         .bind(&queue)
         .fetch_one(&mut *tx)

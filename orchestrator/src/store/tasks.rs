@@ -6,6 +6,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use sqlx::{PgConnection, Row};
 use std::collections::HashMap;
+use tasker_schemas::topology::step_routing_key;
 use tasker_schemas::{Join, RequestId, StepState, TaskId, TaskState, Template};
 use uuid::Uuid;
 
@@ -62,7 +63,7 @@ pub struct Created {
     pub task_id: TaskId,
     /// False when an idempotent repeat returned the existing task.
     pub created: bool,
-    /// Queues that got admissible (root) steps.
+    /// Queues (`{namespace}.{queue}` keys) that got admissible (root) steps.
     pub queues: Vec<String>,
     /// Root steps that run a child workflow or wait (sleep, wait_for): delegated, still to
     /// start.
@@ -119,8 +120,9 @@ pub async fn create(tx: &mut PgConnection, new: &NewTask<'_>) -> Result<CreateOu
                 crate::transition::DELEGATE.to
             }
             (true, false) => {
-                if !queues.iter().any(|q| q == step.queue()) {
-                    queues.push(step.queue().to_owned());
+                let key = step_routing_key(new.namespace, step.queue());
+                if !queues.contains(&key) {
+                    queues.push(key);
                 }
                 StepState::Queued
             }
@@ -315,7 +317,8 @@ pub async fn cancel(
     // "Not started" for a dispatched step: no worker reported `started` (the guard below).
     let rows = sqlx::query(
         "WITH target AS (
-             SELECT id, state AS was, queue, attempt, task_id, namespace, dispatched_at
+             SELECT id, state AS was, namespace || '.' || queue AS queue, attempt, task_id,
+                    namespace, dispatched_at
              FROM steps
              WHERE task_id = $1
                AND (state = ANY($2)

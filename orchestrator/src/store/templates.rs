@@ -148,11 +148,11 @@ pub async fn list(db: impl PgExecutor<'_>, namespace: Option<&str>) -> Result<Ve
 /// Every queue named by any registered template (declared on start).
 pub async fn all_queues(db: impl PgExecutor<'_>) -> Result<Vec<String>> {
     Ok(sqlx::query_scalar(
-        "SELECT coalesce(s->>'queue', $1)
+        "SELECT namespace || '.' || coalesce(s->>'queue', $1)
          FROM templates, jsonb_array_elements(content->'steps') AS s
          WHERE NOT (s ? 'workflow' OR s ? 'sleep' OR s ? 'sleep_until' OR s ? 'wait_for')
          UNION
-         SELECT coalesce(content->'on_failure'->>'queue', $1) FROM templates
+         SELECT namespace || '.' || coalesce(content->'on_failure'->>'queue', $1) FROM templates
          WHERE content ? 'on_failure'",
     )
     .bind(tasker_schemas::template::DEFAULT_QUEUE)

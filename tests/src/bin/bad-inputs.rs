@@ -1783,7 +1783,7 @@ async fn suite(
         args.seed
     );
     h.spawn_worker(
-        h.worker()
+        h.worker("badin")
             .queue("badin")
             .concurrency(16)
             .handler_fn("work", |ctx| async move {

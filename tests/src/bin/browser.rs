@@ -290,7 +290,7 @@ async fn suite(
     let gates = Arc::new(Gates::default());
     let (g1, g2) = (gates.clone(), gates.clone());
     h.spawn_worker(
-        h.worker()
+        h.worker(NAMESPACE)
             .queue(QUEUE)
             .name(WORKER)
             .concurrency(16)

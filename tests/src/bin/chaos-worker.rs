@@ -43,6 +43,9 @@ struct Args {
     /// Exchange and queue name prefix.
     #[arg(long, env = "TASKER_PREFIX")]
     prefix: String,
+    /// The namespace whose `default` queue it consumes.
+    #[arg(long, env = "TASKER_NAMESPACE", default_value = "chaos")]
+    namespace: String,
     /// Directory of the execution records (`exec-<pid>.log`).
     #[arg(long)]
     record_dir: PathBuf,
@@ -87,6 +90,7 @@ async fn main() -> Result<()> {
     let (chaos, items, route, echo) = (run.clone(), run.clone(), run.clone(), run);
     let worker = Worker::builder(args.amqp_url)
         .prefix(args.prefix)
+        .namespace(args.namespace)
         .queue("default")
         .concurrency(args.concurrency)
         .grace_period(Duration::from_secs(2))

@@ -236,6 +236,15 @@ struct Args {
     /// Shell command that restarts RabbitMQ, instead of rabbitmqctl stop_app/start_app.
     #[arg(long)]
     broker_restart_cmd: Option<String>,
+    /// Broker identity: create a broker user for the run's namespace (with the permissions of
+    /// `tasker broker-permissions`), connect the workers as it, and run the orchestrators with
+    /// TASKER_BROKER_IDENTITY=true.
+    #[arg(long)]
+    broker_identity: bool,
+    /// The rabbitmqctl command (split on spaces) that creates the broker user, for
+    /// --broker-identity (.tasker/env sets it to deploy/local/services.sh rabbitmqctl).
+    #[arg(long, env = "TASKER_TEST_RABBITMQCTL")]
+    users_rabbitmqctl: Option<String>,
     /// pg_ctl shutdown mode for the PostgreSQL restart: fast, or immediate (crash-like).
     #[arg(long, default_value = "fast", value_parser = ["fast", "immediate", "smart"])]
     db_restart_mode: String,
@@ -417,6 +426,36 @@ async fn main_async(args: Args) -> Result<i32> {
         .connect(&database_url)
         .await?;
 
+    // Broker identity: the run's own user naming rule (runs on one broker stay apart) and the
+    // user of namespace `chaos`, deleted when the run ends.
+    let user_format = format!("{prefix}-{{namespace}}");
+    let broker_user = if args.broker_identity {
+        let ctl: Vec<String> = args
+            .users_rabbitmqctl
+            .as_deref()
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(String::from)
+            .collect();
+        if ctl.is_empty() {
+            anyhow::bail!(
+                "--broker-identity needs --users-rabbitmqctl (or TASKER_TEST_RABBITMQCTL)"
+            );
+        }
+        let names = tasker_schemas::Names::new(prefix.clone());
+        let user =
+            tasker_tests::create_broker_user(&ctl, &args.amqp_url, &names, "chaos", &user_format)?;
+        eprintln!(
+            "[chaos] broker identity on: workers connect as {}",
+            user.user
+        );
+        Some(user)
+    } else {
+        None
+    };
+    let worker_amqp_url = broker_user
+        .as_ref()
+        .map_or_else(|| args.amqp_url.clone(), |u| u.url.clone());
     let mut orchestrators = Vec::new();
     let mut orch_urls = Vec::new();
     for i in 0..args.orchestrators.max(1) {
@@ -447,6 +486,11 @@ async fn main_async(args: Args) -> Result<i32> {
                     args.max_in_flight.to_string(),
                 ),
                 ("TASKER_DB_POOL_SIZE".into(), args.db_pool_size.to_string()),
+                (
+                    "TASKER_BROKER_IDENTITY".into(),
+                    args.broker_identity.to_string(),
+                ),
+                ("TASKER_BROKER_USER_FORMAT".into(), user_format.clone()),
                 ("NO_COLOR".into(), "1".into()),
                 (
                     "RUST_LOG".into(),
@@ -510,8 +554,9 @@ async fn main_async(args: Args) -> Result<i32> {
                 ])
                 .collect(),
             env: vec![
-                ("TASKER_AMQP_URL".into(), args.amqp_url.clone()),
+                ("TASKER_AMQP_URL".into(), worker_amqp_url.clone()),
                 ("TASKER_PREFIX".into(), prefix.clone()),
+                ("TASKER_NAMESPACE".into(), "chaos".into()),
                 ("NO_COLOR".into(), "1".into()),
                 (
                     "RUST_LOG".into(),
@@ -565,6 +610,8 @@ async fn main_async(args: Args) -> Result<i32> {
     .await;
     stop.cancel();
     ctx.procs.kill_all().await;
+    // The run's broker user goes with it.
+    drop(broker_user);
 
     // Clean up: the database and the broker topology of this run's prefix.
     ctx.db.close().await;
@@ -580,7 +627,10 @@ async fn main_async(args: Args) -> Result<i32> {
             eprintln!("[chaos] could not drop database {database_name}: {e}");
         }
         let names = tasker_schemas::Names::new(prefix.clone());
-        if let Err(e) = tasker_tests::delete_topology(&args.amqp_url, &names, &[]).await {
+        if let Err(e) =
+            tasker_tests::delete_topology(&args.amqp_url, &names, &["chaos.default".to_owned()])
+                .await
+        {
             eprintln!("[chaos] could not delete the queues of prefix {prefix}: {e:#}");
         }
     }
@@ -832,16 +882,18 @@ async fn run(
     let report = json!({
         // Names what ran, so that several runs in one log stay apart.
         "config": format!(
-            "chaos tasks={} duration_s={} orchestrator_kills={} worker_kills={} broker_restarts={} db_restarts={}{}",
+            "chaos tasks={} duration_s={} orchestrator_kills={} worker_kills={} broker_restarts={} db_restarts={}{}{}",
             args.tasks, args.duration_s, args.orchestrator_kills, args.worker_kills,
             args.broker_restarts, args.db_restarts,
             if args.python_workers > 0 {
                 format!(" python_workers={}", args.python_workers)
             } else {
                 String::new()
-            }
+            },
+            if args.broker_identity { " broker_identity=on" } else { "" }
         ),
         "python_workers": args.python_workers,
+        "broker_identity": args.broker_identity,
         "tasks": tasks,
         "completed": v.completed,
         "failed": v.failed,

@@ -34,7 +34,8 @@ NS = "bench"
 PY_WORKER = """
 import sys
 from tasker_worker import Worker
-w = Worker(sys.argv[1], ["default"], prefix=sys.argv[2], concurrency=int(sys.argv[3]),
+w = Worker(sys.argv[1], ["default"], namespaces="bench", prefix=sys.argv[2],
+           concurrency=int(sys.argv[3]),
            name="py-bench")
 @w.handler("chaos")
 async def chaos(ctx):
@@ -142,7 +143,9 @@ def main() -> None:
     try:
         env.register(template("linear", {"a": [], "b": ["a"], "c": ["b"], "d": ["c"]}))
         env.register(template("diamond", {"a": [], "b": ["a"], "c": ["a"], "d": ["b", "c"]}))
-        child_env = dict(os.environ, TASKER_AMQP_URL=env.amqp_url, TASKER_PREFIX=env.prefix)
+        child_env = dict(
+            os.environ, TASKER_AMQP_URL=env.amqp_url, TASKER_PREFIX=env.prefix, TASKER_NAMESPACE=NS
+        )
         rounds: dict[str, list[dict[str, float]]] = {"rust": [], "python": []}
         workers = {
             "rust": [

@@ -24,7 +24,8 @@ from tasker_worker.testing import find_binary
 PY_WORKER = """
 import sys
 from tasker_worker import Worker
-w = Worker(sys.argv[1], ["default"], prefix=sys.argv[2], concurrency=int(sys.argv[3]))
+w = Worker(sys.argv[1], ["default"], namespaces="bench", prefix=sys.argv[2],
+           concurrency=int(sys.argv[3]))
 @w.handler("chaos")
 async def chaos(ctx):
     return {"ok": True}
@@ -71,13 +72,15 @@ async def main() -> None:
         results_x = await ch.declare_exchange(n.results_exchange, "topic", durable=True)
         await ch.declare_exchange(n.dead_letter_exchange, "fanout", durable=True)
         await ch.declare_exchange(n.cancel_exchange, "fanout", durable=True)
-        sq = await ch.declare_queue(n.step_queue("default"), durable=True, arguments=quorum)
-        await sq.bind(steps_x, "default")
+        sq = await ch.declare_queue(
+            n.step_queue("bench", "default"), durable=True, arguments=quorum
+        )
+        await sq.bind(steps_x, "bench.default")
         rq = await ch.declare_queue(n.results_queue(0), durable=True, arguments=quorum)
         await rq.bind(results_x, "*.0")
         for i in range(args.n):
-            await steps_x.publish(aio_pika.Message(step(i), delivery_mode=2), "default")
-        env = dict(os.environ, TASKER_AMQP_URL=url, TASKER_PREFIX=prefix)
+            await steps_x.publish(aio_pika.Message(step(i), delivery_mode=2), "bench.default")
+        env = dict(os.environ, TASKER_AMQP_URL=url, TASKER_PREFIX=prefix, TASKER_NAMESPACE="bench")
         if args.worker == "python":
             script = ["-c", PY_WORKER]
             if os.environ.get("BENCH_PY_WORKER"):  # e.g. a profiling variant of PY_WORKER
@@ -122,7 +125,7 @@ async def main() -> None:
         )
     finally:  # the private queues and exchanges go, whatever happened
         cleanup = await conn.channel()
-        for q in (n.step_queue("default"), n.results_queue(0)):
+        for q in (n.step_queue("bench", "default"), n.results_queue(0)):
             await cleanup.queue_delete(q)
         for x in (n.steps_exchange, n.results_exchange, n.dead_letter_exchange, n.cancel_exchange):
             await cleanup.exchange_delete(x)

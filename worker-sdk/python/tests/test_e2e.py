@@ -46,7 +46,7 @@ def setup(
     for s in steps:
         s.setdefault("queue", queue)
     tasker.register(template(name, steps))
-    return name, queue, tasker.worker(queues=[queue], **worker)
+    return name, queue, tasker.worker(NS, queues=[queue], **worker)
 
 
 async def test_single_step_with_async_and_plain_handlers(tasker: TaskerTestEnv) -> None:
@@ -258,7 +258,7 @@ async def test_malformed_step_messages_are_dead_lettered(tasker: TaskerTestEnv) 
         marker = wire.uuid7()
         await steps.publish(
             aio_pika.Message(b"\x01\x02 not msgpack", message_id=marker, headers={"x-test": 1}),
-            routing_key=queue,
+            routing_key=wire.step_routing_key(NS, queue),
             mandatory=True,
         )
         async with tasker.running(w):
@@ -277,7 +277,7 @@ async def test_malformed_step_messages_are_dead_lettered(tasker: TaskerTestEnv) 
                 await m.ack()
         assert found is not None, "the dead letter did not arrive"
         assert found.body == b"\x01\x02 not msgpack"
-        assert found.routing_key == queue
+        assert found.routing_key == wire.step_routing_key(NS, queue)
         headers = found.headers or {}
         reason = headers[wire.HEADER_REASON]
         assert isinstance(reason, str) and "not a MessagePack envelope" in reason
@@ -362,7 +362,7 @@ async def test_grace_period_over_returns_the_step_to_its_queue(tasker: TaskerTes
     w.stop()
     await asyncio.wait_for(run, 10)
     # Not reported: a second worker runs the same attempt again.
-    w2 = tasker.worker(queues=w.queues)
+    w2 = tasker.worker(NS, queues=w.queues)
 
     @w2.handler("stuck")
     async def fine(ctx: StepContext) -> int:
@@ -381,7 +381,8 @@ async def test_sigterm_stops_a_worker_process_gracefully(tasker: TaskerTestEnv) 
     script = (
         "import asyncio, sys\n"
         "from tasker_worker import Worker\n"
-        "w = Worker(sys.argv[1], [sys.argv[2]], prefix=sys.argv[3], name='sigterm-worker')\n"
+        "w = Worker(sys.argv[1], [sys.argv[2]], namespaces=sys.argv[4], prefix=sys.argv[3],\n"
+        "           name='sigterm-worker')\n"
         "@w.handler('nap')\n"
         "async def nap(ctx):\n"
         "    print('started', flush=True)\n"
@@ -391,7 +392,7 @@ async def test_sigterm_stops_a_worker_process_gracefully(tasker: TaskerTestEnv) 
         "print('stopped', flush=True)\n"
     )
     proc = subprocess.Popen(
-        [sys.executable, "-c", script, tasker.amqp_url, queue, tasker.prefix],
+        [sys.executable, "-c", script, tasker.amqp_url, queue, tasker.prefix, NS],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -567,7 +568,7 @@ async def test_handler_missing_spends_no_attempt(tasker: TaskerTestEnv) -> None:
             assert time.monotonic() < deadline, task
             await asyncio.sleep(0.1)
         assert s["failures"] == 0
-        w2 = tasker.worker(queues=[queue])
+        w2 = tasker.worker(NS, queues=[queue])
         w2.add_handler("absent", lambda ctx: "found")
         w.stop()
         async with tasker.running(w2):
@@ -692,7 +693,7 @@ async def test_tls_worker_and_amqp_submit_with_a_private_ca(tasker: TaskerTestEn
     ca = os.environ.get("TASKER_TEST_TLS_CA")
     assert amqps and ca, "TASKER_TEST_AMQPS_URL and TASKER_TEST_TLS_CA come from .tasker/env"
     name, queue, _ = setup(tasker, [{"name": "hi", "handler": "hi"}])
-    w = Worker(amqps, [queue], prefix=tasker.prefix, ca_cert=ca, grace_period=5)
+    w = Worker(amqps, [queue], namespaces=NS, prefix=tasker.prefix, ca_cert=ca, grace_period=5)
 
     @w.handler("hi")
     async def hi(ctx: StepContext) -> str:
@@ -703,7 +704,9 @@ async def test_tls_worker_and_amqp_submit_with_a_private_ca(tasker: TaskerTestEn
         task = await tasker.wait(task_id)
     assert task["state"] == "completed" and task["output"] == {"hi": "over tls"}
     # Without the CA the broker's certificate is refused.
-    untrusted = Worker(amqps, [queue], prefix=tasker.prefix, reconnect_delay=(0.05, 0.05))
+    untrusted = Worker(
+        amqps, [queue], namespaces=NS, prefix=tasker.prefix, reconnect_delay=(0.05, 0.05)
+    )
     run = asyncio.ensure_future(untrusted.run())
     await asyncio.sleep(1.0)
     assert untrusted.stats.sessions == 0
@@ -712,7 +715,7 @@ async def test_tls_worker_and_amqp_submit_with_a_private_ca(tasker: TaskerTestEn
 
 
 async def test_a_missing_queue_fails_the_first_connection(tasker: TaskerTestEnv) -> None:
-    w = tasker.worker(queues=[tasker.unique("nowhere")])
+    w = tasker.worker(NS, queues=[tasker.unique("nowhere")])
     with pytest.raises(WorkerError, match="does not exist"):
         await asyncio.wait_for(w.run(), 20)
 
@@ -744,7 +747,12 @@ async def test_a_workflow_mixing_rust_and_python_steps(
         return {"rust_said": ctx.parent("rust_middle")}
 
     record_dir = tmp_path / "chaos-records"
-    env = dict(os.environ, TASKER_AMQP_URL=tasker.amqp_url, TASKER_PREFIX=tasker.prefix)
+    env = dict(
+        os.environ,
+        TASKER_AMQP_URL=tasker.amqp_url,
+        TASKER_PREFIX=tasker.prefix,
+        TASKER_NAMESPACE=NS,
+    )
     rust = subprocess.Popen(
         [find_binary("chaos-worker"), "--record-dir", str(record_dir), "--sleep-ms-max", "5"],
         env=env,

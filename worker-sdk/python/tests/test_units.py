@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tasker_worker import Decision, Permanent, Retryable, StepContext, Worker
+from tasker_worker import Decision, Permanent, Retryable, StepContext, Worker, WorkerError, wire
 from tasker_worker.worker import (
     MAX_BATCH,
     REMEMBERED_CANCELS,
@@ -22,7 +22,7 @@ from tasker_worker.worker import (
 
 
 def _worker(**kw: Any) -> Worker:
-    w = Worker("amqp://guest:guest@127.0.0.1:5672/%2f", ["q"], **kw)
+    w = Worker("amqp://guest:guest@127.0.0.1:5672/%2f", ["q"], namespaces="shop", **kw)
     w._pool = __import__("concurrent.futures").futures.ThreadPoolExecutor(4)
     return w
 
@@ -152,6 +152,32 @@ async def test_results_group_by_routing_key_and_size() -> None:
 
 
 def test_a_single_queue_name_is_one_queue() -> None:
-    w = Worker("amqp://localhost", "payments", concurrency=100_000)
+    w = Worker("amqp://localhost", "payments", namespaces="shop", concurrency=100_000)
     assert w.queues == ["payments"] and w.prefetch == 65535
-    assert "secret" not in repr(Worker("amqp://u:secret@localhost"))
+    assert w.namespaces == ["shop"] and w.user_id == "guest"
+    assert "secret" not in repr(Worker("amqp://u:secret@localhost", namespaces="shop"))
+
+
+def test_namespaces_name_the_step_queues_and_the_url_names_the_user() -> None:
+    w = Worker(
+        "amqp://tasker-shop:pw@localhost/%2f",
+        ["default", "gpu"],
+        namespaces=["shop", "billing", "shop"],
+        prefix="p",
+    )
+    assert w.namespaces == ["shop", "billing"]
+    assert w._step_queues() == [
+        "p.step.shop.default",
+        "p.step.shop.gpu",
+        "p.step.billing.default",
+        "p.step.billing.gpu",
+    ]
+    assert w._queue_keys()[0] == "shop.default"
+    assert w.user_id == "tasker-shop"
+    assert wire.amqp_user("amqp://a%40b:x@h/") == "a@b"
+    # A template of another namespace is not this worker's business.
+    t = {"namespace": "media", "steps": [{"name": "s", "handler": "nope"}]}
+    assert w.missing_handlers(t) == []
+    assert w.missing_handlers({**t, "namespace": "shop"}) == ["nope"]
+    with pytest.raises(WorkerError, match="namespace"):
+        Worker("amqp://localhost", namespaces=[])

@@ -75,7 +75,8 @@ def test_output_checks_follow_the_data_rules() -> None:
 
 def test_names_follow_the_prefix() -> None:
     n = wire.Names("p1")
-    assert n.step_queue("payments") == "p1.step.payments"
+    assert n.step_queue("shop", "payments") == "p1.step.shop.payments"
+    assert wire.step_routing_key("shop", "payments") == "shop.payments"
     assert n.results_exchange == "p1.results"
     assert n.dead_letter_exchange == "p1.dlx"
     assert n.cancel_exchange == "p1.cancel"

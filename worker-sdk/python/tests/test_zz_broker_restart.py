@@ -36,7 +36,7 @@ async def amqp_answers(host: str, port: int) -> bool:
 async def test_the_worker_reconnects_after_a_broker_restart(tasker: TaskerTestEnv) -> None:
     name, queue = tasker.unique("t"), tasker.unique("q")
     tasker.register(template(name, [{"name": "echo", "handler": "echo", "queue": queue}]))
-    w = tasker.worker(queues=[queue])
+    w = tasker.worker(NS, queues=[queue])
     url = urllib.parse.urlsplit(tasker.amqp_url)
     host, port = url.hostname or "127.0.0.1", url.port or 5672
 

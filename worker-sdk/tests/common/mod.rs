@@ -23,6 +23,8 @@ use tokio::task::{AbortHandle, JoinHandle};
 
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const NAMESPACE: &str = "shop";
+
+use tasker_schemas::topology::step_routing_key;
 pub const RESULT_ROUTING_KEY: &str = "shop.0";
 
 pub fn init_logs() {
@@ -130,11 +132,17 @@ impl Broker {
         Ok(())
     }
 
-    /// Declares the durable quorum queue behind template queue `queue` and binds it.
+    /// Declares the durable quorum queue behind template queue `queue` of [`NAMESPACE`] and
+    /// binds it.
     pub async fn declare_step_queue(&self, queue: &str) -> Result<()> {
-        let name = self.names.step_queue(queue);
+        let name = self.names.step_queue(NAMESPACE, queue);
         self.declare_queue(&name, true).await?;
-        self.bind(&name, &self.names.steps_exchange(), queue).await
+        self.bind(
+            &name,
+            &self.names.steps_exchange(),
+            &step_routing_key(NAMESPACE, queue),
+        )
+        .await
     }
 
     /// Where the broker dead-letters step messages (rejected, or over the delivery limit).
@@ -273,7 +281,7 @@ impl Broker {
             .channel
             .basic_publish(
                 self.names.steps_exchange().into(),
-                queue.into(),
+                step_routing_key(NAMESPACE, queue).into(),
                 BasicPublishOptions {
                     mandatory: true,
                     ..Default::default()
@@ -365,7 +373,7 @@ impl Broker {
         let q = self
             .channel
             .queue_declare(
-                self.names.step_queue(queue).into(),
+                self.names.step_queue(NAMESPACE, queue).into(),
                 passive,
                 FieldTable::default(),
             )
@@ -392,6 +400,7 @@ impl Broker {
     pub fn worker(&self) -> WorkerBuilder {
         Worker::builder(&self.url)
             .prefix(self.names.prefix())
+            .namespace(NAMESPACE)
             .name("test-worker")
     }
 

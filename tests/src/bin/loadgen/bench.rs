@@ -247,6 +247,7 @@ impl Bench {
         }
         let worker = Worker::builder(self.amqp_url.clone())
             .prefix(self.names.prefix())
+            .namespace(NAMESPACE)
             .queue(queue)
             .concurrency(self.worker_concurrency)
             .grace_period(Duration::from_secs(5))

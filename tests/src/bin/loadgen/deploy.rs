@@ -174,7 +174,11 @@ impl Deployment {
         if !tasker_tests::stop_child(&mut owned.child, Duration::from_secs(15)).await {
             eprintln!("loadgen: the orchestrator did not stop within 15 s; killed it");
         }
-        let step_queues: Vec<String> = step_queues.iter().map(|q| q.to_string()).collect();
+        // The load generator's templates are all in one namespace.
+        let step_queues: Vec<String> = step_queues
+            .iter()
+            .map(|q| tasker_schemas::topology::step_routing_key(crate::bench::NAMESPACE, q))
+            .collect();
         if let Err(e) = tasker_tests::delete_topology(
             &self.amqp_url,
             &Names::new(self.prefix.clone()),

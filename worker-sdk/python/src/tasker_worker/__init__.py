@@ -8,7 +8,9 @@ wire schema 1.1). A **client** submits tasks over HTTP ([`Client`], [`AsyncClien
 ```python
 from tasker_worker import Permanent, StepContext, Worker
 
-worker = Worker("amqp://guest:guest@127.0.0.1:5672/%2f", queues=["default"], concurrency=32)
+worker = Worker(
+    "amqp://guest:guest@127.0.0.1:5672/%2f", queues=["default"], namespaces="shop", concurrency=32
+)
 
 @worker.handler("charge_payment")
 async def charge(ctx: StepContext) -> dict:

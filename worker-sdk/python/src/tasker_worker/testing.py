@@ -136,7 +136,8 @@ class TaskerTestEnv:
         self._process = process
         self._admin_database_url = admin_database_url
         self.database_name = database_name
-        self._queues: set[str] = set()
+        #: (namespace, queue) of every template registered, deleted at the end.
+        self._queues: set[tuple[str, str]] = set()
 
     def __repr__(self) -> str:
         return f"TaskerTestEnv(http_url={self.http_url!r}, prefix={self.prefix!r})"
@@ -297,7 +298,7 @@ class TaskerTestEnv:
                 n.dead_steps_queue,
                 n.dead_letters_queue,
                 *(n.results_queue(i) for i in range(16)),
-                *(n.step_queue(q) for q in self._queues),
+                *(n.step_queue(ns, q) for ns, q in self._queues),
             ]
             for q in queues:
                 channel = await connection.channel()
@@ -329,17 +330,27 @@ class TaskerTestEnv:
 
     def register(self, template: Mapping[str, Any]) -> dict[str, Any]:
         """Registers a template (JSON, docs/templates.md); its queues are deleted at the end."""
+        ns = str(template.get("namespace", ""))
         for s in template.get("steps", []):
-            self._queues.add(str(s.get("queue", "default")))
+            self._queues.add((ns, str(s.get("queue", "default"))))
         on_failure = template.get("on_failure")
         if isinstance(on_failure, Mapping):
-            self._queues.add(str(on_failure.get("queue", "default")))
+            self._queues.add((ns, str(on_failure.get("queue", "default"))))
         return self.client.register_template(template)
 
-    def worker(self, queues: list[str] | None = None, **kwargs: Any) -> Worker:
-        """A [`Worker`] on this environment's broker and prefix (grace period 5 s)."""
+    def worker(
+        self, namespaces: str | list[str], queues: list[str] | None = None, **kwargs: Any
+    ) -> Worker:
+        """A [`Worker`] of `namespaces` on this environment's broker and prefix (grace period
+        5 s)."""
         kwargs.setdefault("grace_period", 5.0)
-        return Worker(self.amqp_url, queues or ["default"], prefix=self.prefix, **kwargs)
+        return Worker(
+            self.amqp_url,
+            queues or ["default"],
+            namespaces=namespaces,
+            prefix=self.prefix,
+            **kwargs,
+        )
 
     def async_client(self) -> AsyncClient:
         return AsyncClient(self.http_url)

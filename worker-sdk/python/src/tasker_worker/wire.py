@@ -115,8 +115,9 @@ class Names:
     def dead_letters_queue(self) -> str:
         return f"{self.prefix}.dead_letters"
 
-    def step_queue(self, queue: str) -> str:
-        return f"{self.prefix}.step.{queue}"
+    def step_queue(self, namespace: str, queue: str) -> str:
+        """The step queue of template queue `queue` in `namespace`."""
+        return f"{self.prefix}.step.{namespace}.{queue}"
 
     def results_queue(self, shard: int) -> str:
         return f"{self.prefix}.results.{shard}"
@@ -634,3 +635,17 @@ def worker_name() -> str:
         except OSError:
             host = ""
     return f"{host or 'worker'}-{os.getpid()}"
+
+
+def step_routing_key(namespace: str, queue: str) -> str:
+    """Routing key of a step message on the steps exchange: `{namespace}.{queue}`."""
+    return f"{namespace}.{queue}"
+
+
+def amqp_user(url: str) -> str:
+    """The user an AMQP URL connects as (`guest` when it names none): the `user_id` property of
+    everything a worker publishes (the broker refuses any other)."""
+    import urllib.parse
+
+    user = urllib.parse.urlsplit(url).username
+    return urllib.parse.unquote(user) if user else "guest"

@@ -174,13 +174,17 @@ def _text(header: Any) -> str | None:
     return header if isinstance(header, str) else None
 
 
-def _properties(kind: str, message_id: str, traceparent: Any = None) -> Basic.Properties:
-    """AMQP properties of what a worker publishes (CONTRACT §2)."""
+def _properties(
+    kind: str, message_id: str, traceparent: Any = None, user_id: str | None = None
+) -> Basic.Properties:
+    """AMQP properties of what a worker publishes (CONTRACT §2); `user_id` is the connection's
+    user (broker identity: the broker refuses any other)."""
     return Basic.Properties(
         content_type=wire.CONTENT_TYPE,
         delivery_mode=2,
         message_id=message_id,
         message_type=kind,
+        user_id=user_id,
         headers={wire.HEADER_TRACEPARENT: traceparent} if traceparent is not None else None,
     )
 
@@ -231,8 +235,11 @@ class _ResultPublisher:
     its trace context); results that finish while confirms are outstanding go out together, one
     `result_batch` per routing key, under one confirm (worker-sdk/src/batch.rs)."""
 
-    def __init__(self, channel: RawChannel, exchange: str, stats: WorkerStats) -> None:
+    def __init__(
+        self, channel: RawChannel, exchange: str, stats: WorkerStats, user_id: str
+    ) -> None:
         self._channel = channel
+        self._user_id = user_id
         self._exchange = exchange
         self._stats = stats
         self._pending: list[_Outgoing] = []
@@ -310,7 +317,7 @@ class _ResultPublisher:
         if len(group) == 1:
             o = group[0]
             body = o.body
-            properties = _properties("result", o.message_id, o.traceparent)
+            properties = _properties("result", o.message_id, o.traceparent, self._user_id)
         else:
             message_id = wire.uuid7()
             # One AMQP header cannot carry several traces: each entry carries its own (§5).
@@ -321,7 +328,7 @@ class _ResultPublisher:
                 for o in group
             ]
             body = wire.encode("result_batch", {"results": entries}, message_id)
-            properties = _properties("result_batch", message_id)
+            properties = _properties("result_batch", message_id, user_id=self._user_id)
         try:
             await _publish(self._channel, self._exchange, group[0].routing_key, body, properties)
         except PublishFailed as e:
@@ -369,11 +376,21 @@ class _QueueMissing(Exception):
     pass
 
 
+class _AccessRefused(Exception):
+    """The broker refused the worker's user a step queue (another namespace's, with broker
+    identity on)."""
+
+
 class Worker:
     """Runs step handlers for Tasker.
 
     ```python
-    worker = Worker("amqp://guest:guest@127.0.0.1:5672/%2f", queues=["default"], concurrency=32)
+    worker = Worker(
+        "amqp://guest:guest@127.0.0.1:5672/%2f",
+        queues=["default"],
+        namespaces="shop",
+        concurrency=32,
+    )
 
     @worker.handler("charge_payment")
     async def charge(ctx: StepContext) -> dict:
@@ -386,6 +403,9 @@ class Worker:
     plain functions (run in a thread pool of `concurrency` threads; a thread cannot be stopped,
     so at the timeout the attempt is reported failed and the thread's slot stays busy until the
     function returns).
+
+    `namespaces` (required: a name or a list) are the namespaces whose steps the worker runs: it
+    consumes each of `queues` in each of them (`{prefix}.step.{namespace}.{queue}`).
     """
 
     def __init__(
@@ -393,6 +413,7 @@ class Worker:
         amqp_url: str,
         queues: Iterable[str] = ("default",),
         *,
+        namespaces: str | Iterable[str],
         concurrency: int = DEFAULT_CONCURRENCY,
         prefetch: int | None = None,
         prefix: str = "tasker",
@@ -407,7 +428,18 @@ class Worker:
     ) -> None:
         if isinstance(queues, str):  # a single queue name, not its characters
             queues = [queues]
+        if isinstance(namespaces, str):
+            namespaces = [namespaces]
+        #: The namespaces served, in the order given.
+        self.namespaces: list[str] = []
+        for ns in namespaces:
+            if ns not in self.namespaces:
+                self.namespaces.append(ns)
+        if not self.namespaces:
+            raise WorkerError("no namespace: name the namespace(s) the worker serves")
         self.amqp_url = amqp_url
+        #: The `user_id` of everything the worker publishes: the user of its AMQP URL.
+        self.user_id = wire.amqp_user(amqp_url)
         #: PEM file of CA certificates trusted for `amqps://` on top of the system's.
         self.ca_cert = ca_cert
         self.queues: list[str] = []
@@ -444,7 +476,8 @@ class Worker:
 
     def __repr__(self) -> str:  # never shows the URL (it may hold a password)
         return (
-            f"Worker(name={self.name!r}, prefix={self.names.prefix!r}, queues={self.queues!r}, "
+            f"Worker(name={self.name!r}, prefix={self.names.prefix!r}, "
+            f"namespaces={self.namespaces!r}, queues={self.queues!r}, "
             f"handlers={self.handler_names()!r}, concurrency={self.concurrency})"
         )
 
@@ -467,7 +500,10 @@ class Worker:
         return sorted(self._handlers)
 
     def missing_handlers(self, template: dict[str, Any]) -> list[str]:
-        """Handlers that `template` (as JSON) needs on this worker's queues and it lacks."""
+        """Handlers that `template` (as JSON) needs on this worker's queues and it lacks (none
+        for a template of a namespace the worker does not serve)."""
+        if template.get("namespace") not in self.namespaces:
+            return []
         steps = list(template.get("steps", []))
         if template.get("on_failure"):
             steps.append(template["on_failure"])
@@ -532,11 +568,9 @@ class Worker:
                 f"worker name is {len(self.name.encode())} bytes; "
                 f"at most {wire.MAX_WORKER_NAME_LEN} are allowed"
             )
-        for q in self.queues:
-            if len(self.names.step_queue(q).encode()) > 255:
-                raise WorkerError(
-                    f"queue name {self.names.step_queue(q)!r} is longer than 255 bytes"
-                )
+        for q in self._step_queues():
+            if len(q.encode()) > 255:
+                raise WorkerError(f"queue name {q!r} is longer than 255 bytes")
         if not self.amqp_url.startswith(("amqp://", "amqps://")):
             raise WorkerError("invalid AMQP URL: it must start with amqp:// or amqps://")
         self._stop = asyncio.Event()
@@ -551,9 +585,10 @@ class Worker:
         if not self._handlers:
             log.warning("no handlers registered: every step will be reported as handler_missing")
         log.info(
-            "worker %s starting: prefix %s, queues %s, handlers %s, concurrency %d",
+            "worker %s starting: prefix %s, namespaces %s, queues %s, handlers %s, concurrency %d",
             self.name,
             self.names.prefix,
+            self.namespaces,
             self.queues,
             self.handler_names(),
             self.concurrency,
@@ -565,6 +600,10 @@ class Worker:
             while not self._stop.is_set():
                 try:
                     session = await self._open()
+                except _AccessRefused as e:
+                    if not connected_once:
+                        raise WorkerError(f"the broker refused access to queue {e}") from None
+                    log.warning("cannot open a broker session: access refused to %s; retrying", e)
                 except _QueueMissing as e:
                     if not connected_once:
                         raise WorkerError(
@@ -604,6 +643,14 @@ class Worker:
             self._pool.shutdown(wait=False, cancel_futures=True)
             log.info("worker %s stopped", self.name)
 
+    def _step_queues(self) -> list[str]:
+        """The AMQP queue of every (namespace, queue) the worker consumes."""
+        return [self.names.step_queue(ns, q) for ns in self.namespaces for q in self.queues]
+
+    def _queue_keys(self) -> list[str]:
+        """`{namespace}.{queue}` of every queue the worker consumes (its registry entry)."""
+        return [wire.step_routing_key(ns, q) for ns in self.namespaces for q in self.queues]
+
     async def _open(self) -> _Session:
         connection = await asyncio.wait_for(
             aio_pika.connect(
@@ -617,11 +664,13 @@ class Worker:
             # The orchestrator owns the topology: only check that the queues exist (a failed
             # passive declare closes its channel, hence a channel of its own).
             check = await connection.channel(publisher_confirms=False)
-            for q in self.queues:
+            for q in self._step_queues():
                 try:
-                    await check.declare_queue(self.names.step_queue(q), passive=True)
+                    await check.declare_queue(q, passive=True)
                 except aiormq.exceptions.ChannelNotFoundEntity:
-                    raise _QueueMissing(self.names.step_queue(q)) from None
+                    raise _QueueMissing(q) from None
+                except aiormq.exceptions.ChannelAccessRefused as e:
+                    raise _AccessRefused(f"{q}: {e}") from None
             with contextlib.suppress(Exception):
                 await check.close()
             publisher = await connection.channel(publisher_confirms=True, on_return_raises=True)
@@ -632,7 +681,9 @@ class Worker:
                 connection=connection,
                 publisher=publisher,
                 raw_publisher=raw_publisher,
-                results=_ResultPublisher(raw_publisher, self.names.results_exchange, self.stats),
+                results=_ResultPublisher(
+                    raw_publisher, self.names.results_exchange, self.stats, self.user_id
+                ),
             )
             connection.close_callbacks.add(
                 lambda _c, exc=None: session.lose(f"the connection closed ({exc!r})")
@@ -640,7 +691,7 @@ class Worker:
             publisher.close_callbacks.add(
                 lambda _c, exc=None: session.lose(f"the publisher channel closed ({exc!r})")
             )
-            for q in self.queues:
+            for q, queue_name in zip(self._queue_keys(), self._step_queues(), strict=True):
                 channel = await connection.channel(publisher_confirms=False)
                 await channel.set_qos(prefetch_count=self.prefetch)
                 channel.close_callbacks.add(
@@ -649,13 +700,15 @@ class Worker:
                     )
                 )
                 raw = await channel.get_underlay_channel()
-                queue_name = self.names.step_queue(q)
-                consume_ok = await raw.basic_consume(
-                    queue_name,
-                    functools.partial(self._on_delivery, session),
-                    no_ack=False,
-                    consumer_tag=f"{self.name}.{q}"[:255],
-                )
+                try:
+                    consume_ok = await raw.basic_consume(
+                        queue_name,
+                        functools.partial(self._on_delivery, session),
+                        no_ack=False,
+                        consumer_tag=f"{self.name}.{q}"[:255],
+                    )
+                except aiormq.exceptions.ChannelAccessRefused as e:
+                    raise _AccessRefused(f"{queue_name}: {e}") from None
                 tag = str(consume_ok.consumer_tag)
                 session.consumers.append((channel, raw, queue_name, tag))
             try:
@@ -737,7 +790,7 @@ class Worker:
             self.names.results_exchange,
             wire.WORKER_HEARTBEAT_ROUTING_KEY,
             body,
-            _properties("worker_heartbeat", message_id),
+            _properties("worker_heartbeat", message_id, user_id=self.user_id),
         )
 
     async def _announce_loop(self, session: _Session) -> None:
@@ -1009,7 +1062,7 @@ class Worker:
             self.names.results_exchange,
             step["result_routing_key"],
             body,
-            _properties(kind, message_id, traceparent),
+            _properties(kind, message_id, traceparent, self.user_id),
         )
         if kind == "started":
             self.stats.leases += 1
@@ -1068,7 +1121,7 @@ class Worker:
             message_id=p.message_id,
             timestamp=p.timestamp,
             message_type=p.message_type,
-            user_id=p.user_id,
+            user_id=self.user_id,
             app_id=p.app_id,
             cluster_id=p.cluster_id,
         )
