@@ -549,8 +549,11 @@ impl Client {
     ) -> Result<TaskView, ClientError> {
         let body = tasker_schemas::operate::SucceedStep { output };
         self.send(
-            self.request(Method::POST, &format!("/v1/tasks/{id}/steps/{step}/succeed"))
-                .json(&body),
+            self.request(
+                Method::POST,
+                &format!("/v1/tasks/{id}/steps/{step}/succeed"),
+            )
+            .json(&body),
         )
         .await
     }
@@ -560,8 +563,11 @@ impl Client {
         &self,
         filter: &tasker_schemas::operate::BulkFilterBody,
     ) -> Result<tasker_schemas::operate::BulkCount, ClientError> {
-        self.send(self.request(Method::POST, "/v1/tasks/bulk/count").json(filter))
-            .await
+        self.send(
+            self.request(Method::POST, "/v1/tasks/bulk/count")
+                .json(filter),
+        )
+        .await
     }
 
     /// `POST /v1/tasks/bulk/cancel` (`retry: false`) or `/retry`: acts on the tasks a filter

@@ -46,6 +46,7 @@ pub enum DeadLetterCommand {
         /// task_request, step, result or other.
         #[arg(long)]
         kind: Option<String>,
+        /// Only dead letters of this namespace.
         #[arg(long)]
         namespace: Option<String>,
         /// Only those whose reason contains this text.
@@ -68,15 +69,20 @@ pub enum DeadLetterCommand {
         json: bool,
     },
     /// Show one dead letter with its headers and body (JSON).
-    Show { id: i64 },
+    Show {
+        /// The dead letter's id (from `tasker dead-letters list`).
+        id: i64,
+    },
     /// Replay dead letters by kind: a task request is submitted again, a dead step's step is
     /// retried if its task still needs it.
     Replay {
+        /// Dead letter ids (from `tasker dead-letters list`).
         #[arg(required = true)]
         ids: Vec<i64>,
     },
     /// Discard dead letters.
     Discard {
+        /// Dead letter ids (from `tasker dead-letters list`).
         #[arg(required = true)]
         ids: Vec<i64>,
     },

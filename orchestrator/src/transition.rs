@@ -3151,7 +3151,11 @@ mod tenancy_tests {
         for state in [TaskState::Pending, TaskState::Running] {
             assert_eq!(purge_task(state).unwrap_err().action, "purge");
         }
-        for state in [TaskState::Completed, TaskState::Failed, TaskState::Cancelled] {
+        for state in [
+            TaskState::Completed,
+            TaskState::Failed,
+            TaskState::Cancelled,
+        ] {
             assert!(purge_task(state).is_ok());
         }
     }

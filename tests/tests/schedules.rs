@@ -69,9 +69,12 @@ async fn fired(h: &Harness, id: Uuid) -> Result<Vec<(DateTime<Utc>, Uuid, DateTi
 async fn schedules_over_the_api_create_show_pause_resume_delete_and_run_tasks() -> Result<()> {
     let h = Harness::start().await?;
     h.register_yaml(TEMPLATE).await?;
-    h.spawn_worker(h.worker("cron").handler_fn("build_report", |ctx| async move {
-        Ok(json!({ "for": ctx.context()["team"].clone() }))
-    }))
+    h.spawn_worker(
+        h.worker("cron")
+            .handler_fn("build_report", |ctx| async move {
+                Ok(json!({ "for": ctx.context()["team"].clone() }))
+            }),
+    )
     .await?;
     let client = h.client();
 

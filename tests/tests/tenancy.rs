@@ -83,7 +83,12 @@ async fn each_role_is_allowed_and_refused_on_each_route() -> anyhow::Result<()> 
     // No key, an unknown key: 401 with the JSON error.
     let anonymous = Client::new(h.http_url(0));
     match anonymous.task(in_a).await {
-        Err(ClientError::Api { status, code, message, .. }) => {
+        Err(ClientError::Api {
+            status,
+            code,
+            message,
+            ..
+        }) => {
             assert_eq!((status, code.as_str()), (401, "unauthorized"));
             assert!(message.contains("Authorization: Bearer"), "{message}");
         }
@@ -102,9 +107,15 @@ async fn each_role_is_allowed_and_refused_on_each_route() -> anyhow::Result<()> 
     assert_eq!(status(read.task(in_b).await), 403);
     let listed = read.list(&Default::default()).await?;
     assert!(!listed.tasks.is_empty());
-    assert!(listed.tasks.iter().all(|t| t.namespace == "a"), "{listed:?}");
+    assert!(
+        listed.tasks.iter().all(|t| t.namespace == "a"),
+        "{listed:?}"
+    );
     let templates = read.templates(None).await?;
-    assert!(templates.iter().all(|t| t.namespace == "a"), "{templates:?}");
+    assert!(
+        templates.iter().all(|t| t.namespace == "a"),
+        "{templates:?}"
+    );
     assert_eq!(status(read.templates(Some("b")).await), 403);
     assert_eq!(status(read.submit(&submit("a", "stuck")).await), 403);
     assert_eq!(status(read.cancel(in_a, None).await), 403);
@@ -126,6 +137,40 @@ async fn each_role_is_allowed_and_refused_on_each_route() -> anyhow::Result<()> 
     assert_eq!(status(operator.purge(in_a).await), 403);
     assert_eq!(status(operator.keys(false).await), 403);
 
+    // Signals need operate (the task waits for none: 409 once allowed); schedules need operate
+    // to manage and read to see, each in its namespace.
+    let live = h.submit("a", "stuck", json!({})).await?;
+    assert_eq!(
+        status(read.signal(live, "approval", "s1", json!({})).await),
+        403
+    );
+    assert_eq!(
+        status(submitter.signal(live, "approval", "s1", json!({})).await),
+        403
+    );
+    assert_eq!(
+        status(operator.signal(live, "approval", "s1", json!({})).await),
+        409
+    );
+    assert_eq!(
+        status(operator.signal(in_b, "approval", "s1", json!({})).await),
+        403
+    );
+    let schedule = |ns: &str| -> tasker_schemas::api::CreateSchedule {
+        serde_json::from_value(json!({"namespace": ns, "template": "stuck", "cron": "0 2 * * *"}))
+            .expect("schedule body")
+    };
+    assert_eq!(status(read.create_schedule(&schedule("a")).await), 403);
+    assert_eq!(status(operator.create_schedule(&schedule("b")).await), 403);
+    let made = operator.create_schedule(&schedule("a")).await?;
+    assert_eq!(status(read.pause_schedule(made.id).await), 403);
+    assert_eq!(status(operator.pause_schedule(made.id).await), 200);
+    h.client().create_schedule(&schedule("b")).await?;
+    let seen = read.schedules(None).await?;
+    assert_eq!(seen.schedules.len(), 1, "{seen:?}");
+    assert!(seen.schedules.iter().all(|s| s.namespace == "a"));
+    assert_eq!(status(read.schedules(Some("b")).await), 403);
+
     // admin of a: templates and keys within a only.
     assert_eq!(status(admin_a.register_template(&yaml).await), 200);
     let yaml_b = parse(&template("b", "t2"));
@@ -135,23 +180,44 @@ async fn each_role_is_allowed_and_refused_on_each_route() -> anyhow::Result<()> 
         role: role.into(),
         namespaces: ns.iter().map(|s| s.to_string()).collect(),
     };
-    assert_eq!(status(admin_a.create_key(&grant("submit", &["a"])).await), 200);
-    assert_eq!(status(admin_a.create_key(&grant("submit", &["b"])).await), 403);
-    assert_eq!(status(admin_a.create_key(&grant("read", &["*"])).await), 403);
+    assert_eq!(
+        status(admin_a.create_key(&grant("submit", &["a"])).await),
+        200
+    );
+    assert_eq!(
+        status(admin_a.create_key(&grant("submit", &["b"])).await),
+        403
+    );
+    assert_eq!(
+        status(admin_a.create_key(&grant("read", &["*"])).await),
+        403
+    );
     let keys = admin_a.keys(false).await?;
     assert!(
         keys.keys.iter().all(|k| k.namespaces == ["a"]),
         "a scoped admin lists only its namespace's keys: {keys:?}"
     );
     // Bad key requests: clear 400s.
-    assert_eq!(status(h.client().create_key(&grant("root", &["a"])).await), 400);
-    assert_eq!(status(h.client().create_key(&grant("read", &["*", "a"])).await), 400);
-    assert_eq!(status(h.client().create_key(&grant("read", &[])).await), 400);
+    assert_eq!(
+        status(h.client().create_key(&grant("root", &["a"])).await),
+        400
+    );
+    assert_eq!(
+        status(h.client().create_key(&grant("read", &["*", "a"])).await),
+        400
+    );
+    assert_eq!(
+        status(h.client().create_key(&grant("read", &[])).await),
+        400
+    );
 
     // /metrics and /ready are open unless protected.
     let http = reqwest::Client::new();
     let url = h.http_url(0);
-    assert_eq!(http.get(format!("{url}/metrics")).send().await?.status(), 200);
+    assert_eq!(
+        http.get(format!("{url}/metrics")).send().await?.status(),
+        200
+    );
     h.finish().await;
     Ok(())
 }
@@ -176,7 +242,10 @@ async fn revoked_keys_are_refused_and_every_operator_action_is_audited() -> anyh
     let actions: Vec<&str> = trail.entries.iter().map(|e| e.action.as_str()).collect();
     assert_eq!(actions, ["task.retry", "task.cancel"], "{trail:#?}");
     for e in &trail.entries {
-        assert!(e.actor.starts_with("key:") && e.actor.ends_with("(night-shift)"), "{e:?}");
+        assert!(
+            e.actor.starts_with("key:") && e.actor.ends_with("(night-shift)"),
+            "{e:?}"
+        );
         assert!(e.key_id.is_some());
         assert_eq!(e.namespace.as_deref(), Some("shop"));
     }
@@ -203,13 +272,22 @@ async fn revoked_keys_are_refused_and_every_operator_action_is_audited() -> anyh
     let revoked = h.client().revoke_key(id).await?;
     assert!(revoked.revoked_at.is_some());
     match operator.task(task).await {
-        Err(ClientError::Api { status, message, .. }) => {
+        Err(ClientError::Api {
+            status, message, ..
+        }) => {
             assert_eq!(status, 401);
             assert!(message.contains("revoked"), "{message}");
         }
         other => panic!("expected 401, got {other:?}"),
     }
-    assert!(!h.client().keys(false).await?.keys.iter().any(|k| k.id == id));
+    assert!(
+        !h.client()
+            .keys(false)
+            .await?
+            .keys
+            .iter()
+            .any(|k| k.id == id)
+    );
     assert!(h.client().keys(true).await?.keys.iter().any(|k| k.id == id));
     let after = h
         .client()
@@ -285,13 +363,17 @@ async fn a_namespace_retention_overrides_the_global_one() -> anyhow::Result<()> 
         h.register_yaml(&template(ns, "order")).await?;
     }
     h.spawn_worker(
-        h.worker("short").namespace("long")
+        h.worker("short")
+            .namespace("long")
             .handler_fn("echo", |_ctx| async move { Ok(json!({"ok": true})) }),
     )
     .await?;
     let short = h.run("short", "order", json!({})).await?;
     let long = h.run("long", "order", json!({})).await?;
-    assert_eq!(status(h.client().set_retention("short", Some(0)).await), 400);
+    assert_eq!(
+        status(h.client().set_retention("short", Some(0)).await),
+        400
+    );
     let set = h.client().set_retention("short", Some(1)).await?;
     assert_eq!(set.retention_ms, Some(1));
     let listed = h.client().namespaces().await?;
@@ -351,7 +433,10 @@ async fn protected_metrics_and_ready_need_a_key() -> anyhow::Result<()> {
         assert_eq!(r.status(), 200, "{path}");
     }
     // /health stays open (a liveness probe has no key).
-    assert_eq!(http.get(format!("{url}/health")).send().await?.status(), 200);
+    assert_eq!(
+        http.get(format!("{url}/health")).send().await?.status(),
+        200
+    );
     h.finish().await;
     Ok(())
 }

@@ -367,10 +367,10 @@ async fn authenticate(State(shared): State<Shared>, mut req: Request, next: Next
 
 /// `/metrics` and `/ready` need a key (any role) when `TASKER_PROTECT_METRICS` is on.
 async fn protect_metrics(State(shared): State<Shared>, req: Request, next: Next) -> Response {
-    if shared.config.protect_metrics {
-        if let Err(e) = principal_of(&shared, req.headers()).await {
-            return ApiError::from(e).into_response();
-        }
+    if shared.config.protect_metrics
+        && let Err(e) = principal_of(&shared, req.headers()).await
+    {
+        return ApiError::from(e).into_response();
     }
     next.run(req).await
 }
@@ -598,11 +598,12 @@ async fn retry_task(
 /// first signal's answer), 409 for a finished task or a name no step waits for.
 async fn send_signal(
     State(shared): State<Shared>,
+    Extension(who): Extension<Principal>,
     ApiPath((id, name)): ApiPath<(String, String)>,
     ApiJson(body): ApiJson<tasker_schemas::api::SendSignal>,
 ) -> ApiResult<(StatusCode, Json<tasker_schemas::api::SignalResponse>)> {
     let id = parse_task_id(&id)?;
-    let answer = service::waits::send(&shared, id, &name, &body).await?;
+    let answer = service::waits::send(&shared, &who, id, &name, &body).await?;
     let status = if answer.created {
         StatusCode::CREATED
     } else {
@@ -710,9 +711,10 @@ const NEXT_RUNS: usize = 5;
 
 async fn create_schedule(
     State(shared): State<Shared>,
+    Extension(who): Extension<Principal>,
     ApiJson(req): ApiJson<tasker_schemas::api::CreateSchedule>,
 ) -> ApiResult<(StatusCode, Json<tasker_schemas::api::ScheduleView>)> {
-    let row = service::schedules::create(&shared, &req).await?;
+    let row = service::schedules::create(&shared, &who, &req).await?;
     let (runs, tz) = service::schedules::next_runs(&shared, &row, NEXT_RUNS).await?;
     Ok((
         StatusCode::CREATED,
@@ -730,10 +732,16 @@ struct ScheduleListQuery {
 /// default 100.
 async fn list_schedules(
     State(shared): State<Shared>,
+    Extension(who): Extension<Principal>,
     ApiQuery(q): ApiQuery<ScheduleListQuery>,
 ) -> ApiResult<Json<tasker_schemas::api::ScheduleList>> {
-    let rows =
-        service::schedules::list(&shared, q.namespace.as_deref(), q.limit.unwrap_or(100)).await?;
+    let rows = service::schedules::list(
+        &shared,
+        &who,
+        q.namespace.as_deref(),
+        q.limit.unwrap_or(100),
+    )
+    .await?;
     Ok(Json(tasker_schemas::api::ScheduleList {
         schedules: rows
             .into_iter()
@@ -744,35 +752,39 @@ async fn list_schedules(
 
 async fn show_schedule(
     State(shared): State<Shared>,
+    Extension(who): Extension<Principal>,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<tasker_schemas::api::ScheduleView>> {
-    let row = service::schedules::get(&shared, parse_schedule_id(&id)?).await?;
+    let row = service::schedules::get(&shared, &who, parse_schedule_id(&id)?).await?;
     let (runs, tz) = service::schedules::next_runs(&shared, &row, NEXT_RUNS).await?;
     Ok(Json(views::schedule_view(row, &runs, tz)))
 }
 
 async fn pause_schedule(
     State(shared): State<Shared>,
+    Extension(who): Extension<Principal>,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<tasker_schemas::api::ScheduleView>> {
-    let row = service::schedules::pause(&shared, parse_schedule_id(&id)?).await?;
+    let row = service::schedules::pause(&shared, &who, parse_schedule_id(&id)?).await?;
     Ok(Json(views::schedule_view(row, &[], None)))
 }
 
 async fn resume_schedule(
     State(shared): State<Shared>,
+    Extension(who): Extension<Principal>,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<tasker_schemas::api::ScheduleView>> {
-    let row = service::schedules::resume(&shared, parse_schedule_id(&id)?).await?;
+    let row = service::schedules::resume(&shared, &who, parse_schedule_id(&id)?).await?;
     let (runs, tz) = service::schedules::next_runs(&shared, &row, NEXT_RUNS).await?;
     Ok(Json(views::schedule_view(row, &runs, tz)))
 }
 
 async fn delete_schedule(
     State(shared): State<Shared>,
+    Extension(who): Extension<Principal>,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<tasker_schemas::api::ScheduleView>> {
-    let row = service::schedules::delete(&shared, parse_schedule_id(&id)?).await?;
+    let row = service::schedules::delete(&shared, &who, parse_schedule_id(&id)?).await?;
     Ok(Json(views::schedule_view(row, &[], None)))
 }
 
@@ -803,7 +815,11 @@ async fn create_key(
             ),
         )
     })?;
-    let namespaces = if req.namespaces.iter().any(|n| n == crate::auth::EVERY_NAMESPACE) {
+    let namespaces = if req
+        .namespaces
+        .iter()
+        .any(|n| n == crate::auth::EVERY_NAMESPACE)
+    {
         if req.namespaces.len() > 1 {
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
@@ -887,14 +903,14 @@ async fn list_audit(
     if let Some(n) = &q.namespace {
         service::name_arg("namespace", n)?;
     }
-    if let Some(a) = &q.action {
-        if a.len() > 64 || a.contains('\0') {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                "action is at most 64 bytes, without NUL",
-            ));
-        }
+    if let Some(a) = &q.action
+        && (a.len() > 64 || a.contains('\0'))
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "action is at most 64 bytes, without NUL",
+        ));
     }
     let filter = store::audit::AuditFilter {
         task_id: task_id.map(|t| t.0),
@@ -905,7 +921,9 @@ async fn list_audit(
         limit,
     };
     let rows = service::audit::list(&shared, &who, filter).await?;
-    let next_before = (rows.len() as i64 == limit).then(|| rows.last().map(|r| r.id)).flatten();
+    let next_before = (rows.len() as i64 == limit)
+        .then(|| rows.last().map(|r| r.id))
+        .flatten();
     Ok(Json(tasker_schemas::api::AuditList {
         entries: rows.into_iter().map(views::audit_entry).collect(),
         next_before,
@@ -928,13 +946,17 @@ async fn set_namespace(
     ApiPath(namespace): ApiPath<String>,
     ApiJson(req): ApiJson<tasker_schemas::api::SetNamespace>,
 ) -> ApiResult<Json<tasker_schemas::api::NamespaceView>> {
-    let row = service::namespaces::set_retention(&shared, &who, &namespace, req.retention_ms).await?;
+    let row =
+        service::namespaces::set_retention(&shared, &who, &namespace, req.retention_ms).await?;
     Ok(Json(views::namespace_view(row)))
 }
 
 // --- Operator actions and dead letters (service::operate, service::dead_letters) -------------
 
-fn parse_time(what: &str, t: Option<&str>) -> Result<Option<chrono::DateTime<chrono::Utc>>, ApiError> {
+fn parse_time(
+    what: &str,
+    t: Option<&str>,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>, ApiError> {
     t.map(|t| {
         chrono::DateTime::parse_from_rfc3339(t)
             .map(|t| t.with_timezone(&chrono::Utc))

@@ -123,7 +123,31 @@ async fn handle_signal(shared: &Shared, d: Delivery, shutdown: &CancellationToke
         signal_id: signal.signal_id,
         payload: signal.payload,
     };
-    let sent = (|| crate::service::waits::send(shared, signal.task_id, &signal.name, &body))
+    // Over AMQP the orchestrator records the signal on the publisher's behalf; with broker
+    // identity on, only the user of the task's namespace may signal it.
+    let amqp = crate::auth::Principal::system("amqp");
+    if let Some(identity) = &shared.identity {
+        let namespace = crate::service::tasks::authorize(
+            shared,
+            &amqp,
+            signal.task_id,
+            crate::auth::Role::Operate,
+            "send signals",
+        )
+        .await;
+        match namespace {
+            Ok(namespace) => {
+                let user = d.properties.user_id().as_ref().map(|u| u.as_str());
+                if let Some(reason) = identity.refusal(user, &namespace) {
+                    return reject(shared, &d, &reason).await;
+                }
+            }
+            // Unacked: redelivered once the database answers.
+            Err(e) if e.is_retryable() => return,
+            Err(e) => return reject(shared, &d, &e.to_string()).await,
+        }
+    }
+    let sent = (|| crate::service::waits::send(shared, &amqp, signal.task_id, &signal.name, &body))
         .retry(outage_backoff())
         .when(|e: &ServiceError| e.is_retryable() && !shutdown.is_cancelled())
         .notify(|e, _| tracing::warn!(error = %e, "database unavailable; retrying signal"))

@@ -37,9 +37,17 @@ pub async fn record(
 }
 
 /// Entries newest first. A namespace-scoped key sees only entries of its namespaces.
-pub async fn list(shared: &Shared, who: &Principal, mut filter: AuditFilter) -> Result<Vec<AuditRow>> {
+pub async fn list(
+    shared: &Shared,
+    who: &Principal,
+    mut filter: AuditFilter,
+) -> Result<Vec<AuditRow>> {
     if !who.has_role(Role::Read) {
-        return Err(super::keys::forbidden(who, Role::Read, "read the audit log"));
+        return Err(super::keys::forbidden(
+            who,
+            Role::Read,
+            "read the audit log",
+        ));
     }
     if let Some(ns) = &filter.namespace {
         super::keys::require(who, Role::Read, ns, "read the audit log")?;

@@ -26,12 +26,12 @@
 pub mod admission;
 pub mod apply;
 pub mod audit;
+pub mod dead_letters;
 pub mod dynamic;
 pub mod events;
 pub mod gauges;
 pub mod keys;
 pub mod namespaces;
-pub mod dead_letters;
 pub mod operate;
 pub mod publish;
 pub mod reconcile;

@@ -17,12 +17,12 @@ pub async fn set_retention(
 ) -> Result<NamespaceRow> {
     name_arg("namespace", namespace)?;
     keys::require(who, Role::Admin, namespace, "set a namespace's retention")?;
-    if let Some(ms) = retention_ms {
-        if !(1..=MAX_RETENTION_MS).contains(&ms) {
-            return Err(ServiceError::InvalidRequest(format!(
-                "retention_ms={ms} is out of range: 1 to {MAX_RETENTION_MS} (10 years)"
-            )));
-        }
+    if let Some(ms) = retention_ms
+        && !(1..=MAX_RETENTION_MS).contains(&ms)
+    {
+        return Err(ServiceError::InvalidRequest(format!(
+            "retention_ms={ms} is out of range: 1 to {MAX_RETENTION_MS} (10 years)"
+        )));
     }
     let ms = retention_ms.map(|m| m as i64);
     let mut tx = shared.db.begin().await?;

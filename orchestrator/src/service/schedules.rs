@@ -5,7 +5,8 @@
 //! (schedule, tick) key and advances the schedule, so each tick creates exactly one task
 //! whatever the number of replicas.
 
-use super::{Result, ServiceError, Shared};
+use super::{Result, ServiceError, Shared, audit, keys};
+use crate::auth::{Principal, Role};
 use crate::store::rfc3339;
 use crate::store::schedules::{self as store, NewSchedule, ScheduleRow};
 use crate::store::tasks::{CreateOutcome, NewTask};
@@ -29,10 +30,12 @@ fn no_nul(what: &str, text: &str) -> Result<()> {
     Ok(())
 }
 
-/// Validates and creates a schedule; its first tick is the first after now.
-pub async fn create(shared: &Shared, req: &CreateSchedule) -> Result<ScheduleRow> {
+/// Validates and creates a schedule; its first tick is the first after now. Managing schedules
+/// needs role `operate` in their namespace (each is recorded in the audit log).
+pub async fn create(shared: &Shared, who: &Principal, req: &CreateSchedule) -> Result<ScheduleRow> {
     tasker_schemas::template::validate_namespace(&req.namespace)
         .map_err(|e| ServiceError::InvalidRequest(e.to_string()))?;
+    keys::require(who, Role::Operate, &req.namespace, "manage schedules")?;
     super::name_arg("template", &req.template)?;
     let name = req.name.as_deref().unwrap_or(&req.template);
     super::name_arg("name", name)?;
@@ -63,16 +66,41 @@ pub async fn create(shared: &Shared, req: &CreateSchedule) -> Result<ScheduleRow
         namespace: req.namespace.clone(),
         name: name.to_owned(),
     })?;
+    record(shared, who, "schedule.create", &row).await?;
     shared.schedules.notify_one();
     tracing::info!(schedule = %row.id, namespace = %row.namespace, name = %row.name, cron = %row.cron, timezone = %row.timezone, "schedule created");
     Ok(row)
 }
 
-/// One schedule.
-pub async fn get(shared: &Shared, id: Uuid) -> Result<ScheduleRow> {
-    store::get(&shared.db, id)
+/// One schedule (role `read` in its namespace).
+pub async fn get(shared: &Shared, who: &Principal, id: Uuid) -> Result<ScheduleRow> {
+    let row = store::get(&shared.db, id)
         .await?
-        .ok_or(ServiceError::ScheduleNotFound(id))
+        .ok_or(ServiceError::ScheduleNotFound(id))?;
+    keys::require(who, Role::Read, &row.namespace, "read schedules")?;
+    Ok(row)
+}
+
+/// The schedule `id` if `who` may manage it (role `operate` in its namespace).
+async fn managed(shared: &Shared, who: &Principal, id: Uuid) -> Result<ScheduleRow> {
+    let row = store::get(&shared.db, id)
+        .await?
+        .ok_or(ServiceError::ScheduleNotFound(id))?;
+    keys::require(who, Role::Operate, &row.namespace, "manage schedules")?;
+    Ok(row)
+}
+
+async fn record(shared: &Shared, who: &Principal, action: &str, row: &ScheduleRow) -> Result<()> {
+    let mut conn = shared.db.acquire().await?;
+    audit::record(
+        &mut conn,
+        who,
+        action,
+        Some(&row.namespace),
+        None,
+        serde_json::json!({ "schedule_id": row.id, "name": row.name, "template": row.template_name }),
+    )
+    .await
 }
 
 /// A schedule's next `n` ticks: from its next tick, or (paused) those it would have if it
@@ -100,33 +128,39 @@ pub async fn next_runs(
 /// [`MAX_SCHEDULE_PAGE`]).
 pub async fn list(
     shared: &Shared,
+    who: &Principal,
     namespace: Option<&str>,
     limit: u32,
 ) -> Result<Vec<ScheduleRow>> {
     if let Some(n) = namespace {
         super::name_arg("namespace", n)?;
+        keys::require(who, Role::Read, n, "list schedules")?;
     }
     if limit == 0 || limit > MAX_SCHEDULE_PAGE {
         return Err(ServiceError::InvalidRequest(format!(
             "limit must be 1-{MAX_SCHEDULE_PAGE}"
         )));
     }
-    Ok(store::list(&shared.db, namespace, i64::from(limit)).await?)
+    let mut rows = store::list(&shared.db, namespace, i64::from(limit)).await?;
+    rows.retain(|r| who.sees(&r.namespace));
+    Ok(rows)
 }
 
 /// Pauses a schedule: no tick fires until it is resumed. Pausing a paused one changes nothing.
-pub async fn pause(shared: &Shared, id: Uuid) -> Result<ScheduleRow> {
+pub async fn pause(shared: &Shared, who: &Principal, id: Uuid) -> Result<ScheduleRow> {
+    managed(shared, who, id).await?;
     let row = store::pause(&shared.db, id)
         .await?
         .ok_or(ServiceError::ScheduleNotFound(id))?;
+    record(shared, who, "schedule.pause", &row).await?;
     tracing::info!(schedule = %id, "schedule paused");
     Ok(row)
 }
 
 /// Resumes a paused schedule at its first tick after now: the ticks of the pause do not fire.
 /// Resuming a running one changes nothing.
-pub async fn resume(shared: &Shared, id: Uuid) -> Result<ScheduleRow> {
-    let row = get(shared, id).await?;
+pub async fn resume(shared: &Shared, who: &Principal, id: Uuid) -> Result<ScheduleRow> {
+    let row = managed(shared, who, id).await?;
     if !row.paused {
         return Ok(row);
     }
@@ -137,16 +171,19 @@ pub async fn resume(shared: &Shared, id: Uuid) -> Result<ScheduleRow> {
     let row = store::resume(&shared.db, id, next)
         .await?
         .ok_or(ServiceError::ScheduleNotFound(id))?;
+    record(shared, who, "schedule.resume", &row).await?;
     shared.schedules.notify_one();
     tracing::info!(schedule = %id, "schedule resumed");
     Ok(row)
 }
 
 /// Deletes a schedule (the tasks it created stay). Returns it as it was.
-pub async fn delete(shared: &Shared, id: Uuid) -> Result<ScheduleRow> {
+pub async fn delete(shared: &Shared, who: &Principal, id: Uuid) -> Result<ScheduleRow> {
+    managed(shared, who, id).await?;
     let row = store::delete(&shared.db, id)
         .await?
         .ok_or(ServiceError::ScheduleNotFound(id))?;
+    record(shared, who, "schedule.delete", &row).await?;
     tracing::info!(schedule = %id, "schedule deleted");
     Ok(row)
 }
@@ -302,8 +339,11 @@ async fn fire(
             trace_parent: None,
             start_at: None,
             // The template's deadline, if it has one.
-            deadline_ms: crate::transition::deadline_ms(None, template.template.deadline.map(|d| d.0))
-                .map_err(ServiceError::InvalidRequest)?,
+            deadline_ms: crate::transition::deadline_ms(
+                None,
+                template.template.deadline.map(|d| d.0),
+            )
+            .map_err(ServiceError::InvalidRequest)?,
             start_request: None,
         };
         let m = super::tasks::create_in(shared, &mut *tx, &new).await?;

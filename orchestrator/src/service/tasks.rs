@@ -352,8 +352,15 @@ pub async fn retry(shared: &Shared, who: &Principal, id: TaskId) -> Result<()> {
     let state = locked.state;
     transition::may_run_again(state, locked.purged).map_err(|r| refused(id, r))?;
     let reset = transition::retry_task(state).map_err(|r| refused(id, r))?;
-    audit::record(&mut tx, who, "task.retry", Some(&namespace), Some(id), serde_json::json!({}))
-        .await?;
+    audit::record(
+        &mut tx,
+        who,
+        "task.retry",
+        Some(&namespace),
+        Some(id),
+        serde_json::json!({}),
+    )
+    .await?;
     let (mut queues, started) = tasks::retry(&mut tx, id, state, reset).await?;
     // Mapped steps map again: counted afresh from their instances, they let them in.
     let resumed = crate::store::dynamic::recount_maps(&mut tx, &[id.0]).await?;
@@ -493,8 +500,15 @@ pub async fn purge(shared: &Shared, who: &Principal, id: TaskId) -> Result<()> {
         .ok_or(ServiceError::TaskNotFound(id))?;
     transition::purge_task(locked.state).map_err(|r| refused(id, r))?;
     tasks::purge(&mut tx, id).await?;
-    audit::record(&mut tx, who, "task.purge", Some(&namespace), Some(id), serde_json::json!({}))
-        .await?;
+    audit::record(
+        &mut tx,
+        who,
+        "task.purge",
+        Some(&namespace),
+        Some(id),
+        serde_json::json!({}),
+    )
+    .await?;
     tx.commit().await?;
     tracing::info!(task_id = %id, by = %who.actor, "task purged");
     Ok(())

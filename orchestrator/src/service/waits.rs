@@ -52,13 +52,23 @@ pub async fn wake_due(shared: &Shared) -> Result<()> {
 /// Records a signal sent to a task ([`transition::accept_signal`]) and, if a step of the task
 /// waits for that name, gives it the oldest kept signal (it wakes at once). A repeat of a
 /// `signal_id` is a no-op answering the first signal (`created` false).
+/// Needs role `operate` in the task's namespace; a recorded signal is in the audit log.
 pub async fn send(
     shared: &Shared,
+    who: &crate::auth::Principal,
     task: TaskId,
     name: &str,
     req: &SendSignal,
 ) -> Result<SignalResponse> {
     super::name_arg("signal name", name)?;
+    let namespace = super::tasks::authorize(
+        shared,
+        who,
+        task,
+        crate::auth::Role::Operate,
+        "send signals",
+    )
+    .await?;
     if req.signal_id.is_empty() || req.signal_id.len() > MAX_SIGNAL_ID_LEN {
         return Err(ServiceError::InvalidRequest(format!(
             "signal_id must be 1-{MAX_SIGNAL_ID_LEN} bytes"
@@ -94,6 +104,15 @@ pub async fn send(
     }
     let received_at =
         waits::record_signal(&mut tx, task, name, &req.signal_id, &req.payload).await?;
+    super::audit::record(
+        &mut tx,
+        who,
+        "task.signal",
+        Some(&namespace),
+        Some(task),
+        serde_json::json!({ "name": name, "signal_id": req.signal_id }),
+    )
+    .await?;
     let mut consumed_by = None;
     if let Some((step, attempt)) = waits::waiting_for_signal(&mut tx, task, name).await?
         && waits::take_signal(&mut tx, task.0, name, step, attempt).await?

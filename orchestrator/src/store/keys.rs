@@ -33,14 +33,14 @@ pub async fn insert(db: impl PgExecutor<'_>, k: &NewKey<'_>) -> Result<KeyRow> {
          VALUES ($1, $2, $3, $4, $5, $6)
          RETURNING id, name, role, namespaces, created_at, created_by, revoked_at, revoked_by",
     )
-        .bind(k.id)
-        .bind(k.name)
-        .bind(k.token_hash)
-        .bind(k.role)
-        .bind(k.namespaces)
-        .bind(k.created_by)
-        .fetch_one(db)
-        .await?)
+    .bind(k.id)
+    .bind(k.name)
+    .bind(k.token_hash)
+    .bind(k.role)
+    .bind(k.namespaces)
+    .bind(k.created_by)
+    .fetch_one(db)
+    .await?)
 }
 
 /// The key with this hash, revoked or not.

@@ -259,20 +259,18 @@ pub struct Locked {
 
 /// Locks a task row and returns its state, or `None` when there is no such task.
 pub async fn lock(tx: &mut PgConnection, id: TaskId) -> Result<Option<Locked>> {
-    Ok(
-        sqlx::query(
-            "SELECT state, cancel_requested, purged_at IS NOT NULL AS purged
+    Ok(sqlx::query(
+        "SELECT state, cancel_requested, purged_at IS NOT NULL AS purged
              FROM tasks WHERE id = $1 FOR UPDATE",
-        )
-            .bind(id.0)
-            .fetch_optional(&mut *tx)
-            .await?
-            .map(|r| Locked {
-                state: r.get("state"),
-                cancel_requested: r.get("cancel_requested"),
-                purged: r.get("purged"),
-            }),
     )
+    .bind(id.0)
+    .fetch_optional(&mut *tx)
+    .await?
+    .map(|r| Locked {
+        state: r.get("state"),
+        cancel_requested: r.get("cancel_requested"),
+        purged: r.get("purged"),
+    }))
 }
 
 /// Records an event in the task's history with the next sequence number.

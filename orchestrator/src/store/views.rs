@@ -97,10 +97,12 @@ pub struct TaskDetail {
 /// The state of a task, or `None` if there is no such task.
 /// A task's namespace (it never changes), or `None` when there is no such task.
 pub async fn namespace(db: impl PgExecutor<'_>, id: TaskId) -> Result<Option<String>> {
-    Ok(sqlx::query_scalar("SELECT namespace FROM tasks WHERE id = $1")
-        .bind(id.0)
-        .fetch_optional(db)
-        .await?)
+    Ok(
+        sqlx::query_scalar("SELECT namespace FROM tasks WHERE id = $1")
+            .bind(id.0)
+            .fetch_optional(db)
+            .await?,
+    )
 }
 
 pub async fn state(db: impl PgExecutor<'_>, id: TaskId) -> Result<Option<TaskState>> {

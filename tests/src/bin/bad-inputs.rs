@@ -2379,21 +2379,19 @@ async fn generated_http(s: &mut Suite, done: TaskId, scale: f64) -> Result<()> {
 
     // Keys, audit, namespace settings, purge: arbitrary bodies, queries and ids.
     let access = prop_oneof![
-        (any_json(), prop::option::of(any_json()))
-            .prop_map(|(role, ns)| {
-                let body = match ns {
-                    Some(ns) => json!({"role": role, "namespaces": ns}),
-                    None => json!({"role": role}),
-                };
-                Req::post("/v1/keys").json(body.to_string())
-            }),
+        (any_json(), prop::option::of(any_json())).prop_map(|(role, ns)| {
+            let body = match ns {
+                Some(ns) => json!({"role": role, "namespaces": ns}),
+                None => json!({"role": role}),
+            };
+            Req::post("/v1/keys").json(body.to_string())
+        }),
         "[a-z0-9%-]{0,40}".prop_map(|id| Req::post(format!("/v1/keys/{id}/revoke"))),
         query(&["task_id", "namespace", "action", "before", "limit"])
             .prop_map(|q| Req::get(format!("/v1/audit?{q}"))),
         (segment(vec!["badin".into()]), any_json()).prop_map(|(ns, b)| {
-            Req::new(Method::PUT, format!("/v1/namespaces/{ns}")).json(
-                json!({ "retention_ms": b }).to_string(),
-            )
+            Req::new(Method::PUT, format!("/v1/namespaces/{ns}"))
+                .json(json!({ "retention_ms": b }).to_string())
         }),
         "[a-z0-9-]{0,40}".prop_map(|id| Req::post(format!("/v1/tasks/{id}/purge"))),
         other_method(&["GET", "POST"]).prop_map(|m| Req::new(m, "/v1/keys")),
@@ -3168,7 +3166,10 @@ async fn hand_written_http(s: &mut Suite, done: TaskId) -> Result<()> {
         "n".repeat(200)
     );
     cases.push((Access, Req::post("/v1/keys").json(long_name)));
-    let many = (0..101).map(|i| format!("\"n{i}\"")).collect::<Vec<_>>().join(",");
+    let many = (0..101)
+        .map(|i| format!("\"n{i}\""))
+        .collect::<Vec<_>>()
+        .join(",");
     cases.push((
         Access,
         Req::post("/v1/keys").json(format!("{{\"role\": \"read\", \"namespaces\": [{many}]}}")),
@@ -3185,22 +3186,39 @@ async fn hand_written_http(s: &mut Suite, done: TaskId) -> Result<()> {
     cases.push((Access, Req::get("/v1/audit?task_id=nope")));
     cases.push((Access, Req::get("/v1/audit?before=x")));
     cases.push((Access, Req::get("/v1/audit?namespace=a%00b")));
-    cases.push((Access, Req::get(format!("/v1/audit?action={}", "a".repeat(100)))));
-    cases.push((Access, Req::new(Method::PUT, "/v1/namespaces/badin").json("{\"retention_ms\": 0}")));
-    cases.push((Access, Req::new(Method::PUT, "/v1/namespaces/badin").json("{\"retention_ms\": -5}")));
+    cases.push((
+        Access,
+        Req::get(format!("/v1/audit?action={}", "a".repeat(100))),
+    ));
+    cases.push((
+        Access,
+        Req::new(Method::PUT, "/v1/namespaces/badin").json("{\"retention_ms\": 0}"),
+    ));
+    cases.push((
+        Access,
+        Req::new(Method::PUT, "/v1/namespaces/badin").json("{\"retention_ms\": -5}"),
+    ));
     cases.push((
         Access,
         Req::new(Method::PUT, "/v1/namespaces/badin").json("{\"retention_ms\": 1e30}"),
     ));
     cases.push((
         Access,
-        Req::new(Method::PUT, "/v1/namespaces/badin")
-            .json("{\"retention_ms\": 99999999999999999}"),
+        Req::new(Method::PUT, "/v1/namespaces/badin").json("{\"retention_ms\": 99999999999999999}"),
     ));
-    cases.push((Access, Req::new(Method::PUT, "/v1/namespaces/a.b").json("{\"retention_ms\": 5}")));
-    cases.push((Access, Req::new(Method::PUT, "/v1/namespaces/badin").json("[]")));
+    cases.push((
+        Access,
+        Req::new(Method::PUT, "/v1/namespaces/a.b").json("{\"retention_ms\": 5}"),
+    ));
+    cases.push((
+        Access,
+        Req::new(Method::PUT, "/v1/namespaces/badin").json("[]"),
+    ));
     cases.push((Access, Req::post("/v1/namespaces/badin").json("{}")));
-    cases.push((Access, Req::post(format!("/v1/tasks/{}/purge", TaskId::new()))));
+    cases.push((
+        Access,
+        Req::post(format!("/v1/tasks/{}/purge", TaskId::new())),
+    ));
     cases.push((Access, Req::post("/v1/tasks/x/purge")));
     cases.push((Access, Req::get(format!("/v1/tasks/{done}/purge"))));
     // No route

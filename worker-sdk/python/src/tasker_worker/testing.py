@@ -65,6 +65,8 @@ TEST_SETTINGS: Mapping[str, str] = {
     "TASKER_RELAY_AFTER_MS": "1000",
     "TASKER_HANDLER_MISSING_DELAY_MS": "200",
     "TASKER_SHUTDOWN_GRACE_MS": "3000",
+    # Tests read the dead-letter queue itself (the orchestrator would move it into its table).
+    "TASKER_DEAD_LETTER_READER": "false",
 }
 
 
