@@ -435,6 +435,29 @@ pub async fn finish(
 /// started failing halt what they have not started ([`transition::halt`], their mapped steps
 /// settled), the tasks' counters are written, and the tasks with nothing left finish
 /// ([`finish`]). `done` holds tasks already known to have nothing left. Returns the finished
+/// The cascade `cause` sets off in one task (locked by the caller, neither failing nor
+/// cancelling), run and concluded: the queues to wake (queued steps, then failure handlers)
+/// and the tasks that finished. Nothing when `cause` is empty.
+pub async fn cascade_task(
+    tx: &mut PgConnection,
+    templates: &TemplateCache,
+    task: Uuid,
+    cause: Cause,
+    max_task_output_bytes: usize,
+) -> db::Result<(Vec<String>, Vec<store_apply::FinishedTask>)> {
+    if cause.is_empty() {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    let live = HashMap::from([(task, TaskNow::default())]);
+    let mut out = Cascade::default();
+    cascade(tx, templates, &live, cause, &mut out).await?;
+    let mut queues: Vec<String> = std::mem::take(&mut out.queued).into_iter().collect();
+    let (finished, handlers) =
+        conclude(tx, &live, &mut out, Vec::new(), max_task_output_bytes).await?;
+    queues.extend(handlers);
+    Ok((queues, finished))
+}
+
 /// tasks and the queues that got an `on_failure` step.
 pub async fn conclude(
     tx: &mut PgConnection,

@@ -167,23 +167,15 @@ async fn step_action(
         touched: resumed.iter().map(|m| m.id).collect(),
         ..Default::default()
     };
-    let live = std::collections::HashMap::from([(id.0, TaskNow::default())]);
-    let mut finished = Vec::new();
-    if !cause.is_empty() {
-        let mut out = super::dynamic::Cascade::default();
-        super::dynamic::cascade(&mut tx, &shared.templates, &live, cause, &mut out).await?;
-        queues.extend(std::mem::take(&mut out.queued));
-        let (ended, handlers) = super::dynamic::conclude(
-            &mut tx,
-            &live,
-            &mut out,
-            Vec::new(),
-            shared.config.max_task_output_bytes,
-        )
-        .await?;
-        finished = ended;
-        queues.extend(handlers);
-    }
+    let (woken, mut finished) = super::dynamic::cascade_task(
+        &mut tx,
+        &shared.templates,
+        id.0,
+        cause,
+        shared.config.max_task_output_bytes,
+    )
+    .await?;
+    queues.extend(woken);
     // Nothing left to run (e.g. the last step marked succeeded): the task finishes now.
     let ending = transition::final_state(TaskNow::default());
     finished.extend(crate::store::apply::finalize(&mut tx, &[(id.0, ending)]).await?);

@@ -181,20 +181,16 @@ pub(crate) async fn create_in(
             started: std::mem::take(&mut c.delegated),
             ..Default::default()
         };
-        let live = std::collections::HashMap::from([(c.task_id.0, TaskNow::default())]);
-        let mut out = super::dynamic::Cascade::default();
-        super::dynamic::cascade(&mut *tx, &shared.templates, &live, cause, &mut out).await?;
-        c.queues.extend(std::mem::take(&mut out.queued));
-        let (ended, queues) = super::dynamic::conclude(
+        let (queues, ended) = super::dynamic::cascade_task(
             &mut *tx,
-            &live,
-            &mut out,
-            Vec::new(),
+            &shared.templates,
+            c.task_id.0,
+            cause,
             shared.config.max_task_output_bytes,
         )
         .await?;
-        finished = ended;
         c.queues.extend(queues);
+        finished = ended;
     }
     Ok(Made {
         outcome,
@@ -369,23 +365,15 @@ pub async fn retry(shared: &Shared, who: &Principal, id: TaskId) -> Result<()> {
         touched: resumed.iter().map(|m| m.id).collect(),
         ..Default::default()
     };
-    let mut finished = Vec::new();
-    if !cause.is_empty() {
-        let live = std::collections::HashMap::from([(id.0, TaskNow::default())]);
-        let mut out = super::dynamic::Cascade::default();
-        super::dynamic::cascade(&mut tx, &shared.templates, &live, cause, &mut out).await?;
-        queues.extend(std::mem::take(&mut out.queued));
-        let (ended, handlers) = super::dynamic::conclude(
-            &mut tx,
-            &live,
-            &mut out,
-            Vec::new(),
-            shared.config.max_task_output_bytes,
-        )
-        .await?;
-        finished = ended;
-        queues.extend(handlers);
-    }
+    let (woken, mut finished) = super::dynamic::cascade_task(
+        &mut tx,
+        &shared.templates,
+        id.0,
+        cause,
+        shared.config.max_task_output_bytes,
+    )
+    .await?;
+    queues.extend(woken);
     // A task cancelled while its last steps ran to success has nothing to reset: it finishes
     // at once (the guard in finalize: no unfinished step left; a no-op if it finished above).
     let ending = transition::final_state(TaskNow::default());

@@ -5,8 +5,7 @@
 use super::apply::apply_outcomes;
 use super::{Result, ServiceError, Shared, dynamic, events};
 use crate::store::{tasks as store_tasks, waits};
-use crate::transition::{self, Finished, SignalAccept, TaskNow};
-use std::collections::HashMap;
+use crate::transition::{self, Finished, SignalAccept};
 use tasker_schemas::api::{SendSignal, SignalResponse};
 use tasker_schemas::{StepId, TaskId};
 
@@ -141,27 +140,19 @@ pub async fn start_due(shared: &Shared) -> Result<()> {
             continue;
         };
         let (mut queues, started) = crate::store::reconcile::readmit_waiting(&mut tx, id).await?;
-        let mut finished = Vec::new();
-        if !started.is_empty() {
-            let live = HashMap::from([(id, TaskNow::default())]);
-            let cause = dynamic::Cause {
-                started,
-                ..Default::default()
-            };
-            let mut out = dynamic::Cascade::default();
-            dynamic::cascade(&mut tx, &shared.templates, &live, cause, &mut out).await?;
-            queues.extend(std::mem::take(&mut out.queued));
-            let (ended, handlers) = dynamic::conclude(
-                &mut tx,
-                &live,
-                &mut out,
-                Vec::new(),
-                shared.config.max_task_output_bytes,
-            )
-            .await?;
-            finished = ended;
-            queues.extend(handlers);
-        }
+        let cause = dynamic::Cause {
+            started,
+            ..Default::default()
+        };
+        let (woken, finished) = dynamic::cascade_task(
+            &mut tx,
+            &shared.templates,
+            id,
+            cause,
+            shared.config.max_task_output_bytes,
+        )
+        .await?;
+        queues.extend(woken);
         store_tasks::record_event(&mut tx, TaskId(id), "started", serde_json::json!({})).await?;
         tx.commit().await?;
         events::announce_created(shared, TaskId(id), &namespace, &template, at).await;
