@@ -1008,6 +1008,31 @@ pub async fn stop_child(child: &mut tokio::process::Child, grace: Duration) -> b
     true
 }
 
+/// The `tasker` binary for a harness that starts `tasker serve` itself: `explicit` (its
+/// `--tasker-bin`), else next to the running executable (`cargo run` puts bins in
+/// `target/<profile>/`, tests and examples one level deeper).
+pub fn find_tasker(explicit: Option<&std::path::Path>) -> Result<std::path::PathBuf> {
+    let path = match explicit {
+        Some(p) => p.to_owned(),
+        None => {
+            let exe = std::env::current_exe()?;
+            let dir = exe.parent().context("the executable has no directory")?;
+            let name = format!("tasker{}", std::env::consts::EXE_SUFFIX);
+            [dir.join(&name), dir.join("..").join(&name)]
+                .into_iter()
+                .find(|p| p.is_file())
+                .unwrap_or_else(|| dir.join(&name))
+        }
+    };
+    if !path.is_file() {
+        bail!(
+            "{} does not exist: cargo build -p tasker-orchestrator (or pass --tasker-bin)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
 /// Starts `tasker serve` from `bin` as a child process on a free port, with only the `TASKER_*`
 /// settings in `env` (none from this shell: no config file or API keys leak in), its output
 /// appended to `log`. Returns once `/ready` answers (at most 60 s), with the API URL; the child

@@ -1319,29 +1319,6 @@ impl Orch {
     }
 }
 
-/// The `tasker` binary: `--tasker-bin`, else next to this executable.
-fn find_tasker(explicit: Option<&Path>) -> Result<PathBuf> {
-    let path = match explicit {
-        Some(p) => p.to_owned(),
-        None => {
-            let exe = std::env::current_exe()?;
-            let dir = exe.parent().context("no directory")?;
-            let name = format!("tasker{}", std::env::consts::EXE_SUFFIX);
-            [dir.join(&name), dir.join("..").join(&name)]
-                .into_iter()
-                .find(|p| p.is_file())
-                .unwrap_or_else(|| dir.join(&name))
-        }
-    };
-    if !path.is_file() {
-        bail!(
-            "{} does not exist: cargo build -p tasker-orchestrator (or pass --tasker-bin)",
-            path.display()
-        );
-    }
-    Ok(path)
-}
-
 // ---------------------------------------------------------------------------------------------
 // The suite.
 
@@ -1730,7 +1707,7 @@ async fn main() -> ExitCode {
 async fn run(args: Args) -> Result<bool> {
     let t0 = Instant::now();
     let codes = documented_codes(CONTRACT)?;
-    let bin = find_tasker(args.tasker_bin.as_deref())?;
+    let bin = tasker_tests::find_tasker(args.tasker_bin.as_deref())?;
     // A database and prefix of its own; the harness's in-process orchestrator migrates the
     // database and declares the topology, registers the templates, and is then stopped: the
     // suite talks to a child process only.

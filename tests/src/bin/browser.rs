@@ -154,7 +154,7 @@ async fn run(args: Args) -> Result<bool> {
     let chromedriver = find_program(args.chromedriver.as_deref(), &["chromedriver"]).context(
         "no chromedriver: run deploy/local/browser.sh (apt-get install chromium-driver)",
     )?;
-    let tasker = find_tasker(args.tasker_bin.as_deref())?;
+    let tasker = tasker_tests::find_tasker(args.tasker_bin.as_deref())?;
     let shots = args.screenshots.clone().unwrap_or_else(|| {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/console-screenshots")
     });
@@ -1241,27 +1241,4 @@ fn find_program(explicit: Option<&Path>, names: &[&str]) -> Result<PathBuf> {
         }
     }
     bail!("none of {names:?} on the PATH")
-}
-
-/// The `tasker` binary: `--tasker-bin`, else next to this executable.
-fn find_tasker(explicit: Option<&Path>) -> Result<PathBuf> {
-    let path = match explicit {
-        Some(p) => p.to_owned(),
-        None => {
-            let exe = std::env::current_exe()?;
-            let dir = exe.parent().context("no directory")?;
-            let name = format!("tasker{}", std::env::consts::EXE_SUFFIX);
-            [dir.join(&name), dir.join("..").join(&name)]
-                .into_iter()
-                .find(|p| p.is_file())
-                .unwrap_or_else(|| dir.join(&name))
-        }
-    };
-    if !path.is_file() {
-        bail!(
-            "{} does not exist: cargo build -p tasker-orchestrator (or pass --tasker-bin)",
-            path.display()
-        );
-    }
-    Ok(path)
 }

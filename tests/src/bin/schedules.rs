@@ -22,7 +22,7 @@
 //! target/debug/schedules --duration-s 20 --no-restart
 //! ```
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
 use clap::Parser;
 use serde_json::json;
@@ -80,27 +80,8 @@ async fn main() -> ExitCode {
     }
 }
 
-/// The `tasker` binary: `--tasker-bin`, else next to this executable.
-fn find_tasker(explicit: Option<&Path>) -> Result<PathBuf> {
-    let path = match explicit {
-        Some(p) => p.to_owned(),
-        None => {
-            let exe = std::env::current_exe()?;
-            let dir = exe.parent().context("no directory")?;
-            dir.join(format!("tasker{}", std::env::consts::EXE_SUFFIX))
-        }
-    };
-    if !path.is_file() {
-        bail!(
-            "{} does not exist: cargo build -p tasker-orchestrator (or pass --tasker-bin)",
-            path.display()
-        );
-    }
-    Ok(path)
-}
-
 async fn run(args: &Args) -> Result<bool> {
-    let bin = find_tasker(args.tasker_bin.as_deref())?;
+    let bin = tasker_tests::find_tasker(args.tasker_bin.as_deref())?;
     let h = Harness::start().await?;
     let outcome = harness(args, &h, &bin).await;
     h.finish().await;

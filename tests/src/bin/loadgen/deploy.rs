@@ -78,7 +78,9 @@ impl Deployment {
     /// Creates a database from the admin URL and starts `tasker serve` on it with a unique prefix
     /// and a free port; returns once the orchestrator answers `/ready`.
     pub async fn start(opts: StartOptions<'_>) -> Result<Self> {
-        let bin = find_tasker(opts.tasker_bin)?;
+        let bin = tasker_tests::find_tasker(opts.tasker_bin).context(
+            "the loadgen starts it: build it in the loadgen's profile (--release for real numbers)",
+        )?;
         let database_name = format!("tasker_load_{}", opts.run_id);
         let admin = PgPool::connect(opts.admin_url)
             .await
@@ -202,33 +204,6 @@ impl Deployment {
             let _ = std::fs::remove_file(&owned.log_path);
         }
     }
-}
-
-/// The `tasker` binary: `--tasker-bin`, else next to this executable.
-fn find_tasker(explicit: Option<&Path>) -> Result<PathBuf> {
-    let path = match explicit {
-        Some(p) => p.to_owned(),
-        None => {
-            let exe = std::env::current_exe().context("cannot find the loadgen executable")?;
-            let dir = exe
-                .parent()
-                .context("the loadgen executable has no directory")?;
-            // `cargo run` puts bins in target/<profile>/; tests and examples one level deeper.
-            let name = format!("tasker{}", std::env::consts::EXE_SUFFIX);
-            [dir.join(&name), dir.join("..").join(&name)]
-                .into_iter()
-                .find(|p| p.is_file())
-                .unwrap_or_else(|| dir.join(&name))
-        }
-    };
-    if !path.is_file() {
-        bail!(
-            "the orchestrator binary {} does not exist: build it with `cargo build -p tasker-orchestrator` \
-             (add --release for real numbers, matching the loadgen's profile) or pass --tasker-bin",
-            path.display()
-        );
-    }
-    Ok(path)
 }
 
 async fn spawn_orchestrator(
